@@ -1,0 +1,30 @@
+# featpipe developer entry points. `make test` and `make demo` set up .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+# The main job on the built-in sample data: write clips, extract features, summarise the cache.
+demo: venv
+	$(BIN)/featpipe sample-data data
+	$(BIN)/featpipe extract --backbone inceptionv3 --data data --weights none
+	$(BIN)/featpipe info cache/inceptionv3.h5
+
+test: venv
+	$(BIN)/python -m pytest
+
+bench: venv
+	$(BIN)/python bench/extract_bench.py
+
+clean:
+	rm -rf $(VENV) data cache/*.h5 cache/*.journal cache/*.lock

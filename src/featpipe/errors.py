@@ -1,0 +1,37 @@
+"""The one exception family featpipe raises for things a user can fix.
+
+Library code raises these with a sentence that says what was expected, what was found and
+what to do; only ``featpipe.cli`` turns them into a message and an exit status.
+"""
+
+from __future__ import annotations
+
+
+class FeatpipeError(Exception):
+    """A problem the user can act on. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 2
+
+
+class DatasetError(FeatpipeError):
+    """The dataset folder, CSV or split lists cannot be indexed as asked."""
+
+
+class VideoError(FeatpipeError):
+    """One clip cannot be decoded or has no usable frame (recorded, never fatal to a run)."""
+
+    exit_code = 1
+
+
+class BackboneError(FeatpipeError):
+    """Unknown backbone, bad input size, or weights that cannot be loaded."""
+
+
+class CacheError(FeatpipeError):
+    """The feature cache is missing, not featpipe's, of another schema, locked, or mismatched."""
+
+
+class ExtractionFailed(FeatpipeError):
+    """The run finished but produced nothing usable, or ``--strict`` saw a failed clip."""
+
+    exit_code = 1
