@@ -1,0 +1,155 @@
+"""The `featpipe` command line. Each command parses options and calls one library function.
+
+This is the only place where a FeatpipeError becomes a message and an exit status:
+  0 success, 1 the run finished but data failed (no usable clip, or --strict with failures),
+  2 a user mistake (bad option, missing folder, unknown backbone, mismatched cache ...),
+  130 interrupted (finished work is kept).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
+
+import typer
+
+from featpipe import __version__
+from featpipe.backbones import REGISTRY
+from featpipe.errors import FeatpipeError
+
+app = typer.Typer(
+    name="featpipe",
+    help="Video classification in two stages: frozen ImageNet CNN features into an HDF5 cache, then fast sequence models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+BackboneName = Enum("BackboneName", {name: name for name in REGISTRY}, type=str)
+
+
+class Sampling(str, Enum):
+    uniform = "uniform"
+    first = "first"
+
+
+class DType(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+def _handles_errors(fn):
+    """Turn FeatpipeError into one sentence on stderr and its exit status; Ctrl-C into 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FeatpipeError as exc:
+            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.secho("interrupted: finished clips are saved; run the same command again to resume.", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"featpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+):
+    """featpipe: extract once, train many times, predict with exactly the same preprocessing."""
+
+
+@app.command("sample-data")
+@_handles_errors
+def sample_data_cmd(
+    root: Annotated[Path, typer.Argument(help="Folder to write the dataset into.")] = Path("data"),
+    train: Annotated[int, typer.Option(help="Training clips per class.")] = 16,
+    val: Annotated[int, typer.Option(help="Validation clips per class.")] = 6,
+    test: Annotated[int, typer.Option(help="Test clips per class.")] = 6,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same clips.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace sample data written with other settings.")] = False,
+):
+    """Write the built-in synthetic dataset: real mp4 clips whose classes differ only in frame ORDER."""
+    from featpipe.sample_data import write_sample_data
+
+    result = write_sample_data(root, train=train, val=val, test=test, seed=seed, overwrite=overwrite)
+    splits = ", ".join(f"{n} {s}" for s, n in result.counts.items())
+    typer.echo(f"Sample data in {result.root}: {result.n_clips} clips ({splits}), classes {', '.join(result.class_names)}.")
+
+
+@app.command("extract")
+@_handles_errors
+def extract_cmd(
+    backbone: Annotated[BackboneName, typer.Option(help="Frozen ImageNet CNN.")] = "inceptionv3",
+    data: Annotated[Path, typer.Option(help="Dataset folder: DIR/{train,val,test}/<class>/, DIR/<class>/, or UCF101 lists.")] = Path("data"),
+    csv: Annotated[Optional[Path], typer.Option(help="CSV with columns video_name,tag[,split]; paths relative to the CSV.")] = None,
+    cache: Annotated[Path, typer.Option(help="Folder for the cache file <backbone>.h5.")] = Path("cache"),
+    output: Annotated[Optional[Path], typer.Option(help="Cache file to write instead of <cache>/<backbone>.h5.")] = None,
+    frames: Annotated[int, typer.Option(help="Frames per clip (sequence length); shorter clips are zero-padded and masked.")] = 20,
+    sampling: Annotated[Sampling, typer.Option(help="uniform: evenly over the whole clip; first: the first N frames.")] = Sampling.uniform,
+    size: Annotated[Optional[int], typer.Option(help="Square input size in pixels [default: the backbone's native size].")] = None,
+    weights: Annotated[str, typer.Option(help="imagenet (downloaded once), none (deterministic random network) or a local weights file.")] = "imagenet",
+    seed: Annotated[int, typer.Option(help="Seed of the random network with --weights none.")] = 0,
+    dtype: Annotated[DType, typer.Option(help="Storage type of the features.")] = DType.float16,
+    batch_size: Annotated[Optional[int], typer.Option(help="Frames per forward pass [default: 32 on CPU, 128 on GPU].")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Decoding threads [default: CPU cores, at most 8].")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Validation share for layouts without splits (stratified).")] = 0.15,
+    test_fraction: Annotated[float, typer.Option(help="Test share for layouts without splits (stratified).")] = 0.15,
+    split_seed: Annotated[int, typer.Option(help="Seed of the stratified split.")] = 1337,
+    fold: Annotated[int, typer.Option(help="UCF101 split lists to use (1, 2 or 3).")] = 1,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Try again the clips an earlier run recorded as failed.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit with status 1 if any clip failed.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+):
+    """Extract per-frame features of every clip into an HDF5 cache (resumes an interrupted run)."""
+    from featpipe.extract import ExtractOptions, extract
+
+    opts = ExtractOptions(
+        backbone=getattr(backbone, "value", backbone), data=data, csv=csv, cache_dir=cache, output=output,
+        frames=frames, sampling=getattr(sampling, "value", sampling), size=size, weights=weights, seed=seed,
+        dtype=getattr(dtype, "value", dtype), batch_size=batch_size, workers=workers, val_fraction=val_fraction,
+        test_fraction=test_fraction, split_seed=split_seed, fold=fold, retry_failed=retry_failed, strict=strict,
+        quiet=quiet,
+    )
+    result = extract(opts)
+    typer.echo(
+        f"Extracted {result.n_new} clips ({result.new_frames} frames) in {result.seconds:.1f}s: "
+        f"{result.clips_per_second:.2f} clips/s, {result.frames_per_second:.1f} frames/s; "
+        f"{result.n_skipped} already in the cache."
+    )
+    for line in result.summary_lines:
+        typer.echo(line)
+
+
+@app.command("info")
+@_handles_errors
+def info_cmd(path: Annotated[Path, typer.Argument(help="A cache file (.h5).")]):
+    """Describe a cache: settings, clips per split and class, failures with reasons."""
+    from featpipe.cache import summarize
+
+    for line in summarize(path).lines():
+        typer.echo(line)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

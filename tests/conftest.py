@@ -1,0 +1,25 @@
+"""Shared test fixtures.
+
+Real clips live in ``../shared/fixtures/real/`` beside the checkout (never copied into the
+repository); tests that need them skip when that folder is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REAL_FIXTURES = Path(os.environ.get("FEATPIPE_REAL_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures" / "real"))
+
+
+@pytest.fixture
+def real_fixtures() -> Path:
+    """Folder of real-world clips (UCF101 AVI, Kinetics and ActivityNet H.264)."""
+    if not REAL_FIXTURES.is_dir():
+        pytest.skip(f"real video fixtures not found at {REAL_FIXTURES}")
+    return REAL_FIXTURES

@@ -1,0 +1,128 @@
+"""Backbone registry: every entry builds, preprocesses its own way, and is deterministic."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from featpipe.backbones import REGISTRY, FeatureExtractor, build_model, fingerprint, get_backbone, weights_label
+from featpipe.errors import BackboneError
+
+SMALL = {name: (64 if name.startswith("efficientnet") else max(b.min_size, 32)) for name, b in REGISTRY.items()}
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_backbone_gives_finite_features_of_its_declared_dimension(name):
+    b = REGISTRY[name]
+    extractor = FeatureExtractor(b, SMALL[name], weights="none", seed=0, batch_size=4)
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, (3, SMALL[name], SMALL[name], 3), dtype=np.uint8)
+    feats = extractor(frames)
+    assert feats.shape == (3, b.feature_dim)
+    assert np.isfinite(feats.astype(np.float16)).all(), "features must survive float16 storage"
+    # different inputs give different features: the random network is not degenerate
+    assert np.abs(feats[0] - feats[1]).max() > 1e-3 * (np.abs(feats).max() + 1e-12)
+
+
+def test_native_sizes_and_dimensions_match_keras_applications():
+    assert (REGISTRY["inceptionv3"].default_size, REGISTRY["inceptionv3"].feature_dim) == (299, 2048)
+    assert (REGISTRY["vgg16"].default_size, REGISTRY["vgg16"].feature_dim) == (224, 512)
+    assert (REGISTRY["resnet50"].default_size, REGISTRY["resnet50"].feature_dim) == (224, 2048)
+    assert REGISTRY["efficientnetb0"].default_size == 224
+    assert (REGISTRY["efficientnetb7"].default_size, REGISTRY["efficientnetb7"].feature_dim) == (600, 2560)
+    assert sorted(REGISTRY) == sorted(["inceptionv3", "vgg16", "resnet50"] + [f"efficientnetb{i}" for i in range(8)])
+
+
+def test_each_backbone_uses_its_own_preprocessing():
+    white = np.full((1, 2, 2, 3), 255, np.uint8)
+    black = np.zeros((1, 2, 2, 3), np.uint8)
+    inc = get_backbone("inceptionv3")
+    assert np.allclose(inc.preprocess(white), 1.0) and np.allclose(inc.preprocess(black), -1.0)
+    eff = get_backbone("efficientnetb0")  # rescaling is inside the model: raw [0, 255]
+    assert np.allclose(eff.preprocess(white), 255.0)
+    vgg = get_backbone("vgg16")  # caffe style: BGR, ImageNet mean subtracted
+    red = np.zeros((1, 1, 1, 3), np.uint8)
+    red[..., 0] = 255
+    out = vgg.preprocess(red)[0, 0, 0]
+    assert out[2] == pytest.approx(255 - 123.68, abs=1e-3) and out[0] == pytest.approx(-103.939, abs=1e-3)
+
+
+def test_preprocess_does_not_modify_the_callers_frames():
+    frames = np.full((1, 4, 4, 3), 200, np.uint8)
+    get_backbone("inceptionv3").preprocess(frames)
+    assert (frames == 200).all()
+
+
+def test_random_weights_are_the_same_for_the_same_seed_and_differ_for_another():
+    b = get_backbone("resnet50")
+    a1 = fingerprint(build_model(b, 32, "none", seed=3))
+    a2 = fingerprint(build_model(b, 32, "none", seed=3))
+    other = fingerprint(build_model(b, 32, "none", seed=4))
+    assert a1 == a2
+    assert a1 != other
+
+
+def test_random_weights_are_the_same_in_a_fresh_process():
+    code = (
+        "from featpipe.backbones import build_model, get_backbone, fingerprint;"
+        "print(fingerprint(build_model(get_backbone('vgg16'), 32, 'none', seed=7)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    here = fingerprint(build_model(get_backbone("vgg16"), 32, "none", seed=7))
+    assert out.splitlines()[-1] == here
+
+
+def test_local_weights_file_is_loaded_and_fingerprinted(tmp_path):
+    b = get_backbone("vgg16")
+    source = build_model(b, 32, "none", seed=11)
+    path = tmp_path / "vgg16_notop.weights.h5"
+    source.save_weights(path)
+    loaded = build_model(b, 32, str(path))
+    assert fingerprint(loaded) == fingerprint(source)
+    assert weights_label(str(path)) == str(path.resolve())
+
+
+def test_missing_weights_file_names_the_alternatives(tmp_path):
+    with pytest.raises(BackboneError, match="does not exist.*imagenet.*none"):
+        build_model(get_backbone("vgg16"), 32, str(tmp_path / "nope.h5"))
+
+
+def test_wrong_weights_file_is_one_clear_error(tmp_path):
+    other = build_model(get_backbone("resnet50"), 32, "none")
+    path = tmp_path / "resnet.weights.h5"
+    other.save_weights(path)
+    with pytest.raises(BackboneError, match="Could not load weights"):
+        build_model(get_backbone("vgg16"), 32, str(path))
+
+
+def test_failed_imagenet_download_says_so_and_names_both_alternatives(monkeypatch):
+    import keras
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://example.invalid: None -- [Errno -3] Temporary failure")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    monkeypatch.setattr("keras.src.applications.vgg16.file_utils.get_file", offline, raising=False)
+    with pytest.raises(BackboneError, match="ImageNet weights.*--weights PATH.*--weights none"):
+        build_model(get_backbone("vgg16"), 32, "imagenet")
+
+
+def test_unknown_backbone_lists_the_choices():
+    with pytest.raises(BackboneError, match="Unknown backbone 'alexnet'.*inceptionv3.*resnet50"):
+        get_backbone("alexnet")
+
+
+def test_too_small_input_size_is_refused_with_the_minimum():
+    with pytest.raises(BackboneError, match="at least 75"):
+        FeatureExtractor("inceptionv3", 64, weights="none")
+
+
+def test_batches_are_padded_to_one_shape_so_results_do_not_depend_on_batch_fill():
+    ex = FeatureExtractor("vgg16", 32, weights="none", batch_size=8)
+    frames = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    full = ex(frames)
+    alone = ex(frames[:1])
+    np.testing.assert_array_equal(full[:1], alone)

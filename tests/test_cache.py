@@ -1,0 +1,275 @@
+"""The HDF5 cache contract: schema, crash-safe journal, resume, refusal of mismatches, locking."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from featpipe.cache import (
+    SCHEMA_VERSION,
+    CacheConfig,
+    CacheLock,
+    CacheWriter,
+    ClipRecord,
+    iter_journal,
+    journal_path,
+    open_h5,
+    read_config,
+    summarize,
+)
+from featpipe.errors import CacheError
+
+T, D = 4, 3
+CONFIG = CacheConfig(
+    backbone="vgg16", weights="none", weights_fingerprint="abc123", input_size=32, frames=T, sampling="uniform",
+    dtype="float16", feature_shape=(D,), class_names=("a", "b"),
+)
+
+
+def clip(i: int, key: str | None = None, real: int = 3) -> ClipRecord:
+    feats = np.zeros((T, D), np.float16)
+    feats[:real] = np.arange(real * D).reshape(real, D) + 10 * i
+    mask = np.arange(T) < real
+    return ClipRecord(key or f"train/a/clip{i}.mp4", i % 2, "train", 30 + i, feats, mask)
+
+
+def test_finalized_cache_has_the_documented_schema_and_reads_with_plain_h5py_and_pandas(tmp_path):
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, CONFIG)
+    for i in (2, 0, 1):  # completion order differs from key order
+        w.append(clip(i))
+    w.append(ClipRecord("train/b/bad.mp4", 1, "train", 0, error="no decodable frame"))
+    w.finalize()
+    with h5py.File(path, "r") as f:
+        assert f.attrs["schema_version"] == SCHEMA_VERSION
+        for key in ("backbone", "weights", "weights_fingerprint", "input_size", "frames", "sampling", "class_names"):
+            assert key in f.attrs
+        assert f["features"].shape == (3, T, D) and f["features"].dtype == np.float16
+        assert f["features"].chunks == (1, T, D)
+        assert f["mask"].dtype == bool and f["mask"].shape == (3, T)
+        df = pd.DataFrame({"video": f["video"].asstr()[:], "label": f["label"][:], "split": f["split"].asstr()[:],
+                           "n_frames": f["n_frames"][:]})
+        assert list(df.video) == [f"train/a/clip{i}.mp4" for i in range(3)]  # sorted by key
+        assert list(df.n_frames) == [30, 31, 32]
+        np.testing.assert_array_equal(f["features"][1], clip(1).features)
+        assert list(f["failed/video"].asstr()[:]) == ["train/b/bad.mp4"]
+        assert list(f["failed/reason"].asstr()[:]) == ["no decodable frame"]
+    assert not journal_path(path).exists()
+
+
+@pytest.mark.parametrize("cut_from_end", list(range(1, 60)))
+def test_a_record_torn_anywhere_is_dropped_and_earlier_clips_survive(tmp_path, cut_from_end):
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, CONFIG)
+    for i in range(3):
+        w.append(clip(i))
+    w.close()
+    j = journal_path(path)
+    size = j.stat().st_size
+    with open(j, "r+b") as fh:  # a SIGKILL in the middle of writing the third record
+        fh.truncate(size - cut_from_end)
+    w2 = CacheWriter(path, CONFIG)
+    assert w2.done == {"train/a/clip0.mp4", "train/a/clip1.mp4"}
+    w2.append(clip(2))  # the resumed run redoes the torn clip
+    w2.finalize()
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["features"][2], clip(2).features)
+        assert f["video"].shape == (3,)
+
+
+def test_corrupted_bytes_inside_a_record_are_detected_by_the_checksum(tmp_path):
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, CONFIG)
+    for i in range(2):
+        w.append(clip(i))
+    w.close()
+    j = journal_path(path)
+    data = bytearray(j.read_bytes())
+    data[-10] ^= 0xFF  # flip bits in the last record's payload
+    j.write_bytes(bytes(data))
+    assert [h["video"] for h in iter_journal(j)] == ["train/a/clip0.mp4"]
+
+
+def test_resume_adds_to_an_existing_cache_and_equals_a_clean_write(tmp_path):
+    first = tmp_path / "resumed.h5"
+    w = CacheWriter(first, CONFIG)
+    w.append(clip(0))
+    w.append(clip(3))
+    w.finalize()
+    w = CacheWriter(first, CONFIG)
+    assert w.done == {"train/a/clip0.mp4", "train/a/clip3.mp4"}
+    for i in (1, 2):
+        w.append(clip(i))
+    w.finalize()
+    clean = tmp_path / "clean.h5"
+    w = CacheWriter(clean, CONFIG)
+    for i in range(4):
+        w.append(clip(i))
+    w.finalize()
+    with h5py.File(first, "r") as a, h5py.File(clean, "r") as b:
+        for name in ("features", "mask", "label", "split", "video", "n_frames", "failed/video"):
+            np.testing.assert_array_equal(a[name][()], b[name][()])
+        assert dict(a.attrs).keys() == dict(b.attrs).keys()
+
+
+def test_a_finalize_killed_before_its_rename_leaves_the_old_cache_and_resumes(tmp_path):
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, CONFIG)
+    w.append(clip(0))
+    w.finalize()
+    w = CacheWriter(path, CONFIG)
+    w.append(clip(1))
+    w.close()
+    stale = tmp_path / f"c.h5.tmp-99999"
+    stale.write_bytes(b"half an hdf5 file")  # what a kill during finalize leaves behind
+    w = CacheWriter(path, CONFIG)
+    assert not stale.exists()
+    assert w.done == {"train/a/clip0.mp4", "train/a/clip1.mp4"}
+    w.finalize()
+    assert summarize(path).n_clips == 2
+
+
+def test_a_kill_after_the_rename_but_before_the_journal_is_removed_does_not_duplicate(tmp_path):
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, CONFIG)
+    w.append(clip(0))
+    w.close()
+    saved = journal_path(path).read_bytes()
+    w = CacheWriter(path, CONFIG)
+    w.finalize()
+    journal_path(path).write_bytes(saved)  # the journal came back: same clip in cache and journal
+    w = CacheWriter(path, CONFIG)
+    w.finalize()
+    assert summarize(path).n_clips == 1
+
+
+def test_a_clip_that_failed_before_and_now_succeeds_leaves_failed(tmp_path):
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, CONFIG)
+    w.append(ClipRecord("train/a/clip0.mp4", 0, "train", 0, error="truncated"))
+    w.finalize()
+    w = CacheWriter(path, CONFIG)
+    assert w.failed == {"train/a/clip0.mp4": "truncated"}
+    w.append(clip(0))
+    w.finalize()
+    s = summarize(path)
+    assert s.n_clips == 1 and s.failed == []
+
+
+def test_assignments_from_the_current_index_update_labels_and_splits(tmp_path):
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, CONFIG)
+    w.append(clip(0))
+    w.finalize({"train/a/clip0.mp4": (1, "val")})
+    with h5py.File(path, "r") as f:
+        assert f["label"][0] == 1 and f["split"].asstr()[0] == "val"
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (dict(frames=8), "frames: 8 requested, 4 in the cache"),
+        (dict(backbone="resnet50"), "backbone: resnet50 requested, vgg16 in the cache"),
+        (dict(weights_fingerprint="zzz"), "weights_fingerprint"),
+        (dict(input_size=64), "input_size: 64 requested, 32"),
+        (dict(sampling="first"), "sampling: first requested, uniform"),
+        (dict(class_names=("a", "b", "c")), "class_names"),
+    ],
+)
+def test_extracting_into_a_cache_with_other_settings_is_refused_saying_what_differs(tmp_path, change, words):
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, CONFIG)
+    w.append(clip(0))
+    w.finalize()
+    with pytest.raises(CacheError, match=words.replace("(", r"\(")):
+        CacheWriter(path, replace(CONFIG, **change))
+    # an unfinished journal with other settings is refused too
+    other = tmp_path / "j.h5"
+    w = CacheWriter(other, CONFIG)
+    w.append(clip(0))
+    w.close()
+    with pytest.raises(CacheError, match="unfinished extraction"):
+        CacheWriter(other, replace(CONFIG, **change))
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
+    path = tmp_path / "c.h5"
+    with CacheLock(path):
+        with pytest.raises(CacheError, match="Another featpipe extraction is writing"):
+            with CacheLock(path):
+                pass
+    with CacheLock(path):  # released on exit
+        pass
+
+
+def test_the_lock_is_released_when_its_process_is_killed(tmp_path):
+    path = tmp_path / "c.h5"
+    code = (
+        "import sys, time; from pathlib import Path; from featpipe.cache import CacheLock;"
+        f"l = CacheLock(Path({str(path)!r})).__enter__(); print('locked', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(CacheError):
+            with CacheLock(path):
+                pass
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        with CacheLock(path):
+            pass
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_missing_cache_is_one_sentence(tmp_path):
+    with pytest.raises(CacheError, match="does not exist.*featpipe extract"):
+        open_h5(tmp_path / "none.h5")
+
+
+def test_truncated_cache_is_one_sentence(tmp_path):
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, CONFIG)
+    w.append(clip(0))
+    w.finalize()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CacheError, match="not a readable HDF5 file"):
+        read_config(path)
+
+
+def test_foreign_hdf5_and_other_schema_versions_are_refused(tmp_path):
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(CacheError, match="not a featpipe cache"):
+        read_config(foreign)
+    future = tmp_path / "future.h5"
+    with h5py.File(future, "w") as f:
+        f.attrs["schema_version"] = SCHEMA_VERSION + 1
+    with pytest.raises(CacheError, match="schema version 2"):
+        read_config(future)
+
+
+def test_summary_counts_clips_per_split_and_class_and_lists_failures(tmp_path):
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, CONFIG)
+    for i in range(3):
+        w.append(clip(i))
+    w.append(ClipRecord("x.mp4", 0, "test", 0, error="zero-byte file"))
+    w.finalize({"train/a/clip2.mp4": (1, "test")})
+    s = summarize(path)
+    assert s.counts == {"train": {"a": 1, "b": 1}, "test": {"b": 1}}
+    assert s.real_frames == 9
+    text = "\n".join(s.lines())
+    assert "x.mp4: zero-byte file" in text and "3 clips" in text
