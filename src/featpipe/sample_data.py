@@ -1,0 +1,348 @@
+"""The built-in synthetic dataset: small real MP4 clips whose classes differ only in frame order.
+
+Four classes in two time-reversed pairs:
+
+* ``grow`` / ``shrink``: a filled disc whose radius goes from small to large (``grow``) or
+  from large to small (``shrink``);
+* ``red_to_blue`` / ``blue_to_red``: a large disc whose colour fades from red to blue or
+  from blue to red.
+
+Within a pair every clip's parameters come from the same distribution and the second class is
+the first one played backwards, so the *set* of frames of a clip has the same distribution in
+both classes: a model that ignores frame order sits at chance within each pair (about 50 %
+over the four classes), while a sequence model can learn all four. The disc is big (up to
+about half of the centre square) so colour and area changes survive a CNN with global average
+pooling.
+
+Clips vary in length (6 to 80 frames: shorter and several times longer than the default
+sequence length of 20), resolution and aspect ratio (160x120, 120x160 portrait, 192x108 wide,
+128x128) and frame rate (10, 15, 24, 30 fps); every class gets a mix. Everything is drawn from
+``numpy.random.default_rng(seed)``, so the same arguments give the same clips.
+
+Layout: ``root/{train,val,test}/<class>/<class>_<split>_<NNN>.mp4`` plus the marker file
+``root/.featpipe-sample.json`` that records the parameters and the files written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from featpipe.errors import DatasetError, FeatpipeError, VideoError
+from featpipe.video import count_frames
+
+__all__ = [
+    "MARKER_NAME",
+    "SAMPLE_CLASSES",
+    "SPLITS",
+    "ClipSpec",
+    "SampleData",
+    "render_clip",
+    "sample_clip_specs",
+    "write_sample_data",
+]
+
+SAMPLE_CLASSES = ("blue_to_red", "grow", "red_to_blue", "shrink")
+SPLITS = ("train", "val", "test")
+MARKER_NAME = ".featpipe-sample.json"
+GENERATOR = "featpipe.sample_data"
+GENERATOR_VERSION = 1
+
+# (width, height): landscape 4:3, portrait 3:4, wide 16:9, square. All even (the MPEG-4
+# writer rounds odd sizes down).
+RESOLUTIONS = ((160, 120), (120, 160), (192, 108), (128, 128))
+FRAME_RATES = (10.0, 15.0, 24.0, 30.0)
+# Inclusive length ranges. None contains 20 (the default sequence length), so every clip is
+# clearly shorter or longer than it; 2 of the 5 buckets are shorter.
+LENGTH_BUCKETS = ((6, 12), (13, 19), (21, 34), (35, 54), (55, 80))
+
+# Which class plays the other one's clips backwards, and what varies.
+_FORWARD = {"grow": "size", "shrink": "size", "red_to_blue": "colour", "blue_to_red": "colour"}
+_REVERSED = {"shrink", "blue_to_red"}
+_FOURCC = "mp4v"
+
+
+@dataclass(frozen=True)
+class SampleData:
+    """What :func:`write_sample_data` wrote (or found already written)."""
+
+    root: Path
+    n_clips: int
+    class_names: tuple[str, ...]
+    counts: dict[str, int]  # split -> number of clips in that split (all classes)
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Every parameter of one synthetic clip. Sizes are fractions of the centre square's side;
+    colours are BGR. The clip is rendered "forward" (small to large, red to blue) and played
+    backwards when ``reverse`` is set."""
+
+    split: str
+    class_name: str
+    index: int  # within (split, class)
+    relpath: str  # relative to the dataset root, with "/" separators
+    n_frames: int
+    width: int
+    height: int
+    fps: float
+    radius_start: float
+    radius_end: float
+    color_start: tuple[int, int, int]
+    color_end: tuple[int, int, int]
+    offset: tuple[float, float]  # disc centre offset (x, y) from the frame centre
+    background: tuple[int, int, int]
+    noise: float  # standard deviation of the per-frame Gaussian noise, in grey levels
+    noise_seed: int
+    reverse: bool
+
+
+def _check_counts(train: int, val: int, test: int) -> None:
+    for name, value in (("train", train), ("val", val), ("test", test)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer number of clips per class, got {value!r}")
+    if train + val + test == 0:
+        raise ValueError("train, val and test are all 0: there would be no clip to write")
+
+
+def _hue_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A saturated BGR colour that is neither red nor blue (hue 25..190 degrees)."""
+    hue = rng.uniform(25.0, 190.0) / 2.0  # OpenCV hue is 0..180
+    sat = rng.uniform(0.65, 1.0) * 255.0
+    val = rng.uniform(0.8, 1.0) * 255.0
+    hsv = np.array([[[hue, sat, val]]], dtype=np.uint8)
+    b, g, r = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0]
+    return int(b), int(g), int(r)
+
+
+def sample_clip_specs(train: int = 16, val: int = 6, test: int = 6, seed: int = 0) -> list[ClipSpec]:
+    """The parameters of every clip :func:`write_sample_data` writes, without writing anything.
+
+    Deterministic in its arguments. For each class, resolution, frame rate and length bucket
+    cycle through all their values in a seeded random order (so even 4 clips per class mix
+    them), and the exact length and the drawing parameters are drawn at random. Both classes
+    of a pair use the same procedure, so their parameters have the same distribution.
+    """
+    _check_counts(train, val, test)
+    rng = np.random.default_rng(seed)
+    per_split = {"train": int(train), "val": int(val), "test": int(test)}
+    specs: list[ClipSpec] = []
+    for class_name in SAMPLE_CLASSES:
+        res_order = rng.permutation(len(RESOLUTIONS))
+        fps_order = rng.permutation(len(FRAME_RATES))
+        len_order = rng.permutation(len(LENGTH_BUCKETS))
+        j = 0  # clip counter within the class, across splits
+        for split in SPLITS:
+            for index in range(per_split[split]):
+                width, height = RESOLUTIONS[res_order[j % len(RESOLUTIONS)]]
+                fps = FRAME_RATES[fps_order[j % len(FRAME_RATES)]]
+                low, high = LENGTH_BUCKETS[len_order[j % len(LENGTH_BUCKETS)]]
+                n_frames = int(rng.integers(low, high + 1))
+                if _FORWARD[class_name] == "size":
+                    radius_start = float(rng.uniform(0.08, 0.14))
+                    radius_end = float(rng.uniform(0.38, 0.45))
+                    colour = _hue_colour(rng)
+                    color_start = color_end = colour
+                else:
+                    radius_start = radius_end = float(rng.uniform(0.30, 0.42))
+                    red = rng.integers(0, 41), rng.integers(0, 41), rng.integers(200, 256)
+                    blue = rng.integers(200, 256), rng.integers(0, 41), rng.integers(0, 41)
+                    color_start = tuple(int(v) for v in red)
+                    color_end = tuple(int(v) for v in blue)
+                # Keep the whole disc inside the centre square (what the centre crop keeps).
+                jitter = max(0.0, 0.48 - max(radius_start, radius_end))
+                offset = (float(rng.uniform(-jitter, jitter)), float(rng.uniform(-jitter, jitter)))
+                grey = rng.uniform(35.0, 95.0)
+                background = tuple(int(np.clip(grey + rng.uniform(-20.0, 20.0), 0, 255)) for _ in range(3))
+                specs.append(
+                    ClipSpec(
+                        split=split,
+                        class_name=class_name,
+                        index=index,
+                        relpath=f"{split}/{class_name}/{class_name}_{split}_{index:03d}.mp4",
+                        n_frames=n_frames,
+                        width=width,
+                        height=height,
+                        fps=fps,
+                        radius_start=radius_start,
+                        radius_end=radius_end,
+                        color_start=color_start,
+                        color_end=color_end,
+                        offset=offset,
+                        background=background,
+                        noise=float(rng.uniform(1.5, 4.0)),
+                        noise_seed=int(rng.integers(0, 2**31 - 1)),
+                        reverse=class_name in _REVERSED,
+                    )
+                )
+                j += 1
+    return specs
+
+
+def render_clip(spec: ClipSpec) -> Iterator[np.ndarray]:
+    """Yield the BGR uint8 frames of ``spec`` in playing order."""
+    side = min(spec.width, spec.height)
+    shift = 4  # sub-pixel precision for cv2.circle: smooth radius and position
+    scale = 1 << shift
+    cx = (spec.width / 2.0 + spec.offset[0] * side) * scale
+    cy = (spec.height / 2.0 + spec.offset[1] * side) * scale
+    centre = (int(round(cx)), int(round(cy)))
+    start, end = np.array(spec.color_start, float), np.array(spec.color_end, float)
+    background = np.empty((spec.height, spec.width, 3), np.float32)
+    background[...] = spec.background
+    last = max(spec.n_frames - 1, 1)
+    for t in range(spec.n_frames):
+        # ``tau`` is the forward time of the frame shown at ``t``; the noise belongs to ``tau``
+        # too, so a reversed clip is exactly its forward clip played backwards.
+        tau = spec.n_frames - 1 - t if spec.reverse else t
+        a = tau / last
+        rng = np.random.default_rng([spec.noise_seed, tau])
+        radius = (spec.radius_start + (spec.radius_end - spec.radius_start) * a) * side
+        colour = tuple(float(v) for v in start + (end - start) * a)
+        frame = background.copy()
+        cv2.circle(frame, centre, int(round(radius * scale)), colour, -1, cv2.LINE_AA, shift)
+        frame += rng.normal(0.0, spec.noise, size=frame.shape).astype(np.float32)
+        yield np.clip(frame + 0.5, 0, 255).astype(np.uint8)
+
+
+def _write_clip(spec: ClipSpec, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*_FOURCC), spec.fps, (spec.width, spec.height))
+    if not writer.isOpened():
+        raise FeatpipeError(
+            f"cannot write the sample clip {path}: OpenCV's video writer did not open with the "
+            f"{_FOURCC!r} codec. Install an OpenCV build with FFmpeg (opencv-python-headless) "
+            "and check that the folder is writable."
+        )
+    try:
+        for frame in render_clip(spec):
+            writer.write(frame)
+    finally:
+        writer.release()
+    try:
+        decoded = count_frames(path)
+    except VideoError as exc:
+        raise FeatpipeError(f"the sample clip just written cannot be read back: {exc}") from exc
+    if decoded != spec.n_frames:
+        raise FeatpipeError(
+            f"the sample clip {path} was written with {spec.n_frames} frames but {decoded} "
+            "decode; this OpenCV build's MPEG-4 writer is not usable for the sample data."
+        )
+
+
+def _params(train: int, val: int, test: int, seed: int) -> dict:
+    return {"train": int(train), "val": int(val), "test": int(test), "seed": int(seed)}
+
+
+def _read_marker(root: Path) -> dict | None:
+    """The marker's content when it is a featpipe sample marker, else None."""
+    marker = root / MARKER_NAME
+    try:
+        content = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(content, dict) or content.get("generator") != GENERATOR:
+        return None
+    return content
+
+
+def _write_marker(root: Path, params: dict, specs: list[ClipSpec], complete: bool) -> None:
+    content = {
+        "generator": GENERATOR,
+        "version": GENERATOR_VERSION,
+        "params": params,
+        "classes": list(SAMPLE_CLASSES),
+        "complete": complete,
+        "files": [spec.relpath for spec in specs],
+        "clips": [asdict(spec) for spec in specs] if complete else [],
+    }
+    tmp = root / (MARKER_NAME + ".tmp")
+    tmp.write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, root / MARKER_NAME)
+
+
+def _is_complete(root: Path, marker: dict, params: dict) -> bool:
+    if marker.get("version") != GENERATOR_VERSION or marker.get("params") != params:
+        return False
+    if marker.get("complete") is not True:
+        return False
+    files = marker.get("files")
+    if not isinstance(files, list):
+        return False
+    for rel in files:
+        path = root / rel
+        if not path.is_file() or path.stat().st_size == 0:
+            return False
+    return True
+
+
+def _remove_owned(root: Path) -> None:
+    """Remove what the generator owns: the split folders and the marker, nothing else."""
+    for name in (*SPLITS, MARKER_NAME, MARKER_NAME + ".tmp"):
+        path = root / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+
+
+def write_sample_data(
+    root: str | Path = "data",
+    *,
+    train: int = 16,
+    val: int = 6,
+    test: int = 6,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> SampleData:
+    """Write the synthetic dataset to ``root`` (``train``/``val``/``test`` clips per class).
+
+    Returns at once, rewriting nothing, when ``root`` already holds complete sample data
+    written with the same parameters. Raises :class:`DatasetError` when ``root`` is a file, or
+    a non-empty folder that is not sample data or holds sample data with other parameters,
+    unless ``overwrite`` is set: then only the split folders and the marker are removed and
+    rewritten (other files in ``root`` are left alone). A folder whose marker says an earlier
+    write did not finish is rewritten without ``overwrite``: its files are the generator's.
+    """
+    specs = sample_clip_specs(train, val, test, seed)
+    params = _params(train, val, test, seed)
+    root = Path(root)
+    result = SampleData(
+        root=root,
+        n_clips=len(specs),
+        class_names=SAMPLE_CLASSES,
+        counts={split: params[split] * len(SAMPLE_CLASSES) for split in SPLITS},
+    )
+
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"{root} is a file, not a folder: choose another folder for the sample data.")
+    if root.is_dir() and any(root.iterdir()):
+        marker = _read_marker(root)
+        if marker is not None and _is_complete(root, marker, params):
+            return result
+        finished_elsewhere = marker is not None and marker.get("complete") is True and marker.get("params") != params
+        if marker is None or finished_elsewhere:
+            if not overwrite:
+                if marker is None:
+                    what = "is not empty and does not hold featpipe sample data"
+                else:
+                    what = f"holds featpipe sample data written with other parameters ({marker.get('params')})"
+                raise DatasetError(
+                    f"{root} {what}; choose another folder, or pass --overwrite to replace its "
+                    f"{', '.join(SPLITS)} folders and {MARKER_NAME}."
+                )
+        _remove_owned(root)
+
+    root.mkdir(parents=True, exist_ok=True)
+    _write_marker(root, params, specs, complete=False)
+    for spec in specs:
+        _write_clip(spec, root / spec.relpath)
+    _write_marker(root, params, specs, complete=True)
+    return result

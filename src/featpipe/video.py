@@ -1,0 +1,342 @@
+"""Decoding clips into fixed-length, cropped, resized RGB frame sequences.
+
+This is the only featpipe module that decodes video with OpenCV. Everything else works on
+:class:`ClipFrames`.
+
+How a clip is read
+------------------
+Frames are decoded strictly sequentially (no seeking: ``CAP_PROP_POS_FRAMES`` is unreliable
+with many codecs and containers). ``cap.grab()`` advances one frame; ``cap.retrieve()``,
+which does the colour conversion, is called only for frames that are kept, and each kept
+frame is cropped and resized at once, so memory is ``O(frames * size * size)`` whatever the
+clip length.
+
+``CAP_PROP_FRAME_COUNT`` comes from the container and can be wrong (truncated files, streams
+longer than their header says) or missing (0 or -1). It is only used to *plan* which frames
+to keep; the stream is always read to its end to learn the true count. When the true count
+shows the plan was wrong, the plan is redone with the true count and, only if frames that
+were not retrieved are now needed, the clip is read a second time. When no count is reported
+at all, a counting pass (``grab`` only) comes first. The result is always what reading with
+the true count known in advance would give.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from featpipe.errors import VideoError
+
+__all__ = [
+    "SAMPLING",
+    "ClipFrames",
+    "center_crop_resize",
+    "count_frames",
+    "pad_frames",
+    "read_clip",
+    "sample_indices",
+]
+
+SAMPLING = ("uniform", "first")
+
+# How many times a clip may be (re)read before the decoder is declared inconsistent. A normal
+# clip takes one pass; a wrong reported count takes two; a missing one takes two.
+_MAX_PASSES = 3
+
+
+@dataclass(frozen=True)
+class ClipFrames:
+    """Frames sampled from one clip.
+
+    ``frames`` is ``(T, size, size, 3)`` uint8 RGB; rows where ``mask`` is False are all zero.
+    ``mask`` is ``(T,)`` bool and True exactly for real frames, always a prefix.
+    ``n_frames`` is the number of frames decoded in the whole clip (verified by reading).
+    ``indices`` is ``(mask.sum(),)`` int64: the clip frame indices that were kept, in order.
+    ``fps`` is the container's frame rate (0.0 when the container reports none).
+    ``width`` and ``height`` are the size of the decoded frames before cropping.
+    """
+
+    frames: np.ndarray
+    mask: np.ndarray
+    n_frames: int
+    indices: np.ndarray
+    fps: float
+    width: int
+    height: int
+
+
+def _check_sampling(sampling: str) -> None:
+    if sampling not in SAMPLING:
+        raise ValueError(f"sampling must be one of {', '.join(map(repr, SAMPLING))}, got {sampling!r}")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def sample_indices(n_total: int, frames: int, sampling: str = "uniform") -> np.ndarray:
+    """Which frame indices of an ``n_total``-frame clip to keep for a ``frames``-long sequence.
+
+    ``uniform``: ``frames`` indices evenly spaced over the whole clip, first and last frame
+    included (``linspace(0, n_total - 1, frames)`` rounded half up; strictly increasing).
+    ``first``: the first ``frames`` frames. A clip with at most ``frames`` frames keeps all of
+    them (``0 .. n_total - 1``) in both modes. Returns an int64 array, empty when
+    ``n_total == 0``.
+    """
+    _check_sampling(sampling)
+    _check_positive("frames", frames)
+    if isinstance(n_total, bool) or not isinstance(n_total, (int, np.integer)) or n_total < 0:
+        raise ValueError(f"n_total must be a non-negative integer, got {n_total!r}")
+    n_total = int(n_total)
+    frames = int(frames)
+    if n_total <= frames or sampling == "first":
+        return np.arange(min(n_total, frames), dtype=np.int64)
+    # n_total > frames >= 1 here. The step (n_total-1)/(frames-1) is > 1 by at least
+    # 1/(frames-1), so rounding half up keeps the indices strictly increasing.
+    positions = np.linspace(0.0, n_total - 1, frames)
+    return np.floor(positions + 0.5).astype(np.int64)
+
+
+def center_crop_resize(frame: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crop ``frame`` to a square and resize it to ``(size, size, 3)`` uint8 RGB.
+
+    ``frame`` is an OpenCV image: ``HxW`` gray, ``HxWx1`` gray, ``HxWx3`` BGR or ``HxWx4``
+    BGRA, uint8. The square's side is ``min(H, W)``; shrinking uses ``INTER_AREA``,
+    enlarging ``INTER_LINEAR``.
+    """
+    _check_positive("size", size)
+    size = int(size)
+    frame = np.asarray(frame)
+    if frame.dtype != np.uint8:
+        raise ValueError(f"frame must be uint8, got {frame.dtype}")
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        frame = frame[:, :, 0]
+    if frame.ndim not in (2, 3) or (frame.ndim == 3 and frame.shape[2] not in (3, 4)):
+        raise ValueError(f"frame must be HxW, HxWx1, HxWx3 or HxWx4, got shape {frame.shape}")
+    height, width = frame.shape[:2]
+    if height < 1 or width < 1:
+        raise ValueError(f"frame is empty (shape {frame.shape})")
+    side = min(height, width)
+    top = (height - side) // 2
+    left = (width - side) // 2
+    square = np.ascontiguousarray(frame[top : top + side, left : left + side])
+    if side != size:
+        interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+        square = cv2.resize(square, (size, size), interpolation=interpolation)
+    if square.ndim == 2:
+        code = cv2.COLOR_GRAY2RGB
+    elif square.shape[2] == 4:
+        code = cv2.COLOR_BGRA2RGB
+    else:
+        code = cv2.COLOR_BGR2RGB
+    return cv2.cvtColor(square, code)
+
+
+def pad_frames(frames: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pad ``frames`` (``(k, ...)``) along the first axis to ``length``.
+
+    Returns ``(padded, mask)``: ``padded`` is ``(length, ...)`` with the same dtype, real
+    frames first; ``mask`` is ``(length,)`` bool, True for the ``k`` real frames. ``k > length``
+    is a ValueError (padding never truncates).
+    """
+    frames = np.asarray(frames)
+    if frames.ndim < 1:
+        raise ValueError("frames must have at least one dimension (the frame axis)")
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
+        raise ValueError(f"length must be a non-negative integer, got {length!r}")
+    k = frames.shape[0]
+    if k > length:
+        raise ValueError(f"cannot pad {k} frames to length {length}: more frames than the length")
+    padded = np.zeros((int(length),) + frames.shape[1:], dtype=frames.dtype)
+    padded[:k] = frames
+    mask = np.zeros(int(length), dtype=bool)
+    mask[:k] = True
+    return padded, mask
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _api_preference() -> int:
+    # Name FFmpeg explicitly where it exists: with CAP_ANY, other backends may claim the path
+    # (CAP_IMAGES reads names containing '%' as an image-sequence pattern).
+    try:
+        if cv2.videoio_registry.hasBackend(cv2.CAP_FFMPEG):
+            return cv2.CAP_FFMPEG
+    except (AttributeError, cv2.error):
+        pass
+    return cv2.CAP_ANY
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise VideoError(f"video file not found: {path}. Check the path and that the file exists.")
+    if path.is_dir():
+        raise VideoError(f"{path} is a folder, not a video file.")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise VideoError(f"cannot read video file {path}: {exc.strerror or exc}.") from exc
+    if size == 0:
+        raise VideoError(f"video file {path} is empty (0 bytes); re-copy or re-download it.")
+
+
+def _open(path: Path) -> cv2.VideoCapture:
+    try:
+        cap = cv2.VideoCapture(str(path), _api_preference())
+        opened = cap.isOpened()
+    except cv2.error as exc:
+        raise VideoError(f"OpenCV failed to open {path} as a video: {exc}") from exc
+    if not opened:
+        cap.release()
+        raise VideoError(
+            f"cannot open {path} as a video: it is not a video file, is truncated or damaged, "
+            "or uses a codec this OpenCV build cannot decode. Re-encode it (e.g. to H.264 MP4) "
+            "or remove it from the dataset."
+        )
+    return cap
+
+
+def _no_frames(path: Path) -> VideoError:
+    return VideoError(
+        f"{path} opened as a video but has no decodable frame; the file is empty, damaged or "
+        "uses an unsupported codec. Re-encode it or remove it from the dataset."
+    )
+
+
+def _reported_count(cap: cv2.VideoCapture) -> int:
+    value = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+    if not np.isfinite(value) or value <= 0:
+        return 0
+    return int(round(value))
+
+
+def _fps(cap: cv2.VideoCapture) -> float:
+    value = float(cap.get(cv2.CAP_PROP_FPS))
+    return value if np.isfinite(value) and value > 0 else 0.0
+
+
+def _count(cap: cv2.VideoCapture) -> int:
+    n = 0
+    while cap.grab():
+        n += 1
+    return n
+
+
+def _read_pass(
+    cap: cv2.VideoCapture, path: Path, wanted: np.ndarray, size: int
+) -> tuple[int, dict[int, np.ndarray], tuple[int, int] | None]:
+    """Read the whole stream once; retrieve, crop and resize only the ``wanted`` frames.
+
+    Returns ``(true_count, {index: frame}, (height, width) of the first retrieved frame)``.
+    Wanted indices past the end of the stream are simply absent from the dict.
+    """
+    keep = {int(i) for i in wanted}
+    kept: dict[int, np.ndarray] = {}
+    shape: tuple[int, int] | None = None
+    index = 0
+    while cap.grab():
+        if index in keep:
+            ok, frame = cap.retrieve()
+            if not ok or frame is None or frame.size == 0:
+                raise VideoError(
+                    f"frame {index} of {path} was found but could not be decoded; the file is "
+                    "damaged. Re-encode it or remove it from the dataset."
+                )
+            if shape is None:
+                shape = (int(frame.shape[0]), int(frame.shape[1]))
+            kept[index] = center_crop_resize(frame, size)
+        index += 1
+    return index, kept, shape
+
+
+def read_clip(path: str | Path, frames: int, size: int, sampling: str = "uniform") -> ClipFrames:
+    """Decode ``frames`` frames of the clip at ``path`` as ``(frames, size, size, 3)`` RGB.
+
+    See :func:`sample_indices` for which frames are kept. A clip shorter than ``frames`` keeps
+    every frame and is zero-padded (``mask`` False on padding). Raises :class:`VideoError`,
+    naming the file, when the clip cannot be read; ``ValueError`` on bad arguments.
+    """
+    _check_sampling(sampling)
+    _check_positive("frames", frames)
+    _check_positive("size", size)
+    frames, size = int(frames), int(size)
+    path = Path(path)
+    _check_file(path)
+    try:
+        return _read_clip(path, frames, size, sampling)
+    except cv2.error as exc:
+        raise VideoError(f"OpenCV failed while decoding {path}: {exc}") from exc
+
+
+def _read_clip(path: Path, frames: int, size: int, sampling: str) -> ClipFrames:
+    cap = _open(path)
+    try:
+        fps = _fps(cap)
+        planned_count = _reported_count(cap)
+        if planned_count == 0:
+            # No usable count in the container: count first, then read with the true count.
+            planned_count = _count(cap)
+            if planned_count == 0:
+                raise _no_frames(path)
+            cap.release()
+            cap = _open(path)
+        kept: dict[int, np.ndarray] = {}
+        shape: tuple[int, int] | None = None
+        for _ in range(_MAX_PASSES):
+            wanted = sample_indices(planned_count, frames, sampling)
+            true_count, kept, pass_shape = _read_pass(cap, path, wanted, size)
+            shape = shape or pass_shape
+            if true_count == 0:
+                raise _no_frames(path)
+            final = sample_indices(true_count, frames, sampling)
+            if all(int(i) in kept for i in final):
+                break
+            # The reported count was wrong and frames we did not retrieve are needed:
+            # read again, planning with the count we now know.
+            planned_count = true_count
+            cap.release()
+            cap = _open(path)
+        else:
+            raise VideoError(
+                f"{path} gives a different number of frames each time it is decoded; the file "
+                "is damaged. Re-encode it or remove it from the dataset."
+            )
+    finally:
+        cap.release()
+
+    assert shape is not None  # frame 0 is kept by every sampling, so a frame was retrieved
+    real = np.stack([kept[int(i)] for i in final])
+    padded, mask = pad_frames(real, frames)
+    return ClipFrames(
+        frames=padded,
+        mask=mask,
+        n_frames=int(true_count),
+        indices=final.astype(np.int64),
+        fps=fps,
+        width=shape[1],
+        height=shape[0],
+    )
+
+
+def count_frames(path: str | Path) -> int:
+    """Number of frames in the clip at ``path``, found by decoding the whole stream.
+
+    Returns 0 for a video that opens but has no decodable frame; raises :class:`VideoError`
+    when the file is missing, empty or cannot be opened as a video.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        cap = _open(path)
+        try:
+            return _count(cap)
+        finally:
+            cap.release()
+    except cv2.error as exc:
+        raise VideoError(f"OpenCV failed while decoding {path}: {exc}") from exc
