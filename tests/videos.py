@@ -81,6 +81,7 @@ def write_video(
     ``.avi`` -> MJPG). Names with spaces or non-ASCII characters work.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     code = fourcc or FOURCC_BY_SUFFIX.get(path.suffix.lower(), "mp4v")
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*code), float(fps), (width, height), is_color)
     if not writer.isOpened():

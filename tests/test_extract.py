@@ -1,0 +1,237 @@
+"""Stage one end to end: extraction, resume after kills, bad inputs, refusal of a second writer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from featpipe.backbones import FeatureExtractor
+from featpipe.cache import CacheLock, iter_journal, journal_path
+from featpipe.datasets import index_dataset
+from featpipe.errors import ExtractionFailed
+from featpipe.extract import ExtractOptions, extract
+from featpipe.sample_data import write_sample_data
+from featpipe.video import count_frames, read_clip
+
+from videos import (
+    write_gray,
+    write_no_frames,
+    write_odd_size,
+    write_1x1,
+    write_text_as_video,
+    write_truncated,
+    write_wide,
+    write_video,
+    write_zero_byte,
+)
+
+SMALL = dict(backbone="vgg16", size=32, frames=8, weights="none", quiet=True, batch_size=8)
+DATASETS = ("features", "mask", "label", "split", "video", "n_frames", "failed/video", "failed/reason")
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sample") / "data"
+    write_sample_data(root, train=2, val=1, test=1, seed=0)
+    return root
+
+
+def read_all(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        out = {name: f[name][()] for name in DATASETS}
+        out["attrs"] = dict(f.attrs)
+    return out
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    x, y = read_all(a), read_all(b)
+    for name in DATASETS:
+        np.testing.assert_array_equal(x[name], y[name], err_msg=name)
+    assert x["attrs"].keys() == y["attrs"].keys()
+    for key in ("backbone", "weights_fingerprint", "input_size", "frames", "sampling", "dtype"):
+        assert x["attrs"][key] == y["attrs"][key]
+
+
+def test_every_clip_is_extracted_with_a_mask_true_exactly_for_real_frames(sample, tmp_path):
+    out = tmp_path / "c.h5"
+    result = extract(data=sample, output=out, **{**SMALL, "frames": 16})
+    ds = index_dataset(sample)
+    assert result.n_clips == len(ds.records) == 16 and result.n_new == 16 and result.failed == []
+    with h5py.File(out, "r") as f:
+        videos = list(f["video"].asstr()[:])
+        assert videos == [r.video for r in ds.records]
+        feats, mask, n_frames = f["features"][:], f["mask"][:], f["n_frames"][:]
+        labels, splits = f["label"][:], list(f["split"].asstr()[:])
+    for i, rec in enumerate(ds.records):
+        true_count = count_frames(rec.path)
+        assert n_frames[i] == true_count
+        assert mask[i].sum() == min(true_count, 16)
+        assert mask[i, : mask[i].sum()].all(), "real frames come first"
+        assert not feats[i][~mask[i]].any(), "padded steps hold zeros"
+        assert np.abs(feats[i][mask[i]]).sum(axis=-1).min() > 0
+        assert labels[i] == ds.label_index(rec.label) and splits[i] == rec.split
+    assert (mask.sum(axis=1) < 16).any() and (n_frames > 16).any(), "both padded and subsampled clips were checked"
+
+
+def test_features_are_the_backbone_applied_to_each_clips_sampled_frames(sample, tmp_path):
+    """Batching frames ACROSS clips must never mix up which clip a feature belongs to."""
+    out = tmp_path / "c.h5"
+    extract(data=sample, output=out, **{**SMALL, "batch_size": 5})  # batches straddle clip boundaries
+    ex = FeatureExtractor("vgg16", 32, "none", batch_size=8)
+    ds = index_dataset(sample)
+    with h5py.File(out, "r") as f:
+        for i in (0, 7, 15):
+            clip = read_clip(ds.records[i].path, 8, 32, "uniform")
+            direct = ex(clip.frames[clip.mask]).astype(np.float16)
+            np.testing.assert_allclose(f["features"][i][clip.mask].astype(np.float32), direct.astype(np.float32),
+                                       rtol=2e-3, atol=1e-3)
+
+
+def test_rerun_skips_every_clip_already_in_the_cache_and_extracts_only_new_ones(sample, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(sample, data)
+    out = tmp_path / "c.h5"
+    extract(data=data, output=out, **SMALL)
+    again = extract(data=data, output=out, **SMALL)
+    assert (again.n_new, again.n_skipped, again.n_clips) == (0, 16, 16)
+    write_video(data / "train" / "grow" / "extra clip.mp4", 12, 64, 48)
+    third = extract(data=data, output=out, **SMALL)
+    assert (third.n_new, third.n_skipped, third.n_clips) == (1, 16, 17)
+
+
+def _extract_cmd(data: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "featpipe", "extract", "--data", str(data), "--output", str(out),
+            "--backbone", "inceptionv3", "--size", "75", "--frames", "8", "--weights", "none",
+            "--batch-size", "4", "--workers", "1", "--quiet"]
+
+
+def _records(out: Path) -> int:
+    j = journal_path(out)
+    return sum(1 for _ in iter_journal(j)) if j.exists() else 0
+
+
+def test_sigkill_at_several_points_then_resume_ends_with_the_clean_runs_cache(sample, tmp_path):
+    """Kill a real extraction before any clip, after the first, and mid-way; each restart resumes."""
+    clean = tmp_path / "clean.h5"
+    subprocess.run(_extract_cmd(sample, clean), check=True, capture_output=True)
+    out = tmp_path / "killed.h5"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for kill_after_records in (0, 1, 6, 12):
+        before = _records(out)
+        proc = subprocess.Popen(_extract_cmd(sample, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        if kill_after_records == 0:
+            time.sleep(1.0)  # still importing / building the network
+        else:
+            while _records(out) < kill_after_records and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if kill_after_records:
+            assert _records(out) >= min(kill_after_records, before + 1), "progress was kept across the kill"
+    final = subprocess.run(_extract_cmd(sample, out), capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    assert "already in the cache" in final.stdout
+    skipped = int(final.stdout.split(" already in the cache")[0].rsplit(";", 1)[-1].strip())
+    assert skipped >= 12, "clips journalled before the kills were not extracted again"
+    assert not journal_path(out).exists()
+    assert_same_cache(out, clean)
+
+
+def test_a_second_extraction_into_the_same_cache_is_refused(sample, tmp_path):
+    out = tmp_path / "c.h5"
+    with CacheLock(out):
+        proc = subprocess.run(_extract_cmd(sample, out), capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Another featpipe extraction is writing" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def messy(tmp_path) -> Path:
+    """Good clips plus every kind of bad or odd file, in class folders with awkward names."""
+    root = tmp_path / "messy"
+    a, b = root / "train" / "alpha", root / "train" / "beta β"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    write_video(a / "good one.mp4", 30, 64, 48)
+    write_video(b / "gööd.mp4", 10, 48, 64)
+    write_zero_byte(a / "empty.mp4")
+    write_text_as_video(a / "notes.mp4")
+    write_truncated(b / "cut.mp4", a / "good one.mp4")
+    write_no_frames(b / "noframes.mp4")
+    write_1x1(a / "tiny.avi")
+    write_wide(b / "wide.mp4")
+    write_gray(a / "gray.mp4")
+    write_odd_size(b / "odd.mp4")
+    return root
+
+
+def test_bad_files_are_listed_with_reasons_and_do_not_stop_the_run(messy, tmp_path):
+    out = tmp_path / "c.h5"
+    result = extract(data=messy, output=out, **SMALL)
+    failed = dict(result.failed)
+    assert set(failed) == {"train/alpha/empty.mp4", "train/alpha/notes.mp4", "train/beta β/cut.mp4",
+                           "train/beta β/noframes.mp4"}
+    assert all(reason for reason in failed.values())
+    assert "zero" in failed["train/alpha/empty.mp4"].lower() or "empty" in failed["train/alpha/empty.mp4"].lower()
+    with h5py.File(out, "r") as f:
+        assert sorted(f["video"].asstr()[:]) == sorted([
+            "train/alpha/good one.mp4", "train/alpha/gray.mp4", "train/alpha/tiny.avi",
+            "train/beta β/gööd.mp4", "train/beta β/odd.mp4", "train/beta β/wide.mp4"])
+        assert np.isfinite(f["features"][:].astype(np.float32)).all()
+
+
+def test_strict_fails_the_run_but_keeps_the_good_clips(messy, tmp_path):
+    out = tmp_path / "c.h5"
+    with pytest.raises(ExtractionFailed, match="--strict"):
+        extract(data=messy, output=out, strict=True, **SMALL)
+    with h5py.File(out, "r") as f:
+        assert f["video"].shape == (6,)
+
+
+def test_no_usable_clip_at_all_is_an_error(tmp_path):
+    root = tmp_path / "bad"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        write_zero_byte(root / cls / "x.mp4")
+        write_text_as_video(root / cls / "y.mp4")
+    with pytest.raises(ExtractionFailed, match="No clip could be used"):
+        extract(data=root, output=tmp_path / "c.h5", **SMALL)
+
+
+def test_other_settings_into_an_existing_cache_are_refused_saying_what_differs(sample, tmp_path):
+    from featpipe.errors import CacheError
+
+    out = tmp_path / "c.h5"
+    extract(data=sample, output=out, **SMALL)
+    with pytest.raises(CacheError, match="frames: 6 requested, 8 in the cache"):
+        extract(data=sample, output=out, **{**SMALL, "frames": 6})
+    with pytest.raises(CacheError, match="weights_fingerprint"):
+        extract(data=sample, output=out, **{**SMALL, "seed": 1})
+
+
+def test_first_sampling_stores_the_first_frames_and_float32_is_honoured(sample, tmp_path):
+    uni, first = tmp_path / "u.h5", tmp_path / "f.h5"
+    extract(data=sample, output=uni, **SMALL)
+    extract(data=sample, output=first, sampling="first", dtype="float32", **{k: v for k, v in SMALL.items()})
+    with h5py.File(uni, "r") as u, h5py.File(first, "r") as f:
+        assert f["features"].dtype == np.float32 and f.attrs["sampling"] == "first"
+        long = int(np.argmax(u["n_frames"][:]))
+        assert u["n_frames"][long] > 8
+        assert not np.allclose(u["features"][long, -1].astype(np.float32), f["features"][long, -1])
+        np.testing.assert_allclose(u["features"][long, 0].astype(np.float32), f["features"][long, 0], rtol=2e-3, atol=1e-2)
+
+
+def test_default_cache_path_is_cache_dir_slash_backbone(sample, tmp_path):
+    result = extract(data=sample, cache_dir=tmp_path / "cache", **SMALL)
+    assert result.cache == tmp_path / "cache" / "vgg16.h5" and result.cache.exists()
