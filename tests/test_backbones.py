@@ -12,9 +12,10 @@ from featpipe.backbones import REGISTRY, FeatureExtractor, build_model, fingerpr
 from featpipe.errors import BackboneError
 
 SMALL = {name: (64 if name.startswith("efficientnet") else max(b.min_size, 32)) for name, b in REGISTRY.items()}
+CNNS = sorted(name for name, b in REGISTRY.items() if not b.raw)
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", CNNS)
 def test_every_backbone_gives_finite_features_of_its_declared_dimension(name):
     b = REGISTRY[name]
     extractor = FeatureExtractor(b, SMALL[name], weights="none", seed=0, batch_size=4)
@@ -33,7 +34,15 @@ def test_native_sizes_and_dimensions_match_keras_applications():
     assert (REGISTRY["resnet50"].default_size, REGISTRY["resnet50"].feature_dim) == (224, 2048)
     assert REGISTRY["efficientnetb0"].default_size == 224
     assert (REGISTRY["efficientnetb7"].default_size, REGISTRY["efficientnetb7"].feature_dim) == (600, 2560)
-    assert sorted(REGISTRY) == sorted(["inceptionv3", "vgg16", "resnet50"] + [f"efficientnetb{i}" for i in range(8)])
+    assert sorted(REGISTRY) == sorted(["inceptionv3", "vgg16", "resnet50", "raw"] + [f"efficientnetb{i}" for i in range(8)])
+
+
+def test_raw_entry_stores_the_frames_themselves_as_uint8():
+    ex = FeatureExtractor("raw", 16, batch_size=4)
+    frames = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(ex(frames), frames)
+    assert ex.feature_shape == (16, 16, 3) and ex.storage_dtype == "uint8" and ex.weights == "none"
+    assert ex.fingerprint == "raw-frames"
 
 
 def test_each_backbone_uses_its_own_preprocessing():

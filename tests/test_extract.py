@@ -235,3 +235,14 @@ def test_first_sampling_stores_the_first_frames_and_float32_is_honoured(sample, 
 def test_default_cache_path_is_cache_dir_slash_backbone(sample, tmp_path):
     result = extract(data=sample, cache_dir=tmp_path / "cache", **SMALL)
     assert result.cache == tmp_path / "cache" / "vgg16.h5" and result.cache.exists()
+
+
+def test_raw_backbone_caches_the_sampled_frames_as_uint8(sample, tmp_path):
+    out = tmp_path / "raw.h5"
+    extract(data=sample, output=out, backbone="raw", size=16, frames=8, quiet=True)
+    ds = index_dataset(sample)
+    with h5py.File(out, "r") as f:
+        assert f["features"].dtype == np.uint8 and f["features"].shape == (16, 8, 16, 16, 3)
+        assert f.attrs["backbone"] == "raw" and f.attrs["weights"] == "none"
+        clip = read_clip(ds.records[3].path, 8, 16, "uniform")
+        np.testing.assert_array_equal(f["features"][3], clip.frames)

@@ -40,6 +40,7 @@ class Backbone:
     default_size: int  # native input size (pixels, square)
     feature_dim: int  # length of the pooled feature vector
     min_size: int = 32  # smallest input Keras accepts for this network
+    raw: bool = False  # True for the "raw" entry: no network, the frames themselves are stored
 
     def keras_module(self):
         import keras
@@ -49,6 +50,8 @@ class Backbone:
     def preprocess(self, frames: np.ndarray) -> np.ndarray:
         """uint8 RGB (B, H, W, 3) -> float32 input exactly as this backbone expects it."""
         x = np.asarray(frames, dtype=np.float32).copy()
+        if self.raw:
+            return x
         return np.asarray(self.keras_module().preprocess_input(x), dtype=np.float32)
 
 
@@ -71,7 +74,10 @@ REGISTRY: dict[str, Backbone] = {
     },
     "vgg16": Backbone("vgg16", "vgg16", "VGG16", 224, 512),
     "resnet50": Backbone("resnet50", "resnet50", "ResNet50", 224, 2048),
+    # Not a CNN: stores the sampled uint8 frames (size x size x 3) for end-to-end models (cnn-lstm).
+    "raw": Backbone("raw", "", "", 64, 0, min_size=8, raw=True),
 }
+RAW_FINGERPRINT = "raw-frames"  # what the cache records as weights fingerprint for the raw entry
 
 
 def get_backbone(name: str) -> Backbone:
@@ -223,15 +229,28 @@ class FeatureExtractor:
         self.weights = weights_label(weights)
         self.seed = seed
         self.batch_size = int(batch_size)
-        self.model = build_model(self.backbone, self.size, self.weights, seed)
-        self.fingerprint = fingerprint(self.model)
-        self.feature_shape: tuple[int, ...] = (self.backbone.feature_dim,)
+        if self.backbone.raw:
+            self.weights = WEIGHTS_NONE
+            self.model = None
+            self.fingerprint = RAW_FINGERPRINT
+            self.feature_shape: tuple[int, ...] = (self.size, self.size, 3)
+        else:
+            self.model = build_model(self.backbone, self.size, self.weights, seed)
+            self.fingerprint = fingerprint(self.model)
+            self.feature_shape = (self.backbone.feature_dim,)
+
+    @property
+    def storage_dtype(self) -> str | None:
+        """The dtype the cache must use regardless of --dtype (uint8 frames for raw), else None."""
+        return "uint8" if self.backbone.raw else None
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
-        """(n, size, size, 3) uint8, n <= batch_size -> (n, feature_dim) float32."""
+        """(n, size, size, 3) uint8, n <= batch_size -> (n, *feature_shape) features (float32, or the frames for raw)."""
         n = len(frames)
         if n > self.batch_size:
             raise ValueError(f"got {n} frames for a batch of {self.batch_size}")
+        if self.backbone.raw:
+            return np.asarray(frames)
         batch = np.zeros((self.batch_size, self.size, self.size, 3), dtype=np.uint8)
         batch[:n] = frames
         out = self.model.predict_on_batch(self.backbone.preprocess(batch))

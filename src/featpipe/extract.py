@@ -121,8 +121,8 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
         import keras
 
         config = CacheConfig(
-            backbone=backbone.name, weights=weights_label(opts.weights), weights_fingerprint=extractor.fingerprint,
-            input_size=size, frames=opts.frames, sampling=opts.sampling, dtype=opts.dtype,
+            backbone=backbone.name, weights=extractor.weights, weights_fingerprint=extractor.fingerprint,
+            input_size=size, frames=opts.frames, sampling=opts.sampling, dtype=extractor.storage_dtype or opts.dtype,
             feature_shape=extractor.feature_shape, class_names=dataset.class_names,
             extra={"featpipe_version": __version__, "keras_version": keras.__version__,
                    "keras_backend": keras.backend.backend(), "data_root": str(dataset.root),
@@ -189,7 +189,7 @@ def _run(todo: list[Record], dataset: Dataset, extractor: FeatureExtractor, opts
     from tqdm.auto import tqdm
 
     batch_size = extractor.batch_size
-    dtype = np.dtype(opts.dtype)
+    dtype = np.dtype(extractor.storage_dtype or opts.dtype)
     out_q: queue.Queue = queue.Queue(maxsize=64)
     writer_error: list[BaseException] = []
 
@@ -269,7 +269,7 @@ def _run(todo: list[Record], dataset: Dataset, extractor: FeatureExtractor, opts
                     continue
                 k = int(clip.mask.sum())
                 slot = _Slot(rec, label, clip.n_frames, clip.mask,
-                             np.zeros((opts.frames, *extractor.feature_shape), np.float32), k)
+                             np.zeros((opts.frames, *extractor.feature_shape), np.float32), k)  # raw: exact in float32
                 for pos in range(k):
                     pending_frames.append(clip.frames[pos])
                     pending_owner.append((slot, pos))
