@@ -137,6 +137,87 @@ def extract_cmd(
         typer.echo(line)
 
 
+class Head(str, Enum):
+    gru = "gru"
+    lstm = "lstm"
+    bilstm = "bilstm"
+    attention = "attention"
+    transformer = "transformer"
+    mean = "mean"
+    cnn_lstm = "cnn-lstm"
+
+
+class ClassWeight(str, Enum):
+    balanced = "balanced"
+
+
+@app.command("train")
+@_handles_errors
+def train_cmd(
+    rnn: Annotated[Head, typer.Option("--rnn", "--head", help="Sequence head; all are mask-aware. mean is the order-blind control; cnn-lstm needs a --backbone raw cache.")] = Head.gru,
+    cache: Annotated[Optional[Path], typer.Option(help="Cache file [default: the single .h5 in --cache-dir].")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="Where to look for the cache when --cache is not given.")] = Path("cache"),
+    units: Annotated[int, typer.Option(help="Recurrent units / model width.")] = 64,
+    layers: Annotated[int, typer.Option(help="Stacked recurrent or transformer layers.")] = 1,
+    dropout: Annotated[float, typer.Option(help="Dropout rate.")] = 0.3,
+    num_heads: Annotated[int, typer.Option(help="Attention heads (transformer).")] = 4,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 60,
+    batch_size: Annotated[int, typer.Option(help="Clips per batch.")] = 32,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val_loss; the best epoch is kept.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed: same seed, same cache, same metrics on CPU.")] = 0,
+    class_weight: Annotated[Optional[ClassWeight], typer.Option(help="balanced: weight classes inversely to their frequency.")] = None,
+    stream: Annotated[Optional[bool], typer.Option("--stream/--in-memory", help="Stream batches from HDF5, or load the features into memory [default: by cache size].", show_default=False)] = None,
+    val_fraction: Annotated[float, typer.Option(help="Stratified hold-out from train when the cache has no val split.")] = 0.15,
+    models_dir: Annotated[Path, typer.Option(help="Parent folder of run directories.")] = Path("models"),
+    out: Annotated[Optional[Path], typer.Option(help="Run directory [default: <models-dir>/<backbone>-<head>-<time>].")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-epoch lines.")] = False,
+):
+    """Train a mask-aware sequence model on a feature cache; writes a self-describing run directory."""
+    from featpipe.metrics import format_report
+    from featpipe.train import TrainOptions, train
+
+    opts = TrainOptions(
+        cache=cache, cache_dir=cache_dir, rnn=getattr(rnn, "value", rnn), units=units, layers=layers, dropout=dropout,
+        num_heads=num_heads, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
+        class_weight=getattr(class_weight, "value", class_weight), stream=stream, val_fraction=val_fraction,
+        models_dir=models_dir, out=out, quiet=quiet,
+    )
+    result = train(opts)
+    split = "test" if "test" in result.metrics else "val"
+    typer.echo(format_report(result.metrics[split]) if not quiet else "")
+    how = "streamed from HDF5" if result.streamed else "in memory"
+    typer.echo(
+        f"Run {result.run_dir}: best epoch {result.best_epoch} of {result.epochs_run} ({how}, {result.seconds:.1f}s); "
+        + ", ".join(f"{s} accuracy {m['accuracy']:.3f}" for s, m in result.metrics.items())
+    )
+    if result.interrupted:
+        typer.secho("interrupted: the run directory was written from the best checkpoint so far.", err=True)
+        raise typer.Exit(130)
+
+
+@app.command("evaluate")
+@_handles_errors
+def evaluate_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory, or models/latest.")] = Path("models/latest"),
+    split: Annotated[str, typer.Option(help="Split of the cache to evaluate on.")] = "test",
+    cache: Annotated[Optional[Path], typer.Option(help="Cache to evaluate on [default: the run's own cache]; its preprocessing must match the run's.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+):
+    """Accuracy, top-k, per-class precision/recall/F1, macro and weighted F1, ROC AUC and the confusion matrix."""
+    import json
+
+    from featpipe.evaluate import evaluate
+    from featpipe.metrics import format_report
+
+    metrics = evaluate(run, split=split, cache=cache)
+    if as_json:
+        typer.echo(json.dumps(metrics, allow_nan=False))
+    else:
+        typer.echo(f"{metrics['run']} on the {split} split of {metrics['cache']}")
+        typer.echo(format_report(metrics))
+
+
 @app.command("info")
 @_handles_errors
 def info_cmd(path: Annotated[Path, typer.Argument(help="A cache file (.h5).")]):

@@ -1,0 +1,233 @@
+"""Reading a feature cache for training and evaluation.
+
+Two ways to feed a model, chosen automatically from the cache size (``--in-memory`` /
+``--stream`` override):
+  * in memory: the rows of a split are read once into float32 arrays;
+  * streaming: a ``keras.utils.PyDataset`` reads each batch from HDF5 (rows shuffled every
+    epoch, read in file order within a batch), so the features never need to fit in RAM.
+Both yield the same inputs: ``{"features": (B, T, *F) float32, "mask": (B, T) bool}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featpipe.cache import CacheConfig, open_h5
+from featpipe.errors import CacheError, FeatpipeError
+
+# Caches up to this fraction of physical memory (as float32) are trained from memory by default.
+IN_MEMORY_FRACTION = 0.25
+_SCAN_ROWS = 256  # rows per read when scanning the whole cache
+
+
+@dataclass
+class CacheIndex:
+    """Everything about a cache except the features themselves (small, always in memory)."""
+
+    path: Path
+    config: CacheConfig
+    labels: np.ndarray  # (N,) int
+    splits: np.ndarray  # (N,) str
+    videos: np.ndarray  # (N,) str
+    mask: np.ndarray  # (N, T) bool
+    features_nbytes_f32: int  # size of all features as float32
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.config.class_names
+
+    def rows(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.splits == split)
+
+
+def resolve_cache(cache: str | Path | None, cache_dir: str | Path = "cache") -> Path:
+    """The cache to use: the given file, or the single .h5 in ``cache_dir``."""
+    if cache is not None:
+        return Path(cache)
+    folder = Path(cache_dir)
+    found = sorted(folder.glob("*.h5")) if folder.is_dir() else []
+    if not found:
+        raise CacheError(f"No cache (.h5) found in '{folder}'. Run `featpipe extract` first, or pass --cache FILE.")
+    if len(found) > 1:
+        names = ", ".join(str(p) for p in found)
+        raise CacheError(f"Several caches in '{folder}' ({names}); choose one with --cache FILE.")
+    return found[0]
+
+
+def cache_fingerprint(path: str | Path) -> str:
+    """A short hash of a cache's attributes and clip index (video, label, split, mask)."""
+    digest = hashlib.sha256()
+    with open_h5(Path(path)) as f:
+        for key in sorted(f.attrs):
+            digest.update(f"{key}={np.asarray(f.attrs[key]).tolist()!r}".encode())
+        for name in ("video", "label", "split", "mask"):
+            digest.update(np.asarray(f[name][()]).tobytes())
+        digest.update(str(f["features"].shape).encode())
+    return digest.hexdigest()[:16]
+
+
+def open_index(path: str | Path) -> CacheIndex:
+    """Open and validate a cache; read everything but the features."""
+    path = Path(path)
+    with open_h5(path) as f:
+        config = CacheConfig.from_attrs(dict(f.attrs))
+        for name in ("features", "mask", "label", "split", "video"):
+            if name not in f:
+                raise CacheError(f"'{path}' has no '{name}' dataset; it is not a complete featpipe cache. Re-run `featpipe extract`.")
+        features = f["features"]
+        index = CacheIndex(
+            path=path, config=config, labels=f["label"][:].astype(np.int64), splits=f["split"].asstr()[:].astype(str),
+            videos=f["video"].asstr()[:].astype(str), mask=f["mask"][:].astype(bool),
+            features_nbytes_f32=int(np.prod(features.shape)) * 4,
+        )
+    if len(index.labels) == 0:
+        raise CacheError(f"'{path}' holds no clips. Re-run `featpipe extract` on a dataset with decodable videos.")
+    if index.labels.min() < 0 or index.labels.max() >= len(config.class_names):
+        raise CacheError(f"'{path}' has labels outside its {len(config.class_names)} classes; the cache is damaged.")
+    return index
+
+
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def choose_stream(index: CacheIndex, stream: bool | None) -> bool:
+    """True to stream from disk: as asked, else when the features exceed a quarter of RAM."""
+    if stream is not None:
+        return stream
+    return index.features_nbytes_f32 > IN_MEMORY_FRACTION * physical_memory()
+
+
+def _scan(path: Path, rows: np.ndarray):
+    """Yield (rows, features float32, mask) in file order, _SCAN_ROWS at a time."""
+    rows = np.sort(rows)
+    with open_h5(path) as f:
+        feats, masks = f["features"], f["mask"]
+        for start in range(0, len(rows), _SCAN_ROWS):
+            block = rows[start:start + _SCAN_ROWS]
+            lo, hi = int(block[0]), int(block[-1]) + 1
+            if hi - lo == len(block):  # contiguous: one slice read
+                x, m = feats[lo:hi], masks[lo:hi]
+            else:
+                x, m = feats[block], masks[block]
+            yield block, np.asarray(x, dtype=np.float32), np.asarray(m, dtype=bool)
+
+
+def check_finite(index: CacheIndex, rows: np.ndarray) -> None:
+    """Refuse a cache whose features hold NaN or infinity in the given rows (one streaming pass)."""
+    for block, x, _ in _scan(index.path, rows):
+        bad = ~np.isfinite(x.reshape(len(block), -1)).all(axis=1)
+        if bad.any():
+            video = index.videos[block[np.flatnonzero(bad)[0]]]
+            raise CacheError(
+                f"The features of '{video}' (and {int(bad.sum()) - 1} more in that block) in '{index.path}' are NaN or "
+                f"infinite; re-extract with --dtype float32 into a new --output file."
+            )
+
+
+def feature_stats(index: CacheIndex, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and variance over the REAL (unmasked) frames of ``rows``, in float64."""
+    count = 0
+    total = None
+    total_sq = None
+    for _, x, m in _scan(index.path, rows):
+        real = x[m].astype(np.float64)  # (frames, *F)
+        if total is None:
+            total = np.zeros(real.shape[1:])
+            total_sq = np.zeros(real.shape[1:])
+        total += real.sum(axis=0)
+        total_sq += np.square(real).sum(axis=0)
+        count += len(real)
+    if not count:
+        raise FeatpipeError("The training split has no real frames; re-extract the cache.")
+    mean = total / count
+    var = np.maximum(total_sq / count - np.square(mean), 0.0)
+    return mean.astype(np.float32), var.astype(np.float32)
+
+
+def load_rows(index: CacheIndex, rows: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Read ``rows`` into memory (in the given order): ({"features", "mask"}, labels)."""
+    rows = np.asarray(rows)
+    order = np.argsort(rows)
+    feats = np.empty((len(rows), *_row_shape(index)), dtype=np.float32)
+    masks = np.empty((len(rows), index.mask.shape[1]), dtype=bool)
+    pos = 0
+    sorted_rows = rows[order]
+    for block, x, m in _scan(index.path, sorted_rows):
+        feats[order[pos:pos + len(block)]] = x
+        masks[order[pos:pos + len(block)]] = m
+        pos += len(block)
+    return {"features": feats, "mask": masks}, index.labels[rows]
+
+
+def _row_shape(index: CacheIndex) -> tuple[int, ...]:
+    return (index.config.frames, *index.config.feature_shape)
+
+
+def _pydataset_base():
+    import keras
+
+    return keras.utils.PyDataset
+
+
+class H5Batches(_pydataset_base()):
+    """Batches read straight from the HDF5 cache; rows reshuffled every epoch when ``shuffle``.
+
+    Each batch's rows are read in file order (h5py needs increasing indices, and the cache holds
+    one clip per chunk, so a batch costs one chunk read per clip) and returned in shuffled order.
+    """
+
+    def __init__(self, path: str | Path, rows: np.ndarray, labels: np.ndarray, batch_size: int,
+                 shuffle: bool = False, seed: int = 0, sample_weight: np.ndarray | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.path = Path(path)
+        self.rows = np.asarray(rows)
+        self.labels = np.asarray(labels)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.sample_weight = sample_weight
+        self._rng = np.random.default_rng(seed)
+        self._order = np.arange(len(self.rows))
+        if shuffle:
+            self._rng.shuffle(self._order)
+        self._file = None
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def _h5(self):
+        if self._file is None:
+            self._file = open_h5(self.path)
+        return self._file
+
+    def __getitem__(self, i: int):
+        pick = self._order[i * self.batch_size:(i + 1) * self.batch_size]
+        rows = self.rows[pick]
+        order = np.argsort(rows)
+        f = self._h5()
+        x = np.empty((len(rows), *f["features"].shape[1:]), dtype=np.float32)
+        m = np.empty((len(rows), f["mask"].shape[1]), dtype=bool)
+        x[order] = f["features"][rows[order]]
+        m[order] = f["mask"][rows[order]]
+        y = self.labels[pick]
+        if self.sample_weight is not None:
+            return {"features": x, "mask": m}, y, self.sample_weight[pick]
+        return {"features": x, "mask": m}, y
+
+    def on_epoch_end(self) -> None:
+        if self.shuffle:
+            self._rng.shuffle(self._order)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,396 @@
+"""Mask-aware sequence classifiers for the stage-two trainer.
+
+Every model takes two inputs, ``"features"`` ``(B, T, *feature_shape)`` float32 and ``"mask"``
+``(B, T)`` bool (True exactly for real frames; real frames first, padding after), and returns
+softmax probabilities ``(B, n_classes)``.
+
+Mask-awareness is a hard guarantee for every head: predictions do not change when the values at
+padded steps change, or when more padded steps are appended. It is obtained in two layers:
+
+* the padded steps of the input are replaced by zeros first (:class:`ZeroPadded`), so even
+  NaN/inf garbage at padded steps cannot leak through a ``0 * x`` product;
+* every temporal operation is masked: the frame mask is passed EXPLICITLY to every recurrent
+  layer (``layer(x, mask=mask)``, never relying on Keras' implicit mask propagation), attention
+  keys are masked, and all pooling (mean, attention) only sees real steps.
+
+Only ``keras.ops`` / ``keras.layers`` are used (no TensorFlow calls, no ``Lambda`` layers), so
+models run on the TensorFlow, JAX and PyTorch backends and save to ``.keras`` files that
+``keras.saving.load_model`` reads in safe mode. The small custom layers below are registered
+under the ``featpipe`` package: import :mod:`featpipe.models` before loading a model file.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass, fields
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+from featpipe.errors import FeatpipeError
+
+HEADS = ("gru", "lstm", "bilstm", "attention", "transformer", "mean", "cnn-lstm")
+FEATURE_HEADS = tuple(h for h in HEADS if h != "cnn-lstm")
+IMAGE_HEADS = ("cnn-lstm",)
+
+_FEATURE_CACHE_HINT = "a feature cache from `featpipe extract` with a CNN backbone (e.g. `--backbone resnet50`)"
+_RAW_CACHE_HINT = "a raw-frame cache (`featpipe extract --backbone raw --size 64`)"
+_MIN_IMAGE_SIZE = 8  # three 2x2 max-poolings: 8 -> 4 -> 2 -> 1
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Hyper-parameters of one classifier head. Validated on construction."""
+
+    head: str = "gru"  # one of HEADS
+    units: int = 64  # recurrent units / model width
+    layers: int = 1  # stacked recurrent (or transformer) layers
+    dropout: float = 0.3
+    num_heads: int = 4  # transformer attention heads
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.head, str):
+            raise FeatpipeError(f"Head must be a name, one of {', '.join(HEADS)}; got {self.head!r}.")
+        head = self.head.strip().lower()
+        if head not in HEADS:
+            raise FeatpipeError(f"Unknown head {self.head!r}: choose one of {', '.join(HEADS)}.")
+        object.__setattr__(self, "head", head)
+        for name in ("units", "layers", "num_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise FeatpipeError(f"{name} must be a whole number >= 1; got {value!r}.")
+            if value < 1:
+                raise FeatpipeError(f"{name} must be >= 1; got {value}.")
+            object.__setattr__(self, name, int(value))
+        dropout = self.dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+            raise FeatpipeError(f"dropout must be a number in [0, 1); got {dropout!r}.")
+        if not (0.0 <= float(dropout) < 1.0):  # also rejects NaN
+            raise FeatpipeError(f"dropout must be in [0, 1) (a fraction of units dropped); got {dropout}.")
+        object.__setattr__(self, "dropout", float(dropout))
+
+    def to_dict(self) -> dict:
+        """Plain JSON-serialisable dict; ``HeadConfig.from_dict(c.to_dict()) == c``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeadConfig":
+        """Inverse of :meth:`to_dict`; missing keys take their defaults, unknown keys are refused."""
+        if not isinstance(d, dict):
+            raise FeatpipeError(f"A head config must be a mapping of {_field_names()}; got {type(d).__name__}.")
+        unknown = sorted(set(d) - set(_field_names()))
+        if unknown:
+            raise FeatpipeError(
+                f"Unknown head config key(s) {', '.join(map(str, unknown))}: allowed keys are {', '.join(_field_names())}."
+            )
+        return cls(**d)
+
+
+def _field_names() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(HeadConfig))
+
+
+# --------------------------------------------------------------------------------------------
+# Custom layers (weightless, backend-agnostic, serialisable)
+# --------------------------------------------------------------------------------------------
+
+
+def _step_mask(mask, x):
+    """(B, T) bool -> broadcastable to x (B, T, ...)."""
+    mask = ops.cast(mask, "bool")
+    for _ in range(len(x.shape) - 2):
+        mask = ops.expand_dims(mask, -1)
+    return mask
+
+
+@keras.saving.register_keras_serializable(package="featpipe")
+class ZeroPadded(layers.Layer):
+    """Replace padded steps (mask False) by exact zeros; real steps pass unchanged.
+
+    ``ops.where`` (not multiplication) so that NaN/inf at padded steps are removed too.
+    """
+
+    def call(self, inputs, mask=None):
+        if mask is None:
+            return inputs
+        return ops.where(_step_mask(mask, inputs), inputs, ops.zeros_like(inputs))
+
+    def compute_mask(self, inputs, mask=None):
+        # Deliberately no implicit Keras mask downstream: every layer that needs the frame mask
+        # gets it passed explicitly (implicit propagation is fragile through TimeDistributed,
+        # Rescaling, MultiHeadAttention query masks, ...).
+        return None
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+@keras.saving.register_keras_serializable(package="featpipe")
+class SinusoidalPositionEncoding(layers.Layer):
+    """Add the fixed sinusoidal encoding of the step index (Vaswani et al.) to ``(B, T, D)``.
+
+    Computed on the fly from ``arange(T)``: there is no maximum length, and step ``t`` gets the
+    same encoding whatever T is, so appending padded steps never changes real steps.
+    """
+
+    def __init__(self, base: float = 10000.0, **kwargs):
+        super().__init__(**kwargs)
+        self.base = float(base)
+
+    def call(self, inputs, mask=None):
+        steps = ops.shape(inputs)[1]
+        dim = inputs.shape[-1]
+        position = ops.expand_dims(ops.cast(ops.arange(steps), "float32"), 1)  # (T, 1)
+        index = ops.arange(dim)  # (D,)
+        pair = ops.cast(index // 2 * 2, "float32")
+        inv_freq = ops.exp(-math.log(self.base) * pair / float(dim))  # (D,)
+        angles = position * ops.expand_dims(inv_freq, 0)  # (T, D)
+        encoding = ops.where(ops.expand_dims(index % 2 == 0, 0), ops.sin(angles), ops.cos(angles))
+        return inputs + ops.cast(ops.expand_dims(encoding, 0), inputs.dtype)
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "base": self.base}
+
+
+@keras.saving.register_keras_serializable(package="featpipe")
+class KeyPaddingMask(layers.Layer):
+    """Frame mask ``(B, T)`` -> attention mask ``(B, T, T)``: query i may attend key j iff j is real.
+
+    Masking keys only (not queries) means no attention row is fully masked (as long as a clip
+    has one real frame); rows of padded queries are computed but ignored by the masked pooling.
+    """
+
+    def call(self, mask):
+        mask = ops.cast(mask, "bool")
+        keys = ops.expand_dims(mask, 1)  # (B, 1, T)
+        queries = ops.expand_dims(ops.ones_like(mask), 2)  # (B, T, 1), all True
+        return ops.logical_and(queries, keys)
+
+    def compute_mask(self, inputs, mask=None):
+        return None
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[1], input_shape[1])
+
+    def compute_output_spec(self, mask):
+        return keras.KerasTensor(self.compute_output_shape(mask.shape), dtype="bool")
+
+
+@keras.saving.register_keras_serializable(package="featpipe")
+class MaskedAverage(layers.Layer):
+    """Average ``(B, T, D)`` over real steps only -> ``(B, D)``; zeros for a clip with no real step."""
+
+    def call(self, inputs, mask=None):
+        if mask is None:
+            return ops.mean(inputs, axis=1)
+        m = _step_mask(mask, inputs)
+        total = ops.sum(ops.where(m, inputs, ops.zeros_like(inputs)), axis=1)
+        count = ops.sum(ops.cast(m, inputs.dtype), axis=1)
+        return total / ops.maximum(count, ops.cast(1.0, inputs.dtype))
+
+    def compute_mask(self, inputs, mask=None):
+        return None  # pooled over time: no per-step mask any more
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *input_shape[2:])
+
+
+@keras.saving.register_keras_serializable(package="featpipe")
+class MaskedAttentionPooling(layers.Layer):
+    """Attention pooling: softmax of per-step ``scores`` ``(B, T, 1)`` over REAL steps only, then
+    the weighted sum of ``values`` ``(B, T, D)`` -> ``(B, D)``.
+
+    Padded steps get weight exactly 0 and their values are zeroed with ``where``, so neither
+    their scores nor their values can reach the output.
+    """
+
+    def call(self, values, scores, mask=None):
+        scores = ops.cast(ops.squeeze(scores, -1), "float32")  # softmax in float32 (mixed precision safe)
+        if mask is not None:
+            mask = ops.cast(mask, "bool")
+            scores = ops.where(mask, scores, ops.full_like(scores, -1e9))
+        weights = ops.softmax(scores, axis=1)
+        if mask is not None:
+            weights = ops.where(mask, weights, ops.zeros_like(weights))
+            values = ops.where(_step_mask(mask, values), values, ops.zeros_like(values))
+        weights = ops.cast(ops.expand_dims(weights, -1), values.dtype)
+        return ops.sum(weights * values, axis=1)
+
+    def compute_mask(self, values, scores=None, mask=None):
+        return None
+
+    def compute_output_shape(self, values_shape, scores_shape=None):
+        return (values_shape[0], *values_shape[2:])
+
+
+# --------------------------------------------------------------------------------------------
+# Model construction
+# --------------------------------------------------------------------------------------------
+
+
+def _check_shape(config: HeadConfig, feature_shape, n_classes) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in feature_shape)
+    except (TypeError, ValueError):
+        raise FeatpipeError(f"feature_shape must be a tuple of positive integers; got {feature_shape!r}.") from None
+    if not shape or any(d < 1 for d in shape):
+        raise FeatpipeError(f"feature_shape must be a non-empty tuple of positive integers; got {feature_shape!r}.")
+    if isinstance(n_classes, bool) or not isinstance(n_classes, numbers.Integral) or n_classes < 2:
+        raise FeatpipeError(f"n_classes must be a whole number >= 2; got {n_classes!r}.")
+    if config.head in IMAGE_HEADS:
+        if len(shape) != 3:
+            raise FeatpipeError(
+                f"Head {config.head!r} classifies raw frames (H, W, channels) but this cache holds "
+                f"feature vectors of shape {shape}; build {_RAW_CACHE_HINT} or pick a feature head "
+                f"({', '.join(FEATURE_HEADS)})."
+            )
+        if min(shape[:2]) < _MIN_IMAGE_SIZE:
+            raise FeatpipeError(
+                f"Head {config.head!r} needs frames of at least {_MIN_IMAGE_SIZE}x{_MIN_IMAGE_SIZE} pixels; "
+                f"got {shape[0]}x{shape[1]}: re-extract with a larger `--size` (e.g. 64)."
+            )
+    elif len(shape) != 1:
+        raise FeatpipeError(
+            f"Head {config.head!r} classifies per-frame feature vectors but this cache holds arrays of "
+            f"shape {shape}; use {_FEATURE_CACHE_HINT}, or the 'cnn-lstm' head for {_RAW_CACHE_HINT}."
+        )
+    return shape
+
+
+def _check_stats(config: HeadConfig, shape, mean, variance):
+    if mean is None and variance is None:
+        return None, None
+    if mean is None or variance is None:
+        raise FeatpipeError("Pass both mean and variance (train-split statistics) to standardise features, or neither.")
+    if config.head in IMAGE_HEADS:
+        raise FeatpipeError(
+            f"Head {config.head!r} rescales raw pixels by 1/255 itself; pass mean=None and variance=None."
+        )
+    stats = []
+    for name, value in (("mean", mean), ("variance", variance)):
+        arr = np.asarray(value, dtype=np.float32)
+        if arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != shape[-1]):
+            raise FeatpipeError(
+                f"{name} must be a scalar or have one value per feature ({shape[-1]}); got shape {arr.shape}."
+            )
+        if not np.all(np.isfinite(arr)):
+            raise FeatpipeError(f"{name} contains NaN or inf: recompute it over the train split's real frames.")
+        stats.append(arr)
+    if np.any(stats[1] < 0):
+        raise FeatpipeError("variance must be >= 0 everywhere: recompute it over the train split's real frames.")
+    return stats[0], stats[1]
+
+
+def _recurrent(config: HeadConfig, return_sequences: bool, index: int):
+    if config.head == "gru":
+        return layers.GRU(config.units, return_sequences=return_sequences, name=f"gru_{index}")
+    lstm = layers.LSTM(config.units, return_sequences=return_sequences, name=f"lstm_{index}")
+    if config.head == "bilstm":
+        return layers.Bidirectional(lstm, name=f"bilstm_{index}")
+    return lstm
+
+
+def _recurrent_stack(x, mask, config: HeadConfig):
+    for i in range(config.layers):
+        last = i == config.layers - 1
+        x = _recurrent(config, return_sequences=not last, index=i)(x, mask=mask)
+        x = layers.Dropout(config.dropout, name=f"dropout_{i}")(x)
+    return x
+
+
+def _transformer_stack(x, mask, config: HeadConfig):
+    attention_mask = KeyPaddingMask(name="attention_mask")(mask)
+    key_dim = max(1, config.units // config.num_heads)
+    for i in range(config.layers):
+        attended = layers.MultiHeadAttention(
+            num_heads=config.num_heads, key_dim=key_dim, dropout=config.dropout, name=f"mha_{i}"
+        )(x, x, attention_mask=attention_mask)
+        attended = layers.Dropout(config.dropout, name=f"mha_dropout_{i}")(attended)
+        x = layers.LayerNormalization(epsilon=1e-6, name=f"mha_norm_{i}")(layers.Add(name=f"mha_add_{i}")([x, attended]))
+        ff = layers.Dense(2 * config.units, activation="relu", name=f"ff_in_{i}")(x)
+        ff = layers.Dense(config.units, name=f"ff_out_{i}")(ff)
+        ff = layers.Dropout(config.dropout, name=f"ff_dropout_{i}")(ff)
+        x = layers.LayerNormalization(epsilon=1e-6, name=f"ff_norm_{i}")(layers.Add(name=f"ff_add_{i}")([x, ff]))
+    pooled = MaskedAverage(name="masked_mean")(x, mask=mask)
+    return layers.Dropout(config.dropout, name="pooled_dropout")(pooled)
+
+
+def _cnn_frames(x, config: HeadConfig):
+    x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
+    for filters in (32, 64, 128):
+        x = layers.TimeDistributed(
+            layers.Conv2D(filters, 3, padding="same", activation="relu"), name=f"conv_{filters}"
+        )(x)
+        x = layers.TimeDistributed(layers.MaxPooling2D(2), name=f"pool_{filters}")(x)
+    return layers.TimeDistributed(layers.GlobalAveragePooling2D(), name="frame_vector")(x)
+
+
+def build_model(
+    config: HeadConfig,
+    feature_shape: tuple[int, ...],
+    n_classes: int,
+    mean: np.ndarray | None = None,
+    variance: np.ndarray | None = None,
+) -> keras.Model:
+    """Build (uncompiled) the mask-aware classifier ``config.head``.
+
+    Inputs ``{"features": (B, T, *feature_shape) float32, "mask": (B, T) bool}``, any T;
+    output softmax probabilities ``(B, n_classes)``. For feature heads, ``mean``/``variance``
+    (train split, real frames only) become a ``Normalization`` layer saved with the model.
+    """
+    if not isinstance(config, HeadConfig):
+        raise FeatpipeError(f"config must be a featpipe.models.HeadConfig; got {type(config).__name__}.")
+    shape = _check_shape(config, feature_shape, n_classes)
+    mean, variance = _check_stats(config, shape, mean, variance)
+
+    features = keras.Input(shape=(None, *shape), dtype="float32", name="features")
+    mask = keras.Input(shape=(None,), dtype="bool", name="mask")
+
+    x = ZeroPadded(name="zero_padded")(features, mask=mask)
+    if config.head in IMAGE_HEADS:
+        x = _cnn_frames(x, config)
+    elif mean is not None:
+        x = layers.Normalization(mean=mean, variance=variance, name="standardize")(x)
+
+    head = config.head
+    if head in ("gru", "lstm", "bilstm"):
+        x = _recurrent_stack(x, mask, config)
+    elif head == "cnn-lstm":
+        x = _recurrent_stack(x, mask, config)
+    elif head == "mean":
+        x = MaskedAverage(name="masked_mean")(x, mask=mask)
+        x = layers.Dense(config.units, activation="relu", name="hidden")(x)
+        x = layers.Dropout(config.dropout, name="hidden_dropout")(x)
+    elif head == "attention":
+        # Attention pooling alone is permutation-invariant; the positional encoding makes the
+        # head see frame order (so it is not a second "mean" control model).
+        h = layers.Dense(config.units, activation="tanh", name="projection")(x)
+        h = SinusoidalPositionEncoding(name="position")(h)
+        scores = layers.Dense(config.units, activation="tanh", name="score_hidden")(h)
+        scores = layers.Dense(1, name="score")(scores)
+        x = MaskedAttentionPooling(name="attention_pool")(h, scores, mask=mask)
+        x = layers.Dropout(config.dropout, name="pooled_dropout")(x)
+    elif head == "transformer":
+        x = layers.Dense(config.units, name="projection")(x)
+        x = SinusoidalPositionEncoding(name="position")(x)
+        x = layers.Dropout(config.dropout, name="input_dropout")(x)
+        x = _transformer_stack(x, mask, config)
+    else:  # pragma: no cover - HeadConfig already validated the name
+        raise FeatpipeError(f"Unknown head {head!r}: choose one of {', '.join(HEADS)}.")
+
+    probabilities = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    name = "featpipe_" + head.replace("-", "_")
+    return keras.Model(inputs={"features": features, "mask": mask}, outputs=probabilities, name=name)

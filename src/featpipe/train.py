@@ -1,0 +1,274 @@
+"""Stage two: fit a mask-aware sequence model on a feature cache and write a run directory.
+
+A run directory holds everything `featpipe evaluate` and `featpipe predict` need, so nothing is
+re-specified by hand:
+
+  model.keras              the trained model (standardisation inside; loads in Keras safe mode)
+  run.json                 training config, class names, the cache's preprocessing attributes
+                           copied verbatim, the cache path and fingerprint, final metrics
+  history.csv, curves.png  loss and accuracy per epoch, train and val
+  report.json, report.txt  metrics on val and test
+  confusion_matrix.png     on test (or val when there is no test split)
+
+``models/latest`` is a one-line text file naming the newest run (works where symlinks don't).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from featpipe import __version__
+from featpipe.cache import APPEND_KEYS, PREPROCESSING_KEYS
+from featpipe.data import (
+    H5Batches,
+    CacheIndex,
+    cache_fingerprint,
+    check_finite,
+    choose_stream,
+    feature_stats,
+    load_rows,
+    open_index,
+    resolve_cache,
+)
+from featpipe.errors import FeatpipeError
+
+LATEST = "latest"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything `featpipe train` can be told. Defaults are the CLI's defaults."""
+
+    cache: str | Path | None = None  # cache file; None = the single .h5 in cache_dir
+    cache_dir: str | Path = "cache"
+    rnn: str = "gru"  # sequence head (featpipe.models.HEADS)
+    units: int = 64
+    layers: int = 1
+    dropout: float = 0.3
+    num_heads: int = 4  # transformer only
+    epochs: int = 60
+    batch_size: int = 32
+    lr: float = 1e-3
+    patience: int = 10  # epochs without val_loss improvement before stopping
+    seed: int = 0
+    class_weight: str | None = None  # None or "balanced"
+    stream: bool | None = None  # True stream from HDF5, False in memory, None auto
+    val_fraction: float = 0.15  # stratified hold-out from train when the cache has no val split
+    models_dir: str | Path = "models"
+    out: str | Path | None = None  # run directory; default models/<backbone>-<head>-<time>
+    quiet: bool = False
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict  # {"val": {...}, "test": {...}} from featpipe.metrics.compute_metrics
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    streamed: bool
+    interrupted: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+def resolve_run(run: str | Path = "models/latest") -> Path:
+    """A run directory from a path, where ``models/latest`` (a text file naming a run) is followed."""
+    path = Path(run)
+    if path.is_file() and path.name == LATEST:
+        path = path.parent / path.read_text().strip()
+    if not (path / "run.json").is_file():
+        hint = "Train one with `featpipe train`" if Path(run).name == LATEST else "Pass a folder written by `featpipe train`"
+        raise FeatpipeError(f"'{run}' is not a featpipe run directory (no run.json). {hint}.")
+    return path
+
+
+def _holdout(index: CacheIndex, train_rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded STRATIFIED hold-out of ``fraction`` of the train rows (never the last rows)."""
+    from featpipe.datasets import stratified_split
+
+    names = [index.class_names[i] for i in index.labels[train_rows]]
+    assigned = np.array(stratified_split([str(v) for v in index.videos[train_rows]], names, fraction, 0.0, seed))
+    return train_rows[assigned == "train"], train_rows[assigned == "val"]
+
+
+def _class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 0.0)
+    return weights
+
+
+def _validate(opts: TrainOptions, index: CacheIndex) -> dict[str, np.ndarray]:
+    from featpipe.models import HEADS
+
+    if opts.rnn not in HEADS:
+        raise FeatpipeError(f"Unknown head '{opts.rnn}'. Choose one of: {', '.join(HEADS)}.")
+    for name in ("epochs", "batch_size", "patience"):
+        if getattr(opts, name) < 1:
+            raise FeatpipeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}.")
+    if not opts.lr > 0:
+        raise FeatpipeError(f"--lr must be positive, got {opts.lr}.")
+    if opts.class_weight not in (None, "balanced"):
+        raise FeatpipeError(f"--class-weight must be 'balanced' (or left out), got '{opts.class_weight}'.")
+    if len(index.class_names) < 2:
+        raise FeatpipeError(f"'{index.path}' has a single class ({index.class_names[0]}); a classifier needs at least two.")
+    splits = {s: index.rows(s) for s in ("train", "val", "test")}
+    if not len(splits["train"]):
+        present = ", ".join(sorted(set(index.splits))) or "none"
+        raise FeatpipeError(f"'{index.path}' has no train split (splits present: {present}); re-extract with a train split.")
+    train_classes = set(index.labels[splits["train"]].tolist())
+    if len(train_classes) < 2:
+        only = index.class_names[next(iter(train_classes))]
+        raise FeatpipeError(f"The train split of '{index.path}' holds only the class '{only}'; training needs at least two.")
+    return splits
+
+
+def _run_name(index: CacheIndex, head: str) -> str:
+    return f"{index.config.backbone}-{head}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _unique(path: Path) -> Path:
+    if not path.exists():
+        return path
+    for i in range(2, 1000):
+        candidate = path.with_name(f"{path.name}-{i}")
+        if not candidate.exists():
+            return candidate
+    raise FeatpipeError(f"Too many runs named '{path.name}'; pass --out DIR.")
+
+
+def train(opts: TrainOptions | None = None, **kwargs) -> TrainResult:
+    """Train a head on a cache and write its run directory. Returns a TrainResult.
+
+    Raises FeatpipeError for a missing, damaged or unusable cache (no train split, one class,
+    NaN features) or bad options. Ctrl-C stops training but still writes the run directory
+    from the best checkpoint so far (``TrainResult.interrupted``).
+    """
+    opts = TrainOptions(**kwargs) if opts is None else dataclasses.replace(opts, **kwargs)
+    import keras
+
+    from featpipe.models import HeadConfig, build_model
+
+    started = time.perf_counter()
+    cache = resolve_cache(opts.cache, opts.cache_dir)
+    index = open_index(cache)
+    splits = _validate(opts, index)
+    check_finite(index, np.arange(len(index.labels)))
+    train_rows, val_rows = splits["train"], splits["val"]
+    val_source = "val split"
+    if not len(val_rows):
+        train_rows, val_rows = _holdout(index, train_rows, opts.val_fraction, opts.seed)
+        val_source = f"stratified {opts.val_fraction:.0%} hold-out of train (seed {opts.seed})"
+        if not len(val_rows):
+            raise FeatpipeError("The train split is too small to hold out validation clips; add a val split to the cache.")
+    head = HeadConfig(head=opts.rnn, units=opts.units, layers=opts.layers, dropout=opts.dropout, num_heads=opts.num_heads)
+    raw_frames = len(index.config.feature_shape) == 3
+    mean = var = None
+    if not raw_frames:
+        mean, var = feature_stats(index, train_rows)
+    keras.utils.set_random_seed(opts.seed)
+    n_classes = len(index.class_names)
+    model = build_model(head, index.config.feature_shape, n_classes, mean, var)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=opts.lr), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+
+    run_dir = Path(opts.out) if opts.out else _unique(Path(opts.models_dir) / _run_name(index, opts.rnn))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_path = run_dir / "model.keras"
+    streamed = choose_stream(index, opts.stream)
+    weights = _class_weights(index.labels[train_rows], n_classes) if opts.class_weight == "balanced" else None
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=opts.patience, restore_best_weights=True),
+        keras.callbacks.ModelCheckpoint(model_path, monitor="val_loss", save_best_only=True),
+        keras.callbacks.CSVLogger(run_dir / "history.csv"),
+    ]
+    if streamed:
+        sw = weights[index.labels[train_rows]] if weights is not None else None
+        fit_data = dict(x=H5Batches(cache, train_rows, index.labels[train_rows], opts.batch_size, shuffle=True,
+                                    seed=opts.seed, sample_weight=sw),
+                        validation_data=H5Batches(cache, val_rows, index.labels[val_rows], opts.batch_size))
+    else:
+        x_train, y_train = load_rows(index, train_rows)
+        x_val, y_val = load_rows(index, val_rows)
+        fit_data = dict(x=x_train, y=y_train, validation_data=(x_val, y_val), batch_size=opts.batch_size, shuffle=True,
+                        sample_weight=weights[y_train] if weights is not None else None)
+    interrupted = False
+    history_rows: list[dict] = []
+    try:
+        hist = model.fit(epochs=opts.epochs, callbacks=callbacks, verbose=0 if opts.quiet else 2, **fit_data)
+        history_rows = [dict(zip(hist.history, vals)) for vals in zip(*hist.history.values())]
+    except KeyboardInterrupt:
+        interrupted = True
+    if not model_path.exists():
+        if interrupted:
+            raise KeyboardInterrupt  # stopped before the first epoch ended: nothing worth keeping
+        model.save(model_path)
+    model = keras.saving.load_model(model_path)  # the best checkpoint, exactly as predict will load it
+    history = _read_history(run_dir / "history.csv") or history_rows
+    best_epoch = int(np.argmin([h["val_loss"] for h in history])) + 1 if history else 0
+
+    from featpipe.metrics import compute_metrics, format_report, plot_confusion_matrix, plot_curves
+
+    metrics: dict[str, dict] = {}
+    for split, rows in (("val", val_rows), ("test", splits["test"])):
+        if len(rows):
+            probs = predict_rows(model, index, rows, opts.batch_size)
+            metrics[split] = {**compute_metrics(index.labels[rows], probs, index.class_names), "split": split}
+    report_split = "test" if "test" in metrics else "val"
+    (run_dir / "report.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
+    (run_dir / "report.txt").write_text(
+        "\n\n".join(f"[{split}]\n{format_report(m)}" for split, m in metrics.items()) + "\n")
+    plot_confusion_matrix(metrics[report_split], run_dir / "confusion_matrix.png")
+    if history:
+        plot_curves({k: [h[k] for h in history] for k in history[0]}, run_dir / "curves.png")
+
+    seconds = time.perf_counter() - started
+    attrs = index.config.attrs()
+    run_info = {
+        "featpipe_version": __version__,
+        "keras_version": keras.__version__,
+        "keras_backend": keras.backend.backend(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
+        "head": head.to_dict(),
+        "class_names": list(index.class_names),
+        "preprocessing": {k: attrs[k] for k in PREPROCESSING_KEYS},
+        "cache_attrs": {k: attrs[k] for k in APPEND_KEYS},
+        "cache": str(cache.resolve()),
+        "cache_fingerprint": cache_fingerprint(cache),
+        "validation": val_source,
+        "streamed": streamed,
+        "epochs_run": len(history),
+        "best_epoch": best_epoch,
+        "interrupted": interrupted,
+        "seconds": round(seconds, 2),
+        "metrics": {s: {k: m[k] for k in ("accuracy", "macro_f1", "roc_auc", "n")} for s, m in metrics.items()},
+    }
+    (run_dir / "run.json").write_text(json.dumps(run_info, indent=2, allow_nan=False))
+    latest = run_dir.parent / LATEST
+    if not latest.is_dir():
+        latest.write_text(run_dir.name + "\n")
+    return TrainResult(run_dir, metrics, best_epoch, len(history), seconds, streamed, interrupted, history)
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.exists() or path.stat().st_size == 0:
+        return []
+    import pandas as pd
+
+    return pd.read_csv(path).to_dict("records")
+
+
+def predict_rows(model, index: CacheIndex, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities for cache rows, read in chunks so memory stays bounded."""
+    out = []
+    for start in range(0, len(rows), 512):
+        x, _ = load_rows(index, rows[start:start + 512])
+        out.append(np.asarray(model.predict(x, batch_size=batch_size, verbose=0)))
+    return np.concatenate(out) if out else np.zeros((0, len(index.class_names)))
