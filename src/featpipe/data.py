@@ -67,7 +67,11 @@ def cache_fingerprint(path: str | Path) -> str:
         for key in sorted(f.attrs):
             digest.update(f"{key}={np.asarray(f.attrs[key]).tolist()!r}".encode())
         for name in ("video", "label", "split", "mask"):
-            digest.update(np.asarray(f[name][()]).tobytes())
+            ds = f[name]
+            if ds.dtype.kind == "O":  # variable-length strings: hash the text, not object pointers
+                digest.update("\n".join(ds.asstr()[()]).encode())
+            else:
+                digest.update(np.ascontiguousarray(ds[()]).tobytes())
         digest.update(str(f["features"].shape).encode())
     return digest.hexdigest()[:16]
 

@@ -53,10 +53,10 @@ class TrainOptions:
     layers: int = 1
     dropout: float = 0.3
     num_heads: int = 4  # transformer only
-    epochs: int = 60
+    epochs: int = 150
     batch_size: int = 32
-    lr: float = 1e-3
-    patience: int = 10  # epochs without val_loss improvement before stopping
+    lr: float = 3e-3
+    patience: int = 20  # epochs without val_loss improvement before stopping
     seed: int = 0
     class_weight: str | None = None  # None or "balanced"
     stream: bool | None = None  # True stream from HDF5, False in memory, None auto

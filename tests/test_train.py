@@ -1,0 +1,222 @@
+"""Stage two: training from a cache, the run directory contract, determinism, bad caches, quality."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import featpipe.models  # noqa: F401  registers custom layers for safe-mode loading
+from featpipe.cache import SCHEMA_VERSION, CacheConfig, CacheWriter, ClipRecord
+from featpipe.cli import app
+from featpipe.errors import FeatpipeError
+from featpipe.extract import extract
+from featpipe.sample_data import write_sample_data
+from featpipe.train import resolve_run, train
+
+runner = CliRunner()
+FAST = dict(epochs=3, patience=3, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    write_sample_data(root / "data", train=3, val=1, test=1, seed=0)
+    out = root / "cache" / "vgg16.h5"
+    extract(data=root / "data", output=out, backbone="vgg16", size=32, frames=8, weights="none", quiet=True)
+    return out
+
+
+def synthetic_cache(path: Path, splits=("train", "val", "test"), classes=("a", "b"), n=24, nan=False) -> Path:
+    t, d = 4, 6
+    rng = np.random.default_rng(0)
+    w = CacheWriter(path, CacheConfig("vgg16", "none", "fp", 32, t, "uniform", "float32", (d,), tuple(classes)))
+    for i in range(n):
+        label = i % len(classes)
+        feats = rng.normal(label, 1, (t, d)).astype(np.float32)
+        if nan and i == 3:
+            feats[1, 2] = np.nan
+        w.append(ClipRecord(f"v{i:03d}.mp4", label, splits[i % len(splits)], t, feats, np.ones(t, bool)))
+    w.finalize()
+    return path
+
+
+def test_training_writes_a_complete_self_describing_run_directory(small_cache, tmp_path):
+    result = train(cache=small_cache, rnn="gru", models_dir=tmp_path / "models", **FAST)
+    run = result.run_dir
+    for name in ("model.keras", "run.json", "history.csv", "curves.png", "confusion_matrix.png", "report.json", "report.txt"):
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    info = json.loads((run / "run.json").read_text())
+    with h5py.File(small_cache, "r") as f:
+        for key in ("backbone", "weights", "weights_fingerprint", "input_size", "frames", "sampling"):
+            assert info["preprocessing"][key] == np.asarray(f.attrs[key]).tolist(), key
+        assert info["class_names"] == list(f.attrs["class_names"])
+    assert info["config"]["rnn"] == "gru" and info["head"]["head"] == "gru"
+    assert info["cache"] == str(small_cache.resolve()) and len(info["cache_fingerprint"]) == 16
+    assert set(info["metrics"]) == {"val", "test"} and 0 <= info["metrics"]["test"]["accuracy"] <= 1
+    assert run.name.startswith("vgg16-gru-")
+    assert (tmp_path / "models" / "latest").read_text().strip() == run.name
+    assert resolve_run(tmp_path / "models" / "latest") == run
+    report = json.loads((run / "report.json").read_text())
+    assert report["test"]["n"] == 4 and len(report["test"]["confusion_matrix"]) == 4
+    # safe mode: no Lambda layers, no pickled code
+    model = keras.saving.load_model(run / "model.keras", safe_mode=True)
+    assert model.get_layer("standardize") is not None
+    history = (run / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch") and len(history) == 1 + result.epochs_run
+
+
+def test_standardisation_is_adapted_on_real_train_frames_only(small_cache, tmp_path):
+    from featpipe.data import feature_stats, open_index
+
+    result = train(cache=small_cache, rnn="mean", out=tmp_path / "run", **FAST)
+    model = keras.saving.load_model(result.run_dir / "model.keras")
+    norm = model.get_layer("standardize")
+    idx = open_index(small_cache)
+    mean, var = feature_stats(idx, idx.rows("train"))
+    np.testing.assert_allclose(np.ravel(norm.mean), mean, rtol=1e-5, atol=1e-5)
+    train_real = h5py.File(small_cache)["features"][np.sort(idx.rows("train"))][idx.mask[np.sort(idx.rows("train"))]]
+    all_real = h5py.File(small_cache)["features"][:][idx.mask]
+    assert not np.allclose(all_real.astype(np.float64).mean(0), train_real.astype(np.float64).mean(0)), \
+        "the check above must be able to tell train-only stats from all-split stats"
+
+
+def test_same_seed_same_cache_gives_the_same_metrics(small_cache, tmp_path):
+    a = train(cache=small_cache, rnn="lstm", out=tmp_path / "a", seed=5, **FAST)
+    b = train(cache=small_cache, rnn="lstm", out=tmp_path / "b", seed=5, **FAST)
+    assert (a.run_dir / "report.json").read_text() == (b.run_dir / "report.json").read_text()
+    assert (a.run_dir / "history.csv").read_text() == (b.run_dir / "history.csv").read_text()
+
+
+def test_streaming_from_hdf5_trains_and_reports_it(small_cache, tmp_path):
+    result = train(cache=small_cache, rnn="gru", out=tmp_path / "s", stream=True, **FAST)
+    assert result.streamed
+    assert json.loads((result.run_dir / "run.json").read_text())["streamed"] is True
+    assert result.epochs_run == 3
+
+
+def test_without_a_val_split_a_stratified_holdout_of_train_is_used(tmp_path):
+    cache = synthetic_cache(tmp_path / "c.h5", splits=("train", "test"), classes=("a", "b", "c"), n=60)
+    result = train(cache=cache, rnn="gru", out=tmp_path / "r", val_fraction=0.2, **FAST)
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert "stratified" in info["validation"]
+    val = result.metrics["val"]
+    assert val["n"] == 6  # 20 % of the 30 train clips
+    assert all(val["per_class"][c]["support"] == 2 for c in ("a", "b", "c")), "every class in the hold-out"
+
+
+def test_balanced_class_weight_trains_on_imbalanced_data(tmp_path):
+    cache = synthetic_cache(tmp_path / "c.h5", classes=("a", "b", "b2", "b3"), n=40)
+    result = train(cache=cache, rnn="mean", out=tmp_path / "r", class_weight="balanced", **FAST)
+    assert json.loads((result.run_dir / "run.json").read_text())["config"]["class_weight"] == "balanced"
+
+
+def test_a_cache_without_train_split_is_refused(tmp_path):
+    cache = synthetic_cache(tmp_path / "c.h5", splits=("val", "test"))
+    with pytest.raises(FeatpipeError, match="no train split.*test, val"):
+        train(cache=cache, out=tmp_path / "r", **FAST)
+
+
+def test_a_single_class_cache_is_refused(tmp_path):
+    cache = synthetic_cache(tmp_path / "c.h5", classes=("only",))
+    with pytest.raises(FeatpipeError, match="single class"):
+        train(cache=cache, out=tmp_path / "r", **FAST)
+
+
+def test_nan_features_are_refused_before_training(tmp_path):
+    cache = synthetic_cache(tmp_path / "c.h5", nan=True)
+    with pytest.raises(FeatpipeError, match="v003.mp4.*NaN"):
+        train(cache=cache, out=tmp_path / "r", **FAST)
+    assert not (tmp_path / "r").exists(), "no useless run directory is left behind"
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "foreign", "future"])
+def test_bad_cache_files_are_one_sentence_and_exit_2(tmp_path, kind):
+    path = tmp_path / "c.h5"
+    if kind == "truncated":
+        synthetic_cache(path)
+        path.write_bytes(path.read_bytes()[:2000])
+    elif kind == "foreign":
+        with h5py.File(path, "w") as f:
+            f["x"] = [1, 2, 3]
+    elif kind == "future":
+        with h5py.File(path, "w") as f:
+            f.attrs["schema_version"] = SCHEMA_VERSION + 1
+    result = runner.invoke(app, ["train", "--cache", str(path), "--epochs", "1", "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output + result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_several_caches_without_cache_option_are_refused(tmp_path):
+    synthetic_cache(tmp_path / "a.h5")
+    synthetic_cache(tmp_path / "b.h5")
+    result = runner.invoke(app, ["train", "--cache-dir", str(tmp_path), "--quiet"])
+    assert result.exit_code == 2 and "Several caches" in result.stderr and "--cache" in result.stderr
+
+
+def test_the_design_spelling_rnn_gru_works_from_the_cli(small_cache, tmp_path):
+    result = runner.invoke(app, ["train", "--rnn", "gru", "--cache", str(small_cache), "--epochs", "2",
+                                 "--models-dir", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "accuracy" in result.output and "Run " in result.output
+
+
+def test_ctrl_c_keeps_the_best_checkpoint_and_writes_the_run_directory(small_cache, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "featpipe", "train", "--cache", str(small_cache), "--epochs", "5000",
+           "--patience", "5000", "--out", str(run), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    history = run / "history.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if history.exists() and len(history.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    info = json.loads((run / "run.json").read_text())
+    assert info["interrupted"] is True and info["epochs_run"] >= 3
+    assert (run / "model.keras").is_file() and (run / "report.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def quality_cache(tmp_path_factory) -> Path:
+    """The full built-in sample data through a small random backbone: the README's quality claim."""
+    root = tmp_path_factory.mktemp("quality")
+    write_sample_data(root / "data")
+    out = root / "vgg16-64.h5"
+    extract(data=root / "data", output=out, backbone="vgg16", size=64, weights="none", quiet=True)
+    return out
+
+
+@pytest.mark.parametrize("head", ["gru", "lstm"])
+def test_recurrent_heads_reach_095_test_accuracy_on_the_sample_data(quality_cache, tmp_path, head):
+    result = train(cache=quality_cache, rnn=head, out=tmp_path / head, quiet=True)
+    assert result.metrics["test"]["accuracy"] >= 0.95
+
+
+def test_the_order_blind_mean_head_stays_at_chance_on_order_only_pairs(quality_cache, tmp_path):
+    """mean can tell the colour pair from the size pair, never the direction inside a pair."""
+    result = train(cache=quality_cache, rnn="mean", out=tmp_path / "mean", quiet=True)
+    cm = np.array(result.metrics["test"]["confusion_matrix"])
+    names = result.metrics["test"]["class_names"]
+    pairs = [("blue_to_red", "red_to_blue"), ("grow", "shrink")]
+    for a, b in pairs:
+        i, j = names.index(a), names.index(b)
+        within = cm[np.ix_([i, j], [i, j])]
+        direction_accuracy = np.trace(within) / within.sum()
+        assert 0.2 <= direction_accuracy <= 0.8, (a, b, within)
+    assert result.metrics["test"]["accuracy"] <= 0.7
