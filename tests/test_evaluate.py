@@ -1,0 +1,89 @@
+"""`featpipe evaluate`: metrics of a run, JSON output, and refusal of caches made differently."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from featpipe.cli import app
+from featpipe.errors import CacheError, FeatpipeError
+from featpipe.evaluate import evaluate
+from featpipe.extract import extract
+from featpipe.sample_data import write_sample_data
+from featpipe.train import train
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    write_sample_data(root / "data", train=3, val=1, test=1, seed=0)
+    cache = root / "cache" / "vgg16.h5"
+    extract(data=root / "data", output=cache, backbone="vgg16", size=32, frames=8, weights="none", quiet=True)
+    result = train(cache=cache, rnn="gru", models_dir=root / "models", epochs=3, patience=3, quiet=True)
+    return root, cache, result
+
+
+def test_evaluate_reproduces_the_test_metrics_written_at_training_time(trained):
+    root, cache, result = trained
+    metrics = evaluate(root / "models" / "latest", split="test")
+    report = json.loads((result.run_dir / "report.json").read_text())["test"]
+    assert metrics["accuracy"] == pytest.approx(report["accuracy"])
+    assert metrics["confusion_matrix"] == report["confusion_matrix"]
+    assert metrics["n"] == 4 and metrics["split"] == "test"
+    assert sum(map(sum, metrics["confusion_matrix"])) == 4
+
+
+def test_json_output_is_one_object_with_the_documented_keys(trained, monkeypatch):
+    root, cache, result = trained
+    out = runner.invoke(app, ["evaluate", str(result.run_dir), "--split", "val", "--json"])
+    assert out.exit_code == 0, out.stderr
+    data = json.loads(out.output)
+    for key in ("accuracy", "macro_f1", "confusion_matrix", "class_names", "n", "split", "roc_auc", "top_k_accuracy",
+                "weighted_f1", "per_class"):
+        assert key in data
+    assert data["split"] == "val" and data["class_names"] == ["blue_to_red", "grow", "red_to_blue", "shrink"]
+
+
+def test_table_output_shows_per_class_scores_and_the_confusion_matrix(trained):
+    root, cache, result = trained
+    out = runner.invoke(app, ["evaluate", str(result.run_dir)])
+    assert out.exit_code == 0
+    for word in ("accuracy", "precision", "recall", "macro", "Confusion matrix", "shrink"):
+        assert word in out.output
+
+
+def test_models_latest_is_the_default_run(trained, monkeypatch):
+    root, cache, result = trained
+    monkeypatch.chdir(root)
+    out = runner.invoke(app, ["evaluate", "--json"])
+    assert out.exit_code == 0, out.stderr
+    assert json.loads(out.output)["run"] == str(Path("models") / result.run_dir.name)
+
+
+def test_a_cache_with_other_preprocessing_is_refused_saying_what_differs(trained, tmp_path):
+    root, cache, result = trained
+    other = tmp_path / "other.h5"
+    extract(data=root / "data", output=other, backbone="vgg16", size=32, frames=6, weights="none", quiet=True)
+    with pytest.raises(CacheError, match="frames: 8 in the run, 6 in the cache"):
+        evaluate(result.run_dir, cache=other)
+    out = runner.invoke(app, ["evaluate", str(result.run_dir), "--cache", str(other)])
+    assert out.exit_code == 2 and "frames" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_an_empty_split_is_one_sentence(trained):
+    root, cache, result = trained
+    with pytest.raises(FeatpipeError, match="no clips in the 'holdout' split.*test, train, val"):
+        evaluate(result.run_dir, split="holdout")
+
+
+def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
+    out = runner.invoke(app, ["evaluate", str(tmp_path)])
+    assert out.exit_code == 2 and "not a featpipe run directory" in out.stderr
+    out = runner.invoke(app, ["evaluate", str(tmp_path / "models" / "latest")])
+    assert out.exit_code == 2 and "featpipe train" in out.stderr
