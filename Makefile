@@ -14,17 +14,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e ".[dev]"
 	touch $(STAMP)
 
-# The main job on the built-in sample data: write clips, extract features, summarise the cache.
+# The main job on the built-in sample data: write clips, extract features (offline: a
+# deterministic random InceptionV3), train a GRU, and evaluate it on the test split.
 demo: venv
 	$(BIN)/featpipe sample-data data
 	$(BIN)/featpipe extract --backbone inceptionv3 --data data --weights none
-	$(BIN)/featpipe info cache/inceptionv3.h5
+	$(BIN)/featpipe train --rnn gru --cache cache/inceptionv3.h5 --quiet
+	$(BIN)/featpipe evaluate models/latest --split test
 
 test: venv
 	$(BIN)/python -m pytest
 
 bench: venv
 	$(BIN)/python bench/extract_bench.py
+	$(BIN)/python bench/train_bench.py
 
 clean:
-	rm -rf $(VENV) data cache/*.h5 cache/*.journal cache/*.lock
+	rm -rf $(VENV) data models cache/*.h5 cache/*.journal cache/*.lock

@@ -185,7 +185,8 @@ def train_cmd(
     )
     result = train(opts)
     split = "test" if "test" in result.metrics else "val"
-    typer.echo(format_report(result.metrics[split]) if not quiet else "")
+    if not quiet:
+        typer.echo(format_report(result.metrics[split]))
     how = "streamed from HDF5" if result.streamed else "in memory"
     typer.echo(
         f"Run {result.run_dir}: best epoch {result.best_epoch} of {result.epochs_run} ({how}, {result.seconds:.1f}s); "

@@ -216,16 +216,17 @@ class H5Batches(_pydataset_base()):
     def __getitem__(self, i: int):
         pick = self._order[i * self.batch_size:(i + 1) * self.batch_size]
         rows = self.rows[pick]
-        order = np.argsort(rows)
         f = self._h5()
-        x = np.empty((len(rows), *f["features"].shape[1:]), dtype=np.float32)
-        m = np.empty((len(rows), f["mask"].shape[1]), dtype=bool)
-        x[order] = f["features"][rows[order]]
-        m[order] = f["mask"][rows[order]]
+        feats, masks = f["features"], f["mask"]
+        x = np.empty((len(rows), *feats.shape[1:]), dtype=feats.dtype)
+        for j, row in enumerate(rows):  # one chunk per clip: per-row reads beat scattered fancy indexing
+            feats.read_direct(x, source_sel=np.s_[int(row)], dest_sel=np.s_[j])
+        m = masks[np.sort(rows)][np.argsort(np.argsort(rows))]
         y = self.labels[pick]
+        inputs = {"features": x.astype(np.float32, copy=False), "mask": m}
         if self.sample_weight is not None:
-            return {"features": x, "mask": m}, y, self.sample_weight[pick]
-        return {"features": x, "mask": m}, y
+            return inputs, y, self.sample_weight[pick]
+        return inputs, y
 
     def on_epoch_end(self) -> None:
         if self.shuffle:

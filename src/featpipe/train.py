@@ -27,6 +27,7 @@ import numpy as np
 from featpipe import __version__
 from featpipe.cache import APPEND_KEYS, PREPROCESSING_KEYS
 from featpipe.data import (
+    IN_MEMORY_FRACTION,
     H5Batches,
     CacheIndex,
     cache_fingerprint,
@@ -35,6 +36,7 @@ from featpipe.data import (
     feature_stats,
     load_rows,
     open_index,
+    physical_memory,
     resolve_cache,
 )
 from featpipe.errors import FeatpipeError
@@ -190,9 +192,15 @@ def train(opts: TrainOptions | None = None, **kwargs) -> TrainResult:
     ]
     if streamed:
         sw = weights[index.labels[train_rows]] if weights is not None else None
+        # two reader threads prefetch batches while the model trains (h5py is thread-safe)
+        # Validation is usually small: held in memory when it fits, because Keras slows down epoch after
+        # epoch when validation_data is a PyDataset (measured in bench/train_bench.py).
+        val_bytes = len(val_rows) * index.features_nbytes_f32 // max(len(index.labels), 1)
+        validation = (load_rows(index, val_rows) if val_bytes <= IN_MEMORY_FRACTION * physical_memory()
+                      else H5Batches(cache, val_rows, index.labels[val_rows], opts.batch_size))
         fit_data = dict(x=H5Batches(cache, train_rows, index.labels[train_rows], opts.batch_size, shuffle=True,
                                     seed=opts.seed, sample_weight=sw),
-                        validation_data=H5Batches(cache, val_rows, index.labels[val_rows], opts.batch_size))
+                        validation_data=validation)
     else:
         x_train, y_train = load_rows(index, train_rows)
         x_val, y_val = load_rows(index, val_rows)
