@@ -15,12 +15,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job on the built-in sample data: write clips, extract features (offline: a
-# deterministic random InceptionV3), train a GRU, and evaluate it on the test split.
+# deterministic random InceptionV3), train a GRU, evaluate it on the test split, and predict one clip.
 demo: venv
 	$(BIN)/featpipe sample-data data
 	$(BIN)/featpipe extract --backbone inceptionv3 --data data --weights none
 	$(BIN)/featpipe train --rnn gru --cache cache/inceptionv3.h5 --quiet
 	$(BIN)/featpipe evaluate models/latest --split test
+	$(BIN)/featpipe predict data/test/grow/grow_test_000.mp4 --model models/latest
 
 test: venv
 	$(BIN)/python -m pytest

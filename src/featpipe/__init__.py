@@ -1,7 +1,31 @@
-"""featpipe: frozen ImageNet CNN features for video clips, cached in HDF5, then fast sequence models."""
+"""featpipe: frozen ImageNet CNN features for video clips, cached in HDF5, then fast sequence models.
+
+The Python API mirrors the command line, with the same defaults:
+
+    import featpipe
+    featpipe.extract(backbone="inceptionv3", data="data")      # -> ExtractResult (cache path, counts, failures)
+    featpipe.train(rnn="gru")                                  # -> TrainResult (run directory, metrics)
+    featpipe.evaluate("models/latest", split="test")           # -> dict of metrics
+    featpipe.predict(["clip.mp4"], model="models/latest")      # -> [Prediction(clip, top, error)]
+    featpipe.info("cache/inceptionv3.h5")                      # -> lines describing a cache or a run
+
+Keras is imported only when a function needs it.
+"""
 
 from featpipe.errors import FeatpipeError
 
 __version__ = "0.1.0"
 
-__all__ = ["FeatpipeError", "__version__"]
+# The functions share their names with the modules that define them; binding them here, after
+# the modules are loaded, makes ``featpipe.extract`` the function (``featpipe.extract.ExtractOptions``
+# stays importable with ``from featpipe.extract import ExtractOptions``).
+from featpipe.extract import ExtractOptions, ExtractResult, extract  # noqa: E402
+from featpipe.train import TrainOptions, TrainResult, train  # noqa: E402
+from featpipe.evaluate import evaluate  # noqa: E402
+from featpipe.predict import Prediction, predict  # noqa: E402
+from featpipe.info import info  # noqa: E402
+
+__all__ = [
+    "FeatpipeError", "__version__", "extract", "ExtractOptions", "ExtractResult", "train", "TrainOptions",
+    "TrainResult", "evaluate", "predict", "Prediction", "info",
+]

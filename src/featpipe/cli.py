@@ -219,13 +219,39 @@ def evaluate_cmd(
         typer.echo(format_report(metrics))
 
 
+@app.command("predict")
+@_handles_errors
+def predict_cmd(
+    clips: Annotated[list[Path], typer.Argument(help="Video files, or folders of them.")],
+    model: Annotated[Path, typer.Option(help="Run directory, or models/latest.")] = Path("models/latest"),
+    top_k: Annotated[int, typer.Option(help="Labels to show per clip.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per clip.")] = False,
+    output: Annotated[Optional[Path], typer.Option(help="Also write one CSV row per clip to this file.")] = None,
+    windows: Annotated[int, typer.Option("--clips", help="Average over this many evenly spaced windows of the run's frame count (long videos).")] = 1,
+    gif: Annotated[Optional[Path], typer.Option(help="Single clip: write its sampled frames captioned with the top label as an animated GIF.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Decoding threads [default: CPU cores, at most 8].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Frames per backbone forward pass [default: 32 on CPU, 128 on GPU].")] = None,
+):
+    """Classify clips with a trained run, reproducing the preprocessing recorded in it."""
+    from featpipe.predict import format_table, predict, to_json_lines, write_csv
+
+    results = predict(clips, model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size, gif=gif)
+    typer.echo(to_json_lines(results) if as_json else format_table(results))
+    if output is not None:
+        write_csv(results, output, top_k)
+    failed = [p for p in results if not p.ok]
+    if failed:
+        typer.secho(f"{len(failed)} of {len(results)} clips could not be classified.", err=True)
+        raise typer.Exit(1)
+
+
 @app.command("info")
 @_handles_errors
-def info_cmd(path: Annotated[Path, typer.Argument(help="A cache file (.h5).")]):
-    """Describe a cache: settings, clips per split and class, failures with reasons."""
-    from featpipe.cache import summarize
+def info_cmd(path: Annotated[Path, typer.Argument(help="A cache file (.h5), a run directory, or models/latest.")]):
+    """Describe a cache (settings, clips per split and class, failures) or a run (config, classes, metrics)."""
+    from featpipe.info import info
 
-    for line in summarize(path).lines():
+    for line in info(path):
         typer.echo(line)
 
 

@@ -177,17 +177,12 @@ def _row_shape(index: CacheIndex) -> tuple[int, ...]:
     return (index.config.frames, *index.config.feature_shape)
 
 
-def _pydataset_base():
-    import keras
-
-    return keras.utils.PyDataset
-
-
-class H5Batches(_pydataset_base()):
+class _H5BatchesImpl:
     """Batches read straight from the HDF5 cache; rows reshuffled every epoch when ``shuffle``.
 
-    Each batch's rows are read in file order (h5py needs increasing indices, and the cache holds
-    one clip per chunk, so a batch costs one chunk read per clip) and returned in shuffled order.
+    Each row is one chunk of the cache (one clip), read directly; rows are returned in the
+    shuffled order. The public name ``H5Batches`` is this class mixed into
+    ``keras.utils.PyDataset``, created on first use so that importing featpipe does not import Keras.
     """
 
     def __init__(self, path: str | Path, rows: np.ndarray, labels: np.ndarray, batch_size: int,
@@ -236,3 +231,17 @@ class H5Batches(_pydataset_base()):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+_H5_BATCHES = None
+
+
+def __getattr__(name: str):
+    if name == "H5Batches":
+        global _H5_BATCHES
+        if _H5_BATCHES is None:
+            import keras
+
+            _H5_BATCHES = type("H5Batches", (_H5BatchesImpl, keras.utils.PyDataset), {"__module__": __name__})
+        return _H5_BATCHES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

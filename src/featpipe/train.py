@@ -28,7 +28,6 @@ from featpipe import __version__
 from featpipe.cache import APPEND_KEYS, PREPROCESSING_KEYS
 from featpipe.data import (
     IN_MEMORY_FRACTION,
-    H5Batches,
     CacheIndex,
     cache_fingerprint,
     check_finite,
@@ -155,6 +154,7 @@ def train(opts: TrainOptions | None = None, **kwargs) -> TrainResult:
     opts = TrainOptions(**kwargs) if opts is None else dataclasses.replace(opts, **kwargs)
     import keras
 
+    from featpipe.data import H5Batches
     from featpipe.models import HeadConfig, build_model
 
     started = time.perf_counter()
@@ -246,7 +246,8 @@ def train(opts: TrainOptions | None = None, **kwargs) -> TrainResult:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
         "head": head.to_dict(),
         "class_names": list(index.class_names),
-        "preprocessing": {k: attrs[k] for k in PREPROCESSING_KEYS},
+        # everything needed to rebuild stage one exactly (weights_seed: the random network of --weights none)
+        "preprocessing": {**{k: attrs[k] for k in PREPROCESSING_KEYS}, "weights_seed": int(attrs.get("weights_seed", 0))},
         "cache_attrs": {k: attrs[k] for k in APPEND_KEYS},
         "cache": str(cache.resolve()),
         "cache_fingerprint": cache_fingerprint(cache),

@@ -275,6 +275,47 @@ def read_clip(path: str | Path, frames: int, size: int, sampling: str = "uniform
 
 
 def _read_clip(path: Path, frames: int, size: int, sampling: str) -> ClipFrames:
+    return _read_planned(path, frames, size, lambda n: [sample_indices(n, frames, sampling)])[0]
+
+
+def window_indices(n_total: int, frames: int, sampling: str = "uniform", windows: int = 1) -> list[np.ndarray]:
+    """Frame indices of ``windows`` evenly spaced windows, each sampled like a whole clip.
+
+    The clip is cut into ``windows`` equal consecutive segments and ``sample_indices`` is applied
+    inside each, so every window looks to a model like one clip of the training data. A clip
+    with fewer frames than windows gets one window per frame. Pure.
+    """
+    _check_sampling(sampling)
+    _check_positive("frames", frames)
+    _check_positive("windows", windows)
+    if n_total <= 0:
+        return []
+    k = min(int(windows), int(n_total))
+    bounds = np.floor(np.linspace(0, n_total, k + 1) + 0.5).astype(np.int64)
+    return [start + sample_indices(int(end - start), frames, sampling) for start, end in zip(bounds[:-1], bounds[1:])]
+
+
+def read_windows(path: str | Path, frames: int, size: int, sampling: str = "uniform", windows: int = 1) -> list[ClipFrames]:
+    """Decode ``windows`` evenly spaced windows of a (long) clip in one sequential pass.
+
+    Each window is a :class:`ClipFrames` of ``frames`` frames sampled with ``sampling`` inside
+    its segment (``n_frames`` is the whole clip's count). ``windows=1`` equals :func:`read_clip`.
+    """
+    _check_sampling(sampling)
+    _check_positive("frames", frames)
+    _check_positive("size", size)
+    _check_positive("windows", windows)
+    path = Path(path)
+    _check_file(path)
+    try:
+        return _read_planned(path, int(frames), int(size), lambda n: window_indices(n, frames, sampling, windows))
+    except cv2.error as exc:
+        raise VideoError(f"OpenCV failed while decoding {path}: {exc}") from exc
+
+
+def _read_planned(path: Path, frames: int, size: int, plan) -> list[ClipFrames]:
+    """Read the frames that ``plan(true_count)`` (a list of index arrays) asks for, in one pass when
+    the container's frame count is right, with a second pass when it is not."""
     cap = _open(path)
     try:
         fps = _fps(cap)
@@ -289,13 +330,13 @@ def _read_clip(path: Path, frames: int, size: int, sampling: str) -> ClipFrames:
         kept: dict[int, np.ndarray] = {}
         shape: tuple[int, int] | None = None
         for _ in range(_MAX_PASSES):
-            wanted = sample_indices(planned_count, frames, sampling)
+            wanted = np.concatenate(plan(planned_count))
             true_count, kept, pass_shape = _read_pass(cap, path, wanted, size)
             shape = shape or pass_shape
             if true_count == 0:
                 raise _no_frames(path)
-            final = sample_indices(true_count, frames, sampling)
-            if all(int(i) in kept for i in final):
+            final = plan(true_count)
+            if all(int(i) in kept for idx in final for i in idx):
                 break
             # The reported count was wrong and frames we did not retrieve are needed:
             # read again, planning with the count we now know.
@@ -310,18 +351,31 @@ def _read_clip(path: Path, frames: int, size: int, sampling: str) -> ClipFrames:
     finally:
         cap.release()
 
-    assert shape is not None  # frame 0 is kept by every sampling, so a frame was retrieved
-    real = np.stack([kept[int(i)] for i in final])
-    padded, mask = pad_frames(real, frames)
-    return ClipFrames(
-        frames=padded,
-        mask=mask,
-        n_frames=int(true_count),
-        indices=final.astype(np.int64),
-        fps=fps,
-        width=shape[1],
-        height=shape[0],
-    )
+    if shape is None:  # frame 0 is kept by every sampling, so this means nothing was retrieved
+        raise _no_frames(path)
+    out = []
+    for idx in final:
+        real = np.stack([kept[int(i)] for i in idx])
+        padded, mask = pad_frames(real, frames)
+        out.append(ClipFrames(frames=padded, mask=mask, n_frames=int(true_count), indices=idx.astype(np.int64),
+                              fps=fps, width=shape[1], height=shape[0]))
+    return out
+
+
+def write_gif(frames: np.ndarray, path: str | Path, caption: str, fps: float = 4.0) -> Path:
+    """An animated GIF of RGB frames (k, H, W, 3) with ``caption`` drawn on every frame."""
+    from PIL import Image
+
+    path = Path(path)
+    images = []
+    for frame in frames:
+        img = cv2.resize(np.ascontiguousarray(frame), (256, 256), interpolation=cv2.INTER_NEAREST)
+        cv2.rectangle(img, (0, 226), (256, 256), (0, 0, 0), thickness=-1)
+        cv2.putText(img, caption[:40], (6, 247), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+        images.append(Image.fromarray(img))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return path
 
 
 def count_frames(path: str | Path) -> int:

@@ -1,0 +1,193 @@
+"""`featpipe predict`: classify new clips with a trained run, with exactly the run's preprocessing.
+
+Decoding, sampling, crop, size, backbone and weights all come from the run directory (which
+copied them from the cache), never from flags. The backbone and the head are built once per
+call; clips are decoded in worker threads and their frames batched through the backbone
+together, like `featpipe extract`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from featpipe.datasets import VIDEO_EXTENSIONS
+from featpipe.errors import BackboneError, FeatpipeError, VideoError
+
+
+@dataclass
+class Prediction:
+    """One clip's result: ``top`` is [(label, probability), ...] best first, or ``error`` says why not."""
+
+    clip: str
+    top: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+    probabilities: np.ndarray | None = None  # (n_classes,), averaged over windows
+    windows: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        if not self.ok:
+            return {"clip": self.clip, "error": self.error}
+        return {"clip": self.clip, "top": [{"label": lab, "probability": round(float(p), 6)} for lab, p in self.top]}
+
+
+def expand_clips(items: Iterable[str | Path]) -> list[Path]:
+    """Files as given; folders expand (recursively, sorted) to the video files in them."""
+    out: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise FeatpipeError(f"Folder '{path}' holds no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}).")
+            out.extend(found)
+        else:
+            out.append(path)  # a missing file is reported per clip, not fatal
+    if not out:
+        raise FeatpipeError("No clips given: pass one or more video files or folders.")
+    return out
+
+
+class Predictor:
+    """A loaded run: the recorded backbone (weights checked by fingerprint) and the trained head."""
+
+    def __init__(self, model: str | Path = "models/latest", batch_size: int | None = None):
+        from featpipe.backbones import FeatureExtractor, default_batch_size
+        from featpipe.evaluate import load_run
+
+        self.run_dir, self.info, self.head = load_run(model)
+        pre = self.info["preprocessing"]
+        self.class_names: list[str] = list(self.info["class_names"])
+        self.frames, self.size, self.sampling = int(pre["frames"]), int(pre["input_size"]), str(pre["sampling"])
+        weights = str(pre["weights"])
+        if weights not in ("imagenet", "none") and not Path(weights).is_file():
+            raise BackboneError(
+                f"The run was trained on features from the weights file '{weights}', which is not on this machine; "
+                f"copy it to that path (the run checks it by fingerprint)."
+            )
+        self.extractor = FeatureExtractor(pre["backbone"], self.size, weights, int(pre.get("weights_seed", 0)),
+                                          batch_size or default_batch_size())
+        if self.extractor.fingerprint != pre["weights_fingerprint"]:
+            raise BackboneError(
+                f"The {pre['backbone']} weights here (fingerprint {self.extractor.fingerprint}) are not the ones the run "
+                f"was trained with ({pre['weights_fingerprint']}); use the same weights file or Keras weights version."
+            )
+
+    def features(self, windows: Sequence) -> tuple[np.ndarray, np.ndarray]:
+        """Backbone features for decoded windows (ClipFrames), real frames batched across windows."""
+        t = self.frames
+        feats = np.zeros((len(windows), t, *self.extractor.feature_shape), np.float32)
+        masks = np.stack([w.mask for w in windows]) if windows else np.zeros((0, t), bool)
+        owners = [(i, pos) for i, w in enumerate(windows) for pos in range(int(w.mask.sum()))]
+        bs = self.extractor.batch_size
+        for start in range(0, len(owners), bs):
+            chunk = owners[start:start + bs]
+            out = self.extractor(np.stack([windows[i].frames[pos] for i, pos in chunk]))
+            for (i, pos), f in zip(chunk, out):
+                feats[i, pos] = f
+        return feats, masks
+
+    def classify(self, feats: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """Head probabilities (n, classes) for features and masks."""
+        if not len(feats):
+            return np.zeros((0, len(self.class_names)))
+        return np.asarray(self.head.predict({"features": feats, "mask": masks}, batch_size=64, verbose=0))
+
+
+def predict(clips: Iterable[str | Path], model: str | Path = "models/latest", top_k: int = 3, windows: int = 1,
+            workers: int | None = None, batch_size: int | None = None, gif: str | Path | None = None,
+            predictor: Predictor | None = None) -> list[Prediction]:
+    """Classify clips (files or folders) with a trained run. Returns one Prediction per clip, in order.
+
+    ``windows`` > 1 averages the head's probabilities over that many evenly spaced windows of the
+    run's frame count (for long videos). A clip that cannot be decoded gets ``error`` set; the
+    others go on. ``gif`` (one clip only) writes its sampled frames captioned with the top label.
+    """
+    from featpipe.extract import default_workers
+    from featpipe.video import read_windows, write_gif
+
+    if top_k < 1:
+        raise FeatpipeError(f"--top-k must be at least 1, got {top_k}.")
+    if windows < 1:
+        raise FeatpipeError(f"--clips must be at least 1, got {windows}.")
+    paths = expand_clips(clips)
+    if gif is not None and len(paths) != 1:
+        raise FeatpipeError(f"--gif makes an animation of one clip; {len(paths)} clips were given.")
+    pred = predictor or Predictor(model, batch_size)
+    k = min(top_k, len(pred.class_names))
+
+    def decode(path: Path):
+        try:
+            return read_windows(path, pred.frames, pred.size, pred.sampling, windows)
+        except VideoError as exc:
+            return exc
+
+    results: list[Prediction] = []
+    chunk = 32  # clips per backbone round: bounded memory, frames still batched across clips
+    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+        for start in range(0, len(paths), chunk):
+            part = paths[start:start + chunk]
+            decoded = list(pool.map(decode, part))
+            flat = [w for d in decoded if not isinstance(d, VideoError) for w in d]
+            probs = pred.classify(*pred.features(flat))
+            pos = 0
+            for path, d in zip(part, decoded):
+                if isinstance(d, VideoError):
+                    results.append(Prediction(str(path), error=str(d)))
+                    continue
+                p = probs[pos:pos + len(d)].mean(axis=0)
+                pos += len(d)
+                order = np.argsort(-p, kind="stable")[:k]
+                results.append(Prediction(str(path), [(pred.class_names[i], float(p[i])) for i in order], None, p, len(d)))
+                if gif is not None:
+                    best = results[-1].top[0]
+                    write_gif(d[0].frames[d[0].mask], gif, f"{best[0]} {best[1]:.0%}")
+    return results
+
+
+def write_csv(predictions: Sequence[Prediction], path: str | Path, top_k: int) -> Path:
+    """One row per clip: clip, label_1, probability_1, ..., error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = ["clip"] + [f"{name}_{i}" for i in range(1, top_k + 1) for name in ("label", "probability")] + ["error"]
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for p in predictions:
+            cells = [p.clip]
+            for i in range(top_k):
+                if i < len(p.top):
+                    cells += [p.top[i][0], f"{p.top[i][1]:.6f}"]
+                else:
+                    cells += ["", ""]
+            writer.writerow(cells + [p.error or ""])
+    return path
+
+
+def format_table(predictions: Sequence[Prediction]) -> str:
+    """A readable table: each clip and its top labels with probabilities."""
+    lines = []
+    width = min(max((len(p.clip) for p in predictions), default=4), 60)
+    for p in predictions:
+        name = p.clip if len(p.clip) <= width else "..." + p.clip[-(width - 3):]
+        if p.ok:
+            tops = "  ".join(f"{lab} {prob:.1%}" for lab, prob in p.top)
+            lines.append(f"{name.ljust(width)}  {tops}")
+        else:
+            lines.append(f"{name.ljust(width)}  failed: {p.error}")
+    return "\n".join(lines)
+
+
+def to_json_lines(predictions: Sequence[Prediction]) -> str:
+    return "\n".join(json.dumps(p.to_dict(), ensure_ascii=False) for p in predictions)
