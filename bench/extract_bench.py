@@ -290,18 +290,9 @@ def read_cache_features(path: Path) -> np.ndarray:
 # ----------------------------------------------------------------------------------- reporting
 
 
-def startup_seconds(t: dict[str, Timing], diag: dict, n_frames: int, batch_size: int) -> float:
-    """featpipe's one-off start-up inside its time: network build + the first call's trace overhead."""
-    batches = max(1, math.ceil(n_frames / batch_size))
-    steady_batch = t["ceiling"].best / batches
-    return diag["model_build_seconds"] + max(0.0, diag["first_call_seconds"] - steady_batch)
-
-
-def ratios(t: dict[str, Timing], startup: float = 0.0) -> dict:
+def ratios(t: dict[str, Timing]) -> dict:
     return {
         "featpipe_uniform_over_ceiling": t["featpipe_uniform"].best / t["ceiling"].best,
-        "featpipe_uniform_over_ceiling_without_startup": (t["featpipe_uniform"].best - startup) / t["ceiling"].best,
-        "featpipe_first_over_ceiling_without_startup": (t["featpipe_first"].best - startup) / t["ceiling"].best,
         "featpipe_first_over_ceiling": t["featpipe_first"].best / t["ceiling"].best,
         "keras_example_over_featpipe_first": t["keras_example"].best / t["featpipe_first"].best,
         "keras_example_over_featpipe_uniform": t["keras_example"].best / t["featpipe_uniform"].best,
@@ -325,8 +316,7 @@ def markdown_table(t: dict[str, Timing], r: dict) -> str:
 
 
 def report(args, machine: dict, n_clips: int, n_frames: int, t: dict[str, Timing], diag: dict) -> dict:
-    startup = startup_seconds(t, diag, n_frames, args.batch_size)
-    r = ratios(t, startup)
+    r = ratios(t)
     print()
     print(f"featpipe stage-one benchmark: {args.backbone} @ {args.size}px, {args.frames} frames/clip, "
           f"batch {args.batch_size}, {args.workers} decode workers, weights={args.weights}, "
@@ -337,9 +327,6 @@ def report(args, machine: dict, n_clips: int, n_frames: int, t: dict[str, Timing
     print()
     print(markdown_table(t, r))
     print()
-    print(f"featpipe / ceiling without its one-off start-up ({startup:.1f} s: network build + first-call trace, "
-          f"see below): uniform {r['featpipe_uniform_over_ceiling_without_startup']:.2f}, "
-          f"first-N {r['featpipe_first_over_ceiling_without_startup']:.2f}")
     print(f"featpipe / ceiling (time):        uniform {r['featpipe_uniform_over_ceiling']:.2f}, "
           f"first-N {r['featpipe_first_over_ceiling']:.2f}   (target <= {TARGET_CEILING_RATIO})")
     print(f"keras_example / featpipe (speed-up): first-N {r['keras_example_over_featpipe_first']:.2f}, "
