@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import h5py
@@ -129,7 +128,7 @@ def test_a_finalize_killed_before_its_rename_leaves_the_old_cache_and_resumes(tm
     w = CacheWriter(path, CONFIG)
     w.append(clip(1))
     w.close()
-    stale = tmp_path / f"c.h5.tmp-99999"
+    stale = tmp_path / "c.h5.tmp-99999"
     stale.write_bytes(b"half an hdf5 file")  # what a kill during finalize leaves behind
     w = CacheWriter(path, CONFIG)
     assert not stale.exists()

@@ -18,7 +18,7 @@ from featpipe.backbones import FeatureExtractor
 from featpipe.cache import CacheLock, iter_journal, journal_path
 from featpipe.datasets import index_dataset
 from featpipe.errors import ExtractionFailed
-from featpipe.extract import ExtractOptions, extract
+from featpipe.extract import extract
 from featpipe.sample_data import write_sample_data
 from featpipe.video import count_frames, read_clip
 

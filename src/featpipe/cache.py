@@ -102,13 +102,14 @@ class CacheConfig:
             extra=extra,
         )
 
-    def differences(self, other: "CacheConfig", keys=APPEND_KEYS) -> list[str]:
-        """Human-readable list of the settings that differ, e.g. "frames: 20 here, 16 in the cache"."""
+    def differences(self, other: "CacheConfig", keys=APPEND_KEYS, mine_label: str = "requested",
+                    theirs_label: str = "in the cache") -> list[str]:
+        """Human-readable list of the settings that differ, e.g. "frames: 16 requested, 20 in the cache"."""
         out = []
         for key in keys:
             mine, theirs = getattr(self, key), getattr(other, key)
             if mine != theirs:
-                out.append(f"{key}: {_show(mine)} requested, {_show(theirs)} in the cache")
+                out.append(f"{key}: {_show(mine)} {mine_label}, {_show(theirs)} {theirs_label}")
         return out
 
 

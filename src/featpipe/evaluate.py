@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featpipe.cache import APPEND_KEYS
+from featpipe.cache import APPEND_KEYS, CacheConfig
 from featpipe.data import check_finite, open_index
 from featpipe.errors import CacheError, FeatpipeError
 from featpipe.train import predict_rows, resolve_run
@@ -31,18 +31,14 @@ def load_run(run: str | Path = "models/latest"):
     return run_dir, info, model
 
 
-def check_cache_matches(info: dict, cache_attrs: dict, cache: Path) -> None:
-    """Refuse a cache whose preprocessing (or classes/feature shape) differ from the run's."""
-    expected = info["cache_attrs"]
-    diffs = []
-    for key in APPEND_KEYS:
-        if key == "dtype":
-            continue  # float16 vs float32 storage does not change what the features are
-        mine, theirs = expected.get(key), cache_attrs.get(key)
-        if key in ("class_names", "feature_shape"):
-            mine, theirs = list(mine or []), list(theirs or [])
-        if mine != theirs:
-            diffs.append(f"{key}: {mine} in the run, {theirs} in the cache")
+def check_cache_matches(info: dict, cache_config: CacheConfig, cache: Path) -> None:
+    """Refuse a cache whose preprocessing (or classes/feature shape) differ from the run's.
+
+    Storage dtype may differ: float16 vs float32 does not change what the features are.
+    """
+    run_config = CacheConfig.from_attrs(info["cache_attrs"])
+    keys = [k for k in APPEND_KEYS if k != "dtype"]
+    diffs = run_config.differences(cache_config, keys, mine_label="in the run")
     if diffs:
         raise CacheError(
             f"The cache '{cache}' was not made the way this run's training cache was ({'; '.join(diffs)}). "
@@ -61,7 +57,7 @@ def evaluate(run: str | Path = "models/latest", split: str = "test", cache: str 
     run_dir, info, model = load_run(run)
     cache_path = Path(cache) if cache is not None else Path(info["cache"])
     index = open_index(cache_path)
-    check_cache_matches(info, index.config.attrs(), cache_path)
+    check_cache_matches(info, index.config, cache_path)
     rows = index.rows(split)
     if not len(rows):
         present = ", ".join(sorted(set(index.splits.tolist())))

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from featpipe import __version__
-from featpipe.backbones import WEIGHTS_IMAGENET, FeatureExtractor, check_size, default_batch_size, get_backbone, weights_label
+from featpipe.backbones import WEIGHTS_IMAGENET, FeatureExtractor, check_size, default_batch_size, get_backbone
 from featpipe.cache import CacheConfig, CacheLock, CacheWriter, ClipRecord, summarize
 from featpipe.datasets import Dataset, Record, index_dataset
 from featpipe.errors import ExtractionFailed, FeatpipeError, VideoError
