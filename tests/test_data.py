@@ -121,3 +121,17 @@ def test_fingerprint_changes_with_the_clip_index(tmp_path):
     a = cache_fingerprint(make_cache(tmp_path / "a.h5"))
     assert a == cache_fingerprint(tmp_path / "a.h5")
     assert a != cache_fingerprint(make_cache(tmp_path / "b.h5", n=11))
+
+
+def test_one_pass_stats_with_check_equal_plain_stats_and_catch_nan_outside_train(tmp_path):
+    idx = open_index(make_cache(tmp_path / "c.h5"))
+    train = idx.rows("train")
+    plain = feature_stats(idx, train)
+    checked = feature_stats(idx, train, check=np.arange(12))
+    np.testing.assert_allclose(checked[0], plain[0])
+    np.testing.assert_allclose(checked[1], plain[1])
+    bad = open_index(make_cache(tmp_path / "nan.h5", nan_row=4))  # row 4 is in the val split
+    assert bad.splits[4] == "val"
+    feature_stats(bad, bad.rows("train"))  # train rows alone are clean
+    with pytest.raises(CacheError, match="v004.mp4"):
+        feature_stats(bad, bad.rows("train"), check=np.arange(12))

@@ -126,28 +126,41 @@ def _scan(path: Path, rows: np.ndarray):
             yield block, np.asarray(x, dtype=np.float32), np.asarray(m, dtype=bool)
 
 
+def _refuse_non_finite(index: CacheIndex, block: np.ndarray, x: np.ndarray) -> None:
+    bad = ~np.isfinite(x.reshape(len(block), -1)).all(axis=1)
+    if bad.any():
+        video = index.videos[block[np.flatnonzero(bad)[0]]]
+        raise CacheError(
+            f"The features of '{video}' (and {int(bad.sum()) - 1} more in that block) in '{index.path}' are NaN or "
+            f"infinite; re-extract with --dtype float32 into a new --output file."
+        )
+
+
 def check_finite(index: CacheIndex, rows: np.ndarray) -> None:
     """Refuse a cache whose features hold NaN or infinity in the given rows (one streaming pass)."""
     for block, x, _ in _scan(index.path, rows):
-        bad = ~np.isfinite(x.reshape(len(block), -1)).all(axis=1)
-        if bad.any():
-            video = index.videos[block[np.flatnonzero(bad)[0]]]
-            raise CacheError(
-                f"The features of '{video}' (and {int(bad.sum()) - 1} more in that block) in '{index.path}' are NaN or "
-                f"infinite; re-extract with --dtype float32 into a new --output file."
-            )
+        _refuse_non_finite(index, block, x)
 
 
-def feature_stats(index: CacheIndex, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and variance over the REAL (unmasked) frames of ``rows``, in float64."""
+def feature_stats(index: CacheIndex, rows: np.ndarray, check: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and variance over the REAL (unmasked) frames of ``rows``, in float64.
+
+    With ``check``, the same single pass over ``rows`` and ``check`` also refuses NaN or infinite
+    features in any of them (so training reads the cache once before fitting, not twice).
+    """
     count = 0
     total = None
     total_sq = None
-    for _, x, m in _scan(index.path, rows):
+    scan_rows = rows if check is None else np.union1d(rows, check)
+    for block, x, m in _scan(index.path, scan_rows):
+        if check is not None:
+            _refuse_non_finite(index, block, x)
+            keep = np.isin(block, rows)
+            x, m = x[keep], m[keep]
         real = x[m].astype(np.float64)  # (frames, *F)
         if total is None:
-            total = np.zeros(real.shape[1:])
-            total_sq = np.zeros(real.shape[1:])
+            total = np.zeros(x.shape[2:])
+            total_sq = np.zeros(x.shape[2:])
         total += real.sum(axis=0)
         total_sq += np.square(real).sum(axis=0)
         count += len(real)

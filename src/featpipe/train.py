@@ -161,7 +161,6 @@ def train(opts: TrainOptions | None = None, **kwargs) -> TrainResult:
     cache = resolve_cache(opts.cache, opts.cache_dir)
     index = open_index(cache)
     splits = _validate(opts, index)
-    check_finite(index, np.arange(len(index.labels)))
     train_rows, val_rows = splits["train"], splits["val"]
     val_source = "val split"
     if not len(val_rows):
@@ -172,8 +171,11 @@ def train(opts: TrainOptions | None = None, **kwargs) -> TrainResult:
     head = HeadConfig(head=opts.rnn, units=opts.units, layers=opts.layers, dropout=opts.dropout, num_heads=opts.num_heads)
     raw_frames = len(index.config.feature_shape) == 3
     mean = var = None
-    if not raw_frames:
-        mean, var = feature_stats(index, train_rows)
+    everything = np.arange(len(index.labels))
+    if raw_frames:
+        check_finite(index, everything)
+    else:  # one pass: statistics of the train split's real frames, and no NaN anywhere
+        mean, var = feature_stats(index, train_rows, check=everything)
     keras.utils.set_random_seed(opts.seed)
     n_classes = len(index.class_names)
     model = build_model(head, index.config.feature_shape, n_classes, mean, var)
