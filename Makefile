@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+BACKENDS_STAMP := $(VENV)/.backends
+
+.PHONY: venv demo test test-backends bench gpu-bench clean
 
 venv: $(STAMP)
 
@@ -26,9 +28,22 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest
 
+# PyTorch (CPU build) and JAX beside TensorFlow, for the backend-agnostic end-to-end tests.
+$(BACKENDS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install torch==2.13.0 jax==0.10.2 jaxlib==0.10.2
+	touch $(BACKENDS_STAMP)
+
+# sample-data -> extract -> train -> evaluate -> predict under tensorflow, torch and jax, then crossed.
+test-backends: $(BACKENDS_STAMP)
+	FEATPIPE_TEST_BACKENDS=tensorflow,torch,jax $(BIN)/python -m pytest tests/test_backends.py
+
 bench: venv
 	$(BIN)/python bench/extract_bench.py
 	$(BIN)/python bench/train_bench.py
+
+# Stage one on a GPU (set KERAS_BACKEND to a backend with a GPU build installed); see README "GPUs".
+gpu-bench: venv
+	$(BIN)/python bench/gpu_bench.py --json gpu_bench.json
 
 clean:
 	rm -rf $(VENV) data models cache/*.h5 cache/*.journal cache/*.lock

@@ -258,10 +258,10 @@ def load_video(path: str, size: int, max_frames: int = 0) -> np.ndarray:
 def run_keras_example(extractor: FeatureExtractor, records: list[Record], frames: int) -> tuple[float, dict]:
     """The example's ``prepare_all_videos`` feature loop: one ``predict`` per frame, first N frames.
 
-    The example's feature extractor is a keras Model with ``preprocess_input`` inside it; here
-    the same network (``extractor.model``) gets the backbone's ``preprocess`` before each call.
+    The example's feature extractor is a keras Model with ``preprocess_input`` inside it, and so
+    is ``extractor.model`` (uint8 frames in, the backbone's own preprocessing in the graph).
     """
-    model, preprocess, size = extractor.model, extractor.backbone.preprocess, extractor.size
+    model, size = extractor.model, extractor.size
     decode_s, n_decoded, n_used = 0.0, 0, 0
     started = time.perf_counter()
     for rec in records:
@@ -272,7 +272,7 @@ def run_keras_example(extractor: FeatureExtractor, records: list[Record], frames
         features = np.zeros((1, frames, *extractor.feature_shape), dtype="float32")
         length = min(frames, len(batch))
         for j in range(length):
-            features[0, j, :] = model.predict(preprocess(batch[None, j, :]), verbose=0)
+            features[0, j, :] = model.predict(batch[None, j, :], verbose=0)
         n_used += length
     seconds = time.perf_counter() - started
     return seconds, {"decode_seconds": decode_s, "decoded_frames": n_decoded, "frames": n_used}

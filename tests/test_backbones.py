@@ -8,7 +8,16 @@ import sys
 import numpy as np
 import pytest
 
-from featpipe.backbones import REGISTRY, FeatureExtractor, build_model, fingerprint, get_backbone, weights_label
+from featpipe.backbones import (
+    REGISTRY,
+    FeatureExtractor,
+    activation_bytes_per_frame,
+    auto_batch_size,
+    build_model,
+    fingerprint,
+    get_backbone,
+    weights_label,
+)
 from featpipe.errors import BackboneError
 
 SMALL = {name: (64 if name.startswith("efficientnet") else max(b.min_size, 32)) for name, b in REGISTRY.items()}
@@ -135,3 +144,96 @@ def test_batches_are_padded_to_one_shape_so_results_do_not_depend_on_batch_fill(
     full = ex(frames)
     alone = ex(frames[:1])
     np.testing.assert_array_equal(full[:1], alone)
+
+
+def test_mixed_precision_keeps_the_weights_fingerprint_and_nearly_the_features():
+    frames = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    full = FeatureExtractor("vgg16", 32, weights="none", batch_size=4)
+    mixed = FeatureExtractor("vgg16", 32, weights="none", batch_size=4, precision="mixed_bfloat16")
+    assert mixed.fingerprint == full.fingerprint
+    a, b = full(frames), mixed(frames)
+    assert b.dtype == np.float32
+    assert np.abs(a - b).max() < 0.1 * np.abs(a).max()
+
+
+def test_an_unknown_precision_names_the_choices():
+    with pytest.raises(BackboneError, match="mixed_float16, mixed_bfloat16"):
+        FeatureExtractor("vgg16", 32, weights="none", precision="fp8")
+
+
+def test_preprocessing_runs_inside_the_inference_graph_and_matches_the_numpy_path():
+    """uint8 frames go to the device; the backbone's own preprocess_input runs in the graph."""
+    b = get_backbone("inceptionv3")
+    ex = FeatureExtractor(b, 75, weights="none", batch_size=2)
+    frames = np.random.default_rng(3).integers(0, 256, (2, 75, 75, 3), dtype=np.uint8)
+    net = build_model(b, 75, "none", seed=0)
+    direct = np.asarray(net.predict_on_batch(b.preprocess(frames)))
+    # the same arithmetic up to float32 rounding (kernels may sum in another order)
+    assert np.abs(ex(frames) - direct).max() < 1e-3 * np.abs(direct).max()
+
+
+class _FakeDevice:
+    def __init__(self, free_gib: float):
+        self.kind, self.name, self.accelerator = "gpu", "fake", True
+        self.total_bytes = self.free_bytes = int(free_gib * 2**30)
+
+
+def test_batch_size_is_sized_from_the_devices_free_memory():
+    model = build_model(get_backbone("vgg16"), 32, "none")
+    per_frame = activation_bytes_per_frame(model) / 2
+    from featpipe.devices import CPU
+
+    assert auto_batch_size(model, CPU) == 32
+    sizes = [auto_batch_size(model, _FakeDevice(per_frame * n / 0.5 / 2**30)) for n in (3, 20, 100, 10**6)]
+    assert sizes == [8, 16, 64, 256], "largest power of two that fits half the free memory, within 8..256"
+    assert auto_batch_size(model, _FakeDevice(per_frame * 20 / 0.5 / 2**30), "mixed_float16") == 32
+
+
+def test_out_of_memory_halves_the_device_calls_and_keeps_the_results():
+    ex = FeatureExtractor("vgg16", 32, weights="none", batch_size=None)  # batch size chosen: 32 on this CPU
+    frames = np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    expected = ex(frames)
+    real = ex.model.predict_on_batch
+    shapes = []
+
+    def small_device(batch):
+        shapes.append(len(batch))
+        if len(batch) > 8:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+        return real(batch)
+
+    ex.model.predict_on_batch = small_device
+    got = ex(frames)
+    assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()  # float32 rounding of other batch sizes
+    assert set(shapes[-3:]) == {8}, "the calls shrank to a size that fits"
+
+
+def test_out_of_memory_with_an_explicit_batch_size_is_not_hidden():
+    ex = FeatureExtractor("vgg16", 32, weights="none", batch_size=16)
+
+    def full_device(batch):
+        raise RuntimeError("CUDA out of memory")
+
+    ex.model.predict_on_batch = full_device
+    with pytest.raises(RuntimeError, match="out of memory"):
+        ex(np.zeros((4, 32, 32, 3), np.uint8))
+
+
+def test_a_compiler_failure_falls_back_to_uncompiled_inference_with_a_warning():
+    ex = FeatureExtractor("vgg16", 32, weights="none", batch_size=4)
+    frames = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    expected = ex(frames)
+    ex.jit_compile = True  # as on a GPU
+    real = ex.model.predict_on_batch
+
+    def compiled_then_plain(batch):
+        if ex.model.jit_compile:  # what the backend's compiler would choke on
+            raise RuntimeError("compiler: unsupported operation")
+        return real(batch)
+
+    ex.model.jit_compile = True
+    ex.model.predict_on_batch = compiled_then_plain
+    with pytest.warns(RuntimeWarning, match="running uncompiled"):
+        got = ex(frames)
+    assert ex.jit_compile is False and not ex.model.jit_compile
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()

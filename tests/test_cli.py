@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ def sample(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("command", [[], ["sample-data"], ["extract"], ["info"]])
+@pytest.mark.parametrize("command", [[], ["sample-data"], ["extract"], ["merge"], ["info"]])
 def test_every_command_explains_its_options(command):
     result = run(*command, "--help")
     assert result.exit_code == 0
@@ -41,7 +42,7 @@ def test_every_command_explains_its_options(command):
 def test_extract_help_documents_the_main_options():
     out = run("extract", "--help").output
     for option in ("--backbone", "--data", "--csv", "--frames", "--sampling", "--size", "--weights", "--batch-size",
-                   "--workers", "--dtype", "--output", "--strict", "--quiet", "--retry-failed"):
+                   "--workers", "--dtype", "--output", "--strict", "--quiet", "--retry-failed", "--shard", "--precision"):
         assert option in out
 
 
@@ -125,3 +126,34 @@ def test_sample_data_refuses_a_foreign_folder(tmp_path):
     result = run("sample-data", str(tmp_path / "mine"))
     assert result.exit_code == 2 and "--overwrite" in result.stderr
     assert (tmp_path / "mine" / "thesis.txt").exists()
+
+
+def test_shards_merge_into_a_cache_that_trains_and_evaluates(sample, tmp_path):
+    cache = tmp_path / "cache"
+    merged = cache / "vgg16.h5"
+    for i in (1, 2):
+        result = run("extract", "--data", str(sample), "--cache", str(cache), *SMALL, "--quiet", "--shard", f"{i}/2")
+        assert result.exit_code == 0, result.output
+        assert f"vgg16.shard-{i}-of-2.h5" in result.stdout and f"featpipe merge --output {merged}" in result.stdout
+    models = ["--models-dir", str(tmp_path / "models"), "--epochs", "2", "--patience", "2", "--quiet"]
+    early = run("train", "--cache-dir", str(cache), *models)
+    assert early.exit_code == 2
+    assert "holds only shards" in early.stderr and f"featpipe merge --output {merged}" in early.stderr
+    result = run("merge", "--output", str(merged))
+    assert result.exit_code == 0, result.output
+    assert "Merged 2 shards" in result.stdout and "16 clips" in result.stdout
+    trained = run("train", "--cache-dir", str(cache), *models)  # the shards beside the merged cache do not count
+    assert trained.exit_code == 0, trained.output
+    assert "test accuracy" in trained.stdout
+    evaluated = run("evaluate", str(tmp_path / "models" / "latest"), "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert metrics["n"] == 4 and Path(metrics["cache"]).resolve() == merged.resolve()
+
+
+@pytest.mark.parametrize("spec", ["0/2", "3/2", "half"])
+def test_a_bad_shard_is_exit_2_with_a_sentence(sample, tmp_path, spec):
+    result = run("extract", "--data", str(sample), "--output", str(tmp_path / "c.h5"), *SMALL, "--shard", spec)
+    assert result.exit_code == 2
+    assert "--shard must look like I/N with 1 <= I <= N, e.g. 2/4" in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from featpipe.backbones import FeatureExtractor
-from featpipe.cache import CacheLock, iter_journal, journal_path
+from featpipe.cache import CacheLock, CacheWriter, iter_journal, journal_path, merge_shards, shard_of, shard_path, summarize
 from featpipe.datasets import index_dataset
-from featpipe.errors import ExtractionFailed
+from featpipe.errors import CacheError, ExtractionFailed, FeatpipeError
 from featpipe.extract import extract
 from featpipe.sample_data import write_sample_data
 from featpipe.video import count_frames, read_clip
@@ -246,3 +246,138 @@ def test_raw_backbone_caches_the_sampled_frames_as_uint8(sample, tmp_path):
         assert f.attrs["backbone"] == "raw" and f.attrs["weights"] == "none"
         clip = read_clip(ds.records[3].path, 8, 16, "uniform")
         np.testing.assert_array_equal(f["features"][3], clip.frames)
+
+
+# ----------------------------------------------------------------------------- shards
+
+# One frame per forward pass: on CPU a frame's features can differ in the last float16 bit with the
+# frames that share its batch, and a shard batches other frames together than a whole run does.
+EXACT = {**SMALL, "batch_size": 1}
+
+
+@pytest.fixture(scope="module")
+def unsharded(sample, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("unsharded") / "whole.h5"
+    extract(data=sample, output=out, **EXACT)
+    return out
+
+
+def test_shards_partition_the_clips_and_merged_equal_an_unsharded_extraction(sample, unsharded, tmp_path):
+    out = tmp_path / "c.h5"
+    results = [extract(data=sample, output=out, shard=f"{i}/3", **EXACT) for i in (1, 2, 3)]
+    assert [r.cache for r in results] == [tmp_path / f"c.shard-{i}-of-3.h5" for i in (1, 2, 3)]
+    assert not out.exists()
+    whole = read_all(unsharded)
+    row_of = {v.decode(): i for i, v in enumerate(whole["video"])}
+    seen, classes_present = [], []
+    for i, result in enumerate(results, 1):
+        shard = read_all(result.cache)
+        videos = [v.decode() for v in shard["video"]]
+        assert videos and all(shard_of(v, 3) == i for v in videos)
+        assert shard["attrs"]["shard"] == f"{i}/3"
+        assert list(shard["attrs"]["class_names"]) == list(whole["attrs"]["class_names"])
+        rows = [row_of[v] for v in videos]
+        np.testing.assert_array_equal(shard["label"], whole["label"][rows])
+        np.testing.assert_array_equal(shard["split"], whole["split"][rows])
+        seen += videos
+        classes_present.append(len(set(shard["label"])))
+    assert sorted(seen) == sorted(row_of), "every clip in exactly one shard"
+    assert min(classes_present) < 4, "a shard lacking a class still records all four class names"
+    merge_shards(output=out)
+    assert_same_cache(out, unsharded)
+    assert "shard" not in read_all(out)["attrs"]
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it runs, so the clips stay in the journal."""
+
+
+def test_a_killed_shard_resumes_from_its_own_journal_and_lock(sample, unsharded, tmp_path, monkeypatch):
+    out = tmp_path / "c.h5"
+    first = shard_path(out, 1, 2)
+    appended = []
+    real_append = CacheWriter.append
+
+    def append_then_die(self, rec):
+        if len(appended) == 3:
+            raise Killed()
+        appended.append(rec.video)
+        real_append(self, rec)
+
+    monkeypatch.setattr(CacheWriter, "append", append_then_die)
+    with pytest.raises(Killed):
+        extract(data=sample, output=out, shard="1/2", **EXACT)
+    monkeypatch.undo()
+    assert [h["video"] for h in iter_journal(journal_path(first))] == appended
+    assert not first.exists() and not journal_path(out).exists()
+    with CacheLock(first):  # shard 1 "still running": shard 2 has a lock and journal of its own
+        extract(data=sample, output=out, shard="2/2", **EXACT)
+        with pytest.raises(CacheError, match="being written by a running extraction"):
+            merge_shards(output=out)
+    with pytest.raises(CacheError, match=r"unfinished extraction.*--shard 1/2"):
+        merge_shards(output=out)
+    resumed = extract(data=sample, output=out, shard="1/2", **EXACT)
+    assert (resumed.n_skipped, resumed.n_new) == (3, resumed.n_clips - 3)
+    assert not journal_path(first).exists()
+    merge_shards(output=out)
+    assert_same_cache(out, unsharded)
+
+
+def test_a_shard_that_gets_no_clip_writes_a_valid_empty_cache(tmp_path):
+    data = tmp_path / "tiny"
+    write_video(data / "a" / "one.mp4", 10, 48, 48)
+    write_video(data / "b" / "two.mp4", 10, 48, 48)
+    keys = [r.video for r in index_dataset(data).records]
+    idle = next(i for i in (1, 2, 3) if all(shard_of(k, 3) != i for k in keys))
+    result = extract(data=data, output=tmp_path / "c.h5", shard=f"{idle}/3", **SMALL)
+    assert result.n_clips == 0 and result.failed == []
+    summary = summarize(result.cache)
+    assert summary.n_clips == 0 and summary.config.class_names == ("a", "b")
+    with h5py.File(result.cache, "r") as f:
+        assert f["features"].shape == (0, 8, 512) and f.attrs["shard"] == f"{idle}/3"
+
+
+def test_a_backbone_failure_mid_run_keeps_every_clip_finished_before_it(sample, tmp_path, monkeypatch):
+    out = tmp_path / "c.h5"
+    calls = []
+    real_call = FeatureExtractor.__call__
+
+    def fail_on_the_fourth_batch(self, frames):
+        calls.append(len(frames))
+        if len(calls) == 4:
+            raise RuntimeError("device lost")
+        return real_call(self, frames)
+
+    monkeypatch.setattr(FeatureExtractor, "__call__", fail_on_the_fourth_batch)
+    with pytest.raises(RuntimeError, match="device lost"):
+        extract(data=sample, output=out, **SMALL)
+    monkeypatch.undo()
+    saved = [h["video"] for h in iter_journal(journal_path(out))]
+    assert len(saved) >= 2, "clips whose frames were all in the first three batches are in the journal"
+    resumed = extract(data=sample, output=out, **SMALL)
+    assert resumed.n_skipped == len(saved) and resumed.n_clips == 16 and not resumed.failed
+
+
+def test_the_result_says_how_busy_the_backbone_was(sample, tmp_path):
+    result = extract(data=sample, output=tmp_path / "c.h5", **SMALL)
+    assert result.batch_size == 8
+    assert 0 < result.infer_seconds < result.seconds
+    assert 0 <= result.starved_seconds < result.seconds
+
+
+def test_mixed_precision_is_recorded_and_gives_nearly_the_float32_features(sample, tmp_path):
+    full = extract(data=sample, output=tmp_path / "f32.h5", **SMALL)
+    mixed = extract(data=sample, output=tmp_path / "bf16.h5", precision="mixed_bfloat16", **SMALL)
+    a, b = read_all(full.cache), read_all(mixed.cache)
+    assert a["attrs"]["precision"] == "float32" and b["attrs"]["precision"] == "mixed_bfloat16"
+    assert a["attrs"]["weights_fingerprint"] == b["attrs"]["weights_fingerprint"], "same network, other arithmetic"
+    assert b["features"].dtype == np.float16, "storage stays --dtype"
+    x, y = a["features"][a["mask"]].astype(np.float32), b["features"][b["mask"]].astype(np.float32)
+    scale = np.abs(x).max()
+    assert np.abs(x - y).max() < 0.1 * scale and not np.array_equal(x, y)
+
+
+def test_an_unknown_precision_is_refused_before_any_work(sample, tmp_path):
+    with pytest.raises(FeatpipeError, match="--precision must be one of float32, mixed_float16, mixed_bfloat16"):
+        extract(data=sample, output=tmp_path / "c.h5", precision="float8", **SMALL)
+    assert not (tmp_path / "c.h5").exists()

@@ -4,6 +4,8 @@ The Python API mirrors the command line, with the same defaults:
 
     import featpipe
     featpipe.extract(backbone="inceptionv3", data="data")      # -> ExtractResult (cache path, counts, failures)
+    featpipe.extract(backbone="inceptionv3", shard="2/4")      # one of 4 shards -> cache/inceptionv3.shard-2-of-4.h5
+    featpipe.merge(output="cache/inceptionv3.h5")              # the 4 shards -> one cache (Path)
     featpipe.train(rnn="gru")                                  # -> TrainResult (run directory, metrics)
     featpipe.evaluate("models/latest", split="test")           # -> dict of metrics
     featpipe.predict(["clip.mp4"], model="models/latest")      # -> [Prediction(clip, top, error)]
@@ -20,12 +22,13 @@ __version__ = "0.1.0"
 # the modules are loaded, makes ``featpipe.extract`` the function (``featpipe.extract.ExtractOptions``
 # stays importable with ``from featpipe.extract import ExtractOptions``).
 from featpipe.extract import ExtractOptions, ExtractResult, extract  # noqa: E402
+from featpipe.cache import merge_shards as merge  # noqa: E402
 from featpipe.train import TrainOptions, TrainResult, train  # noqa: E402
 from featpipe.evaluate import evaluate  # noqa: E402
 from featpipe.predict import Prediction, predict  # noqa: E402
 from featpipe.info import info  # noqa: E402
 
 __all__ = [
-    "FeatpipeError", "__version__", "extract", "ExtractOptions", "ExtractResult", "train", "TrainOptions",
+    "FeatpipeError", "__version__", "extract", "ExtractOptions", "ExtractResult", "merge", "train", "TrainOptions",
     "TrainResult", "evaluate", "predict", "Prediction", "info",
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,29 +215,85 @@ def build_model(backbone: Backbone, size: int, weights: str = WEIGHTS_IMAGENET, 
     return model
 
 
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+_MAX_AUTO_BATCH = 256
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise BackboneError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'.")
+    return precision
+
+
+def _inference_model(backbone: Backbone, size: int, model, precision: str, jit_compile):
+    """Wrap the float32 feature network for inference: uint8 frames in, float32 features out.
+
+    The backbone's own ``preprocess_input`` runs INSIDE the graph (on the device, after a
+    uint8 transfer that is 4x smaller than float32), so the host thread only stacks frames.
+    With a mixed precision the same architecture is rebuilt under that dtype policy and given
+    the float32 network's weights, so the weights fingerprint never depends on the precision.
+    """
+    import keras
+
+    net = model
+    if precision != "float32":
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(precision)
+        try:
+            constructor = getattr(backbone.keras_module(), backbone.constructor)
+            net = constructor(weights=None, include_top=False, pooling="avg", input_shape=(size, size, 3))
+        finally:
+            keras.config.set_dtype_policy(previous)
+        net.set_weights(model.get_weights())
+        net.trainable = False
+    frames = keras.Input((size, size, 3), dtype="uint8", name="frames")
+    x = backbone.keras_module().preprocess_input(keras.ops.cast(frames, "float32"))
+    features = keras.ops.cast(net(x, training=False), "float32")
+    wrapped = keras.Model(frames, features, name=f"{backbone.name}_features")
+    wrapped.compile(jit_compile=jit_compile)
+    return wrapped
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(s in text for s in ("out of memory", "outofmemory", "resource_exhausted", "resourceexhausted", "oom"))
+
+
 class FeatureExtractor:
     """A frozen backbone that turns uint8 RGB frames into pooled features, batch by batch.
 
-    Every call runs one fixed-shape batch (``batch_size`` frames, zero-padded) so the compiled
-    predict function is traced once.
+    Every call runs fixed-shape batches (``batch_size`` frames, zero-padded) so the compiled
+    predict function is traced once. ``precision`` is the compute dtype policy of the backbone
+    (features come back as float32 either way). Inference is compiled (XLA, jax.jit or
+    torch.compile) on an accelerator, Keras' own choice on a CPU. If the device runs out of
+    memory on a batch size that was not given explicitly, the batch is split in halves.
     """
 
     def __init__(self, backbone: Backbone | str, size: int | None = None, weights: str = WEIGHTS_IMAGENET,
-                 seed: int = 0, batch_size: int = 32):
+                 seed: int = 0, batch_size: int | None = 32, precision: str = "float32"):
         self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
         self.size = check_size(self.backbone, size or self.backbone.default_size)
         self.weights = weights_label(weights)
         self.seed = seed
-        self.batch_size = int(batch_size)
+        self.precision = _check_precision(precision)
+        self._auto_batch = batch_size is None
         if self.backbone.raw:
             self.weights = WEIGHTS_NONE
             self.model = None
             self.fingerprint = RAW_FINGERPRINT
             self.feature_shape: tuple[int, ...] = (self.size, self.size, 3)
+            self.batch_size = int(batch_size or 32)
         else:
-            self.model = build_model(self.backbone, self.size, self.weights, seed)
-            self.fingerprint = fingerprint(self.model)
+            from featpipe.devices import current_device
+
+            model = build_model(self.backbone, self.size, self.weights, seed)
+            self.fingerprint = fingerprint(model)
             self.feature_shape = (self.backbone.feature_dim,)
+            device = current_device()
+            self.batch_size = int(batch_size or auto_batch_size(model, device, self.precision))
+            self.jit_compile = True if device.accelerator else "auto"
+            self.model = _inference_model(self.backbone, self.size, model, self.precision, self.jit_compile)
+        self._micro = self.batch_size  # frames per device call; halved on out-of-memory
 
     @property
     def storage_dtype(self) -> str | None:
@@ -250,15 +307,56 @@ class FeatureExtractor:
             raise ValueError(f"got {n} frames for a batch of {self.batch_size}")
         if self.backbone.raw:
             return np.asarray(frames)
+        if n == 0:
+            return np.zeros((0, *self.feature_shape), np.float32)
         batch = np.zeros((self.batch_size, self.size, self.size, 3), dtype=np.uint8)
         batch[:n] = frames
-        out = self.model.predict_on_batch(self.backbone.preprocess(batch))
-        return np.asarray(out, dtype=np.float32)[:n]
+        while True:
+            try:  # every call has the same shape (_micro divides batch_size), so one compiled trace
+                parts = [self.model.predict_on_batch(batch[i:i + self._micro]) for i in range(0, n, self._micro)]
+                break
+            except Exception as exc:
+                if self._auto_batch and self._micro > 1 and _is_out_of_memory(exc):
+                    self._micro //= 2  # the device is fuller than estimated: smaller calls, same results
+                elif getattr(self, "jit_compile", None) is True and not _is_out_of_memory(exc):
+                    # a compiler that cannot handle this graph on this backend: same results, uncompiled
+                    warnings.warn(f"Compiled inference failed ({type(exc).__name__}: {exc}); running uncompiled.",
+                                  RuntimeWarning, stacklevel=2)
+                    self.jit_compile = False
+                    self.model.compile(jit_compile=False)
+                else:
+                    raise
+        return np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])[:n]
 
 
-def default_batch_size() -> int:
-    """Frames per forward pass when --batch-size is not given: larger on an accelerator."""
-    import keras
+def activation_bytes_per_frame(model) -> int:
+    """Sum of every layer's output size for one frame, in float32 bytes: an upper bound on memory."""
+    total = 0
+    for layer in model.layers:
+        outputs = layer.output if isinstance(layer.output, (list, tuple)) else [layer.output]
+        total += sum(int(np.prod(o.shape[1:])) for o in outputs)
+    return 4 * total
 
-    devices = [d.lower() for d in keras.distribution.list_devices()]
-    return 128 if any(d.startswith(("gpu", "cuda", "tpu")) for d in devices) else 32
+
+def auto_batch_size(model, device=None, precision: str = "float32") -> int:
+    """Frames per forward pass when --batch-size is not given.
+
+    CPU: 32. Accelerator: the largest power of two whose activations fit in half the free
+    device memory, taking half the sum of all layer outputs per frame (frameworks reuse
+    buffers; mixed precision halves them again), between 8 and 256.
+    """
+    from featpipe.devices import current_device
+
+    device = device or current_device()
+    if not device.accelerator:
+        return 32
+    if not device.free_bytes:
+        return 128
+    per_frame = activation_bytes_per_frame(model) / 2
+    if precision != "float32":
+        per_frame /= 2
+    fits = int(device.free_bytes * 0.5 / max(per_frame, 1))
+    size = 8
+    while size * 2 <= min(fits, _MAX_AUTO_BATCH):
+        size *= 2
+    return size

@@ -22,21 +22,31 @@ replaces the old cache, and only then is the journal removed. So a SIGKILL at an
 at most the clips in flight, and the next run resumes from cache + journal and ends with the
 same cache a clean run produces. An exclusive lock (``<cache>.lock``, released by the OS when
 the process dies) stops two extractions from writing one cache at once.
+
+Shards. ``extract --shard I/N`` writes the clips whose key hashes to I (of N) into
+``<stem>.shard-I-of-N<suffix>`` beside the cache, with its own journal and lock; every shard
+records the full dataset's class names. ``merge_shards`` checks that a set is complete,
+finished and made with one set of settings, and writes the cache an unsharded run would have
+written (rows sorted by clip key), atomically, copying one clip at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import re
 import struct
 import zlib
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from featpipe.errors import CacheError
+from featpipe.errors import CacheError, FeatpipeError
 
 SCHEMA_VERSION = 1
 
@@ -299,6 +309,41 @@ class CacheLock:
             self._fh = None
 
 
+# ----------------------------------------------------------------------------- shards
+
+_SHARD_SPEC = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+_SHARD_NAME = re.compile(r"(?P<stem>.+)\.shard-(?P<index>\d+)-of-(?P<count>\d+)(?P<suffix>\.[^.]*)?")
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"2/4"`` -> (2, 4): the 1-based shard index and the number of shards."""
+    m = _SHARD_SPEC.fullmatch(str(spec))
+    if not m or not 1 <= int(m[1]) <= int(m[2]):
+        raise FeatpipeError(f"--shard must look like I/N with 1 <= I <= N, e.g. 2/4; got '{spec}'.")
+    return int(m[1]), int(m[2])
+
+
+def shard_of(key: str, count: int) -> int:
+    """The shard (1..count) a clip key belongs to: a SHA-1 of the key, so the same on every
+    machine and in every process, whatever other clips exist."""
+    return int(hashlib.sha1(key.encode("utf-8")).hexdigest(), 16) % count + 1
+
+
+def shard_path(cache: Path, index: int, count: int) -> Path:
+    """``cache/vgg16.h5`` -> ``cache/vgg16.shard-2-of-4.h5``."""
+    cache = Path(cache)
+    return cache.with_name(f"{cache.stem}.shard-{index}-of-{count}{cache.suffix}")
+
+
+def parse_shard_path(path: Path) -> tuple[Path, int, int] | None:
+    """``cache/vgg16.shard-2-of-4.h5`` -> (``cache/vgg16.h5``, 2, 4); None for a name that is not a shard's."""
+    path = Path(path)
+    m = _SHARD_NAME.fullmatch(path.name)
+    if m is None:
+        return None
+    return path.with_name(m["stem"] + (m["suffix"] or "")), int(m["index"]), int(m["count"])
+
+
 # ----------------------------------------------------------------------------- reading
 
 
@@ -349,8 +394,9 @@ class CacheSummary:
 
     def lines(self) -> list[str]:
         c = self.config
+        shard = f" (shard {_as_str(c.extra['shard'])}; combine the shards with `featpipe merge`)" if "shard" in c.extra else ""
         out = [
-            f"Cache {self.path}: {self.n_clips} clips, {self.real_frames} real frames, {self.n_failed} failed",
+            f"Cache {self.path}{shard}: {self.n_clips} clips, {self.real_frames} real frames, {self.n_failed} failed",
             f"  backbone {c.backbone} ({c.weights}, fingerprint {c.weights_fingerprint}), input {c.input_size}px, "
             f"{c.frames} frames ({c.sampling}), features {list(c.feature_shape)} {c.dtype}",
         ]
@@ -392,8 +438,7 @@ class CacheWriter:
         self.path = Path(path)
         self.config = config
         self.journal = journal_path(self.path)
-        for stale in self.path.parent.glob(self.path.name + ".tmp-*"):
-            stale.unlink()  # a finalize killed before its rename; the old cache is intact
+        _remove_stale_temporaries(self.path)  # a finalize killed before its rename; the old cache is intact
         self._existing: dict[str, int] = {}  # key -> row in the existing cache
         self._existing_failed: dict[str, str] = {}
         if self.path.exists():
@@ -463,7 +508,6 @@ class CacheWriter:
             for e in entries:
                 self._journal_entries[e.header["video"]] = e
         assignments = assignments or {}
-        h5py = _require_h5py()
         c = self.config
         rows: dict[str, tuple[str, object]] = {}  # key -> (source, handle)
         for key, row in self._existing.items():
@@ -477,55 +521,30 @@ class CacheWriter:
                 rows[key] = ("journal", entry)
                 failed.pop(key, None)
         keys = sorted(rows)
-        failed_keys = sorted(k for k in failed if k not in rows)
-        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        old = open_h5(self.path) if self._existing else None
-        n, t = len(keys), c.frames
-        str_dt = h5py.string_dtype()
-        try:
-            with h5py.File(tmp, "w") as out, open(self.journal, "rb") if self.journal.exists() else _Null() as jf:
-                for k, v in c.attrs().items():
-                    out.attrs[k] = v
-                feats = out.create_dataset("features", shape=(n, t, *c.feature_shape), dtype=c.dtype,
-                                           chunks=(1, t, *c.feature_shape) if n else None)
-                masks = out.create_dataset("mask", shape=(n, t), dtype=bool)
-                labels = np.zeros(n, dtype=np.int64)
-                splits, n_frames = [], np.zeros(n, dtype=np.int64)
-                mask_all = np.zeros((n, t), dtype=bool)
-                feat_bytes = int(np.prod((t, *c.feature_shape))) * np.dtype(c.dtype).itemsize
-                for i, key in enumerate(keys):
-                    source, handle = rows[key]
-                    if source == "h5":
-                        feats[i] = old["features"][handle]
-                        mask_all[i] = old["mask"][handle]
-                        label, split = int(old["label"][handle]), old["split"].asstr()[handle]
-                        n_frames[i] = int(old["n_frames"][handle])
-                    else:
-                        jf.seek(handle.offset)
-                        payload = jf.read(handle.length)
-                        feats[i] = np.frombuffer(payload[:feat_bytes], dtype=c.dtype).reshape(t, *c.feature_shape)
-                        mask_all[i] = np.frombuffer(payload[feat_bytes:], dtype=bool)
-                        label, split = int(handle.header["label"]), handle.header["split"]
-                        n_frames[i] = int(handle.header["n_frames"])
-                    label, split = assignments.get(key, (label, split))
-                    labels[i] = label
-                    splits.append(split)
-                masks[...] = mask_all
-                out.create_dataset("label", data=labels)
-                out.create_dataset("split", data=np.array(splits, dtype=object), dtype=str_dt)
-                out.create_dataset("video", data=np.array(keys, dtype=object), dtype=str_dt)
-                out.create_dataset("n_frames", data=n_frames)
-                grp = out.create_group("failed")
-                grp.create_dataset("video", data=np.array(failed_keys, dtype=object), dtype=str_dt)
-                grp.create_dataset("reason", data=np.array([failed[k] for k in failed_keys], dtype=object), dtype=str_dt)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-        finally:
-            if old is not None:
-                old.close()
-        os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        failed = {k: v for k, v in failed.items() if k not in rows}
+        failed_keys = sorted(failed)
+        feat_bytes = int(np.prod((c.frames, *c.feature_shape))) * np.dtype(c.dtype).itemsize
+
+        with ExitStack() as stack:
+            old = stack.enter_context(open_h5(self.path)) if self._existing else None
+            jf = stack.enter_context(open(self.journal, "rb")) if self.journal.exists() else None
+
+            def read_row(key: str) -> _Row:
+                source, handle = rows[key]
+                if source == "h5":
+                    row = _read_h5_row(old, handle)
+                else:
+                    jf.seek(handle.offset)
+                    payload = jf.read(handle.length)
+                    row = _Row(np.frombuffer(payload[:feat_bytes], dtype=c.dtype).reshape(c.frames, *c.feature_shape),
+                               np.frombuffer(payload[feat_bytes:], dtype=bool), int(handle.header["label"]),
+                               handle.header["split"], int(handle.header["n_frames"]))
+                if key in assignments:
+                    row = dataclasses.replace(row, label=int(assignments[key][0]), split=assignments[key][1])
+                return row
+
+            tmp = _write_temporary(self.path, c, keys, read_row, failed)
+        _install(tmp, self.path)  # after the old cache is closed (Windows cannot replace an open file)
         if self.journal.exists():
             self.journal.unlink()
         self._existing = {k: i for i, k in enumerate(keys)}
@@ -534,12 +553,79 @@ class CacheWriter:
         return self.path
 
 
-class _Null:
-    def __enter__(self):
-        return None
+@dataclass(frozen=True)
+class _Row:
+    """One clip's row of a cache, as read from a cache, a journal or a shard."""
 
-    def __exit__(self, *exc):
-        return False
+    features: np.ndarray  # (T, *feature_shape)
+    mask: np.ndarray  # (T,) bool
+    label: int
+    split: str
+    n_frames: int
+
+
+def _read_h5_row(f, row: int) -> _Row:
+    return _Row(f["features"][row], f["mask"][row], int(f["label"][row]), f["split"].asstr()[row], int(f["n_frames"][row]))
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Drop what a write killed before its rename left beside ``path`` (the old file is intact)."""
+    for stale in path.parent.glob(path.name + ".tmp-*"):
+        stale.unlink()
+
+
+def _write_temporary(path: Path, config: CacheConfig, keys: list[str], read_row: Callable[[str], _Row],
+                     failed: dict[str, str]) -> Path:
+    """Write a complete cache into a temporary file beside ``path``, fsync it and return it.
+
+    ``keys`` (sorted) become the rows, read one clip at a time with ``read_row``, so memory stays
+    bounded whatever the cache size; ``failed`` maps clip key -> reason. ``_install`` then puts
+    it in place. Used by ``CacheWriter.finalize`` and ``merge_shards``.
+    """
+    h5py = _require_h5py()
+    c = config
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    n, t = len(keys), c.frames
+    str_dt = h5py.string_dtype()
+    failed_keys = sorted(failed)
+    try:
+        with h5py.File(tmp, "w") as out:
+            for k, v in c.attrs().items():
+                out.attrs[k] = v
+            feats = out.create_dataset("features", shape=(n, t, *c.feature_shape), dtype=c.dtype,
+                                       chunks=(1, t, *c.feature_shape) if n else None)
+            masks = out.create_dataset("mask", shape=(n, t), dtype=bool)
+            labels = np.zeros(n, dtype=np.int64)
+            splits, n_frames = [], np.zeros(n, dtype=np.int64)
+            mask_all = np.zeros((n, t), dtype=bool)
+            for i, key in enumerate(keys):
+                row = read_row(key)
+                feats[i] = row.features
+                mask_all[i] = row.mask
+                labels[i] = row.label
+                splits.append(row.split)
+                n_frames[i] = row.n_frames
+            masks[...] = mask_all
+            out.create_dataset("label", data=labels)
+            out.create_dataset("split", data=np.array(splits, dtype=object), dtype=str_dt)
+            out.create_dataset("video", data=np.array(keys, dtype=object), dtype=str_dt)
+            out.create_dataset("n_frames", data=n_frames)
+            grp = out.create_group("failed")
+            grp.create_dataset("video", data=np.array(failed_keys, dtype=object), dtype=str_dt)
+            grp.create_dataset("reason", data=np.array([failed[k] for k in failed_keys], dtype=object), dtype=str_dt)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _install(tmp: Path, path: Path) -> None:
+    """Atomically replace ``path`` with the finished temporary file ``tmp``."""
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def iter_journal(path: Path) -> Iterator[dict]:
@@ -547,3 +633,190 @@ def iter_journal(path: Path) -> Iterator[dict]:
     _, entries, _ = _read_journal(Path(path))
     for e in entries:
         yield e.header
+
+
+# ----------------------------------------------------------------------------- merging shards
+
+
+@dataclass
+class _Shard:
+    path: Path
+    file: object  # the open h5py.File
+    config: CacheConfig
+    index: int
+    count: int
+
+
+def find_shards(output: str | Path) -> list[Path]:
+    """The shard files of the cache ``output`` beside it (``<stem>.shard-I-of-N<suffix>``), by N then I."""
+    output = Path(output)
+    if not output.parent.is_dir():
+        return []
+    found = []
+    for p in output.parent.iterdir():
+        parsed = parse_shard_path(p)
+        if parsed is not None and parsed[0].name == output.name and p.is_file():
+            found.append((parsed[2], parsed[1], p))
+    return [p for _, _, p in sorted(found)]
+
+
+def merge_shards(shards: Sequence[str | Path] | None = None, output: str | Path | None = None,
+                 force: bool = False) -> Path:
+    """Combine the shards of one ``extract --shard I/N`` set into the cache ``output``; return its path.
+
+    Without ``shards``, every ``<output stem>.shard-*-of-*<suffix>`` beside ``output`` is taken.
+    The result equals the cache an unsharded extraction writes (rows sorted by clip key; the
+    informational ``shard`` attribute dropped); it is written to a temporary file, fsynced and
+    renamed, one clip in memory at a time. Raises CacheError, naming the file, for a missing,
+    unfinished or locked shard, shards of different N or settings, one clip with different
+    contents in two shards, and an existing ``output`` (unless ``force``).
+    """
+    if output is None:
+        raise FeatpipeError("Name the merged cache with --output FILE, e.g. --output cache/inceptionv3.h5.")
+    output = Path(output)
+    paths = _unique_paths(shards) if shards else find_shards(output)
+    if not paths:
+        raise CacheError(
+            f"No shards of '{output}' found (files named {output.stem}.shard-I-of-N{output.suffix} beside it); "
+            f"run `featpipe extract --shard I/N --output {output}` for every I first, or name the shard files."
+        )
+    if any(p.resolve() == output.resolve() for p in paths):
+        raise CacheError(f"'{output}' is one of the shards; write the merged cache to another file with --output.")
+    if output.exists() and not force:
+        raise CacheError(f"'{output}' already exists; pass --force to replace it with the merged shards.")
+    for p in paths:
+        if not p.is_file():
+            if journal_path(p).exists():
+                _refuse_in_progress(p)
+            raise CacheError(f"Shard file '{p}' does not exist.")
+    with ExitStack() as locks:
+        _lock(locks, output, f"Another featpipe command is writing '{output}' right now; wait for it to finish, "
+                             f"or merge into another file with --output.")
+        for p in paths:
+            _lock(locks, p, _running(p))
+            if journal_path(p).exists():
+                raise CacheError(_unfinished(p))
+        with ExitStack() as files:
+            ordered = _check_set([_open_shard(files, p) for p in paths], output if not shards else None)
+            tmp = _merge_into_temporary(ordered, output)
+        _install(tmp, output)
+    return output
+
+
+def _unique_paths(paths: Sequence[str | Path]) -> list[Path]:
+    out, seen = [], set()
+    for p in map(Path, paths):
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            out.append(p)
+    return out
+
+
+def _refuse_in_progress(path: Path) -> None:
+    """For a shard with only a journal: say whether its extraction is running (locked) or was stopped."""
+    with ExitStack() as lock:
+        _lock(lock, path, _running(path))
+    raise CacheError(_unfinished(path))
+
+
+def _running(path: Path) -> str:
+    return f"Shard '{path}' is being written by a running extraction; wait for it to finish, then merge."
+
+
+def _unfinished(path: Path) -> str:
+    parsed = parse_shard_path(path)
+    which = f"--shard {parsed[1]}/{parsed[2]}" if parsed else "--shard I/N"
+    return (f"Shard '{path}' has an unfinished extraction ('{journal_path(path).name}' is beside it); re-run that "
+            f"shard's `featpipe extract {which}` with the same options to finish it, then merge.")
+
+
+def _lock(stack: ExitStack, path: Path, message: str) -> None:
+    try:
+        stack.enter_context(CacheLock(path))
+    except CacheError:
+        raise CacheError(message) from None
+
+
+def _open_shard(stack: ExitStack, path: Path) -> _Shard:
+    f = stack.enter_context(open_h5(path))
+    config = CacheConfig.from_attrs(dict(f.attrs))
+    spec = config.extra.get("shard")
+    if spec is None:
+        raise CacheError(f"'{path}' is a whole cache, not a shard (it has no shard attribute); merge only files "
+                         f"written by `featpipe extract --shard I/N`.")
+    try:
+        index, count = parse_shard(_as_str(spec))
+    except FeatpipeError:
+        raise CacheError(f"'{path}' has a damaged shard attribute ({_as_str(spec)!r}); re-extract that shard.") from None
+    return _Shard(path, f, config, index, count)
+
+
+def _check_set(opened: list[_Shard], base: Path | None) -> list[_Shard]:
+    """Shards 1..N of one set, all made with the same settings; ``base`` names the missing files."""
+    counts = sorted({s.count for s in opened})
+    if len(counts) > 1:
+        a, b = (next(s for s in opened if s.count == n) for n in counts[:2])
+        raise CacheError(
+            f"The shards belong to different sets: '{a.path}' is shard {a.index}/{a.count} but "
+            f"'{b.path}' is shard {b.index}/{b.count}; merge the files of one --shard I/N set (move the others away)."
+        )
+    n = counts[0]
+    by_index: dict[int, _Shard] = {}
+    for s in opened:
+        if s.index in by_index:
+            raise CacheError(f"'{by_index[s.index].path}' and '{s.path}' are both shard {s.index}/{n}; merge only one of them.")
+        by_index[s.index] = s
+    missing = [i for i in range(1, n + 1) if i not in by_index]
+    if missing:
+        if base is None:
+            parsed = parse_shard_path(opened[0].path)
+            base = parsed[0] if parsed else opened[0].path
+        i, expected = missing[0], shard_path(base, missing[0], n)
+        also = f" (also missing: {', '.join(f'{j}/{n}' for j in missing[1:])})" if len(missing) > 1 else ""
+        if expected.is_file():
+            raise CacheError(f"Shard {i}/{n} is missing from the shards given{also}: add '{expected}'.")
+        if journal_path(expected).exists():  # its first run is still going, or was killed before writing the file
+            _refuse_in_progress(expected)
+        raise CacheError(
+            f"Shard {i}/{n} is missing{also}: '{expected}' does not exist; run `featpipe extract --shard {i}/{n}` "
+            f"with the same options as the other shards, then merge."
+        )
+    ordered = [by_index[i] for i in range(1, n + 1)]
+    first = ordered[0]
+    for s in ordered[1:]:
+        diffs = first.config.differences(s.config, APPEND_KEYS, mine_label=f"in shard {first.index}/{n}",
+                                         theirs_label=f"in shard {s.index}/{n}")
+        if diffs:
+            raise CacheError(
+                f"Refusing to merge '{first.path}' and '{s.path}': they were extracted with different settings "
+                f"({'; '.join(diffs)}). Re-extract the odd shard with the same options as the others."
+            )
+    return ordered
+
+
+def _merge_into_temporary(ordered: list[_Shard], output: Path) -> Path:
+    rows: dict[str, tuple[_Shard, int]] = {}  # clip key -> (shard, row)
+    failed: dict[str, str] = {}
+    for s in ordered:
+        for row, key in enumerate(s.file["video"].asstr()[:]):
+            if key in rows:
+                other, other_row = rows[key]
+                if not _same_row(_read_h5_row(other.file, other_row), _read_h5_row(s.file, row)):
+                    raise CacheError(
+                        f"Clip '{key}' is in both '{other.path}' and '{s.path}' with different contents; the shards "
+                        f"were not extracted from the same data. Re-extract one of them."
+                    )
+                continue
+            rows[key] = (s, row)
+        for key, reason in zip(s.file["failed/video"].asstr()[:], s.file["failed/reason"].asstr()[:]):
+            failed.setdefault(key, reason)
+    failed = {k: v for k, v in failed.items() if k not in rows}
+    first = ordered[0].config
+    config = dataclasses.replace(first, extra={k: v for k, v in first.extra.items() if k != "shard"})
+    _remove_stale_temporaries(output)  # we hold the output's lock: these are from killed runs
+    return _write_temporary(output, config, sorted(rows), lambda key: _read_h5_row(rows[key][0].file, rows[key][1]), failed)
+
+
+def _same_row(a: _Row, b: _Row) -> bool:
+    return (np.array_equal(a.features, b.features) and np.array_equal(a.mask, b.mask)
+            and (a.label, a.split, a.n_frames) == (b.label, b.split, b.n_frames))

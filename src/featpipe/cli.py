@@ -39,6 +39,17 @@ class Sampling(str, Enum):
     first = "first"
 
 
+class Precision(str, Enum):
+    float32 = "float32"
+    mixed_float16 = "mixed_float16"
+    mixed_bfloat16 = "mixed_bfloat16"
+
+
+_PRECISION_HELP = "Backbone compute precision; mixed_* are for GPUs/TPUs (features are stored as --dtype either way)."
+_BATCH_HELP = "Frames per backbone forward pass [default: 32 on CPU; on a GPU, sized from its free memory]."
+_WORKERS_HELP = "Decoding threads [default: one per CPU core, at most 32]."
+
+
 class DType(str, Enum):
     float16 = "float16"
     float32 = "float32"
@@ -107,8 +118,9 @@ def extract_cmd(
     weights: Annotated[str, typer.Option(help="imagenet (downloaded once), none (deterministic random network) or a local weights file.")] = "imagenet",
     seed: Annotated[int, typer.Option(help="Seed of the random network with --weights none.")] = 0,
     dtype: Annotated[DType, typer.Option(help="Storage type of the features.")] = DType.float16,
-    batch_size: Annotated[Optional[int], typer.Option(help="Frames per forward pass [default: 32 on CPU, 128 on GPU].")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Decoding threads [default: CPU cores, at most 8].")] = None,
+    precision: Annotated[Precision, typer.Option(help=_PRECISION_HELP)] = Precision.float32,
+    batch_size: Annotated[Optional[int], typer.Option(help=_BATCH_HELP)] = None,
+    workers: Annotated[Optional[int], typer.Option(help=_WORKERS_HELP)] = None,
     val_fraction: Annotated[float, typer.Option(help="Validation share for layouts without splits (stratified).")] = 0.15,
     test_fraction: Annotated[float, typer.Option(help="Test share for layouts without splits (stratified).")] = 0.15,
     split_seed: Annotated[int, typer.Option(help="Seed of the stratified split.")] = 1337,
@@ -116,6 +128,7 @@ def extract_cmd(
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Try again the clips an earlier run recorded as failed.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit with status 1 if any clip failed.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    shard: Annotated[Optional[str], typer.Option(help="I/N: extract only shard I of N (a fixed share of the clips, by a hash of each clip's name) into <cache stem>.shard-I-of-N.h5; combine the N shards with `featpipe merge`.")] = None,
 ):
     """Extract per-frame features of every clip into an HDF5 cache (resumes an interrupted run)."""
     from featpipe.extract import ExtractOptions, extract
@@ -123,9 +136,10 @@ def extract_cmd(
     opts = ExtractOptions(
         backbone=getattr(backbone, "value", backbone), data=data, csv=csv, cache_dir=cache, output=output,
         frames=frames, sampling=getattr(sampling, "value", sampling), size=size, weights=weights, seed=seed,
-        dtype=getattr(dtype, "value", dtype), batch_size=batch_size, workers=workers, val_fraction=val_fraction,
+        dtype=getattr(dtype, "value", dtype), precision=getattr(precision, "value", precision), batch_size=batch_size,
+        workers=workers, val_fraction=val_fraction,
         test_fraction=test_fraction, split_seed=split_seed, fold=fold, retry_failed=retry_failed, strict=strict,
-        quiet=quiet,
+        quiet=quiet, shard=shard,
     )
     result = extract(opts)
     typer.echo(
@@ -135,6 +149,12 @@ def extract_cmd(
     )
     for line in result.summary_lines:
         typer.echo(line)
+    if shard:
+        from featpipe.cache import parse_shard_path
+
+        whole, _, count = parse_shard_path(result.cache)
+        typer.echo(f"This is shard {shard} of the cache; when all {count} shards are done, combine them with "
+                   f"`featpipe merge --output {whole}`.")
 
 
 class Head(str, Enum):
@@ -229,13 +249,15 @@ def predict_cmd(
     output: Annotated[Optional[Path], typer.Option(help="Also write one CSV row per clip to this file.")] = None,
     windows: Annotated[int, typer.Option("--clips", help="Average over this many evenly spaced windows of the run's frame count (long videos).")] = 1,
     gif: Annotated[Optional[Path], typer.Option(help="Single clip: write its sampled frames captioned with the top label as an animated GIF.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Decoding threads [default: CPU cores, at most 8].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Frames per backbone forward pass [default: 32 on CPU, 128 on GPU].")] = None,
+    workers: Annotated[Optional[int], typer.Option(help=_WORKERS_HELP)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=_BATCH_HELP)] = None,
+    precision: Annotated[Precision, typer.Option(help=_PRECISION_HELP)] = Precision.float32,
 ):
     """Classify clips with a trained run, reproducing the preprocessing recorded in it."""
     from featpipe.predict import format_table, predict, to_json_lines, write_csv
 
-    results = predict(clips, model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size, gif=gif)
+    results = predict(clips, model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size, gif=gif,
+                      precision=getattr(precision, "value", precision))
     typer.echo(to_json_lines(results) if as_json else format_table(results))
     if output is not None:
         write_csv(results, output, top_k)
@@ -243,6 +265,22 @@ def predict_cmd(
     if failed:
         typer.secho(f"{len(failed)} of {len(results)} clips could not be classified.", err=True)
         raise typer.Exit(1)
+
+
+@app.command("merge")
+@_handles_errors
+def merge_cmd(
+    output: Annotated[Path, typer.Option(help="The merged cache to write, e.g. cache/inceptionv3.h5.", show_default=False)],
+    shards: Annotated[Optional[list[Path]], typer.Argument(help="Shard files; without them, every <output stem>.shard-I-of-N.h5 beside --output.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --output if it exists.")] = False,
+):
+    """Combine the shards of `extract --shard I/N` into one cache, the same as an unsharded extraction writes."""
+    from featpipe.cache import find_shards, merge_shards, summarize
+
+    path = merge_shards(shards, output, force=force)
+    typer.echo(f"Merged {len(shards) if shards else len(find_shards(output))} shards into {path}.")
+    for line in summarize(path).lines():
+        typer.echo(line)
 
 
 @app.command("info")

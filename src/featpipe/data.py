@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featpipe.cache import CacheConfig, open_h5
+from featpipe.cache import CacheConfig, open_h5, parse_shard_path
 from featpipe.errors import CacheError, FeatpipeError
 
 # Caches up to this fraction of physical memory (as float32) are trained from memory by default.
@@ -47,11 +47,16 @@ class CacheIndex:
 
 
 def resolve_cache(cache: str | Path | None, cache_dir: str | Path = "cache") -> Path:
-    """The cache to use: the given file, or the single .h5 in ``cache_dir``."""
+    """The cache to use: the given file, or the single .h5 in ``cache_dir`` (shard files do not count)."""
     if cache is not None:
         return Path(cache)
     folder = Path(cache_dir)
-    found = sorted(folder.glob("*.h5")) if folder.is_dir() else []
+    everything = sorted(folder.glob("*.h5")) if folder.is_dir() else []
+    found = [p for p in everything if parse_shard_path(p) is None]
+    if not found and everything:
+        names = ", ".join(p.name for p in everything)
+        raise CacheError(f"{folder}/ holds only shards ({names}); combine them with "
+                         f"`featpipe merge --output {parse_shard_path(everything[0])[0]}` first.")
     if not found:
         raise CacheError(f"No cache (.h5) found in '{folder}'. Run `featpipe extract` first, or pass --cache FILE.")
     if len(found) > 1:

@@ -8,7 +8,6 @@ Padded frames never go through the backbone: their features are zeros and their 
 from __future__ import annotations
 
 import dataclasses
-import os
 import queue
 import threading
 import time
@@ -20,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from featpipe import __version__
-from featpipe.backbones import WEIGHTS_IMAGENET, FeatureExtractor, check_size, default_batch_size, get_backbone
-from featpipe.cache import CacheConfig, CacheLock, CacheWriter, ClipRecord, summarize
+from featpipe.backbones import PRECISIONS, WEIGHTS_IMAGENET, FeatureExtractor, check_size, get_backbone
+from featpipe.cache import CacheConfig, CacheLock, CacheWriter, ClipRecord, parse_shard, shard_of, shard_path, summarize
 from featpipe.datasets import Dataset, Record, index_dataset
 from featpipe.errors import ExtractionFailed, FeatpipeError, VideoError
 
@@ -43,7 +42,8 @@ class ExtractOptions:
     weights: str = WEIGHTS_IMAGENET  # "imagenet", "none" (deterministic random) or a weights file
     seed: int = 0  # seed of the random network for weights="none"
     dtype: str = "float16"  # storage dtype of features
-    batch_size: int | None = None  # frames per forward pass; None = sized for the device
+    batch_size: int | None = None  # frames per forward pass; None = sized from the device's free memory
+    precision: str = "float32"  # backbone compute: float32, mixed_float16 or mixed_bfloat16 (storage stays `dtype`)
     workers: int | None = None  # decode threads; None = from the CPU count
     val_fraction: float = 0.15  # for layouts without given splits
     test_fraction: float = 0.15
@@ -52,6 +52,9 @@ class ExtractOptions:
     retry_failed: bool = False  # re-try clips recorded as failed by an earlier run
     strict: bool = False  # any failed clip makes the run fail (after writing the cache)
     quiet: bool = False  # no progress bar
+    # "I/N": only the clips whose key hashes to shard I of N, into <cache stem>.shard-I-of-N.h5
+    # beside the cache (own journal and lock); `featpipe merge` combines the N shards
+    shard: str | None = None
 
 
 @dataclass
@@ -66,6 +69,10 @@ class ExtractResult:
     seconds: float
     failed: list[tuple[str, str]] = field(default_factory=list)  # (clip, reason), all runs
     summary_lines: list[str] = field(default_factory=list)
+    batch_size: int = 0  # frames per forward pass that was used
+    setup_seconds: float = 0.0  # before the first clip: indexing, building the backbone, opening the cache
+    infer_seconds: float = 0.0  # time inside backbone calls (the device busy, from the pipeline's side)
+    starved_seconds: float = 0.0  # time the backbone waited for frames after its first batch (0 = never idle)
 
     @property
     def frames_per_second(self) -> float:
@@ -77,13 +84,16 @@ class ExtractResult:
 
 
 def default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2)))
+    """Decode threads: one per usable CPU core (OpenCV releases the GIL while decoding), at most 32."""
+    from featpipe.devices import cpu_count
+
+    return max(1, min(32, cpu_count()))
 
 
 def cache_path(opts: ExtractOptions) -> Path:
-    if opts.output:
-        return Path(opts.output)
-    return Path(opts.cache_dir) / f"{get_backbone(opts.backbone).name}.h5"
+    """The file this extraction writes: the cache, or with ``shard`` its shard file beside it."""
+    path = Path(opts.output) if opts.output else Path(opts.cache_dir) / f"{get_backbone(opts.backbone).name}.h5"
+    return shard_path(path, *parse_shard(opts.shard)) if opts.shard else path
 
 
 def _validate(opts: ExtractOptions) -> None:
@@ -97,6 +107,8 @@ def _validate(opts: ExtractOptions) -> None:
         raise FeatpipeError(f"--dtype must be one of {', '.join(DTYPES)}, got '{opts.dtype}'.")
     if opts.batch_size is not None and opts.batch_size < 1:
         raise FeatpipeError(f"--batch-size must be at least 1, got {opts.batch_size}.")
+    if opts.precision not in PRECISIONS:
+        raise FeatpipeError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{opts.precision}'.")
     if opts.workers is not None and opts.workers < 1:
         raise FeatpipeError(f"--workers must be at least 1, got {opts.workers}.")
 
@@ -109,6 +121,7 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
     """
     opts = ExtractOptions(**kwargs) if opts is None else dataclasses.replace(opts, **kwargs)
     _validate(opts)
+    shard = parse_shard(opts.shard) if opts.shard else None
     backbone = get_backbone(opts.backbone)
     size = check_size(backbone, opts.size or backbone.default_size)
     dataset = index_dataset(opts.data, opts.csv, val_fraction=opts.val_fraction,
@@ -116,8 +129,7 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
     path = cache_path(opts)
     started = time.perf_counter()
     with CacheLock(path):
-        batch_size = opts.batch_size or default_batch_size()
-        extractor = FeatureExtractor(backbone, size, opts.weights, opts.seed, batch_size)
+        extractor = FeatureExtractor(backbone, size, opts.weights, opts.seed, opts.batch_size, opts.precision)
         import keras
 
         config = CacheConfig(
@@ -126,18 +138,24 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
             feature_shape=extractor.feature_shape, class_names=dataset.class_names,
             extra={"featpipe_version": __version__, "keras_version": keras.__version__,
                    "keras_backend": keras.backend.backend(), "data_root": str(dataset.root),
-                   "layout": dataset.layout, "weights_seed": opts.seed},
+                   "layout": dataset.layout, "weights_seed": opts.seed, "precision": extractor.precision,
+                   **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {})},  # class_names: the WHOLE dataset's
         )
+        # a shard takes the clips whose key hashes to it: the same split on every machine
+        records = [r for r in dataset.records if shard_of(r.video, shard[1]) == shard[0]] if shard else dataset.records
         writer = CacheWriter(path, config)
         done, failed_before = writer.done, writer.failed
         skip = done | (set() if opts.retry_failed else set(failed_before))
-        todo = [r for r in dataset.records if r.video not in skip]
-        n_skipped = len(dataset.records) - len(todo)
-        new_frames, n_new = 0, 0
-        assignments = {r.video: (dataset.label_index(r.label), r.split) for r in dataset.records}
+        todo = [r for r in records if r.video not in skip]
+        n_skipped = len(records) - len(todo)
+        stats = _Stats()
+        assignments = {r.video: (dataset.label_index(r.label), r.split) for r in records}
+        if todo and not backbone.raw:  # trace/compile the forward pass now: a fixed set-up cost, not pipeline time
+            extractor(np.zeros((1, size, size, 3), np.uint8))
+        setup_seconds = time.perf_counter() - started  # index, model build and compile, cache checks
         try:
             if todo:
-                new_frames, n_new = _run(todo, dataset, extractor, opts, writer, workers=opts.workers or default_workers())
+                stats = _run(todo, dataset, extractor, opts, writer, workers=opts.workers or default_workers())
         except KeyboardInterrupt:
             writer.finalize(assignments)  # Ctrl-C: keep every finished clip in the cache, then stop
             raise
@@ -146,9 +164,11 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
         writer.finalize(assignments)
     seconds = time.perf_counter() - started
     summary = summarize(path)
-    result = ExtractResult(path, summary.n_clips, n_new, n_skipped, new_frames, seconds,
-                           failed=summary.failed, summary_lines=summary.lines())
-    if summary.n_clips == 0:
+    result = ExtractResult(path, summary.n_clips, stats.clips, n_skipped, stats.frames, seconds,
+                           failed=summary.failed, summary_lines=summary.lines(), batch_size=extractor.batch_size,
+                           setup_seconds=setup_seconds,
+                           infer_seconds=stats.infer_seconds, starved_seconds=stats.starved_seconds)
+    if summary.n_clips == 0 and (records or not shard):  # a tiny dataset may leave a shard no clip: not a failure
         raise ExtractionFailed(
             f"No clip could be used ({len(summary.failed)} failed, e.g. {summary.failed[0][0]}: {summary.failed[0][1]}). "
             f"Check that the files are videos OpenCV can decode; the reasons are listed in '{path}' under failed/."
@@ -183,15 +203,35 @@ def _decode(record: Record, frames: int, size: int, sampling: str):
         return exc
 
 
+@dataclass
+class _Stats:
+    """Where the pipeline's time went (filled by ``_run``)."""
+
+    frames: int = 0  # real frames through the backbone
+    clips: int = 0  # clips finished (features written)
+    infer_seconds: float = 0.0  # time inside backbone calls
+    starved_seconds: float = 0.0  # time the backbone thread waited for a batch, after the first one
+
+
 def _run(todo: list[Record], dataset: Dataset, extractor: FeatureExtractor, opts: ExtractOptions,
-         writer: CacheWriter, workers: int) -> tuple[int, int]:
-    """The pipeline proper. Returns (real frames extracted, clips finished)."""
+         writer: CacheWriter, workers: int) -> _Stats:
+    """The pipeline proper: three kinds of threads connected by bounded queues.
+
+    decode pool (``workers`` threads) -> this thread: frames of consecutive clips stacked into
+    fixed-size batches -> backbone thread: one device call per batch, features scattered back
+    to their clips -> writer thread: finished clips into the journal. The backbone thread
+    always has the next batch waiting (queue of 2), so the device never idles while a batch is
+    assembled, and the GIL is free while it computes.
+    """
     from tqdm.auto import tqdm
 
     batch_size = extractor.batch_size
     dtype = np.dtype(extractor.storage_dtype or opts.dtype)
     out_q: queue.Queue = queue.Queue(maxsize=64)
-    writer_error: list[BaseException] = []
+    infer_q: queue.Queue = queue.Queue(maxsize=2)
+    errors: list[BaseException] = []  # from the backbone or writer thread, re-raised in this one
+    stop = threading.Event()
+    stats = _Stats()
 
     def write_loop():
         while True:
@@ -201,26 +241,17 @@ def _run(todo: list[Record], dataset: Dataset, extractor: FeatureExtractor, opts
             try:
                 writer.append(rec)
             except BaseException as exc:  # surfaced in the main thread, never swallowed
-                writer_error.append(exc)
+                errors.append(exc)
+                stop.set()
                 return
 
     def emit(rec: ClipRecord):
-        if writer_error:
-            raise writer_error[0]
         out_q.put(rec)
 
-    writer_thread = threading.Thread(target=write_loop, name="featpipe-writer", daemon=True)
-    writer_thread.start()
-
     bar = tqdm(total=len(todo), unit="clip", disable=opts.quiet, dynamic_ncols=True, desc=f"extract {extractor.backbone.name}")
-    pending_frames: list[np.ndarray] = []  # frames waiting for a batch
-    pending_owner: list[tuple[_Slot, int]] = []  # (slot, frame position) per pending frame
-    frames_done = 0
-    clips_done = 0
     started = time.perf_counter()
 
     def finish(slot: _Slot):
-        nonlocal clips_done
         feats = slot.features.astype(dtype)
         if not np.isfinite(feats[slot.mask]).all():
             raise FeatpipeError(
@@ -228,23 +259,58 @@ def _run(todo: list[Record], dataset: Dataset, extractor: FeatureExtractor, opts
                 f"re-run with --dtype float32 and a new --output file."
             )
         emit(ClipRecord(slot.record.video, slot.label, slot.record.split, slot.n_frames, feats, slot.mask))
-        clips_done += 1
+        stats.clips += 1
         bar.update(1)
 
+    def infer_loop():
+        first = True
+        while True:
+            waited = time.perf_counter()
+            item = infer_q.get()
+            if not first:
+                stats.starved_seconds += time.perf_counter() - waited
+            first = False
+            if item is None or stop.is_set():
+                return
+            batch, owners = item
+            try:
+                t0 = time.perf_counter()
+                feats = extractor(batch)
+                stats.infer_seconds += time.perf_counter() - t0
+                for (slot, pos), f in zip(owners, feats):
+                    slot.features[pos] = f
+                    slot.remaining -= 1
+                    if slot.remaining == 0:
+                        finish(slot)
+            except BaseException as exc:
+                errors.append(exc)
+                stop.set()
+                return
+            stats.frames += len(owners)
+            bar.set_postfix_str(f"{stats.frames / (time.perf_counter() - started):.1f} frames/s", refresh=False)
+
+    def submit_batch(batch: np.ndarray, owners: list):
+        while True:  # a bounded put that notices a dead backbone or writer thread
+            if errors:
+                raise errors[0]
+            try:
+                infer_q.put((batch, owners), timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    threads = [threading.Thread(target=write_loop, name="featpipe-writer", daemon=True),
+               threading.Thread(target=infer_loop, name="featpipe-backbone", daemon=True)]
+    for thread in threads:
+        thread.start()
+    pending_frames: list[np.ndarray] = []  # frames waiting for a batch
+    pending_owner: list[tuple[_Slot, int]] = []  # (slot, frame position) per pending frame
+
     def flush(n: int):
-        nonlocal frames_done, pending_frames, pending_owner
-        batch = np.stack(pending_frames[:n])
-        feats = extractor(batch)
-        for (slot, pos), f in zip(pending_owner[:n], feats):
-            slot.features[pos] = f
-            slot.remaining -= 1
-            if slot.remaining == 0:
-                finish(slot)
+        nonlocal pending_frames, pending_owner
+        submit_batch(np.stack(pending_frames[:n]), pending_owner[:n])
         pending_frames = pending_frames[n:]
         pending_owner = pending_owner[n:]
-        frames_done += n
-        elapsed = time.perf_counter() - started
-        bar.set_postfix_str(f"{frames_done / elapsed:.1f} frames/s", refresh=False)
 
     window = max(2 * workers, 4)
     records = iter(todo)
@@ -258,29 +324,50 @@ def _run(todo: list[Record], dataset: Dataset, extractor: FeatureExtractor, opts
 
             for _ in range(window):
                 submit_next()
-            while inflight:
-                rec, fut = inflight.popleft()
-                clip = fut.result()
-                submit_next()
-                label = dataset.label_index(rec.label)
-                if isinstance(clip, VideoError):
-                    emit(ClipRecord(rec.video, label, rec.split, 0, error=str(clip)))
-                    bar.update(1)
-                    continue
-                k = int(clip.mask.sum())
-                slot = _Slot(rec, label, clip.n_frames, clip.mask,
-                             np.zeros((opts.frames, *extractor.feature_shape), np.float32), k)  # raw: exact in float32
-                for pos in range(k):
-                    pending_frames.append(clip.frames[pos])
-                    pending_owner.append((slot, pos))
-                while len(pending_frames) >= batch_size:
-                    flush(batch_size)
-            if pending_frames:
-                flush(len(pending_frames))
+            try:
+                while inflight:
+                    rec, fut = inflight.popleft()
+                    clip = fut.result()
+                    submit_next()
+                    label = dataset.label_index(rec.label)
+                    if isinstance(clip, VideoError):
+                        emit(ClipRecord(rec.video, label, rec.split, 0, error=str(clip)))
+                        bar.update(1)
+                        continue
+                    k = int(clip.mask.sum())
+                    slot = _Slot(rec, label, clip.n_frames, clip.mask,
+                                 np.zeros((opts.frames, *extractor.feature_shape), np.float32), k)  # raw: exact in float32
+                    for pos in range(k):
+                        pending_frames.append(clip.frames[pos])
+                        pending_owner.append((slot, pos))
+                    while len(pending_frames) >= batch_size:
+                        flush(batch_size)
+                if pending_frames:
+                    flush(len(pending_frames))
+            finally:
+                for _, fut in inflight:
+                    fut.cancel()
+    except BaseException:
+        # Ctrl-C or an error: the batch on the device completes and its clips are written; the
+        # batches still queued are dropped (at most the clips in flight are lost).
+        stop.set()
+        raise
     finally:
+        _put_until_taken(infer_q, None, threads[1])
+        threads[1].join()
         out_q.put(None)
-        writer_thread.join()
+        threads[0].join()
         bar.close()
-    if writer_error:
-        raise writer_error[0]
-    return frames_done, clips_done
+    if errors:
+        raise errors[0]
+    return stats
+
+
+def _put_until_taken(q: queue.Queue, item, consumer: threading.Thread) -> None:
+    """Put ``item`` on a bounded queue unless its consumer thread has already ended."""
+    while consumer.is_alive():
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue

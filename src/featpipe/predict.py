@@ -62,8 +62,8 @@ def expand_clips(items: Iterable[str | Path]) -> list[Path]:
 class Predictor:
     """A loaded run: the recorded backbone (weights checked by fingerprint) and the trained head."""
 
-    def __init__(self, model: str | Path = "models/latest", batch_size: int | None = None):
-        from featpipe.backbones import FeatureExtractor, default_batch_size
+    def __init__(self, model: str | Path = "models/latest", batch_size: int | None = None, precision: str = "float32"):
+        from featpipe.backbones import FeatureExtractor
         from featpipe.evaluate import load_run
 
         self.run_dir, self.info, self.head = load_run(model)
@@ -77,7 +77,7 @@ class Predictor:
                 f"copy it to that path (the run checks it by fingerprint)."
             )
         self.extractor = FeatureExtractor(pre["backbone"], self.size, weights, int(pre.get("weights_seed", 0)),
-                                          batch_size or default_batch_size())
+                                          batch_size, precision)
         if self.extractor.fingerprint != pre["weights_fingerprint"]:
             raise BackboneError(
                 f"The {pre['backbone']} weights here (fingerprint {self.extractor.fingerprint}) are not the ones the run "
@@ -107,7 +107,7 @@ class Predictor:
 
 def predict(clips: Iterable[str | Path], model: str | Path = "models/latest", top_k: int = 3, windows: int = 1,
             workers: int | None = None, batch_size: int | None = None, gif: str | Path | None = None,
-            predictor: Predictor | None = None) -> list[Prediction]:
+            predictor: Predictor | None = None, precision: str = "float32") -> list[Prediction]:
     """Classify clips (files or folders) with a trained run. Returns one Prediction per clip, in order.
 
     ``windows`` > 1 averages the head's probabilities over that many evenly spaced windows of the
@@ -124,7 +124,7 @@ def predict(clips: Iterable[str | Path], model: str | Path = "models/latest", to
     paths = expand_clips(clips)
     if gif is not None and len(paths) != 1:
         raise FeatpipeError(f"--gif makes an animation of one clip; {len(paths)} clips were given.")
-    pred = predictor or Predictor(model, batch_size)
+    pred = predictor or Predictor(model, batch_size, precision)
     k = min(top_k, len(pred.class_names))
 
     def decode(path: Path):
