@@ -218,6 +218,8 @@ def test_other_settings_into_an_existing_cache_are_refused_saying_what_differs(s
         extract(data=sample, output=out, **{**SMALL, "frames": 6})
     with pytest.raises(CacheError, match="weights_fingerprint"):
         extract(data=sample, output=out, **{**SMALL, "seed": 1})
+    with pytest.raises(CacheError, match="precision: mixed_bfloat16 requested, float32 in the cache"):
+        extract(data=sample, output=out, **{**SMALL, "precision": "mixed_bfloat16"})
 
 
 def test_first_sampling_stores_the_first_frames_and_float32_is_honoured(sample, tmp_path):

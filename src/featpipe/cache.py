@@ -54,6 +54,9 @@ SCHEMA_VERSION = 1
 PREPROCESSING_KEYS = ("backbone", "weights", "weights_fingerprint", "input_size", "frames", "sampling")
 # Attributes that must also match for new clips to be appended to an existing cache.
 APPEND_KEYS = PREPROCESSING_KEYS + ("dtype", "feature_shape", "class_names")
+# ... and the backbone's arithmetic: features of one cache (or of merged shards) are computed one way.
+# Caches from before --precision existed have no such attribute and were computed in float32.
+WRITE_KEYS = APPEND_KEYS + ("precision",)
 
 _JOURNAL_MAGIC = b"FEATPIPE-JOURNAL-1\n"
 _RECORD_MAGIC = b"FPR1"
@@ -112,7 +115,12 @@ class CacheConfig:
             extra=extra,
         )
 
-    def differences(self, other: "CacheConfig", keys=APPEND_KEYS, mine_label: str = "requested",
+    @property
+    def precision(self) -> str:
+        """The backbone's compute precision (an informational attribute; float32 when absent)."""
+        return str(self.extra.get("precision", "float32"))
+
+    def differences(self, other: "CacheConfig", keys=WRITE_KEYS, mine_label: str = "requested",
                     theirs_label: str = "in the cache") -> list[str]:
         """Human-readable list of the settings that differ, e.g. "frames: 16 requested, 20 in the cache"."""
         out = []
@@ -784,7 +792,7 @@ def _check_set(opened: list[_Shard], base: Path | None) -> list[_Shard]:
     ordered = [by_index[i] for i in range(1, n + 1)]
     first = ordered[0]
     for s in ordered[1:]:
-        diffs = first.config.differences(s.config, APPEND_KEYS, mine_label=f"in shard {first.index}/{n}",
+        diffs = first.config.differences(s.config, WRITE_KEYS, mine_label=f"in shard {first.index}/{n}",
                                          theirs_label=f"in shard {s.index}/{n}")
         if diffs:
             raise CacheError(
