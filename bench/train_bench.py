@@ -4,9 +4,11 @@ A synthetic cache of ``--clips`` x ``--frames`` x ``--dim`` float16 features (de
 x 2048 = 410 MB, the size of a mid-sized dataset through InceptionV3) is written straight with
 h5py in featpipe's schema (no video). Then, each in a fresh subprocess so that peak memory is
 its own, the same GRU head is trained for ``--epochs`` epochs with ``--in-memory`` and with
-``--stream``. Reported: seconds per epoch (the last epoch, after tracing), the ratio
-stream / in-memory (target <= 1.3), and each process's peak resident memory against the size
-of the features (streaming must stay well under it).
+``--stream``. Reported: seconds per epoch (the median of the epochs after the first, which
+includes tracing), the ratio stream / in-memory (target <= 1.3), the CPU seconds per epoch of
+each (all threads; on a loaded machine the CPU ratio is the steadier one), the load average, and
+each process's peak resident memory against the size of the features (streaming must stay well
+under it).
 
     python bench/train_bench.py                    # README configuration
     python bench/train_bench.py --clips 500 --quick
@@ -71,13 +73,15 @@ def child(cache: str, stream: bool, epochs: int, batch_size: int, out: str) -> N
     from featpipe.train import train
 
     times: list[float] = []
+    cpu: list[float] = []
 
     class EpochTimer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
-            self.t = time.perf_counter()
+            self.t, self.c = time.perf_counter(), time.process_time()
 
         def on_epoch_end(self, epoch, logs=None):
             times.append(time.perf_counter() - self.t)
+            cpu.append(time.process_time() - self.c)
 
     original_fit = keras.Model.fit
 
@@ -90,7 +94,8 @@ def child(cache: str, stream: bool, epochs: int, batch_size: int, out: str) -> N
         train(cache=cache, rnn="gru", epochs=epochs, patience=epochs, batch_size=batch_size, stream=stream,
               out=Path(tmp) / "run", quiet=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    Path(out).write_text(json.dumps({"epoch_seconds": times, "peak_rss": peak, "total": time.perf_counter() - started}))
+    Path(out).write_text(json.dumps({"epoch_seconds": times, "epoch_cpu_seconds": cpu, "peak_rss": peak,
+                                     "total": time.perf_counter() - started}))
 
 
 def run_mode(cache: Path, stream: bool, epochs: int, batch_size: int) -> dict:
@@ -111,12 +116,17 @@ def baseline_rss() -> int:
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
 
 
+def steady(values: list[float]) -> float:
+    """The median of the epochs after the first (the first includes tracing)."""
+    return float(np.median(values[1:] if len(values) > 1 else values))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clips", type=int, default=5000)
     ap.add_argument("--frames", type=int, default=20)
     ap.add_argument("--dim", type=int, default=2048)
-    ap.add_argument("--epochs", type=int, default=3, help="the last epoch is timed (the first includes tracing)")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs after the first are timed (the first includes tracing)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--quick", action="store_true", help="500 clips, 2 epochs: a smoke run")
@@ -140,15 +150,19 @@ def main() -> None:
         print(f"synthetic cache: {args.clips} clips x {args.frames} x {args.dim} float16 = "
               f"{features_bytes / 2**20:.0f} MiB on disk ({time.perf_counter() - t:.1f}s to write)", flush=True)
         base = baseline_rss()
+        load_before = os.getloadavg()
         memory = run_mode(cache, False, args.epochs, args.batch_size)
         stream = run_mode(cache, True, args.epochs, args.batch_size)
-    mem_epoch, stream_epoch = memory["epoch_seconds"][-1], stream["epoch_seconds"][-1]
+        load_after = os.getloadavg()
+    mem_epoch, stream_epoch = steady(memory["epoch_seconds"]), steady(stream["epoch_seconds"])
+    mem_cpu, stream_cpu = steady(memory["epoch_cpu_seconds"]), steady(stream["epoch_cpu_seconds"])
     results = {
         "clips": args.clips, "frames": args.frames, "dim": args.dim, "epochs": args.epochs, "batch_size": args.batch_size,
         "features_mib_float16": features_bytes / 2**20,
         "features_mib_float32": features_bytes * 2 / 2**20,
         "in_memory": memory, "stream": stream, "import_baseline_rss": base,
-        "stream_over_memory_epoch": stream_epoch / mem_epoch,
+        "stream_over_memory_epoch": stream_epoch / mem_epoch, "stream_over_memory_cpu": stream_cpu / mem_cpu,
+        "load_average_before": load_before, "load_average_after": load_after,
         "machine": f"{os.cpu_count()} CPUs, {platform.machine()}", "keras": keras.__version__,
         "backend": keras.backend.backend(),
     }
@@ -157,14 +171,19 @@ def main() -> None:
     print(f"featpipe stage-two benchmark: GRU head, {args.clips} clips x {args.frames} x {args.dim}, batch "
           f"{args.batch_size}, {results['machine']}, keras {keras.__version__} ({results['backend']})")
     print()
-    print("| feeding | epoch (s) | peak memory (MiB) | peak above import baseline (MiB) |")
-    print("|---|---:|---:|---:|")
-    for name, r, e in (("in memory", memory, mem_epoch), ("streamed from HDF5", stream, stream_epoch)):
-        print(f"| {name} | {e:.2f} | {mib(r['peak_rss']):.0f} | {mib(r['peak_rss'] - base):.0f} |")
+    print("| feeding | epoch (s) | CPU per epoch (s) | peak memory (MiB) | peak above import baseline (MiB) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r, e, c in (("in memory", memory, mem_epoch, mem_cpu), ("streamed from HDF5", stream, stream_epoch, stream_cpu)):
+        print(f"| {name} | {e:.2f} | {c:.2f} | {mib(r['peak_rss']):.0f} | {mib(r['peak_rss'] - base):.0f} |")
     print()
     print(f"features: {results['features_mib_float16']:.0f} MiB float16 on disk, "
           f"{results['features_mib_float32']:.0f} MiB as float32 in memory; import baseline {mib(base):.0f} MiB")
-    print(f"stream / in-memory epoch time: {results['stream_over_memory_epoch']:.2f}  (target <= 1.3)")
+    print(f"stream / in-memory epoch time: {results['stream_over_memory_epoch']:.2f}  (target <= 1.3); "
+          f"CPU time: {results['stream_over_memory_cpu']:.2f}")
+    print("epochs (s): in memory " + ", ".join(f"{t:.2f}" for t in memory["epoch_seconds"]) + "; streamed "
+          + ", ".join(f"{t:.2f}" for t in stream["epoch_seconds"]))
+    print("load average (1, 5, 15 min) before: " + ", ".join(f"{v:.2f}" for v in load_before) + "; after: "
+          + ", ".join(f"{v:.2f}" for v in load_after) + f"  ({os.cpu_count()} CPUs; compare runs only when it is low)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json}")

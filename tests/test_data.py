@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import h5py
 import numpy as np
 import pytest
@@ -22,10 +24,10 @@ from featpipe.errors import CacheError
 T, D = 5, 4
 
 
-def make_cache(path, n=12, splits=("train", "val", "test"), classes=("a", "b"), nan_row=None, seed=0):
+def make_cache(path, n=12, splits=("train", "val", "test"), classes=("a", "b"), nan_row=None, seed=0, dtype="float32"):
     """A small cache written through the real writer, with known features."""
     rng = np.random.default_rng(seed)
-    config = CacheConfig("vgg16", "none", "fp", 32, T, "uniform", "float32", (D,), tuple(classes))
+    config = CacheConfig("vgg16", "none", "fp", 32, T, "uniform", dtype, (D,), tuple(classes))
     w = CacheWriter(path, config)
     for i in range(n):
         real = 1 + i % T
@@ -135,3 +137,182 @@ def test_one_pass_stats_with_check_equal_plain_stats_and_catch_nan_outside_train
     feature_stats(bad, bad.rows("train"))  # train rows alone are clean
     with pytest.raises(CacheError, match="v004.mp4"):
         feature_stats(bad, bad.rows("train"), check=np.arange(12))
+
+
+def _epoch(seq):
+    """One epoch of a streamed dataset: the row (feature 0) of every sample, batch by batch."""
+    return [[int(r) for r in x["features"][:, 0, 0]] for x, _ in (seq[i] for i in range(len(seq)))]
+
+
+def test_block_shuffling_serves_every_row_once_per_epoch_in_a_new_order_each_epoch(tmp_path):
+    path = make_cache(tmp_path / "c.h5", n=240, splits=("train",))
+    idx = open_index(path)
+    rows = np.arange(240)
+    seq = H5Batches(path, rows, idx.labels, batch_size=16, shuffle=True, seed=3, block_rows=4, window_batches=4)
+    epochs = []
+    for _ in range(3):
+        batches = _epoch(seq)
+        flat = [r for b in batches for r in b]
+        assert sorted(flat) == list(range(240)), "every row exactly once per epoch"
+        assert [len(b) for b in batches] == [16] * 15
+        epochs.append(flat)
+        seq.on_epoch_end()
+    assert epochs[0] != epochs[1] != epochs[2] != epochs[0], "a new order every epoch"
+    # a batch mixes rows from many places of the file, not one run of neighbours
+    spread = [len({r // 4 for r in b}) for b in _epoch(seq)]
+    assert np.mean(spread) >= 4
+    seq.close()
+
+
+def test_block_shuffling_is_deterministic_for_a_seed(tmp_path):
+    path = make_cache(tmp_path / "c.h5", n=100)
+    idx = open_index(path)
+    rows = idx.rows("train")
+    make = lambda seed: H5Batches(path, rows, idx.labels[rows], batch_size=4, shuffle=True, seed=seed,  # noqa: E731
+                                  block_rows=2, window_batches=2)
+    a, b, c = make(7), make(7), make(8)
+    for _ in range(2):
+        assert _epoch(a) == _epoch(b)
+        assert _epoch(a) != _epoch(c)
+        for s in (a, b, c):
+            s.on_epoch_end()
+    # the order does not depend on which batches were asked for first, nor from which thread
+    from concurrent.futures import ThreadPoolExecutor
+
+    serial = _epoch(a)
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda i: [int(r) for r in b[len(b) - 1 - i][0]["features"][:, 0, 0]], range(len(b))))
+    assert threaded[::-1] == serial
+    for s in (a, b, c):
+        s.close()
+
+
+def test_streamed_memory_is_bounded_by_the_windows_held(tmp_path, monkeypatch):
+    path = make_cache(tmp_path / "c.h5", n=200, splits=("train",))
+    idx = open_index(path)
+    seq = H5Batches(path, np.arange(200), idx.labels, batch_size=8, shuffle=True, seed=0, block_rows=4,
+                    window_batches=3, max_windows=2)
+    reads = []
+    original = type(seq)._read_window
+    monkeypatch.setattr(type(seq), "_read_window", lambda self, w: reads.append(w) or original(self, w))
+    limit = 2 * 3 * 8  # max_windows * window_batches * batch_size rows
+    for i in range(len(seq)):
+        seq[i]
+        assert 0 < seq.held_rows <= limit
+    assert reads == list(range(math.ceil(200 / 24))), "in order, each window is read once"
+    # any order (e.g. Keras shuffling batches) stays correct and bounded, only slower
+    rng = np.random.default_rng(0)
+    for i in rng.permutation(len(seq)):
+        seq[int(i)]
+        assert seq.held_rows <= limit
+    seq.on_epoch_end()
+    assert seq.held_rows == 0
+    seq.close()
+
+
+def test_a_window_is_read_in_few_large_reads(tmp_path, monkeypatch):
+    path = make_cache(tmp_path / "c.h5", n=120, splits=("train",))
+    idx = open_index(path)
+    calls = []
+    original = h5py.Dataset.read_direct
+    monkeypatch.setattr(h5py.Dataset, "read_direct", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    seq = H5Batches(path, np.arange(120), idx.labels, batch_size=10, shuffle=True, seed=0, block_rows=5,
+                    window_batches=3)
+    _epoch(seq)
+    # 120 rows in 24 blocks of 5: one read per block (two where the random offset cuts one), never one per row
+    assert len(calls) <= 24 + 4
+    seq.close()
+
+
+def test_rows_of_one_split_with_gaps_are_streamed_exactly(tmp_path):
+    path = make_cache(tmp_path / "c.h5", n=60)  # train is every third row: reads span the gaps
+    idx = open_index(path)
+    for rows in (idx.rows("train"), np.array([50, 3, 27, 3, 59, 0, 12])):  # gaps, any order, a repeat
+        unique, where = np.unique(rows, return_inverse=True)
+        memory, labels = load_rows(idx, unique)
+        memory, labels = {k: v[where] for k, v in memory.items()}, labels[where]
+        seq = H5Batches(path, rows, idx.labels[rows], batch_size=3)
+        got = [seq[i] for i in range(len(seq))]
+        np.testing.assert_array_equal(np.concatenate([x["features"] for x, _ in got]), memory["features"])
+        np.testing.assert_array_equal(np.concatenate([x["mask"] for x, _ in got]), memory["mask"])
+        np.testing.assert_array_equal(np.concatenate([y for _, y in got]), labels)
+        seq.close()
+
+
+def test_float16_caches_stream_in_float16_with_the_values_held_in_memory(tmp_path):
+    path = make_cache(tmp_path / "c.h5", n=30, dtype="float16")
+    idx = open_index(path)
+    rows = idx.rows("train")
+    memory, _ = load_rows(idx, rows)
+    as_stored = H5Batches(path, rows, idx.labels[rows], batch_size=4, shuffle=True, seed=2, dtype=None)
+    as_float32 = H5Batches(path, rows, idx.labels[rows], batch_size=4, shuffle=True, seed=2)
+    for i in range(len(as_stored)):
+        (x16, y16), (x32, y32) = as_stored[i], as_float32[i]
+        assert x16["features"].dtype == np.float16 and x32["features"].dtype == np.float32
+        expected = memory["features"][as_stored._order[i * 4:(i + 1) * 4]]
+        np.testing.assert_array_equal(x16["features"].astype(np.float32), expected)
+        np.testing.assert_array_equal(x32["features"], expected)
+        np.testing.assert_array_equal(y16, y32)
+    as_stored.close()
+    as_float32.close()
+
+
+def test_sample_weights_follow_their_rows_and_the_dataset_pickles(tmp_path):
+    import pickle
+
+    path = make_cache(tmp_path / "c.h5", n=40, splits=("train",))
+    idx = open_index(path)
+    rows = np.arange(40)
+    weights = rows.astype(np.float32) / 10
+    seq = H5Batches(path, rows, idx.labels, batch_size=8, shuffle=True, seed=1, sample_weight=weights)
+    for i in range(len(seq)):
+        x, y, w = seq[i]
+        np.testing.assert_array_equal(w, x["features"][:, 0, 0] / 10)
+    copy = pickle.loads(pickle.dumps(seq))  # use_multiprocessing sends the dataset to worker processes
+    np.testing.assert_array_equal(copy[2][0]["features"], seq[2][0]["features"])
+    copy.close()
+    seq.close()
+
+
+def test_streaming_sets_malloc_thresholds_while_reading_and_gives_them_back_on_close(tmp_path, monkeypatch):
+    """On TensorFlow+glibc, undo the 128 KiB mmap threshold that tf.data's generator op pins (see data.py)."""
+    import featpipe.data as data
+
+    calls = []
+    monkeypatch.setattr(data, "_mallopt", lambda param, value: calls.append((param, value)) or 1)
+    path = make_cache(tmp_path / "c.h5", n=20)
+    idx = open_index(path)
+    seq = H5Batches(path, np.arange(20), idx.labels, batch_size=4, window_batches=2)
+    assert calls == []
+    seq[0]
+    assert calls == [(-3, data.MALLOC_THRESHOLDS[0]), (-1, data.MALLOC_THRESHOLDS[1])]
+    seq.close()
+    assert calls[2:] == [(-3, 128 << 10), (-1, 128 << 10)]
+    monkeypatch.setattr(data, "_mallopt", False)  # not TensorFlow, or not glibc: nothing is touched
+    seq = H5Batches(path, np.arange(20), idx.labels, batch_size=4)
+    seq[0]
+    seq.close()
+    assert len(calls) == 4
+
+
+def test_fitting_from_the_stream_is_deterministic_for_a_seed(tmp_path):
+    import keras
+
+    from featpipe.models import HeadConfig, build_model
+
+    path = make_cache(tmp_path / "c.h5", n=64, splits=("train",))
+    idx = open_index(path)
+    rows = np.arange(64)
+
+    def fit():
+        keras.utils.set_random_seed(0)
+        model = build_model(HeadConfig("gru", units=4), (D,), 2, np.zeros(D, np.float32), np.ones(D, np.float32))
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        data = H5Batches(path, rows, idx.labels, batch_size=8, shuffle=True, seed=5, block_rows=2, window_batches=2,
+                         dtype=None, workers=2, use_multiprocessing=False, max_queue_size=4)
+        model.fit(data, epochs=2, shuffle=False, verbose=0)
+        data.close()
+        return model.get_weights()
+
+    for a, b in zip(fit(), fit()):
+        np.testing.assert_array_equal(a, b)

@@ -194,17 +194,19 @@ def train(opts: TrainOptions | None = None, **kwargs) -> TrainResult:
     ]
     if streamed:
         sw = weights[index.labels[train_rows]] if weights is not None else None
-        # two reader threads prefetch batches while the model trains (h5py is thread-safe)
         # Validation is usually small: held in memory when it fits, because Keras slows down epoch after
         # epoch when validation_data is a PyDataset (measured in bench/train_bench.py).
         val_bytes = len(val_rows) * index.features_nbytes_f32 // max(len(index.labels), 1)
         validation = (load_rows(index, val_rows) if val_bytes <= IN_MEMORY_FRACTION * physical_memory()
-                      else H5Batches(cache, val_rows, index.labels[val_rows], opts.batch_size))
-        # three reader threads prefetch batches (measured: epoch 10.3 s -> 8.2 s on bench/train_bench.py)
+                      else H5Batches(cache, val_rows, index.labels[val_rows], opts.batch_size, dtype=None))
+        # H5Batches shuffles itself (shuffled blocks of neighbouring rows, read a window of batches at a time),
+        # so Keras must keep its batch order (shuffle=False). Features come in the cache's dtype: the model's
+        # float32 input casts them, the same values as in memory, and a float16 cache skips a slow NumPy cast.
+        # Two reader threads (h5py reads release the GIL) are enough for a few large reads per window.
         fit_data = dict(x=H5Batches(cache, train_rows, index.labels[train_rows], opts.batch_size, shuffle=True,
-                                    seed=opts.seed, sample_weight=sw, workers=3, use_multiprocessing=False,
-                                    max_queue_size=16),
-                        validation_data=validation)
+                                    seed=opts.seed, sample_weight=sw, dtype=None, workers=2,
+                                    use_multiprocessing=False, max_queue_size=16),
+                        validation_data=validation, shuffle=False)
     else:
         x_train, y_train = load_rows(index, train_rows)
         x_val, y_val = load_rows(index, val_rows)
@@ -217,6 +219,10 @@ def train(opts: TrainOptions | None = None, **kwargs) -> TrainResult:
         history_rows = [dict(zip(hist.history, vals)) for vals in zip(*hist.history.values())]
     except KeyboardInterrupt:
         interrupted = True
+    finally:
+        for data in (fit_data["x"], fit_data["validation_data"]):
+            if hasattr(data, "close"):  # streamed: close the file, drop the windows, restore malloc settings
+                data.close()
     if not model_path.exists():
         if interrupted:
             raise KeyboardInterrupt  # stopped before the first epoch ended: nothing worth keeping
