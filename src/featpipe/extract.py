@@ -150,7 +150,10 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
         n_skipped = len(records) - len(todo)
         stats = _Stats()
         assignments = {r.video: (dataset.label_index(r.label), r.split) for r in records}
-        if todo and not backbone.raw:  # trace/compile the forward pass now: a fixed set-up cost, not pipeline time
+        if todo and getattr(extractor, "jit_compile", None) is True:
+            # an accelerator compiles the forward pass (seconds to minutes): do it now, as set-up, so the
+            # pipeline starts with a ready device. On a CPU the first real batch traces it instead, since a
+            # warm-up batch there costs a whole forward pass.
             extractor(np.zeros((1, size, size, 3), np.uint8))
         setup_seconds = time.perf_counter() - started  # index, model build and compile, cache checks
         try:
