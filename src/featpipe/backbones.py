@@ -309,8 +309,11 @@ class FeatureExtractor:
             return np.asarray(frames)
         if n == 0:
             return np.zeros((0, *self.feature_shape), np.float32)
-        batch = np.zeros((self.batch_size, self.size, self.size, 3), dtype=np.uint8)
-        batch[:n] = frames
+        if n == self.batch_size:  # the usual full batch: no padding copy on the hot path
+            batch = np.ascontiguousarray(frames, dtype=np.uint8)
+        else:
+            batch = np.zeros((self.batch_size, self.size, self.size, 3), dtype=np.uint8)
+            batch[:n] = frames
         while True:
             try:  # every call has the same shape (_micro divides batch_size), so one compiled trace
                 parts = [self.model.predict_on_batch(batch[i:i + self._micro]) for i in range(0, n, self._micro)]

@@ -248,9 +248,6 @@ def _run(todo: list[Record], dataset: Dataset, extractor: FeatureExtractor, opts
                 stop.set()
                 return
 
-    def emit(rec: ClipRecord):
-        out_q.put(rec)
-
     bar = tqdm(total=len(todo), unit="clip", disable=opts.quiet, dynamic_ncols=True, desc=f"extract {extractor.backbone.name}")
     started = time.perf_counter()
 
@@ -261,7 +258,7 @@ def _run(todo: list[Record], dataset: Dataset, extractor: FeatureExtractor, opts
                 f"Features of '{slot.record.video}' are not finite in {opts.dtype} (the backbone's outputs overflow it); "
                 f"re-run with --dtype float32 and a new --output file."
             )
-        emit(ClipRecord(slot.record.video, slot.label, slot.record.split, slot.n_frames, feats, slot.mask))
+        out_q.put(ClipRecord(slot.record.video, slot.label, slot.record.split, slot.n_frames, feats, slot.mask))
         stats.clips += 1
         bar.update(1)
 
@@ -334,7 +331,7 @@ def _run(todo: list[Record], dataset: Dataset, extractor: FeatureExtractor, opts
                     submit_next()
                     label = dataset.label_index(rec.label)
                     if isinstance(clip, VideoError):
-                        emit(ClipRecord(rec.video, label, rec.split, 0, error=str(clip)))
+                        out_q.put(ClipRecord(rec.video, label, rec.split, 0, error=str(clip)))
                         bar.update(1)
                         continue
                     k = int(clip.mask.sum())
