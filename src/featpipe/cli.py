@@ -3,7 +3,7 @@
 This is the only place where a FeatpipeError becomes a message and an exit status:
   0 success, 1 the run finished but data failed (no usable clip, or --strict with failures),
   2 a user mistake (bad option, missing folder, unknown backbone, mismatched cache ...),
-  130 interrupted (finished work is kept).
+  130 interrupted by Ctrl-C, 143 stopped by SIGTERM (finished work is kept either way).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import typer
 
 from featpipe import __version__
 from featpipe.backbones import REGISTRY
-from featpipe.errors import FeatpipeError
+from featpipe.errors import FeatpipeError, OptionError, Terminated
 
 app = typer.Typer(
     name="featpipe",
@@ -55,21 +55,37 @@ class DType(str, Enum):
     float32 = "float32"
 
 
-def _handles_errors(fn):
-    """Turn FeatpipeError into one sentence on stderr and its exit status; Ctrl-C into 130."""
+INTERRUPTED = "interrupted: finished clips are saved; run the same command again to resume."
+
+
+def _handles_errors(fn=None, *, interrupted: str = INTERRUPTED):
+    """Turn FeatpipeError into one sentence on stderr and its exit status; Ctrl-C into 130, SIGTERM into 143.
+
+    ``interrupted`` is what the command says when stopped (extract: finished clips are kept; train: ...).
+    An OptionError names the flag (``--batch-size``), not the Python parameter.
+    """
+    if fn is None:
+        return functools.partial(_handles_errors, interrupted=interrupted)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except OptionError as exc:
+            typer.secho(f"error: {exc.flag_message()}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(exc.exit_code) from None
         except FeatpipeError as exc:
             typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            typer.secho("interrupted: finished clips are saved; run the same command again to resume.", err=True)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated) through _on_sigterm
+            typer.secho(interrupted, err=True)
+            raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
 
     return wrapper
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 def _version(value: bool):
@@ -294,6 +310,10 @@ def info_cmd(path: Annotated[Path, typer.Argument(help="A cache file (.h5), a ru
 
 
 def main() -> None:
+    import signal
+
+    # batch schedulers and container runtimes stop jobs with SIGTERM: treat it as Ctrl-C (finished work is kept)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     app()
 
 

@@ -13,6 +13,32 @@ class FeatpipeError(Exception):
     exit_code = 2
 
 
+class OptionError(FeatpipeError, ValueError):
+    """An option value out of range or of the wrong kind.
+
+    ``option`` is the Python parameter name (``batch_size``). ``str(exc)`` reads
+    "batch_size must be ..." for the Python API; the CLI shows ``flag_message()`` instead,
+    "--batch-size must be ...", so each caller reads the name it typed.
+    """
+
+    def __init__(self, option: str, problem: str):
+        self.option = option
+        self.problem = problem
+        super().__init__(f"{option} {problem}")
+
+    def flag_message(self, flags: dict[str, str] | None = None) -> str:
+        flag = (flags or {}).get(self.option) or "--" + self.option.replace("_", "-")
+        return f"{flag} {self.problem}"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler or container runtime stopping us), handled exactly like Ctrl-C.
+
+    It subclasses KeyboardInterrupt so every ``except KeyboardInterrupt`` that saves finished
+    work also runs for SIGTERM; the CLI exits 143 for it instead of 130.
+    """
+
+
 class DatasetError(FeatpipeError):
     """The dataset folder, CSV or split lists cannot be indexed as asked."""
 
