@@ -9,17 +9,15 @@ This is the only place where a FeatpipeError becomes a message and an exit statu
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
-
 import typer
 
-from featpipe import __version__
+from featpipe._quiet import set_verbose
+from featpipe._version import __version__
 from featpipe.backbones import REGISTRY
 from featpipe.errors import FeatpipeError, OptionError, Terminated
 
@@ -29,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 BackboneName = Enum("BackboneName", {name: name for name in REGISTRY}, type=str)
@@ -98,8 +97,11 @@ def _version(value: bool):
 def _root(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show TensorFlow's own start-up and C++ log lines "
+                                          "(hidden by default; or set FEATPIPE_VERBOSE=1).")] = False,
 ):
     """featpipe: extract once, train many times, predict with exactly the same preprocessing."""
+    set_verbose(verbose)  # before any command imports Keras
 
 
 @app.command("sample-data")
