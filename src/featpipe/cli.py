@@ -44,6 +44,8 @@ class Precision(str, Enum):
     mixed_bfloat16 = "mixed_bfloat16"
 
 
+_BACKBONE_HELP = (f"Frozen ImageNet CNN: {', '.join(n for n, b in REGISTRY.items() if not b.raw)}; "
+                  f"or {', '.join(n for n, b in REGISTRY.items() if b.raw)} (the frames themselves, for cnn-lstm).")
 _PRECISION_HELP = "Backbone compute precision; mixed_* are for GPUs/TPUs (features are stored as --dtype either way)."
 _BATCH_HELP = "Frames per backbone forward pass [default: 32 on CPU; on a GPU, sized from its free memory]."
 _WORKERS_HELP = "Decoding threads [default: one per CPU core, at most 32]."
@@ -125,7 +127,7 @@ def sample_data_cmd(
 @app.command("extract")
 @_handles_errors
 def extract_cmd(
-    backbone: Annotated[BackboneName, typer.Option(help="Frozen ImageNet CNN.")] = "inceptionv3",
+    backbone: Annotated[BackboneName, typer.Option(metavar="<name>", help=_BACKBONE_HELP)] = "inceptionv3",
     data: Annotated[Path, typer.Option(help="Dataset folder: DIR/{train,val,test}/<class>/, DIR/<class>/, or UCF101 lists.")] = Path("data"),
     csv: Annotated[Optional[Path], typer.Option(help="CSV with columns video_name,tag[,split]; paths relative to the CSV.")] = None,
     cache: Annotated[Path, typer.Option(help="Folder for the cache file <backbone>.h5.")] = Path("cache"),
