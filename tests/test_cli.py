@@ -233,7 +233,8 @@ def test_evaluate_and_predict_print_nothing_on_stderr(tiny_run, sample):
     assert predicted.stderr == ""
 
 
-def test_verbose_shows_tensorflows_own_lines_again(tiny_run):
+def test_verbose_lets_tensorflows_lines_through_and_still_runs(tiny_run):
+    """Which lines TensorFlow prints depends on the machine, so only the run itself is checked."""
     proc = featpipe_cli("--verbose", "evaluate", str(tiny_run), "--json")
     assert json.loads(proc.stdout.splitlines()[-1])["n"] == 4
     assert "Traceback" not in proc.stderr

@@ -21,8 +21,9 @@ Two measures, both only when :func:`verbose` is false:
   that is not such start-up noise (a real error, a Python warning, a traceback still shows).
 
 ``--verbose`` on the command line, or ``FEATPIPE_VERBOSE=1`` in the environment, turns both off.
-Library code never writes ``import keras``: it calls :func:`import_keras`, so the silencing is
-in effect whichever function happens to load Keras first.
+Library code that may be the first to load Keras calls :func:`import_keras` instead of writing
+``import keras``, so the silencing is in effect whichever function loads it first (the two
+``import keras`` in ``data.py`` run only once Keras is loaded).
 """
 
 from __future__ import annotations
@@ -78,26 +79,33 @@ def is_noise(line: str) -> bool:
 @contextlib.contextmanager
 def _filtered_stderr():
     """Send file descriptor 2 to a temporary file for the block, then replay its lines that are not noise."""
+    _flush_stderr()
     try:
-        sys.stderr.flush()
         saved = os.dup(2)
-    except (OSError, ValueError):  # no usable fd 2 (a closed stderr, an embedding host): filter nothing
+    except OSError:  # no fd 2 (a closed stderr, an embedding host): nothing to filter
         yield
         return
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError, ValueError):
-                sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            kept = [line for line in captured.read().decode(errors="replace").splitlines(True) if not is_noise(line)]
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
+    try:
+        with tempfile.TemporaryFile() as captured:
+            os.dup2(captured.fileno(), 2)
+            try:
+                yield
+            finally:
+                _flush_stderr()  # Python-level writes made during the block belong to the capture
+                os.dup2(saved, 2)
+                captured.seek(0)
+                text = captured.read().decode(errors="replace")
+                kept = [line for line in text.splitlines(True) if not is_noise(line)]
+                if kept and sys.stderr is not None:
+                    sys.stderr.write("".join(kept))
+                    _flush_stderr()
+    finally:
+        os.close(saved)
+
+
+def _flush_stderr() -> None:
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # None under pythonw, or closed
+        sys.stderr.flush()
 
 
 def import_keras():
