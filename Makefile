@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 BACKENDS_STAMP := $(VENV)/.backends
 
-.PHONY: venv demo test test-backends bench gpu-bench clean
+.PHONY: venv demo test test-fast lint test-backends bench gpu-bench clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,15 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+# The edit loop: everything but the tests marked slow (subprocess kill tests, the notebook run,
+# the all-backbones sweep). CI and `make test` run the full suite.
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow"
+
+# ruff's lint rules from pyproject.toml [tool.ruff]; no formatting check yet.
+lint: venv
+	$(BIN)/ruff check src tests bench
 
 # PyTorch (CPU build) and JAX beside TensorFlow, for the backend-agnostic end-to-end tests.
 $(BACKENDS_STAMP): $(STAMP)

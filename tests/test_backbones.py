@@ -24,6 +24,7 @@ SMALL = {name: (64 if name.startswith("efficientnet") else max(b.min_size, 32)) 
 CNNS = sorted(name for name, b in REGISTRY.items() if not b.raw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CNNS)
 def test_every_backbone_gives_finite_features_of_its_declared_dimension(name):
     b = REGISTRY[name]

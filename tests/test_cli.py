@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
+import featpipe
+from featpipe._quiet import _filtered_stderr, is_noise
 from featpipe.cli import app
 from videos import write_text_as_video, write_video, write_zero_byte
 
@@ -157,3 +161,105 @@ def test_a_bad_shard_is_exit_2_with_a_sentence(sample, tmp_path, spec):
     assert result.exit_code == 2
     assert "--shard must look like I/N with 1 <= I <= N, e.g. 2/4" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- help at 80 columns
+
+GROUP = typer.main.get_command(app)
+
+
+def lines_spanned(lines: list[str], text: str) -> int | None:
+    """How many consecutive lines of ``lines`` it takes to read ``text`` whole (line breaks and indents ignored)."""
+    target = "".join(text.split())
+    for n in range(1, len(lines) + 1):
+        for i in range(len(lines) - n + 1):
+            if target in "".join("".join(lines[i:i + n]).split()):
+                return n
+    return None
+
+
+@pytest.mark.parametrize("command", ["", *GROUP.commands])
+def test_help_fits_80_columns_and_every_description_reads_whole(command):
+    """No line over 80 columns, no description cut off, eaten ([default: ...]) or chopped into 20-column shreds."""
+    args = [command, "--help"] if command else ["--help"]
+    result = runner.invoke(app, args, env={"COLUMNS": "80"}, terminal_width=80)
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80, "\n".join(line for line in lines if len(line) > 80)
+    params = (GROUP.commands[command] if command else GROUP).params
+    helps = [p.help for p in params if getattr(p, "help", None)]
+    assert len(helps) >= 1
+    for text in helps:
+        n = lines_spanned(lines, text)
+        assert n is not None, f"description not shown whole: {text!r}\n{result.output}"
+        assert n <= len(text) // 40 + 2, f"{text!r} is wrapped into {n} lines:\n{result.output}"
+
+
+def test_the_backbone_choices_are_listed_in_words_that_wrap():
+    out = runner.invoke(app, ["extract", "--help"], env={"COLUMNS": "80"}, terminal_width=80).output
+    flat = " ".join(out.split())
+    assert "inceptionv3, efficientnetb0" in flat and "resnet50; or raw" in flat
+
+
+# ---------------------------------------------------------------------------- a quiet CLI
+
+@pytest.fixture(scope="module")
+def tiny_run(sample, tmp_path_factory) -> Path:
+    """The smallest trained run: vgg16 at 32 px, 8 frames, random weights, 2 epochs."""
+    root = tmp_path_factory.mktemp("quiet")
+    ex = featpipe.extract(data=sample, output=root / "c.h5", backbone="vgg16", size=32, frames=8, weights="none",
+                          quiet=True)
+    return featpipe.train(cache=ex.cache, rnn="gru", models_dir=root / "models", epochs=2, patience=2,
+                          quiet=True).run_dir
+
+
+def featpipe_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """`python -m featpipe ARGS` in a fresh process, as a user runs it (TF_CPP_MIN_LOG_LEVEL=2 is inherited)."""
+    environ = {k: v for k, v in os.environ.items() if k != "FEATPIPE_VERBOSE"}
+    proc = subprocess.run([sys.executable, "-m", "featpipe", *args], capture_output=True, text=True, timeout=300,
+                          env={**environ, **env})
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_evaluate_and_predict_print_nothing_on_stderr(tiny_run, sample):
+    """TensorFlow's absl / oneDNN / cuda-driver / cuInit / DT_BOOL lines are hidden by default."""
+    evaluated = featpipe_cli("evaluate", str(tiny_run), "--split", "test")
+    assert "accuracy" in evaluated.stdout
+    assert evaluated.stderr == ""
+    clip = sample / "test" / "grow" / "grow_test_000.mp4"
+    predicted = featpipe_cli("predict", str(clip), "--model", str(tiny_run))
+    assert "grow_test_000.mp4" in predicted.stdout
+    assert predicted.stderr == ""
+
+
+def test_verbose_lets_tensorflows_lines_through_and_still_runs(tiny_run):
+    """Which lines TensorFlow prints depends on the machine, so only the run itself is checked."""
+    proc = featpipe_cli("--verbose", "evaluate", str(tiny_run), "--json")
+    assert json.loads(proc.stdout.splitlines()[-1])["n"] == 4
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_stderr_filter_drops_tensorflows_start_up_lines_and_keeps_everything_else(capfd):
+    """What the import of TensorFlow writes to file descriptor 2 is replayed without the known noise."""
+    noise = [
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+        "I0000 00:00:1795462025.088793    4731 port.cc:153] oneDNN custom operations are on. You may see ...",
+        "I0000 00:00:1795462025.089918    4731 cudart_stub.cc:31] Could not find cuda drivers on your machine.",
+        "E0000 00:00:1795462030.644867    4731 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)",
+    ]
+    kept = ["E0000 00:00:1795462030.644867    4731 some_op.cc:52] a real error", "UserWarning: something to read"]
+    assert all(is_noise(line) for line in noise) and not any(is_noise(line) for line in kept)
+    capfd.readouterr()
+    with _filtered_stderr():
+        os.write(2, "\n".join(noise[:2] + kept[:1] + noise[2:] + kept[1:]).encode() + b"\n")
+    assert capfd.readouterr().err.splitlines() == kept
+
+
+# ---------------------------------------------------------------------------- the version, defined once
+
+def test_the_version_is_defined_once_and_pyproject_reads_it():
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    project = read_configuration(Path(__file__).resolve().parents[1] / "pyproject.toml", expand=True)["project"]
+    assert "version" in project["dynamic"] and project["version"] == featpipe.__version__

@@ -119,6 +119,7 @@ def _records(out: Path) -> int:
     return sum(1 for _ in iter_journal(j)) if j.exists() else 0
 
 
+@pytest.mark.slow
 def test_sigkill_at_several_points_then_resume_ends_with_the_clean_runs_cache(sample, tmp_path):
     """Kill a real extraction before any clip, after the first, and mid-way; each restart resumes."""
     clean = tmp_path / "clean.h5"

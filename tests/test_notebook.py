@@ -132,12 +132,14 @@ def executed(tmp_path_factory):
     return nb, work, seconds, (kernel_exe, kernel_prefix)
 
 
+@pytest.mark.slow
 def test_notebook_runs_on_the_test_interpreter(executed):
     _, _, _, (kernel_exe, kernel_prefix) = executed
     assert kernel_exe == sys.executable
     assert kernel_prefix == sys.prefix
 
 
+@pytest.mark.slow
 def test_notebook_runs_without_errors(executed):
     nb, _, seconds, _ = executed
     for i, cell in enumerate(nb.cells):
@@ -149,6 +151,7 @@ def test_notebook_runs_without_errors(executed):
     assert seconds < 170, f"the notebook took {seconds:.0f}s on the test settings"
 
 
+@pytest.mark.slow
 def test_notebook_draws_its_figures(executed):
     nb, _, _, _ = executed
     figure_cells = [c for c in nb.cells if c.cell_type == "code" and "figure" in c.metadata.get("tags", [])]
@@ -161,6 +164,7 @@ def test_notebook_draws_its_figures(executed):
     assert images >= 6
 
 
+@pytest.mark.slow
 def test_notebook_trains_and_evaluates(executed):
     nb, work, _, _ = executed
     models = list(work.rglob("model.keras"))

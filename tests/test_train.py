@@ -171,6 +171,7 @@ def test_the_design_spelling_rnn_gru_works_from_the_cli(small_cache, tmp_path):
     assert "accuracy" in result.output and "Run " in result.output
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_best_checkpoint_and_writes_the_run_directory(small_cache, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "featpipe", "train", "--cache", str(small_cache), "--epochs", "5000",

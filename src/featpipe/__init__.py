@@ -14,9 +14,8 @@ The Python API mirrors the command line, with the same defaults:
 Keras is imported only when a function needs it.
 """
 
+from featpipe._version import __version__
 from featpipe.errors import FeatpipeError
-
-__version__ = "0.1.0"
 
 # The functions share their names with the modules that define them; binding them here, after
 # the modules are loaded, makes ``featpipe.extract`` the function (``featpipe.extract.ExtractOptions``

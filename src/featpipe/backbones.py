@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featpipe._quiet import import_keras
 from featpipe.errors import BackboneError
 
 WEIGHTS_IMAGENET = "imagenet"
@@ -43,7 +44,7 @@ class Backbone:
     raw: bool = False  # True for the "raw" entry: no network, the frames themselves are stored
 
     def keras_module(self):
-        import keras
+        keras = import_keras()
 
         return getattr(keras.applications, self.module)
 
@@ -177,7 +178,7 @@ def build_model(backbone: Backbone, size: int, weights: str = WEIGHTS_IMAGENET, 
 
     Returns a Keras model mapping preprocessed (B, size, size, 3) float32 to (B, feature_dim).
     """
-    import keras
+    keras = import_keras()
 
     check_size(backbone, size)
     constructor = getattr(backbone.keras_module(), backbone.constructor)
@@ -233,7 +234,7 @@ def _inference_model(backbone: Backbone, size: int, model, precision: str, jit_c
     With a mixed precision the same architecture is rebuilt under that dtype policy and given
     the float32 network's weights, so the weights fingerprint never depends on the precision.
     """
-    import keras
+    keras = import_keras()
 
     net = model
     if precision != "float32":

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import h5py
 import numpy as np
 
 from featpipe.errors import CacheError, FeatpipeError
@@ -355,12 +356,6 @@ def parse_shard_path(path: Path) -> tuple[Path, int, int] | None:
 # ----------------------------------------------------------------------------- reading
 
 
-def _require_h5py():
-    import h5py
-
-    return h5py
-
-
 def read_config(path: Path) -> CacheConfig:
     """Open a finished cache just long enough to validate and return its config."""
     with open_h5(path) as f:
@@ -369,7 +364,6 @@ def read_config(path: Path) -> CacheConfig:
 
 def open_h5(path: Path):
     """Open a cache read-only, turning every way it can be wrong into one CacheError sentence."""
-    h5py = _require_h5py()
     path = Path(path)
     if not path.exists():
         raise CacheError(f"Cache file '{path}' does not exist; run `featpipe extract` first or pass --cache FILE.")
@@ -590,7 +584,6 @@ def _write_temporary(path: Path, config: CacheConfig, keys: list[str], read_row:
     bounded whatever the cache size; ``failed`` maps clip key -> reason. ``_install`` then puts
     it in place. Used by ``CacheWriter.finalize`` and ``merge_shards``.
     """
-    h5py = _require_h5py()
     c = config
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")

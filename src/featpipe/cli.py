@@ -9,17 +9,15 @@ This is the only place where a FeatpipeError becomes a message and an exit statu
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
-
 import typer
 
-from featpipe import __version__
+from featpipe._quiet import set_verbose
+from featpipe._version import __version__
 from featpipe.backbones import REGISTRY
 from featpipe.errors import FeatpipeError, OptionError, Terminated
 
@@ -29,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 BackboneName = Enum("BackboneName", {name: name for name in REGISTRY}, type=str)
@@ -45,6 +44,8 @@ class Precision(str, Enum):
     mixed_bfloat16 = "mixed_bfloat16"
 
 
+_BACKBONE_HELP = (f"Frozen ImageNet CNN: {', '.join(n for n, b in REGISTRY.items() if not b.raw)}; "
+                  f"or {', '.join(n for n, b in REGISTRY.items() if b.raw)} (the frames themselves, for cnn-lstm).")
 _PRECISION_HELP = "Backbone compute precision; mixed_* are for GPUs/TPUs (features are stored as --dtype either way)."
 _BATCH_HELP = "Frames per backbone forward pass [default: 32 on CPU; on a GPU, sized from its free memory]."
 _WORKERS_HELP = "Decoding threads [default: one per CPU core, at most 32]."
@@ -98,8 +99,11 @@ def _version(value: bool):
 def _root(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show TensorFlow's own start-up and C++ log lines "
+                                          "(hidden by default; or set FEATPIPE_VERBOSE=1).")] = False,
 ):
     """featpipe: extract once, train many times, predict with exactly the same preprocessing."""
+    set_verbose(verbose)  # before any command imports Keras
 
 
 @app.command("sample-data")
@@ -123,7 +127,7 @@ def sample_data_cmd(
 @app.command("extract")
 @_handles_errors
 def extract_cmd(
-    backbone: Annotated[BackboneName, typer.Option(help="Frozen ImageNet CNN.")] = "inceptionv3",
+    backbone: Annotated[BackboneName, typer.Option(metavar="<name>", help=_BACKBONE_HELP)] = "inceptionv3",
     data: Annotated[Path, typer.Option(help="Dataset folder: DIR/{train,val,test}/<class>/, DIR/<class>/, or UCF101 lists.")] = Path("data"),
     csv: Annotated[Optional[Path], typer.Option(help="CSV with columns video_name,tag[,split]; paths relative to the CSV.")] = None,
     cache: Annotated[Path, typer.Option(help="Folder for the cache file <backbone>.h5.")] = Path("cache"),

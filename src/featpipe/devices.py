@@ -14,6 +14,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from featpipe._quiet import import_keras
+
 
 @dataclass(frozen=True)
 class Device:
@@ -86,8 +88,7 @@ def _nvidia_smi() -> tuple[int, int] | None:
 @functools.lru_cache(maxsize=None)
 def current_device() -> Device:
     """The accelerator the active Keras backend will use, or CPU."""
-    import keras
-
+    keras = import_keras()
     probe = {"torch": _torch_device, "jax": _jax_device, "tensorflow": _tensorflow_device}.get(keras.backend.backend())
     device = None
     if probe is not None:

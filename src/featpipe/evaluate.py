@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featpipe._quiet import import_keras
 from featpipe.cache import APPEND_KEYS, CacheConfig
 from featpipe.data import check_finite, open_index
 from featpipe.errors import CacheError, FeatpipeError
@@ -15,7 +16,7 @@ from featpipe.train import predict_rows, resolve_run
 
 def load_run(run: str | Path = "models/latest"):
     """(run directory, run.json as a dict, the Keras model) for a run folder or models/latest."""
-    import keras
+    keras = import_keras()
 
     import featpipe.models  # noqa: F401  registers the custom layers for safe-mode loading
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featpipe import __version__
+from featpipe._quiet import import_keras
+from featpipe._version import __version__
 from featpipe.backbones import PRECISIONS, WEIGHTS_IMAGENET, FeatureExtractor, check_size, get_backbone
 from featpipe.cache import CacheConfig, CacheLock, CacheWriter, ClipRecord, parse_shard, shard_of, shard_path, summarize
 from featpipe.datasets import Dataset, Record, index_dataset
@@ -130,7 +131,7 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
     started = time.perf_counter()
     with CacheLock(path):
         extractor = FeatureExtractor(backbone, size, opts.weights, opts.seed, opts.batch_size, opts.precision)
-        import keras
+        keras = import_keras()
 
         config = CacheConfig(
             backbone=backbone.name, weights=extractor.weights, weights_fingerprint=extractor.fingerprint,

@@ -14,8 +14,9 @@ Conventions (see :func:`compute_metrics`):
   in ``y_true`` or in the predictions; a class that is neither present nor ever predicted has
   no data at all and does not drag the macro average down (the weighted average gives it weight
   0 anyway);
-* ROC AUC: two classes -> the usual binary AUC of ``probs[:, 1]`` (class index 1 is the positive
-  class, e.g. FAKE in REAL/FAKE); more classes -> one-vs-rest macro AUC over the classes present
+* ROC AUC: two classes -> the usual binary AUC of ``probs[:, 1]`` (class index 1, the second
+  name in sorted order, is the positive class: REAL of FAKE/REAL; with two classes the AUC is the
+  same whichever is called positive); more classes -> one-vs-rest macro AUC over the classes present
   in ``y_true`` (each such class has positives, and negatives as soon as two classes are
   present); ``None`` when fewer than two classes are present in ``y_true``.
 """

@@ -25,11 +25,13 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, fields
 
-import keras
 import numpy as np
-from keras import layers, ops
 
+from featpipe._quiet import import_keras
 from featpipe.errors import FeatpipeError
+
+keras = import_keras()
+layers, ops = keras.layers, keras.ops
 
 HEADS = ("gru", "lstm", "bilstm", "attention", "transformer", "mean", "cnn-lstm")
 FEATURE_HEADS = tuple(h for h in HEADS if h != "cnn-lstm")

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featpipe import __version__
+from featpipe._quiet import import_keras
+from featpipe._version import __version__
 from featpipe.cache import APPEND_KEYS, PREPROCESSING_KEYS
 from featpipe.data import (
     IN_MEMORY_FRACTION,
@@ -152,7 +153,7 @@ def train(opts: TrainOptions | None = None, **kwargs) -> TrainResult:
     from the best checkpoint so far (``TrainResult.interrupted``).
     """
     opts = TrainOptions(**kwargs) if opts is None else dataclasses.replace(opts, **kwargs)
-    import keras
+    keras = import_keras()
 
     from featpipe.data import H5Batches
     from featpipe.models import HeadConfig, build_model

@@ -37,7 +37,10 @@ __all__ = [
     "count_frames",
     "pad_frames",
     "read_clip",
+    "read_windows",
     "sample_indices",
+    "window_indices",
+    "write_gif",
 ]
 
 SAMPLING = ("uniform", "first")
@@ -269,13 +272,9 @@ def read_clip(path: str | Path, frames: int, size: int, sampling: str = "uniform
     path = Path(path)
     _check_file(path)
     try:
-        return _read_clip(path, frames, size, sampling)
+        return _read_planned(path, frames, size, lambda n: [sample_indices(n, frames, sampling)])[0]
     except cv2.error as exc:
         raise VideoError(f"OpenCV failed while decoding {path}: {exc}") from exc
-
-
-def _read_clip(path: Path, frames: int, size: int, sampling: str) -> ClipFrames:
-    return _read_planned(path, frames, size, lambda n: [sample_indices(n, frames, sampling)])[0]
 
 
 def window_indices(n_total: int, frames: int, sampling: str = "uniform", windows: int = 1) -> list[np.ndarray]:
