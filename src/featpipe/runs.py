@@ -270,8 +270,8 @@ def _raise_write_error(exc: OSError, where: Path) -> None:
     readonly = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
     reason = exc.strerror or str(exc)
     if readonly:
-        raise RunWriteError(f"Cannot write the run directory in '{where}' ({reason}); choose a folder you can write "
-                            f"to with --out or --models-dir.", 2) from None
+        raise RunWriteError(f"Cannot write the run directory in '{where}' ({reason}); train into a folder you can "
+                            f"write to.", 2) from None
     raise RunWriteError(f"Writing the run directory in '{where}' failed ({reason}); nothing was kept. Free some "
                         f"space (or fix the folder) and train again.", 1) from None
 
