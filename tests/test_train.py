@@ -205,9 +205,9 @@ def test_ctrl_c_or_sigterm_keeps_the_best_checkpoint_and_writes_the_run_director
 
 def test_a_signal_before_the_first_epoch_writes_nothing_and_keeps_the_old_run(tmp_path):
     """Ctrl-C before an epoch ended once left a new run.json beside the old model.keras."""
-    cache = synthetic_cache(tmp_path / "c.h5", n=3000)  # batch size 1: thousands of steps in the first epoch
-    old = train(cache=cache, rnn="mean", out=tmp_path / "run", epochs=1, quiet=True)
+    old = train(cache=synthetic_cache(tmp_path / "small.h5"), rnn="mean", out=tmp_path / "run", epochs=1, quiet=True)
     before = {p.name: p.read_bytes() for p in old.run_dir.iterdir()}
+    cache = synthetic_cache(tmp_path / "c.h5", n=3000)  # batch size 1: a thousand steps in the first epoch
     proc = _train_process(cache, old.run_dir, "--force", "--batch-size", "1")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and not _temp_dirs(old.run_dir):
@@ -219,7 +219,8 @@ def test_a_signal_before_the_first_epoch_writes_nothing_and_keeps_the_old_run(tm
     assert "training stopped before its first epoch" in err and "no run directory" in err
     assert "finished clips" not in err and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in old.run_dir.iterdir()} == before, "the old run is untouched"
-    assert _temp_dirs(old.run_dir) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "latest", "run"]
+    assert _temp_dirs(old.run_dir) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "latest", "run", "small.h5"]
 
 
 def test_an_existing_run_needs_force_and_is_replaced_whole(tmp_path):

@@ -188,6 +188,7 @@ class ClassWeight(str, Enum):
 
 
 TRAIN_INTERRUPTED = "interrupted: training stopped before its first epoch finished; no run directory was written."
+READ_INTERRUPTED = "interrupted: nothing was written."
 
 
 @app.command("train")
@@ -239,7 +240,7 @@ def train_cmd(
 
 
 @app.command("evaluate")
-@_handles_errors
+@_handles_errors(interrupted=READ_INTERRUPTED)
 def evaluate_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory, or models/latest.")] = Path("models/latest"),
     split: Annotated[str, typer.Option(help="Split of the cache to evaluate on.")] = "test",
@@ -270,7 +271,7 @@ def evaluate_cmd(
 
 
 @app.command("predict")
-@_handles_errors
+@_handles_errors(interrupted=READ_INTERRUPTED)
 def predict_cmd(
     clips: Annotated[list[Path], typer.Argument(help="Video files, or folders of them.")],
     model: Annotated[Path, typer.Option(help="Run directory, or models/latest.")] = Path("models/latest"),
