@@ -361,3 +361,26 @@ def test_the_order_blind_mean_head_stays_at_chance_on_order_only_pairs(quality_c
         direction_accuracy = np.trace(within) / within.sum()
         assert 0.2 <= direction_accuracy <= 0.8, (a, b, within)
     assert result.metrics["test"]["accuracy"] <= 0.7
+
+
+def test_a_full_disk_while_writing_the_run_keeps_the_old_run_and_leaves_nothing(tmp_path, monkeypatch):
+    """Fault injection: the disk fills up while the report is written, after training."""
+    import errno
+
+    import featpipe.metrics
+
+    cache = synthetic_cache(tmp_path / "c.h5")
+    old = train(cache=cache, rnn="mean", out=tmp_path / "run", epochs=1, quiet=True)
+    before = {p.name: p.read_bytes() for p in old.run_dir.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(featpipe.metrics, "plot_confusion_matrix", disk_full)
+    result = runner.invoke(app, ["train", "--cache", str(cache), "--rnn", "mean", "--epochs", "1", "--quiet",
+                                 "--out", str(old.run_dir), "--force"])
+    assert result.exit_code == 1, result.output + result.stderr
+    assert "No space left on device" in result.stderr and "nothing was kept" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert {p.name: p.read_bytes() for p in old.run_dir.iterdir()} == before, "the old run is untouched"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "latest", "run"]

@@ -265,9 +265,12 @@ def cache_change_warning(info: RunInfo, cache: str | Path, fingerprint: str) -> 
 
 # ----------------------------------------------------------------------------- writing
 
+# OSErrors that mean "this folder cannot take the run" (not a damaged input): full, read-only, forbidden
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 
-def _raise_write_error(exc: OSError, where: Path) -> None:
-    readonly = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+
+def raise_write_error(exc: OSError, where: Path) -> None:
+    readonly = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)  # a user's choice of folder: 2; full disk: 1
     reason = exc.strerror or str(exc)
     if readonly:
         raise RunWriteError(f"Cannot write the run directory in '{where}' ({reason}); train into a folder you can "
@@ -302,7 +305,7 @@ def make_temp_dir(dest: Path) -> Path:
             shutil.rmtree(tmp)
         tmp.mkdir()
     except OSError as exc:
-        _raise_write_error(exc, parent)
+        raise_write_error(exc, parent)
     return tmp
 
 
@@ -338,7 +341,7 @@ def write_run_file(tmp: Path, info: RunInfo) -> None:
     try:
         (tmp / RUN_FILE).write_text(json.dumps(info.to_dict(), indent=2, allow_nan=False))
     except OSError as exc:
-        _raise_write_error(exc, tmp.parent)
+        raise_write_error(exc, tmp.parent)
 
 
 def publish_run(tmp: Path, dest: Path, force: bool = False) -> Path:
@@ -365,7 +368,7 @@ def publish_run(tmp: Path, dest: Path, force: bool = False) -> Path:
             raise
     except OSError as exc:
         discard_temp_dir(tmp)
-        _raise_write_error(exc, dest.parent)
+        raise_write_error(exc, dest.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     update_latest(dest)
@@ -383,4 +386,4 @@ def update_latest(run_dir: Path) -> None:
         os.replace(tmp, latest)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        _raise_write_error(exc, run_dir.parent)
+        raise_write_error(exc, run_dir.parent)

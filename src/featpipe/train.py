@@ -185,11 +185,13 @@ def train(opts: TrainOptions | None = None, **kwargs) -> TrainResult:
     temp_dirs: list[Path] = []
     try:
         return _train(opts, temp_dirs)
-    except BaseException:  # an error, Ctrl-C or SIGTERM: no half-written run directory is left
-        from featpipe.runs import discard_temp_dir
+    except BaseException as exc:  # an error, Ctrl-C or SIGTERM: no half-written run directory is left
+        from featpipe import runs
 
         for path in temp_dirs:
-            discard_temp_dir(path)
+            runs.discard_temp_dir(path)
+        if temp_dirs and isinstance(exc, OSError) and exc.errno in runs.WRITE_ERRNOS:
+            runs.raise_write_error(exc, temp_dirs[0].parent)  # a full disk while writing the run: one sentence
         raise
 
 
