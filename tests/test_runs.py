@@ -160,9 +160,16 @@ def test_force_never_replaces_a_folder_that_is_not_a_run(tmp_path):
     check_destination(tmp_path / "empty", force=False)
 
 
-def test_temporary_folders_of_dead_processes_are_removed(tmp_path):
-    stale = tmp_path / ".run.featpipe-tmp-999999999"  # no such process
+def test_leftovers_of_killed_trains_are_cleaned_up_and_an_old_run_set_aside_comes_back(tmp_path):
+    import socket
+
+    host = socket.gethostname()
+    stale = tmp_path / f".run.featpipe-tmp-{host}-999999999"  # no such process
     stale.mkdir()
     (stale / "history.csv").write_text("epoch\n")
+    aside = fake_run(tmp_path / f".old-run.featpipe-old-{host}-999999999")  # killed between the two renames
+    elsewhere = tmp_path / ".run.featpipe-tmp-another-host-1"  # maybe alive on another machine: left alone
+    elsewhere.mkdir()
     tmp = make_temp_dir(tmp_path / "run")
-    assert not stale.exists() and tmp.is_dir()
+    assert not stale.exists() and tmp.is_dir() and elsewhere.is_dir()
+    assert not aside.exists() and read_run(tmp_path / "old-run")[1].class_names == ("a", "b")

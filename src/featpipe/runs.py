@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,7 +301,7 @@ def make_temp_dir(dest: Path) -> Path:
     try:
         parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(parent)
-        tmp = parent / f".{dest.name}{_TMP_MARK}{os.getpid()}"
+        tmp = parent / f".{dest.name}{_TMP_MARK}{_owner()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
@@ -309,15 +310,27 @@ def make_temp_dir(dest: Path) -> Path:
     return tmp
 
 
+def _owner() -> str:
+    """Host and process id: a temporary name's owner (a shared folder may be written from several hosts)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def _remove_stale(parent: Path) -> None:
+    """Leftovers of killed trains on this host: temporary runs are removed, an old run set aside is restored."""
+    host = socket.gethostname()
     for mark in (_TMP_MARK, _OLD_MARK):
         for path in parent.glob(f".*{mark}*"):
-            pid = path.name.rsplit(mark, 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+            name, _, owner = path.name[1:].rpartition(mark)
+            owner_host, _, pid = owner.rpartition("-")
+            if owner_host != host or not pid.isdigit() or _alive(int(pid)):
+                continue
+            dest = parent / name
+            if mark == _OLD_MARK and path.is_dir() and not dest.exists():
+                os.replace(path, dest)  # killed between "old aside" and "new in": the old run comes back
+            elif path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -355,7 +368,7 @@ def publish_run(tmp: Path, dest: Path, force: bool = False) -> Path:
     try:
         if dest.exists():
             check_destination(dest, force)
-            old = dest.parent / f".{dest.name}{_OLD_MARK}{os.getpid()}"
+            old = dest.parent / f".{dest.name}{_OLD_MARK}{_owner()}"
             if old.exists():
                 shutil.rmtree(old)
             os.replace(dest, old)
@@ -380,7 +393,7 @@ def update_latest(run_dir: Path) -> None:
     latest = run_dir.parent / LATEST
     if latest.is_dir():
         return
-    tmp = run_dir.parent / f".{LATEST}{_TMP_MARK}{os.getpid()}"
+    tmp = run_dir.parent / f".{LATEST}{_TMP_MARK}{_owner()}"
     try:
         tmp.write_text(run_dir.name + "\n")
         os.replace(tmp, latest)
