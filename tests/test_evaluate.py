@@ -86,3 +86,73 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
     assert out.exit_code == 2 and "not a featpipe run directory" in out.stderr
     out = runner.invoke(app, ["evaluate", str(tmp_path / "models" / "latest")])
     assert out.exit_code == 2 and "featpipe train" in out.stderr
+
+
+def _resplit(cache: Path, out: Path, moves: dict[str, str]) -> Path:
+    """A copy of ``cache`` whose clips (by key) are moved to other splits, as a re-split would."""
+    import shutil
+
+    import h5py
+
+    shutil.copy(cache, out)
+    with h5py.File(out, "r+") as f:
+        videos = f["video"].asstr()[:].tolist()
+        splits = f["split"].asstr()[:].tolist()
+        for video, split in moves.items():
+            splits[videos.index(video)] = split
+        del f["split"]
+        f.create_dataset("split", data=splits, dtype=h5py.string_dtype())
+    return out
+
+
+def _clips(cache: Path, split: str) -> list[str]:
+    import h5py
+
+    with h5py.File(cache, "r") as f:
+        return [v for v, s in zip(f["video"].asstr()[:], f["split"].asstr()[:]) if s == split]
+
+
+def test_a_split_holding_training_clips_is_refused_naming_how_many(trained, tmp_path):
+    """A test split re-drawn after training once scored a run on its own training clips, silently."""
+    root, cache, result = trained
+    moved = _clips(cache, "train")[:3]
+    resplit = _resplit(cache, tmp_path / "resplit.h5", {v: "test" for v in moved})
+    out = runner.invoke(app, ["evaluate", str(result.run_dir), "--cache", str(resplit), "--split", "test"])
+    assert out.exit_code == 2, out.output + out.stderr
+    assert "3 of the 7 clips in the 'test' split" in out.stderr and "were used to train this run" in out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    with pytest.raises(FeatpipeError, match="3 of the 7 clips"):
+        evaluate(result.run_dir, cache=resplit)
+
+
+def test_a_cache_changed_otherwise_since_training_is_scored_with_a_one_line_warning(trained, tmp_path):
+    root, cache, result = trained
+    changed = _resplit(cache, tmp_path / "changed.h5", {_clips(cache, "train")[0]: "val"})  # test split untouched
+    out = runner.invoke(app, ["evaluate", str(result.run_dir), "--cache", str(changed), "--split", "test"])
+    assert out.exit_code == 0, out.stderr
+    assert out.stderr.startswith("warning: ") and out.stderr.count("\n") == 1
+    assert "since this run was trained" in out.stderr and "fingerprint" in out.stderr
+    assert "accuracy" in out.stdout
+    same = runner.invoke(app, ["evaluate", str(result.run_dir), "--split", "test"])
+    assert same.exit_code == 0 and same.stderr == "", "no warning for the cache the run was trained on"
+    from featpipe.runs import RunWarning
+
+    with pytest.warns(RunWarning, match="since this run was trained"):
+        metrics = evaluate(result.run_dir, cache=changed)
+    assert len(metrics["warnings"]) == 1
+
+
+def test_a_run_from_before_run_identity_is_evaluated_with_a_warning(trained, tmp_path):
+    import shutil
+
+    root, cache, result = trained
+    old = tmp_path / "old-run"
+    shutil.copytree(result.run_dir, old)
+    data = json.loads((old / "run.json").read_text())
+    for key in ("run_id", "model_sha256", "train_clips", "val_clips", "run_format"):
+        del data[key]
+    (old / "run.json").write_text(json.dumps(data))
+    out = runner.invoke(app, ["evaluate", str(old), "--json"])
+    assert out.exit_code == 0, out.stderr
+    assert "cannot be checked for clips the run was trained on" in out.stderr
+    assert json.loads(out.stdout)["n"] == 4

@@ -183,3 +183,59 @@ def test_the_python_api_mirrors_the_commands():
     assert featpipe.TrainOptions().rnn == "gru"
     for fn in (featpipe.extract, featpipe.train, featpipe.evaluate, featpipe.predict, featpipe.info):
         assert "Return" in fn.__doc__ or "return" in fn.__doc__.lower()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "-1"], "--batch-size must be between 1 and"),  # once: every clip got the same answer
+    (["--batch-size", "0"], "--batch-size must be between 1 and"),  # once: silently the default
+    (["--batch-size", "100000000"], "--batch-size must be between 1 and"),
+    (["--workers", "-1"], "--workers must be between 1 and"),
+    (["--workers", "0"], "--workers must be between 1 and"),
+    (["--top-k", "0"], "--top-k must be between 1 and"),
+    (["--clips", "0"], "--clips must be between 1 and"),
+    (["--clips", "1000000"], "--clips must be between 1 and"),
+])
+def test_bad_options_are_one_sentence_naming_the_flag(run, args, message):
+    root, ex, tr = run
+    clip = str(root / "data" / "test" / "grow" / "grow_test_000.mp4")
+    result = runner.invoke(app, ["predict", clip, "--model", str(tr.run_dir), *args])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_the_api_names_parameters_and_refuses_before_loading_the_run(tmp_path):
+    from featpipe.errors import OptionError
+    from featpipe.predict import PredictOptions
+
+    with pytest.raises(OptionError, match=r"^batch_size must be between 1 and"):
+        featpipe.predict([tmp_path / "x.mp4"], model=tmp_path / "no-run", batch_size=-1)
+    with pytest.raises(OptionError, match=r"^windows must be"):
+        PredictOptions(windows=0)
+    with pytest.raises(OptionError, match=r"^workers must be"):
+        PredictOptions(workers=-1)
+
+
+def test_output_naming_a_folder_is_refused_before_predicting(run, tmp_path):
+    root, ex, tr = run
+    clip = str(root / "data" / "test" / "grow" / "grow_test_000.mp4")
+    (tmp_path / "out").mkdir()
+    result = runner.invoke(app, ["predict", clip, "--model", str(tr.run_dir), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--output must be a file" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == "", "refused before any clip was classified"
+    assert list(tmp_path.iterdir()) == [tmp_path / "out"] and list((tmp_path / "out").iterdir()) == []
+
+
+def test_info_says_whether_the_run_cache_changed_since_training(run, tmp_path):
+    import shutil
+
+    root, ex, tr = run
+    out = runner.invoke(app, ["info", str(tr.run_dir)])
+    assert out.exit_code == 0 and "unchanged since training" in out.output
+    assert "train clips" in out.output and "validation clips" in out.output
+    moved = tmp_path / "run"
+    shutil.copytree(tr.run_dir, moved)
+    data = json.loads((moved / "run.json").read_text())
+    data["cache_fingerprint"] = "0" * 16  # as if the cache had been re-extracted since
+    (moved / "run.json").write_text(json.dumps(data))
+    out = runner.invoke(app, ["info", str(moved)])
+    assert out.exit_code == 0 and "CHANGED since training" in out.output

@@ -171,25 +171,167 @@ def test_the_design_spelling_rnn_gru_works_from_the_cli(small_cache, tmp_path):
     assert "accuracy" in result.output and "Run " in result.output
 
 
+def _train_process(cache: Path, run: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "featpipe", "train", "--cache", str(cache), "--epochs", "5000", "--patience", "5000",
+           "--out", str(run), "--quiet", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _temp_dirs(run: Path) -> list[Path]:
+    """The hidden folders a run is written into before it is renamed into place."""
+    return sorted(run.parent.glob(f".{run.name}.featpipe-*"))
+
+
 @pytest.mark.slow
-def test_ctrl_c_keeps_the_best_checkpoint_and_writes_the_run_directory(small_cache, tmp_path):
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_keeps_the_best_checkpoint_and_writes_the_run_directory(small_cache, tmp_path, sig, status):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "featpipe", "train", "--cache", str(small_cache), "--epochs", "5000",
-           "--patience", "5000", "--out", str(run), "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    history = run / "history.csv"
+    proc = _train_process(small_cache, run)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if history.exists() and len(history.read_text().splitlines()) >= 4:
+        history = [p / "history.csv" for p in _temp_dirs(run)]  # the run is written beside its destination
+        if history and history[0].exists() and len(history[0].read_text().splitlines()) >= 4:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    assert not run.exists(), "the run directory appears only when complete"
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err
+    assert proc.returncode == status, err
+    assert "interrupted" in err and "best checkpoint" in err and "Traceback" not in err
     info = json.loads((run / "run.json").read_text())
     assert info["interrupted"] is True and info["epochs_run"] >= 3
     assert (run / "model.keras").is_file() and (run / "report.json").is_file()
+    assert _temp_dirs(run) == []
+
+
+def test_a_signal_before_the_first_epoch_writes_nothing_and_keeps_the_old_run(tmp_path):
+    """Ctrl-C before an epoch ended once left a new run.json beside the old model.keras."""
+    old = train(cache=synthetic_cache(tmp_path / "small.h5"), rnn="mean", out=tmp_path / "run", epochs=1, quiet=True)
+    before = {p.name: p.read_bytes() for p in old.run_dir.iterdir()}
+    cache = synthetic_cache(tmp_path / "c.h5", n=3000)  # batch size 1: a thousand steps in the first epoch
+    proc = _train_process(cache, old.run_dir, "--force", "--batch-size", "1")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not _temp_dirs(old.run_dir):
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "training stopped before its first epoch" in err and "no run directory" in err
+    assert "finished clips" not in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in old.run_dir.iterdir()} == before, "the old run is untouched"
+    assert _temp_dirs(old.run_dir) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "latest", "run", "small.h5"]
+
+
+def test_an_existing_run_needs_force_and_is_replaced_whole(tmp_path):
+    cache = synthetic_cache(tmp_path / "c.h5")
+    first = train(cache=cache, rnn="mean", out=tmp_path / "run", epochs=2, quiet=True)
+    (first.run_dir / "curves.png").unlink()  # an old-only file: must not survive into the new run
+    first_info = json.loads((first.run_dir / "run.json").read_text())
+    result = runner.invoke(app, ["train", "--cache", str(cache), "--rnn", "mean", "--epochs", "1", "--quiet",
+                                 "--out", str(first.run_dir)])
+    assert result.exit_code == 2 and "--force" in result.stderr and "already a run directory" in result.stderr
+    assert json.loads((first.run_dir / "run.json").read_text()) == first_info
+    with pytest.raises(FeatpipeError, match="force=True"):  # the API names its own parameter, not the flag
+        train(cache=cache, rnn="mean", out=first.run_dir, epochs=1, quiet=True)
+    result = runner.invoke(app, ["train", "--cache", str(cache), "--rnn", "mean", "--epochs", "1", "--quiet",
+                                 "--out", str(first.run_dir), "--force"])
+    assert result.exit_code == 0, result.stderr
+    info = json.loads((first.run_dir / "run.json").read_text())
+    assert info["run_id"] != first_info["run_id"] and info["epochs_run"] == 1
+    assert (first.run_dir / "curves.png").is_file(), "every file is the new run's"
+    from featpipe.runs import file_sha256
+
+    assert file_sha256(first.run_dir / "model.keras") == info["model_sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "latest", "run"], "nothing left aside"
+    assert (tmp_path / "latest").read_text().strip() == "run"
+
+
+def test_run_json_records_the_clips_trained_and_validated_on(tmp_path):
+    cache = synthetic_cache(tmp_path / "c.h5", splits=("train", "test"), classes=("a", "b", "c"), n=40)
+    result = train(cache=cache, rnn="mean", out=tmp_path / "r", epochs=1, quiet=True)
+    info = json.loads((result.run_dir / "run.json").read_text())
+    train_clips, val_clips = set(info["train_clips"]), set(info["val_clips"])
+    assert len(train_clips) + len(val_clips) == 20 and not train_clips & val_clips  # a hold-out of the train split
+    assert all(int(v[1:4]) % 2 == 0 for v in train_clips | val_clips), "only train-split clips"
+    assert info["run_format"] == 2 and len(info["run_id"]) == 16
+
+
+def test_a_shard_file_is_refused_unless_allowed(tmp_path):
+    cache = synthetic_cache(tmp_path / "vgg16.shard-1-of-2.h5")
+    result = runner.invoke(app, ["train", "--cache", str(cache), "--epochs", "1", "--quiet", "--models-dir",
+                                 str(tmp_path / "m")])
+    assert result.exit_code == 2 and "shard 1 of 2" in result.stderr and "featpipe merge" in result.stderr
+    assert "--allow-shard" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "m").exists()
+    result = runner.invoke(app, ["train", "--cache", str(cache), "--rnn", "mean", "--epochs", "1", "--quiet",
+                                 "--models-dir", str(tmp_path / "m"), "--allow-shard"])
+    assert result.exit_code == 0, result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--lr", "0"], "--lr must be above 0"),
+    (["--epochs", "0"], "--epochs must be between 1 and"),
+    (["--batch-size", "100000000"], "--batch-size must be between 1 and"),
+    (["--patience", "-1"], "--patience must be between 1 and"),
+    (["--units", "0"], "--units must be between 1 and"),
+    (["--layers", "1000"], "--layers must be between 1 and"),
+    (["--dropout", "1"], "--dropout must be at least 0 and below 1"),
+    (["--num-heads", "0"], "--num-heads must be between 1 and"),
+    (["--val-fraction", "0"], "--val-fraction must be above 0"),
+    (["--seed", "-1"], "--seed must be between 0 and"),
+])
+def test_bad_options_are_one_sentence_before_training(tmp_path, args, message):
+    cache = synthetic_cache(tmp_path / "c.h5")
+    result = runner.invoke(app, ["train", "--cache", str(cache), "--out", str(tmp_path / "r"), "--quiet", *args])
+    assert result.exit_code == 2, result.output + result.stderr
+    assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "r").exists() and list(tmp_path.iterdir()) == [cache]
+
+
+def test_the_api_names_the_parameter_not_the_flag():
+    from featpipe.errors import OptionError
+    from featpipe.train import TrainOptions
+
+    with pytest.raises(OptionError, match=r"^lr must be a finite number") as exc:
+        TrainOptions(lr=float("inf"))
+    assert exc.value.option == "lr"
+    with pytest.raises(OptionError, match=r"^num_heads must be"):
+        train(num_heads=0)
+
+
+def test_out_naming_a_file_is_one_sentence(tmp_path):
+    cache = synthetic_cache(tmp_path / "c.h5")
+    (tmp_path / "notes.txt").write_text("mine")
+    result = runner.invoke(app, ["train", "--cache", str(cache), "--out", str(tmp_path / "notes.txt"), "--quiet"])
+    assert result.exit_code == 2 and "--out must be a folder" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_read_only_models_folder_is_one_sentence_and_leaves_nothing(tmp_path, monkeypatch):
+    """We run as root, where chmod does not stop writes: the folder's refusal is injected instead."""
+    import errno
+
+    cache = synthetic_cache(tmp_path / "c.h5")
+    models = tmp_path / "models"
+    models.mkdir()
+    real_mkdir = Path.mkdir
+
+    def read_only_mkdir(self, *args, **kwargs):
+        if self.parent == models:
+            raise PermissionError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_mkdir)
+    result = runner.invoke(app, ["train", "--cache", str(cache), "--rnn", "mean", "--epochs", "1", "--quiet",
+                                 "--models-dir", str(models)])
+    assert result.exit_code == 2, result.output + result.stderr
+    assert "Read-only file system" in result.stderr and "a folder you can write to" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert list(models.iterdir()) == []
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +362,26 @@ def test_the_order_blind_mean_head_stays_at_chance_on_order_only_pairs(quality_c
         direction_accuracy = np.trace(within) / within.sum()
         assert 0.2 <= direction_accuracy <= 0.8, (a, b, within)
     assert result.metrics["test"]["accuracy"] <= 0.7
+
+
+def test_a_full_disk_while_writing_the_run_keeps_the_old_run_and_leaves_nothing(tmp_path, monkeypatch):
+    """Fault injection: the disk fills up while the report is written, after training."""
+    import errno
+
+    import featpipe.metrics
+
+    cache = synthetic_cache(tmp_path / "c.h5")
+    old = train(cache=cache, rnn="mean", out=tmp_path / "run", epochs=1, quiet=True)
+    before = {p.name: p.read_bytes() for p in old.run_dir.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(featpipe.metrics, "plot_confusion_matrix", disk_full)
+    result = runner.invoke(app, ["train", "--cache", str(cache), "--rnn", "mean", "--epochs", "1", "--quiet",
+                                 "--out", str(old.run_dir), "--force"])
+    assert result.exit_code == 1, result.output + result.stderr
+    assert "No space left on device" in result.stderr and "nothing was kept" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert {p.name: p.read_bytes() for p in old.run_dir.iterdir()} == before, "the old run is untouched"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "latest", "run"]

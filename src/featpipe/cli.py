@@ -191,8 +191,12 @@ class ClassWeight(str, Enum):
     balanced = "balanced"
 
 
+TRAIN_INTERRUPTED = "interrupted: training stopped before its first epoch finished; no run directory was written."
+READ_INTERRUPTED = "interrupted: nothing was written."
+
+
 @app.command("train")
-@_handles_errors
+@_handles_errors(interrupted=TRAIN_INTERRUPTED)
 def train_cmd(
     rnn: Annotated[Head, typer.Option("--rnn", "--head", help="Sequence head; all are mask-aware. mean is the order-blind control; cnn-lstm needs a --backbone raw cache.")] = Head.gru,
     cache: Annotated[Optional[Path], typer.Option(help="Cache file [default: the single .h5 in --cache-dir].")] = None,
@@ -212,6 +216,8 @@ def train_cmd(
     models_dir: Annotated[Path, typer.Option(help="Parent folder of run directories.")] = Path("models"),
     out: Annotated[Optional[Path], typer.Option(help="Run directory [default: <models-dir>/<backbone>-<head>-<time>].")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-epoch lines.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace the run directory --out if it exists (only when the new run is complete).")] = False,
+    allow_shard: Annotated[bool, typer.Option("--allow-shard", help="Train on one shard file (<stem>.shard-I-of-N.h5) instead of refusing it.")] = False,
 ):
     """Train a mask-aware sequence model on a feature cache; writes a self-describing run directory."""
     from featpipe.metrics import format_report
@@ -221,7 +227,7 @@ def train_cmd(
         cache=cache, cache_dir=cache_dir, rnn=getattr(rnn, "value", rnn), units=units, layers=layers, dropout=dropout,
         num_heads=num_heads, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
         class_weight=getattr(class_weight, "value", class_weight), stream=stream, val_fraction=val_fraction,
-        models_dir=models_dir, out=out, quiet=quiet,
+        models_dir=models_dir, out=out, quiet=quiet, force=force, allow_shard=allow_shard,
     )
     result = train(opts)
     split = "test" if "test" in result.metrics else "val"
@@ -234,11 +240,11 @@ def train_cmd(
     )
     if result.interrupted:
         typer.secho("interrupted: the run directory was written from the best checkpoint so far.", err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(143 if result.interrupted_by == "SIGTERM" else 130)
 
 
 @app.command("evaluate")
-@_handles_errors
+@_handles_errors(interrupted=READ_INTERRUPTED)
 def evaluate_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory, or models/latest.")] = Path("models/latest"),
     split: Annotated[str, typer.Option(help="Split of the cache to evaluate on.")] = "test",
@@ -247,11 +253,20 @@ def evaluate_cmd(
 ):
     """Accuracy, top-k, per-class precision/recall/F1, macro and weighted F1, ROC AUC and the confusion matrix."""
     import json
+    import warnings
 
     from featpipe.evaluate import evaluate
     from featpipe.metrics import format_report
+    from featpipe.runs import RunWarning
 
-    metrics = evaluate(run, split=split, cache=cache)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RunWarning)
+        metrics = evaluate(run, split=split, cache=cache)
+    for w in caught:  # a changed cache: one line on stderr, not a Python warning with its source line
+        if issubclass(w.category, RunWarning):
+            typer.secho(str(w.message), err=True, fg=typer.colors.YELLOW)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if as_json:
         typer.echo(json.dumps(metrics, allow_nan=False))
     else:
@@ -260,7 +275,7 @@ def evaluate_cmd(
 
 
 @app.command("predict")
-@_handles_errors
+@_handles_errors(interrupted=READ_INTERRUPTED)
 def predict_cmd(
     clips: Annotated[list[Path], typer.Argument(help="Video files, or folders of them.")],
     model: Annotated[Path, typer.Option(help="Run directory, or models/latest.")] = Path("models/latest"),
@@ -274,10 +289,17 @@ def predict_cmd(
     precision: Annotated[Precision, typer.Option(help=_PRECISION_HELP)] = Precision.float32,
 ):
     """Classify clips with a trained run, reproducing the preprocessing recorded in it."""
-    from featpipe.predict import format_table, predict, to_json_lines, write_csv
+    from featpipe.predict import check_csv_path, format_table, predict, to_json_lines, write_csv
 
-    results = predict(clips, model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size, gif=gif,
-                      precision=getattr(precision, "value", precision))
+    if output is not None:
+        check_csv_path(output)  # a folder or an unwritable place: refused before any clip is decoded
+    try:
+        results = predict(clips, model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size,
+                          gif=gif, precision=getattr(precision, "value", precision))
+    except OptionError as exc:
+        if exc.option == "windows":  # the API's windows is the CLI's --clips
+            raise OptionError("clips", exc.problem) from None
+        raise
     typer.echo(to_json_lines(results) if as_json else format_table(results))
     if output is not None:
         write_csv(results, output, top_k)

@@ -1,43 +1,31 @@
-"""`featpipe evaluate`: metrics of a trained run on one split of a cache."""
+"""`featpipe evaluate`: metrics of a trained run on one split of a cache.
+
+The run and the cache are checked against each other first: preprocessing must match, a split
+that holds clips the run was trained on is refused, and a cache that changed since training
+(another fingerprint) is scored with a :class:`featpipe.runs.RunWarning`.
+"""
 
 from __future__ import annotations
 
-import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from featpipe._quiet import import_keras
 from featpipe.cache import APPEND_KEYS, CacheConfig
-from featpipe.data import check_finite, open_index
+from featpipe.data import cache_fingerprint, check_finite, open_index
 from featpipe.errors import CacheError, FeatpipeError
-from featpipe.train import predict_rows, resolve_run
+from featpipe.options import check_int
+from featpipe.runs import RunInfo, RunWarning, cache_change_warning, load_run, overlap_with_training  # noqa: F401
+from featpipe.train import predict_rows
 
 
-def load_run(run: str | Path = "models/latest"):
-    """(run directory, run.json as a dict, the Keras model) for a run folder or models/latest."""
-    keras = import_keras()
-
-    import featpipe.models  # noqa: F401  registers the custom layers for safe-mode loading
-
-    run_dir = resolve_run(run)
-    info = json.loads((run_dir / "run.json").read_text())
-    model_path = run_dir / "model.keras"
-    if not model_path.is_file():
-        raise FeatpipeError(f"'{run_dir}' has no model.keras; the training run did not finish. Train again.")
-    try:
-        model = keras.saving.load_model(model_path)
-    except (ValueError, OSError, TypeError) as exc:
-        raise FeatpipeError(f"Could not load '{model_path}' ({exc}); it may be damaged or from another featpipe version.") from exc
-    return run_dir, info, model
-
-
-def check_cache_matches(info: dict, cache_config: CacheConfig, cache: Path) -> None:
+def check_cache_matches(info: RunInfo, cache_config: CacheConfig, cache: Path) -> None:
     """Refuse a cache whose preprocessing (or classes/feature shape) differ from the run's.
 
     Storage dtype may differ: float16 vs float32 does not change what the features are.
     """
-    run_config = CacheConfig.from_attrs(info["cache_attrs"])
+    run_config = CacheConfig.from_attrs(info.cache_attrs)
     keys = [k for k in APPEND_KEYS if k != "dtype"]
     diffs = run_config.differences(cache_config, keys, mine_label="in the run")
     if diffs:
@@ -51,22 +39,36 @@ def evaluate(run: str | Path = "models/latest", split: str = "test", cache: str 
              batch_size: int = 64) -> dict:
     """Metrics of a run on ``split`` of ``cache`` (default: the run's own cache).
 
-    Returns featpipe.metrics.compute_metrics' dict plus ``split``, ``run`` and ``cache``.
+    Returns featpipe.metrics.compute_metrics' dict plus ``split``, ``run``, ``cache`` and ``warnings``
+    (the lines also issued as RunWarning). Raises FeatpipeError when the split holds clips the run
+    was trained on (any split but "train"), or the cache's preprocessing differs from the run's.
     """
     from featpipe.metrics import compute_metrics
 
+    check_int("batch_size", batch_size, 1, 65_536)
     run_dir, info, model = load_run(run)
-    cache_path = Path(cache) if cache is not None else Path(info["cache"])
+    cache_path = Path(cache) if cache is not None else Path(info.cache)
     index = open_index(cache_path)
     check_cache_matches(info, index.config, cache_path)
     rows = index.rows(split)
     if not len(rows):
         present = ", ".join(sorted(set(index.splits.tolist())))
         raise FeatpipeError(f"The cache '{cache_path}' has no clips in the '{split}' split (splits present: {present}).")
+    notes = []
+    if split != "train":  # scoring the training split is asked for by name; any other split must be unseen
+        if info.train_clips is None:
+            notes.append(f"warning: '{run_dir}' was trained before featpipe recorded training clips, so the "
+                         f"'{split}' split cannot be checked for clips the run was trained on.")
+        overlap_with_training(info, index.videos[rows], split, cache_path)
+    change = cache_change_warning(info, cache_path, cache_fingerprint(cache_path))
+    if change:
+        notes.append(change)
+    for note in notes:
+        warnings.warn(note, RunWarning, stacklevel=2)
     check_finite(index, rows)
     probs = predict_rows(model, index, rows, batch_size)
     if not np.isfinite(probs).all():
         raise FeatpipeError(f"The model produced NaN probabilities on '{cache_path}'; check the cache for NaN features.")
     metrics = compute_metrics(index.labels[rows], probs, index.class_names)
-    metrics.update(split=split, run=str(run_dir), cache=str(cache_path))
+    metrics.update(split=split, run=str(run_dir), cache=str(cache_path), warnings=notes)
     return metrics

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from featpipe.errors import FeatpipeError
@@ -18,29 +17,47 @@ def info(path: str | Path) -> list[str]:
     return summarize(path).lines()
 
 
-def _run_lines(path: Path) -> list[str]:
-    from featpipe.train import resolve_run
+def _cache_status(data) -> str:
+    """Whether the run's training cache is still the one it was trained on (by fingerprint)."""
+    from featpipe.data import cache_fingerprint
 
-    run = resolve_run(path)
+    cache = Path(data.cache)
+    if not cache.is_file():
+        return "no longer there"
     try:
-        data = json.loads((run / "run.json").read_text())
-    except ValueError as exc:
-        raise FeatpipeError(f"'{run / 'run.json'}' is not valid JSON ({exc}); the run directory is damaged.") from exc
-    pre, cfg, head = data.get("preprocessing", {}), data.get("config", {}), data.get("head", {})
+        now = cache_fingerprint(cache)
+    except FeatpipeError as exc:
+        return f"unreadable now ({exc})"
+    return "unchanged since training" if now == data.cache_fingerprint else f"CHANGED since training (now {now})"
+
+
+def _run_lines(path: Path) -> list[str]:
+    from featpipe.runs import check_model_file, read_run
+
+    run, data = read_run(path)
+    check_model_file(run, data)  # missing, or another run's model: one sentence, as for evaluate and predict
+    pre, cfg, head = data.preprocessing, data.config, data.head
+    if data.train_clips is None:
+        identity = "not recorded (trained before run identity)"
+    else:
+        identity = f"{len(data.train_clips)} train clips, {len(data.val_clips or ())} validation clips"
     lines = [
         f"Run {run}: head {head.get('head')} (units {head.get('units')}, layers {head.get('layers')}, "
-        f"dropout {head.get('dropout')}), trained {data.get('created', '?')} with featpipe {data.get('featpipe_version')}, "
-        f"keras {data.get('keras_version')} ({data.get('keras_backend')})",
-        f"  classes ({len(data.get('class_names', []))}): {', '.join(data.get('class_names', []))}",
+        f"dropout {head.get('dropout')}), trained {data.created or '?'} with featpipe {data.featpipe_version}, "
+        f"keras {data.keras_version} ({data.keras_backend})",
+        f"  classes ({len(data.class_names)}): {', '.join(data.class_names)}",
         f"  preprocessing: backbone {pre.get('backbone')} ({pre.get('weights')}, fingerprint {pre.get('weights_fingerprint')}), "
         f"input {pre.get('input_size')}px, {pre.get('frames')} frames ({pre.get('sampling')})",
-        f"  cache: {data.get('cache')} (fingerprint {data.get('cache_fingerprint')}); validation: {data.get('validation')}",
-        f"  training: epochs {data.get('epochs_run')} (best {data.get('best_epoch')}), batch {cfg.get('batch_size')}, "
+        f"  cache: {data.cache} (fingerprint {data.cache_fingerprint}, {_cache_status(data)}); "
+        f"validation: {data.validation}",
+        f"  identity: run {data.run_id or 'n/a'}, model sha256 {(data.model_sha256 or 'not recorded')[:16]}, "
+        f"trained on {identity}",
+        f"  training: epochs {data.epochs_run} (best {data.best_epoch}), batch {cfg.get('batch_size')}, "
         f"lr {cfg.get('lr')}, seed {cfg.get('seed')}, class weight {cfg.get('class_weight')}, "
-        f"{'streamed' if data.get('streamed') else 'in memory'}, {data.get('seconds')}s"
-        + (" (interrupted)" if data.get("interrupted") else ""),
+        f"{'streamed' if data.streamed else 'in memory'}, {data.seconds}s"
+        + (" (interrupted)" if data.interrupted else ""),
     ]
-    for split, m in data.get("metrics", {}).items():
+    for split, m in data.metrics.items():
         auc = m.get("roc_auc")
         lines.append(f"  {split}: accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}, "
                      f"ROC AUC {auc:.3f}" if auc is not None else f"  {split}: accuracy {m['accuracy']:.3f}, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,36 @@ import numpy as np
 
 from featpipe.datasets import VIDEO_EXTENSIONS
 from featpipe.errors import BackboneError, FeatpipeError, VideoError
+from featpipe.options import check_choice, check_file_option, check_int, check_writable_parent
+
+MAX_TOP_K = 1000
+MAX_WINDOWS = 256  # windows per clip averaged (each is one frames-long pass through the backbone)
+MAX_WORKERS = 256
+MAX_BATCH = 4096  # frames per backbone forward pass
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """What `featpipe predict` can be told besides the clips, checked once here for the CLI and the API."""
+
+    model: str | Path = "models/latest"  # run directory, or models/latest
+    top_k: int = 3  # labels per clip
+    windows: int = 1  # evenly spaced windows of the run's frame count, averaged (the CLI's --clips)
+    workers: int | None = None  # decoding threads; None = one per CPU core
+    batch_size: int | None = None  # frames per backbone pass; None = sized for the device
+    gif: str | Path | None = None  # single clip: write its sampled frames as a captioned GIF
+    precision: str = "float32"  # backbone compute precision
+
+    def __post_init__(self) -> None:
+        check_int("top_k", self.top_k, 1, MAX_TOP_K)
+        check_int("windows", self.windows, 1, MAX_WINDOWS)
+        check_int("workers", self.workers, 1, MAX_WORKERS, optional=True)
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH, optional=True)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_file_option("gif", self.gif, optional=True)
+        if self.gif is not None:
+            check_writable_parent("gif", self.gif, "the GIF")
 
 
 @dataclass
@@ -64,11 +95,12 @@ class Predictor:
 
     def __init__(self, model: str | Path = "models/latest", batch_size: int | None = None, precision: str = "float32"):
         from featpipe.backbones import FeatureExtractor
-        from featpipe.evaluate import load_run
+        from featpipe.runs import load_run
 
-        self.run_dir, self.info, self.head = load_run(model)
-        pre = self.info["preprocessing"]
-        self.class_names: list[str] = list(self.info["class_names"])
+        check_int("batch_size", batch_size, 1, MAX_BATCH, optional=True)
+        self.run_dir, self.info, self.head = load_run(model)  # RunInfo; model.keras checked against it
+        pre = self.info.preprocessing
+        self.class_names: list[str] = list(self.info.class_names)
         self.frames, self.size, self.sampling = int(pre["frames"]), int(pre["input_size"]), str(pre["sampling"])
         weights = str(pre["weights"])
         if weights not in ("imagenet", "none") and not Path(weights).is_file():
@@ -113,14 +145,13 @@ def predict(clips: Iterable[str | Path], model: str | Path = "models/latest", to
     ``windows`` > 1 averages the head's probabilities over that many evenly spaced windows of the
     run's frame count (for long videos). A clip that cannot be decoded gets ``error`` set; the
     others go on. ``gif`` (one clip only) writes its sampled frames captioned with the top label.
+    Options are checked by :class:`PredictOptions` (OptionError before anything is loaded).
     """
     from featpipe.extract import default_workers
     from featpipe.video import read_windows, write_gif
 
-    if top_k < 1:
-        raise FeatpipeError(f"--top-k must be at least 1, got {top_k}.")
-    if windows < 1:
-        raise FeatpipeError(f"--clips must be at least 1, got {windows}.")
+    PredictOptions(model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size, gif=gif,
+                   precision=precision)
     paths = expand_clips(clips)
     if gif is not None and len(paths) != 1:
         raise FeatpipeError(f"--gif makes an animation of one clip; {len(paths)} clips were given.")
@@ -156,22 +187,36 @@ def predict(clips: Iterable[str | Path], model: str | Path = "models/latest", to
     return results
 
 
+def check_csv_path(path: str | Path, name: str = "output") -> None:
+    """A CSV destination must be a file in a writable folder (checked before predicting)."""
+    check_file_option(name, path)
+    check_writable_parent(name, path, "the CSV file")
+
+
 def write_csv(predictions: Sequence[Prediction], path: str | Path, top_k: int) -> Path:
-    """One row per clip: clip, label_1, probability_1, ..., error."""
+    """One row per clip: clip, label_1, probability_1, ..., error. Written beside ``path`` and renamed into place."""
+    check_csv_path(path, "path")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = ["clip"] + [f"{name}_{i}" for i in range(1, top_k + 1) for name in ("label", "probability")] + ["error"]
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        for p in predictions:
-            cells = [p.clip]
-            for i in range(top_k):
-                if i < len(p.top):
-                    cells += [p.top[i][0], f"{p.top[i][1]:.6f}"]
-                else:
-                    cells += ["", ""]
-            writer.writerow(cells + [p.error or ""])
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            for p in predictions:
+                cells = [p.clip]
+                for i in range(top_k):
+                    if i < len(p.top):
+                        cells += [p.top[i][0], f"{p.top[i][1]:.6f}"]
+                    else:
+                        cells += ["", ""]
+                writer.writerow(cells + [p.error or ""])
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise FeatpipeError(f"Could not write '{path}' ({exc.strerror or exc}); choose a file in a folder you can "
+                            f"write to.") from None
     return path
 
 

@@ -4,13 +4,16 @@ A run directory holds everything `featpipe evaluate` and `featpipe predict` need
 re-specified by hand:
 
   model.keras              the trained model (standardisation inside; loads in Keras safe mode)
-  run.json                 training config, class names, the cache's preprocessing attributes
-                           copied verbatim, the cache path and fingerprint, final metrics
+  run.json                 a featpipe.runs.RunInfo: training config, class names, the cache's
+                           preprocessing attributes copied verbatim, the cache path and fingerprint,
+                           the clips trained and validated on, the model's SHA-256, final metrics
   history.csv, curves.png  loss and accuracy per epoch, train and val
   report.json, report.txt  metrics on val and test
   confusion_matrix.png     on test (or val when there is no test split)
 
-``models/latest`` is a one-line text file naming the newest run (works where symlinks don't).
+The directory is written to a hidden folder beside its destination and renamed into place when
+complete (featpipe.runs.publish_run); ``models/latest`` is a one-line text file naming the newest
+run (works where symlinks don't), updated after the rename.
 """
 
 from __future__ import annotations
@@ -39,9 +42,16 @@ from featpipe.data import (
     physical_memory,
     resolve_cache,
 )
-from featpipe.errors import FeatpipeError
+from featpipe.errors import FeatpipeError, Terminated
+from featpipe.options import check_choice, check_dir_option, check_float, check_int
+from featpipe.runs import LATEST, RunError, resolve_run  # noqa: F401  re-exported: featpipe.train.resolve_run
 
-LATEST = "latest"
+# upper bounds: far beyond any useful value, low enough to fail with a sentence instead of MemoryError
+MAX_EPOCHS = 100_000
+MAX_BATCH = 65_536
+MAX_UNITS = 16_384
+MAX_LAYERS = 64
+MAX_HEADS = 256
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,31 @@ class TrainOptions:
     models_dir: str | Path = "models"
     out: str | Path | None = None  # run directory; default models/<backbone>-<head>-<time>
     quiet: bool = False
+    force: bool = False  # replace an existing run directory at `out`
+    allow_shard: bool = False  # train on one shard of a sharded extraction (a fraction of the clips)
+
+    def __post_init__(self) -> None:
+        from featpipe.models import HEADS
+
+        check_choice("rnn", self.rnn, HEADS)
+        check_int("units", self.units, 1, MAX_UNITS)
+        check_int("layers", self.layers, 1, MAX_LAYERS)
+        check_float("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        check_int("num_heads", self.num_heads, 1, MAX_HEADS)
+        check_int("epochs", self.epochs, 1, MAX_EPOCHS)
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH)
+        check_float("lr", self.lr, 0.0, 10.0, low_open=True)
+        check_int("patience", self.patience, 1, MAX_EPOCHS)
+        check_int("seed", self.seed, 0, 2**32 - 1)
+        check_choice("class_weight", self.class_weight, ("balanced",), optional=True)
+        check_float("val_fraction", self.val_fraction, 0.0, 0.9, low_open=True)
+        check_dir_option("cache_dir", self.cache_dir)
+        check_dir_option("models_dir", self.models_dir)
+        check_dir_option("out", self.out, optional=True)
+        if self.cache is not None and Path(self.cache).is_dir():
+            from featpipe.errors import OptionError
+
+            raise OptionError("cache", f"must be a cache file, but '{self.cache}' is a folder.")
 
 
 @dataclass
@@ -78,17 +113,7 @@ class TrainResult:
     streamed: bool
     interrupted: bool = False
     history: list[dict] = field(default_factory=list)
-
-
-def resolve_run(run: str | Path = "models/latest") -> Path:
-    """A run directory from a path, where ``models/latest`` (a text file naming a run) is followed."""
-    path = Path(run)
-    if path.is_file() and path.name == LATEST:
-        path = path.parent / path.read_text().strip()
-    if not (path / "run.json").is_file():
-        hint = "Train one with `featpipe train`" if Path(run).name == LATEST else "Pass a folder written by `featpipe train`"
-        raise FeatpipeError(f"'{run}' is not a featpipe run directory (no run.json). {hint}.")
-    return path
+    interrupted_by: str | None = None  # "SIGINT" (Ctrl-C) or "SIGTERM" when interrupted
 
 
 def _holdout(index: CacheIndex, train_rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,18 +131,21 @@ def _class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return weights
 
 
-def _validate(opts: TrainOptions, index: CacheIndex) -> dict[str, np.ndarray]:
-    from featpipe.models import HEADS
+def _check_not_a_shard(cache: Path, allow: bool) -> None:
+    from featpipe.cache import parse_shard_path
+    from featpipe.runs import AdvisedOptionError
 
-    if opts.rnn not in HEADS:
-        raise FeatpipeError(f"Unknown head '{opts.rnn}'. Choose one of: {', '.join(HEADS)}.")
-    for name in ("epochs", "batch_size", "patience"):
-        if getattr(opts, name) < 1:
-            raise FeatpipeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}.")
-    if not opts.lr > 0:
-        raise FeatpipeError(f"--lr must be positive, got {opts.lr}.")
-    if opts.class_weight not in (None, "balanced"):
-        raise FeatpipeError(f"--class-weight must be 'balanced' (or left out), got '{opts.class_weight}'.")
+    parsed = parse_shard_path(cache)
+    if parsed is None or allow:
+        return
+    whole, i, n = parsed
+    problem = (f"names '{cache}', shard {i} of {n} of a sharded extraction (about 1/{n} of the clips); "
+               f"combine the shards first with `featpipe merge --output {whole}`, or ")
+    raise AdvisedOptionError("cache", problem + "pass allow_shard=True to train on this shard alone.",
+                             problem + "pass --allow-shard to train on this shard alone.")
+
+
+def _validate(opts: TrainOptions, index: CacheIndex) -> dict[str, np.ndarray]:
     if len(index.class_names) < 2:
         raise FeatpipeError(f"'{index.path}' has a single class ({index.class_names[0]}); a classifier needs at least two.")
     splits = {s: index.rows(s) for s in ("train", "val", "test")}
@@ -149,17 +177,37 @@ def train(opts: TrainOptions | None = None, **kwargs) -> TrainResult:
     """Train a head on a cache and write its run directory. Returns a TrainResult.
 
     Raises FeatpipeError for a missing, damaged or unusable cache (no train split, one class,
-    NaN features) or bad options. Ctrl-C stops training but still writes the run directory
-    from the best checkpoint so far (``TrainResult.interrupted``).
+    NaN features), a shard file (unless ``allow_shard``), an existing ``out`` (unless ``force``)
+    or bad options. Ctrl-C (or SIGTERM, through the CLI's handler) stops training but still writes
+    the run directory from the best checkpoint so far (``TrainResult.interrupted``); stopped before
+    the first epoch ended, it re-raises and writes nothing. The directory appears whole or not at all.
     """
     opts = TrainOptions(**kwargs) if opts is None else dataclasses.replace(opts, **kwargs)
+    temp_dirs: list[Path] = []
+    try:
+        return _train(opts, temp_dirs)
+    except BaseException as exc:  # an error, Ctrl-C or SIGTERM: no half-written run directory is left
+        from featpipe import runs
+
+        for path in temp_dirs:
+            runs.discard_temp_dir(path)
+        if temp_dirs and isinstance(exc, OSError) and exc.errno in runs.WRITE_ERRNOS:
+            runs.raise_write_error(exc, temp_dirs[0].parent)  # a full disk while writing the run: one sentence
+        raise
+
+
+def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
     keras = import_keras()
 
+    from featpipe import runs
     from featpipe.data import H5Batches
     from featpipe.models import HeadConfig, build_model
 
     started = time.perf_counter()
     cache = resolve_cache(opts.cache, opts.cache_dir)
+    _check_not_a_shard(cache, opts.allow_shard)
+    if opts.out:
+        runs.check_destination(Path(opts.out), opts.force)
     index = open_index(cache)
     splits = _validate(opts, index)
     train_rows, val_rows = splits["train"], splits["val"]
@@ -183,9 +231,11 @@ def train(opts: TrainOptions | None = None, **kwargs) -> TrainResult:
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=opts.lr), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
 
-    run_dir = Path(opts.out) if opts.out else _unique(Path(opts.models_dir) / _run_name(index, opts.rnn))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model_path = run_dir / "model.keras"
+    dest = Path(opts.out) if opts.out else _unique(Path(opts.models_dir) / _run_name(index, opts.rnn))
+    fingerprint = cache_fingerprint(cache)  # of the cache as trained on, before anything can change it
+    run_dir = runs.make_temp_dir(dest)  # written here, renamed to dest when complete
+    temp_dirs.append(run_dir)
+    model_path = run_dir / runs.MODEL_FILE
     streamed = choose_stream(index, opts.stream)
     weights = _class_weights(index.labels[train_rows], n_classes) if opts.class_weight == "balanced" else None
     callbacks = [
@@ -213,20 +263,20 @@ def train(opts: TrainOptions | None = None, **kwargs) -> TrainResult:
         x_val, y_val = load_rows(index, val_rows)
         fit_data = dict(x=x_train, y=y_train, validation_data=(x_val, y_val), batch_size=opts.batch_size, shuffle=True,
                         sample_weight=weights[y_train] if weights is not None else None)
-    interrupted = False
+    interrupted = None  # the KeyboardInterrupt (or Terminated) that stopped training
     history_rows: list[dict] = []
     try:
         hist = model.fit(epochs=opts.epochs, callbacks=callbacks, verbose=0 if opts.quiet else 2, **fit_data)
         history_rows = [dict(zip(hist.history, vals)) for vals in zip(*hist.history.values())]
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as exc:
+        interrupted = exc
     finally:
         for data in (fit_data["x"], fit_data["validation_data"]):
             if hasattr(data, "close"):  # streamed: close the file, drop the windows, restore malloc settings
                 data.close()
     if not model_path.exists():
-        if interrupted:
-            raise KeyboardInterrupt  # stopped before the first epoch ended: nothing worth keeping
+        if interrupted is not None:
+            raise interrupted  # stopped before the first epoch ended: nothing worth keeping
         model.save(model_path)
     model = keras.saving.load_model(model_path)  # the best checkpoint, exactly as predict will load it
     history = _read_history(run_dir / "history.csv") or history_rows
@@ -249,32 +299,38 @@ def train(opts: TrainOptions | None = None, **kwargs) -> TrainResult:
 
     seconds = time.perf_counter() - started
     attrs = index.config.attrs()
-    run_info = {
-        "featpipe_version": __version__,
-        "keras_version": keras.__version__,
-        "keras_backend": keras.backend.backend(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
-        "head": head.to_dict(),
-        "class_names": list(index.class_names),
+    run_info = runs.RunInfo(
+        run_format=runs.RUN_FORMAT,
+        run_id=runs.new_run_id(),
+        model_sha256=runs.file_sha256(model_path),
+        featpipe_version=__version__,
+        keras_version=keras.__version__,
+        keras_backend=keras.backend.backend(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        config={k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
+        head=head.to_dict(),
+        class_names=tuple(index.class_names),
         # everything needed to rebuild stage one exactly (weights_seed: the random network of --weights none)
-        "preprocessing": {**{k: attrs[k] for k in PREPROCESSING_KEYS}, "weights_seed": int(attrs.get("weights_seed", 0))},
-        "cache_attrs": {k: attrs[k] for k in APPEND_KEYS},
-        "cache": str(cache.resolve()),
-        "cache_fingerprint": cache_fingerprint(cache),
-        "validation": val_source,
-        "streamed": streamed,
-        "epochs_run": len(history),
-        "best_epoch": best_epoch,
-        "interrupted": interrupted,
-        "seconds": round(seconds, 2),
-        "metrics": {s: {k: m[k] for k in ("accuracy", "macro_f1", "roc_auc", "n")} for s, m in metrics.items()},
-    }
-    (run_dir / "run.json").write_text(json.dumps(run_info, indent=2, allow_nan=False))
-    latest = run_dir.parent / LATEST
-    if not latest.is_dir():
-        latest.write_text(run_dir.name + "\n")
-    return TrainResult(run_dir, metrics, best_epoch, len(history), seconds, streamed, interrupted, history)
+        preprocessing={**{k: attrs[k] for k in PREPROCESSING_KEYS}, "weights_seed": int(attrs.get("weights_seed", 0))},
+        cache_attrs={k: attrs[k] for k in APPEND_KEYS},
+        cache=str(cache.resolve()),
+        cache_fingerprint=fingerprint,
+        # the clips (cache keys) whose labels the run saw: evaluate refuses a split that overlaps them
+        train_clips=tuple(sorted(str(v) for v in index.videos[train_rows])),
+        val_clips=tuple(sorted(str(v) for v in index.videos[val_rows])),
+        validation=val_source,
+        streamed=streamed,
+        epochs_run=len(history),
+        best_epoch=best_epoch,
+        interrupted=interrupted is not None,
+        seconds=round(seconds, 2),
+        metrics={s: {k: m[k] for k in ("accuracy", "macro_f1", "roc_auc", "n")} for s, m in metrics.items()},
+    )
+    runs.write_run_file(run_dir, run_info)  # last: a folder with run.json is complete
+    runs.publish_run(run_dir, dest, opts.force)  # rename into place, then point models/latest at it
+    signal_name = None if interrupted is None else ("SIGTERM" if isinstance(interrupted, Terminated) else "SIGINT")
+    return TrainResult(dest, metrics, best_epoch, len(history), seconds, streamed, interrupted is not None, history,
+                       signal_name)
 
 
 def _read_history(path: Path) -> list[dict]:
