@@ -380,6 +380,6 @@ def test_mixed_precision_is_recorded_and_gives_nearly_the_float32_features(sampl
 
 
 def test_an_unknown_precision_is_refused_before_any_work(sample, tmp_path):
-    with pytest.raises(FeatpipeError, match="--precision must be one of float32, mixed_float16, mixed_bfloat16"):
+    with pytest.raises(FeatpipeError, match="^precision must be one of float32, mixed_float16, mixed_bfloat16"):
         extract(data=sample, output=tmp_path / "c.h5", precision="float8", **SMALL)
     assert not (tmp_path / "c.h5").exists()
