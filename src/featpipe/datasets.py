@@ -241,10 +241,12 @@ def repair_splits(dataset: Dataset, usable) -> SplitRepair:
         missing = [s for s in required if not any(splits[r.video] == s for r in clips)]
         if missing and dataset.split_source == "drawn":
             keys = [r.video for r in clips]
-            for key, split in zip(keys, stratified_split(keys, [name] * len(keys), val_fraction, test_fraction, seed)):
-                splits[key] = split
-            redrawn.append(name)
-            missing = [s for s in required if not any(splits[r.video] == s for r in clips)]
+            drawn = dict(zip(keys, stratified_split(keys, [name] * len(keys), val_fraction, test_fraction, seed)))
+            still = [s for s in required if s not in drawn.values()]
+            if len(still) < len(missing):  # the redraw gives the class a split it had lost
+                splits.update(drawn)
+                redrawn.append(name)
+                missing = still
             if missing:
                 warnings.append(f"class '{name}' has only {len(clips)} usable clip(s), so it has no "
                                 f"{' or '.join(missing)} clip.")
