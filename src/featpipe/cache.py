@@ -902,7 +902,7 @@ def merge_shards(shards: Sequence[str | Path] | None = None, output: str | Path 
         _lock(locks, output, f"Another featpipe command is writing '{output}' right now; wait for it to finish, "
                              f"or merge into another file with --output.")
         for p in paths:
-            _lock(locks, p, _running(p))
+            _lock(locks, p, _running(p), read_only_ok=True)
             if journal_path(p).exists():
                 raise CacheError(_unfinished(p))
         try:
@@ -931,7 +931,7 @@ def _unique_paths(paths: Sequence[str | Path]) -> list[Path]:
 def _refuse_in_progress(path: Path) -> None:
     """For a shard with only a journal: say whether its extraction is running (locked) or was stopped."""
     with ExitStack() as lock:
-        _lock(lock, path, _running(path))
+        _lock(lock, path, _running(path), read_only_ok=True)
     raise CacheError(_unfinished(path))
 
 
@@ -946,9 +946,13 @@ def _unfinished(path: Path) -> str:
             f"shard's `featpipe extract {which}` with the same options to finish it, then merge.")
 
 
-def _lock(stack: ExitStack, path: Path, message: str) -> None:
+def _lock(stack: ExitStack, path: Path, message: str, read_only_ok: bool = False) -> None:
+    """Lock ``path``; ``read_only_ok``: a file on read-only media (no lock file possible) cannot be being written."""
     try:
         stack.enter_context(CacheLock(path))
+    except CannotWrite:
+        if not read_only_ok:
+            raise
     except CacheError:
         raise CacheError(message) from None
 
