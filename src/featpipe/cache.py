@@ -453,6 +453,8 @@ class CacheSummary:
             out.append("  " + name.ljust(width) + "".join(str(self.counts[s].get(name, 0)).rjust(8) for s in splits))
         for video, reason in self.failed:
             out.append(f"  failed: {video}: {reason}")
+        for video, reason in self.stale:
+            out.append(f"  dropped: {video}: {reason}")
         return out
 
 
