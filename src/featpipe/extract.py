@@ -86,7 +86,8 @@ class ExtractOptions:
         if not isinstance(self.backbone, str):
             raise OptionError("backbone", f"must be a backbone name, got {self.backbone!r}.")
         backbone = get_backbone(self.backbone)
-        check_dir_option("cache_dir", self.cache_dir)
+        if self.output is None:  # the cache goes into cache_dir (with output given, cache_dir is not used)
+            check_dir_option("cache_dir", self.cache_dir)
         check_file_option("output", self.output, optional=True)
         check_int("frames", self.frames, 1, MAX_FRAMES)
         check_choice("sampling", self.sampling, SAMPLING)
