@@ -265,7 +265,7 @@ def test_foreign_hdf5_and_other_schema_versions_are_refused(tmp_path):
     future = tmp_path / "future.h5"
     with h5py.File(future, "w") as f:
         f.attrs["schema_version"] = SCHEMA_VERSION + 1
-    with pytest.raises(CacheError, match="schema version 2"):
+    with pytest.raises(CacheError, match=f"schema version {SCHEMA_VERSION + 1}"):
         read_config(future)
 
 
@@ -463,3 +463,183 @@ def test_merge_refuses_a_whole_cache_and_no_shards_at_all(tmp_path):
     write_clips(whole, KEYS[:2])
     refused(merge_cli("--output", tmp_path / "m.h5", whole), "not a shard")
     refused(merge_cli("--output", tmp_path / "none.h5"), "No shards of", "none.shard-I-of-N.h5", "--shard I/N")
+
+
+# ----------------------------------------------------------------------------- clip identity, stale rows, schema 2
+
+from featpipe.cache import CannotWrite  # noqa: E402
+
+from mounts import fill, read_only, tmpfs  # noqa: E402
+
+IDENT = {f"train/a/clip{i}.mp4": (1000 + i, 5_000_000_000 + i) for i in range(4)}
+
+
+def identified(i: int, key: str | None = None) -> ClipRecord:
+    rec = clip(i, key)
+    return replace(rec, size=IDENT.get(rec.video, (1, 1))[0], mtime_ns=IDENT.get(rec.video, (1, 1))[1])
+
+
+def test_rows_record_their_clip_identity_and_rows_whose_clip_left_the_dataset_are_dropped_to_stale(tmp_path):
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, CONFIG)
+    for i in range(4):
+        w.append(identified(i))
+    w.append(replace(ClipRecord("train/b/bad.mp4", 1, "train", 0, error="zero-byte file"), size=0, mtime_ns=7))
+    w.finalize()
+    with h5py.File(path, "r") as f:
+        assert f.attrs["schema_version"] == SCHEMA_VERSION == 2
+        assert [tuple(x) for x in zip(f["size"][:], f["mtime_ns"][:])] == [IDENT[k] for k in sorted(IDENT)]
+        assert (f["failed/size"][0], f["failed/mtime_ns"][0]) == (0, 7)
+    w = CacheWriter(path, CONFIG)
+    assert w.identity("train/a/clip2.mp4") == IDENT["train/a/clip2.mp4"]
+    current = {k: v for k, v in IDENT.items() if k != "train/a/clip3.mp4"}  # clip3 deleted, clip1 changed
+    current["train/a/clip1.mp4"] = (999, 1)
+    w.finalize(current=current)
+    assert (w.n_dropped, w.n_changed) == (1, 1)
+    with h5py.File(path, "r") as f:
+        assert list(f["video"].asstr()[:]) == ["train/a/clip0.mp4", "train/a/clip2.mp4"]
+        assert dict(zip(f["stale/video"].asstr()[:], f["stale/reason"].asstr()[:])) == {
+            "train/a/clip1.mp4": "its file changed after it was extracted",
+            "train/a/clip3.mp4": "no longer in the dataset"}
+        assert list(f["failed/video"].asstr()[:]) == [], "a failed clip that left the dataset is forgotten"
+    assert summarize(path).n_clips == 2 and [k for k, _ in summarize(path).stale] == ["train/a/clip1.mp4",
+                                                                                       "train/a/clip3.mp4"]
+
+
+def _downgrade_to_version_1(path) -> None:
+    with h5py.File(path, "a") as f:
+        for name in ("size", "mtime_ns", "failed/size", "failed/mtime_ns", "stale"):
+            del f[name]
+        f.attrs["schema_version"] = 1
+
+
+def test_a_version_1_cache_is_read_and_resumed_trusting_its_rows_and_recording_their_identity_from_then_on(tmp_path):
+    from featpipe.data import open_index
+
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, CONFIG)
+    for i in range(3):
+        w.append(clip(i))
+    w.finalize()
+    _downgrade_to_version_1(path)
+    assert read_config(path) == CONFIG and summarize(path).n_clips == 3 and open_index(path) is not None
+    w = CacheWriter(path, CONFIG)
+    assert w.done == set(list(IDENT)[:3]) and w.identity("train/a/clip0.mp4") is None
+    w.append(identified(3))
+    w.finalize(current=IDENT)
+    with h5py.File(path, "r") as f:
+        assert f.attrs["schema_version"] == 2
+        assert [tuple(x) for x in zip(f["size"][:], f["mtime_ns"][:])] == [IDENT[k] for k in sorted(IDENT)]
+
+
+def test_merge_carries_identity_and_stale_rows_and_accepts_a_version_1_shard(tmp_path):
+    out = tmp_path / "c.h5"
+    for i in (1, 2):
+        w = CacheWriter(shard_path(out, i, 2), replace(CONFIG, extra={"shard": f"{i}/2"}))
+        for j, key in enumerate(k for k in IDENT if shard_of(k, 2) == i):
+            w.append(identified(int(key[-5]), key))
+        w.finalize(current={k: v for k, v in IDENT.items() if shard_of(k, 2) == i} | {"gone.mp4": None})
+    _downgrade_to_version_1(shard_path(out, 2, 2))
+    merge_shards(output=out)
+    with h5py.File(out, "r") as f:
+        keys = list(f["video"].asstr()[:])
+        assert keys == sorted(IDENT) and f.attrs["schema_version"] == 2
+        got = {k: (int(s), int(m)) for k, s, m in zip(keys, f["size"][:], f["mtime_ns"][:])}
+    assert all(got[k] == IDENT[k] for k in IDENT if shard_of(k, 2) == 1)
+    assert all(got[k] == (-1, -1) for k in IDENT if shard_of(k, 2) == 2), "version 1 rows: identity unknown"
+
+
+def test_merge_output_naming_a_folder_is_one_sentence_and_leaves_no_temporary(tmp_path):
+    out = tmp_path / "c.h5"
+    shards = write_shards(out, 2)
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    refused(merge_cli("--output", folder, "--force", *shards), f"'{folder}' is a folder")
+    assert not list(tmp_path.glob("*.tmp-*")) and list(folder.iterdir()) == []
+
+
+def test_merge_of_a_shard_named_twice_counts_it_once(tmp_path):
+    out = tmp_path / "c.h5"
+    shards = write_shards(out, 2)
+    result = merge_cli("--output", out, shards[0], shards[0], shards[1])
+    assert result.exit_code == 0, result.output
+    assert "Merged 2 shards" in result.stdout and "Merged 3" not in result.stdout
+
+
+def test_a_cache_open_in_another_hdf5_writer_is_not_called_truncated(tmp_path):
+    path = tmp_path / "c.h5"
+    write_clips(path, KEYS[:2])
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'a'); "
+                               "print('open', flush=True); time.sleep(60)", str(path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(CacheError) as info:
+            open_h5(path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "open for writing in another program" in str(info.value)
+    assert "truncated" not in str(info.value) and "featpipe extract" not in str(info.value)
+
+
+def test_a_truncated_cache_says_to_restore_or_move_it_not_to_rerun_extract_alone(tmp_path):
+    path = tmp_path / "c.h5"
+    write_clips(path, KEYS[:2])
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CacheError, match="restore it from a backup, or move it away") as info:
+        CacheWriter(path, CONFIG)
+    assert "Re-run `featpipe extract`" not in str(info.value)
+
+
+def test_a_full_disk_while_journaling_or_writing_the_cache_is_one_sentence_and_keeps_cache_and_journal(tmp_path):
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        path = disk / "c.h5"
+        w = CacheWriter(path, CONFIG)
+        w.append(clip(0))
+        w.finalize()
+        old = path.read_bytes()
+        big = replace(CONFIG, feature_shape=(4096,))  # 32 KiB a record: the disk fills in a few
+        path.unlink()
+        filler = fill(disk, leave=100_000)
+        w = CacheWriter(path, big)
+        with pytest.raises(CacheError, match=r"The disk holding .* is full; free some space and run the same command "
+                                             r"again \(the clips finished so far are kept\)") as info:
+            for i in range(100):
+                w.append(ClipRecord(f"k{i:03d}.mp4", 0, "train", 4, np.ones((T, 4096), np.float16), np.ones(T, bool)))
+        assert info.value.exit_code == 1
+        w.close()
+        kept = len(list(iter_journal(journal_path(path))))
+        assert kept >= 1
+        with pytest.raises(CacheError, match="is full") as info:  # no room for the HDF5 file either
+            w.finalize()
+        assert info.value.exit_code == 1
+        assert not list(disk.glob("*.tmp-*")) and len(list(iter_journal(journal_path(path)))) == kept
+        filler.unlink()
+        CacheWriter(path, big).finalize()  # space freed: the same command finishes
+        assert summarize(path).n_clips == kept and not journal_path(path).exists()
+        path.unlink()
+        path.write_bytes(old)  # and a full disk never touches an existing cache
+        w = CacheWriter(path, CONFIG)
+        w.append(clip(1))
+        w.close()
+        filler = fill(disk, leave=0)
+        with pytest.raises(CacheError, match="is full"):
+            w.finalize()
+        assert path.read_bytes() == old and len(list(iter_journal(journal_path(path)))) == 1
+        assert not list(disk.glob("*.tmp-*"))
+        filler.unlink()
+
+
+def test_a_read_only_folder_is_one_sentence_for_a_new_cache_and_for_merge(tmp_path):
+    with tmpfs(tmp_path / "media", "4m") as media:
+        out = media / "c.h5"
+        shards = write_shards(out, 2)
+        with read_only(media):
+            with pytest.raises(CannotWrite, match=f"Cannot write to '{media}'"):
+                with CacheLock(media / "new.h5"):
+                    pass
+            refused(merge_cli("--output", out), f"Cannot write to '{media}'", "--output")
+            elsewhere = tmp_path / "merged.h5"  # shards on read-only media merge into a writable folder
+            assert merge_cli("--output", elsewhere, *shards).exit_code == 0
+        assert not out.exists() and not list(media.glob("*.tmp-*")) and shards[0].exists()

@@ -21,6 +21,7 @@ from featpipe.datasets import (
     Dataset,
     Record,
     index_dataset,
+    repair_splits,
     stratified_split,
 )
 from featpipe.errors import DatasetError, FeatpipeError
@@ -651,3 +652,38 @@ def test_negative_seed_is_refused(tmp_path):
     class_tree(tmp_path, {"a": 3, "b": 3})
     with pytest.raises(DatasetError, match="seed must be a non-negative integer, got -1"):
         index_dataset(tmp_path, seed=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# split repair after decoding
+
+
+def test_a_class_whose_val_clips_all_failed_gets_a_redrawn_split_over_its_usable_clips(tmp_path):
+    ds = index_dataset(class_tree(tmp_path / "d", {"a": 8, "b": 8}))
+    assert ds.split_source == "drawn"
+    val_a = {r.video for r in ds.records if r.label == "a" and r.split == "val"}
+    usable = [r.video for r in ds.records if r.video not in val_a]
+    repair = repair_splits(ds, usable)
+    assert set(repair.splits) == set(usable)
+    for label in ("a", "b"):
+        got = {repair.splits[r.video] for r in ds.records if r.label == label and r.video in repair.splits}
+        assert got == {"train", "val", "test"}, label
+    assert repair.redrawn == ("a",) and repair.warnings == ()
+    untouched = {r.video: r.split for r in ds.records if r.label == "b"}
+    assert all(repair.splits[k] == v for k, v in untouched.items()), "other classes keep their split"
+
+
+def test_what_cannot_be_repaired_is_a_warning_naming_the_class_and_split(tmp_path):
+    ds = index_dataset(class_tree(tmp_path / "d", {"a": 8, "b": 8, "c": 4}))
+    usable = [r.video for r in ds.records if r.label != "c"][:-1] + [r.video for r in ds.records if r.label == "c"][:2]
+    repair = repair_splits(ds, usable)
+    assert len(repair.warnings) == 1
+    assert repair.warnings[0].startswith("class 'c' has only 2 usable clip(s), so it has no ")
+    assert repair.warnings[0].endswith("test clip."), "with 2 clips a class keeps one train clip: no test clip"
+
+    given = tmp_path / "given"
+    touch(given, "train/a/1.mp4", "train/b/2.mp4", "val/a/3.mp4", "val/b/4.mp4")
+    ds = index_dataset(given)
+    repair = repair_splits(ds, ["train/a/1.mp4", "train/b/2.mp4", "val/a/3.mp4"])
+    assert repair.splits == {"train/a/1.mp4": "train", "train/b/2.mp4": "train", "val/a/3.mp4": "val"}
+    assert len(repair.warnings) == 1 and "class 'b' has no usable clip in the val split" in repair.warnings[0]

@@ -14,7 +14,10 @@ import h5py
 import numpy as np
 import pytest
 
+from typer.testing import CliRunner
+
 from featpipe.backbones import FeatureExtractor
+from featpipe.cli import app
 from featpipe.cache import CacheLock, CacheWriter, iter_journal, journal_path, merge_shards, shard_of, shard_path, summarize
 from featpipe.datasets import index_dataset
 from featpipe.errors import CacheError, ExtractionFailed, FeatpipeError
@@ -381,6 +384,275 @@ def test_mixed_precision_is_recorded_and_gives_nearly_the_float32_features(sampl
 
 
 def test_an_unknown_precision_is_refused_before_any_work(sample, tmp_path):
-    with pytest.raises(FeatpipeError, match="--precision must be one of float32, mixed_float16, mixed_bfloat16"):
+    with pytest.raises(FeatpipeError, match="^precision must be one of float32, mixed_float16, mixed_bfloat16"):
         extract(data=sample, output=tmp_path / "c.h5", precision="float8", **SMALL)
     assert not (tmp_path / "c.h5").exists()
+
+
+# ----------------------------------------------------------------------------- a row is the clip as it is now
+
+from featpipe.cache import file_identity  # noqa: E402
+from featpipe.errors import OptionError  # noqa: E402
+from featpipe.extract import ExtractOptions  # noqa: E402
+
+from mounts import fill, read_only, tmpfs  # noqa: E402
+
+TINY = {**SMALL, "frames": 4}
+
+
+def tiny_dataset(root: Path, per_class: int = 3, classes=("grow", "shrink")) -> Path:
+    for c in classes:
+        for i in range(per_class):
+            write_video(root / c / f"{c}{i}.mp4", 6, 32, 32)
+    return root
+
+
+def rows(path: Path) -> dict[str, tuple[int, str]]:
+    with h5py.File(path, "r") as f:
+        return {v: (int(lab), s) for v, lab, s in zip(f["video"].asstr()[:], f["label"][:], f["split"].asstr()[:])}
+
+
+def test_a_replaced_clip_is_extracted_again_and_a_moved_or_deleted_clip_leaves_no_row(tmp_path):
+    data = tiny_dataset(tmp_path / "data")
+    out = tmp_path / "c.h5"
+    extract(data=data, output=out, **TINY)
+    with h5py.File(out, "r") as f:
+        before = f["features"][list(f["video"].asstr()[:]).index("grow/grow1.mp4")]
+    write_video(data / "grow" / "grow1.mp4", 9, 32, 32, color_fn=lambda i: ((40 * i) % 256, 255 - 20 * i, 90))  # replaced
+    shutil.move(data / "grow" / "grow0.mp4", data / "shrink" / "grow0.mp4")  # relabelled by moving it
+    (data / "shrink" / "shrink2.mp4").unlink()  # deleted
+    again = extract(data=data, output=out, **TINY)
+    assert (again.n_new, again.n_skipped) == (2, 3), "the replaced and the moved clip are extracted, no other"
+    got = rows(out)
+    assert sorted(got) == sorted(r.video for r in index_dataset(data).records)
+    assert got["shrink/grow0.mp4"][0] == 1 and "grow/grow0.mp4" not in got, "one row, labelled shrink"
+    with h5py.File(out, "r") as f:
+        keys = list(f["video"].asstr()[:])
+        assert not np.array_equal(f["features"][keys.index("grow/grow1.mp4")], before)
+        assert (f["size"][keys.index("grow/grow1.mp4")], f["mtime_ns"][keys.index("grow/grow1.mp4")]) == \
+            file_identity(data / "grow" / "grow1.mp4")
+        assert sorted(f["stale/video"].asstr()[:]) == ["grow/grow0.mp4", "shrink/shrink2.mp4"]
+    assert again.n_dropped == 2
+    assert "Dropped 2 row(s) whose clips left the dataset (their names are kept under stale/ in the cache)." \
+        in again.summary_lines
+
+
+def test_a_failed_clip_whose_file_was_fixed_is_tried_again_without_retry_failed(tmp_path):
+    data = tiny_dataset(tmp_path / "data")
+    write_zero_byte(data / "grow" / "late.mp4")
+    out = tmp_path / "c.h5"
+    first = extract(data=data, output=out, **TINY)
+    assert [k for k, _ in first.failed] == ["grow/late.mp4"]
+    assert extract(data=data, output=out, **TINY).n_new == 0, "an unchanged broken file is not tried again"
+    write_video(data / "grow" / "late.mp4", 6, 32, 32)
+    fixed = extract(data=data, output=out, **TINY)
+    assert fixed.n_new == 1 and fixed.failed == [] and "grow/late.mp4" in rows(out)
+
+
+def test_a_cache_of_another_dataset_is_refused_and_the_same_clips_in_a_moved_folder_are_reused(tmp_path):
+    data = tiny_dataset(tmp_path / "data")
+    out = tmp_path / "c.h5"
+    extract(data=data, output=out, **TINY)
+    other = tiny_dataset(tmp_path / "other")  # same names, other files
+    result = CliRunner().invoke(app, ["extract", "--data", str(other), "--output", str(out), "--backbone", "vgg16",
+                                      "--size", "32", "--frames", "4", "--weights", "none", "--quiet"])
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and "looks like another dataset" in message and "--output NEW.h5" in message
+    with h5py.File(out, "r") as f:
+        assert f.attrs["data_root"] == str(data.resolve()), "data_root never claims a folder it was not extracted from"
+    moved = tmp_path / "moved"
+    shutil.move(data, moved)
+    reused = extract(data=moved, output=out, **TINY)
+    assert (reused.n_new, reused.n_skipped) == (0, 6)
+    with h5py.File(out, "r") as f:
+        assert f.attrs["data_root"] == str(moved.resolve())
+
+
+def test_a_version_1_cache_is_resumed_without_extracting_its_clips_again(tmp_path):
+    data = tiny_dataset(tmp_path / "data")
+    out = tmp_path / "c.h5"
+    extract(data=data, output=out, **TINY)
+    with h5py.File(out, "a") as f:
+        for name in ("size", "mtime_ns", "failed/size", "failed/mtime_ns", "stale"):
+            del f[name]
+        f.attrs["schema_version"] = 1
+    again = extract(data=data, output=out, **TINY)
+    assert (again.n_new, again.n_skipped) == (0, 6)
+    with h5py.File(out, "r") as f:
+        assert f.attrs["schema_version"] == 2 and (f["size"][:] > 0).all()
+
+
+def test_broken_clips_that_held_a_class_s_val_share_do_not_leave_that_class_without_val(tmp_path):
+    data = tiny_dataset(tmp_path / "data", per_class=6)
+    val_grow = [r for r in index_dataset(data).records if r.label == "grow" and r.split == "val"]
+    assert val_grow
+    for r in val_grow:
+        write_zero_byte(r.path)
+    out = tmp_path / "c.h5"
+    result = extract(data=data, output=out, **TINY)
+    splits = {(lab, s) for lab, s in rows(out).values()}
+    assert splits == {(c, s) for c in (0, 1) for s in ("train", "val", "test")}, "every class in every split"
+    assert any("Split drawn again over the usable clips of grow" in line for line in result.summary_lines)
+
+
+def test_a_class_that_cannot_be_repaired_is_a_warning_in_the_summary(tmp_path):
+    data = tiny_dataset(tmp_path / "data", per_class=3)
+    for i in (1, 2):
+        write_zero_byte(data / "shrink" / f"shrink{i}.mp4")
+    result = extract(data=data, output=tmp_path / "c.h5", **TINY)
+    assert "warning: class 'shrink' has only 1 usable clip(s), so it has no val or test clip." in result.summary_lines
+
+
+# ----------------------------------------------------------------------------- every option checked once
+
+@pytest.mark.parametrize("option, value, words", [
+    ("size", 0, "size must be between 32 and 1024, got 0"),
+    ("size", -5, "size must be between 32 and 1024"),
+    ("size", 100000, "size must be between 32 and 1024, got 100000"),
+    ("size", 1500, "size must be between 32 and 1024, got 1500"),
+    ("frames", 1_000_000_000, "frames must be between 1 and 10000"),
+    ("batch_size", 100_000_000, "batch_size must be between 1 and 65536"),
+    ("workers", 0, "workers must be between 1 and 256"),
+    ("frames", 2.5, "frames must be a whole number"),
+    ("val_fraction", float("nan"), "val_fraction must be a finite number"),
+    ("shard", "3/2", "shard must look like I/N"),
+])
+def test_a_bad_option_is_one_sentence_naming_the_parameter_before_any_work(tmp_path, option, value, words):
+    with pytest.raises(OptionError) as info:
+        extract(data=tmp_path / "nothing here", output=tmp_path / "c.h5", **{**TINY, option: value})
+    assert str(info.value).startswith(words) and "--" not in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_what_does_not_fit_in_memory_is_refused_saying_what_fits(monkeypatch):
+    monkeypatch.setattr("featpipe.data.physical_memory", lambda: 8 << 30)
+    with pytest.raises(OptionError, match=r"^batch_size of 8192 frames at 1024 px needs about .* GiB of memory, more "
+                                          r"than the 6.4 GiB this machine can spare; at most \d+ fit"):
+        ExtractOptions(backbone="vgg16", size=1024, batch_size=8192, workers=1)
+    with pytest.raises(OptionError, match=r"^frames of 9000 at 1024 px .* at most \d+ frames fit"):
+        ExtractOptions(backbone="vgg16", size=1024, frames=9000, workers=2)
+
+
+def test_data_and_csv_together_are_refused_and_csv_alone_needs_no_data_folder(tmp_path):
+    with pytest.raises(OptionError, match="^csv cannot be combined with a data folder"):
+        ExtractOptions(data=tmp_path, csv=tmp_path / "x.csv")
+    assert ExtractOptions(csv=tmp_path / "x.csv").data_folder is None and ExtractOptions().data_folder == "data"
+
+
+def _cli(*args: str):
+    result = CliRunner().invoke(app, ["extract", *args])
+    assert "Traceback" not in result.output
+    return result
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--size", "0"], "error: --size must be between 32 and 1024, got 0"),
+    (["--batch-size", "100000000"], "error: --batch-size must be between 1 and 65536"),
+    (["--data", "d", "--csv", "x.csv"], "error: --csv cannot be combined with a data folder"),
+])
+def test_the_cli_names_the_flag_of_a_bad_option(tmp_path, args, words):
+    result = _cli(*args, "--backbone", "vgg16", "--output", str(tmp_path / "c.h5"))
+    assert result.exit_code == 2 and result.stderr.strip().startswith(words), result.output
+
+
+def test_cache_naming_a_file_is_one_sentence(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = _cli("--cache", str(tmp_path / "afile"))
+    assert result.exit_code == 2 and result.stderr.strip() == f"error: --cache must be a folder, but '{tmp_path / 'afile'}' is a file."
+
+
+# ----------------------------------------------------------------------------- signals, full disks, read-only media
+
+
+def test_sigterm_folds_the_journal_into_the_cache_and_exits_143_then_resume_finishes(sample, tmp_path):
+    out = tmp_path / "c.h5"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cheap = {"--backbone": "vgg16", "--size": "32", "--batch-size": "1"}  # 128 forward passes: time to stop it mid-run
+    cmd = [cheap.get(prev, arg) for prev, arg in zip([""] + _extract_cmd(sample, out), _extract_cmd(sample, out))]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while _records(out) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "run the same command again to resume" in stderr and "Traceback" not in stderr
+    assert not journal_path(out).exists(), "the journal was folded into the cache"
+    kept = summarize(out).n_clips
+    assert kept >= 2
+    resumed = extract(data=sample, output=out, backbone="vgg16", size=32, frames=8, weights="none", batch_size=1,
+                      workers=1, quiet=True)  # the same settings as cmd
+    assert resumed.n_skipped == kept and resumed.n_clips == 16
+
+
+def test_a_full_disk_while_journaling_is_one_sentence_exit_1_and_the_rerun_resumes(tmp_path, monkeypatch):
+    import errno
+
+    from featpipe.cache import JournalWriter
+
+    data = tiny_dataset(tmp_path / "data")
+    out = tmp_path / "c.h5"
+    real_append = JournalWriter.append
+    calls = []
+
+    def append_until_full(self, rec):
+        calls.append(rec.video)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_append(self, rec)
+
+    monkeypatch.setattr(JournalWriter, "append", append_until_full)
+    result = _cli("--data", str(data), "--output", str(out), "--backbone", "vgg16", "--size", "32", "--frames", "4",
+                  "--weights", "none", "--workers", "1", "--quiet")
+    monkeypatch.undo()
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == (f"error: The disk holding '{tmp_path}' is full; free some space and run the same "
+                                     f"command again (the clips finished so far are kept).")
+    assert not out.exists() and len(list(iter_journal(journal_path(out)))) == 2
+    assert not list(tmp_path.glob("*.tmp-*"))
+    resumed = extract(data=data, output=out, **TINY)
+    assert (resumed.n_new, resumed.n_skipped, resumed.n_clips) == (4, 2, 6)
+
+
+def test_a_full_disk_while_writing_the_cache_keeps_the_old_cache_and_the_journal(tmp_path, monkeypatch):
+    with tmpfs(tmp_path / "disk", "2m") as disk:
+        data = tiny_dataset(disk / "data")
+        out = disk / "c.h5"
+        extract(data=data, output=out, **TINY)
+        old = out.read_bytes()
+        write_video(data / "grow" / "new.mp4", 6, 32, 32)
+        real_finalize = CacheWriter.finalize
+        filler = []
+
+        def fill_then_finalize(self, *args, **kwargs):
+            filler.append(fill(disk))
+            return real_finalize(self, *args, **kwargs)
+
+        monkeypatch.setattr(CacheWriter, "finalize", fill_then_finalize)
+        with pytest.raises(CacheError, match="is full; free some space and run the same command again") as info:
+            extract(data=data, output=out, **TINY)
+        monkeypatch.undo()
+        assert info.value.exit_code == 1
+        assert out.read_bytes() == old and [h["video"] for h in iter_journal(journal_path(out))] == ["grow/new.mp4"]
+        assert not list(disk.glob("*.tmp-*"))
+        filler[0].unlink()
+        assert extract(data=data, output=out, **TINY).n_clips == 7
+
+
+def test_a_finished_cache_on_read_only_media_succeeds_when_nothing_is_left_and_says_so_otherwise(tmp_path):
+    data = tiny_dataset(tmp_path / "data")
+    with tmpfs(tmp_path / "media", "2m") as media:
+        out = media / "c.h5"
+        extract(data=data, output=out, **TINY)
+        (media / "c.h5.lock").unlink()
+        with read_only(media):
+            done = extract(data=data, output=out, **TINY)
+            assert (done.n_new, done.n_skipped) == (0, 6)
+            assert any("read-only, but nothing was left to do" in line for line in done.summary_lines)
+            write_video(data / "grow" / "new.mp4", 6, 32, 32)
+            with pytest.raises(CacheError, match=r"Cannot write to .* \(read-only\), and the cache is not up to date "
+                                                 r"\(1 clip\(s\) to extract"):
+                extract(data=data, output=out, **TINY)
+            with pytest.raises(CacheError, match=f"Cannot write to '{media}'"):
+                extract(data=data, output=media / "new.h5", **TINY)

@@ -1,6 +1,6 @@
 """The HDF5 feature cache: schema, a crash-safe resumable writer, and a validating reader.
 
-Schema (version 1), readable with plain h5py and pandas:
+Schema (version 2), readable with plain h5py and pandas:
 
   features        (N, T, *feature_shape)  float16 (default) or float32; one clip per chunk
   mask            (N, T)  bool            True exactly for real (not padded) frames
@@ -8,11 +8,19 @@ Schema (version 1), readable with plain h5py and pandas:
   split           (N,)    str             train / val / test
   video           (N,)    str             clip path relative to the data root (the clip's key)
   n_frames        (N,)    int             frames in the whole clip
+  size            (N,)    int             the clip file's size in bytes when it was extracted ...
+  mtime_ns        (N,)    int             ... and its modification time (ns): the clip's identity
   failed/video    (F,)    str             clips that could not be used ...
   failed/reason   (F,)    str             ... and why
+  failed/size, failed/mtime_ns (F,) int   their identity (a changed file is tried again)
+  stale/video     (S,)    str             rows dropped because their clip left the dataset ...
+  stale/reason    (S,)    str             ... and why (names only; their features are gone)
   attrs: schema_version, backbone, weights, weights_fingerprint, input_size, frames, sampling,
          class_names, dtype, feature_shape, featpipe_version, keras_version, keras_backend,
          data_root, layout
+
+Version 1 caches (no identity columns, no stale/ group) are still read; their rows have an
+unknown identity (-1), which the next extraction trusts and replaces by the clip's current one.
 
 Crash safety. The HDF5 file is never modified in place. While extracting, every finished clip
 is appended to a journal beside the cache (``<cache>.journal``) as one checksummed record; a
@@ -33,6 +41,7 @@ written (rows sorted by clip key), atomically, copying one clip at a time.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -49,7 +58,9 @@ import numpy as np
 
 from featpipe.errors import CacheError, FeatpipeError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no size/mtime_ns columns and no stale/ group
+UNKNOWN = -1  # size / mtime_ns of a row whose identity was never recorded (version 1 caches)
 
 # Attributes that define what the features ARE: everything downstream must agree on them.
 PREPROCESSING_KEYS = ("backbone", "weights", "weights_fingerprint", "input_size", "frames", "sampling")
@@ -153,6 +164,8 @@ class ClipRecord:
     features: np.ndarray | None = None  # (T, *feature_shape) in the cache dtype
     mask: np.ndarray | None = None  # (T,) bool
     error: str | None = None
+    size: int = UNKNOWN  # the clip file's identity when it was read: size in bytes ...
+    mtime_ns: int = UNKNOWN  # ... and modification time in ns (UNKNOWN: not recorded)
 
     @property
     def ok(self) -> bool:
@@ -171,7 +184,8 @@ def lock_path(cache: Path) -> Path:
 
 
 def _encode_record(rec: ClipRecord, config: CacheConfig) -> bytes:
-    header = {"video": rec.video, "label": int(rec.label), "split": rec.split, "n_frames": int(rec.n_frames)}
+    header = {"video": rec.video, "label": int(rec.label), "split": rec.split, "n_frames": int(rec.n_frames),
+              "size": int(rec.size), "mtime_ns": int(rec.mtime_ns)}
     if rec.ok:
         features = np.ascontiguousarray(rec.features, dtype=config.dtype)
         expected = (config.frames, *config.feature_shape)
@@ -279,6 +293,10 @@ def _fsync_dir(folder: Path) -> None:
 # ----------------------------------------------------------------------------- lock
 
 
+class CannotWrite(CacheError):
+    """The cache's folder cannot be written (read-only media, no permission): the lock file cannot be made."""
+
+
 class CacheLock:
     """Exclusive, non-blocking lock on ``<cache>.lock``; the OS releases it if the process dies."""
 
@@ -287,8 +305,12 @@ class CacheLock:
         self._fh = None
 
     def __enter__(self) -> "CacheLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a+")
+        except OSError as exc:
+            err = write_error(exc, self.path, "nothing was changed")
+            raise (CannotWrite(str(err)) if err.exit_code == 2 else err) from None
         try:
             import fcntl
 
@@ -367,18 +389,32 @@ def open_h5(path: Path):
     path = Path(path)
     if not path.exists():
         raise CacheError(f"Cache file '{path}' does not exist; run `featpipe extract` first or pass --cache FILE.")
+    if path.is_dir():
+        raise CacheError(f"'{path}' is a folder, not a cache file; name the .h5 file inside it.")
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise CacheError(f"'{path}' is not a readable HDF5 file ({exc}); it may be truncated. Re-run `featpipe extract`.") from exc
+        text = str(exc).lower()
+        if isinstance(exc, BlockingIOError) or "unable to lock file" in text:
+            raise CacheError(
+                f"'{path}' is open for writing in another program (HDF5 file lock); wait for that program to finish "
+                f"or close the file, then run again."
+            ) from None
+        if isinstance(exc, PermissionError) or "permission denied" in text:
+            raise CacheError(f"'{path}' cannot be read (permission denied); give yourself read access to it.") from None
+        raise CacheError(
+            f"'{path}' is not a readable HDF5 file ({exc}); it is truncated or damaged: restore it from a backup, "
+            f"or move it away and run `featpipe extract` to write it anew."
+        ) from None
     version = f.attrs.get("schema_version")
     if version is None:
         f.close()
         raise CacheError(f"'{path}' is an HDF5 file but not a featpipe cache (no schema_version attribute).")
-    if int(version) != SCHEMA_VERSION:
+    if int(version) not in READABLE_VERSIONS:
         f.close()
         raise CacheError(
-            f"'{path}' uses cache schema version {int(version)}, this featpipe reads version {SCHEMA_VERSION}; "
+            f"'{path}' uses cache schema version {int(version)}, this featpipe reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; "
             f"re-extract it with this version of featpipe."
         )
     return f
@@ -393,6 +429,7 @@ class CacheSummary:
     counts: dict[str, dict[str, int]]  # split -> class -> clips
     failed: list[tuple[str, str]]
     real_frames: int
+    stale: list[tuple[str, str]] = field(default_factory=list)  # rows dropped because their clip left the dataset
 
     def lines(self) -> list[str]:
         c = self.config
@@ -410,6 +447,8 @@ class CacheSummary:
             out.append("  " + name.ljust(width) + "".join(str(self.counts[s].get(name, 0)).rjust(8) for s in splits))
         for video, reason in self.failed:
             out.append(f"  failed: {video}: {reason}")
+        for video, reason in self.stale:
+            out.append(f"  dropped: {video}: {reason}")
         return out
 
 
@@ -422,44 +461,116 @@ def summarize(path: Path) -> CacheSummary:
         for lab, sp in zip(labels, splits):
             counts.setdefault(str(sp), {}).setdefault(config.class_names[int(lab)], 0)
             counts[str(sp)][config.class_names[int(lab)]] += 1
-        failed = list(zip(f["failed/video"].asstr()[:], f["failed/reason"].asstr()[:]))
-        return CacheSummary(path, config, len(labels), len(failed), counts, failed, int(f["mask"][:].sum()))
+        failed = list(zip(_strings(f, "failed/video"), _strings(f, "failed/reason")))
+        stale = list(zip(_strings(f, "stale/video"), _strings(f, "stale/reason")))
+        return CacheSummary(path, config, len(labels), len(failed), counts, failed, int(f["mask"][:].sum()), stale)
 
 
 # ----------------------------------------------------------------------------- writing
+
+
+Identity = tuple  # (size in bytes, mtime in ns) of a clip file
+
+
+def file_identity(path) -> Identity | None:
+    """(size, mtime_ns) of a clip file now, or None when it cannot be read (it then fails to decode)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
+def _known(size, mtime_ns) -> Identity | None:
+    size, mtime_ns = int(size), int(mtime_ns)
+    return None if size == UNKNOWN or mtime_ns == UNKNOWN else (size, mtime_ns)
+
+
+def _header_identity(header: dict) -> Identity | None:
+    return _known(header.get("size", UNKNOWN), header.get("mtime_ns", UNKNOWN))
+
+
+def _identities(group, n: int) -> list[Identity | None]:
+    """The identity column pair of a cache (or its failed/ group); all unknown in a version 1 cache."""
+    if "size" not in group or "mtime_ns" not in group:
+        return [None] * n
+    return [_known(s, m) for s, m in zip(group["size"][:], group["mtime_ns"][:])]
+
+
+def _strings(f, name: str) -> list[str]:
+    return list(f[name].asstr()[:]) if name in f else []
+
+
+def write_error(exc: OSError, path: Path, kept: str) -> CacheError:
+    """One sentence for an OSError while writing beside ``path``: disk full, read-only folder, or other."""
+    code = getattr(exc, "errno", None)
+    text = str(exc).lower()
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) or "no space left" in text or "quota" in text:
+        err = CacheError(f"The disk holding '{path.parent}' is full; free some space and run the same command again "
+                         f"({kept}).")
+        err.exit_code = 1
+        return err
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM) or "read-only" in text or "permission denied" in text:
+        return CacheError(f"Cannot write to '{path.parent}' ({exc.strerror or exc}); choose a folder you can write "
+                          f"to with --output ({kept}).")
+    err = CacheError(f"Writing '{path}' failed ({exc}); fix the cause and run the same command again ({kept}).")
+    err.exit_code = 1
+    return err
 
 
 class CacheWriter:
     """Resumable writer for one cache file. Use under ``CacheLock``.
 
     ``done`` lists the clip keys already extracted (cache + journal); ``failed`` those recorded
-    as unusable. ``append`` journals a clip; ``finalize`` folds everything into the HDF5 file.
+    as unusable; ``identity(key)`` the (size, mtime_ns) each was read with. ``append`` journals
+    a clip (stamped with ``identities[key]`` when it carries none); ``finalize`` folds
+    everything into the HDF5 file. ``writable=False`` only reads (a cache on read-only media).
     """
 
-    def __init__(self, path: Path, config: CacheConfig):
+    def __init__(self, path: Path, config: CacheConfig, writable: bool = True):
         self.path = Path(path)
         self.config = config
         self.journal = journal_path(self.path)
-        _remove_stale_temporaries(self.path)  # a finalize killed before its rename; the old cache is intact
+        if writable:
+            _remove_stale_temporaries(self.path)  # a finalize killed before its rename; the old cache is intact
         self._existing: dict[str, int] = {}  # key -> row in the existing cache
         self._existing_failed: dict[str, str] = {}
+        self._existing_identity: dict[str, Identity | None] = {}  # rows and failed clips
+        self._existing_stale: dict[str, str] = {}
+        self.existing_attrs: dict | None = None  # the cache's (or else the journal's) attributes
         if self.path.exists():
             with open_h5(self.path) as f:
-                theirs = CacheConfig.from_attrs(dict(f.attrs))
+                self.existing_attrs = dict(f.attrs)
+                theirs = CacheConfig.from_attrs(self.existing_attrs)
                 self._check(theirs, f"the existing cache '{self.path}'")
-                self._existing = {v: i for i, v in enumerate(f["video"].asstr()[:])}
-                self._existing_failed = dict(zip(f["failed/video"].asstr()[:], f["failed/reason"].asstr()[:]))
+                keys = list(f["video"].asstr()[:])
+                self._existing = {v: i for i, v in enumerate(keys)}
+                self._existing_identity = dict(zip(keys, _identities(f, len(keys))))
+                failed_keys = _strings(f, "failed/video")
+                self._existing_failed = dict(zip(failed_keys, _strings(f, "failed/reason")))
+                if "failed" in f:
+                    self._existing_identity.update(zip(failed_keys, _identities(f["failed"], len(failed_keys))))
+                self._existing_stale = dict(zip(_strings(f, "stale/video"), _strings(f, "stale/reason")))
         self._journal_entries: dict[str, _JournalEntry] = {}
         if self.journal.exists():
             attrs, entries, end = _read_journal(self.journal)
             if attrs is None:
-                self.journal.unlink()  # killed while creating the journal: nothing in it
+                if writable:
+                    self.journal.unlink()  # killed while creating the journal: nothing in it
             else:
                 self._check(CacheConfig.from_attrs(attrs), f"the unfinished extraction '{self.journal}'")
-                with open(self.journal, "r+b") as fh:
-                    fh.truncate(end)  # drop a torn tail record
+                if self.existing_attrs is None:
+                    self.existing_attrs = attrs
+                if writable:
+                    with open(self.journal, "r+b") as fh:
+                        fh.truncate(end)  # drop a torn tail record
                 for entry in entries:
+                    self._journal_entries.pop(entry.header["video"], None)
                     self._journal_entries[entry.header["video"]] = entry  # a later record wins
+        self._appended: dict[str, dict] = {}  # headers of the records this process journalled
+        self.identities: dict[str, Identity | None] = {}  # current identity per key, stamped by append
+        self.n_dropped = 0  # rows the last finalize dropped because their clip left the dataset
+        self.n_changed = 0  # ... because their clip's file changed and was not extracted again
         self._writer: JournalWriter | None = None
 
     def _check(self, theirs: CacheConfig, what: str) -> None:
@@ -470,87 +581,158 @@ class CacheWriter:
                 f"Use the same settings, or write a new cache with --output FILE."
             )
 
+    def _latest(self) -> dict[str, tuple[str | None, Identity | None]]:
+        """key -> (None for a row or the failure reason, identity): the cache, then the journal, later wins."""
+        out: dict[str, tuple[str | None, Identity | None]] = {}
+        for key in self._existing:
+            out[key] = (None, self._existing_identity.get(key))
+        for key, reason in self._existing_failed.items():
+            if key not in out:
+                out[key] = (reason, self._existing_identity.get(key))
+        for header in [e.header for e in self._journal_entries.values()] + list(self._appended.values()):
+            out.pop(header["video"], None)
+            out[header["video"]] = (header.get("error"), _header_identity(header))
+        return out
+
     @property
     def done(self) -> set[str]:
-        ok_existing = set(self._existing)
-        ok_journal = {k for k, e in self._journal_entries.items() if "error" not in e.header}
-        return ok_existing | ok_journal
+        return {k for k, (error, _) in self._latest().items() if error is None}
 
     @property
     def failed(self) -> dict[str, str]:
-        out = {k: v for k, v in self._existing_failed.items() if k not in self._journal_entries}
-        out.update({k: e.header["error"] for k, e in self._journal_entries.items() if "error" in e.header})
-        return {k: v for k, v in out.items() if k not in self.done}
+        return {k: error for k, (error, _) in self._latest().items() if error is not None}
+
+    def identity(self, key: str) -> Identity | None:
+        """The (size, mtime_ns) clip ``key`` was extracted (or failed) with; None if unknown or absent."""
+        return self._latest().get(key, (None, None))[1]
+
+    def contents(self) -> dict[str, Identity | None]:
+        """Every clip key the cache and journal know (rows and failures) -> its recorded identity."""
+        return {k: ident for k, (_, ident) in self._latest().items()}
 
     @property
     def pending(self) -> bool:
         """True when the journal holds clips not yet folded into the HDF5 file."""
-        return bool(self._journal_entries)
+        return bool(self._journal_entries) or bool(self._appended)
 
     def append(self, rec: ClipRecord) -> None:
-        if self._writer is None:
-            self._writer = JournalWriter(self.journal, self.config)
-        self._writer.append(rec)
+        if rec.size == UNKNOWN and self.identities.get(rec.video):
+            rec = dataclasses.replace(rec, size=self.identities[rec.video][0], mtime_ns=self.identities[rec.video][1])
+        try:
+            if self._writer is None:
+                self._writer = JournalWriter(self.journal, self.config)
+            self._writer.append(rec)
+        except OSError as exc:
+            raise write_error(exc, self.journal, "the clips finished so far are kept") from None
+        header = {"video": rec.video, "size": int(rec.size), "mtime_ns": int(rec.mtime_ns)}
+        if not rec.ok:
+            header["error"] = rec.error
+        self._appended.pop(rec.video, None)
+        self._appended[rec.video] = header
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            try:
+                writer.close()
+            except OSError as exc:
+                raise write_error(exc, self.journal, "the clips finished so far are kept") from None
 
-    def finalize(self, assignments: dict[str, tuple[int, str]] | None = None) -> Path:
+    def finalize(self, assignments: dict[str, tuple[int, str]] | None = None,
+                 current: dict[str, Identity | None] | None = None) -> Path:
         """Write cache + journal into a new HDF5 file, atomically replace the cache, drop the journal.
 
         ``assignments`` maps clip key -> (label, split) from the current dataset index, so that
         re-splitting never needs re-extraction; clips not in it keep what they had.
+        ``current`` maps every clip key of the current dataset (or shard) -> its identity now:
+        rows whose clip is not in it, or whose file changed since it was extracted, are dropped
+        (and listed under stale/); rows of unknown identity (version 1) take the current one.
         """
         self.close()
         if self.journal.exists():  # re-read: includes what this process appended
             _, entries, _ = _read_journal(self.journal)
             self._journal_entries = {}
             for e in entries:
+                self._journal_entries.pop(e.header["video"], None)
                 self._journal_entries[e.header["video"]] = e
+        self._appended = {}
         assignments = assignments or {}
         c = self.config
         rows: dict[str, tuple[str, object]] = {}  # key -> (source, handle)
+        ident: dict[str, Identity | None] = {}
         for key, row in self._existing.items():
             rows[key] = ("h5", row)
-        failed = dict(self._existing_failed)
-        for key, entry in self._journal_entries.items():
+            ident[key] = self._existing_identity.get(key)
+        failed = {k: v for k, v in self._existing_failed.items() if k not in rows}
+        for key in failed:
+            ident[key] = self._existing_identity.get(key)
+        for key, entry in self._journal_entries.items():  # later than the cache: a journal record wins
+            ident[key] = _header_identity(entry.header)
             if "error" in entry.header:
-                if key not in rows:
-                    failed[key] = entry.header["error"]
+                rows.pop(key, None)
+                failed[key] = entry.header["error"]
             else:
                 rows[key] = ("journal", entry)
                 failed.pop(key, None)
+        stale = dict(self._existing_stale)
+        self.n_dropped = self.n_changed = 0
+        if current is not None:
+            for key in list(rows):
+                now = current.get(key) if key in current else None
+                if key not in current:
+                    stale[key] = "no longer in the dataset"
+                    self.n_dropped += 1
+                elif ident[key] is not None and now is not None and ident[key] != now:
+                    stale[key] = "its file changed after it was extracted"
+                    self.n_changed += 1
+                else:
+                    if ident[key] is None:
+                        ident[key] = now  # a version 1 row: trusted, identified from now on
+                    continue
+                del rows[key]
+            failed = {k: v for k, v in failed.items() if k in current}
+        stale = {k: v for k, v in stale.items() if k not in rows}
         keys = sorted(rows)
-        failed = {k: v for k, v in failed.items() if k not in rows}
         failed_keys = sorted(failed)
         feat_bytes = int(np.prod((c.frames, *c.feature_shape))) * np.dtype(c.dtype).itemsize
 
-        with ExitStack() as stack:
-            old = stack.enter_context(open_h5(self.path)) if self._existing else None
-            jf = stack.enter_context(open(self.journal, "rb")) if self.journal.exists() else None
+        def unknown(key):
+            return ident.get(key) or (UNKNOWN, UNKNOWN)
 
-            def read_row(key: str) -> _Row:
-                source, handle = rows[key]
-                if source == "h5":
-                    row = _read_h5_row(old, handle)
-                else:
-                    jf.seek(handle.offset)
-                    payload = jf.read(handle.length)
-                    row = _Row(np.frombuffer(payload[:feat_bytes], dtype=c.dtype).reshape(c.frames, *c.feature_shape),
-                               np.frombuffer(payload[feat_bytes:], dtype=bool), int(handle.header["label"]),
-                               handle.header["split"], int(handle.header["n_frames"]))
-                if key in assignments:
-                    row = dataclasses.replace(row, label=int(assignments[key][0]), split=assignments[key][1])
-                return row
+        try:
+            with ExitStack() as stack:
+                old = stack.enter_context(open_h5(self.path)) if self._existing else None
+                jf = stack.enter_context(open(self.journal, "rb")) if self.journal.exists() else None
 
-            tmp = _write_temporary(self.path, c, keys, read_row, failed)
-        _install(tmp, self.path)  # after the old cache is closed (Windows cannot replace an open file)
+                def read_row(key: str) -> _Row:
+                    source, handle = rows[key]
+                    if source == "h5":
+                        row = _read_h5_row(old, handle)
+                    else:
+                        jf.seek(handle.offset)
+                        payload = jf.read(handle.length)
+                        row = _Row(np.frombuffer(payload[:feat_bytes], dtype=c.dtype).reshape(c.frames, *c.feature_shape),
+                                   np.frombuffer(payload[feat_bytes:], dtype=bool), int(handle.header["label"]),
+                                   handle.header["split"], int(handle.header["n_frames"]))
+                    size, mtime_ns = unknown(key)
+                    row = dataclasses.replace(row, size=size, mtime_ns=mtime_ns)
+                    if key in assignments:
+                        row = dataclasses.replace(row, label=int(assignments[key][0]), split=assignments[key][1])
+                    return row
+
+                tmp = _write_temporary(self.path, c, keys, read_row, failed,
+                                       failed_identity={k: unknown(k) for k in failed_keys}, stale=stale)
+            _install(tmp, self.path)  # after the old cache is closed (Windows cannot replace an open file)
+        except OSError as exc:
+            kept = "the old cache and the clips finished since are kept" if self.path.exists() else \
+                "the clips finished so far are kept"
+            raise write_error(exc, self.path, kept) from None
         if self.journal.exists():
             self.journal.unlink()
         self._existing = {k: i for i, k in enumerate(keys)}
         self._existing_failed = {k: failed[k] for k in failed_keys}
+        self._existing_identity = {k: ident.get(k) for k in keys + failed_keys}
+        self._existing_stale = stale
         self._journal_entries = {}
         return self.path
 
@@ -564,10 +746,14 @@ class _Row:
     label: int
     split: str
     n_frames: int
+    size: int = UNKNOWN  # the clip's identity (UNKNOWN in version 1 caches)
+    mtime_ns: int = UNKNOWN
 
 
 def _read_h5_row(f, row: int) -> _Row:
-    return _Row(f["features"][row], f["mask"][row], int(f["label"][row]), f["split"].asstr()[row], int(f["n_frames"][row]))
+    size, mtime_ns = (int(f["size"][row]), int(f["mtime_ns"][row])) if "size" in f and "mtime_ns" in f else (UNKNOWN, UNKNOWN)
+    return _Row(f["features"][row], f["mask"][row], int(f["label"][row]), f["split"].asstr()[row], int(f["n_frames"][row]),
+                size, mtime_ns)
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -577,12 +763,14 @@ def _remove_stale_temporaries(path: Path) -> None:
 
 
 def _write_temporary(path: Path, config: CacheConfig, keys: list[str], read_row: Callable[[str], _Row],
-                     failed: dict[str, str]) -> Path:
+                     failed: dict[str, str], failed_identity: dict[str, Identity] | None = None,
+                     stale: dict[str, str] | None = None) -> Path:
     """Write a complete cache into a temporary file beside ``path``, fsync it and return it.
 
     ``keys`` (sorted) become the rows, read one clip at a time with ``read_row``, so memory stays
     bounded whatever the cache size; ``failed`` maps clip key -> reason. ``_install`` then puts
-    it in place. Used by ``CacheWriter.finalize`` and ``merge_shards``.
+    it in place. Used by ``CacheWriter.finalize`` and ``merge_shards``. ``failed_identity``
+    maps failed keys -> (size, mtime_ns); ``stale`` maps dropped clip keys -> why.
     """
     c = config
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -599,6 +787,7 @@ def _write_temporary(path: Path, config: CacheConfig, keys: list[str], read_row:
             masks = out.create_dataset("mask", shape=(n, t), dtype=bool)
             labels = np.zeros(n, dtype=np.int64)
             splits, n_frames = [], np.zeros(n, dtype=np.int64)
+            sizes, mtimes = np.full(n, UNKNOWN, dtype=np.int64), np.full(n, UNKNOWN, dtype=np.int64)
             mask_all = np.zeros((n, t), dtype=bool)
             for i, key in enumerate(keys):
                 row = read_row(key)
@@ -607,14 +796,25 @@ def _write_temporary(path: Path, config: CacheConfig, keys: list[str], read_row:
                 labels[i] = row.label
                 splits.append(row.split)
                 n_frames[i] = row.n_frames
+                sizes[i], mtimes[i] = row.size, row.mtime_ns
             masks[...] = mask_all
             out.create_dataset("label", data=labels)
             out.create_dataset("split", data=np.array(splits, dtype=object), dtype=str_dt)
             out.create_dataset("video", data=np.array(keys, dtype=object), dtype=str_dt)
             out.create_dataset("n_frames", data=n_frames)
+            out.create_dataset("size", data=sizes)
+            out.create_dataset("mtime_ns", data=mtimes)
             grp = out.create_group("failed")
             grp.create_dataset("video", data=np.array(failed_keys, dtype=object), dtype=str_dt)
             grp.create_dataset("reason", data=np.array([failed[k] for k in failed_keys], dtype=object), dtype=str_dt)
+            f_ident = [(failed_identity or {}).get(k) or (UNKNOWN, UNKNOWN) for k in failed_keys]
+            grp.create_dataset("size", data=np.array([i[0] for i in f_ident], dtype=np.int64))
+            grp.create_dataset("mtime_ns", data=np.array([i[1] for i in f_ident], dtype=np.int64))
+            stale = stale or {}
+            stale_keys = sorted(stale)
+            grp = out.create_group("stale")
+            grp.create_dataset("video", data=np.array(stale_keys, dtype=object), dtype=str_dt)
+            grp.create_dataset("reason", data=np.array([stale[k] for k in stale_keys], dtype=object), dtype=str_dt)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
     except BaseException:
@@ -674,6 +874,9 @@ def merge_shards(shards: Sequence[str | Path] | None = None, output: str | Path 
     """
     if output is None:
         raise FeatpipeError("Name the merged cache with --output FILE, e.g. --output cache/inceptionv3.h5.")
+    from featpipe.options import check_file_option
+
+    check_file_option("output", output)
     output = Path(output)
     paths = _unique_paths(shards) if shards else find_shards(output)
     if not paths:
@@ -694,13 +897,20 @@ def merge_shards(shards: Sequence[str | Path] | None = None, output: str | Path 
         _lock(locks, output, f"Another featpipe command is writing '{output}' right now; wait for it to finish, "
                              f"or merge into another file with --output.")
         for p in paths:
-            _lock(locks, p, _running(p))
+            _lock(locks, p, _running(p), read_only_ok=True)
             if journal_path(p).exists():
                 raise CacheError(_unfinished(p))
-        with ExitStack() as files:
-            ordered = _check_set([_open_shard(files, p) for p in paths], output if not shards else None)
-            tmp = _merge_into_temporary(ordered, output)
-        _install(tmp, output)
+        try:
+            with ExitStack() as files:
+                ordered = _check_set([_open_shard(files, p) for p in paths], output if not shards else None)
+                tmp = _merge_into_temporary(ordered, output)
+            try:
+                _install(tmp, output)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise write_error(exc, output, "the shards are unchanged") from None
     return output
 
 
@@ -716,7 +926,7 @@ def _unique_paths(paths: Sequence[str | Path]) -> list[Path]:
 def _refuse_in_progress(path: Path) -> None:
     """For a shard with only a journal: say whether its extraction is running (locked) or was stopped."""
     with ExitStack() as lock:
-        _lock(lock, path, _running(path))
+        _lock(lock, path, _running(path), read_only_ok=True)
     raise CacheError(_unfinished(path))
 
 
@@ -731,9 +941,13 @@ def _unfinished(path: Path) -> str:
             f"shard's `featpipe extract {which}` with the same options to finish it, then merge.")
 
 
-def _lock(stack: ExitStack, path: Path, message: str) -> None:
+def _lock(stack: ExitStack, path: Path, message: str, read_only_ok: bool = False) -> None:
+    """Lock ``path``; ``read_only_ok``: a file on read-only media (no lock file possible) cannot be being written."""
     try:
         stack.enter_context(CacheLock(path))
+    except CannotWrite:
+        if not read_only_ok:
+            raise
     except CacheError:
         raise CacheError(message) from None
 
@@ -798,6 +1012,8 @@ def _check_set(opened: list[_Shard], base: Path | None) -> list[_Shard]:
 def _merge_into_temporary(ordered: list[_Shard], output: Path) -> Path:
     rows: dict[str, tuple[_Shard, int]] = {}  # clip key -> (shard, row)
     failed: dict[str, str] = {}
+    failed_identity: dict[str, Identity] = {}
+    stale: dict[str, str] = {}
     for s in ordered:
         for row, key in enumerate(s.file["video"].asstr()[:]):
             if key in rows:
@@ -809,13 +1025,21 @@ def _merge_into_temporary(ordered: list[_Shard], output: Path) -> Path:
                     )
                 continue
             rows[key] = (s, row)
-        for key, reason in zip(s.file["failed/video"].asstr()[:], s.file["failed/reason"].asstr()[:]):
+        failed_keys = _strings(s.file, "failed/video")
+        identities = _identities(s.file["failed"], len(failed_keys)) if "failed" in s.file else []
+        for key, reason, ident in zip(failed_keys, _strings(s.file, "failed/reason"), identities):
             failed.setdefault(key, reason)
+            if ident is not None:
+                failed_identity.setdefault(key, ident)
+        for key, reason in zip(_strings(s.file, "stale/video"), _strings(s.file, "stale/reason")):
+            stale.setdefault(key, reason)
     failed = {k: v for k, v in failed.items() if k not in rows}
+    stale = {k: v for k, v in stale.items() if k not in rows}
     first = ordered[0].config
     config = dataclasses.replace(first, extra={k: v for k, v in first.extra.items() if k != "shard"})
     _remove_stale_temporaries(output)  # we hold the output's lock: these are from killed runs
-    return _write_temporary(output, config, sorted(rows), lambda key: _read_h5_row(rows[key][0].file, rows[key][1]), failed)
+    return _write_temporary(output, config, sorted(rows), lambda key: _read_h5_row(rows[key][0].file, rows[key][1]), failed,
+                            failed_identity=failed_identity, stale=stale)
 
 
 def _same_row(a: _Row, b: _Row) -> bool:

@@ -59,21 +59,22 @@ class DType(str, Enum):
 INTERRUPTED = "interrupted: finished clips are saved; run the same command again to resume."
 
 
-def _handles_errors(fn=None, *, interrupted: str = INTERRUPTED):
+def _handles_errors(fn=None, *, interrupted: str = INTERRUPTED, flags: dict[str, str] | None = None):
     """Turn FeatpipeError into one sentence on stderr and its exit status; Ctrl-C into 130, SIGTERM into 143.
 
     ``interrupted`` is what the command says when stopped (extract: finished clips are kept; train: ...).
-    An OptionError names the flag (``--batch-size``), not the Python parameter.
+    An OptionError names the flag (``--batch-size``), not the Python parameter; ``flags`` maps a
+    parameter whose flag is spelled otherwise (``cache_dir`` -> ``--cache``).
     """
     if fn is None:
-        return functools.partial(_handles_errors, interrupted=interrupted)
+        return functools.partial(_handles_errors, interrupted=interrupted, flags=flags)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except OptionError as exc:
-            typer.secho(f"error: {exc.flag_message()}", err=True, fg=typer.colors.RED)
+            typer.secho(f"error: {exc.flag_message(flags)}", err=True, fg=typer.colors.RED)
             raise typer.Exit(exc.exit_code) from None
         except FeatpipeError as exc:
             typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
@@ -125,10 +126,10 @@ def sample_data_cmd(
 
 
 @app.command("extract")
-@_handles_errors
+@_handles_errors(flags={"cache_dir": "--cache"})
 def extract_cmd(
     backbone: Annotated[BackboneName, typer.Option(metavar="<name>", help=_BACKBONE_HELP)] = "inceptionv3",
-    data: Annotated[Path, typer.Option(help="Dataset folder: DIR/{train,val,test}/<class>/, DIR/<class>/, or UCF101 lists.")] = Path("data"),
+    data: Annotated[Optional[Path], typer.Option(help="Dataset folder: DIR/{train,val,test}/<class>/, DIR/<class>/, or UCF101 lists [default: data, unless --csv is given].", show_default=False)] = None,
     csv: Annotated[Optional[Path], typer.Option(help="CSV with columns video_name,tag[,split]; paths relative to the CSV.")] = None,
     cache: Annotated[Path, typer.Option(help="Folder for the cache file <backbone>.h5.")] = Path("cache"),
     output: Annotated[Optional[Path], typer.Option(help="Cache file to write instead of <cache>/<backbone>.h5.")] = None,
@@ -320,7 +321,8 @@ def merge_cmd(
     from featpipe.cache import find_shards, merge_shards, summarize
 
     path = merge_shards(shards, output, force=force)
-    typer.echo(f"Merged {len(shards) if shards else len(find_shards(output))} shards into {path}.")
+    count = len({p.resolve() for p in shards}) if shards else len(find_shards(output))  # a file named twice counts once
+    typer.echo(f"Merged {count} shards into {path}.")
     for line in summarize(path).lines():
         typer.echo(line)
 

@@ -44,6 +44,7 @@ __all__ = [
     "Dataset",
     "index_dataset",
     "stratified_split",
+    "repair_splits",
 ]
 
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg"})
@@ -74,6 +75,10 @@ class Dataset:
     layout: str
     class_names: tuple[str, ...]
     records: tuple[Record, ...]
+    # how the splits were made: "drawn" (a seeded stratified split over the index: class folders, a CSV
+    # without a split column), "given" (split folders, a CSV split column) or "lists" (UCF101)
+    split_source: str = "given"
+    split_params: tuple = ()  # (val_fraction, test_fraction, seed) of a drawn split
 
     def label_index(self, label: str) -> int:
         """Position of ``label`` in ``class_names`` (the integer target a model is trained on)."""
@@ -194,6 +199,61 @@ def _check_seed(seed: int) -> None:
 def _check_fold(fold: int) -> None:
     if isinstance(fold, bool) or not isinstance(fold, numbers.Integral) or int(fold) not in (1, 2, 3):
         raise DatasetError(f"UCF101 fold must be 1, 2 or 3, got {fold!r}; pass --fold 1, 2 or 3.")
+
+
+@dataclass(frozen=True)
+class SplitRepair:
+    """Splits for the clips that could be used, and what could not be made whole."""
+
+    splits: dict[str, str]  # clip key -> split, for every usable clip
+    redrawn: tuple[str, ...]  # classes whose split was drawn again over their usable clips
+    warnings: tuple[str, ...]  # one sentence per class left without clips in a split
+
+
+def repair_splits(dataset: Dataset, usable) -> SplitRepair:
+    """Make "every class in every split" hold for the ``usable`` clips (those that decoded).
+
+    A drawn split (class folders, a CSV without a split column) is drawn before decoding, so
+    broken clips can empty a class's val or test share. Each class that lost a split is drawn
+    again, with the same fractions and seed, over its usable clips only; the other classes keep
+    their split. What cannot be repaired (a class with fewer than three usable clips; given
+    splits -- split folders, a CSV split column, UCF101 lists -- are never moved) becomes a warning.
+    Splits a dataset does not use (``val_fraction`` 0, no ``test/`` folder) are not required.
+    """
+    usable = set(usable)
+    records = [r for r in dataset.records if r.video in usable]
+    splits = {r.video: r.split for r in records}
+    if dataset.split_source == "drawn":
+        val_fraction, test_fraction, seed = dataset.split_params
+        required = ["train"] + (["val"] if val_fraction > 0 else []) + (["test"] if test_fraction > 0 else [])
+    else:
+        required = [s for s in SPLITS if any(r.split == s for r in dataset.records)]
+    by_class: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        by_class[r.label].append(r)
+    redrawn, warnings = [], []
+    for name in dataset.class_names:
+        clips = by_class.get(name, [])
+        if not clips:
+            if any(r.label == name for r in dataset.records):
+                warnings.append(f"class '{name}' has no usable clip at all (every one failed to decode).")
+            continue
+        missing = [s for s in required if not any(splits[r.video] == s for r in clips)]
+        if missing and dataset.split_source == "drawn":
+            keys = [r.video for r in clips]
+            drawn = dict(zip(keys, stratified_split(keys, [name] * len(keys), val_fraction, test_fraction, seed)))
+            still = [s for s in required if s not in drawn.values()]
+            if len(still) < len(missing):  # the redraw gives the class a split it had lost
+                splits.update(drawn)
+                redrawn.append(name)
+                missing = still
+            if missing:
+                warnings.append(f"class '{name}' has only {len(clips)} usable clip(s), so it has no "
+                                f"{' or '.join(missing)} clip.")
+        elif missing:
+            warnings.append(f"class '{name}' has no usable clip in the {' or '.join(missing)} split "
+                            f"({dataset.layout} splits are given, so featpipe does not move clips).")
+    return SplitRepair(splits, tuple(redrawn), tuple(warnings))
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,7 +394,8 @@ def _index_class_folders(root: Path, data: str, val_fraction: float, test_fracti
     keys = [_key(p, root) for p, _ in pairs]
     splits = stratified_split(keys, [label for _, label in pairs], val_fraction, test_fraction, seed)
     records = [Record(path=p, video=k, label=label, split=s) for (p, label), k, s in zip(pairs, keys, splits)]
-    return _finish(root, "class-folders", records, data)
+    return _finish(root, "class-folders", records, data, split_source="drawn",
+                   split_params=(val_fraction, test_fraction, seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,7 +482,9 @@ def _index_csv(csv_path: Path, shown: str, val_fraction: float, test_fraction: f
     _require_two_classes(labels, shown)
     splits = given_splits if has_split else stratified_split(keys, labels, val_fraction, test_fraction, seed)
     records = [Record(path=p, video=k, label=t, split=s) for p, k, t, s in zip(paths, keys, labels, splits)]
-    return _finish(root, "csv", records, shown)
+    if has_split:
+        return _finish(root, "csv", records, shown)
+    return _finish(root, "csv", records, shown, split_source="drawn", split_params=(val_fraction, test_fraction, seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,7 +579,7 @@ def _index_ucf101(root: Path, data: str, val_fraction: float, seed: int, fold: i
         Record(path=path, video=key, label=label, split=split_of.get(key, "test"))
         for path, key, label, _ in resolved
     ]
-    return _finish(video_root, "ucf101", records, data, class_names=tuple(sorted(class_set)))
+    return _finish(video_root, "ucf101", records, data, class_names=tuple(sorted(class_set)), split_source="lists")
 
 
 def _ucf_video_root(root: Path, data: str, names: list[str]) -> Path:
@@ -549,13 +612,15 @@ def _require_two_classes(labels: Sequence[str], data: str) -> None:
         )
 
 
-def _finish(root: Path, layout: str, records: list[Record], data: str, class_names: tuple[str, ...] | None = None) -> Dataset:
+def _finish(root: Path, layout: str, records: list[Record], data: str, class_names: tuple[str, ...] | None = None,
+            split_source: str = "given", split_params: tuple = ()) -> Dataset:
     records.sort(key=lambda r: r.video)
     if class_names is None:
         class_names = tuple(sorted({r.label for r in records}))
     if len(class_names) < 2:
         _require_two_classes([r.label for r in records], data)
-    return Dataset(root=root, layout=layout, class_names=class_names, records=tuple(records))
+    return Dataset(root=root, layout=layout, class_names=class_names, records=tuple(records),
+                   split_source=split_source, split_params=tuple(split_params))
 
 
 def _preview(items: Sequence[str], limit: int = 8) -> str:

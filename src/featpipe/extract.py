@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from collections import deque
+from contextlib import ExitStack
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,25 +22,36 @@ import numpy as np
 from featpipe._quiet import import_keras
 from featpipe._version import __version__
 from featpipe.backbones import PRECISIONS, WEIGHTS_IMAGENET, FeatureExtractor, check_size, get_backbone
-from featpipe.cache import CacheConfig, CacheLock, CacheWriter, ClipRecord, parse_shard, shard_of, shard_path, summarize
-from featpipe.datasets import Dataset, Record, index_dataset
-from featpipe.errors import ExtractionFailed, FeatpipeError, VideoError
+from featpipe.cache import (CacheConfig, CacheLock, CacheWriter, CannotWrite, ClipRecord, file_identity, parse_shard,
+                            shard_of, shard_path, summarize)
+from featpipe.datasets import Dataset, Record, index_dataset, repair_splits
+from featpipe.errors import CacheError, ExtractionFailed, FeatpipeError, OptionError, VideoError
+from featpipe.options import check_choice, check_dir_option, check_file_option, check_float, check_int
 
 DTYPES = ("float16", "float32")
+MAX_SIZE = 1024  # largest square input: ImageNet backbones are trained at 224-600 px
+MAX_FRAMES = 10_000  # frames per clip (sequence length)
+MAX_BATCH = 65_536  # frames per forward pass (a memory check below also applies)
+MAX_WORKERS = 256
+MEMORY_SHARE = 0.8  # of physical memory the clips in flight and the batches may take
 
 
 @dataclass(frozen=True)
 class ExtractOptions:
-    """Everything `featpipe extract` can be told. Defaults are the CLI's defaults."""
+    """Everything `featpipe extract` can be told. Defaults are the CLI's defaults.
+
+    Every value is checked here, once, for the CLI and the Python API alike: a bad one raises
+    ``OptionError`` naming the parameter (the CLI shows it as its flag) before any work starts.
+    """
 
     backbone: str = "inceptionv3"  # registry name (featpipe.backbones.REGISTRY)
-    data: str | Path | None = "data"  # dataset folder (layout auto-detected)
-    csv: str | Path | None = None  # or a CSV with video_name,tag[,split]
+    data: str | Path | None = None  # dataset folder (layout auto-detected); None = "data" unless csv is given
+    csv: str | Path | None = None  # or a CSV with video_name,tag[,split] (not together with data)
     cache_dir: str | Path = "cache"  # the cache is <cache_dir>/<backbone>.h5 ...
     output: str | Path | None = None  # ... unless an explicit file is given
-    frames: int = 20  # sequence length T
+    frames: int = 20  # sequence length T (1..MAX_FRAMES)
     sampling: str = "uniform"  # "uniform" over the whole clip, or "first" N frames
-    size: int | None = None  # square input size; None = the backbone's native size
+    size: int | None = None  # square input size (backbone minimum..MAX_SIZE); None = the backbone's native size
     weights: str = WEIGHTS_IMAGENET  # "imagenet", "none" (deterministic random) or a weights file
     seed: int = 0  # seed of the random network for weights="none"
     dtype: str = "float16"  # storage dtype of features
@@ -50,12 +62,79 @@ class ExtractOptions:
     test_fraction: float = 0.15
     split_seed: int = 1337
     fold: int = 1  # UCF101 split lists
-    retry_failed: bool = False  # re-try clips recorded as failed by an earlier run
+    retry_failed: bool = False  # re-try clips recorded as failed by an earlier run (a changed file is always retried)
     strict: bool = False  # any failed clip makes the run fail (after writing the cache)
     quiet: bool = False  # no progress bar
     # "I/N": only the clips whose key hashes to shard I of N, into <cache stem>.shard-I-of-N.h5
     # beside the cache (own journal and lock); `featpipe merge` combines the N shards
     shard: str | None = None
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def data_folder(self) -> str | Path | None:
+        """The dataset folder to index: ``data``, or "data" when neither it nor ``csv`` is given."""
+        return self.data if self.data is not None or self.csv is not None else "data"
+
+    def validate(self) -> None:
+        """Raise OptionError (naming the parameter) for any value out of range or of the wrong kind."""
+        from featpipe.video import SAMPLING
+
+        if self.data is not None and self.csv is not None:
+            raise OptionError("csv", "cannot be combined with a data folder; give either a dataset folder or a "
+                                     "CSV file (its paths are relative to the CSV's own folder), not both.")
+        if not isinstance(self.backbone, str):
+            raise OptionError("backbone", f"must be a backbone name, got {self.backbone!r}.")
+        backbone = get_backbone(self.backbone)
+        if self.output is None:  # the cache goes into cache_dir (with output given, cache_dir is not used)
+            check_dir_option("cache_dir", self.cache_dir)
+        check_file_option("output", self.output, optional=True)
+        check_int("frames", self.frames, 1, MAX_FRAMES)
+        check_choice("sampling", self.sampling, SAMPLING)
+        check_int("size", self.size, backbone.min_size, MAX_SIZE, optional=True,
+                  hint=f"({backbone.name} needs at least {backbone.min_size} pixels; its native size is "
+                       f"{backbone.default_size}; leave it unset for the native size.)")
+        check_int("seed", self.seed, 0)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH, optional=True)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_int("workers", self.workers, 1, MAX_WORKERS, optional=True)
+        check_float("val_fraction", self.val_fraction, 0, 1, high_open=True)
+        check_float("test_fraction", self.test_fraction, 0, 1, high_open=True)
+        if self.val_fraction + self.test_fraction >= 1:
+            raise OptionError("val_fraction", f"plus test_fraction must be below 1 so some clips are left to train on, "
+                                              f"got {self.val_fraction!r} + {self.test_fraction!r}.")
+        check_int("split_seed", self.split_seed, 0)
+        check_int("fold", self.fold, 1, 3)
+        if self.shard is not None:
+            try:
+                parse_shard(self.shard)
+            except FeatpipeError:
+                raise OptionError("shard", f"must look like I/N with 1 <= I <= N, e.g. 2/4; got {self.shard!r}.") from None
+        self._check_memory(self.size or backbone.default_size)
+
+    def _check_memory(self, size: int) -> None:
+        """The decoded clips in flight and the frame batches must fit in memory: say what fits if not."""
+        from featpipe.data import physical_memory
+
+        memory = MEMORY_SHARE * physical_memory()
+        frame = size * size * 3  # one decoded uint8 frame
+        window = max(2 * (self.workers or default_workers()), 4) + 1  # clips decoded ahead, and the one being batched
+        batch = self.batch_size or 32
+        clips_bytes = window * self.frames * frame
+        batch_bytes = 4 * batch * frame * 4  # pending + queued + on the device, as float32 after preprocessing
+        if clips_bytes + batch_bytes <= memory:
+            return
+        gib = 1 << 30
+        need = f"about {(clips_bytes + batch_bytes) / gib:.1f} GiB of memory, more than the {memory / gib:.1f} GiB"
+        if clips_bytes >= batch_bytes:
+            fit = int((memory - batch_bytes) // (window * frame))
+            raise OptionError("frames", f"of {self.frames} at {size} px with {window - 1} clips decoded ahead needs {need} "
+                                        f"this machine can spare; at most {max(fit, 0)} frames fit (or use fewer workers).")
+        fit = int((memory - clips_bytes) // (4 * frame * 4))
+        raise OptionError("batch_size", f"of {batch} frames at {size} px needs {need} this machine can spare; "
+                                        f"at most {max(fit, 0)} fit.")
 
 
 @dataclass
@@ -74,6 +153,8 @@ class ExtractResult:
     setup_seconds: float = 0.0  # before the first clip: indexing, building the backbone, opening the cache
     infer_seconds: float = 0.0  # time inside backbone calls (the device busy, from the pipeline's side)
     starved_seconds: float = 0.0  # time the backbone waited for frames after its first batch (0 = never idle)
+    n_dropped: int = 0  # rows dropped because their clip left the dataset (listed under stale/ in the cache)
+    notes: list[str] = field(default_factory=list)  # dropped rows, split repairs and split warnings (also in summary_lines)
 
     @property
     def frames_per_second(self) -> float:
@@ -97,39 +178,34 @@ def cache_path(opts: ExtractOptions) -> Path:
     return shard_path(path, *parse_shard(opts.shard)) if opts.shard else path
 
 
-def _validate(opts: ExtractOptions) -> None:
-    from featpipe.video import SAMPLING
-
-    if opts.frames < 1:
-        raise FeatpipeError(f"--frames must be at least 1, got {opts.frames}.")
-    if opts.sampling not in SAMPLING:
-        raise FeatpipeError(f"--sampling must be one of {', '.join(SAMPLING)}, got '{opts.sampling}'.")
-    if opts.dtype not in DTYPES:
-        raise FeatpipeError(f"--dtype must be one of {', '.join(DTYPES)}, got '{opts.dtype}'.")
-    if opts.batch_size is not None and opts.batch_size < 1:
-        raise FeatpipeError(f"--batch-size must be at least 1, got {opts.batch_size}.")
-    if opts.precision not in PRECISIONS:
-        raise FeatpipeError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{opts.precision}'.")
-    if opts.workers is not None and opts.workers < 1:
-        raise FeatpipeError(f"--workers must be at least 1, got {opts.workers}.")
-
-
 def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
     """Extract features for every clip of a dataset into a cache; resume if it exists.
 
-    Returns an ExtractResult. Raises FeatpipeError for user mistakes, ExtractionFailed if no
-    clip could be used (or, with ``strict``, if any failed) -- after the cache is written.
+    A clip is extracted unless the cache holds it with the same identity (file size and
+    modification time); rows whose clip left the dataset are dropped (listed under ``stale/``);
+    a drawn split is repaired over the clips that decoded. Returns an ExtractResult. Raises
+    FeatpipeError for user mistakes (including a cache of another dataset), ExtractionFailed if
+    no clip could be used (or, with ``strict``, if any failed) -- after the cache is written.
     """
     opts = ExtractOptions(**kwargs) if opts is None else dataclasses.replace(opts, **kwargs)
-    _validate(opts)
     shard = parse_shard(opts.shard) if opts.shard else None
     backbone = get_backbone(opts.backbone)
     size = check_size(backbone, opts.size or backbone.default_size)
-    dataset = index_dataset(opts.data, opts.csv, val_fraction=opts.val_fraction,
+    dataset = index_dataset(opts.data_folder, opts.csv, val_fraction=opts.val_fraction,
                             test_fraction=opts.test_fraction, seed=opts.split_seed, fold=opts.fold)
     path = cache_path(opts)
     started = time.perf_counter()
-    with CacheLock(path):
+    # a shard takes the clips whose key hashes to it: the same split on every machine
+    records = [r for r in dataset.records if shard_of(r.video, shard[1]) == shard[0]] if shard else list(dataset.records)
+    identities = {r.video: file_identity(r.path) for r in records}  # what each clip file is now
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(CacheLock(path))
+            writable = True
+        except CannotWrite:
+            if not path.is_file():
+                raise
+            writable = False  # a finished cache on read-only media: fine if nothing is left to do
         extractor = FeatureExtractor(backbone, size, opts.weights, opts.seed, opts.batch_size, opts.precision)
         keras = import_keras()
 
@@ -142,15 +218,26 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
                    "layout": dataset.layout, "weights_seed": opts.seed, "precision": extractor.precision,
                    **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {})},  # class_names: the WHOLE dataset's
         )
-        # a shard takes the clips whose key hashes to it: the same split on every machine
-        records = [r for r in dataset.records if shard_of(r.video, shard[1]) == shard[0]] if shard else dataset.records
-        writer = CacheWriter(path, config)
-        done, failed_before = writer.done, writer.failed
-        skip = done | (set() if opts.retry_failed else set(failed_before))
+        writer = CacheWriter(path, config, writable=writable)
+        _refuse_another_dataset(writer, identities, dataset.root, path)
+        writer.identities = identities  # stamped on every record this run journals
+        known = writer.contents()  # clip key -> identity it was extracted (or failed) with
+        done = {k for k in writer.done if k in identities and _same_clip(known[k], identities[k])}
+        failed_before = {k for k in writer.failed if k in identities and _same_clip(known[k], identities[k])}
+        skip = done | (set() if opts.retry_failed else failed_before)
         todo = [r for r in records if r.video not in skip]
         n_skipped = len(records) - len(todo)
+        if not writable:
+            return _read_only_result(path, writer, dataset, records, identities, todo, shard, started)
         stats = _Stats()
-        assignments = {r.video: (dataset.label_index(r.label), r.split) for r in records}
+        notes: list[str] = []
+
+        def fold():
+            """Cache + journal -> the HDF5 file, with labels and (repaired) splits from the current index."""
+            assignments, split_notes = _assignments(dataset, records, writer, identities, shard)
+            writer.finalize(assignments, current=identities)
+            notes[:] = split_notes + _drop_notes(writer)
+
         if todo and getattr(extractor, "jit_compile", None) is True:
             # an accelerator compiles the forward pass (seconds to minutes): do it now, as set-up, so the
             # pipeline starts with a ready device. On a CPU the first real batch traces it instead, since a
@@ -161,17 +248,18 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
             if todo:
                 stats = _run(todo, dataset, extractor, opts, writer, workers=opts.workers or default_workers())
         except KeyboardInterrupt:
-            writer.finalize(assignments)  # Ctrl-C: keep every finished clip in the cache, then stop
+            fold()  # Ctrl-C or SIGTERM: keep every finished clip in the cache, then stop
             raise
         finally:
             writer.close()
-        writer.finalize(assignments)
+        fold()
     seconds = time.perf_counter() - started
     summary = summarize(path)
     result = ExtractResult(path, summary.n_clips, stats.clips, n_skipped, stats.frames, seconds,
-                           failed=summary.failed, summary_lines=summary.lines(), batch_size=extractor.batch_size,
+                           failed=summary.failed, summary_lines=summary.lines() + notes, batch_size=extractor.batch_size,
                            setup_seconds=setup_seconds,
-                           infer_seconds=stats.infer_seconds, starved_seconds=stats.starved_seconds)
+                           infer_seconds=stats.infer_seconds, starved_seconds=stats.starved_seconds,
+                           n_dropped=writer.n_dropped, notes=notes)
     if summary.n_clips == 0 and (records or not shard):  # a tiny dataset may leave a shard no clip: not a failure
         raise ExtractionFailed(
             f"No clip could be used ({len(summary.failed)} failed, e.g. {summary.failed[0][0]}: {summary.failed[0][1]}). "
@@ -184,6 +272,92 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
             f"{summary.failed[0][1]}). The other clips are saved in '{path}'."
         )
     return result
+
+
+def _same_clip(recorded, now) -> bool:
+    """A cached row (or failure) still stands for the clip: same size and mtime, or recorded by a version 1 cache
+    (no identity: trusted, and identified from this run on)."""
+    return recorded is None or recorded == now
+
+
+def _refuse_another_dataset(writer: CacheWriter, identities: dict, root: Path, path: Path) -> None:
+    """A cache extracted from another folder may be reused only if that folder holds the same clips."""
+    attrs = writer.existing_attrs or {}
+    old_root = attrs.get("data_root")
+    if old_root is None:
+        return
+    old_root = old_root.decode() if isinstance(old_root, bytes) else str(old_root)
+    theirs = writer.contents()
+    if old_root == str(root) or not theirs:
+        return
+    new = [k for k in identities if k not in theirs]
+    gone = [k for k in theirs if k not in identities]
+    changed = [k for k in theirs if k in identities and theirs[k] is not None and theirs[k] != identities[k]]
+    if not (new or gone or changed):
+        return  # the same clips under a moved folder: data_root follows them
+    detail = ", ".join(f"{n} {what}" for n, what in ((len(new), "not in the cache"), (len(gone), "missing there"),
+                                                     (len(changed), "with other contents")) if n)
+    raise CacheError(
+        f"'{path}' was extracted from '{old_root}', and '{root}' holds other clips ({detail}), so it looks like "
+        f"another dataset; write its features to a new cache with --output NEW.h5."
+    )
+
+
+def _assignments(dataset: Dataset, records: list[Record], writer: CacheWriter, identities: dict,
+                 shard) -> tuple[dict[str, tuple[int, str]], list[str]]:
+    """(clip key -> (label, split)) from the current index, the drawn split repaired over the usable clips; notes."""
+    splits = {r.video: r.split for r in records}
+    notes: list[str] = []
+    if not shard:  # a shard sees only its own clips: it cannot tell what a class holds in the whole dataset
+        known = writer.contents()
+        failed = {k for k in writer.failed if k in identities and _same_clip(known[k], identities[k])}
+        repair = repair_splits(dataset, [r.video for r in records if r.video not in failed])
+        splits.update(repair.splits)
+        if repair.redrawn:
+            notes.append(f"Split drawn again over the usable clips of {', '.join(repair.redrawn)} "
+                         f"(failed clips had emptied a split).")
+        notes += [f"warning: {w}" for w in repair.warnings]
+    return {r.video: (dataset.label_index(r.label), splits[r.video]) for r in records}, notes
+
+
+def _drop_notes(writer: CacheWriter) -> list[str]:
+    notes = []
+    if writer.n_dropped:
+        notes.append(f"Dropped {writer.n_dropped} row(s) whose clips left the dataset (their names are kept "
+                     f"under stale/ in the cache).")
+    if writer.n_changed:
+        notes.append(f"Dropped {writer.n_changed} row(s) whose files changed since they were extracted; "
+                     f"run again to extract them anew.")
+    return notes
+
+
+def _read_only_result(path: Path, writer: CacheWriter, dataset: Dataset, records: list[Record], identities: dict,
+                      todo: list[Record], shard, started: float) -> ExtractResult:
+    """The cache's folder cannot be written: succeed if the cache is already what this run would write."""
+    import h5py
+
+    assignments, notes = _assignments(dataset, records, writer, identities, shard)
+    left = []
+    if todo:
+        left.append(f"{len(todo)} clip(s) to extract")
+    if writer.pending:
+        left.append("an unfinished journal to fold in")
+    with h5py.File(path, "r") as f:
+        keys = list(f["video"].asstr()[:])
+        labels, splits = f["label"][:], list(f["split"].asstr()[:])
+    if any(k not in identities for k in keys):
+        left.append("rows whose clips left the dataset to drop")
+    if any(k in assignments and assignments[k] != (int(lab), sp) for k, lab, sp in zip(keys, labels, splits)):
+        left.append("labels or splits to update")
+    if left:
+        raise CannotWrite(
+            f"Cannot write to '{path.parent}' (read-only), and the cache is not up to date ({', '.join(left)}); "
+            f"copy it to a folder you can write to and pass --output there."
+        )
+    summary = summarize(path)
+    notes = notes + [f"'{path.parent}' is read-only, but nothing was left to do: the cache is up to date."]
+    return ExtractResult(path, summary.n_clips, 0, len(records), 0, time.perf_counter() - started,
+                         failed=summary.failed, summary_lines=summary.lines() + notes, notes=notes)
 
 
 @dataclass
