@@ -487,7 +487,7 @@ def test_rows_record_their_clip_identity_and_rows_whose_clip_left_the_dataset_ar
     w.append(replace(ClipRecord("train/b/bad.mp4", 1, "train", 0, error="zero-byte file"), size=0, mtime_ns=7))
     w.finalize()
     with h5py.File(path, "r") as f:
-        assert f.attrs["schema_version"] == SCHEMA_VERSION == 2
+        assert f.attrs["schema_version"] == SCHEMA_VERSION == 3
         assert [tuple(x) for x in zip(f["size"][:], f["mtime_ns"][:])] == [IDENT[k] for k in sorted(IDENT)]
         assert (f["failed/size"][0], f["failed/mtime_ns"][0]) == (0, 7)
     w = CacheWriter(path, CONFIG)
@@ -528,7 +528,7 @@ def test_a_version_1_cache_is_read_and_resumed_trusting_its_rows_and_recording_t
     w.append(identified(3))
     w.finalize(current=IDENT)
     with h5py.File(path, "r") as f:
-        assert f.attrs["schema_version"] == 2
+        assert f.attrs["schema_version"] == SCHEMA_VERSION
         assert [tuple(x) for x in zip(f["size"][:], f["mtime_ns"][:])] == [IDENT[k] for k in sorted(IDENT)]
 
 
@@ -543,7 +543,7 @@ def test_merge_carries_identity_and_stale_rows_and_accepts_a_version_1_shard(tmp
     merge_shards(output=out)
     with h5py.File(out, "r") as f:
         keys = list(f["video"].asstr()[:])
-        assert keys == sorted(IDENT) and f.attrs["schema_version"] == 2
+        assert keys == sorted(IDENT) and f.attrs["schema_version"] == SCHEMA_VERSION
         got = {k: (int(s), int(m)) for k, s, m in zip(keys, f["size"][:], f["mtime_ns"][:])}
     assert all(got[k] == IDENT[k] for k in IDENT if shard_of(k, 2) == 1)
     assert all(got[k] == (-1, -1) for k in IDENT if shard_of(k, 2) == 2), "version 1 rows: identity unknown"
