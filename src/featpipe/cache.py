@@ -746,12 +746,13 @@ class CacheWriter:
         try:
             with ExitStack() as stack:
                 old = stack.enter_context(open_h5(self.path)) if self._existing else None
+                old_row = _RowReader(old) if old is not None else None
                 jf = stack.enter_context(open(self.journal, "rb")) if self.journal.exists() else None
 
                 def read_row(key: str) -> _Row:
                     source, handle = rows[key]
                     if source == "h5":
-                        row = _read_h5_row(old, handle)
+                        row = old_row(handle)
                     else:
                         jf.seek(handle.offset)
                         payload = jf.read(handle.length)
@@ -842,10 +843,23 @@ class _Row:
     mtime_ns: int = UNKNOWN
 
 
+class _RowReader:
+    """Reads rows of an open cache one at a time, holding its datasets open (opening a virtual
+    dataset opens its part files: once per reader, not once per row)."""
+
+    def __init__(self, f):
+        self.features, self.mask, self.label, self.n_frames = f["features"], f["mask"], f["label"], f["n_frames"]
+        self.split = f["split"].asstr()
+        self.ident = (f["size"], f["mtime_ns"]) if "size" in f and "mtime_ns" in f else None
+
+    def __call__(self, row: int) -> _Row:
+        size, mtime_ns = (int(self.ident[0][row]), int(self.ident[1][row])) if self.ident else (UNKNOWN, UNKNOWN)
+        return _Row(self.features[row], self.mask[row], int(self.label[row]), self.split[row], int(self.n_frames[row]),
+                    size, mtime_ns)
+
+
 def _read_h5_row(f, row: int) -> _Row:
-    size, mtime_ns = (int(f["size"][row]), int(f["mtime_ns"][row])) if "size" in f and "mtime_ns" in f else (UNKNOWN, UNKNOWN)
-    return _Row(f["features"][row], f["mask"][row], int(f["label"][row]), f["split"].asstr()[row], int(f["n_frames"][row]),
-                size, mtime_ns)
+    return _RowReader(f)(row)
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -1356,7 +1370,8 @@ def compact_cache(path: str | Path, output: str | Path | None = None, force: boo
                 f_ident = _identities(f["failed"], len(failed_keys)) if "failed" in f else []
                 stale = dict(zip(_strings(f, "stale/video"), _strings(f, "stale/reason")))
                 _remove_stale_temporaries(output)
-                tmp = _write_temporary(output, config, sorted(keys), lambda k: _read_h5_row(f, at[k]), failed,
+                read = _RowReader(f)
+                tmp = _write_temporary(output, config, sorted(keys), lambda k: read(at[k]), failed,
                                        failed_identity={k: i for k, i in zip(failed_keys, f_ident) if i}, stale=stale)
             try:
                 _install(tmp, output)
@@ -1400,7 +1415,8 @@ def _merge_into_temporary(ordered: list[_Shard], output: Path, compact: bool = F
     _remove_stale_temporaries(output)  # we hold the output's lock: these are from killed runs
     feat_bytes = int(np.prod((config.frames, *config.feature_shape))) * np.dtype(config.dtype).itemsize
     if compact or len(rows) * feat_bytes <= _one_file_limit():
-        return _write_temporary(output, config, sorted(rows), lambda key: _read_h5_row(rows[key][0].file, rows[key][1]),
+        readers = {id(s): _RowReader(s.file) for s in ordered}
+        return _write_temporary(output, config, sorted(rows), lambda key: readers[id(rows[key][0])](rows[key][1]),
                                 failed, failed_identity=failed_identity, stale=stale)
     # O(shards) in features: link each shard's files, write only the small columns (rows grouped by shard)
     pieces: list[_Columns] = []
