@@ -687,8 +687,7 @@ def test_a_large_cache_keeps_features_in_part_files_read_by_plain_h5py_and_panda
     w.finalize()
     (first,) = part_files(path)
     before = (first.stat().st_ino, first.stat().st_mtime_ns, first.read_bytes())
-    w = CacheWriter(path, CONFIG)
-    for i in (4, 3):
+    for i in (4, 3):  # the same writer goes on (as after a Ctrl-C inside one process)
         w.append(clip(i))
     w.finalize()
     assert len(part_files(path)) == 2, "the new clips went into one new part file"

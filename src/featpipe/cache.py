@@ -766,12 +766,14 @@ class CacheWriter:
                     return row
 
                 failed_identity = {k: unknown(k) for k in failed_keys}
+                order = keys  # the rows as written
                 if len(keys) * feat_bytes <= _one_file_limit():
                     tmp = _write_temporary(self.path, c, keys, read_row, failed, failed_identity=failed_identity,
                                            stale=stale)
                 else:  # O(new clips): old rows stay where they are, new ones go into one new part file
                     kept = sorted((k for k in keys if rows[k][0] == "h5"), key=lambda k: rows[k][1])
                     new = [k for k in keys if rows[k][0] == "journal"]
+                    order = kept + new
                     tmp = self._write_parts(old, kept, [rows[k][1] for k in kept], new, read_row, unknown,
                                             assignments, failed, failed_identity, stale)
             _install(tmp, self.path)  # after the old cache is closed (Windows cannot replace an open file)
@@ -782,8 +784,7 @@ class CacheWriter:
             raise write_error(exc, self.path, kept) from None
         if self.journal.exists():
             self.journal.unlink()
-        with open_h5(self.path) as f:  # row numbers as written (a cache in part files keeps old rows first)
-            self._existing = {k: i for i, k in enumerate(f["video"].asstr()[:])}
+        self._existing = {k: i for i, k in enumerate(order)}  # a cache in part files keeps old rows first
         self._existing_failed = {k: failed[k] for k in failed_keys}
         self._existing_identity = {k: ident.get(k) for k in keys + failed_keys}
         self._existing_stale = stale
