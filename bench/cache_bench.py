@@ -131,8 +131,8 @@ def run(size: int, folder: Path, rewrite_max: int, shards: int) -> dict:
 
 
 def table(results: list[dict], shards: int) -> str:
-    lines = ["| clips | features | add 1 clip | add 10 clips | merge %d shards | rewrite all (old finalize, `--compact`) |" % shards,
-             "|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| clips | features | add 1 clip | add 10 clips | merge {shards} shards "
+             f"| rewrite all (old finalize, `--compact`) |", "|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         rewrite = f"{r['rewrite_s']:.1f} s" if "rewrite_s" in r else "not run"
         lines.append(f"| {r['clips']:,} | {r['gigabytes']} GB | {r['add_1_s']:.2f} s | {r['add_10_s']:.2f} s | "

@@ -691,7 +691,8 @@ def test_a_large_cache_keeps_features_in_part_files_read_by_plain_h5py_and_panda
         w.append(clip(i))
     w.finalize()
     assert len(part_files(path)) == 2, "the new clips went into one new part file"
-    assert (first.stat().st_ino, first.stat().st_mtime_ns, first.read_bytes()) == before, "old parts are never rewritten"
+    after = (first.stat().st_ino, first.stat().st_mtime_ns, first.read_bytes())
+    assert after == before, "old parts are never rewritten"
     with h5py.File(path, "r") as f:  # the README's example, unchanged
         clips = pd.DataFrame({"video": f["video"].asstr()[:], "split": f["split"].asstr()[:],
                               "label": f["label"][:], "n_frames": f["n_frames"][:]})
@@ -735,7 +736,8 @@ def test_rows_dropped_from_part_files_go_to_stale_and_a_part_no_row_uses_is_remo
     assert (w.n_dropped, w.n_changed) == (2, 1)
     f = by_key(path)
     assert list(f["rows"]) == ["train/a/clip3.mp4"]
-    assert f["stale"] == {"train/a/clip0.mp4": "no longer in the dataset", "train/a/clip1.mp4": "no longer in the dataset",
+    assert f["stale"] == {"train/a/clip0.mp4": "no longer in the dataset",
+                          "train/a/clip1.mp4": "no longer in the dataset",
                           "train/a/clip2.mp4": "its file changed after it was extracted"}
     assert len(part_files(path)) == 1 and part_files(path)[0] in old_parts, "the part only dropped rows used is gone"
     np.testing.assert_array_equal(np.frombuffer(f["rows"]["train/a/clip3.mp4"][0], np.float16).reshape(T, D),
