@@ -19,7 +19,9 @@ own writers, then timed, each as a user would run it (wall time, one process):
     as a shard's own extraction writes them); the merge does the same work either way.
 
 Targets (issue 11): add 10 clips to a 50k-clip cache <= 2 s; merge 8 shards <= 2 s whatever
-their size. ``df -h`` first: the 50k cache needs about 4.2 GB in ``--dir`` (default a temp dir
+their size. Part files are used at every size (``FEATPIPE_ONE_FILE_MB=0`` unless set; by
+default a cache up to 64 MB is one file, which is how 1k clips would be written after the first
+add). ``df -h`` first: the 50k cache needs about 4.2 GB in ``--dir`` (default a temp dir
 under /tmp, removed at the end).
 
     python bench/cache_bench.py                          # 1k, 10k, 50k (minutes, ~4.2 GB)
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -149,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="cache-bench-", dir=args.dir))
+    before = os.environ.get("FEATPIPE_ONE_FILE_MB")
+    os.environ.setdefault("FEATPIPE_ONE_FILE_MB", "0")  # small --sizes too are measured in part files
     try:
         results = []
         for size in args.sizes:
@@ -156,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        if before is None:
+            os.environ.pop("FEATPIPE_ONE_FILE_MB", None)
     print(table(results, args.shards))
     if args.json:
         args.json.write_text(json.dumps({"results": results}, indent=1))

@@ -899,3 +899,18 @@ def test_a_merge_killed_anywhere_leaves_no_half_cache_and_a_rerun_equals_a_clean
     with h5py.File(out, "r") as f:
         assert {Path(n).name for n in f["parts/file"].asstr()[:]} == {p.name for p in part_files(out)}
     assert all(s.is_file() for s in shards)
+
+
+def test_the_cache_benchmark_runs_and_reports_adding_merging_and_rewriting(tmp_path, capsys):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("cache_bench", Path(__file__).parents[1] / "bench" / "cache_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--sizes", "24", "--shards", "3", "--dir", str(tmp_path), "--json", str(tmp_path / "b.json")]) == 0
+    (r,) = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert r["clips"] == 24 and all(r[k] > 0 for k in ("add_1_s", "add_10_s", "merge_3_s", "rewrite_s"))
+    assert "| 24 |" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == [tmp_path / "b.json"], "the scratch folder is removed"
+    assert "FEATPIPE_ONE_FILE_MB" not in os.environ, "the benchmark leaves the environment as it found it"
