@@ -779,6 +779,8 @@ def test_a_cache_copied_without_its_parts_folder_is_one_sentence_and_merge_compa
     (moved / "c.h5").write_bytes(path.read_bytes())
     with pytest.raises(CacheError, match=r"keeps its features in part files.*c\.h5\.parts.*is missing.*--compact"):
         open_h5(moved / "c.h5")
+    with h5py.File(moved / "c.h5", "r") as f:  # plain h5py cannot refuse: it reads NaN, never plausible zeros
+        assert np.isnan(f["features"][0]).all()
     result = merge_cli("--compact", "--output", str(tmp_path / "one.h5"), str(path))
     assert result.exit_code == 0, result.output
     assert "Compacted" in result.output
@@ -914,3 +916,20 @@ def test_the_cache_benchmark_runs_and_reports_adding_merging_and_rewriting(tmp_p
     assert "| 24 |" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == [tmp_path / "b.json"], "the scratch folder is removed"
     assert "FEATPIPE_ONE_FILE_MB" not in os.environ, "the benchmark leaves the environment as it found it"
+
+
+def test_a_damaged_byte_in_a_part_file_fails_its_checksum_when_the_row_is_read(tmp_path, parted):
+    path = tmp_path / "c.h5"
+    write_clips(path, KEYS[:4])
+    (part,) = part_files(path)
+    raw = bytearray(part.read_bytes())
+    target = clip(KEYS.index(KEYS[2])).features[0].tobytes()
+    at = raw.find(target)
+    assert at > 0
+    raw[at + 1] ^= 0x40
+    part.write_bytes(bytes(raw))
+    with h5py.File(path, "r") as f:
+        row = list(f["video"].asstr()[:]).index(KEYS[2])
+        np.testing.assert_array_equal(f["features"][row - 1 if row else row + 1].shape, (T, D))  # others read fine
+        with pytest.raises(OSError, match="filter"):
+            f["features"][row]

@@ -1095,7 +1095,9 @@ def _write_parted_temporary(path: Path, config: CacheConfig, cols: _Columns, src
             for a, b in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [n]])):
                 first = int(row[a])
                 layout[int(a):int(b)] = sources[int(index[a])][first:first + int(b - a)]
-            out.create_virtual_dataset("features", layout, fillvalue=None)
+            # a part file gone missing reads as NaN, not as plausible zeros (training refuses NaN features)
+            missing = np.nan if np.dtype(c.dtype).kind == "f" else None
+            out.create_virtual_dataset("features", layout, fillvalue=missing)
             out.create_dataset("mask", data=cols.mask.astype(bool))
             _write_columns(out, cols.keys, cols.label, cols.split, cols.n_frames, cols.size, cols.mtime_ns, failed,
                            failed_identity, stale)
