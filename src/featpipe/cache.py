@@ -44,9 +44,11 @@ the next write under the cache's lock.
 
 Crash safety. The HDF5 file is never modified in place. While extracting, every finished clip
 is appended to a journal beside the cache (``<cache>.journal``) as one checksummed record; a
-record torn by a kill fails its checksum and is dropped on the next open. At the end the cache
-is rewritten into a temporary file (old rows + journal rows, in key order) that atomically
-replaces the old cache, and only then is the journal removed. So a SIGKILL at any moment loses
+record torn by a kill fails its checksum and is dropped on the next open. At the end the new
+rows go into a new part file (or, for a one-file cache, old rows + journal rows are rewritten in
+key order), a new cache file is written beside the old one and atomically replaces it, and only
+then is the journal removed; part files a killed finalize left unreferenced are removed by the
+next writer. So a SIGKILL at any moment loses
 at most the clips in flight, and the next run resumes from cache + journal and ends with the
 same cache a clean run produces. An exclusive lock (``<cache>.lock``, released by the OS when
 the process dies) stops two extractions from writing one cache at once.
@@ -55,7 +57,8 @@ Shards. ``extract --shard I/N`` writes the clips whose key hashes to I (of N) in
 ``<stem>.shard-I-of-N<suffix>`` beside the cache, with its own journal and lock; every shard
 records the full dataset's class names. ``merge_shards`` checks that a set is complete,
 finished and made with one set of settings, and writes the cache an unsharded run would have
-written (rows sorted by clip key), atomically, copying one clip at a time.
+written, atomically: one file (rows sorted by clip key, copied one clip at a time) when small or
+asked to compact, else the shards' part files hard-linked under the output's ``.parts/``.
 """
 
 from __future__ import annotations
