@@ -746,7 +746,7 @@ def test_rows_dropped_from_part_files_go_to_stale_and_a_part_no_row_uses_is_remo
 
 def test_a_version_2_one_file_cache_grows_into_parts_without_copying_its_features_and_still_trains(tmp_path,
                                                                                                    monkeypatch):
-    from featpipe.data import open_index
+    from featpipe.data import feature_stats, load_rows, open_index
 
     path = tmp_path / "c.h5"
     w = CacheWriter(path, CONFIG)
@@ -765,6 +765,12 @@ def test_a_version_2_one_file_cache_grows_into_parts_without_copying_its_feature
     assert inode in {p.stat().st_ino for p in part_files(path)}, "the old file became a part (hard link), not a copy"
     index = open_index(path)
     assert sorted(index.videos) == sorted([*IDENT, "train/a/clip4.mp4"])
+    rows = np.arange(len(index.videos))
+    inputs, _ = load_rows(index, rows)  # what train reads, in memory ...
+    mean, _ = feature_stats(index, rows, check=rows)  # ... and streaming (NaN check included)
+    expected = np.stack([clip(int(v[-5])).features for v in index.videos]).astype(np.float32)
+    np.testing.assert_array_equal(inputs["features"], expected)
+    np.testing.assert_allclose(mean, expected[index.mask].mean(axis=0), rtol=1e-5)
     with h5py.File(path, "r") as f:
         for i, key in enumerate(f["video"].asstr()[:]):
             np.testing.assert_array_equal(f["features"][i], clip(int(key[-5])).features)
