@@ -454,8 +454,8 @@ def open_h5(path: Path):
             raise CacheError(
                 f"'{path}' keeps its features in part files beside it, and '{path.parent / missing[0]}' is missing"
                 f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; copy the cache together with its "
-                f"'{parts_dir(path).name}' folder, or write a one-file copy with "
-                f"`featpipe merge --compact --output NEW.h5 {path}` where the parts are."
+                f"'{parts_dir(path).name}' folder, or, where the cache and its parts are, write a one-file copy with "
+                f"`featpipe merge --compact --output NEW.h5 {path.name}`."
             )
     return f
 
