@@ -647,7 +647,7 @@ def test_a_read_only_folder_is_one_sentence_for_a_new_cache_and_for_merge(tmp_pa
 
 # ----------------------------------------------------------------------------- part files (schema 3)
 
-from featpipe.cache import compact_cache, parts_dir  # noqa: E402
+from featpipe.cache import compact_cache, has_checksums, parts_dir  # noqa: E402
 
 
 @pytest.fixture
@@ -708,6 +708,8 @@ def test_a_large_cache_keeps_features_in_part_files_read_by_plain_h5py_and_panda
     for part in part_files(path):
         with h5py.File(part, "r") as p:
             assert p["features"].fletcher32 and p["features"].chunks == (1, T, D)
+    with h5py.File(path, "r") as f:
+        assert has_checksums(f, path), "the virtual dataset has no filter of its own: its parts are asked"
     clean = tmp_path / "clean.h5"
     w = CacheWriter(clean, CONFIG)
     for i in range(5):

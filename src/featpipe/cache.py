@@ -1117,6 +1117,22 @@ def _write_parted_temporary(path: Path, config: CacheConfig, cols: _Columns, src
     return tmp
 
 
+def has_checksums(f, path: Path) -> bool:
+    """True when every row of the open cache ``f`` (at ``path``) is stored with a fletcher32 checksum.
+
+    A virtual ``features`` dataset reports no filters of its own: its part files are asked
+    (an old one-file cache serving as a part may have none). Reading a row through the virtual
+    dataset checks that row's checksum in its part file.
+    """
+    if "parts" not in f:
+        return bool(f["features"].fletcher32)
+    for name in f["parts/file"].asstr()[:]:
+        with h5py.File(Path(path).parent / name, "r") as part:
+            if not part["features"].fletcher32:
+                return False
+    return True
+
+
 def _collect_parts(path: Path) -> None:
     """Remove the part files of ``path`` that its cache file does not reference (best effort; under its lock)."""
     parts = parts_dir(path)
