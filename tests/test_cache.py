@@ -941,3 +941,20 @@ def test_a_damaged_byte_in_a_part_file_fails_its_checksum_when_the_row_is_read(t
         np.testing.assert_array_equal(f["features"][row - 1 if row else row + 1].shape, (T, D))  # others read fine
         with pytest.raises(OSError, match="filter"):
             f["features"][row]
+
+
+def test_shards_on_another_file_system_are_copied_into_the_merged_parts(tmp_path, parted, monkeypatch):
+    import errno
+
+    out, whole = tmp_path / "c.h5", tmp_path / "whole.h5"
+    write_clips(whole, KEYS, failed=["train/a/broken.mp4", "val/b/broken.mp4"])
+    shards = write_shards(out, 2)
+
+    def cross_device(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    merge_shards(output=out)
+    shard_parts = {p.stat().st_ino for s in shards for p in part_files(s)}
+    assert len(part_files(out)) == 2 and not {p.stat().st_ino for p in part_files(out)} & shard_parts
+    assert by_key(out) == by_key(whole)
