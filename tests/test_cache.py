@@ -650,6 +650,12 @@ def test_a_read_only_folder_is_one_sentence_for_a_new_cache_and_for_merge(tmp_pa
 from featpipe.cache import compact_cache, has_checksums, parts_dir  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def default_threshold(monkeypatch):
+    """Tests see featpipe's default 64 MB threshold whatever the shell sets."""
+    monkeypatch.delenv("FEATPIPE_ONE_FILE_MB", raising=False)
+
+
 @pytest.fixture
 def parted(monkeypatch):
     """Every cache with at least one clip is written in part files (as caches over 64 MB are)."""
