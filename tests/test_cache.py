@@ -487,7 +487,7 @@ def test_rows_record_their_clip_identity_and_rows_whose_clip_left_the_dataset_ar
     w.append(replace(ClipRecord("train/b/bad.mp4", 1, "train", 0, error="zero-byte file"), size=0, mtime_ns=7))
     w.finalize()
     with h5py.File(path, "r") as f:
-        assert f.attrs["schema_version"] == SCHEMA_VERSION == 2
+        assert f.attrs["schema_version"] == SCHEMA_VERSION == 3
         assert [tuple(x) for x in zip(f["size"][:], f["mtime_ns"][:])] == [IDENT[k] for k in sorted(IDENT)]
         assert (f["failed/size"][0], f["failed/mtime_ns"][0]) == (0, 7)
     w = CacheWriter(path, CONFIG)
@@ -528,7 +528,7 @@ def test_a_version_1_cache_is_read_and_resumed_trusting_its_rows_and_recording_t
     w.append(identified(3))
     w.finalize(current=IDENT)
     with h5py.File(path, "r") as f:
-        assert f.attrs["schema_version"] == 2
+        assert f.attrs["schema_version"] == SCHEMA_VERSION
         assert [tuple(x) for x in zip(f["size"][:], f["mtime_ns"][:])] == [IDENT[k] for k in sorted(IDENT)]
 
 
@@ -543,7 +543,7 @@ def test_merge_carries_identity_and_stale_rows_and_accepts_a_version_1_shard(tmp
     merge_shards(output=out)
     with h5py.File(out, "r") as f:
         keys = list(f["video"].asstr()[:])
-        assert keys == sorted(IDENT) and f.attrs["schema_version"] == 2
+        assert keys == sorted(IDENT) and f.attrs["schema_version"] == SCHEMA_VERSION
         got = {k: (int(s), int(m)) for k, s, m in zip(keys, f["size"][:], f["mtime_ns"][:])}
     assert all(got[k] == IDENT[k] for k in IDENT if shard_of(k, 2) == 1)
     assert all(got[k] == (-1, -1) for k in IDENT if shard_of(k, 2) == 2), "version 1 rows: identity unknown"
@@ -643,3 +643,324 @@ def test_a_read_only_folder_is_one_sentence_for_a_new_cache_and_for_merge(tmp_pa
             elsewhere = tmp_path / "merged.h5"  # shards on read-only media merge into a writable folder
             assert merge_cli("--output", elsewhere, *shards).exit_code == 0
         assert not out.exists() and not list(media.glob("*.tmp-*")) and shards[0].exists()
+
+
+# ----------------------------------------------------------------------------- part files (schema 3)
+
+from featpipe.cache import compact_cache, has_checksums, parts_dir  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def default_threshold(monkeypatch):
+    """Tests see featpipe's default 64 MB threshold whatever the shell sets."""
+    monkeypatch.delenv("FEATPIPE_ONE_FILE_MB", raising=False)
+
+
+@pytest.fixture
+def parted(monkeypatch):
+    """Every cache with at least one clip is written in part files (as caches over 64 MB are)."""
+    monkeypatch.setenv("FEATPIPE_ONE_FILE_MB", "0")
+
+
+def by_key(path) -> dict:
+    """A cache's rows by clip key, plus failed/, stale/ and attrs: what a user reads, whatever the row order."""
+    with h5py.File(path, "r") as f:
+        keys = list(f["video"].asstr()[:])
+        size = f["size"][:] if "size" in f else [None] * len(keys)
+        mtime = f["mtime_ns"][:] if "mtime_ns" in f else [None] * len(keys)
+        rows = {k: (f["features"][i].tobytes(), f["mask"][i].tobytes(), int(f["label"][i]), f["split"].asstr()[i],
+                    int(f["n_frames"][i]), None if size[i] is None else int(size[i]),
+                    None if mtime[i] is None else int(mtime[i])) for i, k in enumerate(keys)}
+        failed = dict(zip(f["failed/video"].asstr()[:], f["failed/reason"].asstr()[:]))
+        stale = dict(zip(f["stale/video"].asstr()[:], f["stale/reason"].asstr()[:])) if "stale" in f else {}
+        attrs = {k: np.asarray(v).tolist() for k, v in f.attrs.items()}
+    assert len(rows) == len(keys), "one row per clip"
+    return {"rows": rows, "failed": failed, "stale": stale, "attrs": attrs}
+
+
+def part_files(cache) -> list:
+    folder = parts_dir(cache)
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def test_a_large_cache_keeps_features_in_part_files_read_by_plain_h5py_and_pandas_and_adding_clips_writes_only_them(
+        tmp_path, parted):
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, CONFIG)
+    for i in (2, 0, 1):
+        w.append(clip(i))
+    w.append(ClipRecord("train/b/bad.mp4", 1, "train", 0, error="no decodable frame"))
+    w.finalize()
+    (first,) = part_files(path)
+    before = (first.stat().st_ino, first.stat().st_mtime_ns, first.read_bytes())
+    for i in (4, 3):  # the same writer goes on (as after a Ctrl-C inside one process)
+        w.append(clip(i))
+    w.finalize()
+    assert len(part_files(path)) == 2, "the new clips went into one new part file"
+    after = (first.stat().st_ino, first.stat().st_mtime_ns, first.read_bytes())
+    assert after == before, "old parts are never rewritten"
+    with h5py.File(path, "r") as f:  # the README's example, unchanged
+        clips = pd.DataFrame({"video": f["video"].asstr()[:], "split": f["split"].asstr()[:],
+                              "label": f["label"][:], "n_frames": f["n_frames"][:]})
+        classes = list(f.attrs["class_names"])
+        x, mask = f["features"][:8], f["mask"][:8]
+        assert f["features"].is_virtual and f.attrs["schema_version"] == SCHEMA_VERSION
+    assert sorted(clips["video"]) == [f"train/a/clip{i}.mp4" for i in range(5)] and classes == ["a", "b"]
+    assert x.shape == (5, T, D) and x.dtype == np.float16 and mask.shape == (5, T)
+    for i, key in enumerate(clips["video"]):  # each row holds its own clip's features
+        n = int(key[-5])
+        np.testing.assert_array_equal(x[i], clip(n).features)
+        assert clips["n_frames"][i] == 30 + n
+    for part in part_files(path):
+        with h5py.File(part, "r") as p:
+            assert p["features"].fletcher32 and p["features"].chunks == (1, T, D)
+    with h5py.File(path, "r") as f:
+        assert has_checksums(f, path), "the virtual dataset has no filter of its own: its parts are asked"
+    clean = tmp_path / "clean.h5"
+    w = CacheWriter(clean, CONFIG)
+    for i in range(5):
+        w.append(clip(i))
+    w.append(ClipRecord("train/b/bad.mp4", 1, "train", 0, error="no decodable frame"))
+    w.finalize()
+    assert by_key(path) == by_key(clean)
+    assert any("2 part file(s)" in line for line in summarize(path).lines())
+
+
+def test_rows_dropped_from_part_files_go_to_stale_and_a_part_no_row_uses_is_removed(tmp_path, parted):
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, CONFIG)
+    for i in range(2):
+        w.append(identified(i))
+    w.finalize()
+    w = CacheWriter(path, CONFIG)
+    for i in range(2, 4):
+        w.append(identified(i))
+    w.finalize()
+    old_parts = part_files(path)
+    current = {k: v for k, v in IDENT.items() if k not in ("train/a/clip0.mp4", "train/a/clip1.mp4")}
+    current["train/a/clip2.mp4"] = (999, 1)  # changed, not re-extracted
+    w = CacheWriter(path, CONFIG)
+    w.finalize(current=current)
+    assert (w.n_dropped, w.n_changed) == (2, 1)
+    f = by_key(path)
+    assert list(f["rows"]) == ["train/a/clip3.mp4"]
+    assert f["stale"] == {"train/a/clip0.mp4": "no longer in the dataset",
+                          "train/a/clip1.mp4": "no longer in the dataset",
+                          "train/a/clip2.mp4": "its file changed after it was extracted"}
+    assert len(part_files(path)) == 1 and part_files(path)[0] in old_parts, "the part only dropped rows used is gone"
+    np.testing.assert_array_equal(np.frombuffer(f["rows"]["train/a/clip3.mp4"][0], np.float16).reshape(T, D),
+                                  clip(3).features)
+
+
+def test_a_version_2_one_file_cache_grows_into_parts_without_copying_its_features_and_still_trains(tmp_path,
+                                                                                                   monkeypatch):
+    from featpipe.data import feature_stats, load_rows, open_index
+
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, CONFIG)
+    for i in range(4):
+        w.append(identified(i))
+    w.finalize()  # small: one file
+    with h5py.File(path, "a") as f:
+        f.attrs["schema_version"] = 2  # as featpipe wrote it before part files existed
+    assert not parts_dir(path).exists()
+    inode = path.stat().st_ino
+    monkeypatch.setenv("FEATPIPE_ONE_FILE_MB", "0")
+    w = CacheWriter(path, CONFIG)
+    assert w.done == set(IDENT)
+    w.append(identified(4))
+    w.finalize()
+    assert inode in {p.stat().st_ino for p in part_files(path)}, "the old file became a part (hard link), not a copy"
+    index = open_index(path)
+    assert sorted(index.videos) == sorted([*IDENT, "train/a/clip4.mp4"])
+    rows = np.arange(len(index.videos))
+    inputs, _ = load_rows(index, rows)  # what train reads, in memory ...
+    mean, _ = feature_stats(index, rows, check=rows)  # ... and streaming (NaN check included)
+    expected = np.stack([clip(int(v[-5])).features for v in index.videos]).astype(np.float32)
+    np.testing.assert_array_equal(inputs["features"], expected)
+    np.testing.assert_allclose(mean, expected[index.mask].mean(axis=0), rtol=1e-5)
+    with h5py.File(path, "r") as f:
+        for i, key in enumerate(f["video"].asstr()[:]):
+            np.testing.assert_array_equal(f["features"][i], clip(int(key[-5])).features)
+
+
+def test_a_cache_copied_without_its_parts_folder_is_one_sentence_and_merge_compact_writes_one_file(tmp_path, parted,
+                                                                                                   monkeypatch):
+    path = tmp_path / "c.h5"
+    write_clips(path, KEYS[:6], failed=["train/a/broken.mp4"])
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (moved / "c.h5").write_bytes(path.read_bytes())
+    with pytest.raises(CacheError, match=r"keeps its features in part files.*c\.h5\.parts.*is missing.*--compact"):
+        open_h5(moved / "c.h5")
+    with h5py.File(moved / "c.h5", "r") as f:  # plain h5py cannot refuse: it reads NaN, never plausible zeros
+        assert np.isnan(f["features"][0]).all()
+    result = merge_cli("--compact", "--output", str(tmp_path / "one.h5"), str(path))
+    assert result.exit_code == 0, result.output
+    assert "Compacted" in result.output
+    assert not parts_dir(tmp_path / "one.h5").exists()
+    (moved / "one.h5").write_bytes((tmp_path / "one.h5").read_bytes())  # one file: copy it alone
+    monkeypatch.delenv("FEATPIPE_ONE_FILE_MB")
+    clean = tmp_path / "clean.h5"
+    write_clips(clean, KEYS[:6], failed=["train/a/broken.mp4"])
+    x, y = read_all(moved / "one.h5"), read_all(clean)
+    for name in DATASETS:  # exactly the one-file cache, rows sorted by key
+        np.testing.assert_array_equal(x[name], y[name], err_msg=name)
+    compact_cache(path)  # in place: the parts go
+    assert not parts_dir(path).exists() and by_key(path) == by_key(clean)
+
+
+def test_merging_large_shards_links_their_parts_and_survives_deleting_the_shards(tmp_path, parted):
+    import shutil
+
+    out, whole = tmp_path / "c.h5", tmp_path / "whole.h5"
+    write_clips(whole, KEYS, failed=["train/a/broken.mp4", "val/b/broken.mp4"])
+    shards = write_shards(out, 3)
+    shard_parts = {p.stat().st_ino for s in shards for p in part_files(s)}
+    assert merge_shards(output=out) == out
+    assert {p.stat().st_ino for p in part_files(out)} == shard_parts, "hard links, no copies"
+    expected = by_key(whole)
+    assert by_key(out) == expected
+    for s in shards:
+        s.unlink()
+        shutil.rmtree(parts_dir(s))
+    assert by_key(out) == expected, "the merged cache does not need the shards"
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+import featpipe.cache as cache
+name, when, nth, what = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+original, calls = getattr(cache, name), [0]
+def hooked(*args, **kwargs):
+    calls[0] += 1
+    if when == "before" and calls[0] == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+    out = original(*args, **kwargs)
+    if when == "after" and calls[0] == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+setattr(cache, name, hooked)
+config = cache.CacheConfig.from_attrs(__import__("json").loads(sys.argv[5]))
+if what == "finalize":
+    cache.CacheWriter(Path(sys.argv[6]), config).finalize()
+else:
+    cache.merge_shards(output=Path(sys.argv[6]), force=True)
+print("finished")
+"""
+
+
+def killed(tmp_path, hook: tuple, what: str, target: Path) -> bool:
+    """Run a finalize or merge in a subprocess that SIGKILLs itself at ``hook``; True if it was killed."""
+    import json
+
+    env = {**os.environ, "FEATPIPE_ONE_FILE_MB": "0"}
+    attrs = json.dumps(CONFIG.attrs())
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, *map(str, hook), what, attrs, str(target)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (-signal.SIGKILL, 0), proc.stderr
+    return proc.returncode == -signal.SIGKILL
+
+
+FINALIZE_KILLS = [("_write_part", "after", 1), ("_link_part", "after", 1), ("_write_parted_temporary", "after", 1),
+                  ("_install", "after", 1), ("_collect_parts", "before", 2)]
+
+
+@pytest.mark.parametrize("hook", FINALIZE_KILLS, ids=["-".join(map(str, h)) for h in FINALIZE_KILLS])
+def test_a_finalize_killed_anywhere_resumes_to_the_cache_a_clean_run_writes(tmp_path, parted, hook):
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, CONFIG)
+    for i in range(3):
+        w.append(clip(i))
+    w.finalize()
+    w = CacheWriter(path, CONFIG)
+    for i in (3, 4):
+        w.append(clip(i))
+    w.append(clip(9, "train/a/clip1.mp4"))  # re-extracted: replaces an old row
+    w.append(ClipRecord("train/b/bad.mp4", 1, "train", 0, error="no decodable frame"))
+    w.close()
+    assert killed(tmp_path, hook, "finalize", path)
+    seen = set(by_key(path)["rows"])  # a reader sees the old cache or the new one, never a mix or a torn file
+    assert seen in ({f"train/a/clip{i}.mp4" for i in range(3)}, {f"train/a/clip{i}.mp4" for i in range(5)})
+    CacheWriter(path, CONFIG).finalize()  # the same command again
+    clean = tmp_path / "clean.h5"
+    w = CacheWriter(clean, CONFIG)
+    for i in (0, 2, 3, 4):
+        w.append(clip(i))
+    w.append(clip(9, "train/a/clip1.mp4"))
+    w.append(ClipRecord("train/b/bad.mp4", 1, "train", 0, error="no decodable frame"))
+    w.finalize()
+    assert by_key(path) == by_key(clean)
+    assert not journal_path(path).exists() and not list(tmp_path.glob("c.h5.tmp-*"))
+    with h5py.File(path, "r") as f:  # no orphan part file is left behind
+        assert {Path(n).name for n in f["parts/file"].asstr()[:]} == {p.name for p in part_files(path)}
+
+
+MERGE_KILLS = [("_link_part", "after", 1), ("_link_part", "after", 3), ("_install", "before", 1),
+               ("_collect_parts", "before", 2)]
+
+
+@pytest.mark.parametrize("hook", MERGE_KILLS, ids=["-".join(map(str, h)) for h in MERGE_KILLS])
+def test_a_merge_killed_anywhere_leaves_no_half_cache_and_a_rerun_equals_a_clean_merge(tmp_path, parted, hook):
+    out, whole = tmp_path / "c.h5", tmp_path / "whole.h5"
+    write_clips(whole, KEYS, failed=["train/a/broken.mp4", "val/b/broken.mp4"])
+    shards = write_shards(out, 3)
+    assert killed(tmp_path, hook, "merge", out)
+    if out.exists():  # killed after the rename: already complete
+        assert by_key(out) == by_key(whole)
+    merge_shards(output=out, force=True)
+    assert by_key(out) == by_key(whole)
+    assert not list(tmp_path.glob("c.h5.tmp-*"))
+    with h5py.File(out, "r") as f:
+        assert {Path(n).name for n in f["parts/file"].asstr()[:]} == {p.name for p in part_files(out)}
+    assert all(s.is_file() for s in shards)
+
+
+def test_the_cache_benchmark_runs_and_reports_adding_merging_and_rewriting(tmp_path, capsys):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("cache_bench", Path(__file__).parents[1] / "bench" / "cache_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--sizes", "24", "--shards", "3", "--dir", str(tmp_path), "--json", str(tmp_path / "b.json")]) == 0
+    (r,) = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert r["clips"] == 24 and all(r[k] > 0 for k in ("add_1_s", "add_10_s", "merge_3_s", "rewrite_s"))
+    assert "| 24 |" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == [tmp_path / "b.json"], "the scratch folder is removed"
+    assert "FEATPIPE_ONE_FILE_MB" not in os.environ, "the benchmark leaves the environment as it found it"
+
+
+def test_a_damaged_byte_in_a_part_file_fails_its_checksum_when_the_row_is_read(tmp_path, parted):
+    path = tmp_path / "c.h5"
+    write_clips(path, KEYS[:4])
+    (part,) = part_files(path)
+    raw = bytearray(part.read_bytes())
+    target = clip(KEYS.index(KEYS[2])).features[0].tobytes()
+    at = raw.find(target)
+    assert at > 0
+    raw[at + 1] ^= 0x40
+    part.write_bytes(bytes(raw))
+    with h5py.File(path, "r") as f:
+        row = list(f["video"].asstr()[:]).index(KEYS[2])
+        np.testing.assert_array_equal(f["features"][row - 1 if row else row + 1].shape, (T, D))  # others read fine
+        with pytest.raises(OSError, match="filter"):
+            f["features"][row]
+
+
+def test_shards_on_another_file_system_are_copied_into_the_merged_parts(tmp_path, parted, monkeypatch):
+    import errno
+
+    out, whole = tmp_path / "c.h5", tmp_path / "whole.h5"
+    write_clips(whole, KEYS, failed=["train/a/broken.mp4", "val/b/broken.mp4"])
+    shards = write_shards(out, 2)
+
+    def cross_device(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    merge_shards(output=out)
+    shard_parts = {p.stat().st_ino for s in shards for p in part_files(s)}
+    assert len(part_files(out)) == 2 and not {p.stat().st_ino for p in part_files(out)} & shard_parts
+    assert by_key(out) == by_key(whole)

@@ -480,7 +480,7 @@ def test_a_version_1_cache_is_resumed_without_extracting_its_clips_again(tmp_pat
     again = extract(data=data, output=out, **TINY)
     assert (again.n_new, again.n_skipped) == (0, 6)
     with h5py.File(out, "r") as f:
-        assert f.attrs["schema_version"] == 2 and (f["size"][:] > 0).all()
+        assert f.attrs["schema_version"] == 3 and (f["size"][:] > 0).all()
 
 
 def test_broken_clips_that_held_a_class_s_val_share_do_not_leave_that_class_without_val(tmp_path):

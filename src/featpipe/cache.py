@@ -1,6 +1,6 @@
 """The HDF5 feature cache: schema, a crash-safe resumable writer, and a validating reader.
 
-Schema (version 2), readable with plain h5py and pandas:
+Schema (version 3), readable with plain h5py and pandas:
 
   features        (N, T, *feature_shape)  float16 (default) or float32; one clip per chunk
   mask            (N, T)  bool            True exactly for real (not padded) frames
@@ -21,12 +21,34 @@ Schema (version 2), readable with plain h5py and pandas:
 
 Version 1 caches (no identity columns, no stale/ group) are still read; their rows have an
 unknown identity (-1), which the next extraction trusts and replaces by the clip's current one.
+Version 2 caches are version 3 caches written as one file.
+
+Part files (version 3). A cache whose features exceed ``FEATPIPE_ONE_FILE_MB`` (64 MB by
+default) keeps them in immutable part files in the folder ``<cache>.parts/`` beside it, and
+``features`` is an HDF5 virtual dataset stitching them together (plain h5py reads it like any
+dataset). The cache file also holds
+
+  parts/file      (P,)    str             part files, relative to the cache's folder
+  parts/rows      (P,)    int             rows in each part file
+  parts/index     (N,)    int             the part file holding each row's features ...
+  parts/row       (N,)    int             ... and the row there
+
+A part file holds one ``features`` dataset (one clip per chunk, fletcher32 checksums); an old
+whole cache (or shard) can serve as a part as it is. Adding k clips writes one new part of k
+rows and rewrites only the small columns, so it costs O(k) in features; merging shards
+hard-links their parts (or whole files) into the merged cache's ``.parts/`` folder. Rows are
+then ordered by part (kept rows first, in their old order; new rows after, sorted by key), not
+globally by key; a cache written as one file (small caches, ``compact``) is sorted by key.
+Part files that the cache no longer references (rows dropped, a killed write) are removed by
+the next write under the cache's lock.
 
 Crash safety. The HDF5 file is never modified in place. While extracting, every finished clip
 is appended to a journal beside the cache (``<cache>.journal``) as one checksummed record; a
-record torn by a kill fails its checksum and is dropped on the next open. At the end the cache
-is rewritten into a temporary file (old rows + journal rows, in key order) that atomically
-replaces the old cache, and only then is the journal removed. So a SIGKILL at any moment loses
+record torn by a kill fails its checksum and is dropped on the next open. At the end the new
+rows go into a new part file (or, for a one-file cache, old rows + journal rows are rewritten in
+key order), a new cache file is written beside the old one and atomically replaces it, and only
+then is the journal removed; part files a killed finalize left unreferenced are removed by the
+next writer. So a SIGKILL at any moment loses
 at most the clips in flight, and the next run resumes from cache + journal and ends with the
 same cache a clean run produces. An exclusive lock (``<cache>.lock``, released by the OS when
 the process dies) stops two extractions from writing one cache at once.
@@ -35,7 +57,8 @@ Shards. ``extract --shard I/N`` writes the clips whose key hashes to I (of N) in
 ``<stem>.shard-I-of-N<suffix>`` beside the cache, with its own journal and lock; every shard
 records the full dataset's class names. ``merge_shards`` checks that a set is complete,
 finished and made with one set of settings, and writes the cache an unsharded run would have
-written (rows sorted by clip key), atomically, copying one clip at a time.
+written, atomically: one file (rows sorted by clip key, copied one clip at a time) when small or
+asked to compact, else the shards' part files hard-linked under the output's ``.parts/``.
 """
 
 from __future__ import annotations
@@ -46,7 +69,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import struct
+import uuid
 import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -58,8 +83,8 @@ import numpy as np
 
 from featpipe.errors import CacheError, FeatpipeError
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: no size/mtime_ns columns and no stale/ group
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: no size/mtime_ns columns and no stale/ group; 2: always one file
 UNKNOWN = -1  # size / mtime_ns of a row whose identity was never recorded (version 1 caches)
 
 # Attributes that define what the features ARE: everything downstream must agree on them.
@@ -417,6 +442,21 @@ def open_h5(path: Path):
             f"{', '.join(map(str, READABLE_VERSIONS))}; "
             f"re-extract it with this version of featpipe."
         )
+    if "parts" in f:  # a virtual dataset silently reads zeros for a missing source file: refuse instead
+        try:
+            missing = [n for n in f["parts/file"].asstr()[:] if not (path.parent / n).is_file()]
+        except (KeyError, OSError, ValueError):
+            f.close()
+            raise CacheError(f"'{path}' has a damaged parts/ group; restore it from a backup, or move it away and "
+                             f"run `featpipe extract` to write it anew.") from None
+        if missing:
+            f.close()
+            raise CacheError(
+                f"'{path}' keeps its features in part files beside it, and '{path.parent / missing[0]}' is missing"
+                f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; copy the cache together with its "
+                f"'{parts_dir(path).name}' folder, or, where the cache and its parts are, write a one-file copy with "
+                f"`featpipe merge --compact --output NEW.h5 {path.name}`."
+            )
     return f
 
 
@@ -430,6 +470,7 @@ class CacheSummary:
     failed: list[tuple[str, str]]
     real_frames: int
     stale: list[tuple[str, str]] = field(default_factory=list)  # rows dropped because their clip left the dataset
+    parts: int = 0  # part files holding the features (0: the cache is one file)
 
     def lines(self) -> list[str]:
         c = self.config
@@ -439,6 +480,8 @@ class CacheSummary:
             f"  backbone {c.backbone} ({c.weights}, fingerprint {c.weights_fingerprint}), input {c.input_size}px, "
             f"{c.frames} frames ({c.sampling}), features {list(c.feature_shape)} {c.dtype}",
         ]
+        if self.parts:
+            out.append(f"  features in {self.parts} part file(s) in {parts_dir(self.path)}/ (copy it with the cache)")
         width = max(len(n) for n in c.class_names)
         splits = [s for s in ("train", "val", "test") if s in self.counts] + sorted(
             s for s in self.counts if s not in ("train", "val", "test"))
@@ -463,7 +506,9 @@ def summarize(path: Path) -> CacheSummary:
             counts[str(sp)][config.class_names[int(lab)]] += 1
         failed = list(zip(_strings(f, "failed/video"), _strings(f, "failed/reason")))
         stale = list(zip(_strings(f, "stale/video"), _strings(f, "stale/reason")))
-        return CacheSummary(path, config, len(labels), len(failed), counts, failed, int(f["mask"][:].sum()), stale)
+        parts = len(f["parts/file"]) if "parts" in f else 0
+        return CacheSummary(path, config, len(labels), len(failed), counts, failed, int(f["mask"][:].sum()), stale,
+                            parts)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -551,6 +596,8 @@ class CacheWriter:
                 if "failed" in f:
                     self._existing_identity.update(zip(failed_keys, _identities(f["failed"], len(failed_keys))))
                 self._existing_stale = dict(zip(_strings(f, "stale/video"), _strings(f, "stale/reason")))
+        if writable:
+            _collect_parts(self.path)  # part files of a finalize killed before its rename, or of dropped rows
         self._journal_entries: dict[str, _JournalEntry] = {}
         if self.journal.exists():
             attrs, entries, end = _read_journal(self.journal)
@@ -702,12 +749,13 @@ class CacheWriter:
         try:
             with ExitStack() as stack:
                 old = stack.enter_context(open_h5(self.path)) if self._existing else None
+                old_row = _RowReader(old) if old is not None else None
                 jf = stack.enter_context(open(self.journal, "rb")) if self.journal.exists() else None
 
                 def read_row(key: str) -> _Row:
                     source, handle = rows[key]
                     if source == "h5":
-                        row = _read_h5_row(old, handle)
+                        row = old_row(handle)
                     else:
                         jf.seek(handle.offset)
                         payload = jf.read(handle.length)
@@ -720,21 +768,70 @@ class CacheWriter:
                         row = dataclasses.replace(row, label=int(assignments[key][0]), split=assignments[key][1])
                     return row
 
-                tmp = _write_temporary(self.path, c, keys, read_row, failed,
-                                       failed_identity={k: unknown(k) for k in failed_keys}, stale=stale)
+                failed_identity = {k: unknown(k) for k in failed_keys}
+                order = keys  # the rows as written
+                if len(keys) * feat_bytes <= _one_file_limit():
+                    tmp = _write_temporary(self.path, c, keys, read_row, failed, failed_identity=failed_identity,
+                                           stale=stale)
+                else:  # O(new clips): old rows stay where they are, new ones go into one new part file
+                    kept = sorted((k for k in keys if rows[k][0] == "h5"), key=lambda k: rows[k][1])
+                    new = [k for k in keys if rows[k][0] == "journal"]
+                    order = kept + new
+                    tmp = self._write_parts(old, kept, [rows[k][1] for k in kept], new, read_row, unknown,
+                                            assignments, failed, failed_identity, stale)
             _install(tmp, self.path)  # after the old cache is closed (Windows cannot replace an open file)
+            _collect_parts(self.path)
         except OSError as exc:
             kept = "the old cache and the clips finished since are kept" if self.path.exists() else \
                 "the clips finished so far are kept"
             raise write_error(exc, self.path, kept) from None
         if self.journal.exists():
             self.journal.unlink()
-        self._existing = {k: i for i, k in enumerate(keys)}
+        self._existing = {k: i for i, k in enumerate(order)}  # a cache in part files keeps old rows first
         self._existing_failed = {k: failed[k] for k in failed_keys}
         self._existing_identity = {k: ident.get(k) for k in keys + failed_keys}
         self._existing_stale = stale
         self._journal_entries = {}
         return self.path
+
+
+    def _write_parts(self, old, kept: list[str], kept_rows: list[int], new: list[str], read_row, identity, assignments,
+                     failed, failed_identity, stale) -> Path:
+        """The cache as old rows ``kept`` (read where they are) + ``new`` rows in one new part; return the temporary."""
+        c = self.config
+        pieces: list[_Columns] = []
+        src = _Sources([], [], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        if kept:
+            at = np.asarray(kept_rows, dtype=np.int64)
+            cols = _Columns.read(old, at)
+            for i, key in enumerate(kept):
+                cols.size[i], cols.mtime_ns[i] = identity(key)
+                if key in assignments:
+                    cols.label[i], cols.split[i] = int(assignments[key][0]), assignments[key][1]
+            pieces.append(cols)
+            whole = _sources_of(old, self.path)
+            src = _Sources(whole.files, whole.rows, whole.index[at], whole.row[at])
+        if new:
+            fresh = _Columns([], np.zeros((len(new), c.frames), dtype=bool), np.zeros(len(new), dtype=np.int64), [],
+                             np.zeros(len(new), dtype=np.int64), np.zeros(len(new), dtype=np.int64),
+                             np.zeros(len(new), dtype=np.int64))
+
+            def features():
+                for i, key in enumerate(new):
+                    row = read_row(key)
+                    fresh.keys.append(key)
+                    fresh.split.append(row.split)
+                    fresh.mask[i], fresh.label[i], fresh.n_frames[i] = row.mask, row.label, row.n_frames
+                    fresh.size[i], fresh.mtime_ns[i] = row.size, row.mtime_ns
+                    yield row.features
+
+            part = _write_part(parts_dir(self.path), c, len(new), features())
+            pieces.append(fresh)
+            src = _Sources(src.files + [part], src.rows + [len(new)],
+                           np.concatenate([src.index, np.full(len(new), len(src.files), dtype=np.int64)]),
+                           np.concatenate([src.row, np.arange(len(new), dtype=np.int64)]))
+        return _write_parted_temporary(self.path, c, _Columns.concat(pieces, c.frames), src, failed, failed_identity,
+                                       stale)
 
 
 @dataclass(frozen=True)
@@ -750,10 +847,23 @@ class _Row:
     mtime_ns: int = UNKNOWN
 
 
+class _RowReader:
+    """Reads rows of an open cache one at a time, holding its datasets open (opening a virtual
+    dataset opens its part files: once per reader, not once per row)."""
+
+    def __init__(self, f):
+        self.features, self.mask, self.label, self.n_frames = f["features"], f["mask"], f["label"], f["n_frames"]
+        self.split = f["split"].asstr()
+        self.ident = (f["size"], f["mtime_ns"]) if "size" in f and "mtime_ns" in f else None
+
+    def __call__(self, row: int) -> _Row:
+        size, mtime_ns = (int(self.ident[0][row]), int(self.ident[1][row])) if self.ident else (UNKNOWN, UNKNOWN)
+        return _Row(self.features[row], self.mask[row], int(self.label[row]), self.split[row], int(self.n_frames[row]),
+                    size, mtime_ns)
+
+
 def _read_h5_row(f, row: int) -> _Row:
-    size, mtime_ns = (int(f["size"][row]), int(f["mtime_ns"][row])) if "size" in f and "mtime_ns" in f else (UNKNOWN, UNKNOWN)
-    return _Row(f["features"][row], f["mask"][row], int(f["label"][row]), f["split"].asstr()[row], int(f["n_frames"][row]),
-                size, mtime_ns)
+    return _RowReader(f)(row)
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -798,29 +908,252 @@ def _write_temporary(path: Path, config: CacheConfig, keys: list[str], read_row:
                 n_frames[i] = row.n_frames
                 sizes[i], mtimes[i] = row.size, row.mtime_ns
             masks[...] = mask_all
-            out.create_dataset("label", data=labels)
-            out.create_dataset("split", data=np.array(splits, dtype=object), dtype=str_dt)
-            out.create_dataset("video", data=np.array(keys, dtype=object), dtype=str_dt)
-            out.create_dataset("n_frames", data=n_frames)
-            out.create_dataset("size", data=sizes)
-            out.create_dataset("mtime_ns", data=mtimes)
-            grp = out.create_group("failed")
-            grp.create_dataset("video", data=np.array(failed_keys, dtype=object), dtype=str_dt)
-            grp.create_dataset("reason", data=np.array([failed[k] for k in failed_keys], dtype=object), dtype=str_dt)
-            f_ident = [(failed_identity or {}).get(k) or (UNKNOWN, UNKNOWN) for k in failed_keys]
-            grp.create_dataset("size", data=np.array([i[0] for i in f_ident], dtype=np.int64))
-            grp.create_dataset("mtime_ns", data=np.array([i[1] for i in f_ident], dtype=np.int64))
-            stale = stale or {}
-            stale_keys = sorted(stale)
-            grp = out.create_group("stale")
-            grp.create_dataset("video", data=np.array(stale_keys, dtype=object), dtype=str_dt)
-            grp.create_dataset("reason", data=np.array([stale[k] for k in stale_keys], dtype=object), dtype=str_dt)
+            _write_columns(out, keys, labels, splits, n_frames, sizes, mtimes, failed, failed_identity, stale)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def _write_columns(out, keys, labels, splits, n_frames, sizes, mtimes, failed: dict[str, str],
+                   failed_identity: dict[str, Identity] | None, stale: dict[str, str] | None) -> None:
+    """The small per-row columns and the failed/ and stale/ groups of a cache being written."""
+    str_dt = h5py.string_dtype()
+    failed_keys = sorted(failed)
+    out.create_dataset("label", data=np.asarray(labels, dtype=np.int64))
+    out.create_dataset("split", data=np.array(list(splits), dtype=object), dtype=str_dt)
+    out.create_dataset("video", data=np.array(list(keys), dtype=object), dtype=str_dt)
+    out.create_dataset("n_frames", data=np.asarray(n_frames, dtype=np.int64))
+    out.create_dataset("size", data=np.asarray(sizes, dtype=np.int64))
+    out.create_dataset("mtime_ns", data=np.asarray(mtimes, dtype=np.int64))
+    grp = out.create_group("failed")
+    grp.create_dataset("video", data=np.array(failed_keys, dtype=object), dtype=str_dt)
+    grp.create_dataset("reason", data=np.array([failed[k] for k in failed_keys], dtype=object), dtype=str_dt)
+    f_ident = [(failed_identity or {}).get(k) or (UNKNOWN, UNKNOWN) for k in failed_keys]
+    grp.create_dataset("size", data=np.array([i[0] for i in f_ident], dtype=np.int64))
+    grp.create_dataset("mtime_ns", data=np.array([i[1] for i in f_ident], dtype=np.int64))
+    stale = stale or {}
+    stale_keys = sorted(stale)
+    grp = out.create_group("stale")
+    grp.create_dataset("video", data=np.array(stale_keys, dtype=object), dtype=str_dt)
+    grp.create_dataset("reason", data=np.array([stale[k] for k in stale_keys], dtype=object), dtype=str_dt)
+
+
+# ----------------------------------------------------------------------------- part files
+
+
+def parts_dir(cache: str | Path) -> Path:
+    """The folder of a cache's part files: ``<cache>.parts`` beside it."""
+    cache = Path(cache)
+    return cache.with_name(cache.name + ".parts")
+
+
+def _one_file_limit() -> int:
+    """Bytes of features up to which a cache is written as one file (``FEATPIPE_ONE_FILE_MB``, default 64)."""
+    raw = os.environ.get("FEATPIPE_ONE_FILE_MB", "").strip()
+    try:
+        mb = float(raw) if raw else 64.0
+    except ValueError:
+        mb = 64.0
+    return int(max(mb, 0.0) * (1 << 20)) if np.isfinite(mb) else 1 << 62
+
+
+@dataclass
+class _Columns:
+    """The small per-row columns of a cache being written (everything but the features)."""
+
+    keys: list
+    mask: np.ndarray  # (N, T) bool
+    label: np.ndarray
+    split: list
+    n_frames: np.ndarray
+    size: np.ndarray
+    mtime_ns: np.ndarray
+
+    @classmethod
+    def read(cls, f, rows: np.ndarray) -> "_Columns":
+        """Rows ``rows`` (in that order) of an open cache."""
+        n = int(f["label"].shape[0])
+        if "size" in f and "mtime_ns" in f:
+            size, mtime = f["size"][:], f["mtime_ns"][:]
+        else:
+            size = mtime = np.full(n, UNKNOWN, dtype=np.int64)
+        return cls(list(f["video"].asstr()[:][rows]), f["mask"][:][rows].astype(bool), f["label"][:][rows],
+                   list(f["split"].asstr()[:][rows]), f["n_frames"][:][rows], size[rows], mtime[rows])
+
+    @classmethod
+    def concat(cls, parts: list["_Columns"], t: int) -> "_Columns":
+        if not parts:
+            e = np.zeros(0, dtype=np.int64)
+            return cls([], np.zeros((0, t), dtype=bool), e, [], e, e, e)
+        return cls(sum((p.keys for p in parts), []), np.concatenate([p.mask for p in parts]),
+                   np.concatenate([p.label for p in parts]), sum((p.split for p in parts), []),
+                   np.concatenate([p.n_frames for p in parts]), np.concatenate([p.size for p in parts]),
+                   np.concatenate([p.mtime_ns for p in parts]))
+
+
+@dataclass
+class _Sources:
+    """Where a cache's features are: files (paths), their row counts, and per row the file index and row."""
+
+    files: list
+    rows: list
+    index: np.ndarray
+    row: np.ndarray
+
+
+def _sources_of(f, path: Path) -> _Sources:
+    """The files holding an open cache's features: its part files, or the file itself when it is one file."""
+    if "parts" in f:
+        g = f["parts"]
+        return _Sources([path.parent / n for n in g["file"].asstr()[:]], [int(r) for r in g["rows"][:]],
+                        g["index"][:].astype(np.int64), g["row"][:].astype(np.int64))
+    n = int(f["features"].shape[0])
+    return _Sources([path], [n], np.zeros(n, dtype=np.int64), np.arange(n, dtype=np.int64))
+
+
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, getattr(errno, "ENOTSUP", -1), getattr(errno, "EOPNOTSUPP", -1)}
+
+
+def _link_part(src: Path, parts: Path) -> str:
+    """Make the immutable file ``src`` one of the parts in ``parts``; return its name relative to the cache's folder.
+
+    A hard link costs no time or space and survives the deletion of ``src`` (e.g. a merged
+    shard); where the file system has no hard links, the file is copied.
+    """
+    src = Path(src)
+    if src.parent.resolve() == parts.resolve():
+        return f"{parts.name}/{src.name}"
+    parts.mkdir(parents=True, exist_ok=True)
+    target = parts / src.name
+    if src.parent.name.endswith(".parts") and target.exists() and os.path.samefile(target, src):
+        return f"{parts.name}/{target.name}"  # linked by an earlier merge into this cache
+    if not src.parent.name.endswith(".parts") or target.exists():
+        target = parts / f"{uuid.uuid4().hex}.h5"
+    try:
+        os.link(src, target)
+    except OSError as exc:
+        if exc.errno not in _NO_LINK:
+            raise
+        try:
+            shutil.copyfile(src, target)
+            with open(target, "rb+") as fh:
+                os.fsync(fh.fileno())
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+    return f"{parts.name}/{target.name}"
+
+
+def _write_part(parts: Path, config: CacheConfig, n: int, features: Iterator[np.ndarray]) -> Path:
+    """Write ``n`` clips' features into a new, immutable part file in ``parts``, fsync it and return its path."""
+    c = config
+    parts.mkdir(parents=True, exist_ok=True)
+    path = parts / f"{uuid.uuid4().hex}.h5"
+    try:
+        with h5py.File(path, "w") as f:
+            f.attrs["featpipe_part"] = SCHEMA_VERSION
+            feats = f.create_dataset("features", shape=(n, c.frames, *c.feature_shape), dtype=c.dtype,
+                                     chunks=(1, c.frames, *c.feature_shape), fletcher32=True)
+            for i, x in enumerate(features):
+                feats[i] = x
+        with open(path, "rb+") as fh:
+            os.fsync(fh.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_parted_temporary(path: Path, config: CacheConfig, cols: _Columns, src: _Sources,
+                            failed: dict[str, str], failed_identity: dict[str, Identity] | None,
+                            stale: dict[str, str] | None) -> Path:
+    """Like ``_write_temporary``, but ``features`` is a virtual dataset over the files of ``src``.
+
+    The files ``src.index`` uses are linked into ``<path>.parts/`` first (nothing is copied),
+    so the cache never depends on files outside its own parts folder. One mapping per run of
+    consecutive rows of one file: a few per part, whatever the number of rows.
+    """
+    c = config
+    parts = parts_dir(path)
+    used = np.unique(src.index)
+    names = [_link_part(Path(src.files[i]), parts) for i in used]
+    counts = [int(src.rows[i]) for i in used]
+    renumber = np.full(len(src.files), -1, dtype=np.int64)
+    renumber[used] = np.arange(len(used))
+    index, row = renumber[src.index], src.row
+    _fsync_dir(parts)
+    n, tail = len(index), (c.frames, *c.feature_shape)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as out:
+            for k, v in c.attrs().items():
+                out.attrs[k] = v
+            layout = h5py.VirtualLayout(shape=(n, *tail), dtype=c.dtype)
+            sources = [h5py.VirtualSource(name, "features", shape=(rows, *tail), dtype=c.dtype)
+                       for name, rows in zip(names, counts)]
+            cuts = np.flatnonzero((np.diff(index) != 0) | (np.diff(row) != 1)) + 1
+            for a, b in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [n]])):
+                first = int(row[a])
+                layout[int(a):int(b)] = sources[int(index[a])][first:first + int(b - a)]
+            # a part file gone missing reads as NaN, not as plausible zeros (training refuses NaN features)
+            missing = np.nan if np.dtype(c.dtype).kind == "f" else None
+            out.create_virtual_dataset("features", layout, fillvalue=missing)
+            out.create_dataset("mask", data=cols.mask.astype(bool))
+            _write_columns(out, cols.keys, cols.label, cols.split, cols.n_frames, cols.size, cols.mtime_ns, failed,
+                           failed_identity, stale)
+            grp = out.create_group("parts")
+            grp.create_dataset("file", data=np.array(names, dtype=object), dtype=h5py.string_dtype())
+            grp.create_dataset("rows", data=np.array(counts, dtype=np.int64))
+            grp.create_dataset("index", data=index.astype(np.int64))
+            grp.create_dataset("row", data=row.astype(np.int64))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def has_checksums(f, path: Path) -> bool:
+    """True when every row of the open cache ``f`` (at ``path``) is stored with a fletcher32 checksum.
+
+    A virtual ``features`` dataset reports no filters of its own: its part files are asked
+    (an old one-file cache serving as a part may have none). Reading a row through the virtual
+    dataset checks that row's checksum in its part file.
+    """
+    if "parts" not in f:
+        return bool(f["features"].fletcher32)
+    for name in f["parts/file"].asstr()[:]:
+        with h5py.File(Path(path).parent / name, "r") as part:
+            if not part["features"].fletcher32:
+                return False
+    return True
+
+
+def _collect_parts(path: Path) -> None:
+    """Remove the part files of ``path`` that its cache file does not reference (best effort; under its lock)."""
+    parts = parts_dir(path)
+    if not parts.is_dir():
+        return
+    keep: set[str] = set()
+    if path.exists():
+        try:
+            with h5py.File(path, "r") as f:
+                if "parts" in f:
+                    keep = {Path(n).name for n in f["parts/file"].asstr()[:]}
+        except (OSError, KeyError, ValueError):
+            return  # unreadable now: leave every part alone
+    try:
+        for p in parts.iterdir():
+            if p.name not in keep and p.is_file():
+                p.unlink()
+        if not any(parts.iterdir()):
+            parts.rmdir()
+    except OSError:
+        pass  # a read-only or vanished folder: the orphans cost only space and go next time
 
 
 def _install(tmp: Path, path: Path) -> None:
@@ -862,15 +1195,19 @@ def find_shards(output: str | Path) -> list[Path]:
 
 
 def merge_shards(shards: Sequence[str | Path] | None = None, output: str | Path | None = None,
-                 force: bool = False) -> Path:
+                 force: bool = False, compact: bool = False) -> Path:
     """Combine the shards of one ``extract --shard I/N`` set into the cache ``output``; return its path.
 
     Without ``shards``, every ``<output stem>.shard-*-of-*<suffix>`` beside ``output`` is taken.
-    The result equals the cache an unsharded extraction writes (rows sorted by clip key; the
-    informational ``shard`` attribute dropped); it is written to a temporary file, fsynced and
-    renamed, one clip in memory at a time. Raises CacheError, naming the file, for a missing,
-    unfinished or locked shard, shards of different N or settings, one clip with different
-    contents in two shards, and an existing ``output`` (unless ``force``).
+    The result holds the rows an unsharded extraction writes (the informational ``shard``
+    attribute dropped). Small results (see ``FEATPIPE_ONE_FILE_MB``) and ``compact=True`` are
+    written as one file, rows sorted by clip key, one clip in memory at a time; larger ones
+    hard-link the shards' part files (or whole files) into ``<output>.parts/`` and write only
+    the small columns, rows grouped by shard. Either way through a temporary file, fsynced and
+    renamed. Raises CacheError, naming the file, for a missing, unfinished or locked shard,
+    shards of different N or settings, one clip with different contents in two shards, and an
+    existing ``output`` (unless ``force``). ``compact=True`` with one whole (unsharded) cache
+    writes a one-file copy of it (see ``compact``).
     """
     if output is None:
         raise FeatpipeError("Name the merged cache with --output FILE, e.g. --output cache/inceptionv3.h5.")
@@ -878,6 +1215,8 @@ def merge_shards(shards: Sequence[str | Path] | None = None, output: str | Path 
 
     check_file_option("output", output)
     output = Path(output)
+    if compact and shards and len(_unique_paths(shards)) == 1 and _is_whole_cache(_unique_paths(shards)[0]):
+        return compact_cache(_unique_paths(shards)[0], output, force=force)
     paths = _unique_paths(shards) if shards else find_shards(output)
     if not paths:
         raise CacheError(
@@ -903,12 +1242,14 @@ def merge_shards(shards: Sequence[str | Path] | None = None, output: str | Path 
         try:
             with ExitStack() as files:
                 ordered = _check_set([_open_shard(files, p) for p in paths], output if not shards else None)
-                tmp = _merge_into_temporary(ordered, output)
+                _collect_parts(output)  # we hold the output's lock: parts of a killed merge
+                tmp = _merge_into_temporary(ordered, output, compact)
             try:
                 _install(tmp, output)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
+            _collect_parts(output)  # parts of the replaced output
         except OSError as exc:
             raise write_error(exc, output, "the shards are unchanged") from None
     return output
@@ -1009,7 +1350,63 @@ def _check_set(opened: list[_Shard], base: Path | None) -> list[_Shard]:
     return ordered
 
 
-def _merge_into_temporary(ordered: list[_Shard], output: Path) -> Path:
+def _is_whole_cache(path: Path) -> bool:
+    """True for a readable cache file that is not a shard."""
+    if not Path(path).is_file():
+        return False
+    with open_h5(Path(path)) as f:
+        return "shard" not in f.attrs
+
+
+def compact_cache(path: str | Path, output: str | Path | None = None, force: bool = False) -> Path:
+    """Write the cache ``path`` as one self-contained file (no part files), rows sorted by clip key.
+
+    ``output`` defaults to ``path`` itself (rewritten in place, atomically, under its lock; its
+    part files are then removed). Costs one copy of the features: use it before copying a cache
+    to another machine, or when it has collected many part files. Returns the written path.
+    """
+    from featpipe.options import check_file_option
+
+    path = Path(path)
+    output = Path(output) if output is not None else path
+    check_file_option("output", output)
+    in_place = output.exists() and path.exists() and output.resolve() == path.resolve()
+    if output.exists() and not in_place and not force:
+        raise CacheError(f"'{output}' already exists; pass --force to replace it with the compacted cache.")
+    with ExitStack() as locks:
+        _lock(locks, output, f"Another featpipe command is writing '{output}' right now; wait for it to finish, "
+                             f"or write to another file with --output.")
+        if not in_place:
+            _lock(locks, path, f"An extraction is writing '{path}' right now; wait for it to finish, then compact.",
+                  read_only_ok=True)
+        if journal_path(path).exists():
+            raise CacheError(f"'{path}' has an unfinished extraction ('{journal_path(path).name}' is beside it); "
+                             f"run the same `featpipe extract` again to finish it, then compact.")
+        try:
+            with open_h5(path) as f:
+                config = CacheConfig.from_attrs(dict(f.attrs))
+                keys = list(f["video"].asstr()[:])
+                at = {k: i for i, k in enumerate(keys)}
+                failed_keys = _strings(f, "failed/video")
+                failed = dict(zip(failed_keys, _strings(f, "failed/reason")))
+                f_ident = _identities(f["failed"], len(failed_keys)) if "failed" in f else []
+                stale = dict(zip(_strings(f, "stale/video"), _strings(f, "stale/reason")))
+                _remove_stale_temporaries(output)
+                read = _RowReader(f)
+                tmp = _write_temporary(output, config, sorted(keys), lambda k: read(at[k]), failed,
+                                       failed_identity={k: i for k, i in zip(failed_keys, f_ident) if i}, stale=stale)
+            try:
+                _install(tmp, output)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise write_error(exc, output, f"'{path}' is unchanged") from None
+        _collect_parts(output)
+    return output
+
+
+def _merge_into_temporary(ordered: list[_Shard], output: Path, compact: bool = False) -> Path:
     rows: dict[str, tuple[_Shard, int]] = {}  # clip key -> (shard, row)
     failed: dict[str, str] = {}
     failed_identity: dict[str, Identity] = {}
@@ -1038,8 +1435,27 @@ def _merge_into_temporary(ordered: list[_Shard], output: Path) -> Path:
     first = ordered[0].config
     config = dataclasses.replace(first, extra={k: v for k, v in first.extra.items() if k != "shard"})
     _remove_stale_temporaries(output)  # we hold the output's lock: these are from killed runs
-    return _write_temporary(output, config, sorted(rows), lambda key: _read_h5_row(rows[key][0].file, rows[key][1]), failed,
-                            failed_identity=failed_identity, stale=stale)
+    feat_bytes = int(np.prod((config.frames, *config.feature_shape))) * np.dtype(config.dtype).itemsize
+    if compact or len(rows) * feat_bytes <= _one_file_limit():
+        readers = {id(s): _RowReader(s.file) for s in ordered}
+        return _write_temporary(output, config, sorted(rows), lambda key: readers[id(rows[key][0])](rows[key][1]),
+                                failed, failed_identity=failed_identity, stale=stale)
+    # O(shards) in features: link each shard's files, write only the small columns (rows grouped by shard)
+    pieces: list[_Columns] = []
+    files, counts, index, row = [], [], [], []
+    for s in ordered:
+        videos = s.file["video"].asstr()[:]
+        take = np.array([rows[k][0] is s and rows[k][1] == i for i, k in enumerate(videos)], dtype=bool)
+        at = np.flatnonzero(take)
+        src = _sources_of(s.file, s.path)
+        index.append(src.index[at] + len(files))
+        row.append(src.row[at])
+        files += src.files
+        counts += src.rows
+        pieces.append(_Columns.read(s.file, at))
+    src = _Sources(files, counts, np.concatenate(index), np.concatenate(row))
+    return _write_parted_temporary(output, config, _Columns.concat(pieces, config.frames), src, failed,
+                                   failed_identity, stale)
 
 
 def _same_row(a: _Row, b: _Row) -> bool:

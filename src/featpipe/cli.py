@@ -316,13 +316,15 @@ def merge_cmd(
     output: Annotated[Path, typer.Option(help="The merged cache to write, e.g. cache/inceptionv3.h5.", show_default=False)],
     shards: Annotated[Optional[list[Path]], typer.Argument(help="Shard files; without them, every <output stem>.shard-I-of-N.h5 beside --output.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --output if it exists.")] = False,
+    compact: Annotated[bool, typer.Option("--compact", help="Write one self-contained file (no <output>.parts/ folder); with one whole cache as argument, compact that cache.")] = False,
 ):
     """Combine the shards of `extract --shard I/N` into one cache, the same as an unsharded extraction writes."""
-    from featpipe.cache import find_shards, merge_shards, summarize
+    from featpipe.cache import _is_whole_cache, find_shards, merge_shards, summarize
 
-    path = merge_shards(shards, output, force=force)
+    whole = compact and shards is not None and len({p.resolve() for p in shards}) == 1 and _is_whole_cache(shards[0])
+    path = merge_shards(shards, output, force=force, compact=compact)
     count = len({p.resolve() for p in shards}) if shards else len(find_shards(output))  # a file named twice counts once
-    typer.echo(f"Merged {count} shards into {path}.")
+    typer.echo(f"Compacted {shards[0]} into {path}." if whole else f"Merged {count} shards into {path}.")
     for line in summarize(path).lines():
         typer.echo(line)
 
