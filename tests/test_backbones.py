@@ -94,6 +94,65 @@ def test_random_weights_are_the_same_in_a_fresh_process():
     assert out.splitlines()[-1] == here
 
 
+def test_the_none_network_is_calibrated_in_numpy_not_on_the_backend(monkeypatch):
+    """Batch-norm statistics computed by a backend's convolutions differ in the last bits from one
+    backend to another (another fingerprint: a TensorFlow cache refused under PyTorch); computed in
+    NumPy they are the same bytes under every backend. The backend's forward pass must not run."""
+    import keras
+
+    def no_backend_forward(self, *args, **kwargs):
+        raise AssertionError("the calibration ran the network on the Keras backend")
+
+    monkeypatch.setattr(keras.Model, "__call__", no_backend_forward)
+    model = build_model(get_backbone("efficientnetb0"), 32, "none", seed=0)
+    monkeypatch.undo()
+    variances = [np.asarray(layer.moving_variance) for layer in model.layers
+                 if isinstance(layer, keras.layers.BatchNormalization)]
+    assert variances and not any(np.allclose(v, 1.0) for v in variances), "every batch norm was calibrated"
+
+
+@pytest.mark.parametrize("name, size", [("efficientnetb0", 32), ("inceptionv3", 75)])
+def test_the_numpy_forward_pass_computes_what_the_backend_computes(name, size):
+    """The NumPy pass that calibrates `none` networks is the same network as Keras runs (padding,
+    pooling, squeeze-excite, normalization), so the statistics it stores fit what inference sees."""
+    import keras
+
+    from featpipe.backbones import _calibration_images, _np_layer
+
+    b = get_backbone(name)
+    model = build_model(b, size, "none", seed=0)
+    x = b.preprocess(_calibration_images(4, size, seed=9))
+
+    def inference(layer):
+        if isinstance(layer, keras.layers.BatchNormalization):  # inference mode: the stored statistics
+            mean, var = (np.asarray(keras.ops.convert_to_numpy(v)) for v in (layer.moving_mean, layer.moving_variance))
+            gamma = np.asarray(keras.ops.convert_to_numpy(layer.gamma)) if layer.scale else 1.0
+            beta = np.asarray(keras.ops.convert_to_numpy(layer.beta)) if layer.center else 0.0
+            return lambda v: (v - mean) / np.sqrt(var + layer.epsilon) * gamma + beta
+        return _np_layer(layer, {})
+
+    ours = model._run_through_graph(x, operation_fn=inference, call_fn=lambda fn, *a, **k: fn(*a))
+    theirs = np.asarray(model.predict(x, verbose=0))
+    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-3, atol=1e-3 * np.abs(theirs).max())
+    assert theirs.std() > 0.1, "calibrated features keep a usable scale"
+
+
+def test_integer_weights_hash_alike_whatever_their_width():
+    """EfficientNet's Normalization keeps a sample count: int64 under TensorFlow, int32 under
+    PyTorch and JAX. The fingerprint must not tell the backends apart by it."""
+
+    class Weights:
+        def __init__(self, *arrays):
+            self.arrays = arrays
+
+        def get_weights(self):
+            return list(self.arrays)
+
+    kernel = np.ones((3, 3), np.float32)
+    assert fingerprint(Weights(kernel, np.int64(0))) == fingerprint(Weights(kernel, np.int32(0)))
+    assert fingerprint(Weights(kernel, np.int64(0))) != fingerprint(Weights(kernel, np.int64(1)))
+
+
 def test_local_weights_file_is_loaded_and_fingerprinted(tmp_path):
     b = get_backbone("vgg16")
     source = build_model(b, 32, "none", seed=11)

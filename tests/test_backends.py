@@ -23,7 +23,10 @@ from featpipe.sample_data import write_sample_data
 
 BACKENDS = [b.strip() for b in os.environ.get("FEATPIPE_TEST_BACKENDS", os.environ.get("KERAS_BACKEND", "tensorflow"))
             .split(",") if b.strip()]
-SMALL = ["--backbone", "vgg16", "--size", "32", "--frames", "8", "--weights", "none", "--quiet"]
+# EfficientNet: batch norm (calibrated for --weights none) and an integer Normalization count, the two
+# things that once gave the same `none` network another fingerprint under each backend.
+BACKBONE = "efficientnetb0"
+SMALL = ["--backbone", BACKBONE, "--size", "32", "--frames", "8", "--weights", "none", "--quiet"]
 CLIP = "test/grow/grow_test_000.mp4"
 
 
@@ -99,16 +102,32 @@ def test_features_do_not_depend_on_the_backend(backend, data, caches_dir):
     from featpipe.video import read_clip
 
     cache = extract_under(backend, data, caches_dir)
-    here = FeatureExtractor("vgg16", 32, "none", batch_size=8)  # this process: KERAS_BACKEND of the test run
+    here = FeatureExtractor(BACKBONE, 32, "none", batch_size=8)  # this process: KERAS_BACKEND of the test run
     clip = read_clip(data / CLIP, 8, 32, "uniform")
     with h5py.File(cache, "r") as f:
         row = list(f["video"].asstr()[:]).index(CLIP)
         stored = f["features"][row][clip.mask].astype(np.float32)
         assert f.attrs["weights_fingerprint"] == here.fingerprint, f"{backend} vs {keras.backend.backend()}"
-    np.testing.assert_allclose(stored, here(clip.frames[clip.mask]), rtol=1e-2, atol=1e-2)
+    # float rounding differs per backend and a deep random EfficientNet amplifies it a little: agreement
+    # is judged against the features' own scale (tens), stored as float16
+    np.testing.assert_allclose(stored, here(clip.frames[clip.mask]), rtol=1e-2, atol=5e-3 * np.abs(stored).max())
 
 
 if len(BACKENDS) > 1:  # only `make test-backends` has more than one backend installed
+    @pytest.mark.parametrize("backend", BACKENDS)
+    @pytest.mark.parametrize("backbone, size", [("efficientnetb0", 32)])  # batch norm and an integer count
+    def test_the_none_network_has_one_fingerprint_under_every_backend(backend, backbone, size):
+        """`--weights none` is one network, whatever the backend: the fingerprint a cache records under
+        one backend is the one predict computes under another (README: the random network)."""
+        from featpipe.backbones import build_model, fingerprint, get_backbone
+
+        code = ("from featpipe.backbones import build_model, fingerprint, get_backbone;"
+                f"print(fingerprint(build_model(get_backbone({backbone!r}), {size}, 'none', seed=5)))")
+        env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.split()[-1] == fingerprint(build_model(get_backbone(backbone), size, "none", seed=5))
+
     CROSSINGS = [BACKENDS[i:] + BACKENDS[:i] for i in range(len(BACKENDS))]
 
     @pytest.mark.parametrize("order", CROSSINGS, ids=["-".join(o[:3]) for o in CROSSINGS])

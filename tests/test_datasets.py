@@ -687,3 +687,52 @@ def test_what_cannot_be_repaired_is_a_warning_naming_the_class_and_split(tmp_pat
     repair = repair_splits(ds, ["train/a/1.mp4", "train/b/2.mp4", "val/a/3.mp4"])
     assert repair.splits == {"train/a/1.mp4": "train", "train/b/2.mp4": "train", "val/a/3.mp4": "val"}
     assert len(repair.warnings) == 1 and "class 'b' has no usable clip in the val split" in repair.warnings[0]
+
+
+# ------------------------------------------------------------------------- permissions
+# As root, chmod does not deny reads: a fault-injection wrapper around os.scandir / os.listdir
+# denies listing one folder instead, as the kernel does for a folder without read permission.
+
+
+def deny_listing(monkeypatch, denied: Path) -> None:
+    real_scandir, real_listdir = os.scandir, os.listdir
+
+    def check(path):
+        if path is not None and Path(os.fsdecode(path)) == denied:
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+
+    def fake_scandir(path="."):
+        check(path)
+        return real_scandir(path)
+
+    def fake_listdir(path="."):
+        check(path)
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "scandir", fake_scandir)
+    monkeypatch.setattr(os, "listdir", fake_listdir)
+
+
+@pytest.mark.parametrize("layout", ["class_folders", "split_folders"])
+def test_a_class_folder_without_read_permission_is_refused_not_skipped(tmp_path, monkeypatch, layout):
+    if layout == "class_folders":
+        root = class_tree(tmp_path / "data", {"cats": 4, "dogs": 4, "owls": 4})
+        denied = root / "owls"
+    else:
+        root = tmp_path / "data"
+        touch(root, *(f"{s}/{c}/{c}{i}.mp4" for s in ("train", "val", "test") for c in ("cats", "dogs", "owls")
+                      for i in range(2)))
+        denied = root / "train" / "owls"
+    deny_listing(monkeypatch, denied)
+    with pytest.raises(DatasetError) as info:
+        index_dataset(root)
+    message = str(info.value)
+    assert str(denied) in message and "permission denied" in message
+
+
+def test_a_split_folder_without_read_permission_is_one_sentence(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    touch(root, *(f"{s}/{c}/{c}{i}.mp4" for s in ("train", "val", "test") for c in ("cats", "dogs") for i in range(2)))
+    deny_listing(monkeypatch, root / "val")
+    with pytest.raises(DatasetError, match="permission denied"):
+        index_dataset(root)

@@ -261,14 +261,55 @@ def test_overwrite_replaces_only_generator_files(tmp_path):
     (root / "train" / "stale.mp4").write_bytes(b"old")
     data = write_sample_data(root, train=1, val=0, test=0, overwrite=True)
     assert (root / "notes.txt").read_text() == "keep me"
-    assert not (root / "train" / "stale.mp4").exists()
-    assert len(list(root.rglob("*.mp4"))) == data.n_clips == 4
+    assert (root / "train" / "stale.mp4").read_bytes() == b"old", "a file featpipe did not write is never deleted"
+    assert len(list(root.rglob("*.mp4"))) == data.n_clips + 1 == 5
     # and with other parameters, overwrite rewrites them
     data = write_sample_data(root, train=1, val=0, test=1, seed=2, overwrite=True)
     marker = json.loads((root / MARKER_NAME).read_text())
     assert marker["params"] == {"train": 1, "val": 0, "test": 1, "seed": 2}
-    assert len(list(root.rglob("*.mp4"))) == data.n_clips == 8
-    assert (root / "notes.txt").exists()
+    assert len(list(root.rglob("*.mp4"))) == data.n_clips + 1 == 9
+    assert (root / "notes.txt").exists() and (root / "train" / "stale.mp4").exists()
+
+
+def test_overwrite_never_deletes_a_users_own_class_folder(tmp_path):
+    root = write_sample_data(tmp_path / "data", train=1, val=1, test=0).root
+    cats = root / "train" / "cats"
+    cats.mkdir()
+    (cats / "cat_001.mp4").write_bytes(b"my own clip")
+    (cats / "notes.txt").write_text("where I filmed them")
+    (root / "val" / "grow" / "mine.txt").write_text("a note inside a generated class folder")
+    write_sample_data(root, train=0, val=0, test=1, seed=3, overwrite=True)
+    assert (cats / "cat_001.mp4").read_bytes() == b"my own clip"
+    assert (cats / "notes.txt").read_text() == "where I filmed them"
+    assert (root / "val" / "grow" / "mine.txt").exists()
+    # the generator's own clips of the old parameters are gone, and so are the folders it created
+    assert not list((root / "train").rglob("*_train_*.mp4"))
+    assert not (root / "train" / "grow").exists() and not (root / "val" / "shrink").exists()
+    assert sorted(p.name for p in (root / "train").iterdir()) == ["cats"]
+    assert len(list((root / "test").rglob("*.mp4"))) == 4
+
+
+def test_overwrite_refuses_to_replace_a_users_file_where_a_clip_goes(tmp_path):
+    root = tmp_path / "data"
+    (root / "train" / "grow").mkdir(parents=True)
+    mine = root / "train" / "grow" / "grow_train_000.mp4"
+    mine.write_bytes(b"my clip, same name")
+    with pytest.raises(DatasetError, match="did not write it"):
+        write_sample_data(root, train=1, val=0, test=0, overwrite=True)
+    assert mine.read_bytes() == b"my clip, same name"
+    assert not (root / MARKER_NAME).exists()
+
+
+def test_an_edited_marker_never_makes_overwrite_delete_other_files(tmp_path):
+    root = write_sample_data(tmp_path / "data", train=1, val=0, test=0).root
+    (root / "keep.txt").write_text("mine")
+    (tmp_path / "outside.txt").write_text("mine too")
+    marker = json.loads((root / MARKER_NAME).read_text())
+    marker["files"] += ["keep.txt", "../outside.txt", "/etc/hostname"]
+    marker["folders"] += ["..", "."]
+    (root / MARKER_NAME).write_text(json.dumps(marker))
+    write_sample_data(root, train=1, val=0, test=0, seed=5, overwrite=True)
+    assert (root / "keep.txt").exists() and (tmp_path / "outside.txt").exists()
 
 
 def test_existing_empty_folder_is_used(tmp_path):
@@ -290,10 +331,35 @@ def test_root_with_spaces_and_non_ascii(tmp_path):
         assert read_clip(p, 4, 16).n_frames >= 6
 
 
-@pytest.mark.parametrize("counts", [{"train": -1}, {"train": 0, "val": 0, "test": 0}, {"val": 1.5}])
-def test_bad_counts_are_rejected(tmp_path, counts):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("counts, says", [
+    ({"train": -1}, "train must be between 0 and 10000, got -1"),
+    ({"train": 0, "val": 0, "test": 0}, "train, val and test are all 0"),
+    ({"val": 1.5}, "val must be a whole number"),
+    ({"train": 1_000_000_000}, "train must be between 0 and 10000"),
+    ({"seed": -1}, "seed must be"),
+])
+def test_bad_counts_are_rejected(tmp_path, counts, says):
+    with pytest.raises(ValueError, match=says) as info:  # an OptionError: a FeatpipeError and a ValueError
         write_sample_data(tmp_path / "x", **counts)
+    assert isinstance(info.value, FeatpipeError) and info.value.exit_code == 2
+    assert "--" not in str(info.value), "the Python API names parameters, not flags"
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--train", "-1"], "--train must be between 0 and 10000, got -1."),
+    (["--train", "0", "--val", "0", "--test", "0"], "--train, --val and --test are all 0"),
+    (["--seed", "-3"], "--seed must be at least 0, got -3."),
+    (["--train", "1000000000"], "--train must be between 0 and 10000, got 1000000000."),
+])
+def test_cli_refuses_bad_counts_with_one_sentence(tmp_path, args, says):
+    from typer.testing import CliRunner
+
+    from featpipe.cli import app
+
+    result = CliRunner().invoke(app, ["sample-data", str(tmp_path / "x"), *args])
+    assert result.exit_code == 2
+    assert says in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x").exists()
 
 

@@ -562,3 +562,31 @@ def test_real_clip_count_frames_and_missing_count_fallback(real_fixtures, monkey
     truth = read_clip(path, 8, 32, "first")
     _fake_frame_count(monkeypatch, 0)
     _assert_same_clip(read_clip(path, 8, 32, "first"), truth)
+
+
+# ------------------------------------------------------------------------- permissions
+# We may run as root, where chmod does not deny reads; a fault-injection wrapper around os.open
+# denies them for one path instead, the way the kernel does for a file without read permission.
+
+
+def deny_reading(monkeypatch, denied: Path) -> None:
+    import os
+
+    real_open = os.open
+
+    def fake_open(path, flags, *args, **kwargs):
+        if Path(os.fsdecode(path)) == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+
+
+@pytest.mark.parametrize("read", [lambda p: read_clip(p, 8, 32), count_frames], ids=["read_clip", "count_frames"])
+def test_a_file_without_read_permission_is_not_called_not_a_video(clip50, monkeypatch, read):
+    deny_reading(monkeypatch, Path(clip50))
+    with pytest.raises(VideoError) as info:
+        read(clip50)
+    message = str(info.value)
+    assert str(clip50) in message and "permission denied" in message
+    assert "not a video file" not in message and "cannot open" not in message

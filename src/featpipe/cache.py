@@ -852,13 +852,19 @@ class _RowReader:
     dataset opens its part files: once per reader, not once per row)."""
 
     def __init__(self, f):
+        self.file = f
         self.features, self.mask, self.label, self.n_frames = f["features"], f["mask"], f["label"], f["n_frames"]
         self.split = f["split"].asstr()
         self.ident = (f["size"], f["mtime_ns"]) if "size" in f and "mtime_ns" in f else None
 
     def __call__(self, row: int) -> _Row:
         size, mtime_ns = (int(self.ident[0][row]), int(self.ident[1][row])) if self.ident else (UNKNOWN, UNKNOWN)
-        return _Row(self.features[row], self.mask[row], int(self.label[row]), self.split[row], int(self.n_frames[row]),
+        try:
+            features = self.features[row]
+        except OSError as exc:  # a row failing its checksum (or unreadable): name the clip, never a traceback
+            video = self.file["video"].asstr()[row]
+            raise DamagedCacheError(damaged_message(self.file.filename, [video])) from exc
+        return _Row(features, self.mask[row], int(self.label[row]), self.split[row], int(self.n_frames[row]),
                     size, mtime_ns)
 
 
@@ -892,8 +898,10 @@ def _write_temporary(path: Path, config: CacheConfig, keys: list[str], read_row:
         with h5py.File(tmp, "w") as out:
             for k, v in c.attrs().items():
                 out.attrs[k] = v
+            # fletcher32: a checksum per chunk (one row), checked by HDF5 on every read, transparent to
+            # plain h5py readers; a damaged row then fails to read instead of reading as wrong numbers
             feats = out.create_dataset("features", shape=(n, t, *c.feature_shape), dtype=c.dtype,
-                                       chunks=(1, t, *c.feature_shape) if n else None)
+                                       chunks=(1, t, *c.feature_shape) if n else None, fletcher32=True)
             masks = out.create_dataset("mask", shape=(n, t), dtype=bool)
             labels = np.zeros(n, dtype=np.int64)
             splits, n_frames = [], np.zeros(n, dtype=np.int64)
@@ -1461,3 +1469,103 @@ def _merge_into_temporary(ordered: list[_Shard], output: Path, compact: bool = F
 def _same_row(a: _Row, b: _Row) -> bool:
     return (np.array_equal(a.features, b.features) and np.array_equal(a.mask, b.mask)
             and (a.label, a.split, a.n_frames) == (b.label, b.split, b.n_frames))
+
+
+# ----------------------------------------------------------------------------- checksums
+# Features are stored with HDF5's fletcher32 filter (one checksum per row, see _write_temporary).
+# HDF5 refuses to read a chunk whose checksum does not match ("filter returned failure during
+# read", an OSError); these helpers turn that into a sentence naming the damaged clips. Caches
+# written before checksums (no filter) read as before; `verify_cache` says they carry none.
+
+_VERIFY_ROWS = 64  # rows per read while verifying; a failing block is re-read row by row
+
+
+class DamagedCacheError(CacheError):
+    """Rows of a cache fail their checksum: the file was damaged after it was written."""
+
+    exit_code = 1
+
+
+def damaged_message(path, videos: Sequence[str]) -> str:
+    """One sentence naming the damaged clips of ``path`` and what to do."""
+    shown = ", ".join(f"'{v}'" for v in videos[:5]) + (f" and {len(videos) - 5} more" if len(videos) > 5 else "")
+    clips = "clip" if len(videos) == 1 else f"{len(videos)} clips"
+    return (f"The features of {clips} {shown} in '{path}' fail their checksum, so the cache file is damaged "
+            f"(disk or copy error); re-extract: move '{path}' away and run `featpipe extract` again with the "
+            f"same settings (`featpipe info --verify {path}` lists every damaged clip).")
+
+
+def _rows_of(sel, n: int) -> list[int]:
+    if isinstance(sel, slice):
+        return list(range(*sel.indices(n)))
+    return [int(r) for r in np.atleast_1d(np.asarray(sel)).ravel()]
+
+
+def _row_reads(ds, row: int) -> bool:
+    try:
+        ds[row]
+    except OSError:
+        return False
+    return True
+
+
+def read_features(f, path, sel, out: np.ndarray | None = None, dest_sel=None) -> np.ndarray:
+    """``f["features"][sel]`` (or ``read_direct`` into ``out``), turning a checksum failure into
+    :class:`DamagedCacheError` naming the damaged clips among the rows read."""
+    ds = f["features"]
+    try:
+        if out is not None:
+            ds.read_direct(out, source_sel=sel, dest_sel=dest_sel)
+            return out
+        return ds[sel]
+    except OSError as exc:
+        bad = [r for r in dict.fromkeys(_rows_of(sel, len(ds))) if not _row_reads(ds, r)]
+        if not bad:
+            raise CacheError(f"Reading the features of '{path}' failed ({exc}); check the disk, "
+                             "or re-extract into a new --output file.") from exc
+        videos = f["video"].asstr()
+        raise DamagedCacheError(damaged_message(path, [videos[r] for r in bad])) from exc
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_cache` found: every row read back, and which failed."""
+
+    path: Path
+    n_rows: int
+    checksummed: bool  # False for caches written before features carried checksums
+    damaged: list[str]  # clip keys whose row failed to read
+
+    def line(self) -> str:
+        if self.damaged:
+            return damaged_message(self.path, self.damaged)
+        if not self.checksummed:
+            return (f"all {self.n_rows} rows read, but this cache carries no checksum (written by an older "
+                    "featpipe): damaged features cannot be detected; re-extract into a new file to add them.")
+        return f"all {self.n_rows} rows verified (fletcher32 checksums)."
+
+
+def verify_cache(path) -> VerifyReport:
+    """Read every row of a cache's features, checking each row's checksum."""
+    path = Path(path)
+    with open_h5(path) as f:
+        if "features" not in f or "video" not in f:
+            raise CacheError(f"'{path}' has no 'features' or 'video' dataset; it is not a complete featpipe cache.")
+        ds = f["features"]
+        videos = f["video"].asstr()[()]
+        n = len(ds)
+        damaged: list[str] = []
+        for start in range(0, n, _VERIFY_ROWS):
+            stop = min(start + _VERIFY_ROWS, n)
+            try:
+                ds[start:stop]
+            except OSError:
+                damaged += [str(videos[r]) for r in range(start, stop) if not _row_reads(ds, r)]
+        return VerifyReport(path, n, has_checksums(f, path), damaged)
+
+
+def missing_parts(path) -> list[str]:
+    """The datasets every finished cache has that ``path`` lacks (empty for a complete cache)."""
+    with open_h5(Path(path)) as f:
+        return [name for name in ("features", "mask", "label", "split", "video", "n_frames", "failed/video",
+                                  "failed/reason") if name not in f]

@@ -331,11 +331,14 @@ def merge_cmd(
 
 @app.command("info")
 @_handles_errors
-def info_cmd(path: Annotated[Path, typer.Argument(help="A cache file (.h5), a run directory, or models/latest.")]):
+def info_cmd(
+    path: Annotated[Path, typer.Argument(help="A cache file (.h5), a run directory, or models/latest.")],
+    verify: Annotated[bool, typer.Option("--verify", help="Cache: read every row back and check its checksum; exit 1 naming the damaged clips.")] = False,
+):
     """Describe a cache (settings, clips per split and class, failures) or a run (config, classes, metrics)."""
     from featpipe.info import info
 
-    for line in info(path):
+    for line in info(path, verify=verify):
         typer.echo(line)
 
 

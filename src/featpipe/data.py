@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featpipe.cache import CacheConfig, open_h5, parse_shard_path
+from featpipe.cache import CacheConfig, open_h5, parse_shard_path, read_features
 from featpipe.errors import CacheError, FeatpipeError
 
 # Caches up to this fraction of physical memory (as float32) are trained from memory by default.
@@ -130,10 +130,11 @@ def _scan(path: Path, rows: np.ndarray):
         for start in range(0, len(rows), _SCAN_ROWS):
             block = rows[start:start + _SCAN_ROWS]
             lo, hi = int(block[0]), int(block[-1]) + 1
+            # read_features: a row failing its checksum is a DamagedCacheError naming the clip
             if hi - lo == len(block):  # contiguous: one slice read
-                x, m = feats[lo:hi], masks[lo:hi]
+                x, m = read_features(f, path, slice(lo, hi)), masks[lo:hi]
             else:
-                x, m = feats[block], masks[block]
+                x, m = read_features(f, path, block), masks[block]
             yield block, np.asarray(x, dtype=np.float32), np.asarray(m, dtype=bool)
 
 
@@ -350,15 +351,16 @@ class _H5BatchesImpl:
         by_file = np.argsort(rows, kind="stable")
         wanted = rows[by_file]
         with self._lock:
-            feats = self._h5()["features"]
+            h5 = self._h5()
+            feats = h5["features"]
         x = np.empty((len(wanted), *feats.shape[1:]), dtype=feats.dtype)
         cuts = np.flatnonzero(np.diff(wanted) > 1 + self.MAX_GAP) + 1
         for start, end in zip((0, *cuts), (*cuts, len(wanted))):
             lo, hi = int(wanted[start]), int(wanted[end - 1]) + 1
             if hi - lo == end - start:  # neighbours: straight into place
-                feats.read_direct(x, source_sel=np.s_[lo:hi], dest_sel=np.s_[start:end])
+                read_features(h5, self.path, np.s_[lo:hi], out=x, dest_sel=np.s_[start:end])
             else:  # small gaps (rows of other splits) or repeats: read the span, keep the wanted rows
-                x[start:end] = feats[lo:hi][wanted[start:end] - lo]
+                x[start:end] = read_features(h5, self.path, np.s_[lo:hi])[wanted[start:end] - lo]
         where = np.empty(len(rows), dtype=np.int64)
         where[by_file] = np.arange(len(rows))
         return x, where

@@ -318,7 +318,7 @@ def _walk_clips(folder: Path) -> list[Path]:
     """Video files under ``folder`` (recursive, sorted, hidden entries skipped, symlink loops cut)."""
     found: list[Path] = []
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=_unreadable_folder, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
             dirnames[:] = []
@@ -329,6 +329,16 @@ def _walk_clips(folder: Path) -> list[Path]:
             if _visible(name) and _is_video(Path(name)):
                 found.append(Path(dirpath) / name)
     return found
+
+
+def _unreadable_folder(exc: OSError) -> None:
+    """A folder of the dataset that cannot be listed is refused, never skipped (its clips would
+    silently be missing from the index, a whole class with them)."""
+    reason = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
+    raise DatasetError(
+        f"Cannot read the folder '{exc.filename}': {reason}; its clips would be left out of the dataset. "
+        "Give your user read access to it (e.g. chmod a+rx) or move it out of the dataset."
+    ) from exc
 
 
 def _key(path: Path, root: Path) -> str:
@@ -351,7 +361,11 @@ def _loose_clip(data: str, key: str, where: str) -> DatasetError:
 def _class_clips(parent: Path, data: str, root: Path, where: str) -> dict[str, list[Path]]:
     """``class -> clips`` for the class folders directly under ``parent``; loose clips are refused."""
     classes: dict[str, list[Path]] = {}
-    for entry in sorted(parent.iterdir(), key=lambda p: p.name):
+    try:
+        entries = sorted(parent.iterdir(), key=lambda p: p.name)
+    except OSError as exc:
+        _unreadable_folder(exc)
+    for entry in entries:
         if not _visible(entry.name):
             continue
         if entry.is_dir():

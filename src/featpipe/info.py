@@ -4,17 +4,45 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featpipe.errors import FeatpipeError
+from featpipe.errors import CacheError, FeatpipeError
 
 
-def info(path: str | Path) -> list[str]:
-    """Describe a cache (.h5) or a run directory (or models/latest). Returns a list of text lines."""
+def info(path: str | Path, verify: bool = False) -> list[str]:
+    """Describe a cache (.h5) or a run directory (or models/latest). Returns a list of text lines.
+
+    With ``verify`` (caches only), every row of the features is read back and its checksum
+    checked: the last line says "all N rows verified", or :class:`DamagedCacheError` (exit
+    status 1) names the damaged clips. A cache written before checksums existed is read whole
+    all the same, and the last line says it carries no checksum.
+    """
     path = Path(path)
     if path.is_dir() or path.name == "latest":
+        if verify:
+            raise FeatpipeError(f"--verify checks a cache file; '{path}' is a run directory. "
+                                "Pass the cache it was trained on (`featpipe info RUN` names it).")
         return _run_lines(path)
-    from featpipe.cache import summarize
+    return _cache_lines(path, verify)
 
-    return summarize(path).lines()
+
+def _cache_lines(path: Path, verify: bool) -> list[str]:
+    from featpipe.cache import DamagedCacheError, missing_parts, summarize, verify_cache
+
+    if not path.exists():
+        raise FeatpipeError(f"'{path}' does not exist; pass a cache file (.h5), a run directory or models/latest.")
+    missing = missing_parts(path)  # also refuses a file that is not a featpipe cache, in one sentence
+    if missing:
+        raise CacheError(
+            f"'{path}' is an incomplete featpipe cache: it lacks {', '.join(missing)}, which every cache "
+            "featpipe finishes has; it was not written by `featpipe extract` or was damaged since. "
+            "Re-extract into a new --output file."
+        )
+    lines = summarize(path).lines()
+    if verify:
+        report = verify_cache(path)
+        if report.damaged:
+            raise DamagedCacheError(report.line())
+        lines.append("  " + report.line())
+    return lines
 
 
 def _cache_status(data) -> str:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +35,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from featpipe.errors import DatasetError, FeatpipeError, VideoError
+from featpipe.errors import DatasetError, FeatpipeError, OptionError, VideoError
+from featpipe.options import check_int
 from featpipe.video import count_frames
 
 __all__ = [
@@ -104,12 +105,32 @@ class ClipSpec:
     reverse: bool
 
 
-def _check_counts(train: int, val: int, test: int) -> None:
+# Clips per class and split: a bound so that a typo (``--train 1000000000``) is refused at once
+# instead of growing memory with no output (10,000 is 120,000 clips, about 10 GB of video).
+MAX_CLIPS_PER_CLASS = 10_000
+
+
+class _NoClips(OptionError):
+    """All three counts are 0: names the three parameters (API) or the three flags (CLI)."""
+
+    def __init__(self):
+        super().__init__("train", "")
+        self.args = ("train, val and test are all 0: there would be no clip to write; ask for at least one.",)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+    def flag_message(self, flags=None) -> str:
+        return "--train, --val and --test are all 0: there would be no clip to write; ask for at least one."
+
+
+def _check_counts(train: int, val: int, test: int, seed: int = 0) -> None:
+    """Every option of the generator, checked once (API and CLI alike) before anything is written."""
     for name, value in (("train", train), ("val", val), ("test", test)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer number of clips per class, got {value!r}")
+        check_int(name, value, 0, MAX_CLIPS_PER_CLASS, hint="It counts clips per class in that split.")
+    check_int("seed", seed, 0)
     if train + val + test == 0:
-        raise ValueError("train, val and test are all 0: there would be no clip to write")
+        raise _NoClips()
 
 
 def _hue_colour(rng: np.random.Generator) -> tuple[int, int, int]:
@@ -130,7 +151,7 @@ def sample_clip_specs(train: int = 16, val: int = 6, test: int = 6, seed: int = 
     them), and the exact length and the drawing parameters are drawn at random. Both classes
     of a pair use the same procedure, so their parameters have the same distribution.
     """
-    _check_counts(train, val, test)
+    _check_counts(train, val, test, seed)
     rng = np.random.default_rng(seed)
     per_split = {"train": int(train), "val": int(val), "test": int(test)}
     specs: list[ClipSpec] = []
@@ -253,7 +274,9 @@ def _read_marker(root: Path) -> dict | None:
     return content
 
 
-def _write_marker(root: Path, params: dict, specs: list[ClipSpec], complete: bool) -> None:
+def _write_marker(root: Path, params: dict, specs: list[ClipSpec], complete: bool, folders: list[str]) -> None:
+    """``files`` and ``folders`` are what :func:`_remove_owned` may delete later: the clips the
+    generator writes and the folders it created for them (never one that existed before)."""
     content = {
         "generator": GENERATOR,
         "version": GENERATOR_VERSION,
@@ -261,6 +284,7 @@ def _write_marker(root: Path, params: dict, specs: list[ClipSpec], complete: boo
         "classes": list(SAMPLE_CLASSES),
         "complete": complete,
         "files": [spec.relpath for spec in specs],
+        "folders": folders,
         "clips": [asdict(spec) for spec in specs] if complete else [],
     }
     tmp = root / (MARKER_NAME + ".tmp")
@@ -283,14 +307,46 @@ def _is_complete(root: Path, marker: dict, params: dict) -> bool:
     return True
 
 
-def _remove_owned(root: Path) -> None:
-    """Remove what the generator owns: the split folders and the marker, nothing else."""
-    for name in (*SPLITS, MARKER_NAME, MARKER_NAME + ".tmp"):
-        path = root / name
+# The only paths the generator ever writes: a marker naming anything else (edited, or not ours)
+# never makes it delete that.
+_OWNED_FILE = re.compile(
+    rf"^({'|'.join(SPLITS)})/({'|'.join(SAMPLE_CLASSES)})/\2_\1_[0-9]{{3,}}\.mp4$")
+_OWNED_FOLDER = re.compile(rf"^({'|'.join(SPLITS)})(/({'|'.join(SAMPLE_CLASSES)}))?$")
+
+
+def _remove_owned(root: Path, marker: dict | None) -> None:
+    """Delete exactly what the marker says the generator wrote: its clips, then the folders it
+    created for them once they are empty, then the marker. A file or folder of the user's (a
+    class folder of their own, notes beside the clips) is never touched, even inside a split
+    folder of the generator's: that folder then stays."""
+    files = marker.get("files") if marker else None
+    for rel in files if isinstance(files, list) else []:
+        if not isinstance(rel, str) or not _OWNED_FILE.match(rel):
+            continue
+        path = root / rel
         if path.is_symlink() or path.is_file():
             path.unlink()
-        elif path.is_dir():
-            shutil.rmtree(path)
+    folders = marker.get("folders") if marker else None
+    if not isinstance(folders, list):  # a marker of featpipe <= 0.x: the folders of its files
+        folders = sorted({str(Path(rel).parent) for rel in files or [] if isinstance(rel, str) and _OWNED_FILE.match(rel)}
+                         | {rel.split("/")[0] for rel in files or [] if isinstance(rel, str) and _OWNED_FILE.match(rel)})
+    for rel in sorted((f for f in folders if isinstance(f, str) and _OWNED_FOLDER.match(f)), key=len, reverse=True):
+        path = root / rel
+        if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+            path.rmdir()
+    if marker is not None:
+        for name in (MARKER_NAME, MARKER_NAME + ".tmp"):
+            if (root / name).is_file():
+                (root / name).unlink()
+
+
+def _folders_to_create(root: Path, specs: list[ClipSpec]) -> list[str]:
+    """The folders (relative, "/"-separated) that writing ``specs`` creates: the ones not there yet."""
+    wanted = set()
+    for spec in specs:
+        split, class_name, _ = spec.relpath.split("/")
+        wanted.update((split, f"{split}/{class_name}"))
+    return sorted(rel for rel in wanted if not (root / rel).exists())
 
 
 def write_sample_data(
@@ -307,11 +363,16 @@ def write_sample_data(
     Returns at once, rewriting nothing, when ``root`` already holds complete sample data
     written with the same parameters. Raises :class:`DatasetError` when ``root`` is a file, or
     a non-empty folder that is not sample data or holds sample data with other parameters,
-    unless ``overwrite`` is set: then only the split folders and the marker are removed and
-    rewritten (other files in ``root`` are left alone). A folder whose marker says an earlier
-    write did not finish is rewritten without ``overwrite``: its files are the generator's.
+    unless ``overwrite`` is set. Only what the marker lists is ever deleted: the clips the
+    generator wrote and the folders it created for them once they are empty; a file or folder
+    of the user's (a class folder of their own, notes) is never deleted or replaced, and a
+    file of theirs where a clip would go is refused with :class:`DatasetError`. A folder whose
+    marker says an earlier write did not finish is rewritten without ``overwrite``: its files
+    are the generator's. Raises :class:`~featpipe.errors.OptionError` (a ``ValueError``) for a
+    negative or too large count (at most ``MAX_CLIPS_PER_CLASS``), all-zero counts or a
+    negative seed, before anything is written.
     """
-    specs = sample_clip_specs(train, val, test, seed)
+    specs = sample_clip_specs(train, val, test, seed)  # checks every option before anything is touched
     params = _params(train, val, test, seed)
     root = Path(root)
     result = SampleData(
@@ -332,17 +393,27 @@ def write_sample_data(
             if not overwrite:
                 if marker is None:
                     what = "is not empty and does not hold featpipe sample data"
+                    how = "write the sample data beside its files"
                 else:
                     what = f"holds featpipe sample data written with other parameters ({marker.get('params')})"
+                    how = f"replace the clips {MARKER_NAME} lists"
                 raise DatasetError(
-                    f"{root} {what}; choose another folder, or pass --overwrite to replace its "
-                    f"{', '.join(SPLITS)} folders and {MARKER_NAME}."
+                    f"{root} {what}; choose another folder, or pass --overwrite to {how} (featpipe deletes "
+                    "or replaces only files it wrote, never yours)."
                 )
-        _remove_owned(root)
+        _remove_owned(root, marker)
+        for spec in specs:  # a file of the user's where a clip goes is never replaced
+            path = root / spec.relpath
+            if path.exists() or path.is_symlink():
+                raise DatasetError(
+                    f"{path} is in the way of a sample clip and featpipe did not write it (it is not listed in "
+                    f"{root / MARKER_NAME}); move it away or choose another folder."
+                )
 
     root.mkdir(parents=True, exist_ok=True)
-    _write_marker(root, params, specs, complete=False)
+    folders = _folders_to_create(root, specs)
+    _write_marker(root, params, specs, complete=False, folders=folders)
     for spec in specs:
         _write_clip(spec, root / spec.relpath)
-    _write_marker(root, params, specs, complete=True)
+    _write_marker(root, params, specs, complete=True, folders=folders)
     return result

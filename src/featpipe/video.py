@@ -22,6 +22,7 @@ the true count known in advance would give.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,6 +188,13 @@ def _check_file(path: Path) -> None:
         raise VideoError(f"cannot read video file {path}: {exc.strerror or exc}.") from exc
     if size == 0:
         raise VideoError(f"video file {path} is empty (0 bytes); re-copy or re-download it.")
+    try:  # a file we may not read is not "not a video file": say what is wrong with it
+        os.close(os.open(path, os.O_RDONLY))
+    except PermissionError as exc:
+        raise VideoError(f"cannot read video file {path}: permission denied; give your user read access "
+                         "(e.g. chmod a+r) or remove it from the dataset.") from exc
+    except OSError as exc:
+        raise VideoError(f"cannot read video file {path}: {exc.strerror or exc}.") from exc
 
 
 def _open(path: Path) -> cv2.VideoCapture:

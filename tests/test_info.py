@@ -1,0 +1,153 @@
+"""featpipe.info and `featpipe info`: checksums (`--verify`), damaged rows named in train, and bad input."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from test_data import make_cache  # a small cache written through the real writer
+from typer.testing import CliRunner
+
+import featpipe
+from featpipe.cache import DamagedCacheError, verify_cache
+from featpipe.cli import app
+from featpipe.data import H5Batches, feature_stats, load_rows, open_index
+from featpipe.errors import CacheError
+
+DAMAGED = 5  # the row whose bytes are flipped; make_cache names it v005.mp4
+
+
+def flip_bytes_in_row(path, row: int) -> None:
+    """Flip a few bytes inside the stored chunk (the features) of ``row``, as a bad disk or copy would."""
+    with h5py.File(path, "r") as f:
+        ds = f["features"]
+        assert ds.chunks[0] == 1, "one row per chunk"
+        info = ds.id.get_chunk_info_by_coord((row,) + (0,) * (ds.ndim - 1))
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + 8)
+        data = fh.read(4)
+        fh.seek(info.byte_offset + 8)
+        fh.write(bytes(b ^ 0x5A for b in data))
+
+
+@pytest.fixture
+def damaged(tmp_path):
+    path = make_cache(tmp_path / "c.h5", n=12)
+    flip_bytes_in_row(path, DAMAGED)
+    return path
+
+
+def run(*args):
+    result = CliRunner().invoke(app, list(map(str, args)))
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_features_are_stored_with_a_checksum_plain_h5py_still_reads(tmp_path):
+    path = make_cache(tmp_path / "c.h5", n=3)
+    with h5py.File(path, "r") as f:
+        assert f["features"].fletcher32
+        assert f["features"][0].shape == f["features"].shape[1:]
+    assert verify_cache(path).damaged == []
+
+
+def test_info_verify_says_every_row_was_verified(tmp_path):
+    path = make_cache(tmp_path / "c.h5", n=12)
+    assert featpipe.info(path, verify=True)[-1].strip() == "all 12 rows verified (fletcher32 checksums)."
+    result = run("info", path, "--verify")
+    assert result.exit_code == 0 and "all 12 rows verified" in result.output
+
+
+def test_info_verify_names_the_damaged_clip_and_exits_1(damaged):
+    with pytest.raises(DamagedCacheError, match="'v005.mp4'") as info:
+        featpipe.info(damaged, verify=True)
+    assert "v004.mp4" not in str(info.value) and "featpipe extract" in str(info.value)
+    result = run("info", damaged, "--verify")
+    assert result.exit_code == 1
+    assert "v005.mp4" in result.output and "fail their checksum" in result.output
+    assert run("info", damaged).exit_code == 0, "without --verify, info reads no features"
+
+
+def test_reading_a_damaged_row_for_training_names_the_clip(damaged):
+    index = open_index(damaged)
+    everything = np.arange(12)
+    with pytest.raises(DamagedCacheError, match="'v005.mp4'.*re-extract"):
+        feature_stats(index, everything)
+    with pytest.raises(DamagedCacheError, match="'v005.mp4'"):
+        load_rows(index, np.array([7, DAMAGED, 1]))
+    load_rows(index, np.array([0, 1, 2, 3, 4]))  # the intact rows still read
+    batches = H5Batches(damaged, everything, index.labels, batch_size=4)
+    try:
+        with pytest.raises(DamagedCacheError, match="'v005.mp4'"):
+            batches[1]
+    finally:
+        batches.close()
+
+
+def test_train_on_a_damaged_cache_fails_with_one_sentence_naming_the_clip(damaged, tmp_path):
+    result = run("train", "--cache", damaged, "--epochs", "1", "--units", "4", "--out", tmp_path / "run", "--quiet")
+    assert result.exit_code == 1
+    assert "v005.mp4" in result.output and "fail their checksum" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_cache_without_checksums_still_reads_and_verify_says_so(tmp_path):
+    path = make_cache(tmp_path / "c.h5", n=6)
+    with h5py.File(path, "r+") as f:  # what featpipe wrote before checksums: the same data, no filter
+        data = f["features"][()]
+        del f["features"]
+        f.create_dataset("features", data=data, chunks=(1, *data.shape[1:]))
+    index = open_index(path)
+    x, _ = load_rows(index, np.arange(6))
+    np.testing.assert_array_equal(x["features"], data)
+    line = featpipe.info(path, verify=True)[-1]
+    assert "all 6 rows read" in line and "carries no checksum" in line
+    assert run("info", path, "--verify").exit_code == 0
+
+
+def test_info_on_a_cache_without_its_failed_group_is_one_sentence(tmp_path):
+    path = make_cache(tmp_path / "c.h5", n=3)
+    with h5py.File(path, "r+") as f:
+        del f["failed"]
+    with pytest.raises(CacheError, match="lacks failed/video, failed/reason"):
+        featpipe.info(path)
+    result = run("info", path)
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "failed/video" in result.output
+
+
+@pytest.mark.parametrize("what", ["text", "empty", "missing", "hdf5"])
+def test_info_on_garbage_is_one_sentence(tmp_path, what):
+    path = tmp_path / "thing.h5"
+    if what == "text":
+        path.write_text("not a cache at all\n")
+    elif what == "empty":
+        path.write_bytes(b"")
+    elif what == "hdf5":
+        with h5py.File(path, "w") as f:
+            f["x"] = [1, 2, 3]
+    result = run("info", path)
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1
+    assert str(path) in result.output
+
+
+def test_verify_of_a_run_directory_is_refused_with_a_sentence(tmp_path):
+    (tmp_path / "run").mkdir()
+    result = run("info", tmp_path / "run", "--verify")
+    assert result.exit_code == 2 and "--verify checks a cache file" in result.output
+
+
+def test_adding_clips_to_a_damaged_cache_names_the_clip_and_keeps_the_file(damaged):
+    """A resumed extraction folds old rows into the new cache: a damaged one stops it with a sentence."""
+    from featpipe.cache import CacheConfig, CacheWriter, ClipRecord, open_h5
+
+    with open_h5(damaged) as f:
+        config = CacheConfig.from_attrs(dict(f.attrs))
+    before = damaged.read_bytes()
+    writer = CacheWriter(damaged, config)
+    t, d = config.frames, config.feature_shape[0]
+    writer.append(ClipRecord("new.mp4", 0, "train", 1, np.zeros((t, d), np.float32), np.arange(t) < 1))
+    with pytest.raises(DamagedCacheError, match=f"v{DAMAGED:03d}.mp4"):
+        writer.finalize()
+    assert damaged.read_bytes() == before, "the damaged cache is left as it was"
+    assert not list(damaged.parent.glob(damaged.name + ".tmp-*")), "no temporary file is left behind"
