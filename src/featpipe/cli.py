@@ -102,6 +102,11 @@ def _root(
     """featpipe: extract once, train many times, predict with exactly the same preprocessing."""
 
 
+class Difficulty(str, Enum):
+    easy = "easy"
+    hard = "hard"
+
+
 @app.command("sample-data")
 @_handles_errors
 def sample_data_cmd(
@@ -111,11 +116,13 @@ def sample_data_cmd(
     test: Annotated[int, typer.Option(help="Test clips per class.")] = 6,
     seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same clips.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace sample data written with other settings.")] = False,
+    difficulty: Annotated[Difficulty, typer.Option(help="easy: the demo's clean clips; hard: noise, moving target, textured drifting backgrounds, distractors, 6-150 frames.")] = Difficulty.easy,
 ):
     """Write the built-in synthetic dataset: real mp4 clips whose classes differ only in frame ORDER."""
     from featpipe.sample_data import write_sample_data
 
-    result = write_sample_data(root, train=train, val=val, test=test, seed=seed, overwrite=overwrite)
+    result = write_sample_data(root, train=train, val=val, test=test, seed=seed, overwrite=overwrite,
+                               difficulty=getattr(difficulty, "value", difficulty))
     splits = ", ".join(f"{n} {s}" for s, n in result.counts.items())
     typer.echo(f"Sample data in {result.root}: {result.n_clips} clips ({splits}), classes {', '.join(result.class_names)}.")
 
@@ -180,6 +187,7 @@ class Head(str, Enum):
     attention = "attention"
     transformer = "transformer"
     mean = "mean"
+    segments = "segments"
     cnn_lstm = "cnn-lstm"
 
 
@@ -208,6 +216,13 @@ def train_cmd(
     models_dir: Annotated[Path, typer.Option(help="Parent folder of run directories.")] = Path("models"),
     out: Annotated[Optional[Path], typer.Option(help="Run directory [default: <models-dir>/<backbone>-<head>-<time>].")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-epoch lines.")] = False,
+    frames: Annotated[Optional[int], typer.Option(help="Frames the head sees [default: the cache's]; fewer than the cache holds draws a new jittered subset of real frames each epoch (evaluate/predict use fixed uniform positions).")] = None,
+    segments: Annotated[int, typer.Option(help="Temporal segments of the segments head.")] = 4,
+    bottleneck: Annotated[int, typer.Option(help="Learned Dense bottleneck (with dropout) on the features before the head; 0 = none.")] = 0,
+    pca: Annotated[int, typer.Option(help="Project features on their first N whitened principal axes (fitted on the train frames, saved in the model); 0 = none.")] = 0,
+    input_dropout: Annotated[float, typer.Option(help="Feature dropout: share of feature channels dropped per clip while training.")] = 0.0,
+    weight_decay: Annotated[float, typer.Option(help="AdamW decoupled weight decay; 0 = plain Adam.")] = 0.0,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
 ):
     """Train a mask-aware sequence model on a feature cache; writes a self-describing run directory."""
     from featpipe.metrics import format_report
@@ -217,7 +232,8 @@ def train_cmd(
         cache=cache, cache_dir=cache_dir, rnn=getattr(rnn, "value", rnn), units=units, layers=layers, dropout=dropout,
         num_heads=num_heads, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
         class_weight=getattr(class_weight, "value", class_weight), stream=stream, val_fraction=val_fraction,
-        models_dir=models_dir, out=out, quiet=quiet,
+        models_dir=models_dir, out=out, quiet=quiet, frames=frames, segments=segments, bottleneck=bottleneck, pca=pca,
+        input_dropout=input_dropout, weight_decay=weight_decay, label_smoothing=label_smoothing,
     )
     result = train(opts)
     split = "test" if "test" in result.metrics else "val"

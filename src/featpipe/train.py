@@ -65,6 +65,14 @@ class TrainOptions:
     models_dir: str | Path = "models"
     out: str | Path | None = None  # run directory; default models/<backbone>-<head>-<time>
     quiet: bool = False
+    # --- regularisation for few clips (issue 10; defaults measured on the hard sample set, see README)
+    frames: int | None = None  # steps the head sees; None = the cache's. Fewer: a new jittered subset each epoch
+    segments: int = 4  # segments head: temporal segments
+    bottleneck: int = 0  # learned Dense(bottleneck) + dropout on the standardised features (0 = none)
+    pca: int = 0  # PCA-whitening projection fitted on the train frames, saved in the model (0 = none)
+    input_dropout: float = 0.0  # feature dropout (whole channels of a clip)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (0 = Adam)
+    label_smoothing: float = 0.0
 
 
 @dataclass
@@ -130,6 +138,24 @@ def _validate(opts: TrainOptions, index: CacheIndex) -> dict[str, np.ndarray]:
     return splits
 
 
+def _check_frames(opts: TrainOptions, index: CacheIndex) -> int:
+    """The head's step count for HeadConfig.frames: 0 (all the cache's steps) or fewer than the cache holds."""
+    from featpipe.options import check_float, check_int
+
+    check_int("segments", opts.segments, 1, 1000)
+    for name in ("bottleneck", "pca"):
+        check_int(name, getattr(opts, name), 0, 1 << 16)
+    check_float("input_dropout", opts.input_dropout, 0.0, 1.0, high_open=True)
+    check_float("weight_decay", opts.weight_decay, 0.0, 1.0)
+    check_float("label_smoothing", opts.label_smoothing, 0.0, 1.0, high_open=True)
+    if opts.frames is None:
+        return 0
+    cached = index.config.frames
+    check_int("frames", opts.frames, 1, cached,
+              hint=f"The cache holds {cached} frames per clip; re-extract with a larger `--frames` to train on more.")
+    return 0 if opts.frames == cached else int(opts.frames)
+
+
 def _run_name(index: CacheIndex, head: str) -> str:
     return f"{index.config.backbone}-{head}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
@@ -168,7 +194,10 @@ def train(opts: TrainOptions | None = None, **kwargs) -> TrainResult:
         val_source = f"stratified {opts.val_fraction:.0%} hold-out of train (seed {opts.seed})"
         if not len(val_rows):
             raise FeatpipeError("The train split is too small to hold out validation clips; add a val split to the cache.")
-    head = HeadConfig(head=opts.rnn, units=opts.units, layers=opts.layers, dropout=opts.dropout, num_heads=opts.num_heads)
+    frames = _check_frames(opts, index)
+    head = HeadConfig(head=opts.rnn, units=opts.units, layers=opts.layers, dropout=opts.dropout, num_heads=opts.num_heads,
+                      segments=opts.segments, bottleneck=opts.bottleneck, pca=opts.pca,
+                      input_dropout=opts.input_dropout, frames=frames)
     raw_frames = len(index.config.feature_shape) == 3
     mean = var = None
     everything = np.arange(len(index.labels))
@@ -178,9 +207,23 @@ def train(opts: TrainOptions | None = None, **kwargs) -> TrainResult:
         mean, var = feature_stats(index, train_rows, check=everything)
     keras.utils.set_random_seed(opts.seed)
     n_classes = len(index.class_names)
-    model = build_model(head, index.config.feature_shape, n_classes, mean, var)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=opts.lr), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    projection = None
+    if opts.pca and not raw_frames:
+        from featpipe.data import pca_whitening
+
+        projection = pca_whitening(index, train_rows, mean, var, opts.pca)
+    model = build_model(head, index.config.feature_shape, n_classes, mean, var, pca=projection, seed=opts.seed)
+    if opts.weight_decay:
+        optimizer = keras.optimizers.AdamW(learning_rate=opts.lr, weight_decay=opts.weight_decay)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate=opts.lr)
+    if opts.label_smoothing:
+        from featpipe.models import SparseSmoothedCrossentropy
+
+        loss = SparseSmoothedCrossentropy(opts.label_smoothing)
+    else:
+        loss = "sparse_categorical_crossentropy"
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
 
     run_dir = Path(opts.out) if opts.out else _unique(Path(opts.models_dir) / _run_name(index, opts.rnn))
     run_dir.mkdir(parents=True, exist_ok=True)
