@@ -249,6 +249,43 @@ def train_cmd(
         raise typer.Exit(130)
 
 
+class CV(str, Enum):
+    auto = "auto"
+    folds = "folds"
+    seeds = "seeds"
+
+
+@app.command("tune")
+@_handles_errors(interrupted="interrupted: finished trials are kept in study.db; run the same command again to resume.")
+def tune_cmd(
+    cache: Annotated[Optional[Path], typer.Argument(help="Cache file [default: the single .h5 in --cache-dir].", show_default=False)] = None,
+    cache_dir: Annotated[Path, typer.Option(help="Where to look for the cache when CACHE is not given.")] = Path("cache"),
+    trials: Annotated[Optional[int], typer.Option(help="Finished trials to reach (earlier runs of the same search count).")] = 20,
+    time_budget: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many seconds.")] = None,
+    jobs: Annotated[int, typer.Option(help="Worker processes sharing the search.")] = 1,
+    heads: Annotated[str, typer.Option(help="Comma-separated heads to search.")] = "gru,lstm,segments",
+    cv: Annotated[CV, typer.Option(help="How a trial is scored: seeds (train -> val, repeated seeds), folds (stratified k-fold on train+val), auto (folds when val has fewer than 10 clips per class).")] = CV.auto,
+    folds: Annotated[int, typer.Option(help="Folds of --cv folds.")] = 3,
+    seeds: Annotated[int, typer.Option(help="Seeds of --cv seeds.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler and the fits.")] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for study.db and the leaderboard [default: <models-dir>/tune-<cache stem>].")] = None,
+    models_dir: Annotated[Path, typer.Option(help="Parent folder of the retrained best run.")] = Path("models"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
+):
+    """Search heads and settings with Optuna (resumable), print a leaderboard, retrain the best as models/latest."""
+    from featpipe.tune import TuneOptions, format_leaderboard, tune
+
+    opts = TuneOptions(cache=cache, cache_dir=cache_dir, trials=trials, time_budget=time_budget, jobs=jobs,
+                       heads=tuple(h.strip() for h in heads.split(",") if h.strip()), cv=getattr(cv, "value", cv),
+                       folds=folds, seeds=seeds, seed=seed, out=out, models_dir=models_dir, quiet=quiet)
+    result = tune(opts)
+    typer.echo(format_leaderboard(result.leaderboard, result.cv))
+    typer.echo(f"Leaderboard: {', '.join(str(p) for p in result.files.values())}")
+    if result.run_dir is not None:
+        acc = "n/a" if result.test_accuracy is None else f"{result.test_accuracy:.3f}"
+        typer.echo(f"Best configuration retrained as {result.run_dir} (models/latest); test accuracy {acc}.")
+
+
 @app.command("evaluate")
 @_handles_errors
 def evaluate_cmd(

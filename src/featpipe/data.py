@@ -479,8 +479,21 @@ def pca_whitening(index: CacheIndex, rows: np.ndarray, mean: np.ndarray, varianc
         count += len(z)
     if cov is None or count < 2:
         raise FeatpipeError("PCA needs at least two real train frames; re-extract the cache or leave out --pca.")
+    return _whitening(cov / (count - 1), components)
+
+
+def pca_from_frames(z: np.ndarray, components: int) -> np.ndarray:
+    """:func:`pca_whitening` for standardised frames already in memory, ``(frames, D)``."""
+    if len(z) < 2:
+        raise FeatpipeError("PCA needs at least two real train frames; re-extract the cache or leave out --pca.")
+    z = np.asarray(z, dtype=np.float64)
+    return _whitening(z.T @ z / (len(z) - 1), components)
+
+
+def _whitening(cov: np.ndarray, components: int) -> np.ndarray:
     if components > cov.shape[0]:
         raise FeatpipeError(f"pca must be at most the feature size ({cov.shape[0]}); got {components}.")
-    values, vectors = np.linalg.eigh(cov / (count - 1))
+    values, vectors = np.linalg.eigh(cov)
     top = np.argsort(values)[::-1][:components]
-    return (vectors[:, top] / np.sqrt(np.maximum(values[top], 1e-6))).astype(np.float32)
+    vectors = vectors[:, top] * np.sign(vectors[:1, top] + 1e-300)  # a fixed sign per axis: reproducible
+    return (vectors / np.sqrt(np.maximum(values[top], 1e-6))).astype(np.float32)

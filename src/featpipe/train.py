@@ -138,6 +138,23 @@ def _validate(opts: TrainOptions, index: CacheIndex) -> dict[str, np.ndarray]:
     return splits
 
 
+def compile_model(model, opts: TrainOptions) -> None:
+    """The optimiser and loss of ``opts``: Adam, or AdamW with weight decay; label smoothing if asked."""
+    import keras
+
+    if opts.weight_decay:
+        optimizer = keras.optimizers.AdamW(learning_rate=opts.lr, weight_decay=opts.weight_decay)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate=opts.lr)
+    if opts.label_smoothing:
+        from featpipe.models import SparseSmoothedCrossentropy
+
+        loss = SparseSmoothedCrossentropy(opts.label_smoothing)
+    else:
+        loss = "sparse_categorical_crossentropy"
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+
+
 def _check_frames(opts: TrainOptions, index: CacheIndex) -> int:
     """The head's step count for HeadConfig.frames: 0 (all the cache's steps) or fewer than the cache holds."""
     from featpipe.options import check_float, check_int
@@ -213,17 +230,7 @@ def train(opts: TrainOptions | None = None, **kwargs) -> TrainResult:
 
         projection = pca_whitening(index, train_rows, mean, var, opts.pca)
     model = build_model(head, index.config.feature_shape, n_classes, mean, var, pca=projection, seed=opts.seed)
-    if opts.weight_decay:
-        optimizer = keras.optimizers.AdamW(learning_rate=opts.lr, weight_decay=opts.weight_decay)
-    else:
-        optimizer = keras.optimizers.Adam(learning_rate=opts.lr)
-    if opts.label_smoothing:
-        from featpipe.models import SparseSmoothedCrossentropy
-
-        loss = SparseSmoothedCrossentropy(opts.label_smoothing)
-    else:
-        loss = "sparse_categorical_crossentropy"
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+    compile_model(model, opts)
 
     run_dir = Path(opts.out) if opts.out else _unique(Path(opts.models_dir) / _run_name(index, opts.rnn))
     run_dir.mkdir(parents=True, exist_ok=True)
