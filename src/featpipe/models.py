@@ -59,6 +59,7 @@ class HeadConfig:
     input_dropout: float = 0.0  # feature dropout: whole feature channels dropped for all steps of a clip
     pca: int = 0  # feature heads: project on the first `pca` whitened principal axes of the train frames
     frames: int = 0  # frames the head sees: 0 = every cached step; else a subset (jittered when training)
+    pooled_steps: int = 0  # recurrent heads: read the masked means of this many temporal segments (0 = every frame)
 
     def __post_init__(self) -> None:
         if not isinstance(self.head, str):
@@ -68,7 +69,7 @@ class HeadConfig:
             raise FeatpipeError(f"Unknown head {self.head!r}: choose one of {', '.join(HEADS)}.")
         object.__setattr__(self, "head", head)
         for name, low in (("units", 1), ("layers", 1), ("num_heads", 1), ("segments", 1), ("bottleneck", 0),
-                          ("pca", 0), ("frames", 0)):
+                          ("pca", 0), ("frames", 0), ("pooled_steps", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise FeatpipeError(f"{name} must be a whole number >= {low}; got {value!r}.")
@@ -346,6 +347,26 @@ class SegmentMeans(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="featpipe")
+class AnyRealStep(layers.Layer):
+    """Frame mask ``(B, T)`` -> ``(B, steps)`` mask of segment means: all True for a clip with a real
+    frame (:class:`SegmentMeans` never leaves a segment empty then), all False for an empty clip."""
+
+    def __init__(self, steps: int, **kwargs):
+        super().__init__(**kwargs)
+        self.steps = int(steps)
+
+    def call(self, mask):
+        any_real = ops.any(ops.cast(mask, "bool"), axis=1, keepdims=True)  # (B, 1)
+        return ops.logical_and(any_real, ops.ones((1, self.steps), dtype="bool"))
+
+    def compute_output_spec(self, mask):
+        return keras.KerasTensor((mask.shape[0], self.steps), dtype="bool")
+
+    def get_config(self):
+        return {**super().get_config(), "steps": self.steps}
+
+
+@keras.saving.register_keras_serializable(package="featpipe")
 class SparseSmoothedCrossentropy(keras.losses.Loss):
     """Sparse categorical cross-entropy with label smoothing (Keras' sparse loss has none)."""
 
@@ -519,6 +540,9 @@ def build_model(
 
     head = config.head
     if head in ("gru", "lstm", "bilstm"):
+        if config.pooled_steps:  # a short sequence of segment means: less per-frame noise, order kept
+            x = SegmentMeans(config.pooled_steps, name="pooled_steps")(x, mask=mask)
+            mask = AnyRealStep(config.pooled_steps, name="pooled_mask")(mask)
         x = _recurrent_stack(x, mask, config)
     elif head == "cnn-lstm":
         x = _recurrent_stack(x, mask, config)

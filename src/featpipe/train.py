@@ -73,6 +73,7 @@ class TrainOptions:
     input_dropout: float = 0.0  # feature dropout (whole channels of a clip)
     weight_decay: float = 0.0  # AdamW decoupled weight decay (0 = Adam)
     label_smoothing: float = 0.0
+    pooled_steps: int = 0  # recurrent heads read the means of this many temporal segments (0 = every frame)
 
 
 @dataclass
@@ -160,7 +161,7 @@ def _check_frames(opts: TrainOptions, index: CacheIndex) -> int:
     from featpipe.options import check_float, check_int
 
     check_int("segments", opts.segments, 1, 1000)
-    for name in ("bottleneck", "pca"):
+    for name in ("bottleneck", "pca", "pooled_steps"):
         check_int(name, getattr(opts, name), 0, 1 << 16)
     check_float("input_dropout", opts.input_dropout, 0.0, 1.0, high_open=True)
     check_float("weight_decay", opts.weight_decay, 0.0, 1.0)
@@ -214,7 +215,7 @@ def train(opts: TrainOptions | None = None, **kwargs) -> TrainResult:
     frames = _check_frames(opts, index)
     head = HeadConfig(head=opts.rnn, units=opts.units, layers=opts.layers, dropout=opts.dropout, num_heads=opts.num_heads,
                       segments=opts.segments, bottleneck=opts.bottleneck, pca=opts.pca,
-                      input_dropout=opts.input_dropout, frames=frames)
+                      input_dropout=opts.input_dropout, frames=frames, pooled_steps=opts.pooled_steps)
     raw_frames = len(index.config.feature_shape) == 3
     mean = var = None
     everything = np.arange(len(index.labels))

@@ -209,7 +209,8 @@ def score_config(params: dict, data: dict, fits, opts: TuneOptions) -> tuple[lis
         frames = 0 if topts.frames in (None, x.shape[1]) else int(topts.frames)
         head = HeadConfig(head=topts.rnn, units=topts.units, layers=topts.layers, dropout=topts.dropout,
                           num_heads=topts.num_heads, segments=topts.segments, bottleneck=topts.bottleneck,
-                          pca=topts.pca, input_dropout=topts.input_dropout, frames=frames)
+                          pca=topts.pca, input_dropout=topts.input_dropout, frames=frames,
+                          pooled_steps=topts.pooled_steps)
         keras.utils.set_random_seed(seed)
         model = build_model(head, x.shape[2:], data["n_classes"], mean, var, pca=projection, seed=seed)
         compile_model(model, topts)
