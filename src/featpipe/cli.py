@@ -218,10 +218,12 @@ def train_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-epoch lines.")] = False,
     frames: Annotated[Optional[int], typer.Option(help="Frames the head sees [default: the cache's]; fewer than the cache holds draws a new jittered subset of real frames each epoch (evaluate/predict use fixed uniform positions).")] = None,
     segments: Annotated[int, typer.Option(help="Temporal segments of the segments head.")] = 4,
-    bottleneck: Annotated[int, typer.Option(help="Learned Dense bottleneck (with dropout) on the features before the head; 0 = none.")] = 0,
+    bottleneck: Annotated[Optional[int], typer.Option(help="Learned Dense bottleneck (with dropout) on the features before the head; 0 = none [default: 32 for gru/lstm/bilstm, else 0].", show_default=False)] = None,
     pca: Annotated[int, typer.Option(help="Project features on their first N whitened principal axes (fitted on the train frames, saved in the model); 0 = none.")] = 0,
-    input_dropout: Annotated[float, typer.Option(help="Feature dropout: share of feature channels dropped per clip while training.")] = 0.0,
-    weight_decay: Annotated[float, typer.Option(help="AdamW decoupled weight decay; 0 = plain Adam.")] = 0.0,
+    input_dropout: Annotated[Optional[float], typer.Option(help="Feature dropout: share of feature channels dropped per clip while training [default: 0.2 for gru/lstm/bilstm, else 0].", show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW decoupled weight decay; 0 = plain Adam [default: 0.01 for gru/lstm/bilstm, else 0].", show_default=False)] = None,
+    shortcut: Annotated[Optional[int], typer.Option(help="gru/lstm/bilstm: also classify the masked means of this many temporal segments (a linear path beside the recurrent state); 0 = none [default: 4].", show_default=False)] = None,
+    pooled_steps: Annotated[int, typer.Option(help="gru/lstm/bilstm: read the means of this many temporal segments instead of every frame; 0 = every frame.")] = 0,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
 ):
     """Train a mask-aware sequence model on a feature cache; writes a self-describing run directory."""
@@ -233,7 +235,8 @@ def train_cmd(
         num_heads=num_heads, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
         class_weight=getattr(class_weight, "value", class_weight), stream=stream, val_fraction=val_fraction,
         models_dir=models_dir, out=out, quiet=quiet, frames=frames, segments=segments, bottleneck=bottleneck, pca=pca,
-        input_dropout=input_dropout, weight_decay=weight_decay, label_smoothing=label_smoothing,
+        input_dropout=input_dropout, weight_decay=weight_decay, label_smoothing=label_smoothing, shortcut=shortcut,
+        pooled_steps=pooled_steps,
     )
     result = train(opts)
     split = "test" if "test" in result.metrics else "val"
@@ -268,6 +271,8 @@ def tune_cmd(
     folds: Annotated[int, typer.Option(help="Folds of --cv folds.")] = 3,
     seeds: Annotated[int, typer.Option(help="Seeds of --cv seeds.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of the sampler and the fits.")] = 0,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs of each fit in a trial.")] = 120,
+    patience: Annotated[int, typer.Option(help="Early-stopping patience of each fit in a trial.")] = 15,
     out: Annotated[Optional[Path], typer.Option(help="Folder for study.db and the leaderboard [default: <models-dir>/tune-<cache stem>].")] = None,
     models_dir: Annotated[Path, typer.Option(help="Parent folder of the retrained best run.")] = Path("models"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
@@ -277,7 +282,8 @@ def tune_cmd(
 
     opts = TuneOptions(cache=cache, cache_dir=cache_dir, trials=trials, time_budget=time_budget, jobs=jobs,
                        heads=tuple(h.strip() for h in heads.split(",") if h.strip()), cv=getattr(cv, "value", cv),
-                       folds=folds, seeds=seeds, seed=seed, out=out, models_dir=models_dir, quiet=quiet)
+                       folds=folds, seeds=seeds, seed=seed, epochs=epochs, patience=patience, out=out,
+                       models_dir=models_dir, quiet=quiet)
     result = tune(opts)
     typer.echo(format_leaderboard(result.leaderboard, result.cv))
     typer.echo(f"Leaderboard: {', '.join(str(p) for p in result.files.values())}")

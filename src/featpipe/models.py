@@ -60,6 +60,7 @@ class HeadConfig:
     pca: int = 0  # feature heads: project on the first `pca` whitened principal axes of the train frames
     frames: int = 0  # frames the head sees: 0 = every cached step; else a subset (jittered when training)
     pooled_steps: int = 0  # recurrent heads: read the masked means of this many temporal segments (0 = every frame)
+    shortcut: int = 0  # recurrent heads: also classify the masked means of this many segments (0 = no shortcut)
 
     def __post_init__(self) -> None:
         if not isinstance(self.head, str):
@@ -69,7 +70,8 @@ class HeadConfig:
             raise FeatpipeError(f"Unknown head {self.head!r}: choose one of {', '.join(HEADS)}.")
         object.__setattr__(self, "head", head)
         for name, low in (("units", 1), ("layers", 1), ("num_heads", 1), ("segments", 1), ("bottleneck", 0),
-                          ("pca", 0), ("frames", 0), ("pooled_steps", 0)):
+                          ("pca", 0), ("frames", 0), ("pooled_steps", 0),
+                          ("shortcut", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise FeatpipeError(f"{name} must be a whole number >= {low}; got {value!r}.")
@@ -524,6 +526,7 @@ def build_model(
     else:
         if mean is not None:
             x = layers.Normalization(mean=mean, variance=variance, name="standardize")(x)
+        standardized = x
         if config.input_dropout:
             x = layers.Dropout(config.input_dropout, noise_shape=(None, 1, x.shape[-1]), name="feature_dropout")(x)
         if config.pca:
@@ -544,6 +547,11 @@ def build_model(
             x = SegmentMeans(config.pooled_steps, name="pooled_steps")(x, mask=mask)
             mask = AnyRealStep(config.pooled_steps, name="pooled_mask")(mask)
         x = _recurrent_stack(x, mask, config)
+        if config.shortcut:  # a linear path from the segment means (TSN consensus) beside the recurrent state
+            short = SegmentMeans(config.shortcut, name="shortcut_means")(standardized, mask=mask_used)
+            short = layers.Flatten(name="shortcut_flat")(short)
+            short = layers.Dropout(config.dropout, name="shortcut_dropout")(short)
+            x = layers.Concatenate(name="shortcut_concat")([x, short])
     elif head == "cnn-lstm":
         x = _recurrent_stack(x, mask, config)
     elif head == "mean":
