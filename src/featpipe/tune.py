@@ -38,8 +38,8 @@ MIN_VAL_PER_CLASS = 10  # fewer val clips per class than this: k-fold on train +
 SEARCH_HEADS = ("gru", "lstm", "segments")
 # Settings every trial shares (the search space covers the rest). A trial is a few short fits:
 # the patience is shorter than train()'s default to keep a 20-trial search within minutes on 2 cores.
-TRIAL_EPOCHS = 120
-TRIAL_PATIENCE = 15
+TRIAL_EPOCHS = 60
+TRIAL_PATIENCE = 10
 
 
 @dataclass(frozen=True)
@@ -251,9 +251,19 @@ def _load_study(db: Path, name: str, seed: int):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(_storage_url(db), engine_kwargs={"connect_args": {"timeout": 60}})
-    sampler = optuna.samplers.TPESampler(seed=seed + os.getpid() % 1000, n_startup_trials=6)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=6)
     return optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="maximize",
                                load_if_exists=True)
+
+
+def study_trials(db: str | Path, name: str) -> list:
+    """Every trial of study ``name`` in ``db`` (empty when there is none yet)."""
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=name, storage=_storage_url(Path(db))).trials
+    except KeyError:
+        return []
 
 
 def _complete(study) -> list:
@@ -262,7 +272,7 @@ def _complete(study) -> list:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
-def _worker(cache: str, db: str, name: str, opts: TuneOptions, deadline: float | None) -> None:
+def _worker(cache: str, db: str, name: str, opts: TuneOptions, deadline: float | None, worker: int = 0) -> None:
     """One worker process: load train+val into memory once, then run trials until the study has
     ``opts.trials`` finished ones or the deadline passes."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -278,7 +288,7 @@ def _worker(cache: str, db: str, name: str, opts: TuneOptions, deadline: float |
     where[rows] = np.arange(len(rows))
     data = {"features": x["features"], "mask": x["mask"], "labels": y, "where": where,
             "n_classes": len(index.class_names)}
-    study = _load_study(Path(db), name, opts.seed)
+    study = _load_study(Path(db), name, opts.seed * 1000 + worker + len(study_trials(db, name)))  # distinct streams
 
     def objective(trial):
         params = suggest(trial, opts.heads, index.config.frames)
@@ -433,8 +443,8 @@ def tune(opts: TuneOptions | None = None, **kwargs) -> TuneResult:
     deadline = None if opts.time_budget is None else time.time() + opts.time_budget
     interrupted = False
     ctx = multiprocessing.get_context("spawn")  # no fork after TensorFlow
-    procs = [ctx.Process(target=_worker_main, args=(str(cache), str(db), name, opts, deadline), daemon=True)
-             for _ in range(opts.jobs)]
+    procs = [ctx.Process(target=_worker_main, args=(str(cache), str(db), name, opts, deadline, k), daemon=True)
+             for k in range(opts.jobs)]
     try:
         for p in procs:
             p.start()
