@@ -391,14 +391,15 @@ def _plot(rows: list[dict], path: Path, mode: str, top: int = 15) -> Path:
     import matplotlib.pyplot as plt
 
     shown = rows[:top][::-1]
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(shown) + 1.2))
+    fig, ax = plt.subplots(figsize=(14, 0.45 * len(shown) + 1.2))
     ax.errorbar([r["mean"] for r in shown], range(len(shown)), xerr=[r["std"] for r in shown], fmt="o", capsize=3)
     ax.set_yticks(range(len(shown)))
     ax.set_yticklabels([f"#{r['number']} {describe(r['params'])}" for r in shown], fontsize=7)
     ax.set_xlabel(f"validation accuracy, mean +/- std over {mode}")
-    ax.set_xlim(min(0.0, min(r["mean"] - r["std"] for r in shown)), 1.02)
+    ax.set_xlim(max(0.0, min(r["mean"] - r["std"] for r in shown) - 0.05), 1.01)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
+    fig.subplots_adjust(left=0.42)  # the configuration labels are long
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
