@@ -464,3 +464,16 @@ def test_pca_projection_is_frozen_inside_the_model_and_required_when_asked_for()
     assert not layer.trainable and np.allclose(layer.get_weights()[0], projection)
     with pytest.raises(FeatpipeError, match="pca=4 needs a"):
         build_model(HeadConfig(head="gru", units=4, pca=4), (D,), N_CLASSES, *stats("gru"))
+
+
+def test_segment_shortcut_beside_the_recurrent_state_is_mask_safe_and_loads_in_safe_mode(tmp_path):
+    model = make("gru", shortcut=4, bottleneck=6, input_dropout=0.2)
+    assert model.get_layer("shortcut_means").segments == 4
+    x, mask = make_batch("gru")
+    probs = predict(model, x, mask)
+    garbage = x.copy()
+    garbage[~mask] = np.nan
+    np.testing.assert_allclose(predict(model, garbage, mask), probs, rtol=1e-5, atol=1e-6)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_allclose(predict(loaded, x, mask), probs, rtol=1e-5, atol=1e-6)
