@@ -135,7 +135,7 @@ def main() -> None:
     sizes = sorted({s for _, s in results})
     print()
     print("| head | " + " | ".join(f"test accuracy, {s} train/class" for s in sizes)
-          + " | order pairs (smallest) | train time |")
+          + " | order pairs (smallest size) | train time (largest size) |")
     print("|---|" + "---:|" * len(sizes) + "---:|---:|")
     for name in dict.fromkeys(n for n, _ in results):
         cells = []

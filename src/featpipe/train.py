@@ -79,7 +79,7 @@ class TrainOptions:
 
 
 # What `train --rnn gru|lstm|bilstm` uses unless told otherwise: measured on the hard sample set with 20
-# train clips per class (README, "Heads"): alone, the recurrent path overfits (0.81-0.84 test accuracy);
+# train clips per class (README, "Defaults for few clips"): alone, the recurrent path overfits (0.81-0.84 test accuracy);
 # these bring gru and lstm to the segments head's 0.96. Other heads default to none of them.
 RECURRENT_DEFAULTS = {"bottleneck": 32, "input_dropout": 0.2, "weight_decay": 0.01, "shortcut": 4}
 RECURRENT_HEADS = ("gru", "lstm", "bilstm")
