@@ -316,3 +316,49 @@ def test_fitting_from_the_stream_is_deterministic_for_a_seed(tmp_path):
 
     for a, b in zip(fit(), fit()):
         np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- temporal augmentation, PCA (issue 10)
+
+
+def test_subset_positions_match_the_model_layer_and_video_sampling():
+    import featpipe.models as models
+    from featpipe.data import subset_positions
+    from featpipe.video import sample_indices
+
+    counts = np.array([0, 1, 6, 7, 20, 39, 150])
+    pos, keep = subset_positions(counts, 7)
+    layer_pos, layer_keep = (np.asarray(a) for a in models.FrameSubset(7).positions(counts, training=False))
+    np.testing.assert_array_equal(pos, layer_pos)
+    np.testing.assert_array_equal(keep, layer_keep)
+    for b, n in enumerate(counts):
+        np.testing.assert_array_equal(pos[b][keep[b]], sample_indices(int(n), 7))
+
+
+def test_training_subsets_are_sorted_real_frames_one_per_segment_and_reproducible_from_the_seed():
+    from featpipe.data import subset_positions
+
+    counts = np.array([3, 20, 41, 150])
+    epochs = [subset_positions(counts, 10, np.random.default_rng([7, e])) for e in range(5)]
+    for pos, keep in epochs:
+        for b, n in enumerate(counts):
+            p = pos[b][keep[b]]
+            assert len(p) == min(n, 10) and np.all(np.diff(p) > 0) and 0 <= p.min() and p.max() < n
+    assert len({pos[3].tobytes() for pos, _ in epochs}) == 5, "every epoch draws another subset of a long clip"
+    again = subset_positions(counts, 10, np.random.default_rng([7, 0]))
+    np.testing.assert_array_equal(again[0], epochs[0][0])
+
+
+def test_pca_whitening_of_train_frames_has_unit_variance_and_ignores_padding(tmp_path):
+    from featpipe.data import pca_whitening
+
+    idx = open_index(make_cache(tmp_path / "c.h5", n=60))
+    rows = idx.rows("train")
+    mean, var = feature_stats(idx, rows)
+    w = pca_whitening(idx, rows, mean, var, 3)
+    x, _ = load_rows(idx, rows)
+    real = x["features"][x["mask"]].astype(np.float64)
+    z = (real - mean) / np.sqrt(var) @ w
+    np.testing.assert_allclose(np.cov(z, rowvar=False), np.eye(3), atol=1e-3)
+    with pytest.raises(Exception, match="at most the feature size"):
+        pca_whitening(idx, rows, mean, var, D + 1)

@@ -17,7 +17,7 @@ T = 6  # clip length in the test batch
 IMAGE = (16, 16, 3)  # raw frames for cnn-lstm
 N_CLASSES = 3
 LENGTHS = (1, 3, 6, 4)  # real frames per clip: includes a 1-frame clip and a full clip
-ORDER_SENSITIVE = ("gru", "lstm", "bilstm", "attention", "transformer")
+ORDER_SENSITIVE = ("gru", "lstm", "bilstm", "attention", "transformer", "segments")
 
 
 def feature_shape(head: str) -> tuple[int, ...]:
@@ -364,3 +364,116 @@ def test_feature_heads_on_raw_frames_name_the_feature_cache(head):
 def test_bad_build_arguments_raise_featpipe_error(head, shape, n_classes, mean, variance):
     with pytest.raises(FeatpipeError):
         build_model(HeadConfig(head=head), shape, n_classes, mean=mean, variance=variance)
+
+
+# ------------------------------------------------------------------------------------------
+# segments head, frame subsets (temporal augmentation), pooled steps (issue 10)
+# ------------------------------------------------------------------------------------------
+
+
+def _segment_means_reference(x, n, k):
+    out = np.zeros((k, x.shape[-1]))
+    for i in range(k):
+        lo, hi = i * n // k, max((i + 1) * n // k, min(i * n // k + 1, n))
+        if hi > lo:
+            out[i] = x[lo:hi].mean(axis=0)
+    return out
+
+
+def test_segment_means_average_real_frames_only_and_short_clips_repeat_frames_without_nan():
+    lengths = (0, 1, 3, 4, 7, 10)
+    x, mask = make_batch("gru", lengths=lengths, t=10)
+    x[~mask] = np.nan  # garbage at padded steps must not reach any segment
+    out = np.asarray(models.SegmentMeans(4)(x, mask=mask))
+    assert np.isfinite(out).all()
+    for b, n in enumerate(lengths):
+        np.testing.assert_allclose(out[b], _segment_means_reference(x[b], n, 4), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(out[0], np.zeros_like(out[0])), "a clip without real frames gives zeros"
+    np.testing.assert_allclose(out[1], np.repeat(x[1, :1], 4, axis=0), rtol=1e-6), "1 frame fills all 4 segments"
+
+
+def test_segments_head_classifies_clips_shorter_than_its_segments_and_sees_order():
+    model = make("segments", segments=6)
+    x, mask = make_batch("segments", lengths=(1, 2, 5, 6))
+    probs = predict(model, x, mask)
+    assert np.isfinite(probs).all() and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    reversed_x = x.copy()
+    reversed_x[3, :6] = x[3, :6][::-1]
+    assert not np.allclose(predict(model, reversed_x, mask)[3], probs[3], atol=1e-6), "segments are order-aware"
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 9, 17, 40])
+def test_frame_subset_at_inference_takes_the_uniform_positions_of_the_real_frames(n):
+    from featpipe.video import sample_indices
+
+    pos, keep = models.FrameSubset(8).positions(np.array([n]), training=False)
+    pos, keep = np.asarray(pos)[0], np.asarray(keep)[0]
+    expected = sample_indices(n, 8)
+    assert keep.sum() == len(expected)
+    np.testing.assert_array_equal(pos[keep], expected)
+
+
+def test_frame_subset_when_training_draws_sorted_real_frames_one_per_segment_deterministic_per_seed():
+    counts = np.array([40, 33, 9, 5])
+    def draws(seed, epochs=4):
+        layer = models.FrameSubset(8, seed=seed)
+        return [tuple(map(np.asarray, layer.positions(counts, training=True))) for _ in range(epochs)]
+    first = draws(3)
+    for pos, keep in first:
+        for b, n in enumerate(counts):
+            p = pos[b][keep[b]]
+            assert len(p) == min(n, 8) and np.all(np.diff(p) > 0) and p.max() < n, "sorted, distinct, real"
+            if n > 8:
+                seg = np.arange(8)
+                assert np.all((p >= seg * n // 8) & (p < (seg + 1) * n // 8)), "one frame per segment"
+    assert len({pos.tobytes() for pos, _ in first}) > 1, "a new subset at each draw"
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, draws(3))), "the same seed draws the same subsets"
+    assert any(not np.array_equal(a[0], b[0]) for a, b in zip(first, draws(4)))
+
+
+def test_a_model_with_frame_subsets_ignores_unselected_frames_at_inference_and_saves(tmp_path):
+    model = make("gru", frames=4)
+    x, mask = make_batch("gru", lengths=(7, 3), t=7)
+    before = predict(model, x, mask)
+    changed = x.copy()
+    changed[0, [1, 3, 5]] += 100.0  # uniform positions of 7 frames among 4: 0, 2, 4, 6
+    np.testing.assert_allclose(predict(model, changed, mask), before, rtol=1e-5, atol=1e-6)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(predict(loaded, x, mask), before, rtol=1e-5, atol=1e-6)
+
+
+def test_pooled_steps_keep_recurrent_heads_order_aware_and_mask_safe():
+    model = make("lstm", pooled_steps=3, bottleneck=5, input_dropout=0.2)
+    x, mask = make_batch("lstm", lengths=(1, 6, 4))
+    probs = predict(model, x, mask)
+    garbage = x.copy()
+    garbage[~mask] = 1e6
+    np.testing.assert_allclose(predict(model, garbage, mask), probs, rtol=1e-5, atol=1e-6)
+    reversed_x = x.copy()
+    reversed_x[1] = x[1][::-1]
+    assert not np.allclose(predict(model, reversed_x, mask)[1], probs[1], atol=1e-6)
+
+
+def test_pca_projection_is_frozen_inside_the_model_and_required_when_asked_for():
+    rng = np.random.default_rng(0)
+    projection = rng.normal(size=(D, 4)).astype("float32")
+    model = build_model(HeadConfig(head="gru", units=4, pca=4), (D,), N_CLASSES, *stats("gru"), pca=projection)
+    layer = model.get_layer("pca")
+    assert not layer.trainable and np.allclose(layer.get_weights()[0], projection)
+    with pytest.raises(FeatpipeError, match="pca=4 needs a"):
+        build_model(HeadConfig(head="gru", units=4, pca=4), (D,), N_CLASSES, *stats("gru"))
+
+
+def test_segment_shortcut_beside_the_recurrent_state_is_mask_safe_and_loads_in_safe_mode(tmp_path):
+    model = make("gru", shortcut=4, bottleneck=6, input_dropout=0.2)
+    assert model.get_layer("shortcut_means").segments == 4
+    x, mask = make_batch("gru")
+    probs = predict(model, x, mask)
+    garbage = x.copy()
+    garbage[~mask] = np.nan
+    np.testing.assert_allclose(predict(model, garbage, mask), probs, rtol=1e-5, atol=1e-6)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_allclose(predict(loaded, x, mask), probs, rtol=1e-5, atol=1e-6)

@@ -383,3 +383,49 @@ def test_unreadable_written_clip_raises_featpipe_error(tmp_path, monkeypatch):
     monkeypatch.setattr(sd, "count_frames", lambda path: 0)
     with pytest.raises(FeatpipeError, match="written with"):
         write_sample_data(tmp_path / "data", train=1, val=0, test=0)
+
+
+# ---------------------------------------------------------------- the hard preset
+
+
+def test_hard_preset_writes_the_same_layout_with_hard_clips_and_records_its_difficulty(tmp_path):
+    result = write_sample_data(tmp_path / "hard", train=1, val=0, test=1, difficulty="hard")
+    assert result.class_names == SAMPLE_CLASSES and result.counts == {"train": 4, "val": 0, "test": 4}
+    marker = json.loads((tmp_path / "hard" / MARKER_NAME).read_text(encoding="utf-8"))
+    assert marker["params"]["difficulty"] == "hard" and marker["complete"] is True
+    for clip in marker["clips"]:
+        assert clip["distractors"] and clip["noise"] >= 6
+        decoded = read_clip(tmp_path / "hard" / clip["relpath"], 200, 32)
+        assert decoded.n_frames == clip["n_frames"]
+    # the easy set in the same folder is "other parameters": refused without --overwrite
+    with pytest.raises(DatasetError, match="other parameters"):
+        write_sample_data(tmp_path / "hard", train=1, val=0, test=1)
+
+
+def test_hard_preset_mixes_lengths_up_to_150_frames_with_noise_and_moving_parts():
+    specs = sd.hard_clip_specs(train=16, val=6, test=6, seed=0)
+    lengths = [s.n_frames for s in specs]
+    assert min(lengths) <= 12 and 100 < max(lengths) <= 150
+    assert all(s.path_start != s.path_end for s in specs), "the target moves"
+    assert {len(s.distractors) for s in specs} == {1, 2, 3}
+    assert len({s.background for s in specs}) > len(specs) // 2, "varied backgrounds"
+    assert sd.hard_clip_specs(train=2, val=0, test=0, seed=1) == sd.hard_clip_specs(train=2, val=0, test=0, seed=1)
+    assert sd.hard_clip_specs(train=2, val=0, test=0, seed=1) != sd.hard_clip_specs(train=2, val=0, test=0, seed=2)
+
+
+def test_hard_reversed_class_is_the_forward_clip_played_backwards():
+    specs = [s for s in sd.hard_clip_specs(train=1, val=0, test=0, seed=3) if s.n_frames <= 60][:2]
+    specs = specs or sd.hard_clip_specs(train=1, val=0, test=0, seed=3)[:1]
+    for spec in specs:
+        frames = list(render_clip(spec))
+        consecutive = [np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(frames, frames[1:])]
+        assert min(consecutive) > 2, "per-frame noise: no two frames are alike"
+        played_back = list(render_clip(replace(spec, reverse=not spec.reverse)))
+        for a, b in zip(frames[::-1], played_back):
+            assert np.array_equal(a, b)
+
+
+def test_unknown_difficulty_is_refused_naming_the_choices(tmp_path):
+    with pytest.raises(FeatpipeError, match="difficulty must be one of easy, hard"):
+        write_sample_data(tmp_path / "x", train=1, val=0, test=0, difficulty="medium")
+    assert not (tmp_path / "x").exists()

@@ -385,3 +385,18 @@ def test_a_full_disk_while_writing_the_run_keeps_the_old_run_and_leaves_nothing(
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert {p.name: p.read_bytes() for p in old.run_dir.iterdir()} == before, "the old run is untouched"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "latest", "run"]
+
+
+def test_training_on_fewer_frames_than_cached_is_recorded_and_evaluate_reproduces_it(small_cache, tmp_path):
+    from featpipe.errors import OptionError
+    from featpipe.evaluate import evaluate
+
+    result = train(cache=small_cache, rnn="gru", frames=4, out=tmp_path / "r", **FAST)
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["config"]["frames"] == 4 and info["head"]["frames"] == 4
+    assert info["config"]["shortcut"] == 4 and info["config"]["bottleneck"] == 32, "resolved defaults are recorded"
+    again = evaluate(result.run_dir, split="test")
+    assert again["accuracy"] == result.metrics["test"]["accuracy"]
+    np.testing.assert_allclose(again["confusion_matrix"], result.metrics["test"]["confusion_matrix"])
+    with pytest.raises(OptionError, match="frames must be between 1 and 8.*re-extract"):
+        train(cache=small_cache, frames=9, out=tmp_path / "too-many", **FAST)

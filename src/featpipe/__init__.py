@@ -26,8 +26,9 @@ from featpipe.train import TrainOptions, TrainResult, train  # noqa: E402
 from featpipe.evaluate import evaluate  # noqa: E402
 from featpipe.predict import Prediction, predict  # noqa: E402
 from featpipe.info import info  # noqa: E402
+from featpipe.tune import TuneOptions, TuneResult, tune  # noqa: E402
 
 __all__ = [
     "FeatpipeError", "__version__", "extract", "ExtractOptions", "ExtractResult", "merge", "train", "TrainOptions",
-    "TrainResult", "evaluate", "predict", "Prediction", "info",
+    "TrainResult", "evaluate", "predict", "Prediction", "info", "tune", "TuneOptions", "TuneResult",
 ]

@@ -107,6 +107,11 @@ def _root(
     set_verbose(verbose)  # before any command imports Keras
 
 
+class Difficulty(str, Enum):
+    easy = "easy"
+    hard = "hard"
+
+
 @app.command("sample-data")
 @_handles_errors
 def sample_data_cmd(
@@ -116,11 +121,13 @@ def sample_data_cmd(
     test: Annotated[int, typer.Option(help="Test clips per class.")] = 6,
     seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same clips.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace sample data written with other settings.")] = False,
+    difficulty: Annotated[Difficulty, typer.Option(help="easy: the demo's clean clips; hard: noise, moving target, textured drifting backgrounds, distractors, 6-150 frames.")] = Difficulty.easy,
 ):
     """Write the built-in synthetic dataset: real mp4 clips whose classes differ only in frame ORDER."""
     from featpipe.sample_data import write_sample_data
 
-    result = write_sample_data(root, train=train, val=val, test=test, seed=seed, overwrite=overwrite)
+    result = write_sample_data(root, train=train, val=val, test=test, seed=seed, overwrite=overwrite,
+                               difficulty=getattr(difficulty, "value", difficulty))
     splits = ", ".join(f"{n} {s}" for s, n in result.counts.items())
     typer.echo(f"Sample data in {result.root}: {result.n_clips} clips ({splits}), classes {', '.join(result.class_names)}.")
 
@@ -185,6 +192,7 @@ class Head(str, Enum):
     attention = "attention"
     transformer = "transformer"
     mean = "mean"
+    segments = "segments"
     cnn_lstm = "cnn-lstm"
 
 
@@ -219,6 +227,15 @@ def train_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-epoch lines.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace the run directory --out if it exists (only when the new run is complete).")] = False,
     allow_shard: Annotated[bool, typer.Option("--allow-shard", help="Train on one shard file (<stem>.shard-I-of-N.h5) instead of refusing it.")] = False,
+    frames: Annotated[Optional[int], typer.Option(help="Frames the head sees [default: the cache's]; fewer than the cache holds draws a new jittered subset of real frames each epoch (evaluate/predict use fixed uniform positions).")] = None,
+    segments: Annotated[int, typer.Option(help="Temporal segments of the segments head.")] = 4,
+    bottleneck: Annotated[Optional[int], typer.Option(help="Learned Dense bottleneck (with dropout) on the features before the head; 0 = none [default: 32 for gru/lstm/bilstm, else 0].", show_default=False)] = None,
+    pca: Annotated[int, typer.Option(help="Project features on their first N whitened principal axes (fitted on the train frames, saved in the model); 0 = none.")] = 0,
+    input_dropout: Annotated[Optional[float], typer.Option(help="Feature dropout: share of feature channels dropped per clip while training [default: 0.2 for gru/lstm/bilstm, else 0].", show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW decoupled weight decay; 0 = plain Adam [default: 0.01 for gru/lstm/bilstm, else 0].", show_default=False)] = None,
+    shortcut: Annotated[Optional[int], typer.Option(help="gru/lstm/bilstm: also classify the masked means of this many temporal segments (a linear path beside the recurrent state); 0 = none [default: 4].", show_default=False)] = None,
+    pooled_steps: Annotated[int, typer.Option(help="gru/lstm/bilstm: read the means of this many temporal segments instead of every frame; 0 = every frame.")] = 0,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
 ):
     """Train a mask-aware sequence model on a feature cache; writes a self-describing run directory."""
     from featpipe.metrics import format_report
@@ -228,7 +245,9 @@ def train_cmd(
         cache=cache, cache_dir=cache_dir, rnn=getattr(rnn, "value", rnn), units=units, layers=layers, dropout=dropout,
         num_heads=num_heads, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
         class_weight=getattr(class_weight, "value", class_weight), stream=stream, val_fraction=val_fraction,
-        models_dir=models_dir, out=out, quiet=quiet, force=force, allow_shard=allow_shard,
+        models_dir=models_dir, out=out, quiet=quiet, force=force, allow_shard=allow_shard, frames=frames, segments=segments, bottleneck=bottleneck, pca=pca,
+        input_dropout=input_dropout, weight_decay=weight_decay, label_smoothing=label_smoothing, shortcut=shortcut,
+        pooled_steps=pooled_steps,
     )
     result = train(opts)
     split = "test" if "test" in result.metrics else "val"
@@ -242,6 +261,46 @@ def train_cmd(
     if result.interrupted:
         typer.secho("interrupted: the run directory was written from the best checkpoint so far.", err=True)
         raise typer.Exit(143 if result.interrupted_by == "SIGTERM" else 130)
+
+
+class CV(str, Enum):
+    auto = "auto"
+    folds = "folds"
+    seeds = "seeds"
+
+
+@app.command("tune")
+@_handles_errors(interrupted="interrupted: finished trials are kept in study.db; run the same command again to resume.")
+def tune_cmd(
+    cache: Annotated[Optional[Path], typer.Argument(help="Cache file [default: the single .h5 in --cache-dir].", show_default=False)] = None,
+    cache_dir: Annotated[Path, typer.Option(help="Where to look for the cache when CACHE is not given.")] = Path("cache"),
+    trials: Annotated[Optional[int], typer.Option(help="Finished trials to reach (earlier runs of the same search count).")] = 20,
+    time_budget: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many seconds.")] = None,
+    jobs: Annotated[int, typer.Option(help="Worker processes sharing the search.")] = 1,
+    heads: Annotated[str, typer.Option(help="Comma-separated heads to search.")] = "gru,lstm,segments",
+    cv: Annotated[CV, typer.Option(help="How a trial is scored: seeds (train -> val, repeated seeds), folds (stratified k-fold on train+val), auto (folds when val has fewer than 10 clips per class).")] = CV.auto,
+    folds: Annotated[int, typer.Option(help="Folds of --cv folds.")] = 3,
+    seeds: Annotated[int, typer.Option(help="Seeds of --cv seeds.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler and the fits.")] = 0,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs of each fit in a trial.")] = 60,
+    patience: Annotated[int, typer.Option(help="Early-stopping patience of each fit in a trial.")] = 10,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for study.db and the leaderboard [default: <models-dir>/tune-<cache stem>].")] = None,
+    models_dir: Annotated[Path, typer.Option(help="Parent folder of the retrained best run.")] = Path("models"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
+):
+    """Search heads and settings with Optuna (resumable), print a leaderboard, retrain the best as models/latest."""
+    from featpipe.tune import TuneOptions, format_leaderboard, tune
+
+    opts = TuneOptions(cache=cache, cache_dir=cache_dir, trials=trials, time_budget=time_budget, jobs=jobs,
+                       heads=tuple(h.strip() for h in heads.split(",") if h.strip()), cv=getattr(cv, "value", cv),
+                       folds=folds, seeds=seeds, seed=seed, epochs=epochs, patience=patience, out=out,
+                       models_dir=models_dir, quiet=quiet)
+    result = tune(opts)
+    typer.echo(format_leaderboard(result.leaderboard, result.cv))
+    typer.echo(f"Leaderboard: {', '.join(str(p) for p in result.files.values())}")
+    if result.run_dir is not None:
+        acc = "n/a" if result.test_accuracy is None else f"{result.test_accuracy:.3f}"
+        typer.echo(f"Best configuration retrained as {result.run_dir} (models/latest); test accuracy {acc}.")
 
 
 @app.command("evaluate")

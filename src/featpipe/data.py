@@ -432,3 +432,70 @@ def __getattr__(name: str):
             _H5_BATCHES = type("H5Batches", (_H5BatchesImpl, keras.utils.PyDataset), {"__module__": __name__})
         return _H5_BATCHES
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Temporal augmentation and projections fitted on the train split
+# --------------------------------------------------------------------------------------------
+
+
+def subset_positions(counts, frames: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Which steps of each clip a head of ``frames`` steps sees: ``(positions, keep)``, both ``(B, frames)``.
+
+    ``counts`` are the clips' numbers of real frames (real frames come first in the cache). A clip
+    with at most ``frames`` real frames keeps them all (``keep`` False after them). A longer clip:
+
+    * ``rng is None`` (evaluation, predict): the fixed uniform positions of
+      :func:`featpipe.video.sample_indices` over its real frames;
+    * with an ``rng`` (training): the real frames are cut into ``frames`` equal segments and one
+      frame is drawn in each, so positions are sorted, distinct, real, and differ between draws.
+
+    The NumPy statement of what :class:`featpipe.models.FrameSubset` does inside a model (which is
+    where training applies it, so that predict and evaluate need nothing but the model file).
+    """
+    n = np.asarray(counts, dtype=np.int64).reshape(-1, 1)
+    k = int(frames)
+    i = np.arange(k, dtype=np.int64).reshape(1, -1)
+    if rng is not None:
+        lo, hi = (i * n) // k, ((i + 1) * n) // k
+        width = np.maximum(hi - lo, 1)
+        long_pos = lo + np.minimum((rng.random(lo.shape) * width).astype(np.int64), width - 1)
+    elif k == 1:
+        long_pos = np.zeros_like(i + n)
+    else:
+        long_pos = (2 * i * (n - 1) + (k - 1)) // (2 * (k - 1))
+    pos = np.where(n <= k, np.where(i < n, i, 0), long_pos)
+    return pos, i < np.minimum(n, k)
+
+
+def pca_whitening(index: CacheIndex, rows: np.ndarray, mean: np.ndarray, variance: np.ndarray,
+                  components: int) -> np.ndarray:
+    """A ``(D, components)`` matrix projecting standardised features on their first principal
+    axes, scaled to unit variance (PCA whitening), fitted on the REAL frames of ``rows`` only."""
+    std = np.sqrt(np.maximum(variance.astype(np.float64), 1e-12))
+    cov = None
+    count = 0
+    for _, x, m in _scan(index.path, rows):
+        z = (x[m].astype(np.float64) - mean) / std
+        cov = z.T @ z if cov is None else cov + z.T @ z
+        count += len(z)
+    if cov is None or count < 2:
+        raise FeatpipeError("PCA needs at least two real train frames; re-extract the cache or leave out --pca.")
+    return _whitening(cov / (count - 1), components)
+
+
+def pca_from_frames(z: np.ndarray, components: int) -> np.ndarray:
+    """:func:`pca_whitening` for standardised frames already in memory, ``(frames, D)``."""
+    if len(z) < 2:
+        raise FeatpipeError("PCA needs at least two real train frames; re-extract the cache or leave out --pca.")
+    z = np.asarray(z, dtype=np.float64)
+    return _whitening(z.T @ z / (len(z) - 1), components)
+
+
+def _whitening(cov: np.ndarray, components: int) -> np.ndarray:
+    if components > cov.shape[0]:
+        raise FeatpipeError(f"pca must be at most the feature size ({cov.shape[0]}); got {components}.")
+    values, vectors = np.linalg.eigh(cov)
+    top = np.argsort(values)[::-1][:components]
+    vectors = vectors[:, top] * np.sign(vectors[:1, top] + 1e-300)  # a fixed sign per axis: reproducible
+    return (vectors / np.sqrt(np.maximum(values[top], 1e-6))).astype(np.float32)

@@ -33,7 +33,7 @@ from featpipe.errors import FeatpipeError
 keras = import_keras()
 layers, ops = keras.layers, keras.ops
 
-HEADS = ("gru", "lstm", "bilstm", "attention", "transformer", "mean", "cnn-lstm")
+HEADS = ("gru", "lstm", "bilstm", "attention", "transformer", "mean", "segments", "cnn-lstm")
 FEATURE_HEADS = tuple(h for h in HEADS if h != "cnn-lstm")
 IMAGE_HEADS = ("cnn-lstm",)
 
@@ -56,6 +56,13 @@ class HeadConfig:
     layers: int = 1  # stacked recurrent (or transformer) layers
     dropout: float = 0.3
     num_heads: int = 4  # transformer attention heads
+    segments: int = 4  # segments head: temporal segments whose masked means are classified
+    bottleneck: int = 0  # feature heads: a learned Dense(bottleneck) + dropout before the head (0 = none)
+    input_dropout: float = 0.0  # feature dropout: whole feature channels dropped for all steps of a clip
+    pca: int = 0  # feature heads: project on the first `pca` whitened principal axes of the train frames
+    frames: int = 0  # frames the head sees: 0 = every cached step; else a subset (jittered when training)
+    pooled_steps: int = 0  # recurrent heads: read the masked means of this many temporal segments (0 = every frame)
+    shortcut: int = 0  # recurrent heads: also classify the masked means of this many segments (0 = no shortcut)
 
     def __post_init__(self) -> None:
         if not isinstance(self.head, str):
@@ -64,19 +71,24 @@ class HeadConfig:
         if head not in HEADS:
             raise FeatpipeError(f"Unknown head {self.head!r}: choose one of {', '.join(HEADS)}.")
         object.__setattr__(self, "head", head)
-        for name in ("units", "layers", "num_heads"):
+        for name, low in (("units", 1), ("layers", 1), ("num_heads", 1), ("segments", 1), ("bottleneck", 0),
+                          ("pca", 0), ("frames", 0), ("pooled_steps", 0),
+                          ("shortcut", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise FeatpipeError(f"{name} must be a whole number >= 1; got {value!r}.")
-            if value < 1:
-                raise FeatpipeError(f"{name} must be >= 1; got {value}.")
+                raise FeatpipeError(f"{name} must be a whole number >= {low}; got {value!r}.")
+            if value < low:
+                raise FeatpipeError(f"{name} must be >= {low}; got {value}.")
             object.__setattr__(self, name, int(value))
-        dropout = self.dropout
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
-            raise FeatpipeError(f"dropout must be a number in [0, 1); got {dropout!r}.")
-        if not (0.0 <= float(dropout) < 1.0):  # also rejects NaN
-            raise FeatpipeError(f"dropout must be in [0, 1) (a fraction of units dropped); got {dropout}.")
-        object.__setattr__(self, "dropout", float(dropout))
+        for name in ("dropout", "input_dropout"):
+            dropout = getattr(self, name)
+            if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+                raise FeatpipeError(f"{name} must be a number in [0, 1); got {dropout!r}.")
+            if not (0.0 <= float(dropout) < 1.0):  # also rejects NaN
+                raise FeatpipeError(f"{name} must be in [0, 1) (a fraction of units dropped); got {dropout}.")
+            object.__setattr__(self, name, float(dropout))
+        if self.bottleneck and self.pca:
+            raise FeatpipeError("Choose a learned bottleneck or a PCA projection, not both.")
 
     def to_dict(self) -> dict:
         """Plain JSON-serialisable dict; ``HeadConfig.from_dict(c.to_dict()) == c``."""
@@ -238,6 +250,144 @@ class MaskedAttentionPooling(layers.Layer):
         return (values_shape[0], *values_shape[2:])
 
 
+def _real_counts(mask):
+    """(B, T) bool -> (B,) int32 number of real frames (real frames come first)."""
+    return ops.sum(ops.cast(mask, "int32"), axis=1)
+
+
+@keras.saving.register_keras_serializable(package="featpipe")
+class FrameSubset(layers.Layer):
+    """Keep ``frames`` of a clip's real frames: fixed uniform positions at inference, a jittered
+    sorted subset (one frame drawn in each of ``frames`` equal segments) while training.
+
+    Inputs ``(features (B, T, ...), mask (B, T))``; outputs the same pair with ``frames`` steps.
+    A clip with at most ``frames`` real frames keeps all of them (then padding). The inference
+    positions are exactly :func:`featpipe.video.sample_indices` (uniform) applied to the real
+    frames, computed in integers; :func:`featpipe.data.subset_positions` is the same rule in
+    NumPy. The draws come from a seeded generator saved with the layer, so a seed gives the same
+    subsets epoch after epoch on a rerun, and a new subset each step.
+    """
+
+    def __init__(self, frames: int, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.frames = int(frames)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def positions(self, counts, training=False):
+        """(B,) real-frame counts -> (B, frames) int32 positions and (B, frames) bool mask."""
+        k = self.frames
+        n = ops.expand_dims(ops.cast(counts, "int32"), 1)  # (B, 1)
+        i = ops.expand_dims(ops.arange(k, dtype="int32"), 0)  # (1, K)
+        short = n <= k
+        if training:
+            lo = (i * n) // k
+            hi = ((i + 1) * n) // k
+            u = keras.random.uniform(ops.shape(lo), seed=self.seed_generator)
+            width = ops.cast(ops.maximum(hi - lo, 1), "float32")
+            long_pos = lo + ops.minimum(ops.cast(u * width, "int32"), ops.cast(width, "int32") - 1)
+        elif k == 1:
+            long_pos = ops.zeros_like(i + n)
+        else:  # floor(i * (n - 1) / (k - 1) + 1/2), in integers: linspace rounded half up
+            long_pos = (2 * i * (n - 1) + (k - 1)) // (2 * (k - 1))
+        pos = ops.where(short, ops.where(i < n, i, ops.zeros_like(i)), long_pos)
+        keep = i < ops.minimum(n, k)
+        return pos, keep
+
+    def call(self, features, frame_mask, training=False):
+        pos, keep = self.positions(_real_counts(frame_mask), training=bool(training))
+        index = pos
+        for _ in range(len(features.shape) - 2):
+            index = ops.expand_dims(index, -1)
+        picked = ops.take_along_axis(features, index, axis=1)
+        picked = ops.where(_step_mask(keep, picked), picked, ops.zeros_like(picked))
+        return picked, keep
+
+    def compute_output_spec(self, features, frame_mask, training=False):
+        shape = (features.shape[0], self.frames, *features.shape[2:])
+        return (keras.KerasTensor(shape, dtype=features.dtype),
+                keras.KerasTensor((frame_mask.shape[0], self.frames), dtype="bool"))
+
+    def get_config(self):
+        return {**super().get_config(), "frames": self.frames, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="featpipe")
+class SegmentMeans(layers.Layer):
+    """TSN-style consensus: the masked means of ``segments`` equal temporal segments of the REAL
+    frames, ``(B, T, D)`` -> ``(B, segments, D)``.
+
+    Segment ``i`` of a clip with ``n`` real frames covers ``[floor(i n / K), floor((i+1) n / K))``,
+    widened to one frame when empty, so a clip shorter than ``K`` frames repeats frames instead of
+    producing empty (NaN) means; a clip without real frames gives zeros. Padded steps never count.
+    """
+
+    def __init__(self, segments: int, **kwargs):
+        super().__init__(**kwargs)
+        self.segments = int(segments)
+
+    def call(self, inputs, mask=None):
+        k = self.segments
+        steps = ops.shape(inputs)[1]
+        n = ops.reshape(_real_counts(mask), (-1, 1, 1))  # (B, 1, 1)
+        i = ops.reshape(ops.arange(k, dtype="int32"), (1, k, 1))
+        t = ops.reshape(ops.arange(steps, dtype="int32"), (1, 1, -1))
+        lo = (i * n) // k
+        hi = ops.maximum((i + 1) * n // k, ops.minimum(lo + 1, n))
+        inside = ops.logical_and(ops.logical_and(t >= lo, t < hi), ops.expand_dims(ops.cast(mask, "bool"), 1))
+        weights = ops.cast(inside, inputs.dtype)  # (B, K, T)
+        weights = weights / ops.maximum(ops.sum(weights, axis=2, keepdims=True), ops.cast(1.0, inputs.dtype))
+        values = ops.where(_step_mask(mask, inputs), inputs, ops.zeros_like(inputs))
+        return ops.matmul(weights, values)
+
+    def compute_mask(self, inputs, mask=None):
+        return None
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.segments, *input_shape[2:])
+
+    def get_config(self):
+        return {**super().get_config(), "segments": self.segments}
+
+
+@keras.saving.register_keras_serializable(package="featpipe")
+class AnyRealStep(layers.Layer):
+    """Frame mask ``(B, T)`` -> ``(B, steps)`` mask of segment means: all True for a clip with a real
+    frame (:class:`SegmentMeans` never leaves a segment empty then), all False for an empty clip."""
+
+    def __init__(self, steps: int, **kwargs):
+        super().__init__(**kwargs)
+        self.steps = int(steps)
+
+    def call(self, mask):
+        any_real = ops.any(ops.cast(mask, "bool"), axis=1, keepdims=True)  # (B, 1)
+        return ops.logical_and(any_real, ops.ones((1, self.steps), dtype="bool"))
+
+    def compute_output_spec(self, mask):
+        return keras.KerasTensor((mask.shape[0], self.steps), dtype="bool")
+
+    def get_config(self):
+        return {**super().get_config(), "steps": self.steps}
+
+
+@keras.saving.register_keras_serializable(package="featpipe")
+class SparseSmoothedCrossentropy(keras.losses.Loss):
+    """Sparse categorical cross-entropy with label smoothing (Keras' sparse loss has none)."""
+
+    def __init__(self, smoothing: float = 0.0, name: str = "sparse_smoothed_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.smoothing = float(smoothing)
+
+    def call(self, y_true, y_pred):
+        n = y_pred.shape[-1]
+        y = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), n, dtype=y_pred.dtype)
+        y = y * (1.0 - self.smoothing) + self.smoothing / n
+        return keras.losses.categorical_crossentropy(y, y_pred)
+
+    def get_config(self):
+        return {**super().get_config(), "smoothing": self.smoothing}
+
+
 # --------------------------------------------------------------------------------------------
 # Model construction
 # --------------------------------------------------------------------------------------------
@@ -346,12 +496,17 @@ def build_model(
     n_classes: int,
     mean: np.ndarray | None = None,
     variance: np.ndarray | None = None,
+    pca: np.ndarray | None = None,
+    seed: int | None = None,
 ) -> keras.Model:
     """Build (uncompiled) the mask-aware classifier ``config.head``.
 
     Inputs ``{"features": (B, T, *feature_shape) float32, "mask": (B, T) bool}``, any T;
     output softmax probabilities ``(B, n_classes)``. For feature heads, ``mean``/``variance``
-    (train split, real frames only) become a ``Normalization`` layer saved with the model.
+    (train split, real frames only) become a ``Normalization`` layer saved with the model, and
+    ``pca`` (``(D, config.pca)``, from :func:`featpipe.data.pca_whitening` on the standardised train
+    frames) a frozen projection saved with it too. ``seed`` seeds the training-time frame subsets
+    of ``config.frames``.
     """
     if not isinstance(config, HeadConfig):
         raise FeatpipeError(f"config must be a featpipe.models.HeadConfig; got {type(config).__name__}.")
@@ -361,21 +516,57 @@ def build_model(
     features = keras.Input(shape=(None, *shape), dtype="float32", name="features")
     mask = keras.Input(shape=(None,), dtype="bool", name="mask")
 
-    x = ZeroPadded(name="zero_padded")(features, mask=mask)
+    mask_input = mask
+    x = features
+    if config.frames:
+        x, mask_used = FrameSubset(config.frames, seed=seed, name="frame_subset")(x, mask)
+    else:
+        mask_used = mask
+    x = ZeroPadded(name="zero_padded")(x, mask=mask_used)
     if config.head in IMAGE_HEADS:
         x = _cnn_frames(x, config)
-    elif mean is not None:
-        x = layers.Normalization(mean=mean, variance=variance, name="standardize")(x)
+    else:
+        if mean is not None:
+            x = layers.Normalization(mean=mean, variance=variance, name="standardize")(x)
+        standardized = x
+        if config.input_dropout:
+            x = layers.Dropout(config.input_dropout, noise_shape=(None, 1, x.shape[-1]), name="feature_dropout")(x)
+        if config.pca:
+            if pca is None or np.shape(pca) != (shape[-1], config.pca):
+                raise FeatpipeError(f"pca={config.pca} needs a ({shape[-1]}, {config.pca}) projection fitted on the "
+                                    f"train frames; got {None if pca is None else np.shape(pca)}.")
+            projection = layers.Dense(config.pca, use_bias=False, trainable=False, name="pca")
+            x = projection(x)
+            projection.set_weights([np.asarray(pca, dtype=np.float32)])
+        elif config.bottleneck:
+            x = layers.Dense(config.bottleneck, name="bottleneck")(x)
+            x = layers.Dropout(config.dropout, name="bottleneck_dropout")(x)
+    mask = mask_used
 
     head = config.head
     if head in ("gru", "lstm", "bilstm"):
+        if config.pooled_steps:  # a short sequence of segment means: less per-frame noise, order kept
+            x = SegmentMeans(config.pooled_steps, name="pooled_steps")(x, mask=mask)
+            mask = AnyRealStep(config.pooled_steps, name="pooled_mask")(mask)
         x = _recurrent_stack(x, mask, config)
+        if config.shortcut:  # a linear path from the segment means (TSN consensus) beside the recurrent state
+            short = SegmentMeans(config.shortcut, name="shortcut_means")(standardized, mask=mask_used)
+            short = layers.Flatten(name="shortcut_flat")(short)
+            short = layers.Dropout(config.dropout, name="shortcut_dropout")(short)
+            x = layers.Concatenate(name="shortcut_concat")([x, short])
     elif head == "cnn-lstm":
         x = _recurrent_stack(x, mask, config)
     elif head == "mean":
         x = MaskedAverage(name="masked_mean")(x, mask=mask)
         x = layers.Dense(config.units, activation="relu", name="hidden")(x)
         x = layers.Dropout(config.dropout, name="hidden_dropout")(x)
+    elif head == "segments":
+        x = SegmentMeans(config.segments, name="segment_means")(x, mask=mask)
+        x = layers.Flatten(name="segments_flat")(x)
+        x = layers.Dropout(config.dropout, name="segments_dropout")(x)
+        for i in range(config.layers - 1):  # layers 1: linear classifier; more: a small MLP
+            x = layers.Dense(config.units, activation="relu", name=f"segments_hidden_{i}")(x)
+            x = layers.Dropout(config.dropout, name=f"segments_hidden_dropout_{i}")(x)
     elif head == "attention":
         # Attention pooling alone is permutation-invariant; the positional encoding makes the
         # head see frame order (so it is not a second "mean" control model).
@@ -395,4 +586,4 @@ def build_model(
 
     probabilities = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     name = "featpipe_" + head.replace("-", "_")
-    return keras.Model(inputs={"features": features, "mask": mask}, outputs=probabilities, name=name)
+    return keras.Model(inputs={"features": features, "mask": mask_input}, outputs=probabilities, name=name)

@@ -44,6 +44,9 @@ __all__ = [
     "SAMPLE_CLASSES",
     "SPLITS",
     "ClipSpec",
+    "DIFFICULTIES",
+    "HardClipSpec",
+    "hard_clip_specs",
     "SampleData",
     "render_clip",
     "sample_clip_specs",
@@ -208,7 +211,10 @@ def sample_clip_specs(train: int = 16, val: int = 6, test: int = 6, seed: int = 
 
 
 def render_clip(spec: ClipSpec) -> Iterator[np.ndarray]:
-    """Yield the BGR uint8 frames of ``spec`` in playing order."""
+    """Yield the BGR uint8 frames of ``spec`` (a :class:`ClipSpec` or :class:`HardClipSpec`) in playing order."""
+    if isinstance(spec, HardClipSpec):
+        yield from _render_hard(spec)
+        return
     side = min(spec.width, spec.height)
     shift = 4  # sub-pixel precision for cv2.circle: smooth radius and position
     scale = 1 << shift
@@ -357,6 +363,7 @@ def write_sample_data(
     test: int = 6,
     seed: int = 0,
     overwrite: bool = False,
+    difficulty: str = "easy",
 ) -> SampleData:
     """Write the synthetic dataset to ``root`` (``train``/``val``/``test`` clips per class).
 
@@ -372,8 +379,10 @@ def write_sample_data(
     negative or too large count (at most ``MAX_CLIPS_PER_CLASS``), all-zero counts or a
     negative seed, before anything is written.
     """
-    specs = sample_clip_specs(train, val, test, seed)  # checks every option before anything is touched
+    specs = _specs_for(difficulty, train, val, test, seed)
     params = _params(train, val, test, seed)
+    if difficulty != "easy":  # easy markers stay as they were: existing sample folders are still recognised
+        params["difficulty"] = difficulty
     root = Path(root)
     result = SampleData(
         root=root,
@@ -417,3 +426,153 @@ def write_sample_data(
         _write_clip(spec, root / spec.relpath)
     _write_marker(root, params, specs, complete=True, folders=folders)
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# The hard preset (`featpipe sample-data --difficulty hard`): the same four classes in the same
+# time-reversed pairs, made hard the way real footage is hard. Quality claims in the tests and
+# the README's head table are measured on it; the easy set above stays the demo's.
+# --------------------------------------------------------------------------------------------
+
+DIFFICULTIES = ("easy", "hard")
+# 6 to 150 frames: short clips (fewer real frames than the default 20) up to clips 7x longer.
+HARD_LENGTH_BUCKETS = ((6, 12), (13, 24), (25, 50), (51, 100), (101, 150))
+
+
+@dataclass(frozen=True)
+class HardClipSpec:
+    """Every parameter of one clip of the hard preset. Positions and sizes are fractions of the
+    centre square's side (positions relative to the frame centre); colours are BGR. As in
+    :class:`ClipSpec`, the clip is rendered forward and played backwards when ``reverse`` is set:
+    every moving part (target path, background drift, distractors) is reversed with it, so the
+    SET of frames of a clip has the same distribution in both classes of a pair."""
+
+    split: str
+    class_name: str
+    index: int
+    relpath: str
+    n_frames: int
+    width: int
+    height: int
+    fps: float
+    radius_start: float
+    radius_end: float
+    color_start: tuple[int, int, int]
+    color_end: tuple[int, int, int]
+    path_start: tuple[float, float]  # the target moves in a straight line from here ...
+    path_end: tuple[float, float]  # ... to here over the clip (forward time)
+    background: tuple[int, int, int]  # base colour of a smooth random texture
+    texture: float  # texture amplitude in grey levels
+    drift: tuple[float, float]  # background shift over the whole clip (fractions of the side)
+    distractors: tuple  # ((size, colour_a, colour_b, start xy, end xy), ...): moving squares
+    noise: float  # per-frame Gaussian noise (grey levels)
+    flicker: float  # per-frame brightness gain jitter (standard deviation of the gain)
+    noise_seed: int
+    reverse: bool
+
+
+def _any_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    return tuple(int(v) for v in rng.integers(30, 256, size=3))
+
+
+def hard_clip_specs(train: int = 16, val: int = 6, test: int = 6, seed: int = 0) -> list[HardClipSpec]:
+    """The parameters of every clip of the hard preset (deterministic in its arguments)."""
+    _check_counts(train, val, test)
+    rng = np.random.default_rng([seed, 2])  # a different stream from the easy set's
+    per_split = {"train": int(train), "val": int(val), "test": int(test)}
+    specs: list[HardClipSpec] = []
+    for class_name in SAMPLE_CLASSES:
+        res_order = rng.permutation(len(RESOLUTIONS))
+        fps_order = rng.permutation(len(FRAME_RATES))
+        len_order = rng.permutation(len(HARD_LENGTH_BUCKETS))
+        j = 0
+        for split in SPLITS:
+            for index in range(per_split[split]):
+                width, height = RESOLUTIONS[res_order[j % len(RESOLUTIONS)]]
+                fps = FRAME_RATES[fps_order[j % len(FRAME_RATES)]]
+                low, high = HARD_LENGTH_BUCKETS[len_order[j % len(HARD_LENGTH_BUCKETS)]]
+                n_frames = int(rng.integers(low, high + 1))
+                if _FORWARD[class_name] == "size":
+                    radius_start = float(rng.uniform(0.06, 0.12))
+                    radius_end = float(rng.uniform(0.26, 0.34))
+                    color_start = color_end = _hue_colour(rng)
+                else:
+                    radius_start = radius_end = float(rng.uniform(0.18, 0.28))
+                    red = rng.integers(0, 71), rng.integers(0, 71), rng.integers(170, 256)
+                    blue = rng.integers(170, 256), rng.integers(0, 71), rng.integers(0, 71)
+                    color_start = tuple(int(v) for v in red)
+                    color_end = tuple(int(v) for v in blue)
+                reach = max(0.0, 0.48 - max(radius_start, radius_end))
+                path_start = tuple(float(v) for v in rng.uniform(-reach, reach, size=2))
+                path_end = tuple(float(v) for v in rng.uniform(-reach, reach, size=2))
+                grey = rng.uniform(30.0, 150.0)
+                background = tuple(int(np.clip(grey + rng.uniform(-35.0, 35.0), 0, 255)) for _ in range(3))
+                distractors = tuple(
+                    (float(rng.uniform(0.07, 0.16)), _any_colour(rng), _any_colour(rng),
+                     tuple(float(v) for v in rng.uniform(-0.45, 0.45, size=2)),
+                     tuple(float(v) for v in rng.uniform(-0.45, 0.45, size=2)))
+                    for _ in range(int(rng.integers(1, 4)))
+                )
+                specs.append(HardClipSpec(
+                    split=split, class_name=class_name, index=index,
+                    relpath=f"{split}/{class_name}/{class_name}_{split}_{index:03d}.mp4",
+                    n_frames=n_frames, width=width, height=height, fps=fps,
+                    radius_start=radius_start, radius_end=radius_end, color_start=color_start, color_end=color_end,
+                    path_start=path_start, path_end=path_end, background=background,
+                    texture=float(rng.uniform(10.0, 35.0)),
+                    drift=tuple(float(v) for v in rng.uniform(-0.15, 0.15, size=2)),
+                    distractors=distractors, noise=float(rng.uniform(6.0, 14.0)),
+                    flicker=float(rng.uniform(0.02, 0.06)),
+                    noise_seed=int(rng.integers(0, 2**31 - 1)), reverse=class_name in _REVERSED,
+                ))
+                j += 1
+    return specs
+
+
+def _specs_for(difficulty: str, train: int, val: int, test: int, seed: int) -> list:
+    """The clip parameters of a preset: ``easy`` (the demo's) or ``hard``."""
+    if difficulty not in DIFFICULTIES:
+        from featpipe.errors import OptionError
+
+        raise OptionError("difficulty", f"must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}.")
+    if difficulty == "hard":
+        return hard_clip_specs(train, val, test, seed)
+    return sample_clip_specs(train, val, test, seed)
+
+
+def _render_hard(spec: HardClipSpec) -> Iterator[np.ndarray]:
+    """Yield the BGR uint8 frames of a hard-preset clip in playing order."""
+    side = min(spec.width, spec.height)
+    shift = 4
+    scale = 1 << shift
+    texture_rng = np.random.default_rng([spec.noise_seed, 1 << 20])
+    margin = int(np.ceil(0.16 * side)) + 1  # room for the drift
+    coarse = texture_rng.normal(0.0, 1.0, size=(6, 6, 3)).astype(np.float32)
+    big = cv2.resize(coarse, (spec.width + 2 * margin, spec.height + 2 * margin), interpolation=cv2.INTER_CUBIC)
+    big = np.asarray(spec.background, np.float32) + spec.texture * big
+    start, end = np.array(spec.color_start, float), np.array(spec.color_end, float)
+    last = max(spec.n_frames - 1, 1)
+
+    def point(xy) -> tuple[int, int]:
+        return (int(round((spec.width / 2.0 + xy[0] * side) * scale)),
+                int(round((spec.height / 2.0 + xy[1] * side) * scale)))
+
+    for t in range(spec.n_frames):
+        tau = spec.n_frames - 1 - t if spec.reverse else t
+        a = tau / last
+        rng = np.random.default_rng([spec.noise_seed, tau])
+        dx, dy = (int(round(margin + spec.drift[k] * side * (a - 0.5))) for k in range(2))
+        frame = np.ascontiguousarray(big[dy:dy + spec.height, dx:dx + spec.width])
+        centre = point(np.array(spec.path_start) + (np.array(spec.path_end) - np.array(spec.path_start)) * a)
+        radius = (spec.radius_start + (spec.radius_end - spec.radius_start) * a) * side
+        colour = tuple(float(v) for v in start + (end - start) * a)
+        cv2.circle(frame, centre, int(round(radius * scale)), colour, -1, cv2.LINE_AA, shift)
+        for size, colour_a, colour_b, xy0, xy1 in spec.distractors:  # drawn over the target: occlusions
+            c = np.array(xy0) + (np.array(xy1) - np.array(xy0)) * a
+            x0, y0 = point(c - size / 2.0)
+            x1, y1 = point(c + size / 2.0)
+            col = tuple(float(v) for v in np.array(colour_a, float) + (np.array(colour_b, float) - colour_a) * a)
+            cv2.rectangle(frame, (x0, y0), (x1, y1), col, -1, cv2.LINE_AA, shift)
+        gain = 1.0 + spec.flicker * float(rng.normal())
+        frame = frame * gain + rng.normal(0.0, spec.noise, size=frame.shape).astype(np.float32)
+        yield np.clip(frame + 0.5, 0, 255).astype(np.uint8)
