@@ -8,11 +8,7 @@ Padded frames never go through the backbone: their features are zeros and their 
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +19,8 @@ from featpipe._version import __version__
 from featpipe.backbones import PRECISIONS, WEIGHTS_IMAGENET, FeatureExtractor, check_size, get_backbone
 from featpipe.cache import CacheConfig, CacheLock, CacheWriter, ClipRecord, parse_shard, shard_of, shard_path, summarize
 from featpipe.datasets import Dataset, Record, index_dataset
-from featpipe.errors import ExtractionFailed, FeatpipeError, VideoError
+from featpipe.errors import ExtractionFailed, FeatpipeError
+from featpipe.pipeline import BackgroundWriter, Embedded, Stats, decode, embed
 
 DTYPES = ("float16", "float32")
 
@@ -135,7 +132,7 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
 
         config = CacheConfig(
             backbone=backbone.name, weights=extractor.weights, weights_fingerprint=extractor.fingerprint,
-            input_size=size, frames=opts.frames, sampling=opts.sampling, dtype=extractor.storage_dtype or opts.dtype,
+            input_size=size, frames=opts.frames, sampling=opts.sampling, dtype=extractor.cache_dtype(opts.dtype),
             feature_shape=extractor.feature_shape, class_names=dataset.class_names,
             extra={"featpipe_version": __version__, "keras_version": keras.__version__,
                    "keras_backend": keras.backend.backend(), "data_root": str(dataset.root),
@@ -149,13 +146,10 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
         skip = done | (set() if opts.retry_failed else set(failed_before))
         todo = [r for r in records if r.video not in skip]
         n_skipped = len(records) - len(todo)
-        stats = _Stats()
+        stats = Stats()
         assignments = {r.video: (dataset.label_index(r.label), r.split) for r in records}
-        if todo and getattr(extractor, "jit_compile", None) is True:
-            # an accelerator compiles the forward pass (seconds to minutes): do it now, as set-up, so the
-            # pipeline starts with a ready device. On a CPU the first real batch traces it instead, since a
-            # warm-up batch there costs a whole forward pass.
-            extractor(np.zeros((1, size, size, 3), np.uint8))
+        if todo:
+            extractor.warm_up()  # compile on an accelerator now, as set-up (a no-op on a CPU and for raw)
         setup_seconds = time.perf_counter() - started  # index, model build and compile, cache checks
         try:
             if todo:
@@ -186,189 +180,47 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
     return result
 
 
-@dataclass
-class _Slot:
-    """A decoded clip waiting for its frames' features."""
-
-    record: Record
-    label: int
-    n_frames: int
-    mask: np.ndarray
-    features: np.ndarray  # (T, D) float32, filled as batches come back
-    remaining: int  # real frames not yet through the backbone
-
-
-def _decode(record: Record, frames: int, size: int, sampling: str):
-    from featpipe.video import read_clip
-
-    try:
-        return read_clip(record.path, frames, size, sampling)
-    except VideoError as exc:
-        return exc
+def clip_record(done: Embedded, label: int, dtype: np.dtype) -> ClipRecord:
+    """What the writer stores for one finished clip (a failed-clip record when it could not be decoded)."""
+    rec: Record = done.item
+    if not done.ok:
+        return ClipRecord(rec.video, label, rec.split, 0, error=done.error)
+    clip = done.windows[0]
+    feats = done.features[0].astype(dtype)  # raw frames: exact in float32 and back
+    check_finite(rec.video, feats, clip.mask, dtype)
+    return ClipRecord(rec.video, label, rec.split, clip.n_frames, feats, clip.mask)
 
 
-@dataclass
-class _Stats:
-    """Where the pipeline's time went (filled by ``_run``)."""
-
-    frames: int = 0  # real frames through the backbone
-    clips: int = 0  # clips finished (features written)
-    infer_seconds: float = 0.0  # time inside backbone calls
-    starved_seconds: float = 0.0  # time the backbone thread waited for a batch, after the first one
+def check_finite(video: str, feats: np.ndarray, mask: np.ndarray, dtype) -> None:
+    """A clip's stored features must be finite on its real frames."""
+    if not np.isfinite(feats[mask]).all():
+        raise FeatpipeError(
+            f"Features of '{video}' are not finite in {np.dtype(dtype).name} (the backbone's outputs overflow it); "
+            f"re-run with --dtype float32 and a new --output file."
+        )
 
 
 def _run(todo: list[Record], dataset: Dataset, extractor: FeatureExtractor, opts: ExtractOptions,
-         writer: CacheWriter, workers: int) -> _Stats:
-    """The pipeline proper: three kinds of threads connected by bounded queues.
+         writer: CacheWriter, workers: int) -> Stats:
+    """The local engine: ``decode`` (``workers`` threads) -> ``embed`` (batches across clips, the
+    backbone on its own thread) -> the writer thread (journal). See :mod:`featpipe.pipeline`.
 
-    decode pool (``workers`` threads) -> this thread: frames of consecutive clips stacked into
-    fixed-size batches -> backbone thread: one device call per batch, features scattered back
-    to their clips -> writer thread: finished clips into the journal. The backbone thread
-    always has the next batch waiting (queue of 2), so the device never idles while a batch is
-    assembled, and the GIL is free while it computes.
+    Ctrl-C or an error: the batch on the device completes, the clips already finished are
+    written, the batches still queued are dropped (at most the clips in flight are lost).
     """
     from tqdm.auto import tqdm
 
-    batch_size = extractor.batch_size
-    dtype = np.dtype(extractor.storage_dtype or opts.dtype)
-    out_q: queue.Queue = queue.Queue(maxsize=64)
-    infer_q: queue.Queue = queue.Queue(maxsize=2)
-    errors: list[BaseException] = []  # from the backbone or writer thread, re-raised in this one
-    stop = threading.Event()
-    stats = _Stats()
+    from featpipe.video import read_clip
 
-    def write_loop():
-        while True:
-            rec = out_q.get()
-            if rec is None:
-                return
-            try:
-                writer.append(rec)
-            except BaseException as exc:  # surfaced in the main thread, never swallowed
-                errors.append(exc)
-                stop.set()
-                return
-
-    bar = tqdm(total=len(todo), unit="clip", disable=opts.quiet, dynamic_ncols=True, desc=f"extract {extractor.backbone.name}")
+    dtype = np.dtype(extractor.cache_dtype(opts.dtype))
+    stats = Stats()
+    clips = decode(todo, lambda rec: read_clip(rec.path, opts.frames, extractor.size, opts.sampling), workers)
     started = time.perf_counter()
-
-    def finish(slot: _Slot):
-        feats = slot.features.astype(dtype)
-        if not np.isfinite(feats[slot.mask]).all():
-            raise FeatpipeError(
-                f"Features of '{slot.record.video}' are not finite in {opts.dtype} (the backbone's outputs overflow it); "
-                f"re-run with --dtype float32 and a new --output file."
-            )
-        out_q.put(ClipRecord(slot.record.video, slot.label, slot.record.split, slot.n_frames, feats, slot.mask))
-        stats.clips += 1
-        bar.update(1)
-
-    def infer_loop():
-        first = True
-        while True:
-            waited = time.perf_counter()
-            item = infer_q.get()
-            if not first:
-                stats.starved_seconds += time.perf_counter() - waited
-            first = False
-            if item is None or stop.is_set():
-                return
-            batch, owners = item
-            try:
-                t0 = time.perf_counter()
-                feats = extractor(batch)
-                stats.infer_seconds += time.perf_counter() - t0
-                for (slot, pos), f in zip(owners, feats):
-                    slot.features[pos] = f
-                    slot.remaining -= 1
-                    if slot.remaining == 0:
-                        finish(slot)
-            except BaseException as exc:
-                errors.append(exc)
-                stop.set()
-                return
-            stats.frames += len(owners)
+    with tqdm(total=len(todo), unit="clip", disable=opts.quiet, dynamic_ncols=True,
+              desc=f"extract {extractor.backbone.name}") as bar, BackgroundWriter(writer) as sink:
+        for done in embed(clips, extractor, stats):
+            sink.put(clip_record(done, dataset.label_index(done.item.label), dtype))
+            stats.clips += done.ok
+            bar.update(1)
             bar.set_postfix_str(f"{stats.frames / (time.perf_counter() - started):.1f} frames/s", refresh=False)
-
-    def submit_batch(batch: np.ndarray, owners: list):
-        while True:  # a bounded put that notices a dead backbone or writer thread
-            if errors:
-                raise errors[0]
-            try:
-                infer_q.put((batch, owners), timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    threads = [threading.Thread(target=write_loop, name="featpipe-writer", daemon=True),
-               threading.Thread(target=infer_loop, name="featpipe-backbone", daemon=True)]
-    for thread in threads:
-        thread.start()
-    pending_frames: list[np.ndarray] = []  # frames waiting for a batch
-    pending_owner: list[tuple[_Slot, int]] = []  # (slot, frame position) per pending frame
-
-    def flush(n: int):
-        nonlocal pending_frames, pending_owner
-        submit_batch(np.stack(pending_frames[:n]), pending_owner[:n])
-        pending_frames = pending_frames[n:]
-        pending_owner = pending_owner[n:]
-
-    window = max(2 * workers, 4)
-    records = iter(todo)
-    inflight: deque[tuple[Record, Future]] = deque()
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featpipe-decode") as pool:
-            def submit_next():
-                rec = next(records, None)
-                if rec is not None:
-                    inflight.append((rec, pool.submit(_decode, rec, opts.frames, extractor.size, opts.sampling)))
-
-            for _ in range(window):
-                submit_next()
-            try:
-                while inflight:
-                    rec, fut = inflight.popleft()
-                    clip = fut.result()
-                    submit_next()
-                    label = dataset.label_index(rec.label)
-                    if isinstance(clip, VideoError):
-                        out_q.put(ClipRecord(rec.video, label, rec.split, 0, error=str(clip)))
-                        bar.update(1)
-                        continue
-                    k = int(clip.mask.sum())
-                    slot = _Slot(rec, label, clip.n_frames, clip.mask,
-                                 np.zeros((opts.frames, *extractor.feature_shape), np.float32), k)  # raw: exact in float32
-                    for pos in range(k):
-                        pending_frames.append(clip.frames[pos])
-                        pending_owner.append((slot, pos))
-                    while len(pending_frames) >= batch_size:
-                        flush(batch_size)
-                if pending_frames:
-                    flush(len(pending_frames))
-            finally:
-                for _, fut in inflight:
-                    fut.cancel()
-    except BaseException:
-        # Ctrl-C or an error: the batch on the device completes and its clips are written; the
-        # batches still queued are dropped (at most the clips in flight are lost).
-        stop.set()
-        raise
-    finally:
-        _put_until_taken(infer_q, None, threads[1])
-        threads[1].join()
-        out_q.put(None)
-        threads[0].join()
-        bar.close()
-    if errors:
-        raise errors[0]
     return stats
-
-
-def _put_until_taken(q: queue.Queue, item, consumer: threading.Thread) -> None:
-    """Put ``item`` on a bounded queue unless its consumer thread has already ended."""
-    while consumer.is_alive():
-        try:
-            q.put(item, timeout=0.1)
-            return
-        except queue.Full:
-            continue
