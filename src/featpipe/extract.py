@@ -19,7 +19,8 @@ from featpipe._version import __version__
 from featpipe.backbones import PRECISIONS, WEIGHTS_IMAGENET, FeatureExtractor, check_size, get_backbone
 from featpipe.cache import CacheConfig, CacheLock, CacheWriter, ClipRecord, parse_shard, shard_of, shard_path, summarize
 from featpipe.datasets import Dataset, Record, index_dataset
-from featpipe.errors import ExtractionFailed, FeatpipeError
+from featpipe.errors import ExtractionFailed, FeatpipeError, OptionError
+from featpipe.options import check_choice, check_float, check_int
 from featpipe.pipeline import BackgroundWriter, Embedded, Stats, decode, embed
 
 DTYPES = ("float16", "float32")
@@ -53,6 +54,11 @@ class ExtractOptions:
     # "I/N": only the clips whose key hashes to shard I of N, into <cache stem>.shard-I-of-N.h5
     # beside the cache (own journal and lock); `featpipe merge` combines the N shards
     shard: str | None = None
+    # where the backbone runs: "local" (this process) or "ray" (a Ray cluster; needs `pip install "featpipe[ray]"`)
+    engine: str = "local"
+    ray_address: str | None = None  # ray: the cluster's address (host:port); None = RAY_ADDRESS, `ray start`'s, or a new local Ray
+    num_workers: int | None = None  # ray: backbone actors; None = one per GPU of the cluster (one per node without GPUs)
+    gpus_per_worker: float | None = None  # ray: GPUs each actor reserves; None = 1 if the cluster has GPUs, else 0
 
 
 @dataclass
@@ -109,6 +115,23 @@ def _validate(opts: ExtractOptions) -> None:
         raise FeatpipeError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{opts.precision}'.")
     if opts.workers is not None and opts.workers < 1:
         raise FeatpipeError(f"--workers must be at least 1, got {opts.workers}.")
+    _validate_engine(opts)
+
+
+ENGINES = ("local", "ray")
+MAX_RAY_WORKERS = 10_000
+MAX_GPUS_PER_WORKER = 64
+
+
+def _validate_engine(opts: ExtractOptions) -> None:
+    check_choice("engine", opts.engine, ENGINES)
+    check_int("num_workers", opts.num_workers, 1, MAX_RAY_WORKERS, optional=True)
+    check_float("gpus_per_worker", opts.gpus_per_worker, 0, MAX_GPUS_PER_WORKER, optional=True)
+    if opts.ray_address is not None and not str(opts.ray_address).strip():
+        raise OptionError("ray_address", "must be a cluster address such as 10.0.0.1:6379, got an empty string.")
+    ray_only = [name for name in ("ray_address", "num_workers", "gpus_per_worker") if getattr(opts, name) is not None]
+    if opts.engine != "ray" and ray_only:
+        raise OptionError(ray_only[0], f"is for --engine ray only (the engine is '{opts.engine}').")
 
 
 def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
@@ -119,6 +142,10 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
     """
     opts = ExtractOptions(**kwargs) if opts is None else dataclasses.replace(opts, **kwargs)
     _validate(opts)
+    if opts.engine == "ray":
+        from featpipe.ray_engine import import_ray
+
+        import_ray()  # before any work: without the extra, say how to install it
     shard = parse_shard(opts.shard) if opts.shard else None
     backbone = get_backbone(opts.backbone)
     size = check_size(backbone, opts.size or backbone.default_size)
@@ -152,7 +179,11 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
             extractor.warm_up()  # compile on an accelerator now, as set-up (a no-op on a CPU and for raw)
         setup_seconds = time.perf_counter() - started  # index, model build and compile, cache checks
         try:
-            if todo:
+            if todo and opts.engine == "ray":
+                from featpipe import ray_engine
+
+                stats = ray_engine.run(todo, dataset, extractor, opts, writer, keras.__version__)
+            elif todo:
                 stats = _run(todo, dataset, extractor, opts, writer, workers=opts.workers or default_workers())
         except KeyboardInterrupt:
             writer.finalize(assignments)  # Ctrl-C: keep every finished clip in the cache, then stop
