@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,67 +181,94 @@ def check_worker(row: dict[str, Any], fingerprint: str, keras_version: str) -> N
         )
 
 
+def build(rows: list[dict], plan_: Plan, *, decode_kwargs: dict, embedder_kwargs: dict, clips_per_call: int,
+          decode_fn=None, embedder=None, actor_cpus: float | None = None,
+          clips_per_decode_task: int = CLIPS_PER_DECODE_TASK):
+    """The Ray Data pipeline over keyed ``rows`` (key, path, label, split): decode tasks -> the actor pool.
+
+    ``decode_fn`` and ``embedder`` default to :func:`decode_batch` and :class:`ClipEmbedder`
+    (bench/ray_bench.py swaps in stand-ins to simulate a device). Each actor reserves ``actor_cpus``
+    CPUs (default: 1 beside its GPUs, half a CPU on a CPU-only cluster so decoding keeps a share).
+    """
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // clips_per_decode_task)))
+    ds = ds.map_batches(decode_fn or decode_batch, batch_size=clips_per_decode_task, batch_format="numpy",
+                        num_cpus=1, fn_kwargs=decode_kwargs)
+    return ds.map_batches(
+        embedder or ClipEmbedder, batch_size=clips_per_call, batch_format="numpy",
+        compute=ActorPoolStrategy(min_size=plan_.num_workers, max_size=plan_.num_workers),
+        num_gpus=plan_.gpus_per_worker,
+        num_cpus=actor_cpus if actor_cpus is not None else (1 if plan_.gpus_per_worker else 0.5),
+        fn_constructor_kwargs=embedder_kwargs,
+    )
+
+
+def consume(ds, sink, dtype, fingerprint: str, keras_version: str, stats, progress=None) -> None:
+    """Rows of ``ds`` on the driver: checked, each key once, handed to ``sink`` (a BackgroundWriter)."""
+    from featpipe.cache import ClipRecord
+    from featpipe.extract import check_finite
+
+    seen: set[str] = set()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        for i in range(len(batch["key"])):
+            row = {name: batch[name][i] for name in batch}
+            key = str(row["key"])
+            if key in seen:  # a batch redone by a restarted actor
+                continue
+            label, split = int(row["label"]), str(row["split"])
+            if row["error"]:
+                sink.put(ClipRecord(key, label, split, 0, error=str(row["error"])))
+            else:
+                check_worker(row, fingerprint, keras_version)
+                mask = np.asarray(row["mask"], bool)
+                feats = np.asarray(row["features"], dtype)
+                check_finite(key, feats, mask, dtype)
+                sink.put(ClipRecord(key, label, split, int(row["n_frames"]), feats, mask))
+                stats.clips += 1
+                stats.frames += int(mask.sum())
+                stats.infer_seconds += float(row["infer_seconds"])
+            seen.add(key)
+            if progress is not None:
+                progress(1)
+
+
 def run(todo: list, dataset, extractor, opts, writer, keras_version: str):
     """Extract ``todo`` on the cluster; the driver writes every row through ``writer``. Returns pipeline Stats."""
     from tqdm.auto import tqdm
 
-    from featpipe.cache import ClipRecord
-    from featpipe.extract import check_finite
     from featpipe.pipeline import BackgroundWriter, Stats
 
     ray = import_ray()
     started_ray = connect(opts.ray_address)
     try:
-        from ray.data import ActorPoolStrategy
-
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # featpipe's own bar counts clips
-        ctx.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        quiet_ray_data()
         p = plan(opts.num_workers, opts.gpus_per_worker)
-        dtype = extractor.cache_dtype(opts.dtype)
         rows = [{"key": r.video, "path": str(r.path.resolve()), "label": dataset.label_index(r.label),
                  "split": r.split} for r in todo]
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // CLIPS_PER_DECODE_TASK)))
-        ds = ds.map_batches(decode_batch, batch_size=CLIPS_PER_DECODE_TASK, batch_format="numpy", num_cpus=1,
-                            fn_kwargs=dict(frames=opts.frames, size=extractor.size, sampling=opts.sampling))
-        clips_per_call = max(1, -(-extractor.batch_size // opts.frames))  # about one backbone batch of frames
-        ds = ds.map_batches(
-            ClipEmbedder, batch_size=clips_per_call, batch_format="numpy",
-            compute=ActorPoolStrategy(min_size=p.num_workers, max_size=p.num_workers),
-            num_gpus=p.gpus_per_worker, num_cpus=1 if p.gpus_per_worker else 0.5,
-            fn_constructor_kwargs=dict(backbone=extractor.backbone.name, size=extractor.size, weights=opts.weights,
-                                       seed=opts.seed, batch_size=opts.batch_size, precision=opts.precision,
-                                       dtype=opts.dtype),
-        )
+        ds = build(rows, p, decode_kwargs=dict(frames=opts.frames, size=extractor.size, sampling=opts.sampling),
+                   embedder_kwargs=dict(backbone=extractor.backbone.name, size=extractor.size, weights=opts.weights,
+                                        seed=opts.seed, batch_size=opts.batch_size, precision=opts.precision,
+                                        dtype=opts.dtype),
+                   clips_per_call=max(1, -(-extractor.batch_size // opts.frames)))  # about one backbone batch
         stats = Stats()
-        seen: set[str] = set()
-        started = time.perf_counter()
         with tqdm(total=len(todo), unit="clip", disable=opts.quiet, dynamic_ncols=True,
                   desc=f"extract {extractor.backbone.name} on {p.num_workers} Ray worker(s)") as bar, \
                 BackgroundWriter(writer) as sink:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-                for i in range(len(batch["key"])):
-                    row = {name: batch[name][i] for name in batch}
-                    key = str(row["key"])
-                    if key in seen:  # a batch redone by a restarted actor
-                        continue
-                    label, split = int(row["label"]), str(row["split"])
-                    if row["error"]:
-                        sink.put(ClipRecord(key, label, split, 0, error=str(row["error"])))
-                    else:
-                        check_worker(row, extractor.fingerprint, keras_version)
-                        mask = np.asarray(row["mask"], bool)
-                        feats = np.asarray(row["features"], dtype)
-                        check_finite(key, feats, mask, dtype)
-                        sink.put(ClipRecord(key, label, split, int(row["n_frames"]), feats, mask))
-                        stats.clips += 1
-                        stats.frames += int(mask.sum())
-                        stats.infer_seconds += float(row["infer_seconds"])
-                    seen.add(key)
-                    bar.update(1)
-                bar.set_postfix_str(f"{stats.frames / (time.perf_counter() - started):.1f} frames/s", refresh=False)
+            consume(ds, sink, extractor.cache_dtype(opts.dtype), extractor.fingerprint, keras_version, stats,
+                    bar.update)
         return stats
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def quiet_ray_data() -> None:
+    """No Ray Data progress bars or execution banners on the driver: featpipe's own bar counts clips."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
