@@ -42,7 +42,15 @@ import numpy as np  # noqa: E402
 from featpipe.cache import CacheConfig, CacheWriter, ClipRecord  # noqa: E402
 from featpipe.extract import extract  # noqa: E402
 from featpipe.pipeline import BackgroundWriter, Stats  # noqa: E402
-from featpipe.ray_engine import ClipEmbedder, Plan, build, consume, import_ray, quiet_ray_data  # noqa: E402
+from featpipe.ray_engine import (  # noqa: E402
+    ClipEmbedder,
+    Plan,
+    build,
+    clips_per_call,
+    consume,
+    import_ray,
+    quiet_ray_data,
+)
 from featpipe.sample_data import write_sample_data  # noqa: E402
 
 FEATURE_DIM = 2048
@@ -193,7 +201,7 @@ def main(argv=None) -> int:
             print(f"overhead: {args.backbone} @ {args.size}px, {args.frames} frames, batch {args.batch_size}", flush=True)
             results["overhead"] = run_overhead(args, tmp)
         lat = args.latency_ms / 1000
-        cpc = FRAMES_PER_DEVICE_BATCH // SIM_FRAMES * 4  # clips per actor call: 4 device batches
+        cpc = clips_per_call(FRAMES_PER_DEVICE_BATCH, SIM_FRAMES)  # as the engine sizes actor calls
         results["writer_clips_per_s"] = writer_ceiling(2000, tmp)
         sims = []
         for actors in (1, 2, 4, args.many):

@@ -181,6 +181,14 @@ def check_worker(row: dict[str, Any], fingerprint: str, keras_version: str) -> N
         )
 
 
+DEVICE_BATCHES_PER_CALL = 4  # backbone batches per actor call: fewer Ray round trips, the device kept busy inside
+
+
+def clips_per_call(batch_size: int, frames: int) -> int:
+    """Clips per actor call: about DEVICE_BATCHES_PER_CALL backbone batches of frames."""
+    return max(1, -(-DEVICE_BATCHES_PER_CALL * batch_size // frames))
+
+
 def build(rows: list[dict], plan_: Plan, *, decode_kwargs: dict, embedder_kwargs: dict, clips_per_call: int,
           decode_fn=None, embedder=None, actor_cpus: float | None = None,
           clips_per_decode_task: int = CLIPS_PER_DECODE_TASK):
@@ -251,7 +259,7 @@ def run(todo: list, dataset, extractor, opts, writer, keras_version: str):
                    embedder_kwargs=dict(backbone=extractor.backbone.name, size=extractor.size, weights=opts.weights,
                                         seed=opts.seed, batch_size=opts.batch_size, precision=opts.precision,
                                         dtype=opts.dtype),
-                   clips_per_call=max(1, -(-extractor.batch_size // opts.frames)))  # about one backbone batch
+                   clips_per_call=clips_per_call(extractor.batch_size, opts.frames))
         stats = Stats()
         with tqdm(total=len(todo), unit="clip", disable=opts.quiet, dynamic_ncols=True,
                   desc=f"extract {extractor.backbone.name} on {p.num_workers} Ray worker(s)") as bar, \
@@ -271,4 +279,7 @@ def quiet_ray_data() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    detectors = getattr(ctx, "issue_detectors_config", None)  # its memory hints are about Ray's scheduling, not ours
+    if detectors is not None and hasattr(detectors, "high_memory_detector_config"):
+        detectors.high_memory_detector_config.detection_time_interval_s = -1
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
