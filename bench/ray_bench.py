@@ -104,7 +104,8 @@ def run_simulation(actors: int, clips: int, latency: float, clips_per_call: int,
     ds = build(rows, Plan(actors, 0.0, 1), decode_fn=fake_decode, decode_kwargs=dict(frames=SIM_FRAMES, size=SIM_SIZE),
                embedder=SimulatedEmbedder, embedder_kwargs=dict(latency=latency), clips_per_call=clips_per_call,
                actor_cpus=0,  # sleeping actors: no CPU reserved, so many fit on 2 cores
-               clips_per_decode_task=clips_per_call)  # one decode task per actor call: results arrive per call
+               clips_per_decode_task=clips_per_call,  # one decode task per actor call: results arrive per call
+               decode_cpus=0.25)  # the stand-in decoder costs nothing: do not let 2 logical CPUs cap its tasks
     path = tmp / f"sim-{actors}.h5"
     writer = CacheWriter(path, sim_config())
     stats = Stats()

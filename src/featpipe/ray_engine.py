@@ -191,7 +191,7 @@ def clips_per_call(batch_size: int, frames: int) -> int:
 
 def build(rows: list[dict], plan_: Plan, *, decode_kwargs: dict, embedder_kwargs: dict, clips_per_call: int,
           decode_fn=None, embedder=None, actor_cpus: float | None = None,
-          clips_per_decode_task: int = CLIPS_PER_DECODE_TASK):
+          clips_per_decode_task: int = CLIPS_PER_DECODE_TASK, decode_cpus: float = 1):
     """The Ray Data pipeline over keyed ``rows`` (key, path, label, split): decode tasks -> the actor pool.
 
     ``decode_fn`` and ``embedder`` default to :func:`decode_batch` and :class:`ClipEmbedder`
@@ -203,7 +203,7 @@ def build(rows: list[dict], plan_: Plan, *, decode_kwargs: dict, embedder_kwargs
 
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // clips_per_decode_task)))
     ds = ds.map_batches(decode_fn or decode_batch, batch_size=clips_per_decode_task, batch_format="numpy",
-                        num_cpus=1, fn_kwargs=decode_kwargs)
+                        num_cpus=decode_cpus, fn_kwargs=decode_kwargs)
     return ds.map_batches(
         embedder or ClipEmbedder, batch_size=clips_per_call, batch_format="numpy",
         compute=ActorPoolStrategy(min_size=plan_.num_workers, max_size=plan_.num_workers),
