@@ -177,7 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--ray-workers", type=int, default=1, help="actors in the overhead run")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--latency-ms", type=float, default=40.0, help="stand-in device time per 64-frame batch")
-    p.add_argument("--sim-calls", type=int, default=30, help="actor calls (16 clips each) per actor in each simulation run")
+    p.add_argument("--sim-calls", type=int, default=30,
+                   help="actor calls (16 clips each) per actor in each simulation run")
     p.add_argument("--many", type=int, default=16, help="actors in the many-actor run")
     p.add_argument("--quick", action="store_true", help="fewer clips")
     p.add_argument("--skip-overhead", action="store_true")
@@ -199,7 +200,8 @@ def main(argv=None) -> int:
         results["ray_start_seconds"] = time.perf_counter() - t0
         print(f"local Ray started in {results['ray_start_seconds']:.1f} s", flush=True)
         if not args.skip_overhead:
-            print(f"overhead: {args.backbone} @ {args.size}px, {args.frames} frames, batch {args.batch_size}", flush=True)
+            print(f"overhead: {args.backbone} @ {args.size}px, {args.frames} frames, batch {args.batch_size}",
+                  flush=True)
             results["overhead"] = run_overhead(args, tmp)
         lat = args.latency_ms / 1000
         cpc = clips_per_call(FRAMES_PER_DEVICE_BATCH, SIM_FRAMES)  # as the engine sizes actor calls

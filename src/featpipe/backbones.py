@@ -309,7 +309,7 @@ class FeatureExtractor:
             self(np.zeros((1, self.size, self.size, 3), np.uint8))
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
-        """(n, size, size, 3) uint8, n <= batch_size -> (n, *feature_shape) features (float32, or the frames for raw)."""
+        """(n, size, size, 3) uint8, n <= batch_size -> (n, *feature_shape) float32 features."""
         n = len(frames)
         if n > self.batch_size:
             raise ValueError(f"got {n} frames for a batch of {self.batch_size}")

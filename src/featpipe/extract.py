@@ -56,8 +56,9 @@ class ExtractOptions:
     shard: str | None = None
     # where the backbone runs: "local" (this process) or "ray" (a Ray cluster; needs `pip install "featpipe[ray]"`)
     engine: str = "local"
-    ray_address: str | None = None  # ray: the cluster's address (host:port); None = RAY_ADDRESS, `ray start`'s, or a new local Ray
-    num_workers: int | None = None  # ray: backbone actors; None = one per GPU of the cluster (one per node without GPUs)
+    # ray: the cluster's address (host:port); None = RAY_ADDRESS, the one `ray start` began here, or a new local Ray
+    ray_address: str | None = None
+    num_workers: int | None = None  # ray: backbone actors; None = one per GPU (one per node without GPUs)
     gpus_per_worker: float | None = None  # ray: GPUs each actor reserves; None = 1 if the cluster has GPUs, else 0
 
 
