@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 BACKENDS_STAMP := $(VENV)/.backends
 
-.PHONY: venv demo test test-fast lint test-backends bench gpu-bench clean
+.PHONY: venv demo test test-fast test-ray lint test-backends bench gpu-bench clean
 
 venv: $(STAMP)
 
@@ -26,12 +26,23 @@ demo: venv
 	$(BIN)/featpipe predict data/test/grow/grow_test_000.mp4 --model models/latest
 
 test: venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not ray"
 
 # The edit loop: everything but the tests marked slow (subprocess kill tests, the notebook run,
 # the all-backbones sweep). CI and `make test` run the full suite.
 test-fast: venv
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not ray"
+
+# `featpipe extract --engine ray` on a real local two-node Ray cluster (loopback only): installs
+# the ray extra into the venv, then runs the tests marked ray (a few minutes).
+RAY_STAMP := $(VENV)/.ray
+
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -e ".[dev,ray]"
+	touch $(RAY_STAMP)
+
+test-ray: $(RAY_STAMP)
+	$(BIN)/python -m pytest -m ray tests/test_ray_engine.py
 
 # ruff's lint rules from pyproject.toml [tool.ruff]; no formatting check yet.
 lint: venv

@@ -442,44 +442,49 @@ class FeatureExtractor:
     memory on a batch size that was not given explicitly, the batch is split in halves.
     """
 
+    storage_dtype: str | None = None  # the dtype the cache must use whatever --dtype says (RawFrames: uint8)
+
+    def __new__(cls, backbone: Backbone | str, *args, **kwargs):
+        """The registry decides the frame source: the ``raw`` entry is :class:`RawFrames`, the rest are networks."""
+        entry = get_backbone(backbone) if isinstance(backbone, str) else backbone
+        return super().__new__(RawFrames if cls is FeatureExtractor and entry.raw else cls)
+
     def __init__(self, backbone: Backbone | str, size: int | None = None, weights: str = WEIGHTS_IMAGENET,
                  seed: int = 0, batch_size: int | None = 32, precision: str = "float32"):
+        from featpipe.devices import current_device
+
         self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
         self.size = check_size(self.backbone, size or self.backbone.default_size)
         self.weights = weights_label(weights)
         self.seed = seed
         self.precision = _check_precision(precision)
         self._auto_batch = batch_size is None
-        if self.backbone.raw:
-            self.weights = WEIGHTS_NONE
-            self.model = None
-            self.fingerprint = RAW_FINGERPRINT
-            self.feature_shape: tuple[int, ...] = (self.size, self.size, 3)
-            self.batch_size = int(batch_size or 32)
-        else:
-            from featpipe.devices import current_device
-
-            model = build_model(self.backbone, self.size, self.weights, seed)
-            self.fingerprint = fingerprint(model)
-            self.feature_shape = (self.backbone.feature_dim,)
-            device = current_device()
-            self.batch_size = int(batch_size or auto_batch_size(model, device, self.precision))
-            self.jit_compile = True if device.accelerator else "auto"
-            self.model = _inference_model(self.backbone, self.size, model, self.precision, self.jit_compile)
+        model = build_model(self.backbone, self.size, self.weights, seed)
+        self.fingerprint = fingerprint(model)
+        self.feature_shape: tuple[int, ...] = (self.backbone.feature_dim,)
+        device = current_device()
+        self.batch_size = int(batch_size or auto_batch_size(model, device, self.precision))
+        self.jit_compile = True if device.accelerator else "auto"
+        self.model = _inference_model(self.backbone, self.size, model, self.precision, self.jit_compile)
         self._micro = self.batch_size  # frames per device call; halved on out-of-memory
 
-    @property
-    def storage_dtype(self) -> str | None:
-        """The dtype the cache must use regardless of --dtype (uint8 frames for raw), else None."""
-        return "uint8" if self.backbone.raw else None
+    def cache_dtype(self, requested: str) -> str:
+        """The dtype features are stored in: ``requested`` (--dtype) for a network."""
+        return requested
+
+    def warm_up(self) -> None:
+        """Compile the forward pass now, as set-up, where that is worth it (an accelerator).
+
+        On a CPU the first real batch traces it instead: a warm-up batch there costs a whole forward pass.
+        """
+        if self.jit_compile is True:
+            self(np.zeros((1, self.size, self.size, 3), np.uint8))
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
-        """(n, size, size, 3) uint8, n <= batch_size -> (n, *feature_shape) features (float32, or the frames for raw)."""
+        """(n, size, size, 3) uint8, n <= batch_size -> (n, *feature_shape) float32 features."""
         n = len(frames)
         if n > self.batch_size:
             raise ValueError(f"got {n} frames for a batch of {self.batch_size}")
-        if self.backbone.raw:
-            return np.asarray(frames)
         if n == 0:
             return np.zeros((0, *self.feature_shape), np.float32)
         if n == self.batch_size:  # the usual full batch: no padding copy on the hot path
@@ -494,7 +499,7 @@ class FeatureExtractor:
             except Exception as exc:
                 if self._auto_batch and self._micro > 1 and _is_out_of_memory(exc):
                     self._micro //= 2  # the device is fuller than estimated: smaller calls, same results
-                elif getattr(self, "jit_compile", None) is True and not _is_out_of_memory(exc):
+                elif self.jit_compile is True and not _is_out_of_memory(exc):
                     # a compiler that cannot handle this graph on this backend: same results, uncompiled
                     warnings.warn(f"Compiled inference failed ({type(exc).__name__}: {exc}); running uncompiled.",
                                   RuntimeWarning, stacklevel=2)
@@ -503,6 +508,42 @@ class FeatureExtractor:
                 else:
                     raise
         return np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])[:n]
+
+
+class RawFrames(FeatureExtractor):
+    """The ``raw`` frame source: no network, a frame's "features" are its own uint8 pixels.
+
+    ``FeatureExtractor("raw", size)`` builds one. It carries the same interface through the same
+    stages (batch_size, feature_shape, fingerprint, ``__call__``), stores ``(size, size, 3)`` uint8
+    whatever ``--dtype`` says, and has nothing to compile or warm up.
+    """
+
+    storage_dtype = "uint8"
+
+    def __init__(self, backbone: Backbone | str = "raw", size: int | None = None, weights: str = WEIGHTS_NONE,
+                 seed: int = 0, batch_size: int | None = 32, precision: str = "float32"):
+        self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
+        self.size = check_size(self.backbone, size or self.backbone.default_size)
+        self.weights = WEIGHTS_NONE
+        self.seed = seed
+        self.precision = _check_precision(precision)
+        self._auto_batch = False
+        self.model = None
+        self.jit_compile = False
+        self.fingerprint = RAW_FINGERPRINT
+        self.feature_shape = (self.size, self.size, 3)
+        self.batch_size = self._micro = int(batch_size or 32)
+
+    def cache_dtype(self, requested: str) -> str:
+        return self.storage_dtype
+
+    def warm_up(self) -> None:
+        return None
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        if len(frames) > self.batch_size:
+            raise ValueError(f"got {len(frames)} frames for a batch of {self.batch_size}")
+        return np.asarray(frames)
 
 
 def activation_bytes_per_frame(model) -> int:

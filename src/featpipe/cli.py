@@ -56,6 +56,11 @@ class DType(str, Enum):
     float32 = "float32"
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 INTERRUPTED = "interrupted: finished clips are saved; run the same command again to resume."
 
 
@@ -157,6 +162,10 @@ def extract_cmd(
     strict: Annotated[bool, typer.Option("--strict", help="Exit with status 1 if any clip failed.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     shard: Annotated[Optional[str], typer.Option(help="I/N: extract only shard I of N (a fixed share of the clips, by a hash of each clip's name) into <cache stem>.shard-I-of-N.h5; combine the N shards with `featpipe merge`.")] = None,
+    engine: Annotated[Engine, typer.Option(help="Where the backbone runs: local (this process) or ray (a Ray cluster; needs pip install \"featpipe[ray]\").")] = Engine.local,
+    ray_address: Annotated[Optional[str], typer.Option(help="--engine ray: the cluster's address (host:port) [default: RAY_ADDRESS, the cluster `ray start` began here, or a new local Ray].")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="--engine ray: backbone actors [default: one per GPU of the cluster, one per node without GPUs].")] = None,
+    gpus_per_worker: Annotated[Optional[float], typer.Option(help="--engine ray: GPUs each backbone actor reserves [default: 1 if the cluster has GPUs, else 0].")] = None,
 ):
     """Extract per-frame features of every clip into an HDF5 cache (resumes an interrupted run)."""
     from featpipe.extract import ExtractOptions, extract
@@ -167,7 +176,8 @@ def extract_cmd(
         dtype=getattr(dtype, "value", dtype), precision=getattr(precision, "value", precision), batch_size=batch_size,
         workers=workers, val_fraction=val_fraction,
         test_fraction=test_fraction, split_seed=split_seed, fold=fold, retry_failed=retry_failed, strict=strict,
-        quiet=quiet, shard=shard,
+        quiet=quiet, shard=shard, engine=getattr(engine, "value", engine), ray_address=ray_address,
+        num_workers=num_workers, gpus_per_worker=gpus_per_worker,
     )
     result = extract(opts)
     typer.echo(

@@ -8,12 +8,8 @@ Padded frames never go through the backbone: their features are zeros and their 
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
 import time
-from collections import deque
 from contextlib import ExitStack
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +21,9 @@ from featpipe.backbones import PRECISIONS, WEIGHTS_IMAGENET, FeatureExtractor, c
 from featpipe.cache import (CacheConfig, CacheLock, CacheWriter, CannotWrite, ClipRecord, file_identity, parse_shard,
                             shard_of, shard_path, summarize)
 from featpipe.datasets import Dataset, Record, index_dataset, repair_splits
-from featpipe.errors import CacheError, ExtractionFailed, FeatpipeError, OptionError, VideoError
+from featpipe.errors import CacheError, ExtractionFailed, FeatpipeError, OptionError
 from featpipe.options import check_choice, check_dir_option, check_file_option, check_float, check_int
+from featpipe.pipeline import BackgroundWriter, Embedded, Stats, decode, embed
 
 DTYPES = ("float16", "float32")
 MAX_SIZE = 1024  # largest square input: ImageNet backbones are trained at 224-600 px
@@ -68,6 +65,12 @@ class ExtractOptions:
     # "I/N": only the clips whose key hashes to shard I of N, into <cache stem>.shard-I-of-N.h5
     # beside the cache (own journal and lock); `featpipe merge` combines the N shards
     shard: str | None = None
+    # where the backbone runs: "local" (this process) or "ray" (a Ray cluster; needs `pip install "featpipe[ray]"`)
+    engine: str = "local"
+    # ray: the cluster's address (host:port); None = RAY_ADDRESS, the one `ray start` began here, or a new local Ray
+    ray_address: str | None = None
+    num_workers: int | None = None  # ray: backbone actors; None = one per GPU (one per node without GPUs)
+    gpus_per_worker: float | None = None  # ray: GPUs each actor reserves; None = 1 if the cluster has GPUs, else 0
 
     def __post_init__(self):
         self.validate()
@@ -112,6 +115,7 @@ class ExtractOptions:
                 parse_shard(self.shard)
             except FeatpipeError:
                 raise OptionError("shard", f"must look like I/N with 1 <= I <= N, e.g. 2/4; got {self.shard!r}.") from None
+        _validate_engine(self)
         self._check_memory(self.size or backbone.default_size)
 
     def _check_memory(self, size: int) -> None:
@@ -135,6 +139,22 @@ class ExtractOptions:
         fit = int((memory - clips_bytes) // (4 * frame * 4))
         raise OptionError("batch_size", f"of {batch} frames at {size} px needs {need} this machine can spare; "
                                         f"at most {max(fit, 0)} fit.")
+
+
+ENGINES = ("local", "ray")
+MAX_RAY_WORKERS = 10_000
+MAX_GPUS_PER_WORKER = 64
+
+
+def _validate_engine(opts: ExtractOptions) -> None:
+    check_choice("engine", opts.engine, ENGINES)
+    check_int("num_workers", opts.num_workers, 1, MAX_RAY_WORKERS, optional=True)
+    check_float("gpus_per_worker", opts.gpus_per_worker, 0, MAX_GPUS_PER_WORKER, optional=True)
+    if opts.ray_address is not None and not str(opts.ray_address).strip():
+        raise OptionError("ray_address", "must be a cluster address such as 10.0.0.1:6379, got an empty string.")
+    ray_only = [name for name in ("ray_address", "num_workers", "gpus_per_worker") if getattr(opts, name) is not None]
+    if opts.engine != "ray" and ray_only:
+        raise OptionError(ray_only[0], f"is for --engine ray only (the engine is '{opts.engine}').")
 
 
 @dataclass
@@ -194,6 +214,10 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
     dataset = index_dataset(opts.data_folder, opts.csv, val_fraction=opts.val_fraction,
                             test_fraction=opts.test_fraction, seed=opts.split_seed, fold=opts.fold)
     path = cache_path(opts)
+    if opts.engine == "ray":
+        from featpipe.ray_engine import import_ray
+
+        import_ray()  # before any work: without the extra, say how to install it
     started = time.perf_counter()
     # a shard takes the clips whose key hashes to it: the same split on every machine
     records = [r for r in dataset.records if shard_of(r.video, shard[1]) == shard[0]] if shard else list(dataset.records)
@@ -211,7 +235,7 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
 
         config = CacheConfig(
             backbone=backbone.name, weights=extractor.weights, weights_fingerprint=extractor.fingerprint,
-            input_size=size, frames=opts.frames, sampling=opts.sampling, dtype=extractor.storage_dtype or opts.dtype,
+            input_size=size, frames=opts.frames, sampling=opts.sampling, dtype=extractor.cache_dtype(opts.dtype),
             feature_shape=extractor.feature_shape, class_names=dataset.class_names,
             extra={"featpipe_version": __version__, "keras_version": keras.__version__,
                    "keras_backend": keras.backend.backend(), "data_root": str(dataset.root),
@@ -229,7 +253,7 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
         n_skipped = len(records) - len(todo)
         if not writable:
             return _read_only_result(path, writer, dataset, records, identities, todo, shard, started)
-        stats = _Stats()
+        stats = Stats()
         notes: list[str] = []
 
         def fold():
@@ -238,14 +262,15 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
             writer.finalize(assignments, current=identities)
             notes[:] = split_notes + _drop_notes(writer)
 
-        if todo and getattr(extractor, "jit_compile", None) is True:
-            # an accelerator compiles the forward pass (seconds to minutes): do it now, as set-up, so the
-            # pipeline starts with a ready device. On a CPU the first real batch traces it instead, since a
-            # warm-up batch there costs a whole forward pass.
-            extractor(np.zeros((1, size, size, 3), np.uint8))
+        if todo:
+            extractor.warm_up()  # compile on an accelerator now, as set-up (a no-op on a CPU and for raw)
         setup_seconds = time.perf_counter() - started  # index, model build and compile, cache checks
         try:
-            if todo:
+            if todo and opts.engine == "ray":
+                from featpipe import ray_engine
+
+                stats = ray_engine.run(todo, dataset, extractor, opts, writer, keras.__version__)
+            elif todo:
                 stats = _run(todo, dataset, extractor, opts, writer, workers=opts.workers or default_workers())
         except KeyboardInterrupt:
             fold()  # Ctrl-C or SIGTERM: keep every finished clip in the cache, then stop
@@ -360,189 +385,47 @@ def _read_only_result(path: Path, writer: CacheWriter, dataset: Dataset, records
                          failed=summary.failed, summary_lines=summary.lines() + notes, notes=notes)
 
 
-@dataclass
-class _Slot:
-    """A decoded clip waiting for its frames' features."""
-
-    record: Record
-    label: int
-    n_frames: int
-    mask: np.ndarray
-    features: np.ndarray  # (T, D) float32, filled as batches come back
-    remaining: int  # real frames not yet through the backbone
-
-
-def _decode(record: Record, frames: int, size: int, sampling: str):
-    from featpipe.video import read_clip
-
-    try:
-        return read_clip(record.path, frames, size, sampling)
-    except VideoError as exc:
-        return exc
+def clip_record(done: Embedded, label: int, dtype: np.dtype) -> ClipRecord:
+    """What the writer stores for one finished clip (a failed-clip record when it could not be decoded)."""
+    rec: Record = done.item
+    if not done.ok:
+        return ClipRecord(rec.video, label, rec.split, 0, error=done.error)
+    clip = done.windows[0]
+    feats = done.features[0].astype(dtype)  # raw frames: exact in float32 and back
+    check_finite(rec.video, feats, clip.mask, dtype)
+    return ClipRecord(rec.video, label, rec.split, clip.n_frames, feats, clip.mask)
 
 
-@dataclass
-class _Stats:
-    """Where the pipeline's time went (filled by ``_run``)."""
-
-    frames: int = 0  # real frames through the backbone
-    clips: int = 0  # clips finished (features written)
-    infer_seconds: float = 0.0  # time inside backbone calls
-    starved_seconds: float = 0.0  # time the backbone thread waited for a batch, after the first one
+def check_finite(video: str, feats: np.ndarray, mask: np.ndarray, dtype) -> None:
+    """A clip's stored features must be finite on its real frames."""
+    if not np.isfinite(feats[mask]).all():
+        raise FeatpipeError(
+            f"Features of '{video}' are not finite in {np.dtype(dtype).name} (the backbone's outputs overflow it); "
+            f"re-run with --dtype float32 and a new --output file."
+        )
 
 
 def _run(todo: list[Record], dataset: Dataset, extractor: FeatureExtractor, opts: ExtractOptions,
-         writer: CacheWriter, workers: int) -> _Stats:
-    """The pipeline proper: three kinds of threads connected by bounded queues.
+         writer: CacheWriter, workers: int) -> Stats:
+    """The local engine: ``decode`` (``workers`` threads) -> ``embed`` (batches across clips, the
+    backbone on its own thread) -> the writer thread (journal). See :mod:`featpipe.pipeline`.
 
-    decode pool (``workers`` threads) -> this thread: frames of consecutive clips stacked into
-    fixed-size batches -> backbone thread: one device call per batch, features scattered back
-    to their clips -> writer thread: finished clips into the journal. The backbone thread
-    always has the next batch waiting (queue of 2), so the device never idles while a batch is
-    assembled, and the GIL is free while it computes.
+    Ctrl-C or an error: the batch on the device completes, the clips already finished are
+    written, the batches still queued are dropped (at most the clips in flight are lost).
     """
     from tqdm.auto import tqdm
 
-    batch_size = extractor.batch_size
-    dtype = np.dtype(extractor.storage_dtype or opts.dtype)
-    out_q: queue.Queue = queue.Queue(maxsize=64)
-    infer_q: queue.Queue = queue.Queue(maxsize=2)
-    errors: list[BaseException] = []  # from the backbone or writer thread, re-raised in this one
-    stop = threading.Event()
-    stats = _Stats()
+    from featpipe.video import read_clip
 
-    def write_loop():
-        while True:
-            rec = out_q.get()
-            if rec is None:
-                return
-            try:
-                writer.append(rec)
-            except BaseException as exc:  # surfaced in the main thread, never swallowed
-                errors.append(exc)
-                stop.set()
-                return
-
-    bar = tqdm(total=len(todo), unit="clip", disable=opts.quiet, dynamic_ncols=True, desc=f"extract {extractor.backbone.name}")
+    dtype = np.dtype(extractor.cache_dtype(opts.dtype))
+    stats = Stats()
+    clips = decode(todo, lambda rec: read_clip(rec.path, opts.frames, extractor.size, opts.sampling), workers)
     started = time.perf_counter()
-
-    def finish(slot: _Slot):
-        feats = slot.features.astype(dtype)
-        if not np.isfinite(feats[slot.mask]).all():
-            raise FeatpipeError(
-                f"Features of '{slot.record.video}' are not finite in {opts.dtype} (the backbone's outputs overflow it); "
-                f"re-run with --dtype float32 and a new --output file."
-            )
-        out_q.put(ClipRecord(slot.record.video, slot.label, slot.record.split, slot.n_frames, feats, slot.mask))
-        stats.clips += 1
-        bar.update(1)
-
-    def infer_loop():
-        first = True
-        while True:
-            waited = time.perf_counter()
-            item = infer_q.get()
-            if not first:
-                stats.starved_seconds += time.perf_counter() - waited
-            first = False
-            if item is None or stop.is_set():
-                return
-            batch, owners = item
-            try:
-                t0 = time.perf_counter()
-                feats = extractor(batch)
-                stats.infer_seconds += time.perf_counter() - t0
-                for (slot, pos), f in zip(owners, feats):
-                    slot.features[pos] = f
-                    slot.remaining -= 1
-                    if slot.remaining == 0:
-                        finish(slot)
-            except BaseException as exc:
-                errors.append(exc)
-                stop.set()
-                return
-            stats.frames += len(owners)
+    with tqdm(total=len(todo), unit="clip", disable=opts.quiet, dynamic_ncols=True,
+              desc=f"extract {extractor.backbone.name}") as bar, BackgroundWriter(writer) as sink:
+        for done in embed(clips, extractor, stats):
+            sink.put(clip_record(done, dataset.label_index(done.item.label), dtype))
+            stats.clips += done.ok
+            bar.update(1)
             bar.set_postfix_str(f"{stats.frames / (time.perf_counter() - started):.1f} frames/s", refresh=False)
-
-    def submit_batch(batch: np.ndarray, owners: list):
-        while True:  # a bounded put that notices a dead backbone or writer thread
-            if errors:
-                raise errors[0]
-            try:
-                infer_q.put((batch, owners), timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    threads = [threading.Thread(target=write_loop, name="featpipe-writer", daemon=True),
-               threading.Thread(target=infer_loop, name="featpipe-backbone", daemon=True)]
-    for thread in threads:
-        thread.start()
-    pending_frames: list[np.ndarray] = []  # frames waiting for a batch
-    pending_owner: list[tuple[_Slot, int]] = []  # (slot, frame position) per pending frame
-
-    def flush(n: int):
-        nonlocal pending_frames, pending_owner
-        submit_batch(np.stack(pending_frames[:n]), pending_owner[:n])
-        pending_frames = pending_frames[n:]
-        pending_owner = pending_owner[n:]
-
-    window = max(2 * workers, 4)
-    records = iter(todo)
-    inflight: deque[tuple[Record, Future]] = deque()
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featpipe-decode") as pool:
-            def submit_next():
-                rec = next(records, None)
-                if rec is not None:
-                    inflight.append((rec, pool.submit(_decode, rec, opts.frames, extractor.size, opts.sampling)))
-
-            for _ in range(window):
-                submit_next()
-            try:
-                while inflight:
-                    rec, fut = inflight.popleft()
-                    clip = fut.result()
-                    submit_next()
-                    label = dataset.label_index(rec.label)
-                    if isinstance(clip, VideoError):
-                        out_q.put(ClipRecord(rec.video, label, rec.split, 0, error=str(clip)))
-                        bar.update(1)
-                        continue
-                    k = int(clip.mask.sum())
-                    slot = _Slot(rec, label, clip.n_frames, clip.mask,
-                                 np.zeros((opts.frames, *extractor.feature_shape), np.float32), k)  # raw: exact in float32
-                    for pos in range(k):
-                        pending_frames.append(clip.frames[pos])
-                        pending_owner.append((slot, pos))
-                    while len(pending_frames) >= batch_size:
-                        flush(batch_size)
-                if pending_frames:
-                    flush(len(pending_frames))
-            finally:
-                for _, fut in inflight:
-                    fut.cancel()
-    except BaseException:
-        # Ctrl-C or an error: the batch on the device completes and its clips are written; the
-        # batches still queued are dropped (at most the clips in flight are lost).
-        stop.set()
-        raise
-    finally:
-        _put_until_taken(infer_q, None, threads[1])
-        threads[1].join()
-        out_q.put(None)
-        threads[0].join()
-        bar.close()
-    if errors:
-        raise errors[0]
     return stats
-
-
-def _put_until_taken(q: queue.Queue, item, consumer: threading.Thread) -> None:
-    """Put ``item`` on a bounded queue unless its consumer thread has already ended."""
-    while consumer.is_alive():
-        try:
-            q.put(item, timeout=0.1)
-            return
-        except queue.Full:
-            continue

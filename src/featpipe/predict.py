@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -19,7 +18,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from featpipe.datasets import VIDEO_EXTENSIONS
-from featpipe.errors import BackboneError, FeatpipeError, VideoError
+from featpipe.errors import BackboneError, FeatpipeError
 from featpipe.options import check_choice, check_file_option, check_int, check_writable_parent
 
 MAX_TOP_K = 1000
@@ -118,17 +117,13 @@ class Predictor:
 
     def features(self, windows: Sequence) -> tuple[np.ndarray, np.ndarray]:
         """Backbone features for decoded windows (ClipFrames), real frames batched across windows."""
+        from featpipe.pipeline import Decoded, embed
+
         t = self.frames
-        feats = np.zeros((len(windows), t, *self.extractor.feature_shape), np.float32)
-        masks = np.stack([w.mask for w in windows]) if windows else np.zeros((0, t), bool)
-        owners = [(i, pos) for i, w in enumerate(windows) for pos in range(int(w.mask.sum()))]
-        bs = self.extractor.batch_size
-        for start in range(0, len(owners), bs):
-            chunk = owners[start:start + bs]
-            out = self.extractor(np.stack([windows[i].frames[pos] for i, pos in chunk]))
-            for (i, pos), f in zip(chunk, out):
-                feats[i, pos] = f
-        return feats, masks
+        if not windows:
+            return np.zeros((0, t, *self.extractor.feature_shape), np.float32), np.zeros((0, t), bool)
+        (done,) = embed([Decoded(None, list(windows))], self.extractor)
+        return done.features, np.stack([w.mask for w in windows])
 
     def classify(self, feats: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """Head probabilities (n, classes) for features and masks."""
@@ -148,6 +143,7 @@ def predict(clips: Iterable[str | Path], model: str | Path = "models/latest", to
     Options are checked by :class:`PredictOptions` (OptionError before anything is loaded).
     """
     from featpipe.extract import default_workers
+    from featpipe.pipeline import decode, embed
     from featpipe.video import read_windows, write_gif
 
     PredictOptions(model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size, gif=gif,
@@ -158,33 +154,38 @@ def predict(clips: Iterable[str | Path], model: str | Path = "models/latest", to
     pred = predictor or Predictor(model, batch_size, precision)
     k = min(top_k, len(pred.class_names))
 
-    def decode(path: Path):
-        try:
-            return read_windows(path, pred.frames, pred.size, pred.sampling, windows)
-        except VideoError as exc:
-            return exc
+    def read(item: tuple[int, Path]):
+        return read_windows(item[1], pred.frames, pred.size, pred.sampling, windows)
 
-    results: list[Prediction] = []
-    chunk = 32  # clips per backbone round: bounded memory, frames still batched across clips
-    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-        for start in range(0, len(paths), chunk):
-            part = paths[start:start + chunk]
-            decoded = list(pool.map(decode, part))
-            flat = [w for d in decoded if not isinstance(d, VideoError) for w in d]
-            probs = pred.classify(*pred.features(flat))
-            pos = 0
-            for path, d in zip(part, decoded):
-                if isinstance(d, VideoError):
-                    results.append(Prediction(str(path), error=str(d)))
-                    continue
-                p = probs[pos:pos + len(d)].mean(axis=0)
-                pos += len(d)
-                order = np.argsort(-p, kind="stable")[:k]
-                results.append(Prediction(str(path), [(pred.class_names[i], float(p[i])) for i in order], None, p, len(d)))
-                if gif is not None:
-                    best = results[-1].top[0]
-                    write_gif(d[0].frames[d[0].mask], gif, f"{best[0]} {best[1]:.0%}")
-    return results
+    def classify(group: list) -> None:  # one head call for a group of embedded clips
+        probs = pred.classify(np.concatenate([e.features for e in group]),
+                              np.stack([w.mask for e in group for w in e.windows]))
+        pos = 0
+        for e in group:
+            p = probs[pos:pos + len(e.windows)].mean(axis=0)
+            pos += len(e.windows)
+            order = np.argsort(-p, kind="stable")[:k]
+            results[e.item[0]] = Prediction(str(e.item[1]), [(pred.class_names[i], float(p[i])) for i in order],
+                                            None, p, len(e.windows))
+            if gif is not None:
+                best = results[e.item[0]].top[0]
+                write_gif(e.windows[0].frames[e.windows[0].mask], gif, f"{best[0]} {best[1]:.0%}")
+
+    # the stages extract uses: decode in threads -> embed (frames batched across clips) -> the head
+    results: dict[int, Prediction] = {}
+    group: list = []
+    chunk = 32  # clips per head call
+    for done in embed(decode(enumerate(paths), read, workers or default_workers()), pred.extractor):
+        if not done.ok:
+            results[done.item[0]] = Prediction(str(done.item[1]), error=done.error)
+            continue
+        group.append(done)
+        if len(group) == chunk:
+            classify(group)
+            group = []
+    if group:
+        classify(group)
+    return [results[i] for i in range(len(paths))]
 
 
 def check_csv_path(path: str | Path, name: str = "output") -> None:
