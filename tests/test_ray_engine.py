@@ -222,7 +222,15 @@ def test_a_shard_under_ray_merges_with_a_local_shard_into_the_clean_cache(sample
 @pytest.mark.ray
 def test_driver_sigkill_then_the_same_command_resumes_to_the_clean_cache(sample, clean, cluster, tmp_path):
     out = tmp_path / "c.h5"
-    proc = subprocess.Popen(_cmd(sample, out, cluster), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Ray hands results back in bursts: on an idle machine all 17 clips could be journaled between two polls.
+    # A start-up hook slows the driver's journal appends (0.5 s each), so the kill lands mid-run on any machine.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import time\nimport featpipe.cache as c\n_append = c.CacheWriter.append\n\n\n"
+        "def append(self, rec):\n    _append(self, rec)\n    time.sleep(0.5)\n\n\nc.CacheWriter.append = append\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), SRC, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(_cmd(sample, out, cluster), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         _wait_for_records(out, 3, proc)
         assert proc.poll() is None, "the run ended before it could be killed"
