@@ -20,6 +20,7 @@ from featpipe._quiet import set_verbose
 from featpipe._version import __version__
 from featpipe.backbones import REGISTRY
 from featpipe.errors import FeatpipeError, OptionError, Terminated
+from featpipe.names import HEAD_NAMES
 
 app = typer.Typer(
     name="featpipe",
@@ -195,15 +196,7 @@ def extract_cmd(
                    f"`featpipe merge --output {whole}`.")
 
 
-class Head(str, Enum):
-    gru = "gru"
-    lstm = "lstm"
-    bilstm = "bilstm"
-    attention = "attention"
-    transformer = "transformer"
-    mean = "mean"
-    segments = "segments"
-    cnn_lstm = "cnn-lstm"
+Head = Enum("Head", {name.replace("-", "_"): name for name in HEAD_NAMES}, type=str)
 
 
 class ClassWeight(str, Enum):

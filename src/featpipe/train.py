@@ -43,6 +43,7 @@ from featpipe.data import (
     resolve_cache,
 )
 from featpipe.errors import FeatpipeError, Terminated
+from featpipe.names import HEAD_NAMES, RECURRENT_HEADS
 from featpipe.options import check_choice, check_dir_option, check_float, check_int
 from featpipe.runs import LATEST, RunError, resolve_run  # noqa: F401  re-exported: featpipe.train.resolve_run
 
@@ -92,9 +93,7 @@ class TrainOptions:
     shortcut: int | None = None  # recurrent heads: a linear path from the means of this many segments (0 = none)
 
     def __post_init__(self) -> None:
-        from featpipe.models import HEADS
-
-        check_choice("rnn", self.rnn, HEADS)
+        check_choice("rnn", self.rnn, HEAD_NAMES)
         check_int("units", self.units, 1, MAX_UNITS)
         check_int("layers", self.layers, 1, MAX_LAYERS)
         check_float("dropout", self.dropout, 0.0, 1.0, high_open=True)
@@ -128,7 +127,6 @@ class TrainOptions:
 # train clips per class (README, "Defaults for few clips"): alone, the recurrent path overfits (0.81-0.84 test accuracy);
 # these bring gru and lstm to the segments head's 0.96. Other heads default to none of them.
 RECURRENT_DEFAULTS = {"bottleneck": 32, "input_dropout": 0.2, "weight_decay": 0.01, "shortcut": 4}
-RECURRENT_HEADS = ("gru", "lstm", "bilstm")
 
 
 def resolve_defaults(opts: TrainOptions) -> TrainOptions:

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from featpipe.errors import FeatpipeError, OptionError
+from featpipe.names import HEAD_NAMES, IMAGE_HEADS
 
 MIN_VAL_PER_CLASS = 10  # fewer val clips per class than this: k-fold on train + val instead of repeated seeds
 SEARCH_HEADS = ("gru", "lstm", "segments")
@@ -64,7 +65,6 @@ class TuneOptions:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        from featpipe.models import HEADS
         from featpipe.options import check_choice, check_float, check_int
 
         check_int("trials", self.trials, 1, 100_000, optional=True)
@@ -82,8 +82,9 @@ class TuneOptions:
         if not heads:
             raise OptionError("heads", "must name at least one head.")
         for head in heads:
-            if head not in HEADS or head == "cnn-lstm":
-                raise OptionError("heads", f"must be feature heads ({', '.join(h for h in HEADS if h != 'cnn-lstm')}); "
+            if head not in HEAD_NAMES or head in IMAGE_HEADS:
+                feature_heads = ", ".join(h for h in HEAD_NAMES if h not in IMAGE_HEADS)
+                raise OptionError("heads", f"must be feature heads ({feature_heads}); "
                                   f"got {head!r}.")
         object.__setattr__(self, "heads", heads)
 
