@@ -20,7 +20,7 @@ from featpipe._quiet import set_verbose
 from featpipe._version import __version__
 from featpipe.backbones import REGISTRY
 from featpipe.errors import FeatpipeError, OptionError, Terminated
-from featpipe.names import HEAD_NAMES
+from featpipe.names import CLASS_WEIGHTS, CV_MODES, DIFFICULTIES, DTYPES, ENGINES, HEAD_NAMES, PRECISIONS, SAMPLING
 
 app = typer.Typer(
     name="featpipe",
@@ -34,15 +34,18 @@ app = typer.Typer(
 BackboneName = Enum("BackboneName", {name: name for name in REGISTRY}, type=str)
 
 
-class Sampling(str, Enum):
-    uniform = "uniform"
-    first = "first"
+def _choices(name: str, values) -> type[Enum]:
+    """A str Enum of the library's own names, so --help and the error message list exactly what the library takes."""
+    return Enum(name, {value.replace("-", "_"): value for value in values}, type=str)
 
 
-class Precision(str, Enum):
-    float32 = "float32"
-    mixed_float16 = "mixed_float16"
-    mixed_bfloat16 = "mixed_bfloat16"
+def _plain(params: dict) -> dict:
+    """A command's parameters as the library takes them: each choice (a str Enum) as its plain string."""
+    return {k: v.value if isinstance(v, Enum) else v for k, v in params.items()}
+
+
+Sampling = _choices("Sampling", SAMPLING)
+Precision = _choices("Precision", PRECISIONS)
 
 
 _BACKBONE_HELP = (f"Frozen ImageNet CNN: {', '.join(n for n, b in REGISTRY.items() if not b.raw)}; "
@@ -52,14 +55,8 @@ _BATCH_HELP = "Frames per backbone forward pass [default: 32 on CPU; on a GPU, s
 _WORKERS_HELP = "Decoding threads [default: one per CPU core, at most 32]."
 
 
-class DType(str, Enum):
-    float16 = "float16"
-    float32 = "float32"
-
-
-class Engine(str, Enum):
-    local = "local"
-    ray = "ray"
+DType = _choices("DType", DTYPES)
+Engine = _choices("Engine", ENGINES)
 
 
 INTERRUPTED = "interrupted: finished clips are saved; run the same command again to resume."
@@ -113,9 +110,7 @@ def _root(
     set_verbose(verbose)  # before any command imports Keras
 
 
-class Difficulty(str, Enum):
-    easy = "easy"
-    hard = "hard"
+Difficulty = _choices("Difficulty", DIFFICULTIES)
 
 
 @app.command("sample-data")
@@ -130,10 +125,10 @@ def sample_data_cmd(
     difficulty: Annotated[Difficulty, typer.Option(help="easy: the demo's clean clips; hard: noise, moving target, textured drifting backgrounds, distractors, 6-150 frames.")] = Difficulty.easy,
 ):
     """Write the built-in synthetic dataset: real mp4 clips whose classes differ only in frame ORDER."""
+    params = _plain(locals())
     from featpipe.sample_data import write_sample_data
 
-    result = write_sample_data(root, train=train, val=val, test=test, seed=seed, overwrite=overwrite,
-                               difficulty=getattr(difficulty, "value", difficulty))
+    result = write_sample_data(**params)
     splits = ", ".join(f"{n} {s}" for s, n in result.counts.items())
     typer.echo(f"Sample data in {result.root}: {result.n_clips} clips ({splits}), classes {', '.join(result.class_names)}.")
 
@@ -144,7 +139,7 @@ def extract_cmd(
     backbone: Annotated[BackboneName, typer.Option(metavar="<name>", help=_BACKBONE_HELP)] = "inceptionv3",
     data: Annotated[Optional[Path], typer.Option(help="Dataset folder: DIR/{train,val,test}/<class>/, DIR/<class>/, or UCF101 lists [default: data, unless --csv is given].", show_default=False)] = None,
     csv: Annotated[Optional[Path], typer.Option(help="CSV with columns video_name,tag[,split]; paths relative to the CSV.")] = None,
-    cache: Annotated[Path, typer.Option(help="Folder for the cache file <backbone>.h5.")] = Path("cache"),
+    cache_dir: Annotated[Path, typer.Option("--cache", help="Folder for the cache file <backbone>.h5.")] = Path("cache"),
     output: Annotated[Optional[Path], typer.Option(help="Cache file to write instead of <cache>/<backbone>.h5.")] = None,
     frames: Annotated[int, typer.Option(help="Frames per clip (sequence length); shorter clips are zero-padded and masked.")] = 20,
     sampling: Annotated[Sampling, typer.Option(help="uniform: evenly over the whole clip; first: the first N frames.")] = Sampling.uniform,
@@ -169,17 +164,10 @@ def extract_cmd(
     gpus_per_worker: Annotated[Optional[float], typer.Option(help="--engine ray: GPUs each backbone actor reserves [default: 1 if the cluster has GPUs, else 0].")] = None,
 ):
     """Extract per-frame features of every clip into an HDF5 cache (resumes an interrupted run)."""
+    params = _plain(locals())
     from featpipe.extract import ExtractOptions, extract
 
-    opts = ExtractOptions(
-        backbone=getattr(backbone, "value", backbone), data=data, csv=csv, cache_dir=cache, output=output,
-        frames=frames, sampling=getattr(sampling, "value", sampling), size=size, weights=weights, seed=seed,
-        dtype=getattr(dtype, "value", dtype), precision=getattr(precision, "value", precision), batch_size=batch_size,
-        workers=workers, val_fraction=val_fraction,
-        test_fraction=test_fraction, split_seed=split_seed, fold=fold, retry_failed=retry_failed, strict=strict,
-        quiet=quiet, shard=shard, engine=getattr(engine, "value", engine), ray_address=ray_address,
-        num_workers=num_workers, gpus_per_worker=gpus_per_worker,
-    )
+    opts = ExtractOptions(**params)
     result = extract(opts)
     typer.echo(
         f"Extracted {result.n_new} clips ({result.new_frames} frames) in {result.seconds:.1f}s: "
@@ -196,11 +184,8 @@ def extract_cmd(
                    f"`featpipe merge --output {whole}`.")
 
 
-Head = Enum("Head", {name.replace("-", "_"): name for name in HEAD_NAMES}, type=str)
-
-
-class ClassWeight(str, Enum):
-    balanced = "balanced"
+Head = _choices("Head", HEAD_NAMES)
+ClassWeight = _choices("ClassWeight", CLASS_WEIGHTS)
 
 
 TRAIN_INTERRUPTED = "interrupted: training stopped before its first epoch finished; no run directory was written."
@@ -241,17 +226,11 @@ def train_cmd(
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
 ):
     """Train a mask-aware sequence model on a feature cache; writes a self-describing run directory."""
+    params = _plain(locals())
     from featpipe.metrics import format_report
     from featpipe.train import TrainOptions, train
 
-    opts = TrainOptions(
-        cache=cache, cache_dir=cache_dir, rnn=getattr(rnn, "value", rnn), units=units, layers=layers, dropout=dropout,
-        num_heads=num_heads, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
-        class_weight=getattr(class_weight, "value", class_weight), stream=stream, val_fraction=val_fraction,
-        models_dir=models_dir, out=out, quiet=quiet, force=force, allow_shard=allow_shard, frames=frames, segments=segments, bottleneck=bottleneck, pca=pca,
-        input_dropout=input_dropout, weight_decay=weight_decay, label_smoothing=label_smoothing, shortcut=shortcut,
-        pooled_steps=pooled_steps,
-    )
+    opts = TrainOptions(**params)
     result = train(opts)
     split = "test" if "test" in result.metrics else "val"
     if not quiet:
@@ -266,10 +245,7 @@ def train_cmd(
         raise typer.Exit(143 if result.interrupted_by == "SIGTERM" else 130)
 
 
-class CV(str, Enum):
-    auto = "auto"
-    folds = "folds"
-    seeds = "seeds"
+CV = _choices("CV", CV_MODES)
 
 
 @app.command("tune")
@@ -292,12 +268,11 @@ def tune_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
 ):
     """Search heads and settings with Optuna (resumable), print a leaderboard, retrain the best as models/latest."""
+    params = _plain(locals())
     from featpipe.tune import TuneOptions, format_leaderboard, tune
 
-    opts = TuneOptions(cache=cache, cache_dir=cache_dir, trials=trials, time_budget=time_budget, jobs=jobs,
-                       heads=tuple(h.strip() for h in heads.split(",") if h.strip()), cv=getattr(cv, "value", cv),
-                       folds=folds, seeds=seeds, seed=seed, epochs=epochs, patience=patience, out=out,
-                       models_dir=models_dir, quiet=quiet)
+    params["heads"] = tuple(h.strip() for h in heads.split(",") if h.strip())
+    opts = TuneOptions(**params)
     result = tune(opts)
     typer.echo(format_leaderboard(result.leaderboard, result.cv))
     typer.echo(f"Leaderboard: {', '.join(str(p) for p in result.files.values())}")
@@ -358,7 +333,7 @@ def predict_cmd(
         check_csv_path(output)  # a folder or an unwritable place: refused before any clip is decoded
     try:
         results = predict(clips, model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size,
-                          gif=gif, precision=getattr(precision, "value", precision))
+                          gif=gif, precision=precision.value)
     except OptionError as exc:
         if exc.option == "windows":  # the API's windows is the CLI's --clips
             raise OptionError("clips", exc.problem) from None

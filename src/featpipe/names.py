@@ -14,3 +14,27 @@ RECURRENT_HEADS = ("gru", "lstm", "bilstm")
 
 IMAGE_HEADS = ("cnn-lstm",)
 """Heads that classify raw frames (a ``--backbone raw`` cache) rather than feature vectors."""
+
+SPLITS = ("train", "val", "test")
+"""Dataset splits, in order (a dataset, a cache and the sample data all use these names)."""
+
+SAMPLING = ("uniform", "first")
+"""How frames are picked from a clip: evenly over all of it, or the first N."""
+
+DTYPES = ("float16", "float32")
+"""Storage types of cached features."""
+
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+"""Backbone compute precisions (Keras dtype policies)."""
+
+ENGINES = ("local", "ray")
+"""Where extraction runs the backbone."""
+
+CLASS_WEIGHTS = ("balanced",)
+"""Class weightings `train` offers."""
+
+CV_MODES = ("auto", "folds", "seeds")
+"""How `tune` scores a trial."""
+
+DIFFICULTIES = ("easy", "hard")
+"""Sample-data difficulties."""

@@ -19,13 +19,13 @@ import numpy as np
 
 from featpipe.datasets import VIDEO_EXTENSIONS
 from featpipe.errors import BackboneError, FeatpipeError
+from featpipe.names import PRECISIONS
 from featpipe.options import check_choice, check_file_option, check_int, check_writable_parent
 
 MAX_TOP_K = 1000
 MAX_WINDOWS = 256  # windows per clip averaged (each is one frames-long pass through the backbone)
 MAX_WORKERS = 256
 MAX_BATCH = 4096  # frames per backbone forward pass
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 @dataclass(frozen=True)

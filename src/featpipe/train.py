@@ -43,7 +43,7 @@ from featpipe.data import (
     resolve_cache,
 )
 from featpipe.errors import FeatpipeError, Terminated
-from featpipe.names import HEAD_NAMES, RECURRENT_HEADS
+from featpipe.names import CLASS_WEIGHTS, HEAD_NAMES, RECURRENT_HEADS
 from featpipe.options import check_choice, check_dir_option, check_float, check_int
 from featpipe.runs import LATEST, RunError, resolve_run  # noqa: F401  re-exported: featpipe.train.resolve_run
 
@@ -103,7 +103,7 @@ class TrainOptions:
         check_float("lr", self.lr, 0.0, 10.0, low_open=True)
         check_int("patience", self.patience, 1, MAX_EPOCHS)
         check_int("seed", self.seed, 0, 2**32 - 1)
-        check_choice("class_weight", self.class_weight, ("balanced",), optional=True)
+        check_choice("class_weight", self.class_weight, CLASS_WEIGHTS, optional=True)
         check_float("val_fraction", self.val_fraction, 0.0, 0.9, low_open=True)
         check_dir_option("cache_dir", self.cache_dir)
         check_dir_option("models_dir", self.models_dir)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from featpipe.errors import FeatpipeError, OptionError
-from featpipe.names import HEAD_NAMES, IMAGE_HEADS
+from featpipe.names import CV_MODES, HEAD_NAMES, IMAGE_HEADS
 
 MIN_VAL_PER_CLASS = 10  # fewer val clips per class than this: k-fold on train + val instead of repeated seeds
 SEARCH_HEADS = ("gru", "lstm", "segments")
@@ -72,7 +72,7 @@ class TuneOptions:
         if self.trials is None and self.time_budget is None:
             raise OptionError("trials", "or time_budget must be given, or the search would never end.")
         check_int("jobs", self.jobs, 1, 256)
-        check_choice("cv", self.cv, ("auto", "folds", "seeds"))
+        check_choice("cv", self.cv, CV_MODES)
         check_int("folds", self.folds, 2, 20)
         check_int("seeds", self.seeds, 1, 20)
         check_int("seed", self.seed, 0, 2**31 - 1)
