@@ -18,7 +18,7 @@ import typer
 
 from featpipe._quiet import set_verbose
 from featpipe._version import __version__
-from featpipe.backbones import REGISTRY
+from featpipe.backbones import REGISTRY, WEIGHTS_IMAGENET
 from featpipe.errors import FeatpipeError, OptionError, Terminated
 from featpipe.names import CLASS_WEIGHTS, CV_MODES, DIFFICULTIES, DTYPES, ENGINES, HEAD_NAMES, PRECISIONS, SAMPLING
 
@@ -144,7 +144,7 @@ def extract_cmd(
     frames: Annotated[int, typer.Option(help="Frames per clip (sequence length); shorter clips are zero-padded and masked.")] = 20,
     sampling: Annotated[Sampling, typer.Option(help="uniform: evenly over the whole clip; first: the first N frames.")] = Sampling.uniform,
     size: Annotated[Optional[int], typer.Option(help="Square input size in pixels [default: the backbone's native size].")] = None,
-    weights: Annotated[str, typer.Option(help="imagenet (downloaded once), none (deterministic random network) or a local weights file.")] = "imagenet",
+    weights: Annotated[str, typer.Option(help="imagenet (downloaded once), none (deterministic random network) or a local weights file.")] = WEIGHTS_IMAGENET,
     seed: Annotated[int, typer.Option(help="Seed of the random network with --weights none.")] = 0,
     dtype: Annotated[DType, typer.Option(help="Storage type of the features.")] = DType.float16,
     precision: Annotated[Precision, typer.Option(help=_PRECISION_HELP)] = Precision.float32,

@@ -43,7 +43,7 @@ from featpipe.data import (
     resolve_cache,
 )
 from featpipe.errors import FeatpipeError, Terminated
-from featpipe.names import CLASS_WEIGHTS, HEAD_NAMES, RECURRENT_HEADS
+from featpipe.names import CLASS_WEIGHTS, HEAD_NAMES, RECURRENT_HEADS, SPLITS
 from featpipe.options import check_choice, check_dir_option, check_float, check_int
 from featpipe.runs import LATEST, RunError, resolve_run  # noqa: F401  re-exported: featpipe.train.resolve_run
 
@@ -183,7 +183,7 @@ def _check_not_a_shard(cache: Path, allow: bool) -> None:
 def _validate(opts: TrainOptions, index: CacheIndex) -> dict[str, np.ndarray]:
     if len(index.class_names) < 2:
         raise FeatpipeError(f"'{index.path}' has a single class ({index.class_names[0]}); a classifier needs at least two.")
-    splits = {s: index.rows(s) for s in ("train", "val", "test")}
+    splits = {s: index.rows(s) for s in SPLITS}
     if not len(splits["train"]):
         present = ", ".join(sorted(set(index.splits))) or "none"
         raise FeatpipeError(f"'{index.path}' has no train split (splits present: {present}); re-extract with a train split.")
