@@ -39,6 +39,16 @@ def _choices(name: str, values) -> type[Enum]:
     return Enum(name, {value.replace("-", "_"): value for value in values}, type=str)
 
 
+def _renamed(params: dict, old: str, new: str, old_flag: str, new_flag: str, command: str, note: bool = True) -> dict:
+    """Move a hidden old spelling's value to its new name, with a one-line deprecation note on stderr."""
+    value = params.pop(old)
+    if value is not None:
+        if note:
+            typer.secho(f"note: {old_flag} is deprecated for {command}; use {new_flag}", err=True)
+        params[new] = value
+    return params
+
+
 def _plain(params: dict) -> dict:
     """A command's parameters as the library takes them: each choice (a str Enum) as its plain string."""
     return {k: v.value if isinstance(v, Enum) else v for k, v in params.items()}
@@ -134,13 +144,14 @@ def sample_data_cmd(
 
 
 @app.command("extract")
-@_handles_errors(flags={"cache_dir": "--cache"})
+@_handles_errors
 def extract_cmd(
     backbone: Annotated[BackboneName, typer.Option(metavar="<name>", help=_BACKBONE_HELP)] = "inceptionv3",
     data: Annotated[Optional[Path], typer.Option(help="Dataset folder: DIR/{train,val,test}/<class>/, DIR/<class>/, or UCF101 lists [default: data, unless --csv is given].", show_default=False)] = None,
     csv: Annotated[Optional[Path], typer.Option(help="CSV with columns video_name,tag[,split]; paths relative to the CSV.")] = None,
-    cache_dir: Annotated[Path, typer.Option("--cache", help="Folder for the cache file <backbone>.h5.")] = Path("cache"),
-    output: Annotated[Optional[Path], typer.Option(help="Cache file to write instead of <cache>/<backbone>.h5.")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="Folder for the cache file <backbone>.h5.")] = Path("cache"),
+    cache: Annotated[Optional[Path], typer.Option("--cache", hidden=True)] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Cache file to write instead of <cache-dir>/<backbone>.h5.")] = None,
     frames: Annotated[int, typer.Option(help="Frames per clip (sequence length); shorter clips are zero-padded and masked.")] = 20,
     sampling: Annotated[Sampling, typer.Option(help="uniform: evenly over the whole clip; first: the first N frames.")] = Sampling.uniform,
     size: Annotated[Optional[int], typer.Option(help="Square input size in pixels [default: the backbone's native size].")] = None,
@@ -164,7 +175,7 @@ def extract_cmd(
     gpus_per_worker: Annotated[Optional[float], typer.Option(help="--engine ray: GPUs each backbone actor reserves [default: 1 if the cluster has GPUs, else 0].")] = None,
 ):
     """Extract per-frame features of every clip into an HDF5 cache (resumes an interrupted run)."""
-    params = _plain(locals())
+    params = _renamed(_plain(locals()), "cache", "cache_dir", "--cache", "--cache-dir", "extract")
     from featpipe.extract import ExtractOptions, extract
 
     opts = ExtractOptions(**params)
@@ -195,7 +206,8 @@ READ_INTERRUPTED = "interrupted: nothing was written."
 @app.command("train")
 @_handles_errors(interrupted=TRAIN_INTERRUPTED)
 def train_cmd(
-    rnn: Annotated[Head, typer.Option("--rnn", "--head", help="Sequence head; all are mask-aware. mean is the order-blind control; cnn-lstm needs a --backbone raw cache.")] = Head.gru,
+    head: Annotated[Head, typer.Option(help="Sequence head; all are mask-aware. mean is the order-blind control; cnn-lstm needs a --backbone raw cache.")] = Head.gru,
+    rnn: Annotated[Optional[Head], typer.Option("--rnn", hidden=True)] = None,
     cache: Annotated[Optional[Path], typer.Option(help="Cache file [default: the single .h5 in --cache-dir].")] = None,
     cache_dir: Annotated[Path, typer.Option(help="Where to look for the cache when --cache is not given.")] = Path("cache"),
     units: Annotated[int, typer.Option(help="Recurrent units / model width.")] = 64,
@@ -226,7 +238,7 @@ def train_cmd(
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
 ):
     """Train a mask-aware sequence model on a feature cache; writes a self-describing run directory."""
-    params = _plain(locals())
+    params = _renamed(_plain(locals()), "rnn", "head", "--rnn", "--head", "train", note=False)  # --rnn stays
     from featpipe.metrics import format_report
     from featpipe.train import TrainOptions, train
 
@@ -320,24 +332,22 @@ def predict_cmd(
     top_k: Annotated[int, typer.Option(help="Labels to show per clip.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per clip.")] = False,
     output: Annotated[Optional[Path], typer.Option(help="Also write one CSV row per clip to this file.")] = None,
-    windows: Annotated[int, typer.Option("--clips", help="Average over this many evenly spaced windows of the run's frame count (long videos).")] = 1,
+    windows: Annotated[int, typer.Option(help="Average over this many evenly spaced windows of the run's frame count (long videos).")] = 1,
     gif: Annotated[Optional[Path], typer.Option(help="Single clip: write its sampled frames captioned with the top label as an animated GIF.")] = None,
     workers: Annotated[Optional[int], typer.Option(help=_WORKERS_HELP)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help=_BATCH_HELP)] = None,
     precision: Annotated[Precision, typer.Option(help=_PRECISION_HELP)] = Precision.float32,
+    old_clips: Annotated[Optional[int], typer.Option("--clips", hidden=True)] = None,
 ):
     """Classify clips with a trained run, reproducing the preprocessing recorded in it."""
     from featpipe.predict import check_csv_path, format_table, predict, to_json_lines, write_csv
 
     if output is not None:
         check_csv_path(output)  # a folder or an unwritable place: refused before any clip is decoded
-    try:
-        results = predict(clips, model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size,
-                          gif=gif, precision=precision.value)
-    except OptionError as exc:
-        if exc.option == "windows":  # the API's windows is the CLI's --clips
-            raise OptionError("clips", exc.problem) from None
-        raise
+    windows = _renamed({"old_clips": old_clips, "windows": windows}, "old_clips", "windows", "--clips", "--windows",
+                       "predict")["windows"]
+    results = predict(clips, model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size,
+                      gif=gif, precision=precision.value)
     typer.echo(to_json_lines(results) if as_json else format_table(results))
     if output is not None:
         write_csv(results, output, top_k)

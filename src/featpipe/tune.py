@@ -171,7 +171,7 @@ def _defaults_as_trial(head: str, cache_frames: int) -> dict:
     """Optuna params that reproduce `featpipe train --rnn head` defaults (enqueued first)."""
     from featpipe.train import TrainOptions, resolve_defaults
 
-    d = resolve_defaults(TrainOptions(rnn=head))
+    d = resolve_defaults(TrainOptions(head=head))
     params = {"rnn": head, "lr": d.lr, "dropout": d.dropout, "weight_decay": d.weight_decay,
               "input_dropout": d.input_dropout}
     if head == "segments":
@@ -215,7 +215,7 @@ def score_config(params: dict, data: dict, fits, opts: TuneOptions) -> tuple[lis
             std = np.sqrt(np.maximum(var, 1e-12))
             projection = pca_from_frames((x[tr][m[tr]].astype(np.float64) - mean) / std, topts.pca)
         frames = 0 if topts.frames in (None, x.shape[1]) else int(topts.frames)
-        head = HeadConfig(head=topts.rnn, units=topts.units, layers=topts.layers, dropout=topts.dropout,
+        head = HeadConfig(head=topts.head, units=topts.units, layers=topts.layers, dropout=topts.dropout,
                           num_heads=topts.num_heads, segments=topts.segments, bottleneck=topts.bottleneck,
                           pca=topts.pca, input_dropout=topts.input_dropout, frames=frames,
                           pooled_steps=topts.pooled_steps, shortcut=topts.shortcut)
