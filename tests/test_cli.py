@@ -136,7 +136,8 @@ def test_shards_merge_into_a_cache_that_trains_and_evaluates(sample, tmp_path):
     cache = tmp_path / "cache"
     merged = cache / "vgg16.h5"
     for i in (1, 2):
-        result = run("extract", "--data", str(sample), "--cache-dir", str(cache), *SMALL, "--quiet", "--shard", f"{i}/2")
+        result = run("extract", "--data", str(sample), "--cache-dir", str(cache), *SMALL, "--quiet",
+                     "--shard", f"{i}/2")
         assert result.exit_code == 0, result.output
         assert f"vgg16.shard-{i}-of-2.h5" in result.stdout and f"featpipe merge --output {merged}" in result.stdout
     models = ["--models-dir", str(tmp_path / "models"), "--epochs", "2", "--patience", "2", "--quiet"]

@@ -559,7 +559,8 @@ def test_the_cli_names_the_flag_of_a_bad_option(tmp_path, args, words):
 def test_cache_naming_a_file_is_one_sentence(tmp_path):
     (tmp_path / "afile").write_text("x")
     result = _cli("--cache-dir", str(tmp_path / "afile"))
-    assert result.exit_code == 2 and result.stderr.strip() == f"error: --cache-dir must be a folder, but '{tmp_path / 'afile'}' is a file."
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: --cache-dir must be a folder, but '{tmp_path / 'afile'}' is a file."
 
 
 def test_the_old_cache_flag_still_names_the_folder_with_a_deprecation_note(tmp_path):

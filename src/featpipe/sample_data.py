@@ -36,8 +36,8 @@ import cv2
 import numpy as np
 
 from featpipe.errors import DatasetError, FeatpipeError, OptionError, VideoError
-from featpipe.options import check_int
 from featpipe.names import DIFFICULTIES, SPLITS
+from featpipe.options import check_int
 from featpipe.video import count_frames
 
 __all__ = [
