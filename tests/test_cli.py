@@ -136,7 +136,8 @@ def test_shards_merge_into_a_cache_that_trains_and_evaluates(sample, tmp_path):
     cache = tmp_path / "cache"
     merged = cache / "vgg16.h5"
     for i in (1, 2):
-        result = run("extract", "--data", str(sample), "--cache", str(cache), *SMALL, "--quiet", "--shard", f"{i}/2")
+        result = run("extract", "--data", str(sample), "--cache-dir", str(cache), *SMALL, "--quiet",
+                     "--shard", f"{i}/2")
         assert result.exit_code == 0, result.output
         assert f"vgg16.shard-{i}-of-2.h5" in result.stdout and f"featpipe merge --output {merged}" in result.stdout
     models = ["--models-dir", str(tmp_path / "models"), "--epochs", "2", "--patience", "2", "--quiet"]
@@ -263,3 +264,17 @@ def test_the_version_is_defined_once_and_pyproject_reads_it():
 
     project = read_configuration(Path(__file__).resolve().parents[1] / "pyproject.toml", expand=True)["project"]
     assert "version" in project["dynamic"] and project["version"] == featpipe.__version__
+
+
+def test_head_is_the_documented_flag_and_rnn_still_works_without_a_note(tmp_path):
+    assert "--head" in run("train", "--help").output
+    for flag in ("--head", "--rnn"):
+        result = run("train", flag, "mean", "--cache", str(tmp_path / "missing.h5"))
+        assert result.exit_code == 2 and "note:" not in result.stderr and "missing.h5" in result.stderr, result.stderr
+    refused = run("train", "--rnn", "no-such-head")
+    assert refused.exit_code == 2 and "cnn-lstm" in refused.output
+
+
+def test_the_python_api_takes_head_and_the_older_rnn():
+    assert featpipe.TrainOptions(rnn="lstm").head == "lstm"
+    assert featpipe.TrainOptions(head="segments").head == "segments"

@@ -558,8 +558,18 @@ def test_the_cli_names_the_flag_of_a_bad_option(tmp_path, args, words):
 
 def test_cache_naming_a_file_is_one_sentence(tmp_path):
     (tmp_path / "afile").write_text("x")
-    result = _cli("--cache", str(tmp_path / "afile"))
-    assert result.exit_code == 2 and result.stderr.strip() == f"error: --cache must be a folder, but '{tmp_path / 'afile'}' is a file."
+    result = _cli("--cache-dir", str(tmp_path / "afile"))
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: --cache-dir must be a folder, but '{tmp_path / 'afile'}' is a file."
+
+
+def test_the_old_cache_flag_still_names_the_folder_with_a_deprecation_note(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = _cli("--cache", str(tmp_path / "afile"))  # the value reaches --cache-dir: the same refusal
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == ["note: --cache is deprecated for extract; use --cache-dir",
+                                          f"error: --cache-dir must be a folder, but '{tmp_path / 'afile'}' is a file."]
+    assert "--cache " not in CliRunner().invoke(app, ["extract", "--help"]).output
 
 
 # ----------------------------------------------------------------------------- signals, full disks, read-only media

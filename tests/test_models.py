@@ -477,3 +477,21 @@ def test_segment_shortcut_beside_the_recurrent_state_is_mask_safe_and_loads_in_s
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
     np.testing.assert_allclose(predict(loaded, x, mask), probs, rtol=1e-5, atol=1e-6)
+
+
+def test_every_head_is_one_entry_the_cli_and_readme_offer():
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from featpipe.cli import app
+    from featpipe.names import HEAD_NAMES
+
+    assert tuple(HEADS) == HEAD_NAMES
+    refused = CliRunner().invoke(app, ["train", "--head", "no-such-head"])
+    assert refused.exit_code == 2
+    for name in HEADS:  # the CLI's choices are the mapping's names
+        assert name in refused.output
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in HEADS:
+        assert f"`{name}`" in readme, f"README does not describe the {name} head"

@@ -180,7 +180,7 @@ def test_the_python_api_mirrors_the_commands():
     assert inspect.signature(featpipe.predict).parameters["top_k"].default == 3
     assert inspect.signature(featpipe.evaluate).parameters["split"].default == "test"
     assert featpipe.ExtractOptions().frames == 20 and featpipe.ExtractOptions().backbone == "inceptionv3"
-    assert featpipe.TrainOptions().rnn == "gru"
+    assert featpipe.TrainOptions().head == "gru"
     for fn in (featpipe.extract, featpipe.train, featpipe.evaluate, featpipe.predict, featpipe.info):
         assert "Return" in fn.__doc__ or "return" in fn.__doc__.lower()
 
@@ -192,8 +192,8 @@ def test_the_python_api_mirrors_the_commands():
     (["--workers", "-1"], "--workers must be between 1 and"),
     (["--workers", "0"], "--workers must be between 1 and"),
     (["--top-k", "0"], "--top-k must be between 1 and"),
-    (["--clips", "0"], "--clips must be between 1 and"),
-    (["--clips", "1000000"], "--clips must be between 1 and"),
+    (["--windows", "0"], "--windows must be between 1 and"),
+    (["--windows", "1000000"], "--windows must be between 1 and"),
 ])
 def test_bad_options_are_one_sentence_naming_the_flag(run, args, message):
     root, ex, tr = run
@@ -201,6 +201,16 @@ def test_bad_options_are_one_sentence_naming_the_flag(run, args, message):
     result = runner.invoke(app, ["predict", clip, "--model", str(tr.run_dir), *args])
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_the_old_clips_flag_is_windows_with_a_deprecation_note(run):
+    root, ex, tr = run
+    clip = str(root / "data" / "test" / "grow" / "grow_test_000.mp4")
+    result = runner.invoke(app, ["predict", clip, "--model", str(tr.run_dir), "--clips", "0"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[0] == "note: --clips is deprecated for predict; use --windows"
+    assert result.stderr.splitlines()[1].startswith("error: --windows must be between 1 and")
+    assert "--clips" not in runner.invoke(app, ["predict", "--help"]).output
 
 
 def test_the_api_names_parameters_and_refuses_before_loading_the_run(tmp_path):

@@ -6,7 +6,7 @@ The Python API mirrors the command line, with the same defaults:
     featpipe.extract(backbone="inceptionv3", data="data")      # -> ExtractResult (cache path, counts, failures)
     featpipe.extract(backbone="inceptionv3", shard="2/4")      # one of 4 shards -> cache/inceptionv3.shard-2-of-4.h5
     featpipe.merge(output="cache/inceptionv3.h5")              # the 4 shards -> one cache (Path)
-    featpipe.train(rnn="gru")                                  # -> TrainResult (run directory, metrics)
+    featpipe.train(head="gru")                                 # -> TrainResult (run directory, metrics)
     featpipe.evaluate("models/latest", split="test")           # -> dict of metrics
     featpipe.predict(["clip.mp4"], model="models/latest")      # -> [Prediction(clip, top, error)]
     featpipe.info("cache/inceptionv3.h5")                      # -> lines describing a cache or a run

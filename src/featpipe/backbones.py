@@ -26,6 +26,7 @@ import numpy as np
 
 from featpipe._quiet import import_keras
 from featpipe.errors import BackboneError
+from featpipe.names import PRECISIONS  # noqa: F401  re-exported
 
 WEIGHTS_IMAGENET = "imagenet"
 WEIGHTS_NONE = "none"
@@ -388,7 +389,6 @@ def build_model(backbone: Backbone, size: int, weights: str = WEIGHTS_IMAGENET, 
     return model
 
 
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 _MAX_AUTO_BATCH = 256
 
 

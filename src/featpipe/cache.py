@@ -82,6 +82,7 @@ import h5py
 import numpy as np
 
 from featpipe.errors import CacheError, FeatpipeError
+from featpipe.names import SPLITS
 
 SCHEMA_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)  # 1: no size/mtime_ns columns and no stale/ group; 2: always one file
@@ -483,8 +484,7 @@ class CacheSummary:
         if self.parts:
             out.append(f"  features in {self.parts} part file(s) in {parts_dir(self.path)}/ (copy it with the cache)")
         width = max(len(n) for n in c.class_names)
-        splits = [s for s in ("train", "val", "test") if s in self.counts] + sorted(
-            s for s in self.counts if s not in ("train", "val", "test"))
+        splits = [s for s in SPLITS if s in self.counts] + sorted(s for s in self.counts if s not in SPLITS)
         out.append("  " + "class".ljust(width) + "".join(s.rjust(8) for s in splits))
         for name in c.class_names:
             out.append("  " + name.ljust(width) + "".join(str(self.counts[s].get(name, 0)).rjust(8) for s in splits))

@@ -18,8 +18,9 @@ import typer
 
 from featpipe._quiet import set_verbose
 from featpipe._version import __version__
-from featpipe.backbones import REGISTRY
+from featpipe.backbones import REGISTRY, WEIGHTS_IMAGENET
 from featpipe.errors import FeatpipeError, OptionError, Terminated
+from featpipe.names import CLASS_WEIGHTS, CV_MODES, DIFFICULTIES, DTYPES, ENGINES, HEAD_NAMES, PRECISIONS, SAMPLING
 
 app = typer.Typer(
     name="featpipe",
@@ -33,15 +34,28 @@ app = typer.Typer(
 BackboneName = Enum("BackboneName", {name: name for name in REGISTRY}, type=str)
 
 
-class Sampling(str, Enum):
-    uniform = "uniform"
-    first = "first"
+def _choices(name: str, values) -> type[Enum]:
+    """A str Enum of the library's own names, so --help and the error message list exactly what the library takes."""
+    return Enum(name, {value.replace("-", "_"): value for value in values}, type=str)
 
 
-class Precision(str, Enum):
-    float32 = "float32"
-    mixed_float16 = "mixed_float16"
-    mixed_bfloat16 = "mixed_bfloat16"
+def _renamed(params: dict, old: str, new: str, old_flag: str, new_flag: str, command: str, note: bool = True) -> dict:
+    """Move a hidden old spelling's value to its new name, with a one-line deprecation note on stderr."""
+    value = params.pop(old)
+    if value is not None:
+        if note:
+            typer.secho(f"note: {old_flag} is deprecated for {command}; use {new_flag}", err=True)
+        params[new] = value
+    return params
+
+
+def _plain(params: dict) -> dict:
+    """A command's parameters as the library takes them: each choice (a str Enum) as its plain string."""
+    return {k: v.value if isinstance(v, Enum) else v for k, v in params.items()}
+
+
+Sampling = _choices("Sampling", SAMPLING)
+Precision = _choices("Precision", PRECISIONS)
 
 
 _BACKBONE_HELP = (f"Frozen ImageNet CNN: {', '.join(n for n, b in REGISTRY.items() if not b.raw)}; "
@@ -51,14 +65,8 @@ _BATCH_HELP = "Frames per backbone forward pass [default: 32 on CPU; on a GPU, s
 _WORKERS_HELP = "Decoding threads [default: one per CPU core, at most 32]."
 
 
-class DType(str, Enum):
-    float16 = "float16"
-    float32 = "float32"
-
-
-class Engine(str, Enum):
-    local = "local"
-    ray = "ray"
+DType = _choices("DType", DTYPES)
+Engine = _choices("Engine", ENGINES)
 
 
 INTERRUPTED = "interrupted: finished clips are saved; run the same command again to resume."
@@ -112,9 +120,7 @@ def _root(
     set_verbose(verbose)  # before any command imports Keras
 
 
-class Difficulty(str, Enum):
-    easy = "easy"
-    hard = "hard"
+Difficulty = _choices("Difficulty", DIFFICULTIES)
 
 
 @app.command("sample-data")
@@ -129,26 +135,27 @@ def sample_data_cmd(
     difficulty: Annotated[Difficulty, typer.Option(help="easy: the demo's clean clips; hard: noise, moving target, textured drifting backgrounds, distractors, 6-150 frames.")] = Difficulty.easy,
 ):
     """Write the built-in synthetic dataset: real mp4 clips whose classes differ only in frame ORDER."""
+    params = _plain(locals())
     from featpipe.sample_data import write_sample_data
 
-    result = write_sample_data(root, train=train, val=val, test=test, seed=seed, overwrite=overwrite,
-                               difficulty=getattr(difficulty, "value", difficulty))
+    result = write_sample_data(**params)
     splits = ", ".join(f"{n} {s}" for s, n in result.counts.items())
     typer.echo(f"Sample data in {result.root}: {result.n_clips} clips ({splits}), classes {', '.join(result.class_names)}.")
 
 
 @app.command("extract")
-@_handles_errors(flags={"cache_dir": "--cache"})
+@_handles_errors
 def extract_cmd(
     backbone: Annotated[BackboneName, typer.Option(metavar="<name>", help=_BACKBONE_HELP)] = "inceptionv3",
     data: Annotated[Optional[Path], typer.Option(help="Dataset folder: DIR/{train,val,test}/<class>/, DIR/<class>/, or UCF101 lists [default: data, unless --csv is given].", show_default=False)] = None,
     csv: Annotated[Optional[Path], typer.Option(help="CSV with columns video_name,tag[,split]; paths relative to the CSV.")] = None,
-    cache: Annotated[Path, typer.Option(help="Folder for the cache file <backbone>.h5.")] = Path("cache"),
-    output: Annotated[Optional[Path], typer.Option(help="Cache file to write instead of <cache>/<backbone>.h5.")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="Folder for the cache file <backbone>.h5.")] = Path("cache"),
+    cache: Annotated[Optional[Path], typer.Option("--cache", hidden=True)] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Cache file to write instead of <cache-dir>/<backbone>.h5.")] = None,
     frames: Annotated[int, typer.Option(help="Frames per clip (sequence length); shorter clips are zero-padded and masked.")] = 20,
     sampling: Annotated[Sampling, typer.Option(help="uniform: evenly over the whole clip; first: the first N frames.")] = Sampling.uniform,
     size: Annotated[Optional[int], typer.Option(help="Square input size in pixels [default: the backbone's native size].")] = None,
-    weights: Annotated[str, typer.Option(help="imagenet (downloaded once), none (deterministic random network) or a local weights file.")] = "imagenet",
+    weights: Annotated[str, typer.Option(help="imagenet (downloaded once), none (deterministic random network) or a local weights file.")] = WEIGHTS_IMAGENET,
     seed: Annotated[int, typer.Option(help="Seed of the random network with --weights none.")] = 0,
     dtype: Annotated[DType, typer.Option(help="Storage type of the features.")] = DType.float16,
     precision: Annotated[Precision, typer.Option(help=_PRECISION_HELP)] = Precision.float32,
@@ -168,17 +175,10 @@ def extract_cmd(
     gpus_per_worker: Annotated[Optional[float], typer.Option(help="--engine ray: GPUs each backbone actor reserves [default: 1 if the cluster has GPUs, else 0].")] = None,
 ):
     """Extract per-frame features of every clip into an HDF5 cache (resumes an interrupted run)."""
+    params = _renamed(_plain(locals()), "cache", "cache_dir", "--cache", "--cache-dir", "extract")
     from featpipe.extract import ExtractOptions, extract
 
-    opts = ExtractOptions(
-        backbone=getattr(backbone, "value", backbone), data=data, csv=csv, cache_dir=cache, output=output,
-        frames=frames, sampling=getattr(sampling, "value", sampling), size=size, weights=weights, seed=seed,
-        dtype=getattr(dtype, "value", dtype), precision=getattr(precision, "value", precision), batch_size=batch_size,
-        workers=workers, val_fraction=val_fraction,
-        test_fraction=test_fraction, split_seed=split_seed, fold=fold, retry_failed=retry_failed, strict=strict,
-        quiet=quiet, shard=shard, engine=getattr(engine, "value", engine), ray_address=ray_address,
-        num_workers=num_workers, gpus_per_worker=gpus_per_worker,
-    )
+    opts = ExtractOptions(**params)
     result = extract(opts)
     typer.echo(
         f"Extracted {result.n_new} clips ({result.new_frames} frames) in {result.seconds:.1f}s: "
@@ -195,19 +195,8 @@ def extract_cmd(
                    f"`featpipe merge --output {whole}`.")
 
 
-class Head(str, Enum):
-    gru = "gru"
-    lstm = "lstm"
-    bilstm = "bilstm"
-    attention = "attention"
-    transformer = "transformer"
-    mean = "mean"
-    segments = "segments"
-    cnn_lstm = "cnn-lstm"
-
-
-class ClassWeight(str, Enum):
-    balanced = "balanced"
+Head = _choices("Head", HEAD_NAMES)
+ClassWeight = _choices("ClassWeight", CLASS_WEIGHTS)
 
 
 TRAIN_INTERRUPTED = "interrupted: training stopped before its first epoch finished; no run directory was written."
@@ -217,7 +206,8 @@ READ_INTERRUPTED = "interrupted: nothing was written."
 @app.command("train")
 @_handles_errors(interrupted=TRAIN_INTERRUPTED)
 def train_cmd(
-    rnn: Annotated[Head, typer.Option("--rnn", "--head", help="Sequence head; all are mask-aware. mean is the order-blind control; cnn-lstm needs a --backbone raw cache.")] = Head.gru,
+    head: Annotated[Head, typer.Option(help="Sequence head; all are mask-aware. mean is the order-blind control; cnn-lstm needs a --backbone raw cache.")] = Head.gru,
+    rnn: Annotated[Optional[Head], typer.Option("--rnn", hidden=True)] = None,
     cache: Annotated[Optional[Path], typer.Option(help="Cache file [default: the single .h5 in --cache-dir].")] = None,
     cache_dir: Annotated[Path, typer.Option(help="Where to look for the cache when --cache is not given.")] = Path("cache"),
     units: Annotated[int, typer.Option(help="Recurrent units / model width.")] = 64,
@@ -248,17 +238,11 @@ def train_cmd(
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
 ):
     """Train a mask-aware sequence model on a feature cache; writes a self-describing run directory."""
+    params = _renamed(_plain(locals()), "rnn", "head", "--rnn", "--head", "train", note=False)  # --rnn stays
     from featpipe.metrics import format_report
     from featpipe.train import TrainOptions, train
 
-    opts = TrainOptions(
-        cache=cache, cache_dir=cache_dir, rnn=getattr(rnn, "value", rnn), units=units, layers=layers, dropout=dropout,
-        num_heads=num_heads, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
-        class_weight=getattr(class_weight, "value", class_weight), stream=stream, val_fraction=val_fraction,
-        models_dir=models_dir, out=out, quiet=quiet, force=force, allow_shard=allow_shard, frames=frames, segments=segments, bottleneck=bottleneck, pca=pca,
-        input_dropout=input_dropout, weight_decay=weight_decay, label_smoothing=label_smoothing, shortcut=shortcut,
-        pooled_steps=pooled_steps,
-    )
+    opts = TrainOptions(**params)
     result = train(opts)
     split = "test" if "test" in result.metrics else "val"
     if not quiet:
@@ -273,10 +257,7 @@ def train_cmd(
         raise typer.Exit(143 if result.interrupted_by == "SIGTERM" else 130)
 
 
-class CV(str, Enum):
-    auto = "auto"
-    folds = "folds"
-    seeds = "seeds"
+CV = _choices("CV", CV_MODES)
 
 
 @app.command("tune")
@@ -299,12 +280,11 @@ def tune_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
 ):
     """Search heads and settings with Optuna (resumable), print a leaderboard, retrain the best as models/latest."""
+    params = _plain(locals())
     from featpipe.tune import TuneOptions, format_leaderboard, tune
 
-    opts = TuneOptions(cache=cache, cache_dir=cache_dir, trials=trials, time_budget=time_budget, jobs=jobs,
-                       heads=tuple(h.strip() for h in heads.split(",") if h.strip()), cv=getattr(cv, "value", cv),
-                       folds=folds, seeds=seeds, seed=seed, epochs=epochs, patience=patience, out=out,
-                       models_dir=models_dir, quiet=quiet)
+    params["heads"] = tuple(h.strip() for h in heads.split(",") if h.strip())
+    opts = TuneOptions(**params)
     result = tune(opts)
     typer.echo(format_leaderboard(result.leaderboard, result.cv))
     typer.echo(f"Leaderboard: {', '.join(str(p) for p in result.files.values())}")
@@ -352,24 +332,22 @@ def predict_cmd(
     top_k: Annotated[int, typer.Option(help="Labels to show per clip.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per clip.")] = False,
     output: Annotated[Optional[Path], typer.Option(help="Also write one CSV row per clip to this file.")] = None,
-    windows: Annotated[int, typer.Option("--clips", help="Average over this many evenly spaced windows of the run's frame count (long videos).")] = 1,
+    windows: Annotated[int, typer.Option(help="Average over this many evenly spaced windows of the run's frame count (long videos).")] = 1,
     gif: Annotated[Optional[Path], typer.Option(help="Single clip: write its sampled frames captioned with the top label as an animated GIF.")] = None,
     workers: Annotated[Optional[int], typer.Option(help=_WORKERS_HELP)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help=_BATCH_HELP)] = None,
     precision: Annotated[Precision, typer.Option(help=_PRECISION_HELP)] = Precision.float32,
+    old_clips: Annotated[Optional[int], typer.Option("--clips", hidden=True)] = None,
 ):
     """Classify clips with a trained run, reproducing the preprocessing recorded in it."""
     from featpipe.predict import check_csv_path, format_table, predict, to_json_lines, write_csv
 
     if output is not None:
         check_csv_path(output)  # a folder or an unwritable place: refused before any clip is decoded
-    try:
-        results = predict(clips, model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size,
-                          gif=gif, precision=getattr(precision, "value", precision))
-    except OptionError as exc:
-        if exc.option == "windows":  # the API's windows is the CLI's --clips
-            raise OptionError("clips", exc.problem) from None
-        raise
+    windows = _renamed({"old_clips": old_clips, "windows": windows}, "old_clips", "windows", "--clips", "--windows",
+                       "predict")["windows"]
+    results = predict(clips, model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size,
+                      gif=gif, precision=precision.value)
     typer.echo(to_json_lines(results) if as_json else format_table(results))
     if output is not None:
         write_csv(results, output, top_k)

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from featpipe.errors import DatasetError
+from featpipe.names import SPLITS
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -48,7 +49,6 @@ __all__ = [
 ]
 
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg"})
-SPLITS = ("train", "val", "test")
 LAYOUTS = ("split-folders", "class-folders", "csv", "ucf101")
 
 _UCF_LIST_DIRS = (".", "ucfTrainTestlist")

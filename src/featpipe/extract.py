@@ -22,10 +22,10 @@ from featpipe.cache import (CacheConfig, CacheLock, CacheWriter, CannotWrite, Cl
                             shard_of, shard_path, summarize)
 from featpipe.datasets import Dataset, Record, index_dataset, repair_splits
 from featpipe.errors import CacheError, ExtractionFailed, FeatpipeError, OptionError
+from featpipe.names import DTYPES, ENGINES, SAMPLING  # noqa: F401  re-exported
 from featpipe.options import check_choice, check_dir_option, check_file_option, check_float, check_int
 from featpipe.pipeline import BackgroundWriter, Embedded, Stats, decode, embed
 
-DTYPES = ("float16", "float32")
 MAX_SIZE = 1024  # largest square input: ImageNet backbones are trained at 224-600 px
 MAX_FRAMES = 10_000  # frames per clip (sequence length)
 MAX_BATCH = 65_536  # frames per forward pass (a memory check below also applies)
@@ -82,8 +82,6 @@ class ExtractOptions:
 
     def validate(self) -> None:
         """Raise OptionError (naming the parameter) for any value out of range or of the wrong kind."""
-        from featpipe.video import SAMPLING
-
         if self.data is not None and self.csv is not None:
             raise OptionError("csv", "cannot be combined with a data folder; give either a dataset folder or a "
                                      "CSV file (its paths are relative to the CSV's own folder), not both.")
@@ -141,7 +139,6 @@ class ExtractOptions:
                                         f"at most {max(fit, 0)} fit.")
 
 
-ENGINES = ("local", "ray")
 MAX_RAY_WORKERS = 10_000
 MAX_GPUS_PER_WORKER = 64
 

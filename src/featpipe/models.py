@@ -29,13 +29,12 @@ import numpy as np
 
 from featpipe._quiet import import_keras
 from featpipe.errors import FeatpipeError
+from featpipe.names import HEAD_NAMES, IMAGE_HEADS, RECURRENT_HEADS
 
 keras = import_keras()
 layers, ops = keras.layers, keras.ops
 
-HEADS = ("gru", "lstm", "bilstm", "attention", "transformer", "mean", "segments", "cnn-lstm")
-FEATURE_HEADS = tuple(h for h in HEADS if h != "cnn-lstm")
-IMAGE_HEADS = ("cnn-lstm",)
+FEATURE_HEADS = tuple(h for h in HEAD_NAMES if h not in IMAGE_HEADS)
 
 _FEATURE_CACHE_HINT = "a feature cache from `featpipe extract` with a CNN backbone (e.g. `--backbone resnet50`)"
 _RAW_CACHE_HINT = "a raw-frame cache (`featpipe extract --backbone raw --size 64`)"
@@ -446,19 +445,22 @@ def _check_stats(config: HeadConfig, shape, mean, variance):
     return stats[0], stats[1]
 
 
-def _recurrent(config: HeadConfig, return_sequences: bool, index: int):
-    if config.head == "gru":
-        return layers.GRU(config.units, return_sequences=return_sequences, name=f"gru_{index}")
-    lstm = layers.LSTM(config.units, return_sequences=return_sequences, name=f"lstm_{index}")
-    if config.head == "bilstm":
-        return layers.Bidirectional(lstm, name=f"bilstm_{index}")
-    return lstm
+def _gru(config: HeadConfig, return_sequences: bool, index: int):
+    return layers.GRU(config.units, return_sequences=return_sequences, name=f"gru_{index}")
 
 
-def _recurrent_stack(x, mask, config: HeadConfig):
+def _lstm(config: HeadConfig, return_sequences: bool, index: int):
+    return layers.LSTM(config.units, return_sequences=return_sequences, name=f"lstm_{index}")
+
+
+def _bilstm(config: HeadConfig, return_sequences: bool, index: int):
+    return layers.Bidirectional(_lstm(config, return_sequences, index), name=f"bilstm_{index}")
+
+
+def _recurrent_stack(x, mask, config: HeadConfig, cell):
     for i in range(config.layers):
         last = i == config.layers - 1
-        x = _recurrent(config, return_sequences=not last, index=i)(x, mask=mask)
+        x = cell(config, return_sequences=not last, index=i)(x, mask=mask)
         x = layers.Dropout(config.dropout, name=f"dropout_{i}")(x)
     return x
 
@@ -544,46 +546,84 @@ def build_model(
     mask = mask_used
 
     head = config.head
-    if head in ("gru", "lstm", "bilstm"):
-        if config.pooled_steps:  # a short sequence of segment means: less per-frame noise, order kept
-            x = SegmentMeans(config.pooled_steps, name="pooled_steps")(x, mask=mask)
-            mask = AnyRealStep(config.pooled_steps, name="pooled_mask")(mask)
-        x = _recurrent_stack(x, mask, config)
-        if config.shortcut:  # a linear path from the segment means (TSN consensus) beside the recurrent state
-            short = SegmentMeans(config.shortcut, name="shortcut_means")(standardized, mask=mask_used)
-            short = layers.Flatten(name="shortcut_flat")(short)
-            short = layers.Dropout(config.dropout, name="shortcut_dropout")(short)
-            x = layers.Concatenate(name="shortcut_concat")([x, short])
-    elif head == "cnn-lstm":
-        x = _recurrent_stack(x, mask, config)
-    elif head == "mean":
-        x = MaskedAverage(name="masked_mean")(x, mask=mask)
-        x = layers.Dense(config.units, activation="relu", name="hidden")(x)
-        x = layers.Dropout(config.dropout, name="hidden_dropout")(x)
-    elif head == "segments":
-        x = SegmentMeans(config.segments, name="segment_means")(x, mask=mask)
-        x = layers.Flatten(name="segments_flat")(x)
-        x = layers.Dropout(config.dropout, name="segments_dropout")(x)
-        for i in range(config.layers - 1):  # layers 1: linear classifier; more: a small MLP
-            x = layers.Dense(config.units, activation="relu", name=f"segments_hidden_{i}")(x)
-            x = layers.Dropout(config.dropout, name=f"segments_hidden_dropout_{i}")(x)
-    elif head == "attention":
-        # Attention pooling alone is permutation-invariant; the positional encoding makes the
-        # head see frame order (so it is not a second "mean" control model).
-        h = layers.Dense(config.units, activation="tanh", name="projection")(x)
-        h = SinusoidalPositionEncoding(name="position")(h)
-        scores = layers.Dense(config.units, activation="tanh", name="score_hidden")(h)
-        scores = layers.Dense(1, name="score")(scores)
-        x = MaskedAttentionPooling(name="attention_pool")(h, scores, mask=mask)
-        x = layers.Dropout(config.dropout, name="pooled_dropout")(x)
-    elif head == "transformer":
-        x = layers.Dense(config.units, name="projection")(x)
-        x = SinusoidalPositionEncoding(name="position")(x)
-        x = layers.Dropout(config.dropout, name="input_dropout")(x)
-        x = _transformer_stack(x, mask, config)
-    else:  # pragma: no cover - HeadConfig already validated the name
-        raise FeatpipeError(f"Unknown head {head!r}: choose one of {', '.join(HEADS)}.")
+    x = HEADS[head](x, mask, config)
+    if head in RECURRENT_HEADS and config.shortcut:
+        # a linear path from the segment means (TSN consensus) beside the recurrent state
+        short = SegmentMeans(config.shortcut, name="shortcut_means")(standardized, mask=mask_used)
+        short = layers.Flatten(name="shortcut_flat")(short)
+        short = layers.Dropout(config.dropout, name="shortcut_dropout")(short)
+        x = layers.Concatenate(name="shortcut_concat")([x, short])
 
     probabilities = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     name = "featpipe_" + head.replace("-", "_")
     return keras.Model(inputs={"features": features, "mask": mask_input}, outputs=probabilities, name=name)
+
+
+# --------------------------------------------------------------------------------------------
+# Heads: name -> builder (x, mask, config) -> x. A new head is one builder plus one entry here
+# and its name in featpipe.names.HEAD_NAMES (which the CLI reads without importing Keras).
+# --------------------------------------------------------------------------------------------
+
+
+def _recurrent_head(cell):
+    def build(x, mask, config: HeadConfig):
+        if config.pooled_steps:  # a short sequence of segment means: less per-frame noise, order kept
+            x = SegmentMeans(config.pooled_steps, name="pooled_steps")(x, mask=mask)
+            mask = AnyRealStep(config.pooled_steps, name="pooled_mask")(mask)
+        return _recurrent_stack(x, mask, config, cell)
+
+    return build
+
+
+def _cnn_lstm_head(x, mask, config: HeadConfig):
+    return _recurrent_stack(x, mask, config, _lstm)
+
+
+def _mean_head(x, mask, config: HeadConfig):
+    x = MaskedAverage(name="masked_mean")(x, mask=mask)
+    x = layers.Dense(config.units, activation="relu", name="hidden")(x)
+    return layers.Dropout(config.dropout, name="hidden_dropout")(x)
+
+
+def _segments_head(x, mask, config: HeadConfig):
+    x = SegmentMeans(config.segments, name="segment_means")(x, mask=mask)
+    x = layers.Flatten(name="segments_flat")(x)
+    x = layers.Dropout(config.dropout, name="segments_dropout")(x)
+    for i in range(config.layers - 1):  # layers 1: linear classifier; more: a small MLP
+        x = layers.Dense(config.units, activation="relu", name=f"segments_hidden_{i}")(x)
+        x = layers.Dropout(config.dropout, name=f"segments_hidden_dropout_{i}")(x)
+    return x
+
+
+def _attention_head(x, mask, config: HeadConfig):
+    # Attention pooling alone is permutation-invariant; the positional encoding makes the
+    # head see frame order (so it is not a second "mean" control model).
+    h = layers.Dense(config.units, activation="tanh", name="projection")(x)
+    h = SinusoidalPositionEncoding(name="position")(h)
+    scores = layers.Dense(config.units, activation="tanh", name="score_hidden")(h)
+    scores = layers.Dense(1, name="score")(scores)
+    x = MaskedAttentionPooling(name="attention_pool")(h, scores, mask=mask)
+    return layers.Dropout(config.dropout, name="pooled_dropout")(x)
+
+
+def _transformer_head(x, mask, config: HeadConfig):
+    x = layers.Dense(config.units, name="projection")(x)
+    x = SinusoidalPositionEncoding(name="position")(x)
+    x = layers.Dropout(config.dropout, name="input_dropout")(x)
+    return _transformer_stack(x, mask, config)
+
+
+HEADS = {
+    "gru": _recurrent_head(_gru),
+    "lstm": _recurrent_head(_lstm),
+    "bilstm": _recurrent_head(_bilstm),
+    "attention": _attention_head,
+    "transformer": _transformer_head,
+    "mean": _mean_head,
+    "segments": _segments_head,
+    "cnn-lstm": _cnn_lstm_head,
+}
+"""Classifier heads: name -> builder ``(x, mask, config) -> x`` (the pooled vector the softmax reads)."""
+
+if tuple(HEADS) != HEAD_NAMES:  # pragma: no cover - caught by the first import in any test
+    raise ImportError(f"featpipe.models.HEADS {tuple(HEADS)} and featpipe.names.HEAD_NAMES {HEAD_NAMES} differ.")

@@ -17,15 +17,16 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from featpipe.backbones import WEIGHTS_IMAGENET, WEIGHTS_NONE
 from featpipe.datasets import VIDEO_EXTENSIONS
 from featpipe.errors import BackboneError, FeatpipeError
+from featpipe.names import PRECISIONS
 from featpipe.options import check_choice, check_file_option, check_int, check_writable_parent
 
 MAX_TOP_K = 1000
 MAX_WINDOWS = 256  # windows per clip averaged (each is one frames-long pass through the backbone)
 MAX_WORKERS = 256
 MAX_BATCH = 4096  # frames per backbone forward pass
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class Predictor:
         self.class_names: list[str] = list(self.info.class_names)
         self.frames, self.size, self.sampling = int(pre["frames"]), int(pre["input_size"]), str(pre["sampling"])
         weights = str(pre["weights"])
-        if weights not in ("imagenet", "none") and not Path(weights).is_file():
+        if weights not in (WEIGHTS_IMAGENET, WEIGHTS_NONE) and not Path(weights).is_file():
             raise BackboneError(
                 f"The run was trained on features from the weights file '{weights}', which is not on this machine; "
                 f"copy it to that path (the run checks it by fingerprint)."

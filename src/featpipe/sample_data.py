@@ -36,6 +36,7 @@ import cv2
 import numpy as np
 
 from featpipe.errors import DatasetError, FeatpipeError, OptionError, VideoError
+from featpipe.names import DIFFICULTIES, SPLITS
 from featpipe.options import check_int
 from featpipe.video import count_frames
 
@@ -54,7 +55,6 @@ __all__ = [
 ]
 
 SAMPLE_CLASSES = ("blue_to_red", "grow", "red_to_blue", "shrink")
-SPLITS = ("train", "val", "test")
 MARKER_NAME = ".featpipe-sample.json"
 GENERATOR = "featpipe.sample_data"
 GENERATOR_VERSION = 1
@@ -434,7 +434,6 @@ def write_sample_data(
 # the README's head table are measured on it; the easy set above stays the demo's.
 # --------------------------------------------------------------------------------------------
 
-DIFFICULTIES = ("easy", "hard")
 # 6 to 150 frames: short clips (fewer real frames than the default 20) up to clips 7x longer.
 HARD_LENGTH_BUCKETS = ((6, 12), (13, 24), (25, 50), (51, 100), (101, 150))
 

@@ -43,6 +43,7 @@ from featpipe.data import (
     resolve_cache,
 )
 from featpipe.errors import FeatpipeError, Terminated
+from featpipe.names import CLASS_WEIGHTS, HEAD_NAMES, RECURRENT_HEADS, SPLITS
 from featpipe.options import check_choice, check_dir_option, check_float, check_int
 from featpipe.runs import LATEST, RunError, resolve_run  # noqa: F401  re-exported: featpipe.train.resolve_run
 
@@ -60,7 +61,7 @@ class TrainOptions:
 
     cache: str | Path | None = None  # cache file; None = the single .h5 in cache_dir
     cache_dir: str | Path = "cache"
-    rnn: str = "gru"  # sequence head (featpipe.models.HEADS)
+    head: str = "gru"  # sequence head (featpipe.models.HEADS)
     units: int = 64
     layers: int = 1
     dropout: float = 0.3
@@ -90,11 +91,13 @@ class TrainOptions:
     label_smoothing: float = 0.0
     pooled_steps: int = 0  # recurrent heads read the means of this many temporal segments (0 = every frame)
     shortcut: int | None = None  # recurrent heads: a linear path from the means of this many segments (0 = none)
+    rnn: str | None = None  # the older name of ``head``, still accepted (it wins when given); None after construction
 
     def __post_init__(self) -> None:
-        from featpipe.models import HEADS
-
-        check_choice("rnn", self.rnn, HEADS)
+        if self.rnn is not None:  # train(rnn="lstm") keeps working: the older spelling of head
+            object.__setattr__(self, "head", self.rnn)
+            object.__setattr__(self, "rnn", None)
+        check_choice("head", self.head, HEAD_NAMES)
         check_int("units", self.units, 1, MAX_UNITS)
         check_int("layers", self.layers, 1, MAX_LAYERS)
         check_float("dropout", self.dropout, 0.0, 1.0, high_open=True)
@@ -104,7 +107,7 @@ class TrainOptions:
         check_float("lr", self.lr, 0.0, 10.0, low_open=True)
         check_int("patience", self.patience, 1, MAX_EPOCHS)
         check_int("seed", self.seed, 0, 2**32 - 1)
-        check_choice("class_weight", self.class_weight, ("balanced",), optional=True)
+        check_choice("class_weight", self.class_weight, CLASS_WEIGHTS, optional=True)
         check_float("val_fraction", self.val_fraction, 0.0, 0.9, low_open=True)
         check_dir_option("cache_dir", self.cache_dir)
         check_dir_option("models_dir", self.models_dir)
@@ -124,16 +127,15 @@ class TrainOptions:
             raise OptionError("cache", f"must be a cache file, but '{self.cache}' is a folder.")
 
 
-# What `train --rnn gru|lstm|bilstm` uses unless told otherwise: measured on the hard sample set with 20
+# What `train --head gru|lstm|bilstm` uses unless told otherwise: measured on the hard sample set with 20
 # train clips per class (README, "Defaults for few clips"): alone, the recurrent path overfits (0.81-0.84 test accuracy);
 # these bring gru and lstm to the segments head's 0.96. Other heads default to none of them.
 RECURRENT_DEFAULTS = {"bottleneck": 32, "input_dropout": 0.2, "weight_decay": 0.01, "shortcut": 4}
-RECURRENT_HEADS = ("gru", "lstm", "bilstm")
 
 
 def resolve_defaults(opts: TrainOptions) -> TrainOptions:
     """``opts`` with every None regulariser replaced by its head's default."""
-    recurrent = opts.rnn in RECURRENT_HEADS
+    recurrent = opts.head in RECURRENT_HEADS
     changes = {k: (v if recurrent else type(v)(0)) for k, v in RECURRENT_DEFAULTS.items() if getattr(opts, k) is None}
     if opts.pca and "bottleneck" in changes:
         changes["bottleneck"] = 0  # a PCA projection replaces the learned bottleneck
@@ -185,7 +187,7 @@ def _check_not_a_shard(cache: Path, allow: bool) -> None:
 def _validate(opts: TrainOptions, index: CacheIndex) -> dict[str, np.ndarray]:
     if len(index.class_names) < 2:
         raise FeatpipeError(f"'{index.path}' has a single class ({index.class_names[0]}); a classifier needs at least two.")
-    splits = {s: index.rows(s) for s in ("train", "val", "test")}
+    splits = {s: index.rows(s) for s in SPLITS}
     if not len(splits["train"]):
         present = ", ".join(sorted(set(index.splits))) or "none"
         raise FeatpipeError(f"'{index.path}' has no train split (splits present: {present}); re-extract with a train split.")
@@ -291,7 +293,7 @@ def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
         if not len(val_rows):
             raise FeatpipeError("The train split is too small to hold out validation clips; add a val split to the cache.")
     frames = _check_frames(opts, index)
-    head = HeadConfig(head=opts.rnn, units=opts.units, layers=opts.layers, dropout=opts.dropout, num_heads=opts.num_heads,
+    head = HeadConfig(head=opts.head, units=opts.units, layers=opts.layers, dropout=opts.dropout, num_heads=opts.num_heads,
                       segments=opts.segments, bottleneck=opts.bottleneck, pca=opts.pca,
                       input_dropout=opts.input_dropout, frames=frames, pooled_steps=opts.pooled_steps,
                       shortcut=opts.shortcut)
@@ -312,7 +314,7 @@ def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
     model = build_model(head, index.config.feature_shape, n_classes, mean, var, pca=projection, seed=opts.seed)
     compile_model(model, opts)
 
-    dest = Path(opts.out) if opts.out else _unique(Path(opts.models_dir) / _run_name(index, opts.rnn))
+    dest = Path(opts.out) if opts.out else _unique(Path(opts.models_dir) / _run_name(index, opts.head))
     fingerprint = cache_fingerprint(cache)  # of the cache as trained on, before anything can change it
     run_dir = runs.make_temp_dir(dest)  # written here, renamed to dest when complete
     temp_dirs.append(run_dir)

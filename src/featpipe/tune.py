@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from featpipe.errors import FeatpipeError, OptionError
+from featpipe.names import CV_MODES, HEAD_NAMES, IMAGE_HEADS
 
 MIN_VAL_PER_CLASS = 10  # fewer val clips per class than this: k-fold on train + val instead of repeated seeds
 SEARCH_HEADS = ("gru", "lstm", "segments")
@@ -64,7 +65,6 @@ class TuneOptions:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        from featpipe.models import HEADS
         from featpipe.options import check_choice, check_float, check_int
 
         check_int("trials", self.trials, 1, 100_000, optional=True)
@@ -72,7 +72,7 @@ class TuneOptions:
         if self.trials is None and self.time_budget is None:
             raise OptionError("trials", "or time_budget must be given, or the search would never end.")
         check_int("jobs", self.jobs, 1, 256)
-        check_choice("cv", self.cv, ("auto", "folds", "seeds"))
+        check_choice("cv", self.cv, CV_MODES)
         check_int("folds", self.folds, 2, 20)
         check_int("seeds", self.seeds, 1, 20)
         check_int("seed", self.seed, 0, 2**31 - 1)
@@ -82,8 +82,9 @@ class TuneOptions:
         if not heads:
             raise OptionError("heads", "must name at least one head.")
         for head in heads:
-            if head not in HEADS or head == "cnn-lstm":
-                raise OptionError("heads", f"must be feature heads ({', '.join(h for h in HEADS if h != 'cnn-lstm')}); "
+            if head not in HEAD_NAMES or head in IMAGE_HEADS:
+                feature_heads = ", ".join(h for h in HEAD_NAMES if h not in IMAGE_HEADS)
+                raise OptionError("heads", f"must be feature heads ({feature_heads}); "
                                   f"got {head!r}.")
         object.__setattr__(self, "heads", heads)
 
@@ -170,7 +171,7 @@ def _defaults_as_trial(head: str, cache_frames: int) -> dict:
     """Optuna params that reproduce `featpipe train --rnn head` defaults (enqueued first)."""
     from featpipe.train import TrainOptions, resolve_defaults
 
-    d = resolve_defaults(TrainOptions(rnn=head))
+    d = resolve_defaults(TrainOptions(head=head))
     params = {"rnn": head, "lr": d.lr, "dropout": d.dropout, "weight_decay": d.weight_decay,
               "input_dropout": d.input_dropout}
     if head == "segments":
@@ -214,7 +215,7 @@ def score_config(params: dict, data: dict, fits, opts: TuneOptions) -> tuple[lis
             std = np.sqrt(np.maximum(var, 1e-12))
             projection = pca_from_frames((x[tr][m[tr]].astype(np.float64) - mean) / std, topts.pca)
         frames = 0 if topts.frames in (None, x.shape[1]) else int(topts.frames)
-        head = HeadConfig(head=topts.rnn, units=topts.units, layers=topts.layers, dropout=topts.dropout,
+        head = HeadConfig(head=topts.head, units=topts.units, layers=topts.layers, dropout=topts.dropout,
                           num_heads=topts.num_heads, segments=topts.segments, bottleneck=topts.bottleneck,
                           pca=topts.pca, input_dropout=topts.input_dropout, frames=frames,
                           pooled_steps=topts.pooled_steps, shortcut=topts.shortcut)

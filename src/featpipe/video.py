@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from featpipe.errors import VideoError
+from featpipe.names import SAMPLING
 
 __all__ = [
     "SAMPLING",
@@ -44,7 +45,6 @@ __all__ = [
     "write_gif",
 ]
 
-SAMPLING = ("uniform", "first")
 
 # How many times a clip may be (re)read before the decoder is declared inconsistent. A normal
 # clip takes one pass; a wrong reported count takes two; a missing one takes two.
