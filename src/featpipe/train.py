@@ -390,7 +390,9 @@ def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
         keras_version=keras.__version__,
         keras_backend=keras.backend.backend(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        config={k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
+        # "rnn" mirrors "head": the older key, which run.json readers and scripts written before --head still read
+        config={**{k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
+                "rnn": opts.head},
         head=head.to_dict(),
         class_names=tuple(index.class_names),
         # everything needed to rebuild stage one exactly (weights_seed: the random network of --weights none)
