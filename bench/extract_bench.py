@@ -106,7 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"clips to use (default {DEFAULTS['clips']}); from fresh sample data unless --data")
     p.add_argument("--data", default=None, help="use this existing dataset folder instead of sample data")
     p.add_argument("--weights", default="none", help="imagenet, none (random, no download) or a weights file")
-    p.add_argument("--batch-size", type=int, default=None, help=f"frames per forward pass (default {DEFAULTS['batch_size']})")
+    p.add_argument("--batch-size", type=int, default=None, help="frames per forward pass (default "
+                                                                f"{DEFAULTS['batch_size']})")
     p.add_argument("--workers", type=int, default=None, help=f"featpipe decode threads (default {default_workers()})")
     p.add_argument("--repeats", type=int, default=1, help="repeat each method N times, report the best")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")

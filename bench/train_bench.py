@@ -126,7 +126,8 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=5000)
     ap.add_argument("--frames", type=int, default=20)
     ap.add_argument("--dim", type=int, default=2048)
-    ap.add_argument("--epochs", type=int, default=3, help="epochs after the first are timed (the first includes tracing)")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs after the first are timed (the first includes "
+                                                          "tracing)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--quick", action="store_true", help="500 clips, 2 epochs: a smoke run")
@@ -173,7 +174,8 @@ def main() -> None:
     print()
     print("| feeding | epoch (s) | CPU per epoch (s) | peak memory (MiB) | peak above import baseline (MiB) |")
     print("|---|---:|---:|---:|---:|")
-    for name, r, e, c in (("in memory", memory, mem_epoch, mem_cpu), ("streamed from HDF5", stream, stream_epoch, stream_cpu)):
+    for name, r, e, c in (("in memory", memory, mem_epoch, mem_cpu), ("streamed from "
+                                                                      "HDF5", stream, stream_epoch, stream_cpu)):
         print(f"| {name} | {e:.2f} | {c:.2f} | {mib(r['peak_rss']):.0f} | {mib(r['peak_rss'] - base):.0f} |")
     print()
     print(f"features: {results['features_mib_float16']:.0f} MiB float16 on disk, "

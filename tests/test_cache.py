@@ -13,7 +13,6 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-
 from typer.testing import CliRunner
 
 from featpipe.cache import (
@@ -468,7 +467,6 @@ def test_merge_refuses_a_whole_cache_and_no_shards_at_all(tmp_path):
 # ----------------------------------------------------------------------------- clip identity, stale rows, schema 2
 
 from featpipe.cache import CannotWrite  # noqa: E402
-
 from mounts import fill, read_only, tmpfs  # noqa: E402
 
 IDENT = {f"train/a/clip{i}.mp4": (1000 + i, 5_000_000_000 + i) for i in range(4)}

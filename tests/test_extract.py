@@ -13,27 +13,34 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from typer.testing import CliRunner
 
 from featpipe.backbones import FeatureExtractor
+from featpipe.cache import (
+    CacheLock,
+    CacheWriter,
+    iter_journal,
+    journal_path,
+    merge_shards,
+    shard_of,
+    shard_path,
+    summarize,
+)
 from featpipe.cli import app
-from featpipe.cache import CacheLock, CacheWriter, iter_journal, journal_path, merge_shards, shard_of, shard_path, summarize
 from featpipe.datasets import index_dataset
 from featpipe.errors import CacheError, ExtractionFailed, FeatpipeError
 from featpipe.extract import extract
 from featpipe.sample_data import write_sample_data
 from featpipe.video import count_frames, read_clip
-
 from videos import (
+    write_1x1,
     write_gray,
     write_no_frames,
     write_odd_size,
-    write_1x1,
     write_text_as_video,
     write_truncated,
-    write_wide,
     write_video,
+    write_wide,
     write_zero_byte,
 )
 
@@ -394,7 +401,6 @@ def test_an_unknown_precision_is_refused_before_any_work(sample, tmp_path):
 from featpipe.cache import file_identity  # noqa: E402
 from featpipe.errors import OptionError  # noqa: E402
 from featpipe.extract import ExtractOptions  # noqa: E402
-
 from mounts import fill, read_only, tmpfs  # noqa: E402
 
 TINY = {**SMALL, "frames": 4}

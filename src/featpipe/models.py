@@ -101,7 +101,8 @@ class HeadConfig:
         unknown = sorted(set(d) - set(_field_names()))
         if unknown:
             raise FeatpipeError(
-                f"Unknown head config key(s) {', '.join(map(str, unknown))}: allowed keys are {', '.join(_field_names())}."
+                f"Unknown head config key(s) {', '.join(map(str, unknown))}: allowed keys are "
+                f"{', '.join(_field_names())}."
             )
         return cls(**d)
 
