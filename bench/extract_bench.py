@@ -367,7 +367,8 @@ def report(args, machine: dict, n_clips: int, n_frames: int, t: dict[str, Timing
         "methods": {name: {"seconds": tm.best, "frames_per_second": tm.fps, "frames": tm.frames,
                            "runs": tm.runs, "cpu_seconds": tm.cpu, **tm.extra} for name, tm in t.items()},
         "ratios": r,
-        "targets": {"featpipe_over_ceiling_max": TARGET_CEILING_RATIO, "keras_example_over_featpipe_min": TARGET_SPEEDUP},
+        "targets": {"featpipe_over_ceiling_max": TARGET_CEILING_RATIO,
+                    "keras_example_over_featpipe_min": TARGET_SPEEDUP},
         "diagnostics": diag,
         "table_markdown": markdown_table(t, r),
     }

@@ -113,7 +113,8 @@ def baseline_rss() -> int:
     """Peak memory of a process that only imports featpipe's training stack (the fixed cost)."""
     code = ("import resource, keras, featpipe.train, featpipe.models, h5py;"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
-    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(proc.stdout.split()[-1])
 
 
 def steady(values: list[float]) -> float:
@@ -158,7 +159,8 @@ def main() -> None:
     mem_epoch, stream_epoch = steady(memory["epoch_seconds"]), steady(stream["epoch_seconds"])
     mem_cpu, stream_cpu = steady(memory["epoch_cpu_seconds"]), steady(stream["epoch_cpu_seconds"])
     results = {
-        "clips": args.clips, "frames": args.frames, "dim": args.dim, "epochs": args.epochs, "batch_size": args.batch_size,
+        "clips": args.clips, "frames": args.frames, "dim": args.dim, "epochs": args.epochs,
+        "batch_size": args.batch_size,
         "features_mib_float16": features_bytes / 2**20,
         "features_mib_float32": features_bytes * 2 / 2**20,
         "in_memory": memory, "stream": stream, "import_baseline_rss": base,

@@ -247,9 +247,9 @@ def train_cmd(
     seed: Annotated[int, typer.Option(help="Seed: same seed, same cache, same metrics on CPU.")] = 0,
     class_weight: Annotated[Optional[ClassWeight], typer.Option(help="balanced: weight classes inversely to their "
                                                                      "frequency.")] = None,
-    stream: Annotated[Optional[bool], typer.Option("--stream/--in-memory", help="Stream batches from HDF5, or load the "
-                                                                                "features into memory [default: by "
-                                                                                "cache size].", show_default=False)] = None,
+    stream: Annotated[Optional[bool], typer.Option("--stream/--in-memory", show_default=False,
+                                                   help="Stream batches from HDF5, or load the features into memory "
+                                                        "[default: by cache size].")] = None,
     val_fraction: Annotated[float, typer.Option(help="Stratified hold-out from train when the cache has no val "
                                                      "split.")] = 0.15,
     models_dir: Annotated[Path, typer.Option(help="Parent folder of run directories.")] = Path("models"),

@@ -292,7 +292,8 @@ def index_dataset(
             "dataset."
         )
     if not folder.is_dir():
-        hint = f"pass it as --csv {data}" if folder.suffix.lower() == ".csv" else "pass --data DIR pointing at a dataset folder"
+        hint = (f"pass it as --csv {data}" if folder.suffix.lower() == ".csv"
+                else "pass --data DIR pointing at a dataset folder")
         raise DatasetError(f"Data path '{data}' is a file, not a folder; {hint}.")
     root = folder.resolve()
 
@@ -534,7 +535,8 @@ def _index_ucf101(root: Path, data: str, val_fraction: float, seed: int, fold: i
         raise DatasetError(f"UCF101 classInd.txt is no longer in '{data}'; restore it and run again.")
     train_file = _find_ucf_file(root, f"trainlist{fold:02d}.txt")
     test_file = _find_ucf_file(root, f"testlist{fold:02d}.txt")
-    missing = [n for n, f in ((f"trainlist{fold:02d}.txt", train_file), (f"testlist{fold:02d}.txt", test_file)) if f is None]
+    missing = [n for n, f in ((f"trainlist{fold:02d}.txt", train_file), (f"testlist{fold:02d}.txt", test_file))
+               if f is None]
     if missing:
         raise DatasetError(
             f"UCF101 split list(s) {', '.join(missing)} for fold {fold} not found in '{data}' or "
@@ -598,7 +600,8 @@ def _index_ucf101(root: Path, data: str, val_fraction: float, seed: int, fold: i
     for path, key, label, _ in train:
         match = _UCF_GROUP.search(path.name)
         groups.append(f"{label}/g{int(match.group(1)):02d}" if match else key)
-    train_splits = stratified_split([r[1] for r in train], [r[2] for r in train], val_fraction, 0.0, seed, groups=groups)
+    train_splits = stratified_split([r[1] for r in train], [r[2] for r in train], val_fraction, 0.0, seed,
+                                    groups=groups)
     split_of = {r[1]: s for r, s in zip(train, train_splits)}
     records = [
         Record(path=path, video=key, label=label, split=split_of.get(key, "test"))

@@ -184,7 +184,8 @@ class ExtractResult:
     infer_seconds: float = 0.0  # time inside backbone calls (the device busy, from the pipeline's side)
     starved_seconds: float = 0.0  # time the backbone waited for frames after its first batch (0 = never idle)
     n_dropped: int = 0  # rows dropped because their clip left the dataset (listed under stale/ in the cache)
-    notes: list[str] = field(default_factory=list)  # dropped rows, split repairs and split warnings (also in summary_lines)
+    # dropped rows, split repairs and split warnings (also in summary_lines)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def frames_per_second(self) -> float:
@@ -230,7 +231,8 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
         import_ray()  # before any work: without the extra, say how to install it
     started = time.perf_counter()
     # a shard takes the clips whose key hashes to it: the same split on every machine
-    records = [r for r in dataset.records if shard_of(r.video, shard[1]) == shard[0]] if shard else list(dataset.records)
+    records = ([r for r in dataset.records if shard_of(r.video, shard[1]) == shard[0]] if shard
+               else list(dataset.records))
     identities = {r.video: file_identity(r.path) for r in records}  # what each clip file is now
     with ExitStack() as stack:
         try:
@@ -291,8 +293,8 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
     seconds = time.perf_counter() - started
     summary = summarize(path)
     result = ExtractResult(path, summary.n_clips, stats.clips, n_skipped, stats.frames, seconds,
-                           failed=summary.failed, summary_lines=summary.lines() + notes, batch_size=extractor.batch_size,
-                           setup_seconds=setup_seconds,
+                           failed=summary.failed, summary_lines=summary.lines() + notes,
+                           batch_size=extractor.batch_size, setup_seconds=setup_seconds,
                            infer_seconds=stats.infer_seconds, starved_seconds=stats.starved_seconds,
                            n_dropped=writer.n_dropped, notes=notes)
     if summary.n_clips == 0 and (records or not shard):  # a tiny dataset may leave a shard no clip: not a failure
