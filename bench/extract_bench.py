@@ -106,7 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"clips to use (default {DEFAULTS['clips']}); from fresh sample data unless --data")
     p.add_argument("--data", default=None, help="use this existing dataset folder instead of sample data")
     p.add_argument("--weights", default="none", help="imagenet, none (random, no download) or a weights file")
-    p.add_argument("--batch-size", type=int, default=None, help=f"frames per forward pass (default {DEFAULTS['batch_size']})")
+    p.add_argument("--batch-size", type=int, default=None, help="frames per forward pass (default "
+                                                                f"{DEFAULTS['batch_size']})")
     p.add_argument("--workers", type=int, default=None, help=f"featpipe decode threads (default {default_workers()})")
     p.add_argument("--repeats", type=int, default=1, help="repeat each method N times, report the best")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
@@ -366,7 +367,8 @@ def report(args, machine: dict, n_clips: int, n_frames: int, t: dict[str, Timing
         "methods": {name: {"seconds": tm.best, "frames_per_second": tm.fps, "frames": tm.frames,
                            "runs": tm.runs, "cpu_seconds": tm.cpu, **tm.extra} for name, tm in t.items()},
         "ratios": r,
-        "targets": {"featpipe_over_ceiling_max": TARGET_CEILING_RATIO, "keras_example_over_featpipe_min": TARGET_SPEEDUP},
+        "targets": {"featpipe_over_ceiling_max": TARGET_CEILING_RATIO,
+                    "keras_example_over_featpipe_min": TARGET_SPEEDUP},
         "diagnostics": diag,
         "table_markdown": markdown_table(t, r),
     }

@@ -207,7 +207,8 @@ def print_table(results: list[dict], device: str) -> str:
     for r in results:
         f, c, k = r["featpipe"], r["ceiling"], r["keras_example"]
         lines.append(f"| {r['backbone']} @ {r['size']} | {r['precision']}, {r['batch_size']} | "
-                     f"{c['frames_per_second']:.0f} | {f['pipeline_frames_per_second']:.0f} / {f['frames_per_second']:.0f} | "
+                     f"{c['frames_per_second']:.0f} | {f['pipeline_frames_per_second']:.0f} / "
+                     f"{f['frames_per_second']:.0f} | "
                      f"{r['ratios']['featpipe_pipeline_over_ceiling']:.2f} | {k['frames_per_second']:.1f} | "
                      f"{pct(c['gpu_busy'])} / {pct(f['gpu_busy'])} / {pct(k['gpu_busy'])} |")
     lines.append("")

@@ -113,7 +113,8 @@ def baseline_rss() -> int:
     """Peak memory of a process that only imports featpipe's training stack (the fixed cost)."""
     code = ("import resource, keras, featpipe.train, featpipe.models, h5py;"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
-    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(proc.stdout.split()[-1])
 
 
 def steady(values: list[float]) -> float:
@@ -126,7 +127,8 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=5000)
     ap.add_argument("--frames", type=int, default=20)
     ap.add_argument("--dim", type=int, default=2048)
-    ap.add_argument("--epochs", type=int, default=3, help="epochs after the first are timed (the first includes tracing)")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs after the first are timed (the first includes "
+                                                          "tracing)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--quick", action="store_true", help="500 clips, 2 epochs: a smoke run")
@@ -157,7 +159,8 @@ def main() -> None:
     mem_epoch, stream_epoch = steady(memory["epoch_seconds"]), steady(stream["epoch_seconds"])
     mem_cpu, stream_cpu = steady(memory["epoch_cpu_seconds"]), steady(stream["epoch_cpu_seconds"])
     results = {
-        "clips": args.clips, "frames": args.frames, "dim": args.dim, "epochs": args.epochs, "batch_size": args.batch_size,
+        "clips": args.clips, "frames": args.frames, "dim": args.dim, "epochs": args.epochs,
+        "batch_size": args.batch_size,
         "features_mib_float16": features_bytes / 2**20,
         "features_mib_float32": features_bytes * 2 / 2**20,
         "in_memory": memory, "stream": stream, "import_baseline_rss": base,
@@ -173,7 +176,8 @@ def main() -> None:
     print()
     print("| feeding | epoch (s) | CPU per epoch (s) | peak memory (MiB) | peak above import baseline (MiB) |")
     print("|---|---:|---:|---:|---:|")
-    for name, r, e, c in (("in memory", memory, mem_epoch, mem_cpu), ("streamed from HDF5", stream, stream_epoch, stream_cpu)):
+    for name, r, e, c in (("in memory", memory, mem_epoch, mem_cpu), ("streamed from "
+                                                                      "HDF5", stream, stream_epoch, stream_cpu)):
         print(f"| {name} | {e:.2f} | {c:.2f} | {mib(r['peak_rss']):.0f} | {mib(r['peak_rss'] - base):.0f} |")
     print()
     print(f"features: {results['features_mib_float16']:.0f} MiB float16 on disk, "

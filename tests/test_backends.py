@@ -35,7 +35,8 @@ def featpipe(backend: str, cwd: Path, *args: str) -> str:
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run([sys.executable, "-m", "featpipe", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=900)
-    assert proc.returncode == 0, f"featpipe {' '.join(args)} under {backend} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (f"featpipe {' '.join(args)} under {backend} exited {proc.returncode}:\n"
+                                  f"{proc.stderr[-3000:]}")
     assert "Traceback" not in proc.stderr
     return proc.stdout
 

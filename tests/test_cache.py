@@ -13,7 +13,6 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-
 from typer.testing import CliRunner
 
 from featpipe.cache import (
@@ -468,7 +467,6 @@ def test_merge_refuses_a_whole_cache_and_no_shards_at_all(tmp_path):
 # ----------------------------------------------------------------------------- clip identity, stale rows, schema 2
 
 from featpipe.cache import CannotWrite  # noqa: E402
-
 from mounts import fill, read_only, tmpfs  # noqa: E402
 
 IDENT = {f"train/a/clip{i}.mp4": (1000 + i, 5_000_000_000 + i) for i in range(4)}
@@ -536,7 +534,7 @@ def test_merge_carries_identity_and_stale_rows_and_accepts_a_version_1_shard(tmp
     out = tmp_path / "c.h5"
     for i in (1, 2):
         w = CacheWriter(shard_path(out, i, 2), replace(CONFIG, extra={"shard": f"{i}/2"}))
-        for j, key in enumerate(k for k in IDENT if shard_of(k, 2) == i):
+        for key in (k for k in IDENT if shard_of(k, 2) == i):
             w.append(identified(int(key[-5]), key))
         w.finalize(current={k: v for k, v in IDENT.items() if shard_of(k, 2) == i} | {"gone.mp4": None})
     _downgrade_to_version_1(shard_path(out, 2, 2))
@@ -924,7 +922,8 @@ def test_the_cache_benchmark_runs_and_reports_adding_merging_and_rewriting(tmp_p
     spec = importlib.util.spec_from_file_location("cache_bench", Path(__file__).parents[1] / "bench" / "cache_bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--sizes", "24", "--shards", "3", "--dir", str(tmp_path), "--json", str(tmp_path / "b.json")]) == 0
+    assert bench.main(["--sizes", "24", "--shards", "3", "--dir", str(tmp_path),
+                       "--json", str(tmp_path / "b.json")]) == 0
     (r,) = json.loads((tmp_path / "b.json").read_text())["results"]
     assert r["clips"] == 24 and all(r[k] > 0 for k in ("add_1_s", "add_10_s", "merge_3_s", "rewrite_s"))
     assert "| 24 |" in capsys.readouterr().out

@@ -46,7 +46,8 @@ def test_every_command_explains_its_options(command):
 def test_extract_help_documents_the_main_options():
     out = run("extract", "--help").output
     for option in ("--backbone", "--data", "--csv", "--frames", "--sampling", "--size", "--weights", "--batch-size",
-                   "--workers", "--dtype", "--output", "--strict", "--quiet", "--retry-failed", "--shard", "--precision"):
+                   "--workers", "--dtype", "--output", "--strict", "--quiet", "--retry-failed", "--shard",
+                   "--precision"):
         assert option in out
 
 

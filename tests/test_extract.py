@@ -13,27 +13,34 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from typer.testing import CliRunner
 
 from featpipe.backbones import FeatureExtractor
+from featpipe.cache import (
+    CacheLock,
+    CacheWriter,
+    iter_journal,
+    journal_path,
+    merge_shards,
+    shard_of,
+    shard_path,
+    summarize,
+)
 from featpipe.cli import app
-from featpipe.cache import CacheLock, CacheWriter, iter_journal, journal_path, merge_shards, shard_of, shard_path, summarize
 from featpipe.datasets import index_dataset
 from featpipe.errors import CacheError, ExtractionFailed, FeatpipeError
 from featpipe.extract import extract
 from featpipe.sample_data import write_sample_data
 from featpipe.video import count_frames, read_clip
-
 from videos import (
+    write_1x1,
     write_gray,
     write_no_frames,
     write_odd_size,
-    write_1x1,
     write_text_as_video,
     write_truncated,
-    write_wide,
     write_video,
+    write_wide,
     write_zero_byte,
 )
 
@@ -131,7 +138,8 @@ def test_sigkill_at_several_points_then_resume_ends_with_the_clean_runs_cache(sa
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for kill_after_records in (0, 1, 6, 12):
         before = _records(out)
-        proc = subprocess.Popen(_extract_cmd(sample, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(_extract_cmd(sample, out), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         if kill_after_records == 0:
             time.sleep(1.0)  # still importing / building the network
@@ -235,7 +243,8 @@ def test_first_sampling_stores_the_first_frames_and_float32_is_honoured(sample, 
         long = int(np.argmax(u["n_frames"][:]))
         assert u["n_frames"][long] > 8
         assert not np.allclose(u["features"][long, -1].astype(np.float32), f["features"][long, -1])
-        np.testing.assert_allclose(u["features"][long, 0].astype(np.float32), f["features"][long, 0], rtol=2e-3, atol=1e-2)
+        np.testing.assert_allclose(u["features"][long, 0].astype(np.float32), f["features"][long, 0],
+                                   rtol=2e-3, atol=1e-2)
 
 
 def test_default_cache_path_is_cache_dir_slash_backbone(sample, tmp_path):
@@ -394,7 +403,6 @@ def test_an_unknown_precision_is_refused_before_any_work(sample, tmp_path):
 from featpipe.cache import file_identity  # noqa: E402
 from featpipe.errors import OptionError  # noqa: E402
 from featpipe.extract import ExtractOptions  # noqa: E402
-
 from mounts import fill, read_only, tmpfs  # noqa: E402
 
 TINY = {**SMALL, "frames": 4}
@@ -418,7 +426,8 @@ def test_a_replaced_clip_is_extracted_again_and_a_moved_or_deleted_clip_leaves_n
     extract(data=data, output=out, **TINY)
     with h5py.File(out, "r") as f:
         before = f["features"][list(f["video"].asstr()[:]).index("grow/grow1.mp4")]
-    write_video(data / "grow" / "grow1.mp4", 9, 32, 32, color_fn=lambda i: ((40 * i) % 256, 255 - 20 * i, 90))  # replaced
+    # replaced
+    write_video(data / "grow" / "grow1.mp4", 9, 32, 32, color_fn=lambda i: ((40 * i) % 256, 255 - 20 * i, 90))
     shutil.move(data / "grow" / "grow0.mp4", data / "shrink" / "grow0.mp4")  # relabelled by moving it
     (data / "shrink" / "shrink2.mp4").unlink()  # deleted
     again = extract(data=data, output=out, **TINY)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-from test_data import make_cache  # a small cache written through the real writer
 from typer.testing import CliRunner
 
 import featpipe
@@ -13,6 +12,7 @@ from featpipe.cache import DamagedCacheError, verify_cache
 from featpipe.cli import app
 from featpipe.data import H5Batches, feature_stats, load_rows, open_index
 from featpipe.errors import CacheError
+from test_data import make_cache  # a small cache written through the real writer
 
 DAMAGED = 5  # the row whose bytes are flipped; make_cache names it v005.mp4
 

@@ -158,7 +158,8 @@ def test_notebook_draws_its_figures(executed):
     assert len(figure_cells) >= 6
     images = 0
     for cell in figure_cells:
-        pngs = [o for o in cell.outputs if o.output_type in ("display_data", "execute_result") and "image/png" in o.data]
+        pngs = [o for o in cell.outputs
+                if o.output_type in ("display_data", "execute_result") and "image/png" in o.data]
         assert pngs, f"this figure cell drew no image:\n{cell.source[:300]}"
         images += len(pngs)
     assert images >= 6

@@ -66,7 +66,8 @@ def test_folders_expand_to_their_videos_and_a_bad_clip_does_not_stop_the_others(
     write_text_as_video(tmp_path / "broken.mp4")
     preds = featpipe.predict([root / "data" / "test" / "shrink", tmp_path / "broken.mp4", tmp_path / "missing.mp4"],
                              model=tr.run_dir)
-    assert [Path(p.clip).name for p in preds] == ["shrink_test_000.mp4", "shrink_test_001.mp4", "broken.mp4", "missing.mp4"]
+    assert [Path(p.clip).name for p in preds] == ["shrink_test_000.mp4", "shrink_test_001.mp4", "broken.mp4",
+                                                  "missing.mp4"]
     assert preds[0].ok and preds[1].ok
     assert "broken.mp4" in preds[2].error and "not found" in preds[3].error
 

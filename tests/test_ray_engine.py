@@ -30,7 +30,6 @@ from featpipe.errors import BackboneError, ExtractionFailed, FeatpipeError
 from featpipe.extract import extract
 from featpipe.ray_engine import check_worker
 from featpipe.sample_data import write_sample_data
-
 from videos import write_text_as_video
 
 # batch 1: every frame is its own forward pass on either engine, so the caches are equal bit for bit

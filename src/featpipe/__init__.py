@@ -14,18 +14,17 @@ The Python API mirrors the command line, with the same defaults:
 Keras is imported only when a function needs it.
 """
 
-from featpipe._version import __version__
-from featpipe.errors import FeatpipeError
-
 # The functions share their names with the modules that define them; binding them here, after
 # the modules are loaded, makes ``featpipe.extract`` the function (``featpipe.extract.ExtractOptions``
 # stays importable with ``from featpipe.extract import ExtractOptions``).
-from featpipe.extract import ExtractOptions, ExtractResult, extract  # noqa: E402
+from featpipe._version import __version__
 from featpipe.cache import merge_shards as merge  # noqa: E402
-from featpipe.train import TrainOptions, TrainResult, train  # noqa: E402
+from featpipe.errors import FeatpipeError
 from featpipe.evaluate import evaluate  # noqa: E402
-from featpipe.predict import Prediction, predict  # noqa: E402
+from featpipe.extract import ExtractOptions, ExtractResult, extract  # noqa: E402
 from featpipe.info import info  # noqa: E402
+from featpipe.predict import Prediction, predict  # noqa: E402
+from featpipe.train import TrainOptions, TrainResult, train  # noqa: E402
 from featpipe.tune import TuneOptions, TuneResult, tune  # noqa: E402
 
 __all__ = [

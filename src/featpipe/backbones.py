@@ -202,10 +202,10 @@ def _same_padding(n: int, k: int, s: int) -> tuple[int, int]:
 def _pad2d(x: np.ndarray, kh: int, kw: int, sh: int, sw: int, padding: str, value: float = 0.0) -> np.ndarray:
     if padding != "same":
         return x
-    (t, b), (l, r) = _same_padding(x.shape[1], kh, sh), _same_padding(x.shape[2], kw, sw)
-    if not (t or b or l or r):
+    (top, bottom), (left, right) = _same_padding(x.shape[1], kh, sh), _same_padding(x.shape[2], kw, sw)
+    if not (top or bottom or left or right):
         return x
-    return np.pad(x, ((0, 0), (t, b), (l, r), (0, 0)), constant_values=value)
+    return np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=value)
 
 
 def _taps(x: np.ndarray, kh: int, kw: int, sh: int, sw: int):
@@ -301,8 +301,8 @@ def _np_layer(layer, stats: dict):
     if isinstance(layer, layers.GlobalAveragePooling2D):
         return lambda x: x.astype(np.float64).mean(axis=(1, 2), keepdims=bool(layer.keepdims)).astype(np.float32)
     if isinstance(layer, layers.ZeroPadding2D):
-        (t, b), (l, r) = layer.padding
-        return lambda x: np.pad(x, ((0, 0), (t, b), (l, r), (0, 0)))
+        (top, bottom), (left, right) = layer.padding
+        return lambda x: np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
     if isinstance(layer, layers.Rescaling):
         scale, offset = np.float32(layer.scale), np.float32(layer.offset)
         return lambda x: (x * scale + offset).astype(np.float32)

@@ -283,14 +283,17 @@ def index_dataset(
         return _index_csv(Path(csv).expanduser(), str(csv), val_fraction, test_fraction, seed)
 
     if data is None:
-        raise DatasetError("No dataset given; pass --data DIR (a dataset folder) or --csv FILE (a video_name,tag list).")
+        raise DatasetError("No dataset given; pass --data DIR (a dataset folder) or --csv FILE (a video_name,tag "
+                           "list).")
     folder = Path(data).expanduser()
     if not folder.exists():
         raise DatasetError(
-            f"Data folder '{data}' does not exist; pass --data DIR or run `featpipe sample-data` to create the sample dataset."
+            f"Data folder '{data}' does not exist; pass --data DIR or run `featpipe sample-data` to create the sample "
+            "dataset."
         )
     if not folder.is_dir():
-        hint = f"pass it as --csv {data}" if folder.suffix.lower() == ".csv" else "pass --data DIR pointing at a dataset folder"
+        hint = (f"pass it as --csv {data}" if folder.suffix.lower() == ".csv"
+                else "pass --data DIR pointing at a dataset folder")
         raise DatasetError(f"Data path '{data}' is a file, not a folder; {hint}.")
     root = folder.resolve()
 
@@ -436,13 +439,16 @@ def _inside(root: Path, name: str, where: str) -> tuple[Path, str]:
 
 def _index_csv(csv_path: Path, shown: str, val_fraction: float, test_fraction: float, seed: int) -> Dataset:
     if not csv_path.exists():
-        raise DatasetError(f"CSV file '{shown}' does not exist; pass --csv FILE pointing at a list with columns video_name,tag.")
+        raise DatasetError(f"CSV file '{shown}' does not exist; pass --csv FILE pointing at a list with columns "
+                           "video_name,tag.")
     if not csv_path.is_file():
-        raise DatasetError(f"CSV path '{shown}' is not a file; pass --csv FILE pointing at a list with columns video_name,tag.")
+        raise DatasetError(f"CSV path '{shown}' is not a file; pass --csv FILE pointing at a list with columns "
+                           "video_name,tag.")
     try:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
-        raise DatasetError(f"CSV file '{shown}' is empty; write a header line video_name,tag and one row per clip.") from None
+        raise DatasetError(f"CSV file '{shown}' is empty; write a header line video_name,tag and one row per "
+                           "clip.") from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DatasetError(
@@ -475,7 +481,8 @@ def _index_csv(csv_path: Path, shown: str, val_fraction: float, test_fraction: f
         tag = str(raw_tag).strip()
         where = f"CSV file '{shown}' line {line}"
         if not name:
-            raise DatasetError(f"{where} has an empty video_name; fill in the clip's path relative to the CSV's folder.")
+            raise DatasetError(f"{where} has an empty video_name; fill in the clip's path relative to the CSV's "
+                               "folder.")
         if not tag:
             raise DatasetError(f"{where} ('{name}') has an empty tag; fill in the clip's class name.")
         path, key = _inside(root, name, where)
@@ -528,7 +535,8 @@ def _index_ucf101(root: Path, data: str, val_fraction: float, seed: int, fold: i
         raise DatasetError(f"UCF101 classInd.txt is no longer in '{data}'; restore it and run again.")
     train_file = _find_ucf_file(root, f"trainlist{fold:02d}.txt")
     test_file = _find_ucf_file(root, f"testlist{fold:02d}.txt")
-    missing = [n for n, f in ((f"trainlist{fold:02d}.txt", train_file), (f"testlist{fold:02d}.txt", test_file)) if f is None]
+    missing = [n for n, f in ((f"trainlist{fold:02d}.txt", train_file), (f"testlist{fold:02d}.txt", test_file))
+               if f is None]
     if missing:
         raise DatasetError(
             f"UCF101 split list(s) {', '.join(missing)} for fold {fold} not found in '{data}' or "
@@ -539,7 +547,8 @@ def _index_ucf101(root: Path, data: str, val_fraction: float, seed: int, fold: i
     for line, fields in _read_lines(class_file):
         if len(fields) != 2 or not fields[0].isdigit():
             raise DatasetError(
-                f"UCF101 classInd '{class_file}' line {line} reads {' '.join(fields)!r}, expected '<number> <ClassName>'; "
+                f"UCF101 classInd '{class_file}' line {line} reads {' '.join(fields)!r}, expected '<number> "
+                "<ClassName>'; "
                 f"restore the official classInd.txt."
             )
         by_number[int(fields[0])] = fields[1]
@@ -555,11 +564,13 @@ def _index_ucf101(root: Path, data: str, val_fraction: float, seed: int, fold: i
             parts = name.replace("\\", "/").split("/")
             if len(fields) > 2 or len(parts) < 2:
                 raise DatasetError(
-                    f"{where} reads {' '.join(fields)!r}, expected '<Class>/<clip>.avi [number]'; restore the official list."
+                    f"{where} reads {' '.join(fields)!r}, expected '<Class>/<clip>.avi [number]'; restore the official "
+                    "list."
                 )
             label = parts[-2]
             if label not in class_set:
-                raise DatasetError(f"{where} names class '{label}', which classInd.txt does not list; restore the official lists.")
+                raise DatasetError(f"{where} names class '{label}', which classInd.txt does not list; restore the "
+                                   "official lists.")
             if len(fields) == 2:
                 if not fields[1].isdigit() or by_number.get(int(fields[1])) != label:
                     raise DatasetError(
@@ -568,7 +579,8 @@ def _index_ucf101(root: Path, data: str, val_fraction: float, seed: int, fold: i
                     )
             entries.append(("/".join(parts), label, list_split))
     if not entries:
-        raise DatasetError(f"UCF101 lists for fold {fold} in '{data}' list no clips; restore the official ucfTrainTestlist files.")
+        raise DatasetError(f"UCF101 lists for fold {fold} in '{data}' list no clips; restore the official "
+                           "ucfTrainTestlist files.")
 
     video_root = _ucf_video_root(root, data, [e[0] for e in entries])
     seen: dict[str, str] = {}
@@ -577,7 +589,8 @@ def _index_ucf101(root: Path, data: str, val_fraction: float, seed: int, fold: i
         path, key = _inside(video_root, name, f"UCF101 fold {fold} lists")
         if key in seen:
             raise DatasetError(
-                f"UCF101 fold {fold} lists '{name}' twice ({seen[key]} and {list_split} list); restore the official lists."
+                f"UCF101 fold {fold} lists '{name}' twice ({seen[key]} and {list_split} list); restore the official "
+                "lists."
             )
         seen[key] = list_split
         resolved.append((path, key, label, list_split))
@@ -587,7 +600,8 @@ def _index_ucf101(root: Path, data: str, val_fraction: float, seed: int, fold: i
     for path, key, label, _ in train:
         match = _UCF_GROUP.search(path.name)
         groups.append(f"{label}/g{int(match.group(1)):02d}" if match else key)
-    train_splits = stratified_split([r[1] for r in train], [r[2] for r in train], val_fraction, 0.0, seed, groups=groups)
+    train_splits = stratified_split([r[1] for r in train], [r[2] for r in train], val_fraction, 0.0, seed,
+                                    groups=groups)
     split_of = {r[1]: s for r, s in zip(train, train_splits)}
     records = [
         Record(path=path, video=key, label=label, split=split_of.get(key, "test"))

@@ -53,7 +53,8 @@ def evaluate(run: str | Path = "models/latest", split: str = "test", cache: str 
     rows = index.rows(split)
     if not len(rows):
         present = ", ".join(sorted(set(index.splits.tolist())))
-        raise FeatpipeError(f"The cache '{cache_path}' has no clips in the '{split}' split (splits present: {present}).")
+        raise FeatpipeError(f"The cache '{cache_path}' has no clips in the '{split}' split (splits present: "
+                            f"{present}).")
     notes = []
     if split != "train":  # scoring the training split is asked for by name; any other split must be unseen
         if info.train_clips is None:
@@ -68,7 +69,8 @@ def evaluate(run: str | Path = "models/latest", split: str = "test", cache: str 
     check_finite(index, rows)
     probs = predict_rows(model, index, rows, batch_size)
     if not np.isfinite(probs).all():
-        raise FeatpipeError(f"The model produced NaN probabilities on '{cache_path}'; check the cache for NaN features.")
+        raise FeatpipeError(f"The model produced NaN probabilities on '{cache_path}'; check the cache for NaN "
+                            "features.")
     metrics = compute_metrics(index.labels[rows], probs, index.class_names)
     metrics.update(split=split, run=str(run_dir), cache=str(cache_path), warnings=notes)
     return metrics

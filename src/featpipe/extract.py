@@ -18,8 +18,18 @@ import numpy as np
 from featpipe._quiet import import_keras
 from featpipe._version import __version__
 from featpipe.backbones import PRECISIONS, WEIGHTS_IMAGENET, FeatureExtractor, check_size, get_backbone
-from featpipe.cache import (CacheConfig, CacheLock, CacheWriter, CannotWrite, ClipRecord, file_identity, parse_shard,
-                            shard_of, shard_path, summarize)
+from featpipe.cache import (
+    CacheConfig,
+    CacheLock,
+    CacheWriter,
+    CannotWrite,
+    ClipRecord,
+    file_identity,
+    parse_shard,
+    shard_of,
+    shard_path,
+    summarize,
+)
 from featpipe.datasets import Dataset, Record, index_dataset, repair_splits
 from featpipe.errors import CacheError, ExtractionFailed, FeatpipeError, OptionError
 from featpipe.names import DTYPES, ENGINES, SAMPLING  # noqa: F401  re-exported
@@ -112,7 +122,8 @@ class ExtractOptions:
             try:
                 parse_shard(self.shard)
             except FeatpipeError:
-                raise OptionError("shard", f"must look like I/N with 1 <= I <= N, e.g. 2/4; got {self.shard!r}.") from None
+                raise OptionError("shard", "must look like I/N with 1 <= I <= N, e.g. 2/4; got "
+                                           f"{self.shard!r}.") from None
         _validate_engine(self)
         self._check_memory(self.size or backbone.default_size)
 
@@ -132,8 +143,10 @@ class ExtractOptions:
         need = f"about {(clips_bytes + batch_bytes) / gib:.1f} GiB of memory, more than the {memory / gib:.1f} GiB"
         if clips_bytes >= batch_bytes:
             fit = int((memory - batch_bytes) // (window * frame))
-            raise OptionError("frames", f"of {self.frames} at {size} px with {window - 1} clips decoded ahead needs {need} "
-                                        f"this machine can spare; at most {max(fit, 0)} frames fit (or use fewer workers).")
+            raise OptionError("frames", f"of {self.frames} at {size} px with {window - 1} clips decoded ahead needs "
+                                        f"{need} "
+                                        f"this machine can spare; at most {max(fit, 0)} frames fit (or use fewer "
+                                        "workers).")
         fit = int((memory - clips_bytes) // (4 * frame * 4))
         raise OptionError("batch_size", f"of {batch} frames at {size} px needs {need} this machine can spare; "
                                         f"at most {max(fit, 0)} fit.")
@@ -171,7 +184,8 @@ class ExtractResult:
     infer_seconds: float = 0.0  # time inside backbone calls (the device busy, from the pipeline's side)
     starved_seconds: float = 0.0  # time the backbone waited for frames after its first batch (0 = never idle)
     n_dropped: int = 0  # rows dropped because their clip left the dataset (listed under stale/ in the cache)
-    notes: list[str] = field(default_factory=list)  # dropped rows, split repairs and split warnings (also in summary_lines)
+    # dropped rows, split repairs and split warnings (also in summary_lines)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def frames_per_second(self) -> float:
@@ -217,7 +231,8 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
         import_ray()  # before any work: without the extra, say how to install it
     started = time.perf_counter()
     # a shard takes the clips whose key hashes to it: the same split on every machine
-    records = [r for r in dataset.records if shard_of(r.video, shard[1]) == shard[0]] if shard else list(dataset.records)
+    records = ([r for r in dataset.records if shard_of(r.video, shard[1]) == shard[0]] if shard
+               else list(dataset.records))
     identities = {r.video: file_identity(r.path) for r in records}  # what each clip file is now
     with ExitStack() as stack:
         try:
@@ -278,13 +293,14 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
     seconds = time.perf_counter() - started
     summary = summarize(path)
     result = ExtractResult(path, summary.n_clips, stats.clips, n_skipped, stats.frames, seconds,
-                           failed=summary.failed, summary_lines=summary.lines() + notes, batch_size=extractor.batch_size,
-                           setup_seconds=setup_seconds,
+                           failed=summary.failed, summary_lines=summary.lines() + notes,
+                           batch_size=extractor.batch_size, setup_seconds=setup_seconds,
                            infer_seconds=stats.infer_seconds, starved_seconds=stats.starved_seconds,
                            n_dropped=writer.n_dropped, notes=notes)
     if summary.n_clips == 0 and (records or not shard):  # a tiny dataset may leave a shard no clip: not a failure
         raise ExtractionFailed(
-            f"No clip could be used ({len(summary.failed)} failed, e.g. {summary.failed[0][0]}: {summary.failed[0][1]}). "
+            f"No clip could be used ({len(summary.failed)} failed, e.g. {summary.failed[0][0]}: "
+            f"{summary.failed[0][1]}). "
             f"Check that the files are videos OpenCV can decode; the reasons are listed in '{path}' under failed/."
             if summary.failed else f"No clip was extracted into '{path}'."
         )

@@ -74,7 +74,8 @@ def _run_lines(path: Path) -> list[str]:
         f"dropout {head.get('dropout')}), trained {data.created or '?'} with featpipe {data.featpipe_version}, "
         f"keras {data.keras_version} ({data.keras_backend})",
         f"  classes ({len(data.class_names)}): {', '.join(data.class_names)}",
-        f"  preprocessing: backbone {pre.get('backbone')} ({pre.get('weights')}, fingerprint {pre.get('weights_fingerprint')}), "
+        f"  preprocessing: backbone {pre.get('backbone')} ({pre.get('weights')}, fingerprint "
+        f"{pre.get('weights_fingerprint')}), "
         f"input {pre.get('input_size')}px, {pre.get('frames')} frames ({pre.get('sampling')})",
         f"  cache: {data.cache} (fingerprint {data.cache_fingerprint}, {_cache_status(data)}); "
         f"validation: {data.validation}",

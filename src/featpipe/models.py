@@ -101,7 +101,8 @@ class HeadConfig:
         unknown = sorted(set(d) - set(_field_names()))
         if unknown:
             raise FeatpipeError(
-                f"Unknown head config key(s) {', '.join(map(str, unknown))}: allowed keys are {', '.join(_field_names())}."
+                f"Unknown head config key(s) {', '.join(map(str, unknown))}: allowed keys are "
+                f"{', '.join(_field_names())}."
             )
         return cls(**d)
 
@@ -473,7 +474,8 @@ def _transformer_stack(x, mask, config: HeadConfig):
             num_heads=config.num_heads, key_dim=key_dim, dropout=config.dropout, name=f"mha_{i}"
         )(x, x, attention_mask=attention_mask)
         attended = layers.Dropout(config.dropout, name=f"mha_dropout_{i}")(attended)
-        x = layers.LayerNormalization(epsilon=1e-6, name=f"mha_norm_{i}")(layers.Add(name=f"mha_add_{i}")([x, attended]))
+        x = layers.LayerNormalization(epsilon=1e-6, name=f"mha_norm_{i}")(
+            layers.Add(name=f"mha_add_{i}")([x, attended]))
         ff = layers.Dense(2 * config.units, activation="relu", name=f"ff_in_{i}")(x)
         ff = layers.Dense(config.units, name=f"ff_out_{i}")(ff)
         ff = layers.Dropout(config.dropout, name=f"ff_dropout_{i}")(ff)

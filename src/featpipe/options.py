@@ -92,4 +92,5 @@ def check_writable_parent(name: str, path, what: str = "output") -> None:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-        raise OptionError(name, f"names {what} '{path}', but '{probe}' is not writable; choose a folder you can write to.")
+        raise OptionError(name, f"names {what} '{path}', but '{probe}' is not writable; choose a folder you can write "
+                                "to.")

@@ -112,7 +112,8 @@ class Predictor:
                                           batch_size, precision)
         if self.extractor.fingerprint != pre["weights_fingerprint"]:
             raise BackboneError(
-                f"The {pre['backbone']} weights here (fingerprint {self.extractor.fingerprint}) are not the ones the run "
+                f"The {pre['backbone']} weights here (fingerprint {self.extractor.fingerprint}) are not the ones the "
+                "run "
                 f"was trained with ({pre['weights_fingerprint']}); use the same weights file or Keras weights version."
             )
 

@@ -126,8 +126,8 @@ class RunInfo:
                            f"Train again.")
         pre = data["preprocessing"]
         if not isinstance(pre, dict) or any(k not in pre for k in _PREPROCESSING_KEYS):
-            raise RunError(f"'{where}' is incomplete (its preprocessing lacks "
-                           f"{', '.join(k for k in _PREPROCESSING_KEYS if not isinstance(pre, dict) or k not in pre)}); "
+            lacking = ", ".join(k for k in _PREPROCESSING_KEYS if not isinstance(pre, dict) or k not in pre)
+            raise RunError(f"'{where}' is incomplete (its preprocessing lacks {lacking}); "
                            f"the run directory is damaged. Train again.")
         names = data["class_names"]
         if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
@@ -188,7 +188,8 @@ def _follow_latest(latest: Path) -> Path:
     except UnicodeDecodeError:
         text = None
     name = text.strip() if text is not None else ""
-    if text is None or not name or "\n" in name or len(raw) > 4096 or "/" in name or "\\" in name or name in (".", ".."):
+    if (text is None or not name or "\n" in name or len(raw) > 4096 or "/" in name or "\\" in name
+            or name in (".", "..")):
         raise RunError(f"'{latest}' does not name a run (it should hold one run directory's name); "
                        f"pass a run directory instead, or train again to rewrite it.")
     target = latest.parent / name

@@ -334,8 +334,8 @@ def _remove_owned(root: Path, marker: dict | None) -> None:
             path.unlink()
     folders = marker.get("folders") if marker else None
     if not isinstance(folders, list):  # a marker of featpipe <= 0.x: the folders of its files
-        folders = sorted({str(Path(rel).parent) for rel in files or [] if isinstance(rel, str) and _OWNED_FILE.match(rel)}
-                         | {rel.split("/")[0] for rel in files or [] if isinstance(rel, str) and _OWNED_FILE.match(rel)})
+        owned = [rel for rel in files or [] if isinstance(rel, str) and _OWNED_FILE.match(rel)]
+        folders = sorted({str(Path(rel).parent) for rel in owned} | {rel.split("/")[0] for rel in owned})
     for rel in sorted((f for f in folders if isinstance(f, str) and _OWNED_FOLDER.match(f)), key=len, reverse=True):
         path = root / rel
         if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):

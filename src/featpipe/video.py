@@ -302,7 +302,8 @@ def window_indices(n_total: int, frames: int, sampling: str = "uniform", windows
     return [start + sample_indices(int(end - start), frames, sampling) for start, end in zip(bounds[:-1], bounds[1:])]
 
 
-def read_windows(path: str | Path, frames: int, size: int, sampling: str = "uniform", windows: int = 1) -> list[ClipFrames]:
+def read_windows(path: str | Path, frames: int, size: int, sampling: str = "uniform",
+                 windows: int = 1) -> list[ClipFrames]:
     """Decode ``windows`` evenly spaced windows of a (long) clip in one sequential pass.
 
     Each window is a :class:`ClipFrames` of ``frames`` frames sampled with ``sampling`` inside
