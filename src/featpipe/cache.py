@@ -138,7 +138,8 @@ class CacheConfig:
         known = {k: attrs[k] for k in APPEND_KEYS if k in attrs}
         missing = [k for k in APPEND_KEYS if k not in attrs]
         if missing:
-            raise CacheError(f"The cache is missing the attribute(s) {', '.join(missing)}; it was not written by featpipe.")
+            raise CacheError(f"The cache is missing the attribute(s) {', '.join(missing)}; "
+                             "it was not written by featpipe.")
         extra = {k: v for k, v in attrs.items() if k not in APPEND_KEYS and k != "schema_version"}
         return cls(
             backbone=str(known["backbone"]),
@@ -475,7 +476,8 @@ class CacheSummary:
 
     def lines(self) -> list[str]:
         c = self.config
-        shard = f" (shard {_as_str(c.extra['shard'])}; combine the shards with `featpipe merge`)" if "shard" in c.extra else ""
+        shard = (f" (shard {_as_str(c.extra['shard'])}; combine the shards with `featpipe merge`)"
+                 if "shard" in c.extra else "")
         out = [
             f"Cache {self.path}{shard}: {self.n_clips} clips, {self.real_frames} real frames, {self.n_failed} failed",
             f"  backbone {c.backbone} ({c.weights}, fingerprint {c.weights_fingerprint}), input {c.input_size}px, "
@@ -759,7 +761,9 @@ class CacheWriter:
                     else:
                         jf.seek(handle.offset)
                         payload = jf.read(handle.length)
-                        row = _Row(np.frombuffer(payload[:feat_bytes], dtype=c.dtype).reshape(c.frames, *c.feature_shape),
+                        features = np.frombuffer(payload[:feat_bytes], dtype=c.dtype)
+                        features = features.reshape(c.frames, *c.feature_shape)
+                        row = _Row(features,
                                    np.frombuffer(payload[feat_bytes:], dtype=bool), int(handle.header["label"]),
                                    handle.header["split"], int(handle.header["n_frames"]))
                     size, mtime_ns = unknown(key)
@@ -892,8 +896,6 @@ def _write_temporary(path: Path, config: CacheConfig, keys: list[str], read_row:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     n, t = len(keys), c.frames
-    str_dt = h5py.string_dtype()
-    failed_keys = sorted(failed)
     try:
         with h5py.File(tmp, "w") as out:
             for k, v in c.attrs().items():
@@ -1311,7 +1313,8 @@ def _open_shard(stack: ExitStack, path: Path) -> _Shard:
     try:
         index, count = parse_shard(_as_str(spec))
     except FeatpipeError:
-        raise CacheError(f"'{path}' has a damaged shard attribute ({_as_str(spec)!r}); re-extract that shard.") from None
+        raise CacheError(f"'{path}' has a damaged shard attribute ({_as_str(spec)!r}); "
+                         "re-extract that shard.") from None
     return _Shard(path, f, config, index, count)
 
 
@@ -1328,7 +1331,8 @@ def _check_set(opened: list[_Shard], base: Path | None) -> list[_Shard]:
     by_index: dict[int, _Shard] = {}
     for s in opened:
         if s.index in by_index:
-            raise CacheError(f"'{by_index[s.index].path}' and '{s.path}' are both shard {s.index}/{n}; merge only one of them.")
+            raise CacheError(f"'{by_index[s.index].path}' and '{s.path}' are both shard {s.index}/{n}; "
+                             "merge only one of them.")
         by_index[s.index] = s
     missing = [i for i in range(1, n + 1) if i not in by_index]
     if missing:
