@@ -60,7 +60,7 @@ def test_training_writes_a_complete_self_describing_run_directory(small_cache, t
         for key in ("backbone", "weights", "weights_fingerprint", "input_size", "frames", "sampling"):
             assert info["preprocessing"][key] == np.asarray(f.attrs[key]).tolist(), key
         assert info["class_names"] == list(f.attrs["class_names"])
-    assert info["config"]["rnn"] == "gru" and info["head"]["head"] == "gru"
+    assert info["config"]["head"] == "gru" and info["head"]["head"] == "gru"
     assert info["cache"] == str(small_cache.resolve()) and len(info["cache_fingerprint"]) == 16
     assert set(info["metrics"]) == {"val", "test"} and 0 <= info["metrics"]["test"]["accuracy"] <= 1
     assert run.name.startswith("vgg16-gru-")

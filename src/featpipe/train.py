@@ -275,7 +275,7 @@ def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
     keras = import_keras()
 
     from featpipe import runs
-    from featpipe.data import H5Batches
+    from featpipe.batches import H5Batches, streaming_allocator
     from featpipe.models import HeadConfig, build_model
 
     started = time.perf_counter()
@@ -349,13 +349,15 @@ def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
     interrupted = None  # the KeyboardInterrupt (or Terminated) that stopped training
     history_rows: list[dict] = []
     try:
-        hist = model.fit(epochs=opts.epochs, callbacks=callbacks, verbose=0 if opts.quiet else 2, **fit_data)
+        with streaming_allocator(streamed) as allocator_callbacks:
+            hist = model.fit(epochs=opts.epochs, callbacks=callbacks + allocator_callbacks,
+                             verbose=0 if opts.quiet else 2, **fit_data)
         history_rows = [dict(zip(hist.history, vals)) for vals in zip(*hist.history.values())]
     except KeyboardInterrupt as exc:
         interrupted = exc
     finally:
         for data in (fit_data["x"], fit_data["validation_data"]):
-            if hasattr(data, "close"):  # streamed: close the file, drop the windows, restore malloc settings
+            if isinstance(data, H5Batches):  # streamed: close the file, drop the windows
                 data.close()
     if not model_path.exists():
         if interrupted is not None:
