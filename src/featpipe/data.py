@@ -90,7 +90,8 @@ def open_index(path: str | Path) -> CacheIndex:
         config = CacheConfig.from_attrs(dict(f.attrs))
         for name in ("features", "mask", "label", "split", "video"):
             if name not in f:
-                raise CacheError(f"'{path}' has no '{name}' dataset; it is not a complete featpipe cache. Re-run `featpipe extract`.")
+                raise CacheError(f"'{path}' has no '{name}' dataset; it is not a complete featpipe cache. "
+                                 "Re-run `featpipe extract`.")
         features = f["features"]
         index = CacheIndex(
             path=path, config=config, labels=f["label"][:].astype(np.int64), splits=f["split"].asstr()[:].astype(str),
@@ -122,7 +123,7 @@ def _scan(path: Path, rows: np.ndarray):
     """Yield (rows, features float32, mask) in file order, _SCAN_ROWS at a time."""
     rows = np.sort(rows)
     with open_h5(path) as f:
-        feats, masks = f["features"], f["mask"]
+        masks = f["mask"]
         for start in range(0, len(rows), _SCAN_ROWS):
             block = rows[start:start + _SCAN_ROWS]
             lo, hi = int(block[0]), int(block[-1]) + 1
@@ -150,7 +151,8 @@ def check_finite(index: CacheIndex, rows: np.ndarray) -> None:
         _refuse_non_finite(index, block, x)
 
 
-def feature_stats(index: CacheIndex, rows: np.ndarray, check: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def feature_stats(index: CacheIndex, rows: np.ndarray,
+                  check: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and variance over the REAL (unmasked) frames of ``rows``, in float64.
 
     With ``check``, the same single pass over ``rows`` and ``check`` also refuses NaN or infinite
