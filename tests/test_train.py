@@ -53,7 +53,8 @@ def synthetic_cache(path: Path, splits=("train", "val", "test"), classes=("a", "
 def test_training_writes_a_complete_self_describing_run_directory(small_cache, tmp_path):
     result = train(cache=small_cache, rnn="gru", models_dir=tmp_path / "models", **FAST)
     run = result.run_dir
-    for name in ("model.keras", "run.json", "history.csv", "curves.png", "confusion_matrix.png", "report.json", "report.txt"):
+    for name in ("model.keras", "run.json", "history.csv", "curves.png", "confusion_matrix.png", "report.json",
+                 "report.txt"):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     info = json.loads((run / "run.json").read_text())
     with h5py.File(small_cache, "r") as f:
