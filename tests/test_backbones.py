@@ -38,13 +38,16 @@ def test_every_backbone_gives_finite_features_of_its_declared_dimension(name):
     assert np.abs(feats[0] - feats[1]).max() > 1e-3 * (np.abs(feats).max() + 1e-12)
 
 
-def test_native_sizes_and_dimensions_match_keras_applications():
-    assert (REGISTRY["inceptionv3"].default_size, REGISTRY["inceptionv3"].feature_dim) == (299, 2048)
-    assert (REGISTRY["vgg16"].default_size, REGISTRY["vgg16"].feature_dim) == (224, 512)
-    assert (REGISTRY["resnet50"].default_size, REGISTRY["resnet50"].feature_dim) == (224, 2048)
-    assert REGISTRY["efficientnetb0"].default_size == 224
-    assert (REGISTRY["efficientnetb7"].default_size, REGISTRY["efficientnetb7"].feature_dim) == (600, 2560)
-    assert sorted(REGISTRY) == sorted(["inceptionv3", "vgg16", "resnet50", "raw"] + [f"efficientnetb{i}" for i in range(8)])
+@pytest.mark.parametrize("name", ["vgg16", "efficientnetb0"])
+def test_feature_dimension_is_what_keras_applications_pools(name):
+    """Checked against keras.applications itself (random weights, small input), not against copied literals."""
+    import keras
+
+    b = REGISTRY[name]
+    net = getattr(keras.applications, b.constructor)(include_top=False, pooling="avg", weights=None,
+                                                     input_shape=(b.min_size, b.min_size, 3))
+    assert net.output_shape == (None, b.feature_dim)
+    assert b.min_size <= b.default_size
 
 
 def test_raw_entry_stores_the_frames_themselves_as_uint8():

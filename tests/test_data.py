@@ -8,9 +8,9 @@ import h5py
 import numpy as np
 import pytest
 
+from featpipe.batches import H5Batches
 from featpipe.cache import CacheConfig, CacheWriter, ClipRecord
 from featpipe.data import (
-    H5Batches,
     cache_fingerprint,
     check_finite,
     choose_stream,
@@ -274,25 +274,31 @@ def test_sample_weights_follow_their_rows_and_the_dataset_pickles(tmp_path):
     seq.close()
 
 
-def test_streaming_sets_malloc_thresholds_while_reading_and_gives_them_back_on_close(tmp_path, monkeypatch):
-    """On TensorFlow+glibc, undo the 128 KiB mmap threshold that tf.data's generator op pins (see data.py)."""
-    import featpipe.data as data
+def test_streaming_allocator_undoes_tensorflows_pin_during_fit_and_restores_it_after(monkeypatch):
+    """On TensorFlow+glibc, streaming undoes the 128 KiB mmap threshold tf.data's generator op pins (see batches.py)."""
+    import featpipe.batches as batches
 
-    calls = []
-    monkeypatch.setattr(data, "_mallopt", lambda param, value: calls.append((param, value)) or 1)
-    path = make_cache(tmp_path / "c.h5", n=20)
-    idx = open_index(path)
-    seq = H5Batches(path, np.arange(20), idx.labels, batch_size=4, window_batches=2)
-    assert calls == []
-    seq[0]
-    assert calls == [(-3, data.MALLOC_THRESHOLDS[0]), (-1, data.MALLOC_THRESHOLDS[1])]
-    seq.close()
-    assert calls[2:] == [(-3, 128 << 10), (-1, 128 << 10)]
-    monkeypatch.setattr(data, "_mallopt", False)  # not TensorFlow, or not glibc: nothing is touched
-    seq = H5Batches(path, np.arange(20), idx.labels, batch_size=4)
-    seq[0]
-    seq.close()
-    assert len(calls) == 4
+    state = {}  # glibc's thresholds as the fake mallopt leaves them: parameter -> value
+
+    def fake_mallopt(param, value):
+        state[param] = value
+        return 1
+
+    monkeypatch.setattr(batches, "_mallopt", lambda: fake_mallopt)
+    mmap, trim = -3, -1
+    with batches.streaming_allocator() as callbacks:
+        assert (state[mmap], state[trim]) == batches.MALLOC_THRESHOLDS
+        state[mmap] = 128 << 10  # TensorFlow starts a generator op (a new epoch) and pins its threshold again
+        for callback in callbacks:
+            callback.on_train_batch_begin(0)
+        assert (state[mmap], state[trim]) == batches.MALLOC_THRESHOLDS
+    assert (state[mmap], state[trim]) == batches.TF_MALLOC  # given back after fit
+    with pytest.raises(KeyboardInterrupt), batches.streaming_allocator():
+        raise KeyboardInterrupt  # Ctrl-C during fit gives it back too
+    assert (state[mmap], state[trim]) == batches.TF_MALLOC
+    state.clear()
+    with batches.streaming_allocator(enabled=False) as callbacks:  # in memory: nothing is touched
+        assert callbacks == [] and state == {}
 
 
 def test_fitting_from_the_stream_is_deterministic_for_a_seed(tmp_path):

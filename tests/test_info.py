@@ -8,9 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 import featpipe
+from featpipe.batches import H5Batches
 from featpipe.cache import DamagedCacheError, verify_cache
 from featpipe.cli import app
-from featpipe.data import H5Batches, feature_stats, load_rows, open_index
+from featpipe.data import feature_stats, load_rows, open_index
 from featpipe.errors import CacheError
 from test_data import make_cache  # a small cache written through the real writer
 

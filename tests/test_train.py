@@ -53,14 +53,15 @@ def synthetic_cache(path: Path, splits=("train", "val", "test"), classes=("a", "
 def test_training_writes_a_complete_self_describing_run_directory(small_cache, tmp_path):
     result = train(cache=small_cache, rnn="gru", models_dir=tmp_path / "models", **FAST)
     run = result.run_dir
-    for name in ("model.keras", "run.json", "history.csv", "curves.png", "confusion_matrix.png", "report.json", "report.txt"):
+    for name in ("model.keras", "run.json", "history.csv", "curves.png", "confusion_matrix.png", "report.json",
+                 "report.txt"):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     info = json.loads((run / "run.json").read_text())
     with h5py.File(small_cache, "r") as f:
         for key in ("backbone", "weights", "weights_fingerprint", "input_size", "frames", "sampling"):
             assert info["preprocessing"][key] == np.asarray(f.attrs[key]).tolist(), key
         assert info["class_names"] == list(f.attrs["class_names"])
-    assert info["config"]["rnn"] == "gru" and info["head"]["head"] == "gru"
+    assert info["config"]["head"] == "gru" and info["head"]["head"] == "gru"
     assert info["cache"] == str(small_cache.resolve()) and len(info["cache_fingerprint"]) == 16
     assert set(info["metrics"]) == {"val", "test"} and 0 <= info["metrics"]["test"]["accuracy"] <= 1
     assert run.name.startswith("vgg16-gru-")

@@ -3,7 +3,7 @@
 Two ways to feed a model, chosen automatically from the cache size (``--in-memory`` /
 ``--stream`` override):
   * in memory: the rows of a split are read once into float32 arrays;
-  * streaming: a ``keras.utils.PyDataset`` (:data:`H5Batches`) reads windows of a few batches
+  * streaming: a ``keras.utils.PyDataset`` (:class:`featpipe.batches.H5Batches`) reads windows of a few batches
     from HDF5 in large reads (shuffled blocks of neighbouring rows, shuffled again inside each
     window, a new order every epoch), so the features never need to fit in RAM.
 Both yield the same inputs: ``{"features": (B, T, *F), "mask": (B, T) bool}``, features float32
@@ -14,11 +14,7 @@ input casts float16 to exactly the values held in memory, faster than NumPy does
 from __future__ import annotations
 
 import hashlib
-import math
 import os
-import sys
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +90,8 @@ def open_index(path: str | Path) -> CacheIndex:
         config = CacheConfig.from_attrs(dict(f.attrs))
         for name in ("features", "mask", "label", "split", "video"):
             if name not in f:
-                raise CacheError(f"'{path}' has no '{name}' dataset; it is not a complete featpipe cache. Re-run `featpipe extract`.")
+                raise CacheError(f"'{path}' has no '{name}' dataset; it is not a complete featpipe cache. "
+                                 "Re-run `featpipe extract`.")
         features = f["features"]
         index = CacheIndex(
             path=path, config=config, labels=f["label"][:].astype(np.int64), splits=f["split"].asstr()[:].astype(str),
@@ -126,7 +123,7 @@ def _scan(path: Path, rows: np.ndarray):
     """Yield (rows, features float32, mask) in file order, _SCAN_ROWS at a time."""
     rows = np.sort(rows)
     with open_h5(path) as f:
-        feats, masks = f["features"], f["mask"]
+        masks = f["mask"]
         for start in range(0, len(rows), _SCAN_ROWS):
             block = rows[start:start + _SCAN_ROWS]
             lo, hi = int(block[0]), int(block[-1]) + 1
@@ -154,7 +151,8 @@ def check_finite(index: CacheIndex, rows: np.ndarray) -> None:
         _refuse_non_finite(index, block, x)
 
 
-def feature_stats(index: CacheIndex, rows: np.ndarray, check: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def feature_stats(index: CacheIndex, rows: np.ndarray,
+                  check: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and variance over the REAL (unmasked) frames of ``rows``, in float64.
 
     With ``check``, the same single pass over ``rows`` and ``check`` also refuses NaN or infinite
@@ -200,238 +198,6 @@ def load_rows(index: CacheIndex, rows: np.ndarray) -> tuple[dict, np.ndarray]:
 
 def _row_shape(index: CacheIndex) -> tuple[int, ...]:
     return (index.config.frames, *index.config.feature_shape)
-
-
-# glibc malloc thresholds (mmap, trim) while streaming on TensorFlow; see _streaming_malloc.
-MALLOC_THRESHOLDS = (8 << 20, 16 << 20)
-_TF_MALLOC = (128 << 10, 128 << 10)  # what TensorFlow's generator op pins (mmap); glibc's default (trim)
-_mallopt = None
-
-
-def _mallopt_fn():
-    """glibc's ``mallopt`` when Keras runs on TensorFlow under Linux, else None (looked up once)."""
-    global _mallopt
-    if _mallopt is None:
-        _mallopt = False
-        if sys.platform.startswith("linux") and sys.modules.get("tensorflow") is not None:
-            try:
-                import ctypes
-
-                import keras
-
-                if keras.backend.backend() == "tensorflow":
-                    fn = ctypes.CDLL(None).mallopt
-                    fn.argtypes, fn.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-                    _mallopt = fn
-            except (OSError, AttributeError, ImportError):
-                pass
-    return _mallopt or None
-
-
-def _streaming_malloc(on: bool) -> bool:
-    """Undo (``on``) or put back TensorFlow's pinning of glibc's mmap threshold at 128 KiB.
-
-    Keras feeds a PyDataset to TensorFlow through ``tf.data.Dataset.from_generator``, whose op calls
-    ``mallopt(M_MMAP_THRESHOLD, 128 KiB)`` (a mitigation for a Python 3.11 leak). From then on every
-    tensor of 128 KiB or more in the training step (gradients, activations, the batch) is a fresh
-    ``mmap``, page-faulted in and unmapped again: on bench/train_bench.py that was 8.7 million page
-    faults and more than twice the CPU time per epoch (13.5 s instead of 6). The in-memory path never
-    creates that op. An 8 MiB mmap threshold and 16 MiB trim threshold let glibc's arenas reuse that
-    memory (0.46 million faults); larger values cost more peak memory for no more speed, and smaller
-    trim thresholds bring the faults back. Returns whether anything was set (TensorFlow on glibc).
-    """
-    fn = _mallopt_fn()
-    if fn is None or MALLOC_THRESHOLDS is None:
-        return False
-    mmap_threshold, trim_threshold = MALLOC_THRESHOLDS if on else _TF_MALLOC
-    fn(-3, mmap_threshold)  # M_MMAP_THRESHOLD
-    fn(-1, trim_threshold)  # M_TRIM_THRESHOLD
-    return True
-
-
-class _H5BatchesImpl:
-    """Batches read straight from the HDF5 cache, with few large reads and bounded memory.
-
-    Rows are served in ``self._order`` (positions into ``rows``): the given order, or with
-    ``shuffle`` a new permutation every epoch built for reading speed ("shuffled chunk order"):
-
-      1. the rows, in file order, are cut into blocks of ``block_rows`` neighbours, at a random
-         offset each epoch (so the blocks differ from epoch to epoch);
-      2. the order of the blocks is shuffled;
-      3. the rows inside each window of ``window_batches`` batches are shuffled.
-
-    Every row is served exactly once per epoch, and a batch mixes rows from about
-    ``window_batches * batch_size / block_rows`` places in the file. A window is read once, with
-    one HDF5 read per run of neighbouring rows (instead of one read per row), kept in the file's
-    dtype, and its batches are gathered from it and converted to ``dtype``. At most
-    ``max_windows`` windows are held, so memory is bounded by ``max_windows * window_batches *
-    batch_size`` rows whatever the cache size (plus the batches Keras queues).
-
-    The order is a function of ``seed`` and the epoch alone, so batches are the same whichever
-    worker thread reads them. Keras must not reorder the batches: fit with ``shuffle=False``
-    (reordering stays correct, only slower, since windows are then re-read).
-    The public name ``H5Batches`` is this class mixed into ``keras.utils.PyDataset``, created on
-    first use so that importing featpipe does not import Keras.
-    """
-
-    MAX_GAP = 2  # rows between two wanted rows that are read and dropped rather than split into two reads
-
-    def __init__(self, path: str | Path, rows: np.ndarray, labels: np.ndarray, batch_size: int,
-                 shuffle: bool = False, seed: int = 0, sample_weight: np.ndarray | None = None,
-                 block_rows: int = 16, window_batches: int = 8, max_windows: int = 2,
-                 dtype: str | None = "float32", **kwargs):
-        super().__init__(**kwargs)
-        self.path = Path(path)
-        self.rows = np.asarray(rows, dtype=np.int64)
-        self.labels = np.asarray(labels)
-        self.batch_size = int(batch_size)
-        self.shuffle = shuffle
-        self.sample_weight = None if sample_weight is None else np.asarray(sample_weight)
-        self.block_rows = max(1, int(block_rows))
-        self.window_rows = self.batch_size * max(1, int(window_batches))
-        self.max_windows = max(1, int(max_windows))
-        self.dtype = None if dtype is None else np.dtype(dtype)
-        self._by_file = np.argsort(self.rows, kind="stable")
-        self._rng = np.random.default_rng(seed)
-        self._init_state()
-        with open_h5(self.path) as f:
-            self._masks = f["mask"][()].astype(bool)[self.rows] if len(self.rows) else np.zeros((0, 0), bool)
-        self._epoch = 0
-        self._order = self._plan()
-        self._malloc_set = False
-
-    def _init_state(self) -> None:
-        self._file = None
-        self._lock = threading.Lock()
-        self._window_locks: dict = {}
-        self._windows: OrderedDict = OrderedDict()  # (epoch, window) -> (features, where)
-
-    def __getstate__(self):  # for use_multiprocessing: locks, the open file and the windows stay behind
-        state = self.__dict__.copy()
-        for key in ("_file", "_lock", "_window_locks", "_windows"):
-            state.pop(key, None)
-        return state
-
-    def __setstate__(self, state) -> None:
-        self.__dict__.update(state)
-        self._init_state()
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.rows) / self.batch_size)
-
-    @property
-    def held_rows(self) -> int:
-        """Rows of features held in memory right now (the windows cached)."""
-        with self._lock:
-            return sum(len(x) for x, _ in self._windows.values())
-
-    def _plan(self) -> np.ndarray:
-        """This epoch's order: positions into ``rows`` (see the class docstring)."""
-        n = len(self.rows)
-        if not self.shuffle or n == 0:
-            return np.arange(n)
-        b = self.block_rows
-        offset = int(self._rng.integers(b)) if n > b else 0
-        blocks = np.split(self._by_file, np.arange(offset or b, n, b))
-        order = np.concatenate([blocks[k] for k in self._rng.permutation(len(blocks))])
-        for start in range(0, n, self.window_rows):
-            self._rng.shuffle(order[start:start + self.window_rows])
-        return order
-
-    def _h5(self):
-        if self._file is None:
-            self._file = open_h5(self.path)
-        return self._file
-
-    def _read_window(self, w: int):
-        """Window ``w``'s rows in file order (file dtype), and where each entry of the window lies in it."""
-        # once per window (TensorFlow pins the threshold when the epoch's generator op is created)
-        self._malloc_set = _streaming_malloc(True) or self._malloc_set
-        rows = self.rows[self._order[w * self.window_rows:(w + 1) * self.window_rows]]
-        by_file = np.argsort(rows, kind="stable")
-        wanted = rows[by_file]
-        with self._lock:
-            h5 = self._h5()
-            feats = h5["features"]
-        x = np.empty((len(wanted), *feats.shape[1:]), dtype=feats.dtype)
-        cuts = np.flatnonzero(np.diff(wanted) > 1 + self.MAX_GAP) + 1
-        for start, end in zip((0, *cuts), (*cuts, len(wanted))):
-            lo, hi = int(wanted[start]), int(wanted[end - 1]) + 1
-            if hi - lo == end - start:  # neighbours: straight into place
-                read_features(h5, self.path, np.s_[lo:hi], out=x, dest_sel=np.s_[start:end])
-            else:  # small gaps (rows of other splits) or repeats: read the span, keep the wanted rows
-                x[start:end] = read_features(h5, self.path, np.s_[lo:hi])[wanted[start:end] - lo]
-        where = np.empty(len(rows), dtype=np.int64)
-        where[by_file] = np.arange(len(rows))
-        return x, where
-
-    def _window(self, w: int):
-        key = (self._epoch, w)
-        with self._lock:
-            if key in self._windows:
-                self._windows.move_to_end(key)
-                return self._windows[key]
-            lock = self._window_locks.setdefault(key, threading.Lock())
-        with lock:  # one thread reads a window; the others wanting it wait for it
-            with self._lock:
-                hit = self._windows.get(key)
-            if hit is None:
-                hit = self._read_window(w)
-                with self._lock:
-                    self._windows[key] = hit
-                    while len(self._windows) > self.max_windows:
-                        old, _ = self._windows.popitem(last=False)
-                        self._window_locks.pop(old, None)
-            return hit
-
-    def __getitem__(self, i: int):
-        if not 0 <= i < len(self):
-            raise IndexError(f"batch {i} out of range ({len(self)} batches)")
-        start = i * self.batch_size
-        pick = self._order[start:start + self.batch_size]
-        w, k = divmod(start, self.window_rows)
-        x, where = self._window(w)
-        x = x[where[k:k + len(pick)]]
-        if self.dtype is not None and x.dtype != self.dtype:
-            x = x.astype(self.dtype)
-        inputs = {"features": x, "mask": self._masks[pick]}
-        y = self.labels[pick]
-        if self.sample_weight is not None:
-            return inputs, y, self.sample_weight[pick]
-        return inputs, y
-
-    def on_epoch_end(self) -> None:
-        with self._lock:
-            self._windows.clear()
-            self._window_locks.clear()
-        if self.shuffle:
-            self._epoch += 1
-            self._order = self._plan()
-
-    def close(self) -> None:
-        """Close the file, drop the windows, and give TensorFlow's malloc setting back."""
-        with self._lock:
-            self._windows.clear()
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-        if self._malloc_set:
-            _streaming_malloc(False)
-            self._malloc_set = False
-
-
-_H5_BATCHES = None
-
-
-def __getattr__(name: str):
-    if name == "H5Batches":
-        global _H5_BATCHES
-        if _H5_BATCHES is None:
-            import keras
-
-            _H5_BATCHES = type("H5Batches", (_H5BatchesImpl, keras.utils.PyDataset), {"__module__": __name__})
-        return _H5_BATCHES
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -128,8 +128,8 @@ class TrainOptions:
 
 
 # What `train --head gru|lstm|bilstm` uses unless told otherwise: measured on the hard sample set with 20
-# train clips per class (README, "Defaults for few clips"): alone, the recurrent path overfits (0.81-0.84 test accuracy);
-# these bring gru and lstm to the segments head's 0.96. Other heads default to none of them.
+# train clips per class (README, "Defaults for few clips"): alone, the recurrent path overfits (0.81-0.84 test
+# accuracy); these bring gru and lstm to the segments head's 0.96. Other heads default to none of them.
 RECURRENT_DEFAULTS = {"bottleneck": 32, "input_dropout": 0.2, "weight_decay": 0.01, "shortcut": 4}
 
 
@@ -186,15 +186,18 @@ def _check_not_a_shard(cache: Path, allow: bool) -> None:
 
 def _validate(opts: TrainOptions, index: CacheIndex) -> dict[str, np.ndarray]:
     if len(index.class_names) < 2:
-        raise FeatpipeError(f"'{index.path}' has a single class ({index.class_names[0]}); a classifier needs at least two.")
+        raise FeatpipeError(f"'{index.path}' has a single class ({index.class_names[0]}); "
+                            "a classifier needs at least two.")
     splits = {s: index.rows(s) for s in SPLITS}
     if not len(splits["train"]):
         present = ", ".join(sorted(set(index.splits))) or "none"
-        raise FeatpipeError(f"'{index.path}' has no train split (splits present: {present}); re-extract with a train split.")
+        raise FeatpipeError(f"'{index.path}' has no train split (splits present: {present}); "
+                            "re-extract with a train split.")
     train_classes = set(index.labels[splits["train"]].tolist())
     if len(train_classes) < 2:
         only = index.class_names[next(iter(train_classes))]
-        raise FeatpipeError(f"The train split of '{index.path}' holds only the class '{only}'; training needs at least two.")
+        raise FeatpipeError(f"The train split of '{index.path}' holds only the class '{only}'; "
+                            "training needs at least two.")
     return splits
 
 
@@ -271,12 +274,30 @@ def train(opts: TrainOptions | None = None, **kwargs) -> TrainResult:
         raise
 
 
-def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
-    keras = import_keras()
+@dataclass
+class _Splits:
+    """The rows a run trains on, validates on and tests on."""
 
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    val_source: str  # how the validation rows were chosen, for run.json
+
+
+@dataclass
+class _Fit:
+    """What fitting left behind: the best model (as predict will load it) and its history."""
+
+    model: object
+    history: list[dict]
+    best_epoch: int
+    streamed: bool
+    interrupted: KeyboardInterrupt | None  # the KeyboardInterrupt (or Terminated) that stopped training
+
+
+def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
+    """Phases: choose the splits, build the model, fit it into a hidden run folder, write and publish the run."""
     from featpipe import runs
-    from featpipe.data import H5Batches
-    from featpipe.models import HeadConfig, build_model
 
     started = time.perf_counter()
     cache = resolve_cache(opts.cache, opts.cache_dir)
@@ -284,6 +305,17 @@ def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
     if opts.out:
         runs.check_destination(Path(opts.out), opts.force)
     index = open_index(cache)
+    splits = _choose_splits(opts, index)
+    model, head = _build(opts, index, splits.train)
+    dest = Path(opts.out) if opts.out else _unique(Path(opts.models_dir) / _run_name(index, opts.head))
+    fingerprint = cache_fingerprint(cache)  # of the cache as trained on, before anything can change it
+    run_dir = runs.make_temp_dir(dest)  # written here, renamed to dest when complete
+    temp_dirs.append(run_dir)
+    fit = _fit(model, opts, index, splits, run_dir)
+    return _write_run(opts, index, splits, head, fit, run_dir, dest, fingerprint, started)
+
+
+def _choose_splits(opts: TrainOptions, index: CacheIndex) -> _Splits:
     splits = _validate(opts, index)
     train_rows, val_rows = splits["train"], splits["val"]
     val_source = "val split"
@@ -291,10 +323,20 @@ def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
         train_rows, val_rows = _holdout(index, train_rows, opts.val_fraction, opts.seed)
         val_source = f"stratified {opts.val_fraction:.0%} hold-out of train (seed {opts.seed})"
         if not len(val_rows):
-            raise FeatpipeError("The train split is too small to hold out validation clips; add a val split to the cache.")
+            raise FeatpipeError("The train split is too small to hold out validation clips; "
+                                "add a val split to the cache.")
+    return _Splits(train_rows, val_rows, splits["test"], val_source)
+
+
+def _build(opts: TrainOptions, index: CacheIndex, train_rows: np.ndarray):
+    """The compiled model, with the train split's statistics inside; and its HeadConfig."""
+    keras = import_keras()
+
+    from featpipe.models import HeadConfig, build_model
+
     frames = _check_frames(opts, index)
-    head = HeadConfig(head=opts.head, units=opts.units, layers=opts.layers, dropout=opts.dropout, num_heads=opts.num_heads,
-                      segments=opts.segments, bottleneck=opts.bottleneck, pca=opts.pca,
+    head = HeadConfig(head=opts.head, units=opts.units, layers=opts.layers, dropout=opts.dropout,
+                      num_heads=opts.num_heads, segments=opts.segments, bottleneck=opts.bottleneck, pca=opts.pca,
                       input_dropout=opts.input_dropout, frames=frames, pooled_steps=opts.pooled_steps,
                       shortcut=opts.shortcut)
     raw_frames = len(index.config.feature_shape) == 3
@@ -305,21 +347,28 @@ def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
     else:  # one pass: statistics of the train split's real frames, and no NaN anywhere
         mean, var = feature_stats(index, train_rows, check=everything)
     keras.utils.set_random_seed(opts.seed)
-    n_classes = len(index.class_names)
     projection = None
     if opts.pca and not raw_frames:
         from featpipe.data import pca_whitening
 
         projection = pca_whitening(index, train_rows, mean, var, opts.pca)
-    model = build_model(head, index.config.feature_shape, n_classes, mean, var, pca=projection, seed=opts.seed)
+    model = build_model(head, index.config.feature_shape, len(index.class_names), mean, var, pca=projection,
+                        seed=opts.seed)
     compile_model(model, opts)
+    return model, head
 
-    dest = Path(opts.out) if opts.out else _unique(Path(opts.models_dir) / _run_name(index, opts.head))
-    fingerprint = cache_fingerprint(cache)  # of the cache as trained on, before anything can change it
-    run_dir = runs.make_temp_dir(dest)  # written here, renamed to dest when complete
-    temp_dirs.append(run_dir)
+
+def _fit(model, opts: TrainOptions, index: CacheIndex, splits: _Splits, run_dir: Path) -> _Fit:
+    """Fit, checkpointing the best epoch into ``run_dir``; Ctrl-C or SIGTERM keeps what was reached."""
+    keras = import_keras()
+
+    from featpipe import runs
+    from featpipe.batches import H5Batches, streaming_allocator
+
+    train_rows, val_rows = splits.train, splits.val
     model_path = run_dir / runs.MODEL_FILE
     streamed = choose_stream(index, opts.stream)
+    n_classes = len(index.class_names)
     weights = _class_weights(index.labels[train_rows], n_classes) if opts.class_weight == "balanced" else None
     callbacks = [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=opts.patience, restore_best_weights=True),
@@ -332,12 +381,12 @@ def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
         # epoch when validation_data is a PyDataset (measured in bench/train_bench.py).
         val_bytes = len(val_rows) * index.features_nbytes_f32 // max(len(index.labels), 1)
         validation = (load_rows(index, val_rows) if val_bytes <= IN_MEMORY_FRACTION * physical_memory()
-                      else H5Batches(cache, val_rows, index.labels[val_rows], opts.batch_size, dtype=None))
+                      else H5Batches(index.path, val_rows, index.labels[val_rows], opts.batch_size, dtype=None))
         # H5Batches shuffles itself (shuffled blocks of neighbouring rows, read a window of batches at a time),
         # so Keras must keep its batch order (shuffle=False). Features come in the cache's dtype: the model's
         # float32 input casts them, the same values as in memory, and a float16 cache skips a slow NumPy cast.
         # Two reader threads (h5py reads release the GIL) are enough for a few large reads per window.
-        fit_data = dict(x=H5Batches(cache, train_rows, index.labels[train_rows], opts.batch_size, shuffle=True,
+        fit_data = dict(x=H5Batches(index.path, train_rows, index.labels[train_rows], opts.batch_size, shuffle=True,
                                     seed=opts.seed, sample_weight=sw, dtype=None, workers=2,
                                     use_multiprocessing=False, max_queue_size=16),
                         validation_data=validation, shuffle=False)
@@ -346,16 +395,18 @@ def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
         x_val, y_val = load_rows(index, val_rows)
         fit_data = dict(x=x_train, y=y_train, validation_data=(x_val, y_val), batch_size=opts.batch_size, shuffle=True,
                         sample_weight=weights[y_train] if weights is not None else None)
-    interrupted = None  # the KeyboardInterrupt (or Terminated) that stopped training
+    interrupted = None
     history_rows: list[dict] = []
     try:
-        hist = model.fit(epochs=opts.epochs, callbacks=callbacks, verbose=0 if opts.quiet else 2, **fit_data)
+        with streaming_allocator(streamed) as allocator_callbacks:
+            hist = model.fit(epochs=opts.epochs, callbacks=callbacks + allocator_callbacks,
+                             verbose=0 if opts.quiet else 2, **fit_data)
         history_rows = [dict(zip(hist.history, vals)) for vals in zip(*hist.history.values())]
     except KeyboardInterrupt as exc:
         interrupted = exc
     finally:
         for data in (fit_data["x"], fit_data["validation_data"]):
-            if hasattr(data, "close"):  # streamed: close the file, drop the windows, restore malloc settings
+            if isinstance(data, H5Batches):  # streamed: close the file, drop the windows
                 data.close()
     if not model_path.exists():
         if interrupted is not None:
@@ -364,28 +415,38 @@ def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
     model = keras.saving.load_model(model_path)  # the best checkpoint, exactly as predict will load it
     history = _read_history(run_dir / "history.csv") or history_rows
     best_epoch = int(np.argmin([h["val_loss"] for h in history])) + 1 if history else 0
+    return _Fit(model, history, best_epoch, streamed, interrupted)
 
+
+def _write_run(opts: TrainOptions, index: CacheIndex, splits: _Splits, head, fit: _Fit, run_dir: Path, dest: Path,
+               fingerprint: str, started: float) -> TrainResult:
+    """Reports, plots and run.json into ``run_dir`` (run.json last), then rename it to ``dest``."""
+    keras = import_keras()
+
+    from featpipe import runs
     from featpipe.metrics import compute_metrics, format_report, plot_confusion_matrix, plot_curves
 
     metrics: dict[str, dict] = {}
-    for split, rows in (("val", val_rows), ("test", splits["test"])):
+    for split, rows in (("val", splits.val), ("test", splits.test)):
         if len(rows):
-            probs = predict_rows(model, index, rows, opts.batch_size)
+            probs = predict_rows(fit.model, index, rows, opts.batch_size)
             metrics[split] = {**compute_metrics(index.labels[rows], probs, index.class_names), "split": split}
     report_split = "test" if "test" in metrics else "val"
     (run_dir / "report.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
     (run_dir / "report.txt").write_text(
         "\n\n".join(f"[{split}]\n{format_report(m)}" for split, m in metrics.items()) + "\n")
     plot_confusion_matrix(metrics[report_split], run_dir / "confusion_matrix.png")
+    history = fit.history
     if history:
         plot_curves({k: [h[k] for h in history] for k in history[0]}, run_dir / "curves.png")
 
     seconds = time.perf_counter() - started
     attrs = index.config.attrs()
+    interrupted = fit.interrupted
     run_info = runs.RunInfo(
         run_format=runs.RUN_FORMAT,
         run_id=runs.new_run_id(),
-        model_sha256=runs.file_sha256(model_path),
+        model_sha256=runs.file_sha256(run_dir / runs.MODEL_FILE),
         featpipe_version=__version__,
         keras_version=keras.__version__,
         keras_backend=keras.backend.backend(),
@@ -398,15 +459,15 @@ def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
         # everything needed to rebuild stage one exactly (weights_seed: the random network of --weights none)
         preprocessing={**{k: attrs[k] for k in PREPROCESSING_KEYS}, "weights_seed": int(attrs.get("weights_seed", 0))},
         cache_attrs={k: attrs[k] for k in APPEND_KEYS},
-        cache=str(cache.resolve()),
+        cache=str(index.path.resolve()),
         cache_fingerprint=fingerprint,
         # the clips (cache keys) whose labels the run saw: evaluate refuses a split that overlaps them
-        train_clips=tuple(sorted(str(v) for v in index.videos[train_rows])),
-        val_clips=tuple(sorted(str(v) for v in index.videos[val_rows])),
-        validation=val_source,
-        streamed=streamed,
+        train_clips=tuple(sorted(str(v) for v in index.videos[splits.train])),
+        val_clips=tuple(sorted(str(v) for v in index.videos[splits.val])),
+        validation=splits.val_source,
+        streamed=fit.streamed,
         epochs_run=len(history),
-        best_epoch=best_epoch,
+        best_epoch=fit.best_epoch,
         interrupted=interrupted is not None,
         seconds=round(seconds, 2),
         metrics={s: {k: m[k] for k in ("accuracy", "macro_f1", "roc_auc", "n")} for s, m in metrics.items()},
@@ -414,8 +475,8 @@ def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
     runs.write_run_file(run_dir, run_info)  # last: a folder with run.json is complete
     runs.publish_run(run_dir, dest, opts.force)  # rename into place, then point models/latest at it
     signal_name = None if interrupted is None else ("SIGTERM" if isinstance(interrupted, Terminated) else "SIGINT")
-    return TrainResult(dest, metrics, best_epoch, len(history), seconds, streamed, interrupted is not None, history,
-                       signal_name)
+    return TrainResult(dest, metrics, fit.best_epoch, len(history), seconds, fit.streamed, interrupted is not None,
+                       history, signal_name)
 
 
 def _read_history(path: Path) -> list[dict]:
