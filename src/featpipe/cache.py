@@ -73,7 +73,7 @@ import shutil
 import struct
 import uuid
 import zlib
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -882,6 +882,18 @@ def _remove_stale_temporaries(path: Path) -> None:
         stale.unlink()
 
 
+@contextmanager
+def _whole_or_nothing(path: Path):
+    """Write ``path`` inside the block; on success fsync it, on any failure (a full disk, Ctrl-C) remove it."""
+    try:
+        yield path
+        with open(path, "rb+") as fh:
+            os.fsync(fh.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def _write_temporary(path: Path, config: CacheConfig, keys: list[str], read_row: Callable[[str], _Row],
                      failed: dict[str, str], failed_identity: dict[str, Identity] | None = None,
                      stale: dict[str, str] | None = None) -> Path:
@@ -896,7 +908,7 @@ def _write_temporary(path: Path, config: CacheConfig, keys: list[str], read_row:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     n, t = len(keys), c.frames
-    try:
+    with _whole_or_nothing(tmp):
         with h5py.File(tmp, "w") as out:
             for k, v in c.attrs().items():
                 out.attrs[k] = v
@@ -919,11 +931,6 @@ def _write_temporary(path: Path, config: CacheConfig, keys: list[str], read_row:
                 sizes[i], mtimes[i] = row.size, row.mtime_ns
             masks[...] = mask_all
             _write_columns(out, keys, labels, splits, n_frames, sizes, mtimes, failed, failed_identity, stale)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return tmp
 
 
@@ -1047,13 +1054,8 @@ def _link_part(src: Path, parts: Path) -> str:
     except OSError as exc:
         if exc.errno not in _NO_LINK:
             raise
-        try:
+        with _whole_or_nothing(target):
             shutil.copyfile(src, target)
-            with open(target, "rb+") as fh:
-                os.fsync(fh.fileno())
-        except BaseException:
-            target.unlink(missing_ok=True)
-            raise
     return f"{parts.name}/{target.name}"
 
 
@@ -1062,18 +1064,13 @@ def _write_part(parts: Path, config: CacheConfig, n: int, features: Iterator[np.
     c = config
     parts.mkdir(parents=True, exist_ok=True)
     path = parts / f"{uuid.uuid4().hex}.h5"
-    try:
+    with _whole_or_nothing(path):
         with h5py.File(path, "w") as f:
             f.attrs["featpipe_part"] = SCHEMA_VERSION
             feats = f.create_dataset("features", shape=(n, c.frames, *c.feature_shape), dtype=c.dtype,
                                      chunks=(1, c.frames, *c.feature_shape), fletcher32=True)
             for i, x in enumerate(features):
                 feats[i] = x
-        with open(path, "rb+") as fh:
-            os.fsync(fh.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -1097,7 +1094,7 @@ def _write_parted_temporary(path: Path, config: CacheConfig, cols: _Columns, src
     _fsync_dir(parts)
     n, tail = len(index), (c.frames, *c.feature_shape)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    with _whole_or_nothing(tmp):
         with h5py.File(tmp, "w") as out:
             for k, v in c.attrs().items():
                 out.attrs[k] = v
@@ -1119,11 +1116,6 @@ def _write_parted_temporary(path: Path, config: CacheConfig, cols: _Columns, src
             grp.create_dataset("rows", data=np.array(counts, dtype=np.int64))
             grp.create_dataset("index", data=index.astype(np.int64))
             grp.create_dataset("row", data=row.astype(np.int64))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return tmp
 
 
