@@ -350,6 +350,8 @@ def test_bad_counts_are_rejected(tmp_path, counts, says):
     (["--train", "-1"], "--train must be between 0 and 10000, got -1."),
     (["--train", "0", "--val", "0", "--test", "0"], "--train, --val and --test are all 0"),
     (["--seed", "-3"], "--seed must be at least 0, got -3."),
+    (["--seed", "-3", "--difficulty", "hard"], "--seed must be at least 0, got -3."),
+    (["--train", "-1", "--difficulty", "hard"], "--train must be between 0 and 10000, got -1."),
     (["--train", "1000000000"], "--train must be between 0 and 10000, got 1000000000."),
 ])
 def test_cli_refuses_bad_counts_with_one_sentence(tmp_path, args, says):

@@ -146,67 +146,63 @@ def _hue_colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return int(b), int(g), int(r)
 
 
-def sample_clip_specs(train: int = 16, val: int = 6, test: int = 6, seed: int = 0) -> list[ClipSpec]:
-    """The parameters of every clip :func:`write_sample_data` writes, without writing anything.
+def _clip_slots(rng: np.random.Generator, per_split: dict[str, int], length_buckets) -> Iterator[dict]:
+    """The fields every clip of a preset shares (split, class, name, length, size, frame rate), one dict a clip.
 
-    Deterministic in its arguments. For each class, resolution, frame rate and length bucket
-    cycle through all their values in a seeded random order (so even 4 clips per class mix
-    them), and the exact length and the drawing parameters are drawn at random. Both classes
-    of a pair use the same procedure, so their parameters have the same distribution.
+    For each class, resolution, frame rate and length bucket cycle through all their values in a
+    seeded random order (so even 4 clips per class mix them); the exact length is drawn at random.
+    A generator: the caller draws its own parameters from ``rng`` before asking for the next clip,
+    so every preset keeps one fixed order of draws.
     """
-    _check_counts(train, val, test, seed)
-    rng = np.random.default_rng(seed)
-    per_split = {"train": int(train), "val": int(val), "test": int(test)}
-    specs: list[ClipSpec] = []
     for class_name in SAMPLE_CLASSES:
         res_order = rng.permutation(len(RESOLUTIONS))
         fps_order = rng.permutation(len(FRAME_RATES))
-        len_order = rng.permutation(len(LENGTH_BUCKETS))
+        len_order = rng.permutation(len(length_buckets))
         j = 0  # clip counter within the class, across splits
         for split in SPLITS:
             for index in range(per_split[split]):
                 width, height = RESOLUTIONS[res_order[j % len(RESOLUTIONS)]]
                 fps = FRAME_RATES[fps_order[j % len(FRAME_RATES)]]
-                low, high = LENGTH_BUCKETS[len_order[j % len(LENGTH_BUCKETS)]]
-                n_frames = int(rng.integers(low, high + 1))
-                if _FORWARD[class_name] == "size":
-                    radius_start = float(rng.uniform(0.08, 0.14))
-                    radius_end = float(rng.uniform(0.38, 0.45))
-                    colour = _hue_colour(rng)
-                    color_start = color_end = colour
-                else:
-                    radius_start = radius_end = float(rng.uniform(0.30, 0.42))
-                    red = rng.integers(0, 41), rng.integers(0, 41), rng.integers(200, 256)
-                    blue = rng.integers(200, 256), rng.integers(0, 41), rng.integers(0, 41)
-                    color_start = tuple(int(v) for v in red)
-                    color_end = tuple(int(v) for v in blue)
-                # Keep the whole disc inside the centre square (what the centre crop keeps).
-                jitter = max(0.0, 0.48 - max(radius_start, radius_end))
-                offset = (float(rng.uniform(-jitter, jitter)), float(rng.uniform(-jitter, jitter)))
-                grey = rng.uniform(35.0, 95.0)
-                background = tuple(int(np.clip(grey + rng.uniform(-20.0, 20.0), 0, 255)) for _ in range(3))
-                specs.append(
-                    ClipSpec(
-                        split=split,
-                        class_name=class_name,
-                        index=index,
-                        relpath=f"{split}/{class_name}/{class_name}_{split}_{index:03d}.mp4",
-                        n_frames=n_frames,
-                        width=width,
-                        height=height,
-                        fps=fps,
-                        radius_start=radius_start,
-                        radius_end=radius_end,
-                        color_start=color_start,
-                        color_end=color_end,
-                        offset=offset,
-                        background=background,
-                        noise=float(rng.uniform(1.5, 4.0)),
-                        noise_seed=int(rng.integers(0, 2**31 - 1)),
-                        reverse=class_name in _REVERSED,
-                    )
-                )
+                low, high = length_buckets[len_order[j % len(length_buckets)]]
+                yield dict(split=split, class_name=class_name, index=index,
+                           relpath=f"{split}/{class_name}/{class_name}_{split}_{index:03d}.mp4",
+                           n_frames=int(rng.integers(low, high + 1)), width=width, height=height, fps=fps)
                 j += 1
+
+
+def sample_clip_specs(train: int = 16, val: int = 6, test: int = 6, seed: int = 0) -> list[ClipSpec]:
+    """The parameters of every clip :func:`write_sample_data` writes, without writing anything.
+
+    Deterministic in its arguments (see :func:`_clip_slots` for sizes, rates and lengths); the
+    drawing parameters are drawn at random. Both classes of a pair use the same procedure, so
+    their parameters have the same distribution.
+    """
+    _check_counts(train, val, test, seed)
+    rng = np.random.default_rng(seed)
+    per_split = {"train": int(train), "val": int(val), "test": int(test)}
+    specs: list[ClipSpec] = []
+    for common in _clip_slots(rng, per_split, LENGTH_BUCKETS):
+        class_name = common["class_name"]
+        if _FORWARD[class_name] == "size":
+            radius_start = float(rng.uniform(0.08, 0.14))
+            radius_end = float(rng.uniform(0.38, 0.45))
+            color_start = color_end = _hue_colour(rng)
+        else:
+            radius_start = radius_end = float(rng.uniform(0.30, 0.42))
+            red = rng.integers(0, 41), rng.integers(0, 41), rng.integers(200, 256)
+            blue = rng.integers(200, 256), rng.integers(0, 41), rng.integers(0, 41)
+            color_start = tuple(int(v) for v in red)
+            color_end = tuple(int(v) for v in blue)
+        # Keep the whole disc inside the centre square (what the centre crop keeps).
+        jitter = max(0.0, 0.48 - max(radius_start, radius_end))
+        offset = (float(rng.uniform(-jitter, jitter)), float(rng.uniform(-jitter, jitter)))
+        grey = rng.uniform(35.0, 95.0)
+        background = tuple(int(np.clip(grey + rng.uniform(-20.0, 20.0), 0, 255)) for _ in range(3))
+        specs.append(ClipSpec(
+            **common, radius_start=radius_start, radius_end=radius_end, color_start=color_start,
+            color_end=color_end, offset=offset, background=background, noise=float(rng.uniform(1.5, 4.0)),
+            noise_seed=int(rng.integers(0, 2**31 - 1)), reverse=class_name in _REVERSED,
+        ))
     return specs
 
 
@@ -476,55 +472,42 @@ def _any_colour(rng: np.random.Generator) -> tuple[int, int, int]:
 
 def hard_clip_specs(train: int = 16, val: int = 6, test: int = 6, seed: int = 0) -> list[HardClipSpec]:
     """The parameters of every clip of the hard preset (deterministic in its arguments)."""
-    _check_counts(train, val, test)
+    _check_counts(train, val, test, seed)
     rng = np.random.default_rng([seed, 2])  # a different stream from the easy set's
     per_split = {"train": int(train), "val": int(val), "test": int(test)}
     specs: list[HardClipSpec] = []
-    for class_name in SAMPLE_CLASSES:
-        res_order = rng.permutation(len(RESOLUTIONS))
-        fps_order = rng.permutation(len(FRAME_RATES))
-        len_order = rng.permutation(len(HARD_LENGTH_BUCKETS))
-        j = 0
-        for split in SPLITS:
-            for index in range(per_split[split]):
-                width, height = RESOLUTIONS[res_order[j % len(RESOLUTIONS)]]
-                fps = FRAME_RATES[fps_order[j % len(FRAME_RATES)]]
-                low, high = HARD_LENGTH_BUCKETS[len_order[j % len(HARD_LENGTH_BUCKETS)]]
-                n_frames = int(rng.integers(low, high + 1))
-                if _FORWARD[class_name] == "size":
-                    radius_start = float(rng.uniform(0.06, 0.12))
-                    radius_end = float(rng.uniform(0.26, 0.34))
-                    color_start = color_end = _hue_colour(rng)
-                else:
-                    radius_start = radius_end = float(rng.uniform(0.18, 0.28))
-                    red = rng.integers(0, 71), rng.integers(0, 71), rng.integers(170, 256)
-                    blue = rng.integers(170, 256), rng.integers(0, 71), rng.integers(0, 71)
-                    color_start = tuple(int(v) for v in red)
-                    color_end = tuple(int(v) for v in blue)
-                reach = max(0.0, 0.48 - max(radius_start, radius_end))
-                path_start = tuple(float(v) for v in rng.uniform(-reach, reach, size=2))
-                path_end = tuple(float(v) for v in rng.uniform(-reach, reach, size=2))
-                grey = rng.uniform(30.0, 150.0)
-                background = tuple(int(np.clip(grey + rng.uniform(-35.0, 35.0), 0, 255)) for _ in range(3))
-                distractors = tuple(
-                    (float(rng.uniform(0.07, 0.16)), _any_colour(rng), _any_colour(rng),
-                     tuple(float(v) for v in rng.uniform(-0.45, 0.45, size=2)),
-                     tuple(float(v) for v in rng.uniform(-0.45, 0.45, size=2)))
-                    for _ in range(int(rng.integers(1, 4)))
-                )
-                specs.append(HardClipSpec(
-                    split=split, class_name=class_name, index=index,
-                    relpath=f"{split}/{class_name}/{class_name}_{split}_{index:03d}.mp4",
-                    n_frames=n_frames, width=width, height=height, fps=fps,
-                    radius_start=radius_start, radius_end=radius_end, color_start=color_start, color_end=color_end,
-                    path_start=path_start, path_end=path_end, background=background,
-                    texture=float(rng.uniform(10.0, 35.0)),
-                    drift=tuple(float(v) for v in rng.uniform(-0.15, 0.15, size=2)),
-                    distractors=distractors, noise=float(rng.uniform(6.0, 14.0)),
-                    flicker=float(rng.uniform(0.02, 0.06)),
-                    noise_seed=int(rng.integers(0, 2**31 - 1)), reverse=class_name in _REVERSED,
-                ))
-                j += 1
+    for common in _clip_slots(rng, per_split, HARD_LENGTH_BUCKETS):
+        class_name = common["class_name"]
+        if _FORWARD[class_name] == "size":
+            radius_start = float(rng.uniform(0.06, 0.12))
+            radius_end = float(rng.uniform(0.26, 0.34))
+            color_start = color_end = _hue_colour(rng)
+        else:
+            radius_start = radius_end = float(rng.uniform(0.18, 0.28))
+            red = rng.integers(0, 71), rng.integers(0, 71), rng.integers(170, 256)
+            blue = rng.integers(170, 256), rng.integers(0, 71), rng.integers(0, 71)
+            color_start = tuple(int(v) for v in red)
+            color_end = tuple(int(v) for v in blue)
+        reach = max(0.0, 0.48 - max(radius_start, radius_end))
+        path_start = tuple(float(v) for v in rng.uniform(-reach, reach, size=2))
+        path_end = tuple(float(v) for v in rng.uniform(-reach, reach, size=2))
+        grey = rng.uniform(30.0, 150.0)
+        background = tuple(int(np.clip(grey + rng.uniform(-35.0, 35.0), 0, 255)) for _ in range(3))
+        distractors = tuple(
+            (float(rng.uniform(0.07, 0.16)), _any_colour(rng), _any_colour(rng),
+             tuple(float(v) for v in rng.uniform(-0.45, 0.45, size=2)),
+             tuple(float(v) for v in rng.uniform(-0.45, 0.45, size=2)))
+            for _ in range(int(rng.integers(1, 4)))
+        )
+        specs.append(HardClipSpec(
+            **common, radius_start=radius_start, radius_end=radius_end, color_start=color_start,
+            color_end=color_end, path_start=path_start, path_end=path_end, background=background,
+            texture=float(rng.uniform(10.0, 35.0)),
+            drift=tuple(float(v) for v in rng.uniform(-0.15, 0.15, size=2)),
+            distractors=distractors, noise=float(rng.uniform(6.0, 14.0)),
+            flicker=float(rng.uniform(0.02, 0.06)),
+            noise_seed=int(rng.integers(0, 2**31 - 1)), reverse=class_name in _REVERSED,
+        ))
     return specs
 
 
