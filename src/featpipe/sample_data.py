@@ -84,10 +84,10 @@ class SampleData:
 
 
 @dataclass(frozen=True)
-class ClipSpec:
-    """Every parameter of one synthetic clip. Sizes are fractions of the centre square's side;
-    colours are BGR. The clip is rendered "forward" (small to large, red to blue) and played
-    backwards when ``reverse`` is set."""
+class _ClipBase:
+    """The fields both presets' clips start with: the slot :func:`_clip_slots` gives (split,
+    class, name, length, size, frame rate), then the target disc :func:`_draw_target` draws
+    (radii as fractions of the centre square's side, colours BGR, in forward time)."""
 
     split: str
     class_name: str
@@ -101,6 +101,14 @@ class ClipSpec:
     radius_end: float
     color_start: tuple[int, int, int]
     color_end: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class ClipSpec(_ClipBase):
+    """Every parameter of one synthetic clip. Sizes are fractions of the centre square's side;
+    colours are BGR. The clip is rendered "forward" (small to large, red to blue) and played
+    backwards when ``reverse`` is set. The fields of :class:`_ClipBase` come first."""
+
     offset: tuple[float, float]  # disc centre offset (x, y) from the frame centre
     background: tuple[int, int, int]
     noise: float  # standard deviation of the per-frame Gaussian noise, in grey levels
@@ -146,14 +154,54 @@ def _hue_colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return int(b), int(g), int(r)
 
 
-def _clip_slots(rng: np.random.Generator, per_split: dict[str, int], length_buckets) -> Iterator[dict]:
-    """The fields every clip of a preset shares (split, class, name, length, size, frame rate), one dict a clip.
+@dataclass(frozen=True)
+class _TargetRanges:
+    """A preset's ranges for the target disc: radii as fractions of the centre square's side,
+    colour channels as ``rng.integers`` bounds (low inclusive, high exclusive)."""
 
-    For each class, resolution, frame rate and length bucket cycle through all their values in a
-    seeded random order (so even 4 clips per class mix them); the exact length is drawn at random.
-    A generator: the caller draws its own parameters from ``rng`` before asking for the next clip,
-    so every preset keeps one fixed order of draws.
+    grow_start: tuple[float, float]  # radius at the small end of grow/shrink
+    grow_end: tuple[float, float]  # radius at the large end of grow/shrink
+    fade_radius: tuple[float, float]  # the constant radius of red_to_blue/blue_to_red
+    dim: tuple[int, int]  # the weak channels of the red and the blue end
+    bright: tuple[int, int]  # the strong channel of the red and the blue end
+
+
+_EASY_TARGET = _TargetRanges(grow_start=(0.08, 0.14), grow_end=(0.38, 0.45), fade_radius=(0.30, 0.42),
+                             dim=(0, 41), bright=(200, 256))
+_HARD_TARGET = _TargetRanges(grow_start=(0.06, 0.12), grow_end=(0.26, 0.34), fade_radius=(0.18, 0.28),
+                             dim=(0, 71), bright=(170, 256))
+
+
+def _draw_target(rng: np.random.Generator, class_name: str, ranges: _TargetRanges) -> tuple:
+    """``(radius_start, radius_end, color_start, color_end)`` of one clip's disc, in forward time.
+
+    :func:`_clip_slots` draws these for both presets right after a clip's length, with the same
+    calls in the same order; only the ranges differ.
     """
+    if _FORWARD[class_name] == "size":
+        radius_start = float(rng.uniform(*ranges.grow_start))
+        radius_end = float(rng.uniform(*ranges.grow_end))
+        color_start = color_end = _hue_colour(rng)
+    else:
+        radius_start = radius_end = float(rng.uniform(*ranges.fade_radius))
+        red = rng.integers(*ranges.dim), rng.integers(*ranges.dim), rng.integers(*ranges.bright)
+        blue = rng.integers(*ranges.bright), rng.integers(*ranges.dim), rng.integers(*ranges.dim)
+        color_start = tuple(int(v) for v in red)
+        color_end = tuple(int(v) for v in blue)
+    return radius_start, radius_end, color_start, color_end
+
+
+def _clip_slots(rng: np.random.Generator, counts: tuple[int, int, int], length_buckets,
+                target: _TargetRanges) -> Iterator[dict]:
+    """The fields of :class:`_ClipBase` for every clip of a preset, one dict a clip.
+
+    ``counts`` are clips per class in train, val and test. For each class, resolution, frame rate
+    and length bucket cycle through all their values in a seeded random order (so even 4 clips
+    per class mix them); the exact length and then the target disc (:func:`_draw_target`) are
+    drawn at random. A generator: the caller draws its own parameters from ``rng`` before asking
+    for the next clip, so every preset keeps one fixed order of draws.
+    """
+    per_split = dict(zip(SPLITS, (int(n) for n in counts)))
     for class_name in SAMPLE_CLASSES:
         res_order = rng.permutation(len(RESOLUTIONS))
         fps_order = rng.permutation(len(FRAME_RATES))
@@ -164,9 +212,12 @@ def _clip_slots(rng: np.random.Generator, per_split: dict[str, int], length_buck
                 width, height = RESOLUTIONS[res_order[j % len(RESOLUTIONS)]]
                 fps = FRAME_RATES[fps_order[j % len(FRAME_RATES)]]
                 low, high = length_buckets[len_order[j % len(length_buckets)]]
-                yield dict(split=split, class_name=class_name, index=index,
-                           relpath=f"{split}/{class_name}/{class_name}_{split}_{index:03d}.mp4",
-                           n_frames=int(rng.integers(low, high + 1)), width=width, height=height, fps=fps)
+                slot = dict(split=split, class_name=class_name, index=index,
+                            relpath=f"{split}/{class_name}/{class_name}_{split}_{index:03d}.mp4",
+                            n_frames=int(rng.integers(low, high + 1)), width=width, height=height, fps=fps)
+                radius_start, radius_end, color_start, color_end = _draw_target(rng, class_name, target)
+                yield dict(slot, radius_start=radius_start, radius_end=radius_end, color_start=color_start,
+                           color_end=color_end)
                 j += 1
 
 
@@ -179,29 +230,16 @@ def sample_clip_specs(train: int = 16, val: int = 6, test: int = 6, seed: int = 
     """
     _check_counts(train, val, test, seed)
     rng = np.random.default_rng(seed)
-    per_split = {"train": int(train), "val": int(val), "test": int(test)}
     specs: list[ClipSpec] = []
-    for common in _clip_slots(rng, per_split, LENGTH_BUCKETS):
-        class_name = common["class_name"]
-        if _FORWARD[class_name] == "size":
-            radius_start = float(rng.uniform(0.08, 0.14))
-            radius_end = float(rng.uniform(0.38, 0.45))
-            color_start = color_end = _hue_colour(rng)
-        else:
-            radius_start = radius_end = float(rng.uniform(0.30, 0.42))
-            red = rng.integers(0, 41), rng.integers(0, 41), rng.integers(200, 256)
-            blue = rng.integers(200, 256), rng.integers(0, 41), rng.integers(0, 41)
-            color_start = tuple(int(v) for v in red)
-            color_end = tuple(int(v) for v in blue)
+    for common in _clip_slots(rng, (train, val, test), LENGTH_BUCKETS, _EASY_TARGET):
         # Keep the whole disc inside the centre square (what the centre crop keeps).
-        jitter = max(0.0, 0.48 - max(radius_start, radius_end))
+        jitter = max(0.0, 0.48 - max(common["radius_start"], common["radius_end"]))
         offset = (float(rng.uniform(-jitter, jitter)), float(rng.uniform(-jitter, jitter)))
         grey = rng.uniform(35.0, 95.0)
         background = tuple(int(np.clip(grey + rng.uniform(-20.0, 20.0), 0, 255)) for _ in range(3))
         specs.append(ClipSpec(
-            **common, radius_start=radius_start, radius_end=radius_end, color_start=color_start,
-            color_end=color_end, offset=offset, background=background, noise=float(rng.uniform(1.5, 4.0)),
-            noise_seed=int(rng.integers(0, 2**31 - 1)), reverse=class_name in _REVERSED,
+            **common, offset=offset, background=background, noise=float(rng.uniform(1.5, 4.0)),
+            noise_seed=int(rng.integers(0, 2**31 - 1)), reverse=common["class_name"] in _REVERSED,
         ))
     return specs
 
@@ -435,25 +473,14 @@ HARD_LENGTH_BUCKETS = ((6, 12), (13, 24), (25, 50), (51, 100), (101, 150))
 
 
 @dataclass(frozen=True)
-class HardClipSpec:
+class HardClipSpec(_ClipBase):
     """Every parameter of one clip of the hard preset. Positions and sizes are fractions of the
     centre square's side (positions relative to the frame centre); colours are BGR. As in
     :class:`ClipSpec`, the clip is rendered forward and played backwards when ``reverse`` is set:
     every moving part (target path, background drift, distractors) is reversed with it, so the
-    SET of frames of a clip has the same distribution in both classes of a pair."""
+    SET of frames of a clip has the same distribution in both classes of a pair. The fields of
+    :class:`_ClipBase` come first."""
 
-    split: str
-    class_name: str
-    index: int
-    relpath: str
-    n_frames: int
-    width: int
-    height: int
-    fps: float
-    radius_start: float
-    radius_end: float
-    color_start: tuple[int, int, int]
-    color_end: tuple[int, int, int]
     path_start: tuple[float, float]  # the target moves in a straight line from here ...
     path_end: tuple[float, float]  # ... to here over the clip (forward time)
     background: tuple[int, int, int]  # base colour of a smooth random texture
@@ -474,21 +501,9 @@ def hard_clip_specs(train: int = 16, val: int = 6, test: int = 6, seed: int = 0)
     """The parameters of every clip of the hard preset (deterministic in its arguments)."""
     _check_counts(train, val, test, seed)
     rng = np.random.default_rng([seed, 2])  # a different stream from the easy set's
-    per_split = {"train": int(train), "val": int(val), "test": int(test)}
     specs: list[HardClipSpec] = []
-    for common in _clip_slots(rng, per_split, HARD_LENGTH_BUCKETS):
-        class_name = common["class_name"]
-        if _FORWARD[class_name] == "size":
-            radius_start = float(rng.uniform(0.06, 0.12))
-            radius_end = float(rng.uniform(0.26, 0.34))
-            color_start = color_end = _hue_colour(rng)
-        else:
-            radius_start = radius_end = float(rng.uniform(0.18, 0.28))
-            red = rng.integers(0, 71), rng.integers(0, 71), rng.integers(170, 256)
-            blue = rng.integers(170, 256), rng.integers(0, 71), rng.integers(0, 71)
-            color_start = tuple(int(v) for v in red)
-            color_end = tuple(int(v) for v in blue)
-        reach = max(0.0, 0.48 - max(radius_start, radius_end))
+    for common in _clip_slots(rng, (train, val, test), HARD_LENGTH_BUCKETS, _HARD_TARGET):
+        reach = max(0.0, 0.48 - max(common["radius_start"], common["radius_end"]))
         path_start = tuple(float(v) for v in rng.uniform(-reach, reach, size=2))
         path_end = tuple(float(v) for v in rng.uniform(-reach, reach, size=2))
         grey = rng.uniform(30.0, 150.0)
@@ -500,13 +515,12 @@ def hard_clip_specs(train: int = 16, val: int = 6, test: int = 6, seed: int = 0)
             for _ in range(int(rng.integers(1, 4)))
         )
         specs.append(HardClipSpec(
-            **common, radius_start=radius_start, radius_end=radius_end, color_start=color_start,
-            color_end=color_end, path_start=path_start, path_end=path_end, background=background,
+            **common, path_start=path_start, path_end=path_end, background=background,
             texture=float(rng.uniform(10.0, 35.0)),
             drift=tuple(float(v) for v in rng.uniform(-0.15, 0.15, size=2)),
             distractors=distractors, noise=float(rng.uniform(6.0, 14.0)),
             flicker=float(rng.uniform(0.02, 0.06)),
-            noise_seed=int(rng.integers(0, 2**31 - 1)), reverse=class_name in _REVERSED,
+            noise_seed=int(rng.integers(0, 2**31 - 1)), reverse=common["class_name"] in _REVERSED,
         ))
     return specs
 
