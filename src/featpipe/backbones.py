@@ -153,8 +153,8 @@ def _deterministic_init(model, backbone: Backbone, size: int, seed: int) -> None
     for another thread count, and the statistics then differ in the last bits too (a Ray actor,
     which Ray starts with OMP_NUM_THREADS=1, got another fingerprint than the driver on 2 cores).
     """
-    from threadpoolctl import threadpool_limits
     from keras import layers
+    from threadpoolctl import threadpool_limits
 
     rng = np.random.default_rng(seed)
     for layer in model._flatten_layers(include_self=False):
