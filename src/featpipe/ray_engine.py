@@ -30,7 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from featpipe._quiet import import_keras
+from featpipe.backbones import Backbone, FeatureExtractor
+from featpipe.cache import ClipRecord
 from featpipe.errors import BackboneError, ExtractionFailed, FeatpipeError
+from featpipe.pipeline import BackgroundWriter, Decoded, Stats, embed
 
 INSTALL = 'pip install "featpipe[ray]"'
 CLIPS_PER_DECODE_TASK = 4  # rows per decode task (one block of input rows each)
@@ -93,7 +97,7 @@ def plan(num_workers: int | None, gpus_per_worker: float | None) -> Plan:
 
 def decode_batch(batch: dict, frames: int, size: int, sampling: str) -> dict:
     """Ray Data UDF (a CPU task): decode each row's clip. Never raises: a bad clip is a row with ``error``."""
-    from featpipe.video import read_clip
+    from featpipe.video import read_clip  # lazy: `import featpipe` does not load OpenCV
 
     n = len(batch["key"])
     out_frames = np.zeros((n, frames, size, size, 3), np.uint8)
@@ -126,14 +130,11 @@ class ClipEmbedder:
     version, so the driver can refuse a node that differs from the cache. Never raises.
     """
 
-    def __init__(self, backbone: str, size: int, weights: str, seed: int, batch_size: int | None, precision: str,
-                 dtype: str):
+    def __init__(self, backbone: Backbone | str, size: int, weights: str, seed: int, batch_size: int | None,
+                 precision: str, dtype: str):
         self.worker = f"{socket.gethostname()} (pid {os.getpid()})"
         self.source, self.fatal, self.keras_version, self.fingerprint = None, "", "", ""
         try:
-            from featpipe._quiet import import_keras
-            from featpipe.backbones import FeatureExtractor
-
             self.keras_version = import_keras().__version__
             self.source = FeatureExtractor(backbone, size, weights, seed, batch_size, precision)
             self.fingerprint = self.source.fingerprint
@@ -143,8 +144,6 @@ class ClipEmbedder:
             self.fatal = f"{type(exc).__name__}: {exc}"
 
     def __call__(self, batch: dict) -> dict:
-        from featpipe.pipeline import Decoded, Stats, embed
-
         n = len(batch["key"])
         fatal = self.fatal
         feats = None
@@ -215,8 +214,7 @@ def build(rows: list[dict], plan_: Plan, *, decode_kwargs: dict, embedder_kwargs
 
 def consume(ds, sink, dtype, fingerprint: str, keras_version: str, stats, progress=None) -> None:
     """Rows of ``ds`` on the driver: checked, each key once, handed to ``sink`` (a BackgroundWriter)."""
-    from featpipe.cache import ClipRecord
-    from featpipe.extract import check_finite
+    from featpipe.extract import check_finite  # lazy: featpipe.extract imports this module
 
     seen: set[str] = set()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
@@ -244,9 +242,7 @@ def consume(ds, sink, dtype, fingerprint: str, keras_version: str, stats, progre
 
 def run(todo: list, dataset, extractor, opts, writer, keras_version: str):
     """Extract ``todo`` on the cluster; the driver writes every row through ``writer``. Returns pipeline Stats."""
-    from tqdm.auto import tqdm
-
-    from featpipe.pipeline import BackgroundWriter, Stats
+    from tqdm.auto import tqdm  # lazy: it loads asyncio, 20 ms more for every `featpipe --help`
 
     ray = import_ray()
     started_ray = connect(opts.ray_address)
@@ -256,7 +252,7 @@ def run(todo: list, dataset, extractor, opts, writer, keras_version: str):
         rows = [{"key": r.video, "path": str(r.path.resolve()), "label": dataset.label_index(r.label),
                  "split": r.split} for r in todo]
         ds = build(rows, p, decode_kwargs=dict(frames=opts.frames, size=extractor.size, sampling=opts.sampling),
-                   embedder_kwargs=dict(backbone=extractor.backbone.name, size=extractor.size, weights=opts.weights,
+                   embedder_kwargs=dict(backbone=extractor.backbone, size=extractor.size, weights=opts.weights,
                                         seed=opts.seed, batch_size=opts.batch_size, precision=opts.precision,
                                         dtype=opts.dtype),
                    clips_per_call=clips_per_call(extractor.batch_size, opts.frames))
