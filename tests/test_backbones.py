@@ -11,12 +11,14 @@ import pytest
 
 from featpipe.backbones import (
     REGISTRY,
+    Backbone,
     FeatureExtractor,
     activation_bytes_per_frame,
     auto_batch_size,
     build_model,
     fingerprint,
     get_backbone,
+    register_backbone,
     weights_label,
 )
 from featpipe.errors import BackboneError
@@ -41,14 +43,63 @@ def test_every_backbone_gives_finite_features_of_its_declared_dimension(name):
 
 @pytest.mark.parametrize("name", ["vgg16", "efficientnetb0"])
 def test_feature_dimension_is_what_keras_applications_pools(name):
-    """Checked against keras.applications itself (random weights, small input), not against copied literals."""
-    import keras
-
+    """Checked against the network keras.applications builds (random weights, small input), not copied literals."""
     b = REGISTRY[name]
-    net = getattr(keras.applications, b.constructor)(include_top=False, pooling="avg", weights=None,
-                                                     input_shape=(b.min_size, b.min_size, 3))
+    net = b.build(None, (b.min_size, b.min_size, 3))
     assert net.output_shape == (None, b.feature_dim)
     assert b.min_size <= b.default_size
+
+
+def test_importing_the_registry_does_not_import_keras():
+    code = "import sys, featpipe.backbones; print(','.join(m for m in ('keras', 'tensorflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_every_entry_pickles_without_importing_keras():
+    """Entries travel to worker processes (the Ray engine's actors) as they are."""
+    code = ("import pickle, sys; from featpipe.backbones import REGISTRY; "
+            "assert repr(pickle.loads(pickle.dumps(REGISTRY))) == repr(REGISTRY); "
+            "print(','.join(m for m in ('keras', 'tensorflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def _two_layer_build(weights, input_shape):
+    import keras
+
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+
+
+def test_register_backbone_adds_one_entry_that_the_extractor_uses():
+    entry = Backbone("twolayer", build=_two_layer_build, preprocess_input=lambda x: x - 128.0,
+                     default_size=16, feature_dim=4, min_size=8)
+    try:
+        assert register_backbone(entry) is entry and get_backbone("TwoLayer") is entry
+        assert register_backbone(entry) is entry, "registering the same entry again is harmless"
+        with pytest.raises(BackboneError, match="already registered.*replace=True"):
+            register_backbone(Backbone("twolayer", _two_layer_build, lambda x: x, 16, 4))
+        ex = FeatureExtractor("twolayer", weights="none", batch_size=2)
+        frames = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+        direct = np.asarray(build_model(entry, 16, "none").predict_on_batch(entry.preprocess(frames)))
+        np.testing.assert_allclose(ex(frames), direct, rtol=1e-4, atol=1e-5)
+        assert ex.feature_shape == (4,) and ex.size == 16
+    finally:
+        REGISTRY.pop("twolayer", None)
+
+
+def test_an_entry_without_a_builder_or_preprocessing_is_refused():
+    with pytest.raises(BackboneError, match="build function and a preprocess_input"):
+        Backbone("half", build=_two_layer_build, preprocess_input=None, default_size=16, feature_dim=4)
+    with pytest.raises(BackboneError, match="lower case"):
+        register_backbone(Backbone("Upper", _two_layer_build, lambda x: x, 16, 4))
+
+
+def test_weights_errors_name_the_backbone(tmp_path):
+    with pytest.raises(BackboneError, match="Keras weights file for vgg16"):
+        build_model(get_backbone("vgg16"), 32, str(tmp_path / "nope.h5"))
 
 
 def test_raw_entry_stores_the_frames_themselves_as_uint8():

@@ -235,6 +235,18 @@ def test_evaluate_and_predict_print_nothing_on_stderr(tiny_run, sample):
     assert predicted.stderr == ""
 
 
+def test_help_loads_no_model_or_optional_library():
+    """`featpipe --help` (and every command's) stays quick: Keras, TensorFlow, OpenCV, scikit-learn,
+    matplotlib, Optuna and Ray are imported by the commands that use them, never at start-up."""
+    heavy = ("keras", "tensorflow", "cv2", "sklearn", "matplotlib", "optuna", "ray", "torch", "jax")
+    code = ("import sys\nfrom featpipe.cli import app\n"
+            "for args in (['--help'], ['extract', '--help'], ['train', '--help'], ['tune', '--help']):\n"
+            "    try:\n        app(args)\n    except SystemExit:\n        pass\n"
+            f"print('loaded:', ','.join(m for m in {heavy!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert proc.stdout.splitlines()[-1] == "loaded: "
+
+
 def test_verbose_lets_tensorflows_lines_through_and_still_runs(tiny_run):
     """Which lines TensorFlow prints depends on the machine, so only the run itself is checked."""
     proc = featpipe_cli("--verbose", "evaluate", str(tiny_run), "--json")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from featpipe.backbones import FeatureExtractor
+from featpipe.backbones import REGISTRY, Backbone, FeatureExtractor, build_model, fingerprint, register_backbone
 from featpipe.cache import (
     CacheLock,
     CacheWriter,
@@ -261,6 +261,57 @@ def test_raw_backbone_caches_the_sampled_frames_as_uint8(sample, tmp_path):
         assert f.attrs["backbone"] == "raw" and f.attrs["weights"] == "none"
         clip = read_clip(ds.records[3].path, 8, 16, "uniform")
         np.testing.assert_array_equal(f["features"][3], clip.frames)
+
+
+# ----------------------------------------------------------------------------- a backbone of one's own
+
+
+def _tiny_build(weights, input_shape):
+    """A three-layer network: what a keras_hub or home-made backbone's entry would build."""
+    import keras
+
+    if weights is not None:
+        raise ValueError("the tiny test network has no pretrained weights")
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Conv2D(12, 3, padding="same", activation="relu")(x)
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x), name="tiny")
+
+
+def _tiny_preprocess(x):
+    """Its own preprocessing, NumPy array or Keras tensor: [0, 255] -> [0, 2] (none of the registry's)."""
+    return x / 127.5
+
+
+@pytest.fixture
+def tiny_backbone():
+    entry = register_backbone(Backbone("tinytest", build=_tiny_build, preprocess_input=_tiny_preprocess,
+                                       default_size=24, feature_dim=12, min_size=16))
+    yield entry
+    REGISTRY.pop("tinytest", None)
+
+
+def test_a_registered_backbone_is_one_entry_and_extracts_end_to_end(tiny_backbone, tmp_path):
+    data = tiny_dataset(tmp_path / "data", per_class=2)
+    out = tmp_path / "tiny.h5"
+    result = extract(data=data, output=out, backbone="tinytest", frames=4, weights="none", quiet=True, batch_size=3)
+    assert result.n_clips == 4 and result.failed == []
+    assert result.cache == out
+    model = build_model(tiny_backbone, 24, "none", seed=0)  # the deterministic `none` network of that entry
+    ds = index_dataset(data)
+    with h5py.File(out, "r") as f:
+        assert f["features"].shape == (4, 4, 12)
+        assert f.attrs["backbone"] == "tinytest" and f.attrs["input_size"] == 24
+        assert f.attrs["weights_fingerprint"] == fingerprint(model)
+        for i, rec in enumerate(ds.records):
+            clip = read_clip(rec.path, 4, 24, "uniform")
+            direct = np.asarray(model.predict_on_batch(tiny_backbone.preprocess(clip.frames[clip.mask])))
+            got = f["features"][i][clip.mask].astype(np.float32)
+            np.testing.assert_allclose(got, direct, rtol=2e-3, atol=2e-3 * np.abs(direct).max())
+    default = extract(data=data, cache_dir=tmp_path / "cache", backbone="tinytest", frames=4, weights="none",
+                      quiet=True)
+    assert default.cache == tmp_path / "cache" / "tinytest.h5"
 
 
 # ----------------------------------------------------------------------------- shards

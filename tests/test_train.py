@@ -121,6 +121,22 @@ def test_balanced_class_weight_trains_on_imbalanced_data(tmp_path):
     assert json.loads((result.run_dir / "run.json").read_text())["config"]["class_weight"] == "balanced"
 
 
+def test_a_raw_frame_cache_is_told_by_its_backbone_and_trains_the_image_head_without_feature_statistics(tmp_path):
+    """The raw entry's cache (uint8 frames, no network) is recognised by the registry's raw flag."""
+    size, t = 8, 3
+    rng = np.random.default_rng(0)
+    path = tmp_path / "raw.h5"
+    w = CacheWriter(path, CacheConfig("raw", "none", "raw-frames", size, t, "uniform", "uint8", (size, size, 3),
+                                      ("a", "b")))
+    for i in range(12):
+        frames = rng.integers(0, 256, (t, size, size, 3), dtype=np.uint8)
+        w.append(ClipRecord(f"v{i:03d}.mp4", i % 2, ("train", "val", "test")[i % 3], t, frames, np.ones(t, bool)))
+    w.finalize()
+    result = train(cache=path, head="cnn-lstm", out=tmp_path / "run", units=4, epochs=1, patience=1, quiet=True)
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["preprocessing"]["backbone"] == "raw" and result.epochs_run == 1
+
+
 def test_a_cache_without_train_split_is_refused(tmp_path):
     cache = synthetic_cache(tmp_path / "c.h5", splits=("val", "test"))
     with pytest.raises(FeatpipeError, match="no train split.*test, val"):

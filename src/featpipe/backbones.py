@@ -1,10 +1,22 @@
 """Registry of frozen ImageNet backbones.
 
-Each entry carries everything that must travel together: the Keras constructor, the
-backbone's OWN ``preprocess_input`` (InceptionV3 scales to [-1, 1], EfficientNet takes raw
+Each entry carries everything that must travel together: how to build the network (``build``),
+the backbone's OWN ``preprocess_input`` (InceptionV3 scales to [-1, 1], EfficientNet takes raw
 [0, 255] because rescaling is inside the model, VGG16/ResNet50 subtract ImageNet means in
 BGR), the native input size and the feature dimension. Nothing applies one generic
-normalisation to all backbones.
+normalisation to all backbones, and nothing outside an entry knows where its network comes
+from: a backbone from keras_hub, or a network of your own, is one entry::
+
+    from featpipe.backbones import Backbone, register_backbone
+
+    register_backbone(Backbone("tiny", build=my_build, preprocess_input=my_preprocess,
+                               default_size=64, feature_dim=16))
+
+``build(weights, input_shape)`` returns the pooled, top-less network (``weights`` is None or
+"imagenet"; a weights file is loaded into a ``build(None, ...)`` network by :func:`build_model`);
+``preprocess_input(x)`` takes float32 RGB in [0, 255], a NumPy array or a Keras tensor (it also
+runs inside the inference graph). The ``keras.applications`` entries get both from
+:class:`KerasApplication`.
 
 Weights:
   * ``imagenet``: Keras downloads them once into ~/.keras/models;
@@ -21,10 +33,12 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
 from featpipe._quiet import import_keras
+from featpipe.devices import current_device
 from featpipe.errors import BackboneError
 from featpipe.names import PRECISIONS  # noqa: F401  re-exported
 
@@ -33,28 +47,60 @@ WEIGHTS_NONE = "none"
 
 
 @dataclass(frozen=True)
+class KerasApplication:
+    """A ``keras.applications`` network: ``module`` (e.g. "inception_v3") holds ``constructor``
+    (e.g. "InceptionV3") and its ``preprocess_input``. Keras is imported only when one is called,
+    and an instance (or its bound methods) pickles, so entries travel to worker processes."""
+
+    module: str
+    constructor: str
+
+    def _module(self):
+        return getattr(import_keras().applications, self.module)
+
+    def build(self, weights: str | None, input_shape: tuple[int, int, int]):
+        """The top-less network with global average pooling; ``weights`` None or "imagenet"."""
+        constructor = getattr(self._module(), self.constructor)
+        return constructor(weights=weights, include_top=False, pooling="avg", input_shape=input_shape)
+
+    def preprocess_input(self, x):
+        return self._module().preprocess_input(x)
+
+
+@dataclass(frozen=True)
 class Backbone:
-    """One registry entry. ``module`` is the ``keras.applications`` submodule name."""
+    """One registry entry: a name, the behaviour (``build``, ``preprocess_input``) and the sizes.
+
+    ``build(weights, input_shape) -> keras.Model`` maps preprocessed ``(B, *input_shape)`` float32 to
+    ``(B, feature_dim)``; ``weights`` is None (random: :func:`build_model` then gives it deterministic
+    values) or "imagenet". ``preprocess_input(x)`` turns float32 RGB in [0, 255] into what the network
+    expects, on a NumPy array and on a Keras tensor alike. The ``raw`` entry has neither.
+    """
 
     name: str
-    module: str  # e.g. "inception_v3": where constructor and preprocess_input live
-    constructor: str  # e.g. "InceptionV3"
+    build: Callable[[str | None, tuple[int, int, int]], Any] | None
+    preprocess_input: Callable[[Any], Any] | None
     default_size: int  # native input size (pixels, square)
     feature_dim: int  # length of the pooled feature vector
-    min_size: int = 32  # smallest input Keras accepts for this network
+    min_size: int = 32  # smallest input the network accepts
     raw: bool = False  # True for the "raw" entry: no network, the frames themselves are stored
 
-    def keras_module(self):
-        keras = import_keras()
-
-        return getattr(keras.applications, self.module)
+    def __post_init__(self):
+        if not self.raw and (self.build is None or self.preprocess_input is None):
+            raise BackboneError(f"Backbone '{self.name}' needs a build function and a preprocess_input.")
 
     def preprocess(self, frames: np.ndarray) -> np.ndarray:
         """uint8 RGB (B, H, W, 3) -> float32 input exactly as this backbone expects it."""
         x = np.asarray(frames, dtype=np.float32).copy()
         if self.raw:
             return x
-        return np.asarray(self.keras_module().preprocess_input(x), dtype=np.float32)
+        return np.asarray(self.preprocess_input(x), dtype=np.float32)
+
+
+def _application(name: str, module: str, constructor: str, default_size: int, feature_dim: int,
+                 min_size: int = 32) -> Backbone:
+    app = KerasApplication(module, constructor)
+    return Backbone(name, app.build, app.preprocess_input, default_size, feature_dim, min_size)
 
 
 _EFFICIENTNET = {  # variant: (native size, feature dim), from keras.applications.efficientnet
@@ -69,17 +115,41 @@ _EFFICIENTNET = {  # variant: (native size, feature dim), from keras.application
 }
 
 REGISTRY: dict[str, Backbone] = {
-    "inceptionv3": Backbone("inceptionv3", "inception_v3", "InceptionV3", 299, 2048, min_size=75),
+    "inceptionv3": _application("inceptionv3", "inception_v3", "InceptionV3", 299, 2048, min_size=75),
     **{
-        f"efficientnetb{i}": Backbone(f"efficientnetb{i}", "efficientnet", f"EfficientNetB{i}", size, dim)
+        f"efficientnetb{i}": _application(f"efficientnetb{i}", "efficientnet", f"EfficientNetB{i}", size, dim)
         for i, (size, dim) in _EFFICIENTNET.items()
     },
-    "vgg16": Backbone("vgg16", "vgg16", "VGG16", 224, 512),
-    "resnet50": Backbone("resnet50", "resnet50", "ResNet50", 224, 2048),
+    "vgg16": _application("vgg16", "vgg16", "VGG16", 224, 512),
+    "resnet50": _application("resnet50", "resnet50", "ResNet50", 224, 2048),
     # Not a CNN: stores the sampled uint8 frames (size x size x 3) for end-to-end models (cnn-lstm).
-    "raw": Backbone("raw", "", "", 64, 0, min_size=8, raw=True),
+    "raw": Backbone("raw", None, None, 64, 0, min_size=8, raw=True),
 }
 RAW_FINGERPRINT = "raw-frames"  # what the cache records as weights fingerprint for the raw entry
+
+
+def register_backbone(backbone: Backbone, replace: bool = False) -> Backbone:
+    """Add ``backbone`` to the registry under its (lower-case) name, so ``featpipe.extract(backbone=name)``
+    and :class:`FeatureExtractor` find it. An existing name is refused unless ``replace`` is true.
+
+    Register it in every process that extracts with it (the command line's ``--backbone`` choices
+    are the built-in entries; with ``--engine ray`` the entry itself travels to the workers).
+    """
+    if not isinstance(backbone, Backbone):
+        raise BackboneError(f"register_backbone takes a Backbone, got {backbone!r}.")
+    key = backbone.name.strip().lower()
+    if key != backbone.name:
+        raise BackboneError(f"A backbone's name must be lower case without surrounding spaces, got '{backbone.name}'.")
+    if key in REGISTRY and not replace and REGISTRY[key] != backbone:
+        raise BackboneError(f"A backbone named '{key}' is already registered; pass replace=True to replace it.")
+    REGISTRY[key] = backbone
+    return backbone
+
+
+def is_raw(name: str) -> bool:
+    """True when ``name`` is a registry entry that stores the frames themselves (the ``raw`` entry)."""
+    entry = REGISTRY.get(str(name).strip().lower())
+    return entry is not None and entry.raw
 
 
 def get_backbone(name: str) -> Backbone:
@@ -126,7 +196,7 @@ def fingerprint(model) -> str:
 
 def _calibration_images(n: int, size: int, seed: int) -> np.ndarray:
     """Deterministic synthetic images of mixed smoothness (flat, blotchy, noisy), uint8-range floats."""
-    import cv2
+    import cv2  # lazy: `import featpipe` does not load OpenCV (tests/test_datasets.py)
 
     rng = np.random.default_rng(seed)
     images = []
@@ -359,20 +429,19 @@ def build_model(backbone: Backbone, size: int, weights: str = WEIGHTS_IMAGENET, 
     keras = import_keras()
 
     check_size(backbone, size)
-    constructor = getattr(backbone.keras_module(), backbone.constructor)
-    kwargs = dict(include_top=False, pooling="avg", input_shape=(size, size, 3))
+    input_shape = (size, size, 3)
     label = weights_label(weights)
     if label == WEIGHTS_NONE:
         keras.utils.set_random_seed(seed)
-        model = constructor(weights=None, **kwargs)
+        model = backbone.build(None, input_shape)
         _deterministic_init(model, backbone, size, seed)
     elif label == WEIGHTS_IMAGENET:
         try:
-            model = constructor(weights="imagenet", **kwargs)
+            model = backbone.build(WEIGHTS_IMAGENET, input_shape)
         except Exception as exc:  # keras.utils.get_file raises a plain Exception on fetch failure
             raise BackboneError(
                 f"Could not load the ImageNet weights for {backbone.name} ({exc}). Without internet, "
-                f"pass --weights PATH to a local Keras weights file (the '_notop' .h5 for {backbone.constructor}), "
+                f"pass --weights PATH to a local Keras weights file (the '_notop' .h5 for {backbone.name}), "
                 f"or --weights none for a deterministic random network."
             ) from exc
     else:
@@ -380,14 +449,14 @@ def build_model(backbone: Backbone, size: int, weights: str = WEIGHTS_IMAGENET, 
         if not path.is_file():
             raise BackboneError(
                 f"Weights file '{path}' does not exist. Pass --weights imagenet, --weights none, "
-                f"or the path of a Keras weights file for {backbone.constructor} (include_top=False)."
+                f"or the path of a Keras weights file for {backbone.name} (include_top=False)."
             )
-        model = constructor(weights=None, **kwargs)
+        model = backbone.build(None, input_shape)
         try:
             model.load_weights(str(path))
         except (ValueError, OSError, KeyError) as exc:
             raise BackboneError(
-                f"Could not load weights from '{path}' into {backbone.constructor} without its top: {exc}. "
+                f"Could not load weights from '{path}' into {backbone.name} without its top: {exc}. "
                 f"Use the '_notop' weights file for this backbone."
             ) from exc
     model.trainable = False
@@ -418,14 +487,13 @@ def _inference_model(backbone: Backbone, size: int, model, precision: str, jit_c
         previous = keras.config.dtype_policy()
         keras.config.set_dtype_policy(precision)
         try:
-            constructor = getattr(backbone.keras_module(), backbone.constructor)
-            net = constructor(weights=None, include_top=False, pooling="avg", input_shape=(size, size, 3))
+            net = backbone.build(None, (size, size, 3))
         finally:
             keras.config.set_dtype_policy(previous)
         net.set_weights(model.get_weights())
         net.trainable = False
     frames = keras.Input((size, size, 3), dtype="uint8", name="frames")
-    x = backbone.keras_module().preprocess_input(keras.ops.cast(frames, "float32"))
+    x = backbone.preprocess_input(keras.ops.cast(frames, "float32"))
     features = keras.ops.cast(net(x, training=False), "float32")
     wrapped = keras.Model(frames, features, name=f"{backbone.name}_features")
     wrapped.compile(jit_compile=jit_compile)
@@ -448,6 +516,8 @@ class FeatureExtractor:
     """
 
     storage_dtype: str | None = None  # the dtype the cache must use whatever --dtype says (RawFrames: uint8)
+    # every frame source sets it: True (compiled, an accelerator), "auto" (Keras decides, a CPU) or False
+    jit_compile: bool | str
 
     def __new__(cls, backbone: Backbone | str, *args, **kwargs):
         """The registry decides the frame source: the ``raw`` entry is :class:`RawFrames`, the rest are networks."""
@@ -456,8 +526,6 @@ class FeatureExtractor:
 
     def __init__(self, backbone: Backbone | str, size: int | None = None, weights: str = WEIGHTS_IMAGENET,
                  seed: int = 0, batch_size: int | None = 32, precision: str = "float32"):
-        from featpipe.devices import current_device
-
         self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
         self.size = check_size(self.backbone, size or self.backbone.default_size)
         self.weights = weights_label(weights)
@@ -567,8 +635,6 @@ def auto_batch_size(model, device=None, precision: str = "float32") -> int:
     device memory, taking half the sum of all layer outputs per frame (frameworks reuse
     buffers; mixed precision halves them again), between 8 and 256.
     """
-    from featpipe.devices import current_device
-
     device = device or current_device()
     if not device.accelerator:
         return 32

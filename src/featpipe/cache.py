@@ -83,6 +83,7 @@ import numpy as np
 
 from featpipe.errors import CacheError, FeatpipeError
 from featpipe.names import SPLITS
+from featpipe.options import check_file_option
 
 SCHEMA_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)  # 1: no size/mtime_ns columns and no stale/ group; 2: always one file
@@ -1235,8 +1236,6 @@ def merge_shards(shards: Sequence[str | Path] | None = None, output: str | Path 
     """
     if output is None:
         raise FeatpipeError("Name the merged cache with --output FILE, e.g. --output cache/inceptionv3.h5.")
-    from featpipe.options import check_file_option
-
     check_file_option("output", output)
     output = Path(output)
     if compact and shards and len(_unique_paths(shards)) == 1 and _is_whole_cache(_unique_paths(shards)[0]):
@@ -1391,8 +1390,6 @@ def compact_cache(path: str | Path, output: str | Path | None = None, force: boo
     part files are then removed). Costs one copy of the features: use it before copying a cache
     to another machine, or when it has collected many part files. Returns the written path.
     """
-    from featpipe.options import check_file_option
-
     path = Path(path)
     output = Path(output) if output is not None else path
     check_file_option("output", output)

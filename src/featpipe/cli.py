@@ -9,18 +9,26 @@ This is the only place where a FeatpipeError becomes a message and an exit statu
 from __future__ import annotations
 
 import functools
+import json
+import signal
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+import featpipe
 from featpipe._quiet import set_verbose
 from featpipe._version import __version__
 from featpipe.backbones import REGISTRY, WEIGHTS_IMAGENET
+from featpipe.cache import _is_whole_cache, find_shards, parse_shard_path, summarize
 from featpipe.errors import FeatpipeError, OptionError, Terminated
 from featpipe.names import CLASS_WEIGHTS, CV_MODES, DIFFICULTIES, DTYPES, ENGINES, HEAD_NAMES, PRECISIONS, SAMPLING
+from featpipe.predict import check_csv_path, format_table, to_json_lines, write_csv
+from featpipe.runs import RunWarning
+from featpipe.tune import format_leaderboard
 
 app = typer.Typer(
     name="featpipe",
@@ -140,7 +148,7 @@ def sample_data_cmd(
 ):
     """Write the built-in synthetic dataset: real mp4 clips whose classes differ only in frame ORDER."""
     params = _plain(locals())
-    from featpipe.sample_data import write_sample_data
+    from featpipe.sample_data import write_sample_data  # lazy: OpenCV, which --help does not need
 
     result = write_sample_data(**params)
     splits = ", ".join(f"{n} {s}" for s, n in result.counts.items())
@@ -199,10 +207,7 @@ def extract_cmd(
 ):
     """Extract per-frame features of every clip into an HDF5 cache (resumes an interrupted run)."""
     params = _renamed(_plain(locals()), "cache", "cache_dir", "--cache", "--cache-dir", "extract")
-    from featpipe.extract import ExtractOptions, extract
-
-    opts = ExtractOptions(**params)
-    result = extract(opts)
+    result = featpipe.extract(featpipe.ExtractOptions(**params))
     typer.echo(
         f"Extracted {result.n_new} clips ({result.new_frames} frames) in {result.seconds:.1f}s: "
         f"{result.clips_per_second:.2f} clips/s, {result.frames_per_second:.1f} frames/s; "
@@ -211,8 +216,6 @@ def extract_cmd(
     for line in result.summary_lines:
         typer.echo(line)
     if shard:
-        from featpipe.cache import parse_shard_path
-
         whole, _, count = parse_shard_path(result.cache)
         typer.echo(f"This is shard {shard} of the cache; when all {count} shards are done, combine them with "
                    f"`featpipe merge --output {whole}`.")
@@ -285,11 +288,9 @@ def train_cmd(
 ):
     """Train a mask-aware sequence model on a feature cache; writes a self-describing run directory."""
     params = _renamed(_plain(locals()), "rnn", "head", "--rnn", "--head", "train", note=False)  # --rnn stays
-    from featpipe.metrics import format_report
-    from featpipe.train import TrainOptions, train
+    from featpipe.metrics import format_report  # lazy: scikit-learn
 
-    opts = TrainOptions(**params)
-    result = train(opts)
+    result = featpipe.train(featpipe.TrainOptions(**params))
     split = "test" if "test" in result.metrics else "val"
     if not quiet:
         typer.echo(format_report(result.metrics[split]))
@@ -333,11 +334,8 @@ def tune_cmd(
 ):
     """Search heads and settings with Optuna (resumable), print a leaderboard, retrain the best as models/latest."""
     params = _plain(locals())
-    from featpipe.tune import TuneOptions, format_leaderboard, tune
-
     params["heads"] = tuple(h.strip() for h in heads.split(",") if h.strip())
-    opts = TuneOptions(**params)
-    result = tune(opts)
+    result = featpipe.tune(featpipe.TuneOptions(**params))
     typer.echo(format_leaderboard(result.leaderboard, result.cv))
     typer.echo(f"Leaderboard: {', '.join(str(p) for p in result.files.values())}")
     if result.run_dir is not None:
@@ -355,16 +353,11 @@ def evaluate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
 ):
     """Accuracy, top-k, per-class precision/recall/F1, macro and weighted F1, ROC AUC and the confusion matrix."""
-    import json
-    import warnings
-
-    from featpipe.evaluate import evaluate
-    from featpipe.metrics import format_report
-    from featpipe.runs import RunWarning
+    from featpipe.metrics import format_report  # lazy: scikit-learn
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RunWarning)
-        metrics = evaluate(run, split=split, cache=cache)
+        metrics = featpipe.evaluate(run, split=split, cache=cache)
     for w in caught:  # a changed cache: one line on stderr, not a Python warning with its source line
         if issubclass(w.category, RunWarning):
             typer.secho(str(w.message), err=True, fg=typer.colors.YELLOW)
@@ -395,14 +388,12 @@ def predict_cmd(
     old_clips: Annotated[Optional[int], typer.Option("--clips", hidden=True)] = None,
 ):
     """Classify clips with a trained run, reproducing the preprocessing recorded in it."""
-    from featpipe.predict import check_csv_path, format_table, predict, to_json_lines, write_csv
-
     if output is not None:
         check_csv_path(output)  # a folder or an unwritable place: refused before any clip is decoded
     windows = _renamed({"old_clips": old_clips, "windows": windows}, "old_clips", "windows", "--clips", "--windows",
                        "predict")["windows"]
-    results = predict(clips, model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size,
-                      gif=gif, precision=precision.value)
+    results = featpipe.predict(clips, model=model, top_k=top_k, windows=windows, workers=workers,
+                               batch_size=batch_size, gif=gif, precision=precision.value)
     typer.echo(to_json_lines(results) if as_json else format_table(results))
     if output is not None:
         write_csv(results, output, top_k)
@@ -426,10 +417,8 @@ def merge_cmd(
                                                             "cache.")] = False,
 ):
     """Combine the shards of `extract --shard I/N` into one cache, the same as an unsharded extraction writes."""
-    from featpipe.cache import _is_whole_cache, find_shards, merge_shards, summarize
-
     whole = compact and shards is not None and len({p.resolve() for p in shards}) == 1 and _is_whole_cache(shards[0])
-    path = merge_shards(shards, output, force=force, compact=compact)
+    path = featpipe.merge(shards, output, force=force, compact=compact)
     count = len({p.resolve() for p in shards}) if shards else len(find_shards(output))  # a file named twice counts once
     typer.echo(f"Compacted {shards[0]} into {path}." if whole else f"Merged {count} shards into {path}.")
     for line in summarize(path).lines():
@@ -444,15 +433,11 @@ def info_cmd(
                                                           "naming the damaged clips.")] = False,
 ):
     """Describe a cache (settings, clips per split and class, failures) or a run (config, classes, metrics)."""
-    from featpipe.info import info
-
-    for line in info(path, verify=verify):
+    for line in featpipe.info(path, verify=verify):
         typer.echo(line)
 
 
 def main() -> None:
-    import signal
-
     # batch schedulers and container runtimes stop jobs with SIGTERM: treat it as Ctrl-C (finished work is kept)
     signal.signal(signal.SIGTERM, _on_sigterm)
     app()

@@ -43,7 +43,7 @@ def evaluate(run: str | Path = "models/latest", split: str = "test", cache: str 
     (the lines also issued as RunWarning). Raises FeatpipeError when the split holds clips the run
     was trained on (any split but "train"), or the cache's preprocessing differs from the run's.
     """
-    from featpipe.metrics import compute_metrics
+    from featpipe.metrics import compute_metrics  # lazy: scikit-learn
 
     check_int("batch_size", batch_size, 1, 65_536)
     run_dir, info, model = load_run(run)

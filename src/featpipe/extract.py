@@ -13,8 +13,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 
+from featpipe import data, ray_engine
 from featpipe._quiet import import_keras
 from featpipe._version import __version__
 from featpipe.backbones import PRECISIONS, WEIGHTS_IMAGENET, FeatureExtractor, check_size, get_backbone
@@ -31,6 +33,7 @@ from featpipe.cache import (
     summarize,
 )
 from featpipe.datasets import Dataset, Record, index_dataset, repair_splits
+from featpipe.devices import cpu_count
 from featpipe.errors import CacheError, ExtractionFailed, FeatpipeError, OptionError
 from featpipe.names import DTYPES, ENGINES, SAMPLING  # noqa: F401  re-exported
 from featpipe.options import check_choice, check_dir_option, check_file_option, check_float, check_int
@@ -129,9 +132,7 @@ class ExtractOptions:
 
     def _check_memory(self, size: int) -> None:
         """The decoded clips in flight and the frame batches must fit in memory: say what fits if not."""
-        from featpipe.data import physical_memory
-
-        memory = MEMORY_SHARE * physical_memory()
+        memory = MEMORY_SHARE * data.physical_memory()
         frame = size * size * 3  # one decoded uint8 frame
         window = max(2 * (self.workers or default_workers()), 4) + 1  # clips decoded ahead, and the one being batched
         batch = self.batch_size or 32
@@ -198,8 +199,6 @@ class ExtractResult:
 
 def default_workers() -> int:
     """Decode threads: one per usable CPU core (OpenCV releases the GIL while decoding), at most 32."""
-    from featpipe.devices import cpu_count
-
     return max(1, min(32, cpu_count()))
 
 
@@ -226,9 +225,7 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
                             test_fraction=opts.test_fraction, seed=opts.split_seed, fold=opts.fold)
     path = cache_path(opts)
     if opts.engine == "ray":
-        from featpipe.ray_engine import import_ray
-
-        import_ray()  # before any work: without the extra, say how to install it
+        ray_engine.import_ray()  # before any work: without the extra, say how to install it
     started = time.perf_counter()
     # a shard takes the clips whose key hashes to it: the same split on every machine
     records = ([r for r in dataset.records if shard_of(r.video, shard[1]) == shard[0]] if shard
@@ -295,8 +292,6 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
         setup_seconds = time.perf_counter() - started  # index, model build and compile, cache checks
         try:
             if todo and opts.engine == "ray":
-                from featpipe import ray_engine
-
                 stats = ray_engine.run(todo, dataset, extractor, opts, writer, keras.__version__, fingerprint)
             elif todo:
                 stats = _run(todo, dataset, extractor, opts, writer, workers=opts.workers or default_workers())
@@ -389,8 +384,6 @@ def _drop_notes(writer: CacheWriter) -> list[str]:
 def _read_only_result(path: Path, writer: CacheWriter, dataset: Dataset, records: list[Record], identities: dict,
                       todo: list[Record], shard, started: float) -> ExtractResult:
     """The cache's folder cannot be written: succeed if the cache is already what this run would write."""
-    import h5py
-
     assignments, notes = _assignments(dataset, records, writer, identities, shard)
     left = []
     if todo:
@@ -443,9 +436,9 @@ def _run(todo: list[Record], dataset: Dataset, extractor: FeatureExtractor, opts
     Ctrl-C or an error: the batch on the device completes, the clips already finished are
     written, the batches still queued are dropped (at most the clips in flight are lost).
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # lazy: it loads asyncio, 20 ms more for every `featpipe --help`
 
-    from featpipe.video import read_clip
+    from featpipe.video import read_clip  # lazy: `import featpipe` does not load OpenCV
 
     dtype = np.dtype(extractor.cache_dtype(opts.dtype))
     stats = Stats()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from featpipe.cache import DamagedCacheError, missing_parts, summarize, verify_cache
+from featpipe.data import cache_fingerprint
 from featpipe.errors import CacheError, FeatpipeError
+from featpipe.runs import check_model_file, read_run
 
 
 def info(path: str | Path, verify: bool = False) -> list[str]:
@@ -25,8 +28,6 @@ def info(path: str | Path, verify: bool = False) -> list[str]:
 
 
 def _cache_lines(path: Path, verify: bool) -> list[str]:
-    from featpipe.cache import DamagedCacheError, missing_parts, summarize, verify_cache
-
     if not path.exists():
         raise FeatpipeError(f"'{path}' does not exist; pass a cache file (.h5), a run directory or models/latest.")
     missing = missing_parts(path)  # also refuses a file that is not a featpipe cache, in one sentence
@@ -47,8 +48,6 @@ def _cache_lines(path: Path, verify: bool) -> list[str]:
 
 def _cache_status(data) -> str:
     """Whether the run's training cache is still the one it was trained on (by fingerprint)."""
-    from featpipe.data import cache_fingerprint
-
     cache = Path(data.cache)
     if not cache.is_file():
         return "no longer there"
@@ -60,8 +59,6 @@ def _cache_status(data) -> str:
 
 
 def _run_lines(path: Path) -> list[str]:
-    from featpipe.runs import check_model_file, read_run
-
     run, data = read_run(path)
     check_model_file(run, data)  # missing, or another run's model: one sentence, as for evaluate and predict
     pre, cfg, head = data.preprocessing, data.config, data.head

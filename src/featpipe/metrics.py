@@ -26,9 +26,10 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     accuracy_score,
@@ -40,9 +41,6 @@ from sklearn.metrics import (
     roc_auc_score,
     top_k_accuracy_score,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    import pandas as pd
 
 __all__ = ["compute_metrics", "format_report", "plot_confusion_matrix", "plot_curves"]
 
@@ -340,15 +338,11 @@ _ACC_KEYS = ("accuracy", "acc", "sparse_categorical_accuracy", "categorical_accu
 
 
 def _numeric(series: Any) -> np.ndarray:
-    import pandas as pd
-
     return pd.to_numeric(series, errors="coerce").to_numpy(dtype=float)
 
 
 def _curve_data(history: Any) -> tuple["pd.DataFrame", np.ndarray, str | None, float | None]:
     """History -> (frame, 1-based epoch axis, accuracy column or None, best epoch or None)."""
-    import pandas as pd
-
     if isinstance(history, pd.DataFrame):
         df = history.reset_index(drop=True)
     elif isinstance(history, Mapping):

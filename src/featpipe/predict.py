@@ -17,11 +17,14 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from featpipe.backbones import WEIGHTS_IMAGENET, WEIGHTS_NONE
+from featpipe.backbones import WEIGHTS_IMAGENET, WEIGHTS_NONE, FeatureExtractor
 from featpipe.datasets import VIDEO_EXTENSIONS
 from featpipe.errors import BackboneError, FeatpipeError
+from featpipe.extract import default_workers
 from featpipe.names import PRECISIONS
 from featpipe.options import check_choice, check_file_option, check_int, check_writable_parent
+from featpipe.pipeline import Decoded, decode, embed
+from featpipe.runs import load_run
 
 MAX_TOP_K = 1000
 MAX_WINDOWS = 256  # windows per clip averaged (each is one frames-long pass through the backbone)
@@ -94,9 +97,6 @@ class Predictor:
     """A loaded run: the recorded backbone (weights checked by fingerprint) and the trained head."""
 
     def __init__(self, model: str | Path = "models/latest", batch_size: int | None = None, precision: str = "float32"):
-        from featpipe.backbones import FeatureExtractor
-        from featpipe.runs import load_run
-
         check_int("batch_size", batch_size, 1, MAX_BATCH, optional=True)
         self.run_dir, self.info, self.head = load_run(model)  # RunInfo; model.keras checked against it
         pre = self.info.preprocessing
@@ -119,8 +119,6 @@ class Predictor:
 
     def features(self, windows: Sequence) -> tuple[np.ndarray, np.ndarray]:
         """Backbone features for decoded windows (ClipFrames), real frames batched across windows."""
-        from featpipe.pipeline import Decoded, embed
-
         t = self.frames
         if not windows:
             return np.zeros((0, t, *self.extractor.feature_shape), np.float32), np.zeros((0, t), bool)
@@ -144,9 +142,7 @@ def predict(clips: Iterable[str | Path], model: str | Path = "models/latest", to
     others go on. ``gif`` (one clip only) writes its sampled frames captioned with the top label.
     Options are checked by :class:`PredictOptions` (OptionError before anything is loaded).
     """
-    from featpipe.extract import default_workers
-    from featpipe.pipeline import decode, embed
-    from featpipe.video import read_windows, write_gif
+    from featpipe.video import read_windows, write_gif  # lazy: `import featpipe` does not load OpenCV
 
     PredictOptions(model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size, gif=gif,
                    precision=precision)

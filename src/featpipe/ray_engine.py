@@ -34,7 +34,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from featpipe._quiet import import_keras
+from featpipe.backbones import Backbone, FeatureExtractor
+from featpipe.cache import ClipRecord
 from featpipe.errors import BackboneError, ExtractionFailed, FeatpipeError
+from featpipe.pipeline import BackgroundWriter, Decoded, Stats, embed
 
 INSTALL = 'pip install "featpipe[ray]"'
 CLIPS_PER_DECODE_TASK = 4  # rows per decode task (one block of input rows each)
@@ -170,7 +174,7 @@ class DriverBackbone:
 
 def decode_batch(batch: dict, frames: int, size: int, sampling: str) -> dict:
     """Ray Data UDF (a CPU task): decode each row's clip. Never raises: a bad clip is a row with ``error``."""
-    from featpipe.video import read_clip
+    from featpipe.video import read_clip  # lazy: `import featpipe` does not load OpenCV
 
     n = len(batch["key"])
     out_frames = np.zeros((n, frames, size, size, 3), np.uint8)
@@ -203,14 +207,11 @@ class ClipEmbedder:
     version, so the driver can refuse a node that differs from the cache. Never raises.
     """
 
-    def __init__(self, backbone: str, size: int, weights: str, seed: int, batch_size: int | None, precision: str,
-                 dtype: str):
+    def __init__(self, backbone: Backbone | str, size: int, weights: str, seed: int, batch_size: int | None,
+                 precision: str, dtype: str):
         self.worker = f"{socket.gethostname()} (pid {os.getpid()})"
         self.source, self.fatal, self.keras_version, self.fingerprint = None, "", "", ""
         try:
-            from featpipe._quiet import import_keras
-            from featpipe.backbones import FeatureExtractor
-
             self.keras_version = import_keras().__version__
             self.source = FeatureExtractor(backbone, size, weights, seed, batch_size, precision)
             self.fingerprint = self.source.fingerprint
@@ -220,8 +221,6 @@ class ClipEmbedder:
             self.fatal = f"{type(exc).__name__}: {exc}"
 
     def __call__(self, batch: dict) -> dict:
-        from featpipe.pipeline import Decoded, Stats, embed
-
         n = len(batch["key"])
         fatal = self.fatal
         feats = None
@@ -302,8 +301,7 @@ def consume(ds, sink, dtype, fingerprint: str | Callable[[], str], keras_version
     ``fingerprint`` is the reference every row is checked against, or a function returning it,
     called once when the first rows have come and before any is written (it may raise).
     """
-    from featpipe.cache import ClipRecord
-    from featpipe.extract import check_finite
+    from featpipe.extract import check_finite  # lazy: featpipe.extract imports this module
 
     seen: set[str] = set()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
@@ -337,9 +335,7 @@ def run(todo: list, dataset, extractor, opts, writer, keras_version: str, finger
     ``fingerprint()`` gives the driver's weights fingerprint, checked against the cache: called
     when the first rows come back, before anything is written.
     """
-    from tqdm.auto import tqdm
-
-    from featpipe.pipeline import BackgroundWriter, Stats
+    from tqdm.auto import tqdm  # lazy: it loads asyncio, 20 ms more for every `featpipe --help`
 
     ray = import_ray()
     started_ray = connect(opts.ray_address)
@@ -349,7 +345,7 @@ def run(todo: list, dataset, extractor, opts, writer, keras_version: str, finger
         rows = [{"key": r.video, "path": str(r.path.resolve()), "label": dataset.label_index(r.label),
                  "split": r.split} for r in todo]
         ds = build(rows, p, decode_kwargs=dict(frames=opts.frames, size=extractor.size, sampling=opts.sampling),
-                   embedder_kwargs=dict(backbone=extractor.backbone.name, size=extractor.size, weights=opts.weights,
+                   embedder_kwargs=dict(backbone=extractor.backbone, size=extractor.size, weights=opts.weights,
                                         seed=opts.seed, batch_size=opts.batch_size, precision=opts.precision,
                                         dtype=opts.dtype),
                    clips_per_call=clips_per_call(extractor.batch_size, opts.frames))

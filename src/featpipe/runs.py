@@ -29,6 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from featpipe._quiet import import_keras
 from featpipe.errors import FeatpipeError, OptionError
 
 RUN_FILE = "run.json"
@@ -227,11 +228,9 @@ def check_model_file(run_dir: Path, info: RunInfo) -> Path:
 
 def load_run(run: str | Path = "models/latest"):
     """(run directory, RunInfo, the Keras model) for a run folder or models/latest, every part checked."""
-    from featpipe._quiet import import_keras
-
     keras = import_keras()
 
-    import featpipe.models  # noqa: F401  registers the custom layers for safe-mode loading
+    import featpipe.models  # noqa: F401  registers the custom layers for safe-mode loading (lazy: it imports Keras)
 
     run_dir, info = read_run(run)
     model_path = check_model_file(run_dir, info)

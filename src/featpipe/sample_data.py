@@ -528,8 +528,6 @@ def hard_clip_specs(train: int = 16, val: int = 6, test: int = 6, seed: int = 0)
 def _specs_for(difficulty: str, train: int, val: int, test: int, seed: int) -> list:
     """The clip parameters of a preset: ``easy`` (the demo's) or ``hard``."""
     if difficulty not in DIFFICULTIES:
-        from featpipe.errors import OptionError
-
         raise OptionError("difficulty", f"must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}.")
     if difficulty == "hard":
         return hard_clip_specs(train, val, test, seed)

@@ -26,10 +26,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from featpipe import runs
 from featpipe._quiet import import_keras
 from featpipe._version import __version__
-from featpipe.cache import APPEND_KEYS, PREPROCESSING_KEYS
+from featpipe.backbones import is_raw
+from featpipe.cache import APPEND_KEYS, PREPROCESSING_KEYS, parse_shard_path
 from featpipe.data import (
     IN_MEMORY_FRACTION,
     CacheIndex,
@@ -39,10 +42,12 @@ from featpipe.data import (
     feature_stats,
     load_rows,
     open_index,
+    pca_whitening,
     physical_memory,
     resolve_cache,
 )
-from featpipe.errors import FeatpipeError, Terminated
+from featpipe.datasets import stratified_split
+from featpipe.errors import FeatpipeError, OptionError, Terminated
 from featpipe.names import CLASS_WEIGHTS, HEAD_NAMES, RECURRENT_HEADS, SPLITS
 from featpipe.options import check_choice, check_dir_option, check_float, check_int
 from featpipe.runs import LATEST, RunError, resolve_run  # noqa: F401  re-exported: featpipe.train.resolve_run
@@ -122,8 +127,6 @@ class TrainOptions:
         check_int("pooled_steps", self.pooled_steps, 0, 10_000)
         check_int("shortcut", self.shortcut, 0, 10_000, optional=True)
         if self.cache is not None and Path(self.cache).is_dir():
-            from featpipe.errors import OptionError
-
             raise OptionError("cache", f"must be a cache file, but '{self.cache}' is a folder.")
 
 
@@ -157,8 +160,6 @@ class TrainResult:
 
 def _holdout(index: CacheIndex, train_rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded STRATIFIED hold-out of ``fraction`` of the train rows (never the last rows)."""
-    from featpipe.datasets import stratified_split
-
     names = [index.class_names[i] for i in index.labels[train_rows]]
     assigned = np.array(stratified_split([str(v) for v in index.videos[train_rows]], names, fraction, 0.0, seed))
     return train_rows[assigned == "train"], train_rows[assigned == "val"]
@@ -171,17 +172,14 @@ def _class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def _check_not_a_shard(cache: Path, allow: bool) -> None:
-    from featpipe.cache import parse_shard_path
-    from featpipe.runs import AdvisedOptionError
-
     parsed = parse_shard_path(cache)
     if parsed is None or allow:
         return
     whole, i, n = parsed
     problem = (f"names '{cache}', shard {i} of {n} of a sharded extraction (about 1/{n} of the clips); "
                f"combine the shards first with `featpipe merge --output {whole}`, or ")
-    raise AdvisedOptionError("cache", problem + "pass allow_shard=True to train on this shard alone.",
-                             problem + "pass --allow-shard to train on this shard alone.")
+    raise runs.AdvisedOptionError("cache", problem + "pass allow_shard=True to train on this shard alone.",
+                                  problem + "pass --allow-shard to train on this shard alone.")
 
 
 def _validate(opts: TrainOptions, index: CacheIndex) -> dict[str, np.ndarray]:
@@ -203,14 +201,14 @@ def _validate(opts: TrainOptions, index: CacheIndex) -> dict[str, np.ndarray]:
 
 def compile_model(model, opts: TrainOptions) -> None:
     """The optimiser and loss of ``opts``: Adam, or AdamW with weight decay; label smoothing if asked."""
-    import keras
+    keras = import_keras()
 
     if opts.weight_decay:
         optimizer = keras.optimizers.AdamW(learning_rate=opts.lr, weight_decay=opts.weight_decay)
     else:
         optimizer = keras.optimizers.Adam(learning_rate=opts.lr)
     if opts.label_smoothing:
-        from featpipe.models import SparseSmoothedCrossentropy
+        from featpipe.models import SparseSmoothedCrossentropy  # lazy: featpipe.models imports Keras
 
         loss = SparseSmoothedCrossentropy(opts.label_smoothing)
     else:
@@ -220,8 +218,6 @@ def compile_model(model, opts: TrainOptions) -> None:
 
 def _check_frames(opts: TrainOptions, index: CacheIndex) -> int:
     """The head's step count for HeadConfig.frames: 0 (all the cache's steps) or fewer than the cache holds."""
-    from featpipe.options import check_float, check_int
-
     check_int("segments", opts.segments, 1, 1000)
     for name in ("bottleneck", "pca", "pooled_steps", "shortcut"):
         check_int(name, getattr(opts, name), 0, 1 << 16)
@@ -265,8 +261,6 @@ def train(opts: TrainOptions | None = None, **kwargs) -> TrainResult:
     try:
         return _train(opts, temp_dirs)
     except BaseException as exc:  # an error, Ctrl-C or SIGTERM: no half-written run directory is left
-        from featpipe import runs
-
         for path in temp_dirs:
             runs.discard_temp_dir(path)
         if temp_dirs and isinstance(exc, OSError) and exc.errno in runs.WRITE_ERRNOS:
@@ -297,8 +291,6 @@ class _Fit:
 
 def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
     """Phases: choose the splits, build the model, fit it into a hidden run folder, write and publish the run."""
-    from featpipe import runs
-
     started = time.perf_counter()
     cache = resolve_cache(opts.cache, opts.cache_dir)
     _check_not_a_shard(cache, opts.allow_shard)
@@ -332,14 +324,14 @@ def _build(opts: TrainOptions, index: CacheIndex, train_rows: np.ndarray):
     """The compiled model, with the train split's statistics inside; and its HeadConfig."""
     keras = import_keras()
 
-    from featpipe.models import HeadConfig, build_model
+    from featpipe.models import HeadConfig, build_model  # lazy: featpipe.models imports Keras
 
     frames = _check_frames(opts, index)
     head = HeadConfig(head=opts.head, units=opts.units, layers=opts.layers, dropout=opts.dropout,
                       num_heads=opts.num_heads, segments=opts.segments, bottleneck=opts.bottleneck, pca=opts.pca,
                       input_dropout=opts.input_dropout, frames=frames, pooled_steps=opts.pooled_steps,
                       shortcut=opts.shortcut)
-    raw_frames = len(index.config.feature_shape) == 3
+    raw_frames = is_raw(index.config.backbone)  # the registry's raw entry: uint8 frames, not feature vectors
     mean = var = None
     everything = np.arange(len(index.labels))
     if raw_frames:
@@ -349,8 +341,6 @@ def _build(opts: TrainOptions, index: CacheIndex, train_rows: np.ndarray):
     keras.utils.set_random_seed(opts.seed)
     projection = None
     if opts.pca and not raw_frames:
-        from featpipe.data import pca_whitening
-
         projection = pca_whitening(index, train_rows, mean, var, opts.pca)
     model = build_model(head, index.config.feature_shape, len(index.class_names), mean, var, pca=projection,
                         seed=opts.seed)
@@ -362,8 +352,7 @@ def _fit(model, opts: TrainOptions, index: CacheIndex, splits: _Splits, run_dir:
     """Fit, checkpointing the best epoch into ``run_dir``; Ctrl-C or SIGTERM keeps what was reached."""
     keras = import_keras()
 
-    from featpipe import runs
-    from featpipe.batches import H5Batches, streaming_allocator
+    from featpipe.batches import H5Batches, streaming_allocator  # lazy: featpipe.batches imports Keras
 
     train_rows, val_rows = splits.train, splits.val
     model_path = run_dir / runs.MODEL_FILE
@@ -423,8 +412,7 @@ def _write_run(opts: TrainOptions, index: CacheIndex, splits: _Splits, head, fit
     """Reports, plots and run.json into ``run_dir`` (run.json last), then rename it to ``dest``."""
     keras = import_keras()
 
-    from featpipe import runs
-    from featpipe.metrics import compute_metrics, format_report, plot_confusion_matrix, plot_curves
+    from featpipe.metrics import compute_metrics, format_report, plot_confusion_matrix, plot_curves  # lazy: sklearn
 
     metrics: dict[str, dict] = {}
     for split, rows in (("val", splits.val), ("test", splits.test)):
@@ -482,8 +470,6 @@ def _write_run(opts: TrainOptions, index: CacheIndex, splits: _Splits, head, fit
 def _read_history(path: Path) -> list[dict]:
     if not path.exists() or path.stat().st_size == 0:
         return []
-    import pandas as pd
-
     return pd.read_csv(path).to_dict("records")
 
 

@@ -22,6 +22,7 @@ a normal run directory in ``models_dir``, which ``models/latest`` names.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import multiprocessing
@@ -32,8 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
+from featpipe._quiet import import_keras
+from featpipe.data import cache_fingerprint, load_rows, open_index, pca_from_frames, resolve_cache
 from featpipe.errors import FeatpipeError, OptionError
 from featpipe.names import CV_MODES, HEAD_NAMES, IMAGE_HEADS
+from featpipe.options import check_choice, check_dir_option, check_float, check_int
+from featpipe.train import TrainOptions, compile_model, resolve_defaults, train
 
 MIN_VAL_PER_CLASS = 10  # fewer val clips per class than this: k-fold on train + val instead of repeated seeds
 SEARCH_HEADS = ("gru", "lstm", "segments")
@@ -65,8 +70,6 @@ class TuneOptions:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        from featpipe.options import check_choice, check_float, check_int
-
         check_int("trials", self.trials, 1, 100_000, optional=True)
         check_float("time_budget", self.time_budget, 0.0, 30 * 86400.0, low_open=True, optional=True)
         if self.trials is None and self.time_budget is None:
@@ -169,8 +172,6 @@ def suggest(trial, heads: tuple[str, ...], cache_frames: int) -> dict:
 
 def _defaults_as_trial(head: str, cache_frames: int) -> dict:
     """Optuna params that reproduce `featpipe train --rnn head` defaults (enqueued first)."""
-    from featpipe.train import TrainOptions, resolve_defaults
-
     d = resolve_defaults(TrainOptions(head=head))
     params = {"rnn": head, "lr": d.lr, "dropout": d.dropout, "weight_decay": d.weight_decay,
               "input_dropout": d.input_dropout}
@@ -196,13 +197,9 @@ def _frame_stats(x: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def score_config(params: dict, data: dict, fits, opts: TuneOptions) -> tuple[list[float], list[float]]:
     """Validation accuracy and loss of ``params`` on each fit (same model, optimiser and early stopping as train())."""
-    from featpipe._quiet import import_keras
-
     keras = import_keras()
 
-    from featpipe.data import pca_from_frames
-    from featpipe.models import HeadConfig, build_model
-    from featpipe.train import TrainOptions, compile_model, resolve_defaults
+    from featpipe.models import HeadConfig, build_model  # lazy: featpipe.models imports Keras
 
     topts = resolve_defaults(TrainOptions(**params))
     x, m, y, where = data["features"], data["mask"], data["labels"], data["where"]
@@ -239,8 +236,6 @@ def score_config(params: dict, data: dict, fits, opts: TuneOptions) -> tuple[lis
 
 
 def _study_name(index, opts: TuneOptions, mode: str) -> str:
-    from featpipe.data import cache_fingerprint
-
     n = opts.folds if mode == "folds" else opts.seeds
     return f"{cache_fingerprint(index.path)}-{mode}{n}-seed{opts.seed}-{'+'.join(opts.heads)}"
 
@@ -280,8 +275,6 @@ def _worker(cache: str, db: str, name: str, opts: TuneOptions, deadline: float |
     ``opts.trials`` finished ones or the deadline passes."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import optuna
-
-    from featpipe.data import load_rows, open_index
 
     index = open_index(cache)
     _, fits = plan_fits(index, opts)
@@ -358,8 +351,6 @@ def format_leaderboard(rows: list[dict], mode: str, top: int = 10) -> str:
 
 
 def _write_outputs(rows: list[dict], out: Path, mode: str, extra: dict) -> dict:
-    import csv
-
     files = {}
     text = format_leaderboard(rows, mode)
     _atomic_write(out / "leaderboard.txt", text + "\n")
@@ -418,9 +409,6 @@ def tune(opts: TuneOptions | None = None, **kwargs) -> TuneResult:
     lost by stopping. Running the same command again resumes the study.
     """
     opts = TuneOptions(**kwargs) if opts is None else dataclasses.replace(opts, **kwargs)
-    from featpipe.data import open_index, resolve_cache
-    from featpipe.options import check_dir_option
-
     check_dir_option("out", opts.out, optional=True)
     check_dir_option("models_dir", opts.models_dir)
     cache = resolve_cache(opts.cache, opts.cache_dir)
@@ -479,8 +467,6 @@ def tune(opts: TuneOptions | None = None, **kwargs) -> TuneResult:
     if not rows:
         raise FeatpipeError("No trial finished within the time budget; give a larger --time-budget.")
     if opts.retrain:
-        from featpipe.train import train
-
         best = dict(rows[0]["params"])
         run = train(cache=cache, models_dir=opts.models_dir, seed=opts.seed, quiet=True, **best)
         result.run_dir, result.test_accuracy = run.run_dir, run.metrics.get("test", {}).get("accuracy")

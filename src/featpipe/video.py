@@ -28,6 +28,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from featpipe.errors import VideoError
 from featpipe.names import SAMPLING
@@ -372,8 +373,6 @@ def _read_planned(path: Path, frames: int, size: int, plan) -> list[ClipFrames]:
 
 def write_gif(frames: np.ndarray, path: str | Path, caption: str, fps: float = 4.0) -> Path:
     """An animated GIF of RGB frames (k, H, W, 3) with ``caption`` drawn on every frame."""
-    from PIL import Image
-
     path = Path(path)
     images = []
     for frame in frames:
