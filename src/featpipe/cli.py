@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import signal
 import sys
 import warnings
 from enum import Enum
@@ -20,6 +19,7 @@ from typing import Annotated, Optional
 import typer
 
 import featpipe
+from featpipe import signals
 from featpipe._quiet import set_verbose
 from featpipe._version import __version__
 from featpipe.backbones import REGISTRY, WEIGHTS_IMAGENET
@@ -101,15 +101,11 @@ def _handles_errors(fn=None, *, interrupted: str = INTERRUPTED, flags: dict[str,
         except FeatpipeError as exc:
             typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated) through _on_sigterm
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated) through featpipe.signals
             typer.secho(interrupted, err=True)
             raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
 
     return wrapper
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated()
 
 
 def _version(value: bool):
@@ -438,8 +434,9 @@ def info_cmd(
 
 
 def main() -> None:
-    # batch schedulers and container runtimes stop jobs with SIGTERM: treat it as Ctrl-C (finished work is kept)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    # batch schedulers and container runtimes stop jobs with SIGTERM: treat it as Ctrl-C (finished work is kept);
+    # both are remembered until handled, so one swallowed by a garbage-collector callback still stops training
+    signals.install()
     app()
 
 
