@@ -20,7 +20,17 @@ from featpipe._quiet import set_verbose
 from featpipe._version import __version__
 from featpipe.backbones import REGISTRY, WEIGHTS_IMAGENET
 from featpipe.errors import FeatpipeError, OptionError, Terminated
-from featpipe.names import CLASS_WEIGHTS, CV_MODES, DIFFICULTIES, DTYPES, ENGINES, HEAD_NAMES, PRECISIONS, SAMPLING
+from featpipe.names import (
+    CLASS_WEIGHTS,
+    CV_MODES,
+    DIFFICULTIES,
+    DTYPES,
+    ENGINES,
+    HEAD_NAMES,
+    PRECISIONS,
+    REFIT_BELOW,
+    SAMPLING,
+)
 
 app = typer.Typer(
     name="featpipe",
@@ -282,6 +292,11 @@ def train_cmd(
     pooled_steps: Annotated[int, typer.Option(help="gru/lstm/bilstm: read the means of this many temporal segments "
                                                    "instead of every frame; 0 = every frame.")] = 0,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
+    refit: Annotated[Optional[bool], typer.Option("--refit/--no-refit", show_default=False,
+                                                  help="After early stopping chose the epoch count on val, train the "
+                                                       "final model on train + val for that many epochs [default: when "
+                                                       f"the smallest train class has fewer than {REFIT_BELOW} "
+                                                       "clips].")] = None,
 ):
     """Train a mask-aware sequence model on a feature cache; writes a self-describing run directory."""
     params = _renamed(_plain(locals()), "rnn", "head", "--rnn", "--head", "train", note=False)  # --rnn stays
@@ -296,6 +311,7 @@ def train_cmd(
     how = "streamed from HDF5" if result.streamed else "in memory"
     typer.echo(
         f"Run {result.run_dir}: best epoch {result.best_epoch} of {result.epochs_run} ({how}, {result.seconds:.1f}s); "
+        + (f"refit on train + val for {result.refit_epochs} epochs; " if result.refit_epochs else "")
         + ", ".join(f"{s} accuracy {m['accuracy']:.3f}" for s, m in result.metrics.items())
     )
     if result.interrupted:
