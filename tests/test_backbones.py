@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -95,6 +96,18 @@ def test_random_weights_are_the_same_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     here = fingerprint(build_model(get_backbone("vgg16"), 32, "none", seed=7))
     assert out.splitlines()[-1] == here
+
+
+def test_random_weights_do_not_depend_on_the_blas_thread_count():
+    """Ray starts its workers with OMP_NUM_THREADS=1: their network must be the driver's, whatever its cores."""
+    code = (
+        "from featpipe.backbones import build_model, get_backbone, fingerprint;"
+        "print(fingerprint(build_model(get_backbone('resnet50'), 32, 'none', seed=0)))"
+    )
+    prints = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n}
+                             ).stdout.strip().splitlines()[-1] for n in ("1", "2")}
+    assert len(prints) == 1, prints
 
 
 def test_the_none_network_is_calibrated_in_numpy_not_on_the_backend(monkeypatch):

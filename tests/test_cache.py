@@ -208,6 +208,33 @@ def test_extracting_into_a_cache_with_other_settings_is_refused_saying_what_diff
         CacheWriter(other, replace(CONFIG, **change))
 
 
+def test_a_fingerprint_settled_later_is_checked_as_opening_checks_it_and_nothing_is_written_before(tmp_path):
+    """--engine ray opens the writer while the driver's fingerprint is still being computed."""
+    path, journaled = tmp_path / "c.h5", tmp_path / "j.h5"
+    for target in (path, journaled):
+        w = CacheWriter(target, CONFIG)
+        w.append(clip(0))
+        w.close()
+    CacheWriter(path, CONFIG).finalize()  # path: a finished cache; journaled: an unfinished journal
+    unknown = replace(CONFIG, weights_fingerprint=None)
+    for target, what in ((path, "existing cache"), (journaled, "unfinished extraction")):
+        with pytest.raises(CacheError) as opened:
+            CacheWriter(target, replace(CONFIG, weights_fingerprint="zzz"))
+        w = CacheWriter(target, unknown)  # every other setting is the same: opens
+        with pytest.raises(RuntimeError, match="settle_fingerprint"):
+            w.append(clip(1))
+        with pytest.raises(CacheError, match=what) as settled:
+            w.settle_fingerprint("zzz")
+        assert str(settled.value) == str(opened.value), "the sentence opening says"
+    with pytest.raises(CacheError, match="frames: 8 requested, 4 in the cache"):  # the rest is checked at once
+        CacheWriter(path, replace(unknown, frames=8))
+    w = CacheWriter(path, unknown)
+    w.settle_fingerprint(CONFIG.weights_fingerprint)
+    w.append(clip(1))
+    w.finalize()
+    assert read_all(path)["video"].tolist() == [b"train/a/clip0.mp4", b"train/a/clip1.mp4"]
+
+
 def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
     path = tmp_path / "c.h5"
     with CacheLock(path):

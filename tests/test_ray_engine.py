@@ -24,11 +24,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from featpipe.backbones import FeatureExtractor, get_backbone
 from featpipe.cache import iter_journal, journal_path, merge_shards, shard_path
 from featpipe.cli import app
-from featpipe.errors import BackboneError, ExtractionFailed, FeatpipeError
+from featpipe.errors import BackboneError, CacheError, ExtractionFailed, FeatpipeError
 from featpipe.extract import extract
-from featpipe.ray_engine import check_worker
+from featpipe.ray_engine import DriverBackbone, check_worker, clips_per_call
 from featpipe.sample_data import write_sample_data
 from videos import write_text_as_video
 
@@ -196,6 +197,30 @@ def test_a_worker_with_other_weights_or_keras_is_refused_in_one_sentence():
         check_worker({**row, "fatal": "OSError: no weights file"}, "abc", "3.0.0")
 
 
+def test_the_driver_side_backbone_records_what_the_full_extractor_would(tmp_path):
+    """Under --engine ray the driver builds no network to run: the same cache settings and fingerprint, on a thread."""
+    for name, size, batch in (("vgg16", 32, 4), ("vgg16", 32, None), ("raw", 16, None)):
+        full = FeatureExtractor(name, size, "none", 3, batch)
+        light = DriverBackbone(get_backbone(name), size, "none", 3, batch, "float32")
+        assert light.wait() == full.fingerprint == light.fingerprint
+        for attr in ("weights", "feature_shape", "batch_size", "precision", "size"):
+            assert getattr(light, attr) == getattr(full, attr), attr
+        assert light.cache_dtype("float16") == full.cache_dtype("float16")
+    missing = tmp_path / "nope.h5"
+    with pytest.raises(BackboneError) as theirs:
+        FeatureExtractor("vgg16", 32, str(missing), 0, 4)
+    light = DriverBackbone(get_backbone("vgg16"), 32, str(missing), 0, 4, "float32")
+    with pytest.raises(BackboneError) as mine:
+        light.wait()
+    assert str(mine.value) == str(theirs.value), "the local engine's sentence"
+
+
+def test_actor_calls_are_whole_decode_blocks():
+    # 4 backbone batches of 32 frames at 20 frames a clip is 7 clips: 8, so that blocks of 4 make no 1-clip call
+    assert [clips_per_call(32, 20), clips_per_call(1, 8), clips_per_call(64, 16), clips_per_call(128, 20)] == \
+        [8, 4, 16, 28]
+
+
 # ------------------------------------------------------------- on the two-node cluster (`make test-ray`)
 
 
@@ -242,6 +267,18 @@ def test_driver_sigkill_then_the_same_command_resumes_to_the_clean_cache(sample,
     again = extract(data=sample, output=out, engine="ray", ray_address=cluster, **SMALL)
     assert again.n_skipped == len(journaled), "only clips not yet journaled were redone"
     assert_same_cache(out, clean)
+
+
+@pytest.mark.ray
+def test_a_cache_made_with_other_weights_is_refused_before_anything_is_written(sample, clean, cluster, tmp_path):
+    out = tmp_path / "c.h5"
+    shutil.copy(clean, out)
+    before = out.read_bytes()
+    # --retry-failed leaves the bad clip to do: the cluster runs it, the cache is checked when its row comes back
+    with pytest.raises(CacheError, match=r"existing cache .* \(weights_fingerprint: \w+ requested, \w+ in the cache\)"):
+        extract(data=sample, output=out, engine="ray", ray_address=cluster, num_workers=1, retry_failed=True,
+                **{**SMALL, "seed": 1})
+    assert out.read_bytes() == before and not journal_path(out).exists()
 
 
 def _actor_pids() -> list[int]:

@@ -149,8 +149,12 @@ def _deterministic_init(model, backbone: Backbone, size: int, seed: int) -> None
     in NumPy (:func:`_numpy_calibration`), not on the backend: each backend's convolutions round
     differently, and statistics computed by them would differ in the last bits, giving another
     weights fingerprint, so a cache extracted under TensorFlow would be refused under PyTorch.
+    For the same reason it runs with one BLAS thread: OpenBLAS splits a matrix product differently
+    for another thread count, and the statistics then differ in the last bits too (a Ray actor,
+    which Ray starts with OMP_NUM_THREADS=1, got another fingerprint than the driver on 2 cores).
     """
     from keras import layers
+    from threadpoolctl import threadpool_limits
 
     rng = np.random.default_rng(seed)
     for layer in model._flatten_layers(include_self=False):
@@ -164,7 +168,8 @@ def _deterministic_init(model, backbone: Backbone, size: int, seed: int) -> None
             continue
         kernel.assign(rng.normal(0.0, np.sqrt(2.0 / fan_in), tuple(kernel.shape)).astype(np.float32))
     if any(isinstance(layer, layers.BatchNormalization) for layer in model._flatten_layers(include_self=False)):
-        stats = _numpy_calibration(model, backbone.preprocess(_calibration_images(24, size, seed)))
+        with threadpool_limits(limits=1, user_api="blas"):
+            stats = _numpy_calibration(model, backbone.preprocess(_calibration_images(24, size, seed)))
         for layer, (mean, var) in stats.items():
             layer.moving_mean.assign(mean)
             layer.moving_variance.assign(var)

@@ -108,7 +108,7 @@ class CacheConfig:
 
     backbone: str
     weights: str
-    weights_fingerprint: str
+    weights_fingerprint: str | None  # None: not known yet, until CacheWriter.settle_fingerprint
     input_size: int
     frames: int
     sampling: str
@@ -572,6 +572,10 @@ class CacheWriter:
     as unusable; ``identity(key)`` the (size, mtime_ns) each was read with. ``append`` journals
     a clip (stamped with ``identities[key]`` when it carries none); ``finalize`` folds
     everything into the HDF5 file. ``writable=False`` only reads (a cache on read-only media).
+
+    ``config.weights_fingerprint`` may be None, not known yet (--engine ray computes it while the
+    cluster starts): the cache and journal are then checked on every other setting at once, and
+    on the fingerprint by :meth:`settle_fingerprint`, which must come before ``append`` or ``finalize``.
     """
 
     def __init__(self, path: Path, config: CacheConfig, writable: bool = True):
@@ -585,6 +589,7 @@ class CacheWriter:
         self._existing_identity: dict[str, Identity | None] = {}  # rows and failed clips
         self._existing_stale: dict[str, str] = {}
         self.existing_attrs: dict | None = None  # the cache's (or else the journal's) attributes
+        self._checked: list[tuple[CacheConfig, str]] = []  # what opening checked the config against
         if self.path.exists():
             with open_h5(self.path) as f:
                 self.existing_attrs = dict(f.attrs)
@@ -623,12 +628,27 @@ class CacheWriter:
         self._writer: JournalWriter | None = None
 
     def _check(self, theirs: CacheConfig, what: str) -> None:
-        diffs = self.config.differences(theirs)
+        self._checked.append((theirs, what))
+        keys = WRITE_KEYS if self.config.weights_fingerprint is not None else \
+            tuple(k for k in WRITE_KEYS if k != "weights_fingerprint")
+        diffs = self.config.differences(theirs, keys)
         if diffs:
             raise CacheError(
                 f"Refusing to add clips to {what}: it was made with different settings ({'; '.join(diffs)}). "
                 f"Use the same settings, or write a new cache with --output FILE."
             )
+
+    def settle_fingerprint(self, fingerprint: str) -> None:
+        """Give a writer opened without it its weights fingerprint, checked against the cache and the
+        journal as opening checks every other setting (the same CacheError when they differ)."""
+        checked, self._checked = self._checked, []
+        self.config = dataclasses.replace(self.config, weights_fingerprint=fingerprint)
+        for theirs, what in checked:
+            self._check(theirs, what)
+
+    def _settled(self) -> None:
+        if self.config.weights_fingerprint is None:
+            raise RuntimeError("CacheWriter: settle_fingerprint() must come before anything is written")
 
     def _latest(self) -> dict[str, tuple[str | None, Identity | None]]:
         """key -> (None for a row or the failure reason, identity): the cache, then the journal, later wins."""
@@ -665,6 +685,7 @@ class CacheWriter:
         return bool(self._journal_entries) or bool(self._appended)
 
     def append(self, rec: ClipRecord) -> None:
+        self._settled()
         if rec.size == UNKNOWN and self.identities.get(rec.video):
             rec = dataclasses.replace(rec, size=self.identities[rec.video][0], mtime_ns=self.identities[rec.video][1])
         try:
@@ -697,6 +718,7 @@ class CacheWriter:
         rows whose clip is not in it, or whose file changed since it was extracted, are dropped
         (and listed under stale/); rows of unknown identity (version 1) take the current one.
         """
+        self._settled()
         self.close()
         if self.journal.exists():  # re-read: includes what this process appended
             _, entries, _ = _read_journal(self.journal)

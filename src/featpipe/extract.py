@@ -242,9 +242,15 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
             if not path.is_file():
                 raise
             writable = False  # a finished cache on read-only media: fine if nothing is left to do
-        extractor = FeatureExtractor(backbone, size, opts.weights, opts.seed, opts.batch_size, opts.precision)
+        if opts.engine == "ray":  # the actors build the network; the driver's fingerprint is made on a thread
+            from featpipe.ray_engine import DriverBackbone
+
+            extractor = DriverBackbone(backbone, size, opts.weights, opts.seed, opts.batch_size, opts.precision)
+        else:
+            extractor = FeatureExtractor(backbone, size, opts.weights, opts.seed, opts.batch_size, opts.precision)
         keras = import_keras()
 
+        # weights_fingerprint None: still being computed (--engine ray); settled before anything is written
         config = CacheConfig(
             backbone=backbone.name, weights=extractor.weights, weights_fingerprint=extractor.fingerprint,
             input_size=size, frames=opts.frames, sampling=opts.sampling, dtype=extractor.cache_dtype(opts.dtype),
@@ -263,6 +269,15 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
         skip = done | (set() if opts.retry_failed else failed_before)
         todo = [r for r in records if r.video not in skip]
         n_skipped = len(records) - len(todo)
+
+        def fingerprint() -> str:
+            """The weights fingerprint, the cache checked against it (CacheError if it was made with other weights)."""
+            if writer.config.weights_fingerprint is None:
+                writer.settle_fingerprint(extractor.wait())
+            return writer.config.weights_fingerprint
+
+        if not writable or not todo:
+            fingerprint()
         if not writable:
             return _read_only_result(path, writer, dataset, records, identities, todo, shard, started)
         stats = Stats()
@@ -270,6 +285,7 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
 
         def fold():
             """Cache + journal -> the HDF5 file, with labels and (repaired) splits from the current index."""
+            fingerprint()
             assignments, split_notes = _assignments(dataset, records, writer, identities, shard)
             writer.finalize(assignments, current=identities)
             notes[:] = split_notes + _drop_notes(writer)
@@ -281,11 +297,12 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
             if todo and opts.engine == "ray":
                 from featpipe import ray_engine
 
-                stats = ray_engine.run(todo, dataset, extractor, opts, writer, keras.__version__)
+                stats = ray_engine.run(todo, dataset, extractor, opts, writer, keras.__version__, fingerprint)
             elif todo:
                 stats = _run(todo, dataset, extractor, opts, writer, workers=opts.workers or default_workers())
         except KeyboardInterrupt:
-            fold()  # Ctrl-C or SIGTERM: keep every finished clip in the cache, then stop
+            if writer.config.weights_fingerprint is not None:  # else nothing was written yet (--engine ray)
+                fold()  # Ctrl-C or SIGTERM: keep every finished clip in the cache, then stop
             raise
         finally:
             writer.close()

@@ -16,6 +16,9 @@ The pipeline, from the driver (the process that runs `featpipe extract`):
   UDF would abort the whole Ray job, and ``max_errored_blocks`` would drop rows silently.
 * Every row says which weights fingerprint and Keras version made it; the driver refuses a
   worker whose differ from the cache's before writing anything it made.
+* The driver does not build the network it never runs (:class:`DriverBackbone`): only its
+  weights fingerprint, on a thread, while the cluster starts and the actors build theirs; the
+  cache is checked against it, as by the local engine, before the first row is written.
 * Resume, the lock, failed-clip records, --retry-failed, --strict and --shard are the local
   engine's: the driver does all of that, the cluster only computes.
 """
@@ -25,8 +28,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -89,6 +93,79 @@ def plan(num_workers: int | None, gpus_per_worker: float | None) -> Plan:
         raise FeatpipeError(f"--num-workers {n} with --gpus-per-worker {g:g} needs {n * g:g} GPUs; "
                             f"the Ray cluster has {gpus:g}.")
     return Plan(n, g, nodes)
+
+
+class DriverBackbone:
+    """The backbone as the driver needs it under --engine ray: what the cache records, no compiled network.
+
+    The same attributes as a FeatureExtractor where extract() reads them (weights label, feature
+    shape, cache dtype, batch size, precision). The weights fingerprint needs the network with
+    its weights (for --weights none a NumPy calibration, about 15 s for InceptionV3 at 299 px on
+    2 cores): it is computed on a thread started here, so that it overlaps the cluster starting
+    and the actors importing TensorFlow and building their own. ``fingerprint`` is None until
+    :meth:`wait` returns it (or raises what building the network raised, as the local engine does).
+    """
+
+    def __init__(self, backbone, size: int, weights: str, seed: int, batch_size: int | None, precision: str):
+        from featpipe._quiet import import_keras
+        from featpipe.backbones import (
+            RAW_FINGERPRINT,
+            WEIGHTS_NONE,
+            _check_precision,
+            auto_batch_size,
+            build_model,
+            fingerprint,
+            weights_label,
+        )
+        from featpipe.devices import current_device
+
+        if not backbone.raw:
+            import_keras()  # here: the import filters fd 2 for the whole process, not something for two threads
+        self.backbone, self.size, self.seed = backbone, size, seed
+        self.precision = _check_precision(precision)
+        self.weights = WEIGHTS_NONE if backbone.raw else weights_label(weights)
+        self.feature_shape: tuple[int, ...] = (size, size, 3) if backbone.raw else (backbone.feature_dim,)
+        self.fingerprint: str | None = RAW_FINGERPRINT if backbone.raw else None
+        device = None if backbone.raw or batch_size else current_device()
+        self._batch_size = batch_size or (32 if device is None or not device.accelerator else None)
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        if self.fingerprint is not None:
+            self._done.set()
+            return
+
+        def build():
+            try:
+                model = build_model(backbone, size, self.weights, seed)
+                if self._batch_size is None:  # an accelerator here: the local engine's estimate, for the call sizes
+                    self._batch_size = auto_batch_size(model, device, self.precision)
+                self.fingerprint = fingerprint(model)
+            except BaseException as exc:  # noqa: BLE001 -- re-raised by wait(), on the driver's thread
+                self._error = exc
+            finally:
+                self._done.set()
+
+        threading.Thread(target=build, name="featpipe-fingerprint", daemon=True).start()
+
+    def wait(self) -> str:
+        """The weights fingerprint, once computed (raises what building the network raised)."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self.fingerprint
+
+    @property
+    def batch_size(self) -> int:
+        """Frames per forward pass: --batch-size, else the local engine's choice for this machine."""
+        if self._batch_size is None:
+            self.wait()
+        return int(self._batch_size)
+
+    def cache_dtype(self, requested: str) -> str:
+        return "uint8" if self.backbone.raw else requested
+
+    def warm_up(self) -> None:
+        """Nothing to compile: the actors run the network."""
 
 
 def decode_batch(batch: dict, frames: int, size: int, sampling: str) -> dict:
@@ -184,9 +261,15 @@ def check_worker(row: dict[str, Any], fingerprint: str, keras_version: str) -> N
 DEVICE_BATCHES_PER_CALL = 4  # backbone batches per actor call: fewer Ray round trips, the device kept busy inside
 
 
-def clips_per_call(batch_size: int, frames: int) -> int:
-    """Clips per actor call: about DEVICE_BATCHES_PER_CALL backbone batches of frames."""
-    return max(1, -(-DEVICE_BATCHES_PER_CALL * batch_size // frames))
+def clips_per_call(batch_size: int, frames: int, clips_per_block: int = CLIPS_PER_DECODE_TASK) -> int:
+    """Clips per actor call: about DEVICE_BATCHES_PER_CALL backbone batches of frames, in whole decode blocks.
+
+    Ray Data bundles whole blocks (``clips_per_block`` rows, one per decode task) for an actor and
+    cuts them into calls of this many rows: 7 clips per call from blocks of 4 made calls of 7 and
+    1, the 1-clip call a padded backbone batch of its own.
+    """
+    clips = max(1, -(-DEVICE_BATCHES_PER_CALL * batch_size // frames))
+    return -(-clips // clips_per_block) * clips_per_block
 
 
 def build(rows: list[dict], plan_: Plan, *, decode_kwargs: dict, embedder_kwargs: dict, clips_per_call: int,
@@ -213,13 +296,19 @@ def build(rows: list[dict], plan_: Plan, *, decode_kwargs: dict, embedder_kwargs
     )
 
 
-def consume(ds, sink, dtype, fingerprint: str, keras_version: str, stats, progress=None) -> None:
-    """Rows of ``ds`` on the driver: checked, each key once, handed to ``sink`` (a BackgroundWriter)."""
+def consume(ds, sink, dtype, fingerprint: str | Callable[[], str], keras_version: str, stats, progress=None) -> None:
+    """Rows of ``ds`` on the driver: checked, each key once, handed to ``sink`` (a BackgroundWriter).
+
+    ``fingerprint`` is the reference every row is checked against, or a function returning it,
+    called once when the first rows have come and before any is written (it may raise).
+    """
     from featpipe.cache import ClipRecord
     from featpipe.extract import check_finite
 
     seen: set[str] = set()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        if callable(fingerprint):
+            fingerprint = fingerprint()
         for i in range(len(batch["key"])):
             row = {name: batch[name][i] for name in batch}
             key = str(row["key"])
@@ -242,8 +331,12 @@ def consume(ds, sink, dtype, fingerprint: str, keras_version: str, stats, progre
                 progress(1)
 
 
-def run(todo: list, dataset, extractor, opts, writer, keras_version: str):
-    """Extract ``todo`` on the cluster; the driver writes every row through ``writer``. Returns pipeline Stats."""
+def run(todo: list, dataset, extractor, opts, writer, keras_version: str, fingerprint: Callable[[], str]):
+    """Extract ``todo`` on the cluster; the driver writes every row through ``writer``. Returns pipeline Stats.
+
+    ``fingerprint()`` gives the driver's weights fingerprint, checked against the cache: called
+    when the first rows come back, before anything is written.
+    """
     from tqdm.auto import tqdm
 
     from featpipe.pipeline import BackgroundWriter, Stats
@@ -264,8 +357,7 @@ def run(todo: list, dataset, extractor, opts, writer, keras_version: str):
         with tqdm(total=len(todo), unit="clip", disable=opts.quiet, dynamic_ncols=True,
                   desc=f"extract {extractor.backbone.name} on {p.num_workers} Ray worker(s)") as bar, \
                 BackgroundWriter(writer) as sink:
-            consume(ds, sink, extractor.cache_dtype(opts.dtype), extractor.fingerprint, keras_version, stats,
-                    bar.update)
+            consume(ds, sink, extractor.cache_dtype(opts.dtype), fingerprint, keras_version, stats, bar.update)
         return stats
     finally:
         if started_ray:
