@@ -24,7 +24,8 @@ def trained(tmp_path_factory):
     write_sample_data(root / "data", train=3, val=1, test=1, seed=0)
     cache = root / "cache" / "vgg16.h5"
     extract(data=root / "data", output=cache, backbone="vgg16", size=32, frames=8, weights="none", quiet=True)
-    result = train(cache=cache, rnn="gru", models_dir=root / "models", epochs=3, patience=3, quiet=True)
+    # refit=False: val stays held out, so `evaluate --split val` is allowed (a refit run refuses it, tested below)
+    result = train(cache=cache, rnn="gru", models_dir=root / "models", epochs=3, patience=3, quiet=True, refit=False)
     return root, cache, result
 
 

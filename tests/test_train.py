@@ -241,6 +241,41 @@ def test_a_signal_before_the_first_epoch_writes_nothing_and_keeps_the_old_run(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "latest", "run", "small.h5"]
 
 
+def test_a_ctrl_c_swallowed_by_a_gc_callback_still_stops_training(tmp_path):
+    """Under load a SIGINT landed in JAX's garbage-collector callback, was printed as "Exception ignored", and
+    train ran on for all its epochs. featpipe.signals remembers it and training raises it at the next batch."""
+    import gc
+    import os
+
+    from featpipe import signals
+
+    cache = synthetic_cache(tmp_path / "c.h5", n=300)
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    swallowed = []
+
+    def gc_callback(phase, info):  # an exception raised in here is reported and ignored by the interpreter
+        if phase == "start" and not swallowed:
+            swallowed.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(1000))  # the handler runs here, inside the callback
+
+    try:
+        signals.install()
+        gc.callbacks.append(gc_callback)
+        gc.collect()  # returns normally: the KeyboardInterrupt was swallowed
+        gc.callbacks.remove(gc_callback)
+        assert swallowed
+        with pytest.raises(KeyboardInterrupt):  # not 3 epochs of 200 steps run to the end
+            train(cache=cache, rnn="mean", out=tmp_path / "run", epochs=3, patience=3, batch_size=1, quiet=True)
+        assert not (tmp_path / "run").exists()
+    finally:
+        if gc_callback in gc.callbacks:
+            gc.callbacks.remove(gc_callback)
+        signals.handled()
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+
+
 def test_an_existing_run_needs_force_and_is_replaced_whole(tmp_path):
     cache = synthetic_cache(tmp_path / "c.h5")
     first = train(cache=cache, rnn="mean", out=tmp_path / "run", epochs=2, quiet=True)
@@ -267,12 +302,76 @@ def test_an_existing_run_needs_force_and_is_replaced_whole(tmp_path):
 
 def test_run_json_records_the_clips_trained_and_validated_on(tmp_path):
     cache = synthetic_cache(tmp_path / "c.h5", splits=("train", "test"), classes=("a", "b", "c"), n=40)
-    result = train(cache=cache, rnn="mean", out=tmp_path / "r", epochs=1, quiet=True)
+    result = train(cache=cache, rnn="mean", out=tmp_path / "r", epochs=1, quiet=True, refit=False)
     info = json.loads((result.run_dir / "run.json").read_text())
     train_clips, val_clips = set(info["train_clips"]), set(info["val_clips"])
     assert len(train_clips) + len(val_clips) == 20 and not train_clips & val_clips  # a hold-out of the train split
     assert all(int(v[1:4]) % 2 == 0 for v in train_clips | val_clips), "only train-split clips"
     assert info["run_format"] == 2 and len(info["run_id"]) == 16
+
+
+def test_a_small_train_split_is_refit_on_train_and_val_for_the_chosen_epochs(tmp_path):
+    cache = synthetic_cache(tmp_path / "c.h5", classes=("a", "b"), n=36)  # 6 train clips per class: refit by default
+    result = train(cache=cache, rnn="gru", out=tmp_path / "r", epochs=6, patience=2, quiet=True)
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert 1 <= result.best_epoch <= 6 and result.refit_epochs == result.best_epoch == info["refit_epochs"]
+    assert set(info["val_clips"]) <= set(info["train_clips"]), "the final model was trained on the val clips too"
+    assert len(info["train_clips"]) == 24 and len(info["val_clips"]) == 12
+    report = json.loads((result.run_dir / "report.json").read_text())
+    assert set(report) == {"val", "test"}, "val scores of the selected model are still reported"
+    from featpipe.runs import file_sha256
+
+    assert file_sha256(result.run_dir / "model.keras") == info["model_sha256"]
+    assert sorted(p.name for p in result.run_dir.iterdir()) == sorted(
+        ["model.keras", "run.json", "history.csv", "curves.png", "confusion_matrix.png", "report.json", "report.txt"])
+    # the refit model is what evaluate scores, and a val split it was trained on is refused with the reason
+    from featpipe.evaluate import evaluate
+
+    assert evaluate(result.run_dir, split="test")["accuracy"] == pytest.approx(report["test"]["accuracy"])
+    with pytest.raises(FeatpipeError, match="refit on train \\+ val.*--no-refit"):
+        evaluate(result.run_dir, split="val")
+    again = train(cache=cache, rnn="gru", out=tmp_path / "r2", epochs=6, patience=2, quiet=True)
+    assert again.metrics["test"] == result.metrics["test"], "same seed, same refit model"
+
+
+def test_refit_is_off_from_50_train_clips_per_class_and_can_be_forced_either_way(tmp_path):
+    from featpipe.data import open_index
+    from featpipe.train import TrainOptions, refit_wanted
+
+    big = open_index(synthetic_cache(tmp_path / "big.h5", classes=("a", "b"), n=300))  # 50 train clips per class
+    small = open_index(synthetic_cache(tmp_path / "small.h5", classes=("a", "b"), n=294))  # 49 per class
+    assert not refit_wanted(TrainOptions(), big, big.rows("train"))
+    assert refit_wanted(TrainOptions(), small, small.rows("train"))
+    assert refit_wanted(TrainOptions(refit=True), big, big.rows("train"))
+    assert not refit_wanted(TrainOptions(refit=False), small, small.rows("train"))
+    result = train(cache=tmp_path / "small.h5", rnn="mean", out=tmp_path / "r", epochs=2, quiet=True, refit=False)
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["refit_epochs"] == 0 and not set(info["train_clips"]) & set(info["val_clips"])
+    out = runner.invoke(app, ["train", "--cache", str(tmp_path / "big.h5"), "--head", "mean", "--epochs", "2",
+                              "--quiet", "--out", str(tmp_path / "cli"), "--refit"])
+    assert out.exit_code == 0, out.stderr
+    assert "refit on train + val for" in out.output
+    assert json.loads((tmp_path / "cli" / "run.json").read_text())["refit_epochs"] >= 1
+
+
+def test_ctrl_c_during_the_refit_keeps_the_selected_model(tmp_path, monkeypatch):
+    cache = synthetic_cache(tmp_path / "c.h5", classes=("a", "b"), n=36)
+    calls = []
+    fit = keras.Model.fit
+
+    def fit_then_interrupt(self, *args, **kwargs):  # the second fit of a run is the refit
+        calls.append(kwargs.get("epochs"))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", fit_then_interrupt)
+    result = train(cache=cache, rnn="mean", out=tmp_path / "r", epochs=3, quiet=True)
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert len(calls) == 2 and result.interrupted and result.refit_epochs == 0
+    assert info["refit_epochs"] == 0 and info["interrupted"] and not set(info["train_clips"]) & set(info["val_clips"])
+    assert sorted(p.name for p in result.run_dir.iterdir()) == sorted(
+        ["model.keras", "run.json", "history.csv", "curves.png", "confusion_matrix.png", "report.json", "report.txt"])
 
 
 def test_a_shard_file_is_refused_unless_allowed(tmp_path):

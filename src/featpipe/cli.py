@@ -25,7 +25,17 @@ from featpipe._version import __version__
 from featpipe.backbones import REGISTRY, WEIGHTS_IMAGENET
 from featpipe.cache import _is_whole_cache, find_shards, parse_shard_path, summarize
 from featpipe.errors import FeatpipeError, OptionError, Terminated
-from featpipe.names import CLASS_WEIGHTS, CV_MODES, DIFFICULTIES, DTYPES, ENGINES, HEAD_NAMES, PRECISIONS, SAMPLING
+from featpipe.names import (
+    CLASS_WEIGHTS,
+    CV_MODES,
+    DIFFICULTIES,
+    DTYPES,
+    ENGINES,
+    HEAD_NAMES,
+    PRECISIONS,
+    REFIT_BELOW,
+    SAMPLING,
+)
 from featpipe.predict import check_csv_path, format_table, to_json_lines, write_csv
 from featpipe.runs import RunWarning
 from featpipe.tune import format_leaderboard
@@ -281,6 +291,11 @@ def train_cmd(
     pooled_steps: Annotated[int, typer.Option(help="gru/lstm/bilstm: read the means of this many temporal segments "
                                                    "instead of every frame; 0 = every frame.")] = 0,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
+    refit: Annotated[Optional[bool], typer.Option("--refit/--no-refit", show_default=False,
+                                                  help="After early stopping chose the epoch count on val, train the "
+                                                       "final model on train + val for that many epochs [default: when "
+                                                       f"the smallest train class has fewer than {REFIT_BELOW} "
+                                                       "clips].")] = None,
 ):
     """Train a mask-aware sequence model on a feature cache; writes a self-describing run directory."""
     params = _renamed(_plain(locals()), "rnn", "head", "--rnn", "--head", "train", note=False)  # --rnn stays
@@ -293,6 +308,7 @@ def train_cmd(
     how = "streamed from HDF5" if result.streamed else "in memory"
     typer.echo(
         f"Run {result.run_dir}: best epoch {result.best_epoch} of {result.epochs_run} ({how}, {result.seconds:.1f}s); "
+        + (f"refit on train + val for {result.refit_epochs} epochs; " if result.refit_epochs else "")
         + ", ".join(f"{s} accuracy {m['accuracy']:.3f}" for s, m in result.metrics.items())
     )
     if result.interrupted:

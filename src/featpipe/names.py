@@ -38,3 +38,6 @@ CV_MODES = ("auto", "folds", "seeds")
 
 DIFFICULTIES = ("easy", "hard")
 """Sample-data difficulties."""
+
+REFIT_BELOW = 50
+"""`train` refits on train + val by default when the smallest class of the train split has fewer clips than this."""

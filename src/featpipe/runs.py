@@ -96,6 +96,7 @@ class RunInfo:
     streamed: bool = False
     epochs_run: int = 0
     best_epoch: int = 0
+    refit_epochs: int = 0  # > 0: model.keras was trained on train + val (train_clips) for this many epochs
     interrupted: bool = False
     seconds: float = 0.0
     metrics: dict = field(default_factory=dict)  # {"val": {accuracy, macro_f1, roc_auc, n}, "test": {...}}
@@ -249,6 +250,12 @@ def overlap_with_training(info: RunInfo, videos, split: str, cache: str | Path) 
     """Refuse to score a run on clips whose labels it saw while training (e.g. the cache was re-split)."""
     seen = info.seen_outside(split)
     overlap = sorted(set(map(str, videos)) & seen)
+    if overlap and info.refit_epochs and set(overlap) <= set(info.val_clips or ()):
+        raise RunError(
+            f"This run was refit on train + val ({info.refit_epochs} epochs, after its val clips chose that count), "
+            f"so {len(overlap)} of the {len(videos)} clips in the '{split}' split of '{cache}' were trained on; its "
+            f"val scores before the refit are in its report.json. Evaluate the test split, or train with --no-refit "
+            f"to keep val held out.")
     if overlap:
         raise RunError(
             f"{len(overlap)} of the {len(videos)} clips in the '{split}' split of '{cache}' were used to train this "

@@ -1,23 +1,40 @@
 """Ctrl-C and SIGTERM that are never lost.
 
 Python raises the KeyboardInterrupt of a signal in whatever code runs when the handler runs. When
-that is a garbage-collector callback (JAX and TensorFlow register some) or a ``__del__``, Python
-prints "Exception ignored in ..." and goes on: the interrupt is lost, and a training run asked to
-stop keeps going. So the CLI's handler also records the interrupt, and long loops call
-:func:`raise_pending` at points where raising is safe (``train`` and ``tune`` after every batch):
-an interrupt that was swallowed is raised there again.
+that is a garbage-collector callback (JAX registers one) or a ``__del__``, Python prints "Exception
+ignored in ..." with a traceback and goes on: the interrupt is lost, and a training run asked to
+stop keeps going. So the CLI's handler does two things:
+
+* landing inside a gc callback, it does not raise there: the signal is sent again a moment later;
+* it records the interrupt until it is handled, and long loops call :func:`raise_pending` where
+  raising is safe (``train`` and ``tune`` after every batch), for any other place that swallows it.
 """
 
 from __future__ import annotations
 
+import gc
+import os
 import signal
+import threading
 
 from featpipe.errors import Terminated
 
 _pending: list[KeyboardInterrupt] = []
 
 
+def _in_gc_callback(frame) -> bool:
+    codes = {getattr(callback, "__code__", None) for callback in gc.callbacks} - {None}
+    while codes and frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _on_signal(signum, frame):
+    if _in_gc_callback(frame):  # an exception raised here would be printed and dropped: ask again shortly
+        threading.Timer(0.02, os.kill, (os.getpid(), signum)).start()
+        return
     exc = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
     _pending.append(exc)
     raise exc

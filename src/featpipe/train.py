@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from featpipe import runs
+from featpipe import runs, signals
 from featpipe._quiet import import_keras
 from featpipe._version import __version__
 from featpipe.backbones import is_raw
@@ -48,7 +49,7 @@ from featpipe.data import (
 )
 from featpipe.datasets import stratified_split
 from featpipe.errors import FeatpipeError, OptionError, Terminated
-from featpipe.names import CLASS_WEIGHTS, HEAD_NAMES, RECURRENT_HEADS, SPLITS
+from featpipe.names import CLASS_WEIGHTS, HEAD_NAMES, RECURRENT_HEADS, REFIT_BELOW, SPLITS
 from featpipe.options import check_choice, check_dir_option, check_float, check_int
 from featpipe.runs import LATEST, RunError, resolve_run  # noqa: F401  re-exported: featpipe.train.resolve_run
 
@@ -96,6 +97,9 @@ class TrainOptions:
     label_smoothing: float = 0.0
     pooled_steps: int = 0  # recurrent heads read the means of this many temporal segments (0 = every frame)
     shortcut: int | None = None  # recurrent heads: a linear path from the means of this many segments (0 = none)
+    # after early stopping chose the epoch count on val, train a fresh model on train + val for that many epochs;
+    # None = auto: when the smallest class of the train split has fewer than REFIT_BELOW clips
+    refit: bool | None = None
     rnn: str | None = None  # the older name of ``head``, still accepted (it wins when given); None after construction
 
     def __post_init__(self) -> None:
@@ -156,6 +160,7 @@ class TrainResult:
     interrupted: bool = False
     history: list[dict] = field(default_factory=list)
     interrupted_by: str | None = None  # "SIGINT" (Ctrl-C) or "SIGTERM" when interrupted
+    refit_epochs: int = 0  # the final model was trained on train + val for this many epochs (0 = no refit)
 
 
 def _holdout(index: CacheIndex, train_rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -287,6 +292,8 @@ class _Fit:
     best_epoch: int
     streamed: bool
     interrupted: KeyboardInterrupt | None  # the KeyboardInterrupt (or Terminated) that stopped training
+    val_metrics: dict | None = None  # the selected model's val metrics, kept when a refit replaced it
+    refit_rows: np.ndarray | None = None  # the rows the final model was refit on (train + val); None = no refit
 
 
 def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
@@ -304,6 +311,8 @@ def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
     run_dir = runs.make_temp_dir(dest)  # written here, renamed to dest when complete
     temp_dirs.append(run_dir)
     fit = _fit(model, opts, index, splits, run_dir)
+    if fit.interrupted is None and fit.best_epoch and refit_wanted(opts, index, splits.train):
+        fit = _refit(opts, index, splits, fit, run_dir)
     return _write_run(opts, index, splits, head, fit, run_dir, dest, fingerprint, started)
 
 
@@ -348,42 +357,65 @@ def _build(opts: TrainOptions, index: CacheIndex, train_rows: np.ndarray):
     return model, head
 
 
-def _fit(model, opts: TrainOptions, index: CacheIndex, splits: _Splits, run_dir: Path) -> _Fit:
-    """Fit, checkpointing the best epoch into ``run_dir``; Ctrl-C or SIGTERM keeps what was reached."""
-    keras = import_keras()
+def _fit_data(index: CacheIndex, opts: TrainOptions, train_rows: np.ndarray, val_rows: np.ndarray | None,
+              streamed: bool) -> dict:
+    """``model.fit`` keyword arguments for ``train_rows`` (and ``val_rows`` as validation, when given)."""
+    from featpipe.batches import H5Batches
 
-    from featpipe.batches import H5Batches, streaming_allocator  # lazy: featpipe.batches imports Keras
-
-    train_rows, val_rows = splits.train, splits.val
-    model_path = run_dir / runs.MODEL_FILE
-    streamed = choose_stream(index, opts.stream)
     n_classes = len(index.class_names)
     weights = _class_weights(index.labels[train_rows], n_classes) if opts.class_weight == "balanced" else None
-    callbacks = [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=opts.patience, restore_best_weights=True),
-        keras.callbacks.ModelCheckpoint(model_path, monitor="val_loss", save_best_only=True),
-        keras.callbacks.CSVLogger(run_dir / "history.csv"),
-    ]
     if streamed:
         sw = weights[index.labels[train_rows]] if weights is not None else None
         # Validation is usually small: held in memory when it fits, because Keras slows down epoch after
         # epoch when validation_data is a PyDataset (measured in bench/train_bench.py).
-        val_bytes = len(val_rows) * index.features_nbytes_f32 // max(len(index.labels), 1)
-        validation = (load_rows(index, val_rows) if val_bytes <= IN_MEMORY_FRACTION * physical_memory()
-                      else H5Batches(index.path, val_rows, index.labels[val_rows], opts.batch_size, dtype=None))
+        validation = None
+        if val_rows is not None:
+            val_bytes = len(val_rows) * index.features_nbytes_f32 // max(len(index.labels), 1)
+            validation = (load_rows(index, val_rows) if val_bytes <= IN_MEMORY_FRACTION * physical_memory()
+                          else H5Batches(index.path, val_rows, index.labels[val_rows], opts.batch_size, dtype=None))
         # H5Batches shuffles itself (shuffled blocks of neighbouring rows, read a window of batches at a time),
         # so Keras must keep its batch order (shuffle=False). Features come in the cache's dtype: the model's
         # float32 input casts them, the same values as in memory, and a float16 cache skips a slow NumPy cast.
         # Two reader threads (h5py reads release the GIL) are enough for a few large reads per window.
-        fit_data = dict(x=H5Batches(index.path, train_rows, index.labels[train_rows], opts.batch_size, shuffle=True,
-                                    seed=opts.seed, sample_weight=sw, dtype=None, workers=2,
-                                    use_multiprocessing=False, max_queue_size=16),
-                        validation_data=validation, shuffle=False)
-    else:
-        x_train, y_train = load_rows(index, train_rows)
-        x_val, y_val = load_rows(index, val_rows)
-        fit_data = dict(x=x_train, y=y_train, validation_data=(x_val, y_val), batch_size=opts.batch_size, shuffle=True,
-                        sample_weight=weights[y_train] if weights is not None else None)
+        return dict(x=H5Batches(index.path, train_rows, index.labels[train_rows], opts.batch_size, shuffle=True,
+                                seed=opts.seed, sample_weight=sw, dtype=None, workers=2,
+                                use_multiprocessing=False, max_queue_size=16),
+                    validation_data=validation, shuffle=False)
+    x_train, y_train = load_rows(index, train_rows)
+    validation = load_rows(index, val_rows) if val_rows is not None else None
+    return dict(x=x_train, y=y_train, validation_data=validation, batch_size=opts.batch_size, shuffle=True,
+                sample_weight=weights[y_train] if weights is not None else None)
+
+
+def _close(fit_data: dict) -> None:
+    from featpipe.batches import H5Batches
+
+    for data in (fit_data["x"], fit_data["validation_data"]):
+        if isinstance(data, H5Batches):  # streamed: close the file, drop the windows
+            data.close()
+
+
+def interrupt_check(keras):
+    """A callback raising, after every batch, a Ctrl-C or SIGTERM that was swallowed where it landed
+    (see featpipe.signals): without it a run could go on for all its epochs."""
+    return keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs=None: signals.raise_pending())
+
+
+def _fit(model, opts: TrainOptions, index: CacheIndex, splits: _Splits, run_dir: Path) -> _Fit:
+    """Fit, checkpointing the best epoch into ``run_dir``; Ctrl-C or SIGTERM keeps what was reached."""
+    keras = import_keras()
+
+    from featpipe.batches import streaming_allocator  # lazy: featpipe.batches imports Keras
+
+    model_path = run_dir / runs.MODEL_FILE
+    streamed = choose_stream(index, opts.stream)
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=opts.patience, restore_best_weights=True),
+        keras.callbacks.ModelCheckpoint(model_path, monitor="val_loss", save_best_only=True),
+        keras.callbacks.CSVLogger(run_dir / "history.csv"),
+        interrupt_check(keras),
+    ]
+    fit_data = _fit_data(index, opts, splits.train, splits.val, streamed)
     interrupted = None
     history_rows: list[dict] = []
     try:
@@ -393,10 +425,9 @@ def _fit(model, opts: TrainOptions, index: CacheIndex, splits: _Splits, run_dir:
         history_rows = [dict(zip(hist.history, vals)) for vals in zip(*hist.history.values())]
     except KeyboardInterrupt as exc:
         interrupted = exc
+        signals.handled()
     finally:
-        for data in (fit_data["x"], fit_data["validation_data"]):
-            if isinstance(data, H5Batches):  # streamed: close the file, drop the windows
-                data.close()
+        _close(fit_data)
     if not model_path.exists():
         if interrupted is not None:
             raise interrupted  # stopped before the first epoch ended: nothing worth keeping
@@ -407,6 +438,49 @@ def _fit(model, opts: TrainOptions, index: CacheIndex, splits: _Splits, run_dir:
     return _Fit(model, history, best_epoch, streamed, interrupted)
 
 
+def refit_wanted(opts: TrainOptions, index: CacheIndex, train_rows: np.ndarray) -> bool:
+    """``opts.refit``, or when not given: has the smallest train class fewer than REFIT_BELOW clips?"""
+    if opts.refit is not None:
+        return bool(opts.refit)
+    counts = np.bincount(index.labels[train_rows], minlength=len(index.class_names))
+    return int(counts[counts > 0].min()) < REFIT_BELOW
+
+
+def _refit(opts: TrainOptions, index: CacheIndex, splits: _Splits, fit: _Fit, run_dir: Path) -> _Fit:
+    """A fresh model of the same configuration trained on train + val for the chosen number of epochs.
+
+    The selected model's val metrics are kept (they are what chose the epoch count); the refit model replaces
+    model.keras. Ctrl-C or SIGTERM during the refit keeps the selected model, as if no refit had been asked.
+    """
+    keras = import_keras()
+
+    from featpipe.batches import streaming_allocator  # lazy: featpipe.batches imports Keras
+    from featpipe.metrics import compute_metrics  # lazy: scikit-learn
+
+    probs = predict_rows(fit.model, index, splits.val, opts.batch_size)
+    val_metrics = {**compute_metrics(index.labels[splits.val], probs, index.class_names), "split": "val"}
+    fit = dataclasses.replace(fit, val_metrics=val_metrics)
+    rows = np.sort(np.concatenate([splits.train, splits.val]))
+    keras.backend.clear_session()
+    model, _ = _build(opts, index, rows)
+    fit_data = _fit_data(index, opts, rows, None, fit.streamed)
+    path = run_dir / ("refit-" + runs.MODEL_FILE)
+    try:
+        with streaming_allocator(fit.streamed) as allocator_callbacks:
+            model.fit(epochs=fit.best_epoch, callbacks=[interrupt_check(keras), *allocator_callbacks],
+                      verbose=0 if opts.quiet else 2, **fit_data)
+        model.save(path)
+    except KeyboardInterrupt as exc:
+        signals.handled()
+        path.unlink(missing_ok=True)
+        return dataclasses.replace(fit, interrupted=exc)
+    finally:
+        _close(fit_data)
+    os.replace(path, run_dir / runs.MODEL_FILE)
+    model = keras.saving.load_model(run_dir / runs.MODEL_FILE)
+    return dataclasses.replace(fit, model=model, refit_rows=rows)
+
+
 def _write_run(opts: TrainOptions, index: CacheIndex, splits: _Splits, head, fit: _Fit, run_dir: Path, dest: Path,
                fingerprint: str, started: float) -> TrainResult:
     """Reports, plots and run.json into ``run_dir`` (run.json last), then rename it to ``dest``."""
@@ -414,9 +488,9 @@ def _write_run(opts: TrainOptions, index: CacheIndex, splits: _Splits, head, fit
 
     from featpipe.metrics import compute_metrics, format_report, plot_confusion_matrix, plot_curves  # lazy: sklearn
 
-    metrics: dict[str, dict] = {}
+    metrics: dict[str, dict] = {} if fit.val_metrics is None else {"val": fit.val_metrics}
     for split, rows in (("val", splits.val), ("test", splits.test)):
-        if len(rows):
+        if len(rows) and split not in metrics:
             probs = predict_rows(fit.model, index, rows, opts.batch_size)
             metrics[split] = {**compute_metrics(index.labels[rows], probs, index.class_names), "split": split}
     report_split = "test" if "test" in metrics else "val"
@@ -430,6 +504,8 @@ def _write_run(opts: TrainOptions, index: CacheIndex, splits: _Splits, head, fit
 
     seconds = time.perf_counter() - started
     attrs = index.config.attrs()
+    refit = fit.refit_rows is not None
+    trained = fit.refit_rows if refit else splits.train  # a refit model has seen the val clips' labels too
     interrupted = fit.interrupted
     run_info = runs.RunInfo(
         run_format=runs.RUN_FORMAT,
@@ -450,9 +526,10 @@ def _write_run(opts: TrainOptions, index: CacheIndex, splits: _Splits, head, fit
         cache=str(index.path.resolve()),
         cache_fingerprint=fingerprint,
         # the clips (cache keys) whose labels the run saw: evaluate refuses a split that overlaps them
-        train_clips=tuple(sorted(str(v) for v in index.videos[splits.train])),
+        train_clips=tuple(sorted(str(v) for v in index.videos[trained])),
         val_clips=tuple(sorted(str(v) for v in index.videos[splits.val])),
         validation=splits.val_source,
+        refit_epochs=fit.best_epoch if refit else 0,
         streamed=fit.streamed,
         epochs_run=len(history),
         best_epoch=fit.best_epoch,
@@ -464,7 +541,7 @@ def _write_run(opts: TrainOptions, index: CacheIndex, splits: _Splits, head, fit
     runs.publish_run(run_dir, dest, opts.force)  # rename into place, then point models/latest at it
     signal_name = None if interrupted is None else ("SIGTERM" if isinstance(interrupted, Terminated) else "SIGINT")
     return TrainResult(dest, metrics, fit.best_epoch, len(history), seconds, fit.streamed, interrupted is not None,
-                       history, signal_name)
+                       history, signal_name, refit_epochs=fit.best_epoch if refit else 0)
 
 
 def _read_history(path: Path) -> list[dict]:

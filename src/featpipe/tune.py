@@ -38,7 +38,7 @@ from featpipe.data import cache_fingerprint, load_rows, open_index, pca_from_fra
 from featpipe.errors import FeatpipeError, OptionError
 from featpipe.names import CV_MODES, HEAD_NAMES, IMAGE_HEADS
 from featpipe.options import check_choice, check_dir_option, check_float, check_int
-from featpipe.train import TrainOptions, compile_model, resolve_defaults, train
+from featpipe.train import TrainOptions, compile_model, interrupt_check, resolve_defaults, train
 
 MIN_VAL_PER_CLASS = 10  # fewer val clips per class than this: k-fold on train + val instead of repeated seeds
 SEARCH_HEADS = ("gru", "lstm", "segments")
@@ -221,7 +221,8 @@ def score_config(params: dict, data: dict, fits, opts: TuneOptions) -> tuple[lis
         compile_model(model, topts)
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=opts.patience, restore_best_weights=True)
         model.fit({"features": x[tr], "mask": m[tr]}, y[tr], batch_size=topts.batch_size, epochs=opts.epochs,
-                  validation_data=({"features": x[va], "mask": m[va]}, y[va]), callbacks=[stop], verbose=0,
+                  validation_data=({"features": x[va], "mask": m[va]}, y[va]), callbacks=[stop, interrupt_check(keras)],
+                  verbose=0,
                   shuffle=True)
         loss, acc = model.evaluate({"features": x[va], "mask": m[va]}, y[va], batch_size=256, verbose=0)
         accs.append(float(acc))
