@@ -188,10 +188,26 @@ def test_the_design_spelling_rnn_gru_works_from_the_cli(small_cache, tmp_path):
     assert "accuracy" in result.output and "Run " in result.output
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_trainers():
+    """A failed signal test must not leave its 5000-epoch trainer running for the rest of the session."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _train_process(cache: Path, run: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "featpipe", "train", "--cache", str(cache), "--epochs", "5000", "--patience", "5000",
            "--out", str(run), "--quiet", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _STARTED.append(proc)
+    return proc
 
 
 def _temp_dirs(run: Path) -> list[Path]:
