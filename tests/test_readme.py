@@ -6,7 +6,6 @@ import re
 from enum import Enum
 from pathlib import Path
 
-import click
 import pytest
 from typer.main import get_command
 
@@ -46,7 +45,7 @@ def readme_flags(command: str) -> set[str]:
     return {flag for flags, _ in readme_rows(command) for flag in flags}
 
 
-def cli_options(command: str) -> list[click.Option]:
+def cli_options(command: str) -> list:
     params = get_command(app).commands[command].params
     return [p for p in params if not getattr(p, "hidden", False) and p.param_type_name == "option"
             and "--help" not in p.opts]
