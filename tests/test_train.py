@@ -79,12 +79,18 @@ def test_training_writes_a_complete_self_describing_run_directory(small_cache, t
 def test_standardisation_is_adapted_on_real_train_frames_only(small_cache, tmp_path):
     from featpipe.data import feature_stats, open_index
 
-    result = train(cache=small_cache, rnn="mean", out=tmp_path / "run", **FAST)
+    result = train(cache=small_cache, rnn="mean", out=tmp_path / "run", refit=False, **FAST)
     model = keras.saving.load_model(result.run_dir / "model.keras")
     norm = model.get_layer("standardize")
     idx = open_index(small_cache)
     mean, var = feature_stats(idx, idx.rows("train"))
     np.testing.assert_allclose(np.ravel(norm.mean), mean, rtol=1e-5, atol=1e-5)
+    # a refit model is standardised on what it trained on, train + val, and never on test
+    refit = train(cache=small_cache, rnn="mean", out=tmp_path / "refit", refit=True, **FAST)
+    norm = keras.saving.load_model(refit.run_dir / "model.keras").get_layer("standardize")
+    both, _ = feature_stats(idx, np.sort(np.concatenate([idx.rows("train"), idx.rows("val")])))
+    np.testing.assert_allclose(np.ravel(norm.mean), both, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(both, mean, rtol=1e-3)
     train_real = h5py.File(small_cache)["features"][np.sort(idx.rows("train"))][idx.mask[np.sort(idx.rows("train"))]]
     all_real = h5py.File(small_cache)["features"][:][idx.mask]
     assert not np.allclose(all_real.astype(np.float64).mean(0), train_real.astype(np.float64).mean(0)), \
