@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 BACKENDS_STAMP := $(VENV)/.backends
 
-.PHONY: venv demo test test-fast test-ray lint test-backends bench gpu-bench clean
+.PHONY: venv demo test test-fast test-ray lint format test-backends bench gpu-bench clean
 
 venv: $(STAMP)
 
@@ -44,9 +44,13 @@ $(RAY_STAMP): $(STAMP)
 test-ray: $(RAY_STAMP)
 	$(BIN)/python -m pytest -m ray tests/test_ray_engine.py
 
-# ruff's lint rules from pyproject.toml [tool.ruff]; no formatting check yet.
+# ruff's lint rules and formatter from pyproject.toml [tool.ruff]: `make format` rewrites, `make lint` only checks.
 lint: venv
 	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format: venv
+	$(BIN)/ruff format src tests bench
 
 # PyTorch (CPU build) and JAX beside TensorFlow, for the backend-agnostic end-to-end tests.
 $(BACKENDS_STAMP): $(STAMP)

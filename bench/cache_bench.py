@@ -49,9 +49,18 @@ T, D = 20, 2048
 
 def config(shard: str | None = None) -> fc.CacheConfig:
     extra = {"shard": shard} if shard else {}
-    return fc.CacheConfig(backbone="inceptionv3", weights="imagenet", weights_fingerprint="bench", input_size=299,
-                          frames=T, sampling="uniform", dtype="float16", feature_shape=(D,),
-                          class_names=tuple(f"class{i:03d}" for i in range(100)), extra=extra)
+    return fc.CacheConfig(
+        backbone="inceptionv3",
+        weights="imagenet",
+        weights_fingerprint="bench",
+        input_size=299,
+        frames=T,
+        sampling="uniform",
+        dtype="float16",
+        feature_shape=(D,),
+        class_names=tuple(f"class{i:03d}" for i in range(100)),
+        extra=extra,
+    )
 
 
 def key(i: int) -> str:
@@ -61,9 +70,15 @@ def key(i: int) -> str:
 def columns(keys: list[str]) -> fc._Columns:
     n = len(keys)
     label = np.array([int(k.split("/")[1][5:]) for k in keys], dtype=np.int64)
-    return fc._Columns(list(keys), np.ones((n, T), dtype=bool), label, [k.split("/")[0] for k in keys],
-                       np.full(n, 250, dtype=np.int64), np.arange(n, dtype=np.int64) + 10_000,
-                       np.full(n, 1_700_000_000_000_000_000, dtype=np.int64))
+    return fc._Columns(
+        list(keys),
+        np.ones((n, T), dtype=bool),
+        label,
+        [k.split("/")[0] for k in keys],
+        np.full(n, 250, dtype=np.int64),
+        np.arange(n, dtype=np.int64) + 10_000,
+        np.full(n, 1_700_000_000_000_000_000, dtype=np.int64),
+    )
 
 
 def synthesise(path: Path, n: int, shards: int) -> list[str]:
@@ -87,18 +102,23 @@ def make_shards(path: Path, keys: list[str], shards: int) -> None:
     start = 0
     for s in range(1, shards + 1):
         mine = [k for k in keys if fc.shard_of(k, shards) == s]
-        src = fc._Sources([part], [len(keys)], np.zeros(len(mine), dtype=np.int64),
-                          np.arange(start, start + len(mine), dtype=np.int64))
+        src = fc._Sources(
+            [part],
+            [len(keys)],
+            np.zeros(len(mine), dtype=np.int64),
+            np.arange(start, start + len(mine), dtype=np.int64),
+        )
         target = fc.shard_path(path, s, shards)
-        fc._install(fc._write_parted_temporary(target, config(f"{s}/{shards}"), columns(mine), src, {}, {}, {}),
-                    target)
+        fc._install(fc._write_parted_temporary(target, config(f"{s}/{shards}"), columns(mine), src, {}, {}, {}), target)
         start += len(mine)
 
 
 def add(path: Path, first: int, count: int) -> float:
     rng = np.random.default_rng(first)
-    recs = [fc.ClipRecord(key(first + i), 0, "train", 250, rng.standard_normal((T, D)).astype(np.float16),
-                          np.ones(T, bool)) for i in range(count)]
+    recs = [
+        fc.ClipRecord(key(first + i), 0, "train", 250, rng.standard_normal((T, D)).astype(np.float16), np.ones(T, bool))
+        for i in range(count)
+    ]
     recs = [replace(r, label=int(r.video.split("/")[1][5:]), split=r.video.split("/")[0]) for r in recs]
     t0 = time.perf_counter()
     with fc.CacheLock(path):
@@ -134,12 +154,17 @@ def run(size: int, folder: Path, rewrite_max: int, shards: int) -> dict:
 
 
 def table(results: list[dict], shards: int) -> str:
-    lines = [f"| clips | features | add 1 clip | add 10 clips | merge {shards} shards "
-             f"| rewrite all (old finalize, `--compact`) |", "|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| clips | features | add 1 clip | add 10 clips | merge {shards} shards "
+        f"| rewrite all (old finalize, `--compact`) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         rewrite = f"{r['rewrite_s']:.1f} s" if "rewrite_s" in r else "not run"
-        lines.append(f"| {r['clips']:,} | {r['gigabytes']} GB | {r['add_1_s']:.2f} s | {r['add_10_s']:.2f} s | "
-                     f"{r[f'merge_{shards}_s']:.2f} s | {rewrite} |")
+        lines.append(
+            f"| {r['clips']:,} | {r['gigabytes']} GB | {r['add_1_s']:.2f} s | {r['add_10_s']:.2f} s | "
+            f"{r[f'merge_{shards}_s']:.2f} s | {rewrite} |"
+        )
     return "\n".join(lines)
 
 

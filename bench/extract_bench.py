@@ -97,22 +97,31 @@ class Timing:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--backbone", default=None, help=f"registry name (default {DEFAULTS['backbone']})")
     p.add_argument("--size", type=int, default=None, help="input size (default: the backbone's native size)")
     p.add_argument("--frames", type=int, default=None, help=f"frames per clip (default {DEFAULTS['frames']})")
-    p.add_argument("--clips", type=int, default=None,
-                   help=f"clips to use (default {DEFAULTS['clips']}); from fresh sample data unless --data")
+    p.add_argument(
+        "--clips",
+        type=int,
+        default=None,
+        help=f"clips to use (default {DEFAULTS['clips']}); from fresh sample data unless --data",
+    )
     p.add_argument("--data", default=None, help="use this existing dataset folder instead of sample data")
     p.add_argument("--weights", default="none", help="imagenet, none (random, no download) or a weights file")
-    p.add_argument("--batch-size", type=int, default=None, help="frames per forward pass (default "
-                                                                f"{DEFAULTS['batch_size']})")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help=f"frames per forward pass (default {DEFAULTS['batch_size']})"
+    )
     p.add_argument("--workers", type=int, default=None, help=f"featpipe decode threads (default {default_workers()})")
     p.add_argument("--repeats", type=int, default=1, help="repeat each method N times, report the best")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--quick", action="store_true",
-                   help=f"tiny smoke run (size {QUICK['size']}, {QUICK['clips']} clips, {QUICK['frames']} frames)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"tiny smoke run (size {QUICK['size']}, {QUICK['clips']} clips, {QUICK['frames']} frames)",
+    )
     args = p.parse_args(argv)
     chosen = {**DEFAULTS, **(QUICK if args.quick else {})}
     for key, value in chosen.items():  # explicit options win over --quick and the defaults
@@ -208,7 +217,7 @@ def run_ceiling(extractor: FeatureExtractor, frames: np.ndarray) -> tuple[float,
     """Forward passes only: ``batch_size`` frames per call. Returns (seconds, features)."""
     bs = extractor.batch_size
     started = time.perf_counter()
-    feats = [extractor(frames[i:i + bs]) for i in range(0, len(frames), bs)]
+    feats = [extractor(frames[i : i + bs]) for i in range(0, len(frames), bs)]
     return time.perf_counter() - started, np.concatenate(feats)
 
 
@@ -216,9 +225,19 @@ def run_featpipe(args: argparse.Namespace, data: Path, output: Path, sampling: s
     """``featpipe.extract.extract`` end to end into a fresh cache. Returns (seconds, ExtractResult)."""
     if output.exists():
         output.unlink()
-    opts = ExtractOptions(backbone=args.backbone, data=data, output=output, frames=args.frames,
-                          sampling=sampling, size=args.size, weights=args.weights, seed=WEIGHTS_SEED,
-                          batch_size=args.batch_size, workers=args.workers, quiet=True)
+    opts = ExtractOptions(
+        backbone=args.backbone,
+        data=data,
+        output=output,
+        frames=args.frames,
+        sampling=sampling,
+        size=args.size,
+        weights=args.weights,
+        seed=WEIGHTS_SEED,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        quiet=True,
+    )
     started = time.perf_counter()
     result = extract(opts)
     seconds = time.perf_counter() - started
@@ -233,7 +252,7 @@ def crop_center_square(frame: np.ndarray) -> np.ndarray:
     min_dim = min(y, x)
     start_x = (x // 2) - (min_dim // 2)
     start_y = (y // 2) - (min_dim // 2)
-    return frame[start_y:start_y + min_dim, start_x:start_x + min_dim]
+    return frame[start_y : start_y + min_dim, start_x : start_x + min_dim]
 
 
 def load_video(path: str, size: int, max_frames: int = 0) -> np.ndarray:
@@ -303,13 +322,22 @@ def ratios(t: dict[str, Timing]) -> dict:
 def markdown_table(t: dict[str, Timing], r: dict) -> str:
     rows = [
         ("backbone alone, pre-decoded frames (ceiling)", t["ceiling"], "1.00 (ceiling)"),
-        ("featpipe `extract`, uniform sampling", t["featpipe_uniform"],
-         f"{r['featpipe_uniform_over_ceiling']:.2f}x ceiling"),
-        ("featpipe `extract`, first-N sampling", t["featpipe_first"],
-         f"{r['featpipe_first_over_ceiling']:.2f}x ceiling"),
-        ("keras.io example (decode all, predict per frame)", t["keras_example"],
-         f"{r['keras_example_over_featpipe_first']:.2f}x featpipe first-N "
-         f"({r['keras_example_over_featpipe_uniform']:.2f}x uniform)"),
+        (
+            "featpipe `extract`, uniform sampling",
+            t["featpipe_uniform"],
+            f"{r['featpipe_uniform_over_ceiling']:.2f}x ceiling",
+        ),
+        (
+            "featpipe `extract`, first-N sampling",
+            t["featpipe_first"],
+            f"{r['featpipe_first_over_ceiling']:.2f}x ceiling",
+        ),
+        (
+            "keras.io example (decode all, predict per frame)",
+            t["keras_example"],
+            f"{r['keras_example_over_featpipe_first']:.2f}x featpipe first-N "
+            f"({r['keras_example_over_featpipe_uniform']:.2f}x uniform)",
+        ),
     ]
     lines = ["| method | seconds | frames/s | ratio |", "|---|---:|---:|---|"]
     lines += [f"| {name} | {tm.best:.2f} | {tm.fps:.1f} | {ratio} |" for name, tm, ratio in rows]
@@ -319,56 +347,98 @@ def markdown_table(t: dict[str, Timing], r: dict) -> str:
 def report(args, machine: dict, n_clips: int, n_frames: int, t: dict[str, Timing], diag: dict) -> dict:
     r = ratios(t)
     print()
-    print(f"featpipe stage-one benchmark: {args.backbone} @ {args.size}px, {args.frames} frames/clip, "
-          f"batch {args.batch_size}, {args.workers} decode workers, weights={args.weights}, "
-          f"best of {args.repeats}")
-    print(f"{n_clips} clips, {n_frames} real frames; {machine['cpu_count']} CPUs "
-          f"({machine.get('cpu_model', machine['processor'])}), keras {machine['keras']} on "
-          f"{machine['keras_backend']} {machine.get('tensorflow', '')}".rstrip())
+    print(
+        f"featpipe stage-one benchmark: {args.backbone} @ {args.size}px, {args.frames} frames/clip, "
+        f"batch {args.batch_size}, {args.workers} decode workers, weights={args.weights}, "
+        f"best of {args.repeats}"
+    )
+    print(
+        f"{n_clips} clips, {n_frames} real frames; {machine['cpu_count']} CPUs "
+        f"({machine.get('cpu_model', machine['processor'])}), keras {machine['keras']} on "
+        f"{machine['keras_backend']} {machine.get('tensorflow', '')}".rstrip()
+    )
     print()
     print(markdown_table(t, r))
     print()
-    print(f"featpipe / ceiling (time):        uniform {r['featpipe_uniform_over_ceiling']:.2f}, "
-          f"first-N {r['featpipe_first_over_ceiling']:.2f}   (target <= {TARGET_CEILING_RATIO})")
-    print(f"keras_example / featpipe (speed-up): first-N {r['keras_example_over_featpipe_first']:.2f}, "
-          f"uniform {r['keras_example_over_featpipe_uniform']:.2f}   (target >= {TARGET_SPEEDUP})")
+    print(
+        f"featpipe / ceiling (time):        uniform {r['featpipe_uniform_over_ceiling']:.2f}, "
+        f"first-N {r['featpipe_first_over_ceiling']:.2f}   (target <= {TARGET_CEILING_RATIO})"
+    )
+    print(
+        f"keras_example / featpipe (speed-up): first-N {r['keras_example_over_featpipe_first']:.2f}, "
+        f"uniform {r['keras_example_over_featpipe_uniform']:.2f}   (target >= {TARGET_SPEEDUP})"
+    )
     print()
     print("where the time goes:")
     print("  CPU seconds of this process (best run; less affected by other processes than wall time):")
     print("    " + ", ".join(f"{name} {tm.best_cpu:.1f}" for name, tm in t.items()))
-    print(f"    featpipe / ceiling in CPU time: uniform {t['featpipe_uniform'].best_cpu / t['ceiling'].best_cpu:.2f}, "
-          f"first-N {t['featpipe_first'].best_cpu / t['ceiling'].best_cpu:.2f}; keras_example / featpipe first-N "
-          f"{t['keras_example'].best_cpu / t['featpipe_first'].best_cpu:.2f}")
+    print(
+        f"    featpipe / ceiling in CPU time: uniform {t['featpipe_uniform'].best_cpu / t['ceiling'].best_cpu:.2f}, "
+        f"first-N {t['featpipe_first'].best_cpu / t['ceiling'].best_cpu:.2f}; keras_example / featpipe first-N "
+        f"{t['keras_example'].best_cpu / t['featpipe_first'].best_cpu:.2f}"
+    )
     print(f"  model build (FeatureExtractor, inside featpipe's time): {diag['model_build_seconds']:.2f} s")
-    print(f"  forward only: {1000 * t['ceiling'].best / n_frames:.1f} ms/frame "
-          f"({t['ceiling'].best:.2f} s for {n_frames} frames)")
+    print(
+        f"  forward only: {1000 * t['ceiling'].best / n_frames:.1f} ms/frame "
+        f"({t['ceiling'].best:.2f} s for {n_frames} frames)"
+    )
     rest = t["featpipe_uniform"].best - diag["model_build_seconds"] - t["ceiling"].best
     print(f"  first predict call of a new model (graph trace + 1 batch): {diag['first_call_seconds']:.2f} s")
-    print(f"  featpipe uniform {t['featpipe_uniform'].best:.2f} s = model build {diag['model_build_seconds']:.2f} s "
-          f"+ forward {t['ceiling'].best:.2f} s + {rest:.2f} s else (trace, decode not hidden, cache writing)")
+    print(
+        f"  featpipe uniform {t['featpipe_uniform'].best:.2f} s = model build {diag['model_build_seconds']:.2f} s "
+        f"+ forward {t['ceiling'].best:.2f} s + {rest:.2f} s else (trace, decode not hidden, cache writing)"
+    )
     diag["featpipe_uniform_minus_build_and_forward_seconds"] = rest
     for sampling in ("uniform", "first"):
         d = diag[f"decode_{sampling}_seconds"]
         print(f"  read_clip decode, 1 thread, {sampling}: {d:.2f} s ({1000 * d / n_clips:.1f} ms/clip)")
     ke = t["keras_example"].extra
-    print(f"  keras example decode (all {ke['decoded_frames']} frames): {ke['decode_seconds']:.2f} s; "
-          f"predict: {t['keras_example'].best - ke['decode_seconds']:.2f} s")
+    print(
+        f"  keras example decode (all {ke['decoded_frames']} frames): {ke['decode_seconds']:.2f} s; "
+        f"predict: {t['keras_example'].best - ke['decode_seconds']:.2f} s"
+    )
     if machine.get("loadavg_1min_before_after"):
         before, after = machine["loadavg_1min_before_after"]
-        print(f"  1-min load average before/after the run: {before:.2f}/{after:.2f} "
-              f"(well above 0 means other processes competed for the {machine['cpu_count']} CPUs)")
+        print(
+            f"  1-min load average before/after the run: {before:.2f}/{after:.2f} "
+            f"(well above 0 means other processes competed for the {machine['cpu_count']} CPUs)"
+        )
     print(f"  featpipe vs ceiling features, max relative difference: {diag['feature_max_rel_diff']:.2e}")
     return {
-        "config": {k: getattr(args, k) for k in ("backbone", "size", "frames", "clips", "batch_size",
-                                                   "workers", "weights", "repeats", "quick", "data")},
+        "config": {
+            k: getattr(args, k)
+            for k in (
+                "backbone",
+                "size",
+                "frames",
+                "clips",
+                "batch_size",
+                "workers",
+                "weights",
+                "repeats",
+                "quick",
+                "data",
+            )
+        },
         "n_clips": n_clips,
         "n_frames": n_frames,
         "machine": machine,
-        "methods": {name: {"seconds": tm.best, "frames_per_second": tm.fps, "frames": tm.frames,
-                           "runs": tm.runs, "cpu_seconds": tm.cpu, **tm.extra} for name, tm in t.items()},
+        "methods": {
+            name: {
+                "seconds": tm.best,
+                "frames_per_second": tm.fps,
+                "frames": tm.frames,
+                "runs": tm.runs,
+                "cpu_seconds": tm.cpu,
+                **tm.extra,
+            }
+            for name, tm in t.items()
+        },
         "ratios": r,
-        "targets": {"featpipe_over_ceiling_max": TARGET_CEILING_RATIO,
-                    "keras_example_over_featpipe_min": TARGET_SPEEDUP},
+        "targets": {
+            "featpipe_over_ceiling_max": TARGET_CEILING_RATIO,
+            "keras_example_over_featpipe_min": TARGET_SPEEDUP,
+        },
         "diagnostics": diag,
         "table_markdown": markdown_table(t, r),
     }
@@ -379,6 +449,7 @@ def report(args, machine: dict, n_clips: int, n_frames: int, t: dict[str, Timing
 
 def build_extractor(args: argparse.Namespace, frames: np.ndarray) -> tuple[FeatureExtractor, dict]:
     """The network every method uses, built and warmed up; returns it and the build/trace timings."""
+
     def make() -> FeatureExtractor:
         return FeatureExtractor(args.backbone, args.size, args.weights, WEIGHTS_SEED, args.batch_size)
 
@@ -388,13 +459,14 @@ def build_extractor(args: argparse.Namespace, frames: np.ndarray) -> tuple[Featu
     extractor = make()
     diag = {"model_build_seconds": time.perf_counter() - started}
     started = time.perf_counter()
-    extractor(frames[:args.batch_size])  # warm-up: traces the predict function
+    extractor(frames[: args.batch_size])  # warm-up: traces the predict function
     diag["first_call_seconds"] = time.perf_counter() - started  # trace + one batch; featpipe pays it too
     return extractor, diag
 
 
-def one_round(args, dataset: Dataset, extractor: FeatureExtractor, frames: np.ndarray, tmp: Path,
-              t: dict[str, Timing], diag: dict) -> None:
+def one_round(
+    args, dataset: Dataset, extractor: FeatureExtractor, frames: np.ndarray, tmp: Path, t: dict[str, Timing], diag: dict
+) -> None:
     """Each method once, in an order that does not favour featpipe: ceiling, featpipe x2, keras example."""
     records, n_frames = list(dataset.records), len(frames)
     cpu = time.process_time()
@@ -407,8 +479,10 @@ def one_round(args, dataset: Dataset, extractor: FeatureExtractor, frames: np.nd
         seconds, result = run_featpipe(args, dataset.root, cache, sampling)
         t[f"featpipe_{sampling}"].add(seconds, cpu)
         if result.new_frames != n_frames or result.n_new != len(records):
-            raise RuntimeError(f"featpipe extracted {result.n_new} clips / {result.new_frames} frames, expected "
-                               f"{len(records)} / {n_frames}: the methods would not compare the same work")
+            raise RuntimeError(
+                f"featpipe extracted {result.n_new} clips / {result.new_frames} frames, expected "
+                f"{len(records)} / {n_frames}: the methods would not compare the same work"
+            )
         print(f"  featpipe {sampling:<8}{seconds:8.2f} s", flush=True)
         if sampling == "uniform":  # same frames, same network: the features must agree
             cached = read_cache_features(cache)

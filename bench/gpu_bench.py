@@ -71,9 +71,12 @@ class GpuSampler:
     def __enter__(self) -> "GpuSampler":
         exe = shutil.which("nvidia-smi")
         if exe:
-            self._proc = subprocess.Popen([exe, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                           "-lms", "100", "-i", "0"], stdout=subprocess.PIPE, text=True,
-                                          stderr=subprocess.DEVNULL)
+            self._proc = subprocess.Popen(
+                [exe, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100", "-i", "0"],
+                stdout=subprocess.PIPE,
+                text=True,
+                stderr=subprocess.DEVNULL,
+            )
             self._thread = threading.Thread(target=self._read, daemon=True)
             self._thread.start()
         return self
@@ -97,16 +100,23 @@ class GpuSampler:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default=",".join(CONFIGS),
-                   help="comma-separated backbone[@size] list (default: inceptionv3@299,efficientnetb7@600)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help="comma-separated backbone[@size] list (default: inceptionv3@299,efficientnetb7@600)",
+    )
     p.add_argument("--clips", type=int, default=None, help="clips per configuration (default 1000; 6 with --quick)")
     p.add_argument("--unique", type=int, default=32, help="distinct synthetic clips written (the rest are links)")
     p.add_argument("--data", default=None, help="use this dataset folder instead of synthetic clips")
     p.add_argument("--frames", type=int, default=20, help="frames per clip (default 20)")
-    p.add_argument("--precision", default=None,
-                   help="float32, mixed_float16 or mixed_bfloat16 (default: mixed_float16 on a GPU, float32 on CPU)")
+    p.add_argument(
+        "--precision",
+        default=None,
+        help="float32, mixed_float16 or mixed_bfloat16 (default: mixed_float16 on a GPU, float32 on CPU)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="frames per forward pass (default: from GPU memory)")
     p.add_argument("--workers", type=int, default=None, help=f"decode threads (default {default_workers()})")
     p.add_argument("--weights", default="none", help="imagenet, none (random, no download) or a weights file")
@@ -120,8 +130,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for item in args.configs.split(","):
         name, _, size = item.strip().partition("@")
         backbone = get_backbone(name).name
-        configs.append((backbone, int(size) if size else (QUICK if args.quick else CONFIGS).get(backbone)
-                        or get_backbone(backbone).default_size))
+        configs.append(
+            (
+                backbone,
+                int(size)
+                if size
+                else (QUICK if args.quick else CONFIGS).get(backbone) or get_backbone(backbone).default_size,
+            )
+        )
     args.configs = configs
     return args
 
@@ -154,9 +170,16 @@ def bench_config(args, backbone: str, size: int, data: Path, tmp: Path) -> dict:
     frames = real_frames(clips)
     print(f"\n{backbone} @ {size}px: {len(records)} clips, {len(frames)} frames; building ...", flush=True)
     extractor = FeatureExtractor(backbone, size, args.weights, 0, args.batch_size, args.precision)
-    extractor(frames[:extractor.batch_size])  # compile / trace outside the timing
-    out = {"backbone": backbone, "size": size, "clips": len(records), "frames": int(len(frames)),
-           "batch_size": extractor.batch_size, "precision": extractor.precision, "jit_compile": extractor.jit_compile}
+    extractor(frames[: extractor.batch_size])  # compile / trace outside the timing
+    out = {
+        "backbone": backbone,
+        "size": size,
+        "clips": len(records),
+        "frames": int(len(frames)),
+        "batch_size": extractor.batch_size,
+        "precision": extractor.precision,
+        "jit_compile": extractor.jit_compile,
+    }
 
     with GpuSampler() as gpu:
         seconds, _ = run_ceiling(extractor, frames)
@@ -165,33 +188,60 @@ def bench_config(args, backbone: str, size: int, data: Path, tmp: Path) -> dict:
 
     cache = tmp / f"{backbone}.h5"
     with GpuSampler() as gpu:
-        result = extract(data=data, output=cache, backbone=backbone, size=size, frames=args.frames,
-                         weights=args.weights, precision=args.precision, batch_size=extractor.batch_size,
-                         workers=args.workers, quiet=True)
+        result = extract(
+            data=data,
+            output=cache,
+            backbone=backbone,
+            size=size,
+            frames=args.frames,
+            weights=args.weights,
+            precision=args.precision,
+            batch_size=extractor.batch_size,
+            workers=args.workers,
+            quiet=True,
+        )
     if result.new_frames != len(frames) or result.failed:
-        raise RuntimeError(f"featpipe extracted {result.new_frames} frames ({len(result.failed)} failed), "
-                           f"expected {len(frames)}: the methods would not compare the same work")
+        raise RuntimeError(
+            f"featpipe extracted {result.new_frames} frames ({len(result.failed)} failed), "
+            f"expected {len(frames)}: the methods would not compare the same work"
+        )
     pipeline = result.seconds - result.setup_seconds
-    out["featpipe"] = {"seconds": result.seconds, "setup_seconds": result.setup_seconds,
-                       "pipeline_seconds": pipeline, "frames_per_second": result.new_frames / result.seconds,
-                       "pipeline_frames_per_second": result.new_frames / pipeline, "gpu_busy": gpu.busy,
-                       "backbone_busy": result.infer_seconds / pipeline, "starved_seconds": result.starved_seconds}
-    print(f"  featpipe  {result.new_frames / pipeline:10.1f} frames/s (pipeline), "
-          f"{result.new_frames / result.seconds:.1f} with set-up", flush=True)
+    out["featpipe"] = {
+        "seconds": result.seconds,
+        "setup_seconds": result.setup_seconds,
+        "pipeline_seconds": pipeline,
+        "frames_per_second": result.new_frames / result.seconds,
+        "pipeline_frames_per_second": result.new_frames / pipeline,
+        "gpu_busy": gpu.busy,
+        "backbone_busy": result.infer_seconds / pipeline,
+        "starved_seconds": result.starved_seconds,
+    }
+    print(
+        f"  featpipe  {result.new_frames / pipeline:10.1f} frames/s (pipeline), "
+        f"{result.new_frames / result.seconds:.1f} with set-up",
+        flush=True,
+    )
     cache.unlink()
 
-    subset = records[:args.keras_clips]
+    subset = records[: args.keras_clips]
     with GpuSampler() as gpu:
         seconds, extra = run_keras_example(extractor, subset, args.frames)
-    out["keras_example"] = {"seconds": seconds, "frames": extra["frames"], "clips": len(subset),
-                            "frames_per_second": extra["frames"] / seconds, "gpu_busy": gpu.busy}
+    out["keras_example"] = {
+        "seconds": seconds,
+        "frames": extra["frames"],
+        "clips": len(subset),
+        "frames_per_second": extra["frames"] / seconds,
+        "gpu_busy": gpu.busy,
+    }
     print(f"  keras     {extra['frames'] / seconds:10.1f} frames/s ({len(subset)} clips)", flush=True)
 
     ceiling_fps = out["ceiling"]["frames_per_second"]
-    out["ratios"] = {"featpipe_pipeline_over_ceiling": out["featpipe"]["pipeline_frames_per_second"] / ceiling_fps,
-                     "featpipe_with_setup_over_ceiling": out["featpipe"]["frames_per_second"] / ceiling_fps,
-                     "featpipe_over_keras_example": out["featpipe"]["pipeline_frames_per_second"]
-                     / out["keras_example"]["frames_per_second"]}
+    out["ratios"] = {
+        "featpipe_pipeline_over_ceiling": out["featpipe"]["pipeline_frames_per_second"] / ceiling_fps,
+        "featpipe_with_setup_over_ceiling": out["featpipe"]["frames_per_second"] / ceiling_fps,
+        "featpipe_over_keras_example": out["featpipe"]["pipeline_frames_per_second"]
+        / out["keras_example"]["frames_per_second"],
+    }
     return out
 
 
@@ -200,17 +250,22 @@ def pct(x: float | None) -> str:
 
 
 def print_table(results: list[dict], device: str) -> str:
-    lines = [f"device: {device}", "",
-             "| backbone | precision, batch | ceiling frames/s | featpipe frames/s (pipeline / with set-up) "
-             "| featpipe / ceiling | Keras example frames/s | GPU busy: ceiling / featpipe / Keras |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    lines = [
+        f"device: {device}",
+        "",
+        "| backbone | precision, batch | ceiling frames/s | featpipe frames/s (pipeline / with set-up) "
+        "| featpipe / ceiling | Keras example frames/s | GPU busy: ceiling / featpipe / Keras |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
     for r in results:
         f, c, k = r["featpipe"], r["ceiling"], r["keras_example"]
-        lines.append(f"| {r['backbone']} @ {r['size']} | {r['precision']}, {r['batch_size']} | "
-                     f"{c['frames_per_second']:.0f} | {f['pipeline_frames_per_second']:.0f} / "
-                     f"{f['frames_per_second']:.0f} | "
-                     f"{r['ratios']['featpipe_pipeline_over_ceiling']:.2f} | {k['frames_per_second']:.1f} | "
-                     f"{pct(c['gpu_busy'])} / {pct(f['gpu_busy'])} / {pct(k['gpu_busy'])} |")
+        lines.append(
+            f"| {r['backbone']} @ {r['size']} | {r['precision']}, {r['batch_size']} | "
+            f"{c['frames_per_second']:.0f} | {f['pipeline_frames_per_second']:.0f} / "
+            f"{f['frames_per_second']:.0f} | "
+            f"{r['ratios']['featpipe_pipeline_over_ceiling']:.2f} | {k['frames_per_second']:.1f} | "
+            f"{pct(c['gpu_busy'])} / {pct(f['gpu_busy'])} / {pct(k['gpu_busy'])} |"
+        )
     lines.append("")
     for r in results:
         f = r["featpipe"]
@@ -218,8 +273,10 @@ def print_table(results: list[dict], device: str) -> str:
         verdict = [f"featpipe/ceiling {r['ratios']['featpipe_pipeline_over_ceiling']:.2f} (target >= {TARGET_RATIO})"]
         if target:
             verdict.append(f"{f['pipeline_frames_per_second']:.0f} frames/s (target >= {target:.0f} on one H100)")
-        lines.append(f"{r['backbone']}: " + "; ".join(verdict) + f"; backbone busy {pct(f['backbone_busy'])} of the "
-                     f"pipeline, waited {f['starved_seconds']:.2f} s for frames; set-up {f['setup_seconds']:.1f} s")
+        lines.append(
+            f"{r['backbone']}: " + "; ".join(verdict) + f"; backbone busy {pct(f['backbone_busy'])} of the "
+            f"pipeline, waited {f['starved_seconds']:.2f} s for frames; set-up {f['setup_seconds']:.1f} s"
+        )
     text = "\n".join(lines)
     print("\n" + text)
     return text
@@ -238,8 +295,13 @@ def main(argv: list[str] | None = None) -> int:
             results.append(bench_config(args, backbone, size, data, Path(tmp)))
     table = print_table(results, name)
     if args.json:
-        payload = {"device": name, "machine": machine_info(), "args": {k: v for k, v in vars(args).items()},
-                   "results": results, "table": table}
+        payload = {
+            "device": name,
+            "machine": machine_info(),
+            "args": {k: v for k, v in vars(args).items()},
+            "results": results,
+            "table": table,
+        }
         Path(args.json).write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
     return 0

@@ -130,12 +130,17 @@ def main() -> None:
                     accs.append(test["accuracy"])
                     pairs.append(order_pair_accuracy(test))
                 results[(name, size)] = (accs, pairs, secs)
-                print(f"{name} n={size}: {np.mean(accs):.3f} +- {np.std(accs):.3f} {[round(a, 3) for a in accs]}",
-                      flush=True)
+                print(
+                    f"{name} n={size}: {np.mean(accs):.3f} +- {np.std(accs):.3f} {[round(a, 3) for a in accs]}",
+                    flush=True,
+                )
     sizes = sorted({s for _, s in results})
     print()
-    print("| head | " + " | ".join(f"test accuracy, {s} train/class" for s in sizes)
-          + " | order pairs (smallest size) | train time (largest size) |")
+    print(
+        "| head | "
+        + " | ".join(f"test accuracy, {s} train/class" for s in sizes)
+        + " | order pairs (smallest size) | train time (largest size) |"
+    )
     print("|---|" + "---:|" * len(sizes) + "---:|---:|")
     for name in dict.fromkeys(n for n, _ in results):
         cells = []
@@ -148,8 +153,12 @@ def main() -> None:
         label = f"`{name}`" if name in HEADS.split(",") else name
         print(f"| {label} | " + " | ".join(cells) + f" | {pair_s} | {secs:.0f} s |")
     if args.json:
-        args.json.write_text(json.dumps({f"{n}@{s}": {"accuracy": v[0], "order_pairs": v[1], "seconds": v[2]}
-                                         for (n, s), v in results.items()}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {f"{n}@{s}": {"accuracy": v[0], "order_pairs": v[1], "seconds": v[2]} for (n, s), v in results.items()},
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -90,24 +90,45 @@ class SimulatedEmbedder(ClipEmbedder):
 def fake_decode(batch: dict, frames: int, size: int) -> dict:
     """Decode stand-in: every clip has ``frames`` real (blank) frames."""
     n = len(batch["key"])
-    return {"key": batch["key"], "label": batch["label"], "split": batch["split"],
-            "frames": np.zeros((n, frames, size, size, 3), np.uint8), "mask": np.ones((n, frames), bool),
-            "n_frames": np.full(n, frames, np.int64), "error": np.full(n, "", dtype=object)}
+    return {
+        "key": batch["key"],
+        "label": batch["label"],
+        "split": batch["split"],
+        "frames": np.zeros((n, frames, size, size, 3), np.uint8),
+        "mask": np.ones((n, frames), bool),
+        "n_frames": np.full(n, frames, np.int64),
+        "error": np.full(n, "", dtype=object),
+    }
 
 
 def sim_config() -> CacheConfig:
-    return CacheConfig(backbone="simulated", weights="none", weights_fingerprint="simulated", input_size=SIM_SIZE,
-                       frames=SIM_FRAMES, sampling="uniform", dtype="float16", feature_shape=(FEATURE_DIM,),
-                       class_names=("a", "b"))
+    return CacheConfig(
+        backbone="simulated",
+        weights="none",
+        weights_fingerprint="simulated",
+        input_size=SIM_SIZE,
+        frames=SIM_FRAMES,
+        sampling="uniform",
+        dtype="float16",
+        feature_shape=(FEATURE_DIM,),
+        class_names=("a", "b"),
+    )
 
 
 def run_simulation(actors: int, clips: int, latency: float, clips_per_call: int, tmp: Path) -> dict:
     rows = [{"key": f"clip{i:06d}", "path": "", "label": i % 2, "split": "train"} for i in range(clips)]
-    ds = build(rows, Plan(actors, 0.0, 1), decode_fn=fake_decode, decode_kwargs=dict(frames=SIM_FRAMES, size=SIM_SIZE),
-               embedder=SimulatedEmbedder, embedder_kwargs=dict(latency=latency), clips_per_call=clips_per_call,
-               actor_cpus=0,  # sleeping actors: no CPU reserved, so many fit on 2 cores
-               clips_per_decode_task=clips_per_call,  # one decode task per actor call: results arrive per call
-               decode_cpus=0.25)  # the stand-in decoder costs nothing: do not let 2 logical CPUs cap its tasks
+    ds = build(
+        rows,
+        Plan(actors, 0.0, 1),
+        decode_fn=fake_decode,
+        decode_kwargs=dict(frames=SIM_FRAMES, size=SIM_SIZE),
+        embedder=SimulatedEmbedder,
+        embedder_kwargs=dict(latency=latency),
+        clips_per_call=clips_per_call,
+        actor_cpus=0,  # sleeping actors: no CPU reserved, so many fit on 2 cores
+        clips_per_decode_task=clips_per_call,  # one decode task per actor call: results arrive per call
+        decode_cpus=0.25,
+    )  # the stand-in decoder costs nothing: do not let 2 logical CPUs cap its tasks
     path = tmp / f"sim-{actors}.h5"
     writer = CacheWriter(path, sim_config())
     stats = Stats()
@@ -124,8 +145,14 @@ def run_simulation(actors: int, clips: int, latency: float, clips_per_call: int,
     for f in tmp.glob("sim-*"):
         f.unlink()
     ideal = actors * FRAMES_PER_DEVICE_BATCH / latency / SIM_FRAMES
-    return {"actors": actors, "clips": clips, "seconds": seconds, "clips_per_s": steady,
-            "frames_per_s": steady * SIM_FRAMES, "ideal_clips_per_s": ideal}
+    return {
+        "actors": actors,
+        "clips": clips,
+        "seconds": seconds,
+        "clips_per_s": steady,
+        "frames_per_s": steady * SIM_FRAMES,
+        "ideal_clips_per_s": ideal,
+    }
 
 
 def writer_ceiling(clips: int, tmp: Path) -> float:
@@ -151,11 +178,21 @@ def writer_ceiling(clips: int, tmp: Path) -> float:
 
 def run_overhead(args, tmp: Path) -> dict:
     data = tmp / "data"
-    sample = (write_sample_data(data, seed=0) if args.per_class is None  # the default sample set
-              else write_sample_data(data, train=args.per_class, val=1, test=1, seed=0))
+    sample = (
+        write_sample_data(data, seed=0)
+        if args.per_class is None  # the default sample set
+        else write_sample_data(data, train=args.per_class, val=1, test=1, seed=0)
+    )
     print(f"  {sample.n_clips} sample clips ({', '.join(f'{n} {s}' for s, n in sample.counts.items())})", flush=True)
-    common = dict(data=data, backbone=args.backbone, size=args.size, frames=args.frames, weights="none",
-                  batch_size=args.batch_size, quiet=True)
+    common = dict(
+        data=data,
+        backbone=args.backbone,
+        size=args.size,
+        frames=args.frames,
+        weights="none",
+        batch_size=args.batch_size,
+        quiet=True,
+    )
     out = {}
     for engine in ("local", "ray") * args.repeats:
         cache = tmp / f"{engine}.h5"
@@ -169,8 +206,12 @@ def run_overhead(args, tmp: Path) -> dict:
         print(f"  {engine:<5} {seconds:7.2f} s ({result.n_new} clips, {result.new_frames} frames)", flush=True)
     ratio = min(out["ray"]) / min(out["local"])
     print(f"  ray / local {ratio:.2f} (target <= 1.2)", flush=True)
-    return {"local_seconds": min(out["local"]), "ray_seconds": min(out["ray"]), "clips": out["local_clips"],
-            "ratio": ratio}
+    return {
+        "local_seconds": min(out["local"]),
+        "ray_seconds": min(out["ray"]),
+        "clips": out["local_clips"],
+        "ratio": ratio,
+    }
 
 
 def main(argv=None) -> int:
@@ -179,14 +220,19 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=299)
     p.add_argument("--frames", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--per-class", type=int, default=None,
-                   help="training clips per class of a smaller sample set (1 val and 1 test clip per class); "
-                        "default: the whole default sample set, 112 clips")
+    p.add_argument(
+        "--per-class",
+        type=int,
+        default=None,
+        help="training clips per class of a smaller sample set (1 val and 1 test clip per class); "
+        "default: the whole default sample set, 112 clips",
+    )
     p.add_argument("--ray-workers", type=int, default=1, help="actors in the overhead run")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--latency-ms", type=float, default=40.0, help="stand-in device time per 64-frame batch")
-    p.add_argument("--sim-calls", type=int, default=30,
-                   help="actor calls (16 clips each) per actor in each simulation run")
+    p.add_argument(
+        "--sim-calls", type=int, default=30, help="actor calls (16 clips each) per actor in each simulation run"
+    )
     p.add_argument("--many", type=int, default=16, help="actors in the many-actor run")
     p.add_argument("--quick", action="store_true", help="fewer clips")
     p.add_argument("--skip-overhead", action="store_true")
@@ -199,8 +245,14 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_TMPDIR", str(tmp))
     (tmp / "ray").mkdir(exist_ok=True)
     load_before = os.getloadavg()[0]
-    results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
-                                 "platform": platform.platform(), "ray": ray.__version__}}
+    results: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "ray": ray.__version__,
+        }
+    }
     try:
         t0 = time.perf_counter()
         ray.init(include_dashboard=False, log_to_driver=False, num_cpus=max(2, os.cpu_count() or 2))
@@ -208,8 +260,9 @@ def main(argv=None) -> int:
         results["ray_start_seconds"] = time.perf_counter() - t0
         print(f"local Ray started in {results['ray_start_seconds']:.1f} s", flush=True)
         if not args.skip_overhead:
-            print(f"overhead: {args.backbone} @ {args.size}px, {args.frames} frames, batch {args.batch_size}",
-                  flush=True)
+            print(
+                f"overhead: {args.backbone} @ {args.size}px, {args.frames} frames, batch {args.batch_size}", flush=True
+            )
             results["overhead"] = run_overhead(args, tmp)
         lat = args.latency_ms / 1000
         cpc = clips_per_call(FRAMES_PER_DEVICE_BATCH, SIM_FRAMES)  # as the engine sizes actor calls
@@ -218,8 +271,11 @@ def main(argv=None) -> int:
         for actors in (1, 2, 4, args.many):
             r = run_simulation(actors, args.sim_calls * cpc * actors, lat, cpc, tmp)
             sims.append(r)
-            print(f"  {actors:>3} actors: {r['clips_per_s']:8.1f} clips/s ({r['frames_per_s']:8.0f} frames/s), "
-                  f"ideal {r['ideal_clips_per_s']:8.1f}", flush=True)
+            print(
+                f"  {actors:>3} actors: {r['clips_per_s']:8.1f} clips/s ({r['frames_per_s']:8.0f} frames/s), "
+                f"ideal {r['ideal_clips_per_s']:8.1f}",
+                flush=True,
+            )
         results["scaling"] = sims
     finally:
         ray.shutdown()
@@ -229,17 +285,25 @@ def main(argv=None) -> int:
     print("\n| actors | clips/s | frames/s | speed-up vs 1 | ideal speed-up |")
     print("|---|---|---|---|---|")
     for r in results["scaling"]:
-        print(f"| {r['actors']} | {r['clips_per_s']:.1f} | {r['frames_per_s']:.0f} | {r['clips_per_s'] / base:.2f}x "
-              f"| {r['actors']}x |")
-    print(f"writer alone (CacheWriter.append, {SIM_FRAMES}x{FEATURE_DIM} float16 per clip): "
-          f"{results['writer_clips_per_s']:.0f} clips/s")
+        print(
+            f"| {r['actors']} | {r['clips_per_s']:.1f} | {r['frames_per_s']:.0f} | {r['clips_per_s'] / base:.2f}x "
+            f"| {r['actors']}x |"
+        )
+    print(
+        f"writer alone (CacheWriter.append, {SIM_FRAMES}x{FEATURE_DIM} float16 per clip): "
+        f"{results['writer_clips_per_s']:.0f} clips/s"
+    )
     if "overhead" in results:
         o = results["overhead"]
-        print(f"overhead: local {o['local_seconds']:.2f} s, ray {o['ray_seconds']:.2f} s on {o['clips']} clips: "
-              f"ray/local {o['ratio']:.2f} (target <= 1.2); Ray start-up apart: {results['ray_start_seconds']:.1f} s")
+        print(
+            f"overhead: local {o['local_seconds']:.2f} s, ray {o['ray_seconds']:.2f} s on {o['clips']} clips: "
+            f"ray/local {o['ratio']:.2f} (target <= 1.2); Ray start-up apart: {results['ray_start_seconds']:.1f} s"
+        )
     four = next(r for r in results["scaling"] if r["actors"] == 4)["clips_per_s"] / base
-    print(f"4 actors / 1 actor: {four:.2f}x (target >= 3.5); load average before/after {load_before:.2f}/"
-          f"{results['load_average'][1]:.2f}")
+    print(
+        f"4 actors / 1 actor: {four:.2f}x (target >= 3.5); load average before/after {load_before:.2f}/"
+        f"{results['load_average'][1]:.2f}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -51,15 +51,16 @@ def write_synthetic_cache(path: Path, clips: int, frames: int, dim: int, classes
         for start in range(0, clips, block):
             n = min(block, clips - start)
             x = rng.normal(0, 1, (n, frames, dim)).astype(np.float16)
-            x[:, :, 0] += labels[start:start + n, None]
-            x[np.arange(frames)[None, :] >= real[start:start + n, None]] = 0
-            feats[start:start + n] = x
+            x[:, :, 0] += labels[start : start + n, None]
+            x[np.arange(frames)[None, :] >= real[start : start + n, None]] = 0
+            feats[start : start + n] = x
         f["mask"] = np.arange(frames)[None, :] < real[:, None]
         f["label"] = labels
         splits = np.where(np.arange(clips) % 10 == 0, "val", "train").astype(object)
         f.create_dataset("split", data=splits, dtype=h5py.string_dtype())
-        f.create_dataset("video", data=np.array([f"clip{i:06d}.mp4" for i in range(clips)], dtype=object),
-                         dtype=h5py.string_dtype())
+        f.create_dataset(
+            "video", data=np.array([f"clip{i:06d}.mp4" for i in range(clips)], dtype=object), dtype=h5py.string_dtype()
+        )
         f["n_frames"] = real
         g = f.create_group("failed")
         g.create_dataset("video", shape=(0,), dtype=h5py.string_dtype())
@@ -91,18 +92,41 @@ def child(cache: str, stream: bool, epochs: int, batch_size: int, out: str) -> N
     keras.Model.fit = fit
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        train(cache=cache, rnn="gru", epochs=epochs, patience=epochs, batch_size=batch_size, stream=stream,
-              out=Path(tmp) / "run", quiet=True)
+        train(
+            cache=cache,
+            rnn="gru",
+            epochs=epochs,
+            patience=epochs,
+            batch_size=batch_size,
+            stream=stream,
+            out=Path(tmp) / "run",
+            quiet=True,
+        )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    Path(out).write_text(json.dumps({"epoch_seconds": times, "epoch_cpu_seconds": cpu, "peak_rss": peak,
-                                     "total": time.perf_counter() - started}))
+    Path(out).write_text(
+        json.dumps(
+            {"epoch_seconds": times, "epoch_cpu_seconds": cpu, "peak_rss": peak, "total": time.perf_counter() - started}
+        )
+    )
 
 
 def run_mode(cache: Path, stream: bool, epochs: int, batch_size: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         out = fh.name
-    cmd = [sys.executable, __file__, "--child", str(cache), "--child-stream", str(int(stream)), "--epochs", str(epochs),
-           "--batch-size", str(batch_size), "--child-out", out]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(cache),
+        "--child-stream",
+        str(int(stream)),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        str(batch_size),
+        "--child-out",
+        out,
+    ]
     subprocess.run(cmd, check=True)
     result = json.loads(Path(out).read_text())
     os.unlink(out)
@@ -111,8 +135,10 @@ def run_mode(cache: Path, stream: bool, epochs: int, batch_size: int) -> dict:
 
 def baseline_rss() -> int:
     """Peak memory of a process that only imports featpipe's training stack (the fixed cost)."""
-    code = ("import resource, keras, featpipe.train, featpipe.models, h5py;"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    code = (
+        "import resource, keras, featpipe.train, featpipe.models, h5py;"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(proc.stdout.split()[-1])
 
@@ -127,8 +153,9 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=5000)
     ap.add_argument("--frames", type=int, default=20)
     ap.add_argument("--dim", type=int, default=2048)
-    ap.add_argument("--epochs", type=int, default=3, help="epochs after the first are timed (the first includes "
-                                                          "tracing)")
+    ap.add_argument(
+        "--epochs", type=int, default=3, help="epochs after the first are timed (the first includes tracing)"
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--quick", action="store_true", help="500 clips, 2 epochs: a smoke run")
@@ -149,8 +176,11 @@ def main() -> None:
         t = time.perf_counter()
         write_synthetic_cache(cache, args.clips, args.frames, args.dim)
         features_bytes = args.clips * args.frames * args.dim * 2
-        print(f"synthetic cache: {args.clips} clips x {args.frames} x {args.dim} float16 = "
-              f"{features_bytes / 2**20:.0f} MiB on disk ({time.perf_counter() - t:.1f}s to write)", flush=True)
+        print(
+            f"synthetic cache: {args.clips} clips x {args.frames} x {args.dim} float16 = "
+            f"{features_bytes / 2**20:.0f} MiB on disk ({time.perf_counter() - t:.1f}s to write)",
+            flush=True,
+        )
         base = baseline_rss()
         load_before = os.getloadavg()
         memory = run_mode(cache, False, args.epochs, args.batch_size)
@@ -159,35 +189,60 @@ def main() -> None:
     mem_epoch, stream_epoch = steady(memory["epoch_seconds"]), steady(stream["epoch_seconds"])
     mem_cpu, stream_cpu = steady(memory["epoch_cpu_seconds"]), steady(stream["epoch_cpu_seconds"])
     results = {
-        "clips": args.clips, "frames": args.frames, "dim": args.dim, "epochs": args.epochs,
+        "clips": args.clips,
+        "frames": args.frames,
+        "dim": args.dim,
+        "epochs": args.epochs,
         "batch_size": args.batch_size,
         "features_mib_float16": features_bytes / 2**20,
         "features_mib_float32": features_bytes * 2 / 2**20,
-        "in_memory": memory, "stream": stream, "import_baseline_rss": base,
-        "stream_over_memory_epoch": stream_epoch / mem_epoch, "stream_over_memory_cpu": stream_cpu / mem_cpu,
-        "load_average_before": load_before, "load_average_after": load_after,
-        "machine": f"{os.cpu_count()} CPUs, {platform.machine()}", "keras": keras.__version__,
+        "in_memory": memory,
+        "stream": stream,
+        "import_baseline_rss": base,
+        "stream_over_memory_epoch": stream_epoch / mem_epoch,
+        "stream_over_memory_cpu": stream_cpu / mem_cpu,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "machine": f"{os.cpu_count()} CPUs, {platform.machine()}",
+        "keras": keras.__version__,
         "backend": keras.backend.backend(),
     }
     mib = lambda b: b / 2**20  # noqa: E731
     print()
-    print(f"featpipe stage-two benchmark: GRU head, {args.clips} clips x {args.frames} x {args.dim}, batch "
-          f"{args.batch_size}, {results['machine']}, keras {keras.__version__} ({results['backend']})")
+    print(
+        f"featpipe stage-two benchmark: GRU head, {args.clips} clips x {args.frames} x {args.dim}, batch "
+        f"{args.batch_size}, {results['machine']}, keras {keras.__version__} ({results['backend']})"
+    )
     print()
     print("| feeding | epoch (s) | CPU per epoch (s) | peak memory (MiB) | peak above import baseline (MiB) |")
     print("|---|---:|---:|---:|---:|")
-    for name, r, e, c in (("in memory", memory, mem_epoch, mem_cpu), ("streamed from "
-                                                                      "HDF5", stream, stream_epoch, stream_cpu)):
+    for name, r, e, c in (
+        ("in memory", memory, mem_epoch, mem_cpu),
+        ("streamed from HDF5", stream, stream_epoch, stream_cpu),
+    ):
         print(f"| {name} | {e:.2f} | {c:.2f} | {mib(r['peak_rss']):.0f} | {mib(r['peak_rss'] - base):.0f} |")
     print()
-    print(f"features: {results['features_mib_float16']:.0f} MiB float16 on disk, "
-          f"{results['features_mib_float32']:.0f} MiB as float32 in memory; import baseline {mib(base):.0f} MiB")
-    print(f"stream / in-memory epoch time: {results['stream_over_memory_epoch']:.2f}  (target <= 1.3); "
-          f"CPU time: {results['stream_over_memory_cpu']:.2f}")
-    print("epochs (s): in memory " + ", ".join(f"{t:.2f}" for t in memory["epoch_seconds"]) + "; streamed "
-          + ", ".join(f"{t:.2f}" for t in stream["epoch_seconds"]))
-    print("load average (1, 5, 15 min) before: " + ", ".join(f"{v:.2f}" for v in load_before) + "; after: "
-          + ", ".join(f"{v:.2f}" for v in load_after) + f"  ({os.cpu_count()} CPUs; compare runs only when it is low)")
+    print(
+        f"features: {results['features_mib_float16']:.0f} MiB float16 on disk, "
+        f"{results['features_mib_float32']:.0f} MiB as float32 in memory; import baseline {mib(base):.0f} MiB"
+    )
+    print(
+        f"stream / in-memory epoch time: {results['stream_over_memory_epoch']:.2f}  (target <= 1.3); "
+        f"CPU time: {results['stream_over_memory_cpu']:.2f}"
+    )
+    print(
+        "epochs (s): in memory "
+        + ", ".join(f"{t:.2f}" for t in memory["epoch_seconds"])
+        + "; streamed "
+        + ", ".join(f"{t:.2f}" for t in stream["epoch_seconds"])
+    )
+    print(
+        "load average (1, 5, 15 min) before: "
+        + ", ".join(f"{v:.2f}" for v in load_before)
+        + "; after: "
+        + ", ".join(f"{v:.2f}" for v in load_after)
+        + f"  ({os.cpu_count()} CPUs; compare runs only when it is low)"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json}")

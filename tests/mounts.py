@@ -28,8 +28,10 @@ def tmpfs(path: Path, size: str = "4m"):
     except FileNotFoundError:
         pytest.skip("no `mount` command here: a small tmpfs is needed to test a full disk or read-only media")
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): it is needed to test a full disk or "
-                    f"read-only media (run the tests as root)")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({done.stderr.strip()}): it is needed to test a full disk or "
+            f"read-only media (run the tests as root)"
+        )
     try:
         yield path
     finally:

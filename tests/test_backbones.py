@@ -58,9 +58,11 @@ def test_importing_the_registry_does_not_import_keras():
 
 def test_every_entry_pickles_without_importing_keras():
     """Entries travel to worker processes (the Ray engine's actors) as they are."""
-    code = ("import pickle, sys; from featpipe.backbones import REGISTRY; "
-            "assert repr(pickle.loads(pickle.dumps(REGISTRY))) == repr(REGISTRY); "
-            "print(','.join(m for m in ('keras', 'tensorflow') if m in sys.modules))")
+    code = (
+        "import pickle, sys; from featpipe.backbones import REGISTRY; "
+        "assert repr(pickle.loads(pickle.dumps(REGISTRY))) == repr(REGISTRY); "
+        "print(','.join(m for m in ('keras', 'tensorflow') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
@@ -74,8 +76,14 @@ def _two_layer_build(weights, input_shape):
 
 
 def test_register_backbone_adds_one_entry_that_the_extractor_uses():
-    entry = Backbone("twolayer", build=_two_layer_build, preprocess_input=lambda x: x - 128.0,
-                     default_size=16, feature_dim=4, min_size=8)
+    entry = Backbone(
+        "twolayer",
+        build=_two_layer_build,
+        preprocess_input=lambda x: x - 128.0,
+        default_size=16,
+        feature_dim=4,
+        min_size=8,
+    )
     try:
         assert register_backbone(entry) is entry and get_backbone("TwoLayer") is entry
         assert register_backbone(entry) is entry, "registering the same entry again is harmless"
@@ -155,9 +163,18 @@ def test_random_weights_do_not_depend_on_the_blas_thread_count():
         "from featpipe.backbones import build_model, get_backbone, fingerprint;"
         "print(fingerprint(build_model(get_backbone('resnet50'), 32, 'none', seed=0)))"
     )
-    prints = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env={**os.environ, "OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n}
-                             ).stdout.strip().splitlines()[-1] for n in ("1", "2")}
+    prints = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n},
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+        for n in ("1", "2")
+    }
     assert len(prints) == 1, prints
 
 
@@ -173,8 +190,11 @@ def test_the_none_network_is_calibrated_in_numpy_not_on_the_backend(monkeypatch)
     monkeypatch.setattr(keras.Model, "__call__", no_backend_forward)
     model = build_model(get_backbone("efficientnetb0"), 32, "none", seed=0)
     monkeypatch.undo()
-    variances = [np.asarray(layer.moving_variance) for layer in model.layers
-                 if isinstance(layer, keras.layers.BatchNormalization)]
+    variances = [
+        np.asarray(layer.moving_variance)
+        for layer in model.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
     assert variances and not any(np.allclose(v, 1.0) for v in variances), "every batch norm was calibrated"
 
 

@@ -21,8 +21,11 @@ import pytest
 
 from featpipe.sample_data import write_sample_data
 
-BACKENDS = [b.strip() for b in os.environ.get("FEATPIPE_TEST_BACKENDS", os.environ.get("KERAS_BACKEND", "tensorflow"))
-            .split(",") if b.strip()]
+BACKENDS = [
+    b.strip()
+    for b in os.environ.get("FEATPIPE_TEST_BACKENDS", os.environ.get("KERAS_BACKEND", "tensorflow")).split(",")
+    if b.strip()
+]
 # EfficientNet: batch norm (calibrated for --weights none) and an integer Normalization count, the two
 # things that once gave the same `none` network another fingerprint under each backend.
 BACKBONE = "efficientnetb0"
@@ -33,10 +36,12 @@ CLIP = "test/grow/grow_test_000.mp4"
 def featpipe(backend: str, cwd: Path, *args: str) -> str:
     """Run `python -m featpipe ARGS` under a backend; return stdout, failing with stderr on a non-zero exit."""
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run([sys.executable, "-m", "featpipe", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, (f"featpipe {' '.join(args)} under {backend} exited {proc.returncode}:\n"
-                                  f"{proc.stderr[-3000:]}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "featpipe", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, (
+        f"featpipe {' '.join(args)} under {backend} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    )
     assert "Traceback" not in proc.stderr
     return proc.stdout
 
@@ -70,16 +75,31 @@ def extract_under(backend: str, data: Path, work: Path) -> Path:
 
 def train_under(backend: str, cache: Path, work: Path) -> Path:
     run = work / f"run-{backend}"
-    featpipe(backend, work, "train", "--rnn", "gru", "--cache", str(cache), "--epochs", "3", "--units", "8",
-             "--out", str(run), "--quiet")
+    featpipe(
+        backend,
+        work,
+        "train",
+        "--rnn",
+        "gru",
+        "--cache",
+        str(cache),
+        "--epochs",
+        "3",
+        "--units",
+        "8",
+        "--out",
+        str(run),
+        "--quiet",
+    )
     info = json.loads((run / "run.json").read_text())
     assert info["keras_backend"] == backend
     return run
 
 
 def evaluate_and_predict(backend_eval: str, backend_predict: str, run: Path, cache: Path, data: Path, work: Path):
-    report = json.loads(featpipe(backend_eval, work, "evaluate", str(run), "--cache", str(cache), "--split", "test",
-                                 "--json"))
+    report = json.loads(
+        featpipe(backend_eval, work, "evaluate", str(run), "--cache", str(cache), "--split", "test", "--json")
+    )
     assert report["n"] == 8 and report["split"] == "test" and 0.0 <= report["accuracy"] <= 1.0
     lines = featpipe(backend_predict, work, "predict", str(data / CLIP), "--model", str(run), "--json").splitlines()
     pred = json.loads(lines[0])
@@ -115,6 +135,7 @@ def test_features_do_not_depend_on_the_backend(backend, data, caches_dir):
 
 
 if len(BACKENDS) > 1:  # only `make test-backends` has more than one backend installed
+
     @pytest.mark.parametrize("backend", BACKENDS)
     @pytest.mark.parametrize("backbone, size", [("efficientnetb0", 32)])  # batch norm and an integer count
     def test_the_none_network_has_one_fingerprint_under_every_backend(backend, backbone, size):
@@ -122,8 +143,10 @@ if len(BACKENDS) > 1:  # only `make test-backends` has more than one backend ins
         one backend is the one predict computes under another (README: the random network)."""
         from featpipe.backbones import build_model, fingerprint, get_backbone
 
-        code = ("from featpipe.backbones import build_model, fingerprint, get_backbone;"
-                f"print(fingerprint(build_model(get_backbone({backbone!r}), {size}, 'none', seed=5)))")
+        code = (
+            "from featpipe.backbones import build_model, fingerprint, get_backbone;"
+            f"print(fingerprint(build_model(get_backbone({backbone!r}), {size}, 'none', seed=5)))"
+        )
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -132,15 +155,18 @@ if len(BACKENDS) > 1:  # only `make test-backends` has more than one backend ins
     CROSSINGS = [BACKENDS[i:] + BACKENDS[:i] for i in range(len(BACKENDS))]
 
     @pytest.mark.parametrize("order", CROSSINGS, ids=["-".join(o[:3]) for o in CROSSINGS])
-    def test_a_cache_from_one_backend_trains_under_another_and_predicts_under_a_third(order, data, caches_dir,
-                                                                                     tmp_path):
+    def test_a_cache_from_one_backend_trains_under_another_and_predicts_under_a_third(
+        order, data, caches_dir, tmp_path
+    ):
         extract_b, train_b, other = order[0], order[1], order[2 % len(order)]
         cache = extract_under(extract_b, data, caches_dir)
         run = train_under(train_b, cache, tmp_path)
         report, pred = evaluate_and_predict(other, other, run, cache, data, tmp_path)
         # the same run and clip give the same probabilities under the backend that trained it
-        again = json.loads(featpipe(train_b, tmp_path, "predict", str(data / CLIP), "--model", str(run), "--json")
-                           .splitlines()[0])
+        again = json.loads(
+            featpipe(train_b, tmp_path, "predict", str(data / CLIP), "--model", str(run), "--json").splitlines()[0]
+        )
         assert [t["label"] for t in again["top"]] == [t["label"] for t in pred["top"]]
-        np.testing.assert_allclose([t["probability"] for t in again["top"]], [t["probability"] for t in pred["top"]],
-                                   atol=1e-3)
+        np.testing.assert_allclose(
+            [t["probability"] for t in again["top"]], [t["probability"] for t in pred["top"]], atol=1e-3
+        )

@@ -37,8 +37,15 @@ from featpipe.errors import CacheError, FeatpipeError
 
 T, D = 4, 3
 CONFIG = CacheConfig(
-    backbone="vgg16", weights="none", weights_fingerprint="abc123", input_size=32, frames=T, sampling="uniform",
-    dtype="float16", feature_shape=(D,), class_names=("a", "b"),
+    backbone="vgg16",
+    weights="none",
+    weights_fingerprint="abc123",
+    input_size=32,
+    frames=T,
+    sampling="uniform",
+    dtype="float16",
+    feature_shape=(D,),
+    class_names=("a", "b"),
 )
 
 
@@ -63,8 +70,14 @@ def test_finalized_cache_has_the_documented_schema_and_reads_with_plain_h5py_and
         assert f["features"].shape == (3, T, D) and f["features"].dtype == np.float16
         assert f["features"].chunks == (1, T, D)
         assert f["mask"].dtype == bool and f["mask"].shape == (3, T)
-        df = pd.DataFrame({"video": f["video"].asstr()[:], "label": f["label"][:], "split": f["split"].asstr()[:],
-                           "n_frames": f["n_frames"][:]})
+        df = pd.DataFrame(
+            {
+                "video": f["video"].asstr()[:],
+                "label": f["label"][:],
+                "split": f["split"].asstr()[:],
+                "n_frames": f["n_frames"][:],
+            }
+        )
         assert list(df.video) == [f"train/a/clip{i}.mp4" for i in range(3)]  # sorted by key
         assert list(df.n_frames) == [30, 31, 32]
         np.testing.assert_array_equal(f["features"][1], clip(1).features)
@@ -337,8 +350,12 @@ def write_shards(out, n, keys=KEYS, failed=("train/a/broken.mp4", "val/b/broken.
     paths = []
     for i in range(1, n + 1):
         paths.append(shard_path(out, i, n))
-        write_clips(paths[-1], [k for k in keys if shard_of(k, n) == i], replace(CONFIG, extra={"shard": f"{i}/{n}"}),
-                    failed=[k for k in failed if shard_of(k, n) == i])
+        write_clips(
+            paths[-1],
+            [k for k in keys if shard_of(k, n) == i],
+            replace(CONFIG, extra={"shard": f"{i}/{n}"}),
+            failed=[k for k in failed if shard_of(k, n) == i],
+        )
     return paths
 
 
@@ -433,10 +450,17 @@ def test_merge_refuses_shards_made_with_other_settings_naming_both_files_and_the
     write_shards(out, 2)
     second = shard_path(out, 2, 2)
     second.unlink()
-    write_clips(second, [k for k in KEYS if shard_of(k, 2) == 2],
-                replace(CONFIG, weights_fingerprint="zzz", extra={"shard": "2/2"}))
-    refused(merge_cli("--output", out), str(shard_path(out, 1, 2)), str(second),
-            "weights_fingerprint: abc123 in shard 1/2, zzz in shard 2/2")
+    write_clips(
+        second,
+        [k for k in KEYS if shard_of(k, 2) == 2],
+        replace(CONFIG, weights_fingerprint="zzz", extra={"shard": "2/2"}),
+    )
+    refused(
+        merge_cli("--output", out),
+        str(shard_path(out, 1, 2)),
+        str(second),
+        "weights_fingerprint: abc123 in shard 1/2, zzz in shard 2/2",
+    )
     assert not out.exists()
 
 
@@ -525,10 +549,13 @@ def test_rows_record_their_clip_identity_and_rows_whose_clip_left_the_dataset_ar
         assert list(f["video"].asstr()[:]) == ["train/a/clip0.mp4", "train/a/clip2.mp4"]
         assert dict(zip(f["stale/video"].asstr()[:], f["stale/reason"].asstr()[:])) == {
             "train/a/clip1.mp4": "its file changed after it was extracted",
-            "train/a/clip3.mp4": "no longer in the dataset"}
+            "train/a/clip3.mp4": "no longer in the dataset",
+        }
         assert list(f["failed/video"].asstr()[:]) == [], "a failed clip that left the dataset is forgotten"
-    assert summarize(path).n_clips == 2 and [k for k, _ in summarize(path).stale] == ["train/a/clip1.mp4",
-                                                                                       "train/a/clip3.mp4"]
+    assert summarize(path).n_clips == 2 and [k for k, _ in summarize(path).stale] == [
+        "train/a/clip1.mp4",
+        "train/a/clip3.mp4",
+    ]
 
 
 def _downgrade_to_version_1(path) -> None:
@@ -594,9 +621,16 @@ def test_merge_of_a_shard_named_twice_counts_it_once(tmp_path):
 def test_a_cache_open_in_another_hdf5_writer_is_not_called_truncated(tmp_path):
     path = tmp_path / "c.h5"
     write_clips(path, KEYS[:2])
-    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'a'); "
-                               "print('open', flush=True); time.sleep(60)", str(path)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import h5py, sys, time; f = h5py.File(sys.argv[1], 'a'); print('open', flush=True); time.sleep(60)",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "open"
         with pytest.raises(CacheError) as info:
@@ -628,8 +662,11 @@ def test_a_full_disk_while_journaling_or_writing_the_cache_is_one_sentence_and_k
         path.unlink()
         filler = fill(disk, leave=100_000)
         w = CacheWriter(path, big)
-        with pytest.raises(CacheError, match=r"The disk holding .* is full; free some space and run the same command "
-                                             r"again \(the clips finished so far are kept\)") as info:
+        with pytest.raises(
+            CacheError,
+            match=r"The disk holding .* is full; free some space and run the same command "
+            r"again \(the clips finished so far are kept\)",
+        ) as info:
             for i in range(100):
                 w.append(ClipRecord(f"k{i:03d}.mp4", 0, "train", 4, np.ones((T, 4096), np.float16), np.ones(T, bool)))
         assert info.value.exit_code == 1
@@ -693,9 +730,18 @@ def by_key(path) -> dict:
         keys = list(f["video"].asstr()[:])
         size = f["size"][:] if "size" in f else [None] * len(keys)
         mtime = f["mtime_ns"][:] if "mtime_ns" in f else [None] * len(keys)
-        rows = {k: (f["features"][i].tobytes(), f["mask"][i].tobytes(), int(f["label"][i]), f["split"].asstr()[i],
-                    int(f["n_frames"][i]), None if size[i] is None else int(size[i]),
-                    None if mtime[i] is None else int(mtime[i])) for i, k in enumerate(keys)}
+        rows = {
+            k: (
+                f["features"][i].tobytes(),
+                f["mask"][i].tobytes(),
+                int(f["label"][i]),
+                f["split"].asstr()[i],
+                int(f["n_frames"][i]),
+                None if size[i] is None else int(size[i]),
+                None if mtime[i] is None else int(mtime[i]),
+            )
+            for i, k in enumerate(keys)
+        }
         failed = dict(zip(f["failed/video"].asstr()[:], f["failed/reason"].asstr()[:]))
         stale = dict(zip(f["stale/video"].asstr()[:], f["stale/reason"].asstr()[:])) if "stale" in f else {}
         attrs = {k: np.asarray(v).tolist() for k, v in f.attrs.items()}
@@ -709,7 +755,8 @@ def part_files(cache) -> list:
 
 
 def test_a_large_cache_keeps_features_in_part_files_read_by_plain_h5py_and_pandas_and_adding_clips_writes_only_them(
-        tmp_path, parted):
+    tmp_path, parted
+):
     path = tmp_path / "c.h5"
     w = CacheWriter(path, CONFIG)
     for i in (2, 0, 1):
@@ -725,8 +772,14 @@ def test_a_large_cache_keeps_features_in_part_files_read_by_plain_h5py_and_panda
     after = (first.stat().st_ino, first.stat().st_mtime_ns, first.read_bytes())
     assert after == before, "old parts are never rewritten"
     with h5py.File(path, "r") as f:  # the README's example, unchanged
-        clips = pd.DataFrame({"video": f["video"].asstr()[:], "split": f["split"].asstr()[:],
-                              "label": f["label"][:], "n_frames": f["n_frames"][:]})
+        clips = pd.DataFrame(
+            {
+                "video": f["video"].asstr()[:],
+                "split": f["split"].asstr()[:],
+                "label": f["label"][:],
+                "n_frames": f["n_frames"][:],
+            }
+        )
         classes = list(f.attrs["class_names"])
         x, mask = f["features"][:8], f["mask"][:8]
         assert f["features"].is_virtual and f.attrs["schema_version"] == SCHEMA_VERSION
@@ -769,16 +822,20 @@ def test_rows_dropped_from_part_files_go_to_stale_and_a_part_no_row_uses_is_remo
     assert (w.n_dropped, w.n_changed) == (2, 1)
     f = by_key(path)
     assert list(f["rows"]) == ["train/a/clip3.mp4"]
-    assert f["stale"] == {"train/a/clip0.mp4": "no longer in the dataset",
-                          "train/a/clip1.mp4": "no longer in the dataset",
-                          "train/a/clip2.mp4": "its file changed after it was extracted"}
+    assert f["stale"] == {
+        "train/a/clip0.mp4": "no longer in the dataset",
+        "train/a/clip1.mp4": "no longer in the dataset",
+        "train/a/clip2.mp4": "its file changed after it was extracted",
+    }
     assert len(part_files(path)) == 1 and part_files(path)[0] in old_parts, "the part only dropped rows used is gone"
-    np.testing.assert_array_equal(np.frombuffer(f["rows"]["train/a/clip3.mp4"][0], np.float16).reshape(T, D),
-                                  clip(3).features)
+    np.testing.assert_array_equal(
+        np.frombuffer(f["rows"]["train/a/clip3.mp4"][0], np.float16).reshape(T, D), clip(3).features
+    )
 
 
-def test_a_version_2_one_file_cache_grows_into_parts_without_copying_its_features_and_still_trains(tmp_path,
-                                                                                                   monkeypatch):
+def test_a_version_2_one_file_cache_grows_into_parts_without_copying_its_features_and_still_trains(
+    tmp_path, monkeypatch
+):
     from featpipe.data import feature_stats, load_rows, open_index
 
     path = tmp_path / "c.h5"
@@ -809,8 +866,9 @@ def test_a_version_2_one_file_cache_grows_into_parts_without_copying_its_feature
             np.testing.assert_array_equal(f["features"][i], clip(int(key[-5])).features)
 
 
-def test_a_cache_copied_without_its_parts_folder_is_one_sentence_and_merge_compact_writes_one_file(tmp_path, parted,
-                                                                                                   monkeypatch):
+def test_a_cache_copied_without_its_parts_folder_is_one_sentence_and_merge_compact_writes_one_file(
+    tmp_path, parted, monkeypatch
+):
     path = tmp_path / "c.h5"
     write_clips(path, KEYS[:6], failed=["train/a/broken.mp4"])
     moved = tmp_path / "elsewhere"
@@ -882,14 +940,24 @@ def killed(tmp_path, hook: tuple, what: str, target: Path) -> bool:
 
     env = {**os.environ, "FEATPIPE_ONE_FILE_MB": "0"}
     attrs = json.dumps(CONFIG.attrs())
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, *map(str, hook), what, attrs, str(target)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, *map(str, hook), what, attrs, str(target)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode in (-signal.SIGKILL, 0), proc.stderr
     return proc.returncode == -signal.SIGKILL
 
 
-FINALIZE_KILLS = [("_write_part", "after", 1), ("_link_part", "after", 1), ("_write_parted_temporary", "after", 1),
-                  ("_install", "after", 1), ("_collect_parts", "before", 2)]
+FINALIZE_KILLS = [
+    ("_write_part", "after", 1),
+    ("_link_part", "after", 1),
+    ("_write_parted_temporary", "after", 1),
+    ("_install", "after", 1),
+    ("_collect_parts", "before", 2),
+]
 
 
 @pytest.mark.parametrize("hook", FINALIZE_KILLS, ids=["-".join(map(str, h)) for h in FINALIZE_KILLS])
@@ -922,8 +990,12 @@ def test_a_finalize_killed_anywhere_resumes_to_the_cache_a_clean_run_writes(tmp_
         assert {Path(n).name for n in f["parts/file"].asstr()[:]} == {p.name for p in part_files(path)}
 
 
-MERGE_KILLS = [("_link_part", "after", 1), ("_link_part", "after", 3), ("_install", "before", 1),
-               ("_collect_parts", "before", 2)]
+MERGE_KILLS = [
+    ("_link_part", "after", 1),
+    ("_link_part", "after", 3),
+    ("_install", "before", 1),
+    ("_collect_parts", "before", 2),
+]
 
 
 @pytest.mark.parametrize("hook", MERGE_KILLS, ids=["-".join(map(str, h)) for h in MERGE_KILLS])
@@ -949,8 +1021,9 @@ def test_the_cache_benchmark_runs_and_reports_adding_merging_and_rewriting(tmp_p
     spec = importlib.util.spec_from_file_location("cache_bench", Path(__file__).parents[1] / "bench" / "cache_bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--sizes", "24", "--shards", "3", "--dir", str(tmp_path),
-                       "--json", str(tmp_path / "b.json")]) == 0
+    assert (
+        bench.main(["--sizes", "24", "--shards", "3", "--dir", str(tmp_path), "--json", str(tmp_path / "b.json")]) == 0
+    )
     (r,) = json.loads((tmp_path / "b.json").read_text())["results"]
     assert r["clips"] == 24 and all(r[k] > 0 for k in ("add_1_s", "add_10_s", "merge_3_s", "rewrite_s"))
     assert "| 24 |" in capsys.readouterr().out

@@ -45,9 +45,24 @@ def test_every_command_explains_its_options(command):
 
 def test_extract_help_documents_the_main_options():
     out = run("extract", "--help").output
-    for option in ("--backbone", "--data", "--csv", "--frames", "--sampling", "--size", "--weights", "--batch-size",
-                   "--workers", "--dtype", "--output", "--strict", "--quiet", "--retry-failed", "--shard",
-                   "--precision"):
+    for option in (
+        "--backbone",
+        "--data",
+        "--csv",
+        "--frames",
+        "--sampling",
+        "--size",
+        "--weights",
+        "--batch-size",
+        "--workers",
+        "--dtype",
+        "--output",
+        "--strict",
+        "--quiet",
+        "--retry-failed",
+        "--shard",
+        "--precision",
+    ):
         assert option in out
 
 
@@ -137,8 +152,9 @@ def test_shards_merge_into_a_cache_that_trains_and_evaluates(sample, tmp_path):
     cache = tmp_path / "cache"
     merged = cache / "vgg16.h5"
     for i in (1, 2):
-        result = run("extract", "--data", str(sample), "--cache-dir", str(cache), *SMALL, "--quiet",
-                     "--shard", f"{i}/2")
+        result = run(
+            "extract", "--data", str(sample), "--cache-dir", str(cache), *SMALL, "--quiet", "--shard", f"{i}/2"
+        )
         assert result.exit_code == 0, result.output
         assert f"vgg16.shard-{i}-of-2.h5" in result.stdout and f"featpipe merge --output {merged}" in result.stdout
     models = ["--models-dir", str(tmp_path / "models"), "--epochs", "2", "--patience", "2", "--quiet"]
@@ -175,7 +191,7 @@ def lines_spanned(lines: list[str], text: str) -> int | None:
     target = "".join(text.split())
     for n in range(1, len(lines) + 1):
         for i in range(len(lines) - n + 1):
-            if target in "".join("".join(lines[i:i + n]).split()):
+            if target in "".join("".join(lines[i : i + n]).split()):
                 return n
     return None
 
@@ -205,21 +221,25 @@ def test_the_backbone_choices_are_listed_in_words_that_wrap():
 
 # ---------------------------------------------------------------------------- a quiet CLI
 
+
 @pytest.fixture(scope="module")
 def tiny_run(sample, tmp_path_factory) -> Path:
     """The smallest trained run: vgg16 at 32 px, 8 frames, random weights, 2 epochs."""
     root = tmp_path_factory.mktemp("quiet")
-    ex = featpipe.extract(data=sample, output=root / "c.h5", backbone="vgg16", size=32, frames=8, weights="none",
-                          quiet=True)
-    return featpipe.train(cache=ex.cache, rnn="gru", models_dir=root / "models", epochs=2, patience=2,
-                          quiet=True).run_dir
+    ex = featpipe.extract(
+        data=sample, output=root / "c.h5", backbone="vgg16", size=32, frames=8, weights="none", quiet=True
+    )
+    return featpipe.train(
+        cache=ex.cache, rnn="gru", models_dir=root / "models", epochs=2, patience=2, quiet=True
+    ).run_dir
 
 
 def featpipe_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     """`python -m featpipe ARGS` in a fresh process, as a user runs it (TF_CPP_MIN_LOG_LEVEL=2 is inherited)."""
     environ = {k: v for k, v in os.environ.items() if k != "FEATPIPE_VERBOSE"}
-    proc = subprocess.run([sys.executable, "-m", "featpipe", *args], capture_output=True, text=True, timeout=300,
-                          env={**environ, **env})
+    proc = subprocess.run(
+        [sys.executable, "-m", "featpipe", *args], capture_output=True, text=True, timeout=300, env={**environ, **env}
+    )
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -239,10 +259,12 @@ def test_help_loads_no_model_or_optional_library():
     """`featpipe --help` (and every command's) stays quick: Keras, TensorFlow, OpenCV, scikit-learn,
     matplotlib, Optuna and Ray are imported by the commands that use them, never at start-up."""
     heavy = ("keras", "tensorflow", "cv2", "sklearn", "matplotlib", "optuna", "ray", "torch", "jax")
-    code = ("import sys\nfrom featpipe.cli import app\n"
-            "for args in (['--help'], ['extract', '--help'], ['train', '--help'], ['tune', '--help']):\n"
-            "    try:\n        app(args)\n    except SystemExit:\n        pass\n"
-            f"print('loaded:', ','.join(m for m in {heavy!r} if m in sys.modules))")
+    code = (
+        "import sys\nfrom featpipe.cli import app\n"
+        "for args in (['--help'], ['extract', '--help'], ['train', '--help'], ['tune', '--help']):\n"
+        "    try:\n        app(args)\n    except SystemExit:\n        pass\n"
+        f"print('loaded:', ','.join(m for m in {heavy!r} if m in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert proc.stdout.splitlines()[-1] == "loaded: "
 
@@ -271,6 +293,7 @@ def test_the_stderr_filter_drops_tensorflows_start_up_lines_and_keeps_everything
 
 
 # ---------------------------------------------------------------------------- the version, defined once
+
 
 def test_the_version_is_defined_once_and_pyproject_reads_it():
     from setuptools.config.pyprojecttoml import read_configuration

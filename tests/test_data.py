@@ -168,8 +168,12 @@ def test_block_shuffling_is_deterministic_for_a_seed(tmp_path):
     path = make_cache(tmp_path / "c.h5", n=100)
     idx = open_index(path)
     rows = idx.rows("train")
-    make = lambda seed: H5Batches(path, rows, idx.labels[rows], batch_size=4, shuffle=True, seed=seed,  # noqa: E731
-                                  block_rows=2, window_batches=2)
+
+    def make(seed):
+        return H5Batches(
+            path, rows, idx.labels[rows], batch_size=4, shuffle=True, seed=seed, block_rows=2, window_batches=2
+        )
+
     a, b, c = make(7), make(7), make(8)
     for _ in range(2):
         assert _epoch(a) == _epoch(b)
@@ -190,8 +194,17 @@ def test_block_shuffling_is_deterministic_for_a_seed(tmp_path):
 def test_streamed_memory_is_bounded_by_the_windows_held(tmp_path, monkeypatch):
     path = make_cache(tmp_path / "c.h5", n=200, splits=("train",))
     idx = open_index(path)
-    seq = H5Batches(path, np.arange(200), idx.labels, batch_size=8, shuffle=True, seed=0, block_rows=4,
-                    window_batches=3, max_windows=2)
+    seq = H5Batches(
+        path,
+        np.arange(200),
+        idx.labels,
+        batch_size=8,
+        shuffle=True,
+        seed=0,
+        block_rows=4,
+        window_batches=3,
+        max_windows=2,
+    )
     reads = []
     original = type(seq)._read_window
     monkeypatch.setattr(type(seq), "_read_window", lambda self, w: reads.append(w) or original(self, w))
@@ -216,8 +229,9 @@ def test_a_window_is_read_in_few_large_reads(tmp_path, monkeypatch):
     calls = []
     original = h5py.Dataset.read_direct
     monkeypatch.setattr(h5py.Dataset, "read_direct", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
-    seq = H5Batches(path, np.arange(120), idx.labels, batch_size=10, shuffle=True, seed=0, block_rows=5,
-                    window_batches=3)
+    seq = H5Batches(
+        path, np.arange(120), idx.labels, batch_size=10, shuffle=True, seed=0, block_rows=5, window_batches=3
+    )
     _epoch(seq)
     # 120 rows in 24 blocks of 5: one read per block (two where the random offset cuts one), never one per row
     assert len(calls) <= 24 + 4
@@ -249,7 +263,7 @@ def test_float16_caches_stream_in_float16_with_the_values_held_in_memory(tmp_pat
     for i in range(len(as_stored)):
         (x16, y16), (x32, y32) = as_stored[i], as_float32[i]
         assert x16["features"].dtype == np.float16 and x32["features"].dtype == np.float32
-        expected = memory["features"][as_stored._order[i * 4:(i + 1) * 4]]
+        expected = memory["features"][as_stored._order[i * 4 : (i + 1) * 4]]
         np.testing.assert_array_equal(x16["features"].astype(np.float32), expected)
         np.testing.assert_array_equal(x32["features"], expected)
         np.testing.assert_array_equal(y16, y32)
@@ -314,8 +328,20 @@ def test_fitting_from_the_stream_is_deterministic_for_a_seed(tmp_path):
         keras.utils.set_random_seed(0)
         model = build_model(HeadConfig("gru", units=4), (D,), 2, np.zeros(D, np.float32), np.ones(D, np.float32))
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-        data = H5Batches(path, rows, idx.labels, batch_size=8, shuffle=True, seed=5, block_rows=2, window_batches=2,
-                         dtype=None, workers=2, use_multiprocessing=False, max_queue_size=4)
+        data = H5Batches(
+            path,
+            rows,
+            idx.labels,
+            batch_size=8,
+            shuffle=True,
+            seed=5,
+            block_rows=2,
+            window_batches=2,
+            dtype=None,
+            workers=2,
+            use_multiprocessing=False,
+            max_queue_size=4,
+        )
         model.fit(data, epochs=2, shuffle=False, verbose=0)
         data.close()
         return model.get_weights()

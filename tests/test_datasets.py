@@ -76,8 +76,12 @@ def ucf_tree(base: Path, *, lists_dir: str = ".", video_dir: str = ".", folds: t
 
 
 def test_only_video_extensions_are_indexed_and_every_split_is_a_known_one(tmp_path):
-    touch(tmp_path, *(f"{c}/clip{i}{e}" for c in "ab" for i, e in enumerate(sorted(VIDEO_EXTENSIONS))),
-          "a/notes.txt", "b/frame.jpg")
+    touch(
+        tmp_path,
+        *(f"{c}/clip{i}{e}" for c in "ab" for i, e in enumerate(sorted(VIDEO_EXTENSIONS))),
+        "a/notes.txt",
+        "b/frame.jpg",
+    )
     ds = index_dataset(tmp_path)
     assert len(ds.records) == 2 * len(VIDEO_EXTENSIONS)
     assert all(Path(r.video).suffix in VIDEO_EXTENSIONS for r in ds.records)
@@ -153,8 +157,9 @@ def test_split_folders_mixed_with_class_folders_is_refused(tmp_path):
 
 def test_clip_loose_in_a_split_folder_is_refused(tmp_path):
     touch(tmp_path, "train/a/1.mp4", "train/b/2.mp4", "train/loose.mp4")
-    with pytest.raises(DatasetError,
-                       match=r"'train/loose.mp4'.*not inside a class folder; move it into train/<class>/"):
+    with pytest.raises(
+        DatasetError, match=r"'train/loose.mp4'.*not inside a class folder; move it into train/<class>/"
+    ):
         index_dataset(tmp_path)
 
 
@@ -389,8 +394,9 @@ def test_csv_absolute_path_is_refused(tmp_path):
     target = tmp_path / "sub" / "abs.mp4"
     touch(tmp_path, "sub/abs.mp4")
     csv = write_csv(tmp_path / "sub" / "list.csv", f"video_name,tag\nok.mp4,a\n{target},b\n")
-    with pytest.raises(DatasetError,
-                       match=r"line 3 names the absolute path '.*abs\.mp4'; video paths must be relative"):
+    with pytest.raises(
+        DatasetError, match=r"line 3 names the absolute path '.*abs\.mp4'; video paths must be relative"
+    ):
         index_dataset(csv=csv)
 
 
@@ -427,8 +433,9 @@ def test_csv_that_is_a_folder_is_refused(tmp_path):
 
 def test_csv_missing_columns_is_refused(tmp_path):
     csv = write_csv(tmp_path / "list.csv", "file,label\na.mp4,a\n")
-    with pytest.raises(DatasetError,
-                       match=r"lacks column\(s\) video_name, tag \(found: file, label\); its header must"):
+    with pytest.raises(
+        DatasetError, match=r"lacks column\(s\) video_name, tag \(found: file, label\); its header must"
+    ):
         index_dataset(csv=csv)
 
 
@@ -524,8 +531,9 @@ def test_ucf101_other_fold_uses_its_own_lists(tmp_path):
 
 def test_ucf101_missing_fold_lists_are_refused(tmp_path):
     ucf_tree(tmp_path)
-    with pytest.raises(DatasetError,
-                       match=r"trainlist03\.txt, testlist03\.txt for fold 3 not found .*pick another --fold"):
+    with pytest.raises(
+        DatasetError, match=r"trainlist03\.txt, testlist03\.txt for fold 3 not found .*pick another --fold"
+    ):
         index_dataset(tmp_path, fold=3)
 
 
@@ -600,8 +608,9 @@ def test_no_data_and_no_csv_is_refused():
 
 def test_folder_without_videos_lists_accepted_extensions(tmp_path):
     touch(tmp_path, "a/readme.txt", "b/.hidden.mp4")
-    with pytest.raises(DatasetError,
-                       match=r"No video files found in .*accepted extensions: \.avi, \.m4v, \.mkv, \.mov, \.mp4"):
+    with pytest.raises(
+        DatasetError, match=r"No video files found in .*accepted extensions: \.avi, \.m4v, \.mkv, \.mov, \.mp4"
+    ):
         index_dataset(tmp_path)
 
 
@@ -614,8 +623,9 @@ def test_empty_split_folders_are_refused(tmp_path):
 
 def test_single_class_folder_is_refused(tmp_path):
     class_tree(tmp_path, {"lonely": 4})
-    with pytest.raises(DatasetError,
-                       match="needs at least two classes, found only 'lonely'; add clips of another class"):
+    with pytest.raises(
+        DatasetError, match="needs at least two classes, found only 'lonely'; add clips of another class"
+    ):
         index_dataset(tmp_path)
 
 
@@ -720,8 +730,15 @@ def test_a_class_folder_without_read_permission_is_refused_not_skipped(tmp_path,
         denied = root / "owls"
     else:
         root = tmp_path / "data"
-        touch(root, *(f"{s}/{c}/{c}{i}.mp4" for s in ("train", "val", "test") for c in ("cats", "dogs", "owls")
-                      for i in range(2)))
+        touch(
+            root,
+            *(
+                f"{s}/{c}/{c}{i}.mp4"
+                for s in ("train", "val", "test")
+                for c in ("cats", "dogs", "owls")
+                for i in range(2)
+            ),
+        )
         denied = root / "train" / "owls"
     deny_listing(monkeypatch, denied)
     with pytest.raises(DatasetError) as info:

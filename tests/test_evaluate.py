@@ -44,8 +44,18 @@ def test_json_output_is_one_object_with_the_documented_keys(trained, monkeypatch
     out = runner.invoke(app, ["evaluate", str(result.run_dir), "--split", "val", "--json"])
     assert out.exit_code == 0, out.stderr
     data = json.loads(out.output)
-    for key in ("accuracy", "macro_f1", "confusion_matrix", "class_names", "n", "split", "roc_auc", "top_k_accuracy",
-                "weighted_f1", "per_class"):
+    for key in (
+        "accuracy",
+        "macro_f1",
+        "confusion_matrix",
+        "class_names",
+        "n",
+        "split",
+        "roc_auc",
+        "top_k_accuracy",
+        "weighted_f1",
+        "per_class",
+    ):
         assert key in data
     assert data["split"] == "val" and data["class_names"] == ["blue_to_red", "grow", "red_to_blue", "shrink"]
 

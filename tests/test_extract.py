@@ -102,8 +102,9 @@ def test_features_are_the_backbone_applied_to_each_clips_sampled_frames(sample, 
         for i in (0, 7, 15):
             clip = read_clip(ds.records[i].path, 8, 32, "uniform")
             direct = ex(clip.frames[clip.mask]).astype(np.float16)
-            np.testing.assert_allclose(f["features"][i][clip.mask].astype(np.float32), direct.astype(np.float32),
-                                       rtol=2e-3, atol=1e-3)
+            np.testing.assert_allclose(
+                f["features"][i][clip.mask].astype(np.float32), direct.astype(np.float32), rtol=2e-3, atol=1e-3
+            )
 
 
 def test_rerun_skips_every_clip_already_in_the_cache_and_extracts_only_new_ones(sample, tmp_path):
@@ -119,9 +120,29 @@ def test_rerun_skips_every_clip_already_in_the_cache_and_extracts_only_new_ones(
 
 
 def _extract_cmd(data: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "featpipe", "extract", "--data", str(data), "--output", str(out),
-            "--backbone", "inceptionv3", "--size", "75", "--frames", "8", "--weights", "none",
-            "--batch-size", "4", "--workers", "1", "--quiet"]
+    return [
+        sys.executable,
+        "-m",
+        "featpipe",
+        "extract",
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--backbone",
+        "inceptionv3",
+        "--size",
+        "75",
+        "--frames",
+        "8",
+        "--weights",
+        "none",
+        "--batch-size",
+        "4",
+        "--workers",
+        "1",
+        "--quiet",
+    ]
 
 
 def _records(out: Path) -> int:
@@ -138,8 +159,9 @@ def test_sigkill_at_several_points_then_resume_ends_with_the_clean_runs_cache(sa
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for kill_after_records in (0, 1, 6, 12):
         before = _records(out)
-        proc = subprocess.Popen(_extract_cmd(sample, out), env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _extract_cmd(sample, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 120
         if kill_after_records == 0:
             time.sleep(1.0)  # still importing / building the network
@@ -192,14 +214,25 @@ def test_bad_files_are_listed_with_reasons_and_do_not_stop_the_run(messy, tmp_pa
     out = tmp_path / "c.h5"
     result = extract(data=messy, output=out, **SMALL)
     failed = dict(result.failed)
-    assert set(failed) == {"train/alpha/empty.mp4", "train/alpha/notes.mp4", "train/beta β/cut.mp4",
-                           "train/beta β/noframes.mp4"}
+    assert set(failed) == {
+        "train/alpha/empty.mp4",
+        "train/alpha/notes.mp4",
+        "train/beta β/cut.mp4",
+        "train/beta β/noframes.mp4",
+    }
     assert all(reason for reason in failed.values())
     assert "zero" in failed["train/alpha/empty.mp4"].lower() or "empty" in failed["train/alpha/empty.mp4"].lower()
     with h5py.File(out, "r") as f:
-        assert sorted(f["video"].asstr()[:]) == sorted([
-            "train/alpha/good one.mp4", "train/alpha/gray.mp4", "train/alpha/tiny.avi",
-            "train/beta β/gööd.mp4", "train/beta β/odd.mp4", "train/beta β/wide.mp4"])
+        assert sorted(f["video"].asstr()[:]) == sorted(
+            [
+                "train/alpha/good one.mp4",
+                "train/alpha/gray.mp4",
+                "train/alpha/tiny.avi",
+                "train/beta β/gööd.mp4",
+                "train/beta β/odd.mp4",
+                "train/beta β/wide.mp4",
+            ]
+        )
         assert np.isfinite(f["features"][:].astype(np.float32)).all()
 
 
@@ -243,8 +276,9 @@ def test_first_sampling_stores_the_first_frames_and_float32_is_honoured(sample, 
         long = int(np.argmax(u["n_frames"][:]))
         assert u["n_frames"][long] > 8
         assert not np.allclose(u["features"][long, -1].astype(np.float32), f["features"][long, -1])
-        np.testing.assert_allclose(u["features"][long, 0].astype(np.float32), f["features"][long, 0],
-                                   rtol=2e-3, atol=1e-2)
+        np.testing.assert_allclose(
+            u["features"][long, 0].astype(np.float32), f["features"][long, 0], rtol=2e-3, atol=1e-2
+        )
 
 
 def test_default_cache_path_is_cache_dir_slash_backbone(sample, tmp_path):
@@ -286,8 +320,16 @@ def _tiny_preprocess(x):
 
 @pytest.fixture
 def tiny_backbone():
-    entry = register_backbone(Backbone("tinytest", build=_tiny_build, preprocess_input=_tiny_preprocess,
-                                       default_size=24, feature_dim=12, min_size=16))
+    entry = register_backbone(
+        Backbone(
+            "tinytest",
+            build=_tiny_build,
+            preprocess_input=_tiny_preprocess,
+            default_size=24,
+            feature_dim=12,
+            min_size=16,
+        )
+    )
     yield entry
     REGISTRY.pop("tinytest", None)
 
@@ -309,8 +351,9 @@ def test_a_registered_backbone_is_one_entry_and_extracts_end_to_end(tiny_backbon
             direct = np.asarray(model.predict_on_batch(tiny_backbone.preprocess(clip.frames[clip.mask])))
             got = f["features"][i][clip.mask].astype(np.float32)
             np.testing.assert_allclose(got, direct, rtol=2e-3, atol=2e-3 * np.abs(direct).max())
-    default = extract(data=data, cache_dir=tmp_path / "cache", backbone="tinytest", frames=4, weights="none",
-                      quiet=True)
+    default = extract(
+        data=data, cache_dir=tmp_path / "cache", backbone="tinytest", frames=4, weights="none", quiet=True
+    )
     assert default.cache == tmp_path / "cache" / "tinytest.h5"
 
 
@@ -489,12 +532,15 @@ def test_a_replaced_clip_is_extracted_again_and_a_moved_or_deleted_clip_leaves_n
     with h5py.File(out, "r") as f:
         keys = list(f["video"].asstr()[:])
         assert not np.array_equal(f["features"][keys.index("grow/grow1.mp4")], before)
-        assert (f["size"][keys.index("grow/grow1.mp4")], f["mtime_ns"][keys.index("grow/grow1.mp4")]) == \
-            file_identity(data / "grow" / "grow1.mp4")
+        assert (f["size"][keys.index("grow/grow1.mp4")], f["mtime_ns"][keys.index("grow/grow1.mp4")]) == file_identity(
+            data / "grow" / "grow1.mp4"
+        )
         assert sorted(f["stale/video"].asstr()[:]) == ["grow/grow0.mp4", "shrink/shrink2.mp4"]
     assert again.n_dropped == 2
-    assert "Dropped 2 row(s) whose clips left the dataset (their names are kept under stale/ in the cache)." \
+    assert (
+        "Dropped 2 row(s) whose clips left the dataset (their names are kept under stale/ in the cache)."
         in again.summary_lines
+    )
 
 
 def test_a_failed_clip_whose_file_was_fixed_is_tried_again_without_retry_failed(tmp_path):
@@ -514,8 +560,25 @@ def test_a_cache_of_another_dataset_is_refused_and_the_same_clips_in_a_moved_fol
     out = tmp_path / "c.h5"
     extract(data=data, output=out, **TINY)
     other = tiny_dataset(tmp_path / "other")  # same names, other files
-    result = CliRunner().invoke(app, ["extract", "--data", str(other), "--output", str(out), "--backbone", "vgg16",
-                                      "--size", "32", "--frames", "4", "--weights", "none", "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            "--data",
+            str(other),
+            "--output",
+            str(out),
+            "--backbone",
+            "vgg16",
+            "--size",
+            "32",
+            "--frames",
+            "4",
+            "--weights",
+            "none",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 2, result.output
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1 and "looks like another dataset" in message and "--output NEW.h5" in message
@@ -566,18 +629,22 @@ def test_a_class_that_cannot_be_repaired_is_a_warning_in_the_summary(tmp_path):
 
 # ----------------------------------------------------------------------------- every option checked once
 
-@pytest.mark.parametrize("option, value, words", [
-    ("size", 0, "size must be between 32 and 1024, got 0"),
-    ("size", -5, "size must be between 32 and 1024"),
-    ("size", 100000, "size must be between 32 and 1024, got 100000"),
-    ("size", 1500, "size must be between 32 and 1024, got 1500"),
-    ("frames", 1_000_000_000, "frames must be between 1 and 10000"),
-    ("batch_size", 100_000_000, "batch_size must be between 1 and 65536"),
-    ("workers", 0, "workers must be between 1 and 256"),
-    ("frames", 2.5, "frames must be a whole number"),
-    ("val_fraction", float("nan"), "val_fraction must be a finite number"),
-    ("shard", "3/2", "shard must look like I/N"),
-])
+
+@pytest.mark.parametrize(
+    "option, value, words",
+    [
+        ("size", 0, "size must be between 32 and 1024, got 0"),
+        ("size", -5, "size must be between 32 and 1024"),
+        ("size", 100000, "size must be between 32 and 1024, got 100000"),
+        ("size", 1500, "size must be between 32 and 1024, got 1500"),
+        ("frames", 1_000_000_000, "frames must be between 1 and 10000"),
+        ("batch_size", 100_000_000, "batch_size must be between 1 and 65536"),
+        ("workers", 0, "workers must be between 1 and 256"),
+        ("frames", 2.5, "frames must be a whole number"),
+        ("val_fraction", float("nan"), "val_fraction must be a finite number"),
+        ("shard", "3/2", "shard must look like I/N"),
+    ],
+)
 def test_a_bad_option_is_one_sentence_naming_the_parameter_before_any_work(tmp_path, option, value, words):
     with pytest.raises(OptionError) as info:
         extract(data=tmp_path / "nothing here", output=tmp_path / "c.h5", **{**TINY, option: value})
@@ -587,8 +654,11 @@ def test_a_bad_option_is_one_sentence_naming_the_parameter_before_any_work(tmp_p
 
 def test_what_does_not_fit_in_memory_is_refused_saying_what_fits(monkeypatch):
     monkeypatch.setattr("featpipe.data.physical_memory", lambda: 8 << 30)
-    with pytest.raises(OptionError, match=r"^batch_size of 8192 frames at 1024 px needs about .* GiB of memory, more "
-                                          r"than the 6.4 GiB this machine can spare; at most \d+ fit"):
+    with pytest.raises(
+        OptionError,
+        match=r"^batch_size of 8192 frames at 1024 px needs about .* GiB of memory, more "
+        r"than the 6.4 GiB this machine can spare; at most \d+ fit",
+    ):
         ExtractOptions(backbone="vgg16", size=1024, batch_size=8192, workers=1)
     with pytest.raises(OptionError, match=r"^frames of 9000 at 1024 px .* at most \d+ frames fit"):
         ExtractOptions(backbone="vgg16", size=1024, frames=9000, workers=2)
@@ -606,11 +676,14 @@ def _cli(*args: str):
     return result
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--size", "0"], "error: --size must be between 32 and 1024, got 0"),
-    (["--batch-size", "100000000"], "error: --batch-size must be between 1 and 65536"),
-    (["--data", "d", "--csv", "x.csv"], "error: --csv cannot be combined with a data folder"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--size", "0"], "error: --size must be between 32 and 1024, got 0"),
+        (["--batch-size", "100000000"], "error: --batch-size must be between 1 and 65536"),
+        (["--data", "d", "--csv", "x.csv"], "error: --csv cannot be combined with a data folder"),
+    ],
+)
 def test_the_cli_names_the_flag_of_a_bad_option(tmp_path, args, words):
     result = _cli(*args, "--backbone", "vgg16", "--output", str(tmp_path / "c.h5"))
     assert result.exit_code == 2 and result.stderr.strip().startswith(words), result.output
@@ -627,8 +700,10 @@ def test_the_old_cache_flag_still_names_the_folder_with_a_deprecation_note(tmp_p
     (tmp_path / "afile").write_text("x")
     result = _cli("--cache", str(tmp_path / "afile"))  # the value reaches --cache-dir: the same refusal
     assert result.exit_code == 2
-    assert result.stderr.splitlines() == ["note: --cache is deprecated for extract; use --cache-dir",
-                                          f"error: --cache-dir must be a folder, but '{tmp_path / 'afile'}' is a file."]
+    assert result.stderr.splitlines() == [
+        "note: --cache is deprecated for extract; use --cache-dir",
+        f"error: --cache-dir must be a folder, but '{tmp_path / 'afile'}' is a file.",
+    ]
     assert "--cache " not in CliRunner().invoke(app, ["extract", "--help"]).output
 
 
@@ -651,8 +726,17 @@ def test_sigterm_folds_the_journal_into_the_cache_and_exits_143_then_resume_fini
     assert not journal_path(out).exists(), "the journal was folded into the cache"
     kept = summarize(out).n_clips
     assert kept >= 2
-    resumed = extract(data=sample, output=out, backbone="vgg16", size=32, frames=8, weights="none", batch_size=1,
-                      workers=1, quiet=True)  # the same settings as cmd
+    resumed = extract(
+        data=sample,
+        output=out,
+        backbone="vgg16",
+        size=32,
+        frames=8,
+        weights="none",
+        batch_size=1,
+        workers=1,
+        quiet=True,
+    )  # the same settings as cmd
     assert resumed.n_skipped == kept and resumed.n_clips == 16
 
 
@@ -673,12 +757,29 @@ def test_a_full_disk_while_journaling_is_one_sentence_exit_1_and_the_rerun_resum
         real_append(self, rec)
 
     monkeypatch.setattr(JournalWriter, "append", append_until_full)
-    result = _cli("--data", str(data), "--output", str(out), "--backbone", "vgg16", "--size", "32", "--frames", "4",
-                  "--weights", "none", "--workers", "1", "--quiet")
+    result = _cli(
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--backbone",
+        "vgg16",
+        "--size",
+        "32",
+        "--frames",
+        "4",
+        "--weights",
+        "none",
+        "--workers",
+        "1",
+        "--quiet",
+    )
     monkeypatch.undo()
     assert result.exit_code == 1, result.output
-    assert result.stderr.strip() == (f"error: The disk holding '{tmp_path}' is full; free some space and run the same "
-                                     f"command again (the clips finished so far are kept).")
+    assert result.stderr.strip() == (
+        f"error: The disk holding '{tmp_path}' is full; free some space and run the same "
+        f"command again (the clips finished so far are kept)."
+    )
     assert not out.exists() and len(list(iter_journal(journal_path(out)))) == 2
     assert not list(tmp_path.glob("*.tmp-*"))
     resumed = extract(data=data, output=out, **TINY)
@@ -721,8 +822,11 @@ def test_a_finished_cache_on_read_only_media_succeeds_when_nothing_is_left_and_s
             assert (done.n_new, done.n_skipped) == (0, 6)
             assert any("read-only, but nothing was left to do" in line for line in done.summary_lines)
             write_video(data / "grow" / "new.mp4", 6, 32, 32)
-            with pytest.raises(CacheError, match=r"Cannot write to .* \(read-only\), and the cache is not up to date "
-                                                 r"\(1 clip\(s\) to extract"):
+            with pytest.raises(
+                CacheError,
+                match=r"Cannot write to .* \(read-only\), and the cache is not up to date "
+                r"\(1 clip\(s\) to extract",
+            ):
                 extract(data=data, output=out, **TINY)
             with pytest.raises(CacheError, match=f"Cannot write to '{media}'"):
                 extract(data=data, output=media / "new.h5", **TINY)

@@ -302,8 +302,12 @@ def test_format_report_twelve_long_named_classes():
     for name, line in zip(LONG_NAMES, table[1:]):
         pc = m["per_class"][name]
         assert line.startswith(name)
-        assert line.split()[1:5] == [f"{pc['precision']:.4f}", f"{pc['recall']:.4f}", f"{pc['f1']:.4f}",
-                                     str(pc["support"])]
+        assert line.split()[1:5] == [
+            f"{pc['precision']:.4f}",
+            f"{pc['recall']:.4f}",
+            f"{pc['f1']:.4f}",
+            str(pc["support"]),
+        ]
 
     matrix = _matrix_block(report)
     assert len(matrix) == 13

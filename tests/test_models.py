@@ -415,9 +415,11 @@ def test_frame_subset_at_inference_takes_the_uniform_positions_of_the_real_frame
 
 def test_frame_subset_when_training_draws_sorted_real_frames_one_per_segment_deterministic_per_seed():
     counts = np.array([40, 33, 9, 5])
+
     def draws(seed, epochs=4):
         layer = models.FrameSubset(8, seed=seed)
         return [tuple(map(np.asarray, layer.positions(counts, training=True))) for _ in range(epochs)]
+
     first = draws(3)
     for pos, keep in first:
         for b, n in enumerate(counts):

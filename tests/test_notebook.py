@@ -76,8 +76,12 @@ def test_notebook_uses_only_the_public_api():
             elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "featpipe":
                 if node.attr not in public:
                     problems.append(f"featpipe.{node.attr}")
-            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
-                  and isinstance(node.value.value, ast.Name) and node.value.value.id == "featpipe"):
+            elif (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Attribute)
+                and isinstance(node.value.value, ast.Name)
+                and node.value.value.id == "featpipe"
+            ):
                 module = f"featpipe.{node.value.attr}"
                 if node.attr not in PUBLIC_SUBMODULE_NAMES.get(module, set()):
                     problems.append(f"{module}.{node.attr}")
@@ -99,10 +103,15 @@ def executed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("notebook")
     kernels = tmp / "kernels"
     (kernels / "python3").mkdir(parents=True)
-    (kernels / "python3" / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "featpipe test kernel", "language": "python",
-    }))
+    (kernels / "python3" / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "featpipe test kernel",
+                "language": "python",
+            }
+        )
+    )
     ksm = KernelSpecManager(kernel_dirs=[str(kernels)], ensure_native_kernel=False)
     assert ksm.get_kernel_spec("python3").argv[0] == sys.executable
 
@@ -110,9 +119,14 @@ def executed(tmp_path_factory):
     # the test's settings only: no inherited FEATPIPE_NB_* override, and the inline matplotlib backend
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND" and not k.startswith("FEATPIPE_NB_")}
     env.update(
-        FEATPIPE_NB_WORK=str(work), FEATPIPE_NB_BACKBONE="vgg16", FEATPIPE_NB_SIZE="32",
-        FEATPIPE_NB_WEIGHTS="none", FEATPIPE_NB_SAMPLE="3,1,2",
-        FEATPIPE_NB_EPOCHS="10", FEATPIPE_NB_SEED="0", TF_CPP_MIN_LOG_LEVEL="2",
+        FEATPIPE_NB_WORK=str(work),
+        FEATPIPE_NB_BACKBONE="vgg16",
+        FEATPIPE_NB_SIZE="32",
+        FEATPIPE_NB_WEIGHTS="none",
+        FEATPIPE_NB_SAMPLE="3,1,2",
+        FEATPIPE_NB_EPOCHS="10",
+        FEATPIPE_NB_SEED="0",
+        TF_CPP_MIN_LOG_LEVEL="2",
         PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT / "src"), env.get("PYTHONPATH")) if p),
     )
 
@@ -121,8 +135,14 @@ def executed(tmp_path_factory):
     # appended to the in-memory copy only: which interpreter actually ran the notebook
     nb.cells.append(nbformat.v4.new_code_cell("import sys, json; print(json.dumps([sys.executable, sys.prefix]))"))
     km = KernelManager(kernel_name="python3", kernel_spec_manager=ksm)
-    client = NotebookClient(nb, km=km, kernel_name="python3", timeout=CELL_TIMEOUT, allow_errors=False,
-                            resources={"metadata": {"path": str(tmp)}})
+    client = NotebookClient(
+        nb,
+        km=km,
+        kernel_name="python3",
+        timeout=CELL_TIMEOUT,
+        allow_errors=False,
+        resources={"metadata": {"path": str(tmp)}},
+    )
     started = time.perf_counter()
     client.execute(env=env)
     seconds = time.perf_counter() - started
@@ -158,8 +178,9 @@ def test_notebook_draws_its_figures(executed):
     assert len(figure_cells) >= 6
     images = 0
     for cell in figure_cells:
-        pngs = [o for o in cell.outputs
-                if o.output_type in ("display_data", "execute_result") and "image/png" in o.data]
+        pngs = [
+            o for o in cell.outputs if o.output_type in ("display_data", "execute_result") and "image/png" in o.data
+        ]
         assert pngs, f"this figure cell drew no image:\n{cell.source[:300]}"
         images += len(pngs)
     assert images >= 6
@@ -173,7 +194,11 @@ def test_notebook_trains_and_evaluates(executed):
     run_dir = models[0].parent
     for name in ("run.json", "history.csv", "report.json", "confusion_matrix.png"):
         assert (run_dir / name).is_file(), name
-    text = "\n".join(o.get("text", "") + json.dumps(o.get("data", {}).get("text/plain", ""))
-                     for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    text = "\n".join(
+        o.get("text", "") + json.dumps(o.get("data", {}).get("text/plain", ""))
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+    )
     assert "accuracy" in text and "roc_auc" in text  # the evaluate table
     assert re.search(r"misclassified test clip|least confident test clips", text)  # section 7 said what it shows

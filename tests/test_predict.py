@@ -28,8 +28,15 @@ def run(tmp_path_factory):
     from featpipe.sample_data import write_sample_data
 
     write_sample_data(root / "data", train=3, val=1, test=2, seed=0)
-    ex = featpipe.extract(data=root / "data", output=root / "cache" / "vgg16.h5", backbone="vgg16", size=32, frames=8,
-                          weights="none", quiet=True)
+    ex = featpipe.extract(
+        data=root / "data",
+        output=root / "cache" / "vgg16.h5",
+        backbone="vgg16",
+        size=32,
+        frames=8,
+        weights="none",
+        quiet=True,
+    )
     tr = featpipe.train(cache=ex.cache, rnn="gru", models_dir=root / "models", epochs=4, patience=4, quiet=True)
     return root, ex, tr
 
@@ -64,10 +71,15 @@ def test_results_have_top_k_labels_with_probabilities_in_order(run):
 def test_folders_expand_to_their_videos_and_a_bad_clip_does_not_stop_the_others(run, tmp_path):
     root, ex, tr = run
     write_text_as_video(tmp_path / "broken.mp4")
-    preds = featpipe.predict([root / "data" / "test" / "shrink", tmp_path / "broken.mp4", tmp_path / "missing.mp4"],
-                             model=tr.run_dir)
-    assert [Path(p.clip).name for p in preds] == ["shrink_test_000.mp4", "shrink_test_001.mp4", "broken.mp4",
-                                                  "missing.mp4"]
+    preds = featpipe.predict(
+        [root / "data" / "test" / "shrink", tmp_path / "broken.mp4", tmp_path / "missing.mp4"], model=tr.run_dir
+    )
+    assert [Path(p.clip).name for p in preds] == [
+        "shrink_test_000.mp4",
+        "shrink_test_001.mp4",
+        "broken.mp4",
+        "missing.mp4",
+    ]
     assert preds[0].ok and preds[1].ok
     assert "broken.mp4" in preds[2].error and "not found" in preds[3].error
 
@@ -76,8 +88,21 @@ def test_cli_json_lines_csv_and_exit_status(run, tmp_path):
     root, ex, tr = run
     write_text_as_video(tmp_path / "broken.mp4")
     out_csv = tmp_path / "p.csv"
-    result = runner.invoke(app, ["predict", str(root / "data" / "test" / "grow"), str(tmp_path / "broken.mp4"),
-                                 "--model", str(tr.run_dir), "--json", "--top-k", "2", "--output", str(out_csv)])
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(root / "data" / "test" / "grow"),
+            str(tmp_path / "broken.mp4"),
+            "--model",
+            str(tr.run_dir),
+            "--json",
+            "--top-k",
+            "2",
+            "--output",
+            str(out_csv),
+        ],
+    )
     assert result.exit_code == 1, "a failed clip makes the exit status 1"
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(lines) == 3
@@ -91,8 +116,9 @@ def test_cli_json_lines_csv_and_exit_status(run, tmp_path):
 
 def test_cli_table_and_success_exit_status(run):
     root, ex, tr = run
-    result = runner.invoke(app, ["predict", str(root / "data" / "test" / "grow" / "grow_test_000.mp4"),
-                                 "--model", str(tr.run_dir)])
+    result = runner.invoke(
+        app, ["predict", str(root / "data" / "test" / "grow" / "grow_test_000.mp4"), "--model", str(tr.run_dir)]
+    )
     assert result.exit_code == 0
     assert "grow_test_000.mp4" in result.output and "%" in result.output
 
@@ -186,16 +212,19 @@ def test_the_python_api_mirrors_the_commands():
         assert "Return" in fn.__doc__ or "return" in fn.__doc__.lower()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--batch-size", "-1"], "--batch-size must be between 1 and"),  # once: every clip got the same answer
-    (["--batch-size", "0"], "--batch-size must be between 1 and"),  # once: silently the default
-    (["--batch-size", "100000000"], "--batch-size must be between 1 and"),
-    (["--workers", "-1"], "--workers must be between 1 and"),
-    (["--workers", "0"], "--workers must be between 1 and"),
-    (["--top-k", "0"], "--top-k must be between 1 and"),
-    (["--windows", "0"], "--windows must be between 1 and"),
-    (["--windows", "1000000"], "--windows must be between 1 and"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-size", "-1"], "--batch-size must be between 1 and"),  # once: every clip got the same answer
+        (["--batch-size", "0"], "--batch-size must be between 1 and"),  # once: silently the default
+        (["--batch-size", "100000000"], "--batch-size must be between 1 and"),
+        (["--workers", "-1"], "--workers must be between 1 and"),
+        (["--workers", "0"], "--workers must be between 1 and"),
+        (["--top-k", "0"], "--top-k must be between 1 and"),
+        (["--windows", "0"], "--windows must be between 1 and"),
+        (["--windows", "1000000"], "--windows must be between 1 and"),
+    ],
+)
 def test_bad_options_are_one_sentence_naming_the_flag(run, args, message):
     root, ex, tr = run
     clip = str(root / "data" / "test" / "grow" / "grow_test_000.mp4")

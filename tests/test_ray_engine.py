@@ -80,14 +80,21 @@ def cluster():
 
     tmp = tempfile.mkdtemp(prefix="fpray", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
     os.makedirs(os.path.join(tmp, "ray"))
-    env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": tmp,
-           "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))}
+    env = {
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_TMPDIR": tmp,
+        "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])),
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the nodes, their workers and the drivers below inherit these
     started: Cluster | None = None
     try:
-        started = Cluster(initialize_head=True, shutdown_at_exit=False,
-                          head_node_args=dict(node_ip_address=LOOPBACK, num_cpus=2, include_dashboard=False))
+        started = Cluster(
+            initialize_head=True,
+            shutdown_at_exit=False,
+            head_node_args=dict(node_ip_address=LOOPBACK, num_cpus=2, include_dashboard=False),
+        )
         started.add_node(node_ip_address=LOOPBACK, num_cpus=2)
         yield started.address
     finally:
@@ -124,9 +131,32 @@ def assert_same_cache(a: Path, b: Path) -> None:
 
 
 def _cmd(data: Path, out: Path, address: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "featpipe", "extract", "--data", str(data), "--output", str(out),
-            "--backbone", "vgg16", "--size", "32", "--frames", "8", "--weights", "none", "--batch-size", "1",
-            "--quiet", "--engine", "ray", "--ray-address", address, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "featpipe",
+        "extract",
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--backbone",
+        "vgg16",
+        "--size",
+        "32",
+        "--frames",
+        "8",
+        "--weights",
+        "none",
+        "--batch-size",
+        "1",
+        "--quiet",
+        "--engine",
+        "ray",
+        "--ray-address",
+        address,
+        *extra,
+    ]
 
 
 def _records(out: Path) -> list[str]:
@@ -163,14 +193,17 @@ def test_engine_ray_without_the_extra_says_how_to_install_it(sample, tmp_path, m
     assert not out.exists() and not journal_path(out).exists(), "nothing was started"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--engine", "spark"], "'spark' is not one of 'local', 'ray'"),
-    (["--engine", "ray", "--num-workers", "0"], "--num-workers must be between 1 and 10000, got 0"),
-    (["--engine", "ray", "--gpus-per-worker", "-1"], "--gpus-per-worker must be at least 0 and at most 64"),
-    (["--engine", "ray", "--gpus-per-worker", "nan"], "--gpus-per-worker must be a finite number"),
-    (["--num-workers", "2"], "--num-workers is for --engine ray only"),
-    (["--ray-address", "10.0.0.1:6379"], "--ray-address is for --engine ray only"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--engine", "spark"], "'spark' is not one of 'local', 'ray'"),
+        (["--engine", "ray", "--num-workers", "0"], "--num-workers must be between 1 and 10000, got 0"),
+        (["--engine", "ray", "--gpus-per-worker", "-1"], "--gpus-per-worker must be at least 0 and at most 64"),
+        (["--engine", "ray", "--gpus-per-worker", "nan"], "--gpus-per-worker must be a finite number"),
+        (["--num-workers", "2"], "--num-workers is for --engine ray only"),
+        (["--ray-address", "10.0.0.1:6379"], "--ray-address is for --engine ray only"),
+    ],
+)
 def test_engine_options_are_checked_before_any_work(sample, tmp_path, args, message):
     out = tmp_path / "c.h5"
     result = CliRunner().invoke(app, ["extract", "--data", str(sample), "--output", str(out), *args])
@@ -217,8 +250,12 @@ def test_the_driver_side_backbone_records_what_the_full_extractor_would(tmp_path
 
 def test_actor_calls_are_whole_decode_blocks():
     # 4 backbone batches of 32 frames at 20 frames a clip is 7 clips: 8, so that blocks of 4 make no 1-clip call
-    assert [clips_per_call(32, 20), clips_per_call(1, 8), clips_per_call(64, 16), clips_per_call(128, 20)] == \
-        [8, 4, 16, 28]
+    assert [clips_per_call(32, 20), clips_per_call(1, 8), clips_per_call(64, 16), clips_per_call(128, 20)] == [
+        8,
+        4,
+        16,
+        28,
+    ]
 
 
 # ------------------------------------------------------------- on the two-node cluster (`make test-ray`)
@@ -252,7 +289,8 @@ def test_driver_sigkill_then_the_same_command_resumes_to_the_clean_cache(sample,
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
         "import time\nimport featpipe.cache as c\n_append = c.CacheWriter.append\n\n\n"
-        "def append(self, rec):\n    _append(self, rec)\n    time.sleep(0.5)\n\n\nc.CacheWriter.append = append\n")
+        "def append(self, rec):\n    _append(self, rec)\n    time.sleep(0.5)\n\n\nc.CacheWriter.append = append\n"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), SRC, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(_cmd(sample, out, cluster), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
@@ -276,8 +314,15 @@ def test_a_cache_made_with_other_weights_is_refused_before_anything_is_written(s
     before = out.read_bytes()
     # --retry-failed leaves the bad clip to do: the cluster runs it, the cache is checked when its row comes back
     with pytest.raises(CacheError, match=r"existing cache .* \(weights_fingerprint: \w+ requested, \w+ in the cache\)"):
-        extract(data=sample, output=out, engine="ray", ray_address=cluster, num_workers=1, retry_failed=True,
-                **{**SMALL, "seed": 1})
+        extract(
+            data=sample,
+            output=out,
+            engine="ray",
+            ray_address=cluster,
+            num_workers=1,
+            retry_failed=True,
+            **{**SMALL, "seed": 1},
+        )
     assert out.read_bytes() == before and not journal_path(out).exists()
 
 
@@ -289,8 +334,9 @@ def _actor_pids() -> list[int]:
 @pytest.mark.ray
 def test_a_killed_worker_loses_and_duplicates_nothing(sample, clean, cluster, tmp_path):
     out = tmp_path / "c.h5"
-    proc = subprocess.Popen(_cmd(sample, out, cluster, "--num-workers", "2"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _cmd(sample, out, cluster, "--num-workers", "2"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         _wait_for_records(out, 2, proc)
         victims = _actor_pids()

@@ -22,8 +22,8 @@ def readme_rows(command: str) -> list[tuple[list[str], str]]:
     start = re.search(rf"^### `featpipe {re.escape(command)}\b.*$", text, re.M)
     if start is None:
         return []
-    end = re.search(r"^#{2,3} ", text[start.end():], re.M)
-    section = text[start.end(): start.end() + end.start() if end else len(text)]
+    end = re.search(r"^#{2,3} ", text[start.end() :], re.M)
+    section = text[start.end() : start.end() + end.start() if end else len(text)]
     rows: list[tuple[list[str], str]] = []
     in_table = False
     for line in section.splitlines():
@@ -47,8 +47,11 @@ def readme_flags(command: str) -> set[str]:
 
 def cli_options(command: str) -> list:
     params = get_command(app).commands[command].params
-    return [p for p in params if not getattr(p, "hidden", False) and p.param_type_name == "option"
-            and "--help" not in p.opts]
+    return [
+        p
+        for p in params
+        if not getattr(p, "hidden", False) and p.param_type_name == "option" and "--help" not in p.opts
+    ]
 
 
 def cli_flags(command: str) -> set[str]:
@@ -72,8 +75,10 @@ def test_every_command_has_an_option_table():
 @pytest.mark.parametrize("command", COMMANDS)
 def test_option_table_matches_help(command):
     documented, offered = readme_flags(command), cli_flags(command)
-    assert documented == offered, (f"README table for `featpipe {command}`: missing {sorted(offered - documented)}, "
-                                   f"not offered {sorted(documented - offered)}")
+    assert documented == offered, (
+        f"README table for `featpipe {command}`: missing {sorted(offered - documented)}, "
+        f"not offered {sorted(documented - offered)}"
+    )
 
 
 def _cell_parts(cell: str) -> list[str]:

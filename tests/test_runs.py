@@ -28,18 +28,36 @@ from featpipe.runs import (
 
 runner = CliRunner()
 
-PRE = {"backbone": "vgg16", "weights": "none", "weights_fingerprint": "fp", "input_size": 32, "frames": 4,
-       "sampling": "uniform", "weights_seed": 0}
+PRE = {
+    "backbone": "vgg16",
+    "weights": "none",
+    "weights_fingerprint": "fp",
+    "input_size": 32,
+    "frames": 4,
+    "sampling": "uniform",
+    "weights_seed": 0,
+}
 
 
 def fake_run(path: Path, model: bytes = b"model one", **changes) -> Path:
     """A run directory whose run.json records the hash of ``model`` (written as model.keras)."""
     path.mkdir(parents=True)
     (path / "model.keras").write_bytes(model)
-    info = RunInfo(class_names=("a", "b"), preprocessing=PRE, cache_attrs={}, cache=str(path / "c.h5"),
-                   cache_fingerprint="0" * 16, head={"head": "gru"}, config={}, run_id="r" * 16,
-                   model_sha256=file_sha256(path / "model.keras"), train_clips=("a/1.mp4",), val_clips=(),
-                   run_format=2, **changes)
+    info = RunInfo(
+        class_names=("a", "b"),
+        preprocessing=PRE,
+        cache_attrs={},
+        cache=str(path / "c.h5"),
+        cache_fingerprint="0" * 16,
+        head={"head": "gru"},
+        config={},
+        run_id="r" * 16,
+        model_sha256=file_sha256(path / "model.keras"),
+        train_clips=("a/1.mp4",),
+        val_clips=(),
+        run_format=2,
+        **changes,
+    )
     (path / "run.json").write_text(json.dumps(info.to_dict()))
     return path
 
@@ -89,8 +107,11 @@ def test_a_broken_run_is_one_sentence_for_every_command(tmp_path, kind, command)
     target = damage(kind, tmp_path)
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(b"")
-    args = {"evaluate": ["evaluate", str(target)], "info": ["info", str(target)],
-            "predict": ["predict", str(clip), "--model", str(target)]}[command]
+    args = {
+        "evaluate": ["evaluate", str(target)],
+        "info": ["info", str(target)],
+        "predict": ["predict", str(clip), "--model", str(target)],
+    }[command]
     result = runner.invoke(app, args)
     assert result.exit_code == 2, (result.output, result.stderr)
     assert "Traceback" not in result.output + result.stderr and isinstance(result.exception, SystemExit)
@@ -139,8 +160,16 @@ def test_publishing_replaces_an_old_run_whole_and_then_points_latest_at_it(tmp_p
     tmp = make_temp_dir(old)
     assert tmp.parent == old.parent and tmp.name.startswith(".run.")
     (tmp / "model.keras").write_bytes(b"new")
-    info = RunInfo(class_names=("a", "b"), preprocessing=PRE, cache_attrs={}, cache="c", cache_fingerprint="f",
-                   head={}, config={}, model_sha256=file_sha256(tmp / "model.keras"))
+    info = RunInfo(
+        class_names=("a", "b"),
+        preprocessing=PRE,
+        cache_attrs={},
+        cache="c",
+        cache_fingerprint="f",
+        head={},
+        config={},
+        model_sha256=file_sha256(tmp / "model.keras"),
+    )
     write_run_file(tmp, info)
     publish_run(tmp, old, force=True)
     assert sorted(p.name for p in old.iterdir()) == ["model.keras", "run.json"], "no old file mixed in"

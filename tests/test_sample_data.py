@@ -64,9 +64,7 @@ def test_marker_records_parameters_and_files(small_set):
     marker = json.loads((small_set.root / MARKER_NAME).read_text(encoding="utf-8"))
     assert marker["params"] == {**SMALL, "seed": 0}
     assert marker["complete"] is True
-    assert sorted(marker["files"]) == sorted(
-        str(p.relative_to(small_set.root)) for p in small_set.root.rglob("*.mp4")
-    )
+    assert sorted(marker["files"]) == sorted(str(p.relative_to(small_set.root)) for p in small_set.root.rglob("*.mp4"))
 
 
 def test_every_clip_decodes_with_read_clip_as_specified(small_set):
@@ -331,13 +329,16 @@ def test_root_with_spaces_and_non_ascii(tmp_path):
         assert read_clip(p, 4, 16).n_frames >= 6
 
 
-@pytest.mark.parametrize("counts, says", [
-    ({"train": -1}, "train must be between 0 and 10000, got -1"),
-    ({"train": 0, "val": 0, "test": 0}, "train, val and test are all 0"),
-    ({"val": 1.5}, "val must be a whole number"),
-    ({"train": 1_000_000_000}, "train must be between 0 and 10000"),
-    ({"seed": -1}, "seed must be"),
-])
+@pytest.mark.parametrize(
+    "counts, says",
+    [
+        ({"train": -1}, "train must be between 0 and 10000, got -1"),
+        ({"train": 0, "val": 0, "test": 0}, "train, val and test are all 0"),
+        ({"val": 1.5}, "val must be a whole number"),
+        ({"train": 1_000_000_000}, "train must be between 0 and 10000"),
+        ({"seed": -1}, "seed must be"),
+    ],
+)
 def test_bad_counts_are_rejected(tmp_path, counts, says):
     with pytest.raises(ValueError, match=says) as info:  # an OptionError: a FeatpipeError and a ValueError
         write_sample_data(tmp_path / "x", **counts)
@@ -346,14 +347,17 @@ def test_bad_counts_are_rejected(tmp_path, counts, says):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--train", "-1"], "--train must be between 0 and 10000, got -1."),
-    (["--train", "0", "--val", "0", "--test", "0"], "--train, --val and --test are all 0"),
-    (["--seed", "-3"], "--seed must be at least 0, got -3."),
-    (["--seed", "-3", "--difficulty", "hard"], "--seed must be at least 0, got -3."),
-    (["--train", "-1", "--difficulty", "hard"], "--train must be between 0 and 10000, got -1."),
-    (["--train", "1000000000"], "--train must be between 0 and 10000, got 1000000000."),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--train", "-1"], "--train must be between 0 and 10000, got -1."),
+        (["--train", "0", "--val", "0", "--test", "0"], "--train, --val and --test are all 0"),
+        (["--seed", "-3"], "--seed must be at least 0, got -3."),
+        (["--seed", "-3", "--difficulty", "hard"], "--seed must be at least 0, got -3."),
+        (["--train", "-1", "--difficulty", "hard"], "--train must be between 0 and 10000, got -1."),
+        (["--train", "1000000000"], "--train must be between 0 and 10000, got 1000000000."),
+    ],
+)
 def test_cli_refuses_bad_counts_with_one_sentence(tmp_path, args, says):
     from typer.testing import CliRunner
 

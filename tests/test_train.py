@@ -53,8 +53,15 @@ def synthetic_cache(path: Path, splits=("train", "val", "test"), classes=("a", "
 def test_training_writes_a_complete_self_describing_run_directory(small_cache, tmp_path):
     result = train(cache=small_cache, rnn="gru", models_dir=tmp_path / "models", **FAST)
     run = result.run_dir
-    for name in ("model.keras", "run.json", "history.csv", "curves.png", "confusion_matrix.png", "report.json",
-                 "report.txt"):
+    for name in (
+        "model.keras",
+        "run.json",
+        "history.csv",
+        "curves.png",
+        "confusion_matrix.png",
+        "report.json",
+        "report.txt",
+    ):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     info = json.loads((run / "run.json").read_text())
     with h5py.File(small_cache, "r") as f:
@@ -93,8 +100,9 @@ def test_standardisation_is_adapted_on_real_train_frames_only(small_cache, tmp_p
     assert not np.allclose(both, mean, rtol=1e-3)
     train_real = h5py.File(small_cache)["features"][np.sort(idx.rows("train"))][idx.mask[np.sort(idx.rows("train"))]]
     all_real = h5py.File(small_cache)["features"][:][idx.mask]
-    assert not np.allclose(all_real.astype(np.float64).mean(0), train_real.astype(np.float64).mean(0)), \
+    assert not np.allclose(all_real.astype(np.float64).mean(0), train_real.astype(np.float64).mean(0)), (
         "the check above must be able to tell train-only stats from all-split stats"
+    )
 
 
 def test_same_seed_same_cache_gives_the_same_metrics(small_cache, tmp_path):
@@ -132,8 +140,9 @@ def test_a_raw_frame_cache_is_told_by_its_backbone_and_trains_the_image_head_wit
     size, t = 8, 3
     rng = np.random.default_rng(0)
     path = tmp_path / "raw.h5"
-    w = CacheWriter(path, CacheConfig("raw", "none", "raw-frames", size, t, "uniform", "uint8", (size, size, 3),
-                                      ("a", "b")))
+    w = CacheWriter(
+        path, CacheConfig("raw", "none", "raw-frames", size, t, "uniform", "uint8", (size, size, 3), ("a", "b"))
+    )
     for i in range(12):
         frames = rng.integers(0, 256, (t, size, size, 3), dtype=np.uint8)
         w.append(ClipRecord(f"v{i:03d}.mp4", i % 2, ("train", "val", "test")[i % 3], t, frames, np.ones(t, bool)))
@@ -188,8 +197,10 @@ def test_several_caches_without_cache_option_are_refused(tmp_path):
 
 
 def test_the_design_spelling_rnn_gru_works_from_the_cli(small_cache, tmp_path):
-    result = runner.invoke(app, ["train", "--rnn", "gru", "--cache", str(small_cache), "--epochs", "2",
-                                 "--models-dir", str(tmp_path / "m")])
+    result = runner.invoke(
+        app,
+        ["train", "--rnn", "gru", "--cache", str(small_cache), "--epochs", "2", "--models-dir", str(tmp_path / "m")],
+    )
     assert result.exit_code == 0, result.output + result.stderr
     assert "accuracy" in result.output and "Run " in result.output
 
@@ -209,8 +220,22 @@ def _no_stray_trainers():
 
 
 def _train_process(cache: Path, run: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "featpipe", "train", "--cache", str(cache), "--epochs", "5000", "--patience", "5000",
-           "--out", str(run), "--quiet", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "featpipe",
+        "train",
+        "--cache",
+        str(cache),
+        "--epochs",
+        "5000",
+        "--patience",
+        "5000",
+        "--out",
+        str(run),
+        "--quiet",
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _STARTED.append(proc)
     return proc
@@ -303,14 +328,29 @@ def test_an_existing_run_needs_force_and_is_replaced_whole(tmp_path):
     first = train(cache=cache, rnn="mean", out=tmp_path / "run", epochs=2, quiet=True)
     (first.run_dir / "curves.png").unlink()  # an old-only file: must not survive into the new run
     first_info = json.loads((first.run_dir / "run.json").read_text())
-    result = runner.invoke(app, ["train", "--cache", str(cache), "--rnn", "mean", "--epochs", "1", "--quiet",
-                                 "--out", str(first.run_dir)])
+    result = runner.invoke(
+        app, ["train", "--cache", str(cache), "--rnn", "mean", "--epochs", "1", "--quiet", "--out", str(first.run_dir)]
+    )
     assert result.exit_code == 2 and "--force" in result.stderr and "already a run directory" in result.stderr
     assert json.loads((first.run_dir / "run.json").read_text()) == first_info
     with pytest.raises(FeatpipeError, match="force=True"):  # the API names its own parameter, not the flag
         train(cache=cache, rnn="mean", out=first.run_dir, epochs=1, quiet=True)
-    result = runner.invoke(app, ["train", "--cache", str(cache), "--rnn", "mean", "--epochs", "1", "--quiet",
-                                 "--out", str(first.run_dir), "--force"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--cache",
+            str(cache),
+            "--rnn",
+            "mean",
+            "--epochs",
+            "1",
+            "--quiet",
+            "--out",
+            str(first.run_dir),
+            "--force",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     info = json.loads((first.run_dir / "run.json").read_text())
     assert info["run_id"] != first_info["run_id"] and info["epochs_run"] == 1
@@ -345,7 +385,8 @@ def test_a_small_train_split_is_refit_on_train_and_val_for_the_chosen_epochs(tmp
 
     assert file_sha256(result.run_dir / "model.keras") == info["model_sha256"]
     assert sorted(p.name for p in result.run_dir.iterdir()) == sorted(
-        ["model.keras", "run.json", "history.csv", "curves.png", "confusion_matrix.png", "report.json", "report.txt"])
+        ["model.keras", "run.json", "history.csv", "curves.png", "confusion_matrix.png", "report.json", "report.txt"]
+    )
     # the refit model is what evaluate scores, and a val split it was trained on is refused with the reason
     from featpipe.evaluate import evaluate
 
@@ -369,8 +410,22 @@ def test_refit_is_off_from_50_train_clips_per_class_and_can_be_forced_either_way
     result = train(cache=tmp_path / "small.h5", rnn="mean", out=tmp_path / "r", epochs=2, quiet=True, refit=False)
     info = json.loads((result.run_dir / "run.json").read_text())
     assert info["refit_epochs"] == 0 and not set(info["train_clips"]) & set(info["val_clips"])
-    out = runner.invoke(app, ["train", "--cache", str(tmp_path / "big.h5"), "--head", "mean", "--epochs", "2",
-                              "--quiet", "--out", str(tmp_path / "cli"), "--refit"])
+    out = runner.invoke(
+        app,
+        [
+            "train",
+            "--cache",
+            str(tmp_path / "big.h5"),
+            "--head",
+            "mean",
+            "--epochs",
+            "2",
+            "--quiet",
+            "--out",
+            str(tmp_path / "cli"),
+            "--refit",
+        ],
+    )
     assert out.exit_code == 0, out.stderr
     assert "refit on train + val for" in out.output
     assert json.loads((tmp_path / "cli" / "run.json").read_text())["refit_epochs"] >= 1
@@ -393,35 +448,54 @@ def test_ctrl_c_during_the_refit_keeps_the_selected_model(tmp_path, monkeypatch)
     assert len(calls) == 2 and result.interrupted and result.refit_epochs == 0
     assert info["refit_epochs"] == 0 and info["interrupted"] and not set(info["train_clips"]) & set(info["val_clips"])
     assert sorted(p.name for p in result.run_dir.iterdir()) == sorted(
-        ["model.keras", "run.json", "history.csv", "curves.png", "confusion_matrix.png", "report.json", "report.txt"])
+        ["model.keras", "run.json", "history.csv", "curves.png", "confusion_matrix.png", "report.json", "report.txt"]
+    )
 
 
 def test_a_shard_file_is_refused_unless_allowed(tmp_path):
     cache = synthetic_cache(tmp_path / "vgg16.shard-1-of-2.h5")
-    result = runner.invoke(app, ["train", "--cache", str(cache), "--epochs", "1", "--quiet", "--models-dir",
-                                 str(tmp_path / "m")])
+    result = runner.invoke(
+        app, ["train", "--cache", str(cache), "--epochs", "1", "--quiet", "--models-dir", str(tmp_path / "m")]
+    )
     assert result.exit_code == 2 and "shard 1 of 2" in result.stderr and "featpipe merge" in result.stderr
     assert "--allow-shard" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "m").exists()
-    result = runner.invoke(app, ["train", "--cache", str(cache), "--rnn", "mean", "--epochs", "1", "--quiet",
-                                 "--models-dir", str(tmp_path / "m"), "--allow-shard"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--cache",
+            str(cache),
+            "--rnn",
+            "mean",
+            "--epochs",
+            "1",
+            "--quiet",
+            "--models-dir",
+            str(tmp_path / "m"),
+            "--allow-shard",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--lr", "inf"], "--lr must be a finite number"),
-    (["--lr", "nan"], "--lr must be a finite number"),
-    (["--lr", "0"], "--lr must be above 0"),
-    (["--epochs", "0"], "--epochs must be between 1 and"),
-    (["--batch-size", "100000000"], "--batch-size must be between 1 and"),
-    (["--patience", "-1"], "--patience must be between 1 and"),
-    (["--units", "0"], "--units must be between 1 and"),
-    (["--layers", "1000"], "--layers must be between 1 and"),
-    (["--dropout", "1"], "--dropout must be at least 0 and below 1"),
-    (["--num-heads", "0"], "--num-heads must be between 1 and"),
-    (["--val-fraction", "0"], "--val-fraction must be above 0"),
-    (["--seed", "-1"], "--seed must be between 0 and"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lr", "inf"], "--lr must be a finite number"),
+        (["--lr", "nan"], "--lr must be a finite number"),
+        (["--lr", "0"], "--lr must be above 0"),
+        (["--epochs", "0"], "--epochs must be between 1 and"),
+        (["--batch-size", "100000000"], "--batch-size must be between 1 and"),
+        (["--patience", "-1"], "--patience must be between 1 and"),
+        (["--units", "0"], "--units must be between 1 and"),
+        (["--layers", "1000"], "--layers must be between 1 and"),
+        (["--dropout", "1"], "--dropout must be at least 0 and below 1"),
+        (["--num-heads", "0"], "--num-heads must be between 1 and"),
+        (["--val-fraction", "0"], "--val-fraction must be above 0"),
+        (["--seed", "-1"], "--seed must be between 0 and"),
+    ],
+)
 def test_bad_options_are_one_sentence_before_training(tmp_path, args, message):
     cache = synthetic_cache(tmp_path / "c.h5")
     result = runner.invoke(app, ["train", "--cache", str(cache), "--out", str(tmp_path / "r"), "--quiet", *args])
@@ -464,8 +538,9 @@ def test_a_read_only_models_folder_is_one_sentence_and_leaves_nothing(tmp_path, 
         return real_mkdir(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", read_only_mkdir)
-    result = runner.invoke(app, ["train", "--cache", str(cache), "--rnn", "mean", "--epochs", "1", "--quiet",
-                                 "--models-dir", str(models)])
+    result = runner.invoke(
+        app, ["train", "--cache", str(cache), "--rnn", "mean", "--epochs", "1", "--quiet", "--models-dir", str(models)]
+    )
     assert result.exit_code == 2, result.output + result.stderr
     assert "Read-only file system" in result.stderr and "a folder you can write to" in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
@@ -516,8 +591,22 @@ def test_a_full_disk_while_writing_the_run_keeps_the_old_run_and_leaves_nothing(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(featpipe.metrics, "plot_confusion_matrix", disk_full)
-    result = runner.invoke(app, ["train", "--cache", str(cache), "--rnn", "mean", "--epochs", "1", "--quiet",
-                                 "--out", str(old.run_dir), "--force"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--cache",
+            str(cache),
+            "--rnn",
+            "mean",
+            "--epochs",
+            "1",
+            "--quiet",
+            "--out",
+            str(old.run_dir),
+            "--force",
+        ],
+    )
     assert result.exit_code == 1, result.output + result.stderr
     assert "No space left on device" in result.stderr and "nothing was kept" in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

@@ -69,9 +69,17 @@ def test_small_val_splits_are_scored_by_kfold_on_train_plus_val_and_large_ones_b
     assert mode == "seeds" and [s for _, _, s in fits] == [0, 1]
 
 
-@pytest.mark.parametrize("kwargs, flag", [({"trials": 0}, "trials"), ({"jobs": 0}, "jobs"),
-                                          ({"trials": None}, "trials"), ({"heads": ("cnn-lstm",)}, "heads"),
-                                          ({"cv": "loo"}, "cv"), ({"time_budget": -1.0}, "time_budget")])
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        ({"trials": 0}, "trials"),
+        ({"jobs": 0}, "jobs"),
+        ({"trials": None}, "trials"),
+        ({"heads": ("cnn-lstm",)}, "heads"),
+        ({"cv": "loo"}, "cv"),
+        ({"time_budget": -1.0}, "time_budget"),
+    ],
+)
 def test_bad_options_are_refused_naming_the_option(kwargs, flag):
     with pytest.raises(OptionError) as err:
         TuneOptions(**kwargs)
@@ -100,8 +108,23 @@ def _finished(db: Path) -> list[int]:
 def test_ctrl_c_keeps_finished_trials_and_the_same_command_resumes_then_retrains_the_best(tmp_path):
     cache = tiny_cache(tmp_path / "c.h5")
     out, models = tmp_path / "tune", tmp_path / "models"
-    cmd = [sys.executable, "-m", "featpipe", "tune", str(cache), "--heads", "gru,segments", "--out", str(out),
-           "--models-dir", str(models), "--epochs", "4", "--patience", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "featpipe",
+        "tune",
+        str(cache),
+        "--heads",
+        "gru,segments",
+        "--out",
+        str(out),
+        "--models-dir",
+        str(models),
+        "--epochs",
+        "4",
+        "--patience",
+        "2",
+    ]
     proc = subprocess.Popen(cmd + ["--trials", "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     db = out / "study.db"
     deadline = time.monotonic() + 240
@@ -159,8 +182,10 @@ def hard_results(hard_cache, tmp_path_factory):
     from featpipe.train import train
 
     runs = tmp_path_factory.mktemp("hard-runs")
-    return {head: train(cache=hard_cache, rnn=head, out=runs / head, quiet=True).metrics["test"]
-            for head in ("gru", "lstm", "segments", "mean")}
+    return {
+        head: train(cache=hard_cache, rnn=head, out=runs / head, quiet=True).metrics["test"]
+        for head in ("gru", "lstm", "segments", "mean")
+    }
 
 
 @pytest.mark.parametrize("head", ["gru", "lstm"])

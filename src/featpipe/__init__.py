@@ -28,6 +28,20 @@ from featpipe.train import TrainOptions, TrainResult, train  # noqa: E402
 from featpipe.tune import TuneOptions, TuneResult, tune  # noqa: E402
 
 __all__ = [
-    "FeatpipeError", "__version__", "extract", "ExtractOptions", "ExtractResult", "merge", "train", "TrainOptions",
-    "TrainResult", "evaluate", "predict", "Prediction", "info", "tune", "TuneOptions", "TuneResult",
+    "FeatpipeError",
+    "__version__",
+    "extract",
+    "ExtractOptions",
+    "ExtractResult",
+    "merge",
+    "train",
+    "TrainOptions",
+    "TrainResult",
+    "evaluate",
+    "predict",
+    "Prediction",
+    "info",
+    "tune",
+    "TuneOptions",
+    "TuneResult",
 ]

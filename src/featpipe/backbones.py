@@ -97,8 +97,9 @@ class Backbone:
         return np.asarray(self.preprocess_input(x), dtype=np.float32)
 
 
-def _application(name: str, module: str, constructor: str, default_size: int, feature_dim: int,
-                 min_size: int = 32) -> Backbone:
+def _application(
+    name: str, module: str, constructor: str, default_size: int, feature_dim: int, min_size: int = 32
+) -> Backbone:
     app = KerasApplication(module, constructor)
     return Backbone(name, app.build, app.preprocess_input, default_size, feature_dim, min_size)
 
@@ -288,7 +289,7 @@ def _taps(x: np.ndarray, kh: int, kw: int, sh: int, sw: int):
     oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
     for i in range(kh):
         for j in range(kw):
-            yield i, j, x[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+            yield i, j, x[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
 
 
 def _np_conv(x: np.ndarray, kernel: np.ndarray, strides, padding: str, depthwise: bool = False) -> np.ndarray:
@@ -308,14 +309,14 @@ def _np_conv(x: np.ndarray, kernel: np.ndarray, strides, padding: str, depthwise
     per_image = oh * ow * kh * kw * c * 4
     step = max(1, _IM2COL_BYTES // max(per_image, 1))
     for start in range(0, n, step):
-        part = x[start:start + step]
+        part = x[start : start + step]
         if kh == kw == 1:
             cols = np.ascontiguousarray(part[:, ::sh, ::sw][:, :oh, :ow])
         else:
             cols = np.empty((len(part), oh, ow, kh, kw, c), np.float32)
             for i, j, view in _taps(part, kh, kw, sh, sw):
                 cols[:, :, :, i, j, :] = view
-        out[start:start + step] = (cols.reshape(-1, k2.shape[0]) @ k2).reshape(len(part), oh, ow, -1)
+        out[start : start + step] = (cols.reshape(-1, k2.shape[0]) @ k2).reshape(len(part), oh, ow, -1)
     return out
 
 
@@ -353,6 +354,7 @@ def _np_layer(layer, stats: dict):
             if layer.use_bias:
                 y += w[1].reshape(-1)
             return _np_activation(layer.activation, y)
+
         return conv
     if isinstance(layer, layers.BatchNormalization):
         gamma = np.asarray(ops.convert_to_numpy(layer.gamma), np.float32) if layer.scale else 1.0
@@ -364,6 +366,7 @@ def _np_layer(layer, stats: dict):
             var = np.square(x64 - mean).mean(axis=(0, 1, 2))
             stats[layer] = (mean.astype(np.float32), var.astype(np.float32))
             return ((x64 - mean) / np.sqrt(var + layer.epsilon) * gamma + beta).astype(np.float32)
+
         return batch_norm
     if isinstance(layer, layers.Activation):
         return lambda x: _np_activation(layer.activation, x)
@@ -394,11 +397,13 @@ def _np_layer(layer, stats: dict):
     if isinstance(layer, layers.Add):
         return lambda xs: np.sum(np.stack(xs), axis=0, dtype=np.float32)
     if isinstance(layer, layers.Multiply):
+
         def multiply(xs):
             out = xs[0]
             for x in xs[1:]:
                 out = out * x
             return out.astype(np.float32)
+
         return multiply
     raise BackboneError(f"featpipe cannot calibrate a network with a {name} layer ({layer.name}) for --weights none.")
 
@@ -524,8 +529,15 @@ class FeatureExtractor:
         entry = get_backbone(backbone) if isinstance(backbone, str) else backbone
         return super().__new__(RawFrames if cls is FeatureExtractor and entry.raw else cls)
 
-    def __init__(self, backbone: Backbone | str, size: int | None = None, weights: str = WEIGHTS_IMAGENET,
-                 seed: int = 0, batch_size: int | None = 32, precision: str = "float32"):
+    def __init__(
+        self,
+        backbone: Backbone | str,
+        size: int | None = None,
+        weights: str = WEIGHTS_IMAGENET,
+        seed: int = 0,
+        batch_size: int | None = 32,
+        precision: str = "float32",
+    ):
         self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
         self.size = check_size(self.backbone, size or self.backbone.default_size)
         self.weights = weights_label(weights)
@@ -567,15 +579,18 @@ class FeatureExtractor:
             batch[:n] = frames
         while True:
             try:  # every call has the same shape (_micro divides batch_size), so one compiled trace
-                parts = [self.model.predict_on_batch(batch[i:i + self._micro]) for i in range(0, n, self._micro)]
+                parts = [self.model.predict_on_batch(batch[i : i + self._micro]) for i in range(0, n, self._micro)]
                 break
             except Exception as exc:
                 if self._auto_batch and self._micro > 1 and _is_out_of_memory(exc):
                     self._micro //= 2  # the device is fuller than estimated: smaller calls, same results
                 elif self.jit_compile is True and not _is_out_of_memory(exc):
                     # a compiler that cannot handle this graph on this backend: same results, uncompiled
-                    warnings.warn(f"Compiled inference failed ({type(exc).__name__}: {exc}); running uncompiled.",
-                                  RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"Compiled inference failed ({type(exc).__name__}: {exc}); running uncompiled.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                     self.jit_compile = False
                     self.model.compile(jit_compile=False)
                 else:
@@ -593,8 +608,15 @@ class RawFrames(FeatureExtractor):
 
     storage_dtype = "uint8"
 
-    def __init__(self, backbone: Backbone | str = "raw", size: int | None = None, weights: str = WEIGHTS_NONE,
-                 seed: int = 0, batch_size: int | None = 32, precision: str = "float32"):
+    def __init__(
+        self,
+        backbone: Backbone | str = "raw",
+        size: int | None = None,
+        weights: str = WEIGHTS_NONE,
+        seed: int = 0,
+        batch_size: int | None = 32,
+        precision: str = "float32",
+    ):
         self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
         self.size = check_size(self.backbone, size or self.backbone.default_size)
         self.weights = WEIGHTS_NONE

@@ -117,10 +117,21 @@ class H5Batches(keras.utils.PyDataset):
 
     MAX_GAP = 2  # rows between two wanted rows that are read and dropped rather than split into two reads
 
-    def __init__(self, path: str | Path, rows: np.ndarray, labels: np.ndarray, batch_size: int,
-                 shuffle: bool = False, seed: int = 0, sample_weight: np.ndarray | None = None,
-                 block_rows: int = 16, window_batches: int = 8, max_windows: int = 2,
-                 dtype: str | None = "float32", **kwargs):
+    def __init__(
+        self,
+        path: str | Path,
+        rows: np.ndarray,
+        labels: np.ndarray,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        sample_weight: np.ndarray | None = None,
+        block_rows: int = 16,
+        window_batches: int = 8,
+        max_windows: int = 2,
+        dtype: str | None = "float32",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.path = Path(path)
         self.rows = np.asarray(rows, dtype=np.int64)
@@ -175,7 +186,7 @@ class H5Batches(keras.utils.PyDataset):
         blocks = np.split(self._by_file, np.arange(offset or b, n, b))
         order = np.concatenate([blocks[k] for k in self._rng.permutation(len(blocks))])
         for start in range(0, n, self.window_rows):
-            self._rng.shuffle(order[start:start + self.window_rows])
+            self._rng.shuffle(order[start : start + self.window_rows])
         return order
 
     def _h5(self):
@@ -185,7 +196,7 @@ class H5Batches(keras.utils.PyDataset):
 
     def _read_window(self, w: int):
         """Window ``w``'s rows in file order (file dtype), and where each entry of the window lies in it."""
-        rows = self.rows[self._order[w * self.window_rows:(w + 1) * self.window_rows]]
+        rows = self.rows[self._order[w * self.window_rows : (w + 1) * self.window_rows]]
         by_file = np.argsort(rows, kind="stable")
         wanted = rows[by_file]
         with self._lock:
@@ -226,10 +237,10 @@ class H5Batches(keras.utils.PyDataset):
         if not 0 <= i < len(self):
             raise IndexError(f"batch {i} out of range ({len(self)} batches)")
         start = i * self.batch_size
-        pick = self._order[start:start + self.batch_size]
+        pick = self._order[start : start + self.batch_size]
         w, k = divmod(start, self.window_rows)
         x, where = self._window(w)
-        x = x[where[k:k + len(pick)]]
+        x = x[where[k : k + len(pick)]]
         if self.dtype is not None and x.dtype != self.dtype:
             x = x.astype(self.dtype)
         inputs = {"features": x, "mask": self._masks[pick]}

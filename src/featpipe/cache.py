@@ -139,8 +139,9 @@ class CacheConfig:
         known = {k: attrs[k] for k in APPEND_KEYS if k in attrs}
         missing = [k for k in APPEND_KEYS if k not in attrs]
         if missing:
-            raise CacheError(f"The cache is missing the attribute(s) {', '.join(missing)}; "
-                             "it was not written by featpipe.")
+            raise CacheError(
+                f"The cache is missing the attribute(s) {', '.join(missing)}; it was not written by featpipe."
+            )
         extra = {k: v for k, v in attrs.items() if k not in APPEND_KEYS and k != "schema_version"}
         return cls(
             backbone=str(known["backbone"]),
@@ -160,8 +161,9 @@ class CacheConfig:
         """The backbone's compute precision (an informational attribute; float32 when absent)."""
         return str(self.extra.get("precision", "float32"))
 
-    def differences(self, other: "CacheConfig", keys=WRITE_KEYS, mine_label: str = "requested",
-                    theirs_label: str = "in the cache") -> list[str]:
+    def differences(
+        self, other: "CacheConfig", keys=WRITE_KEYS, mine_label: str = "requested", theirs_label: str = "in the cache"
+    ) -> list[str]:
         """Human-readable list of the settings that differ, e.g. "frames: 16 requested, 20 in the cache"."""
         out = []
         for key in keys:
@@ -212,8 +214,14 @@ def lock_path(cache: Path) -> Path:
 
 
 def _encode_record(rec: ClipRecord, config: CacheConfig) -> bytes:
-    header = {"video": rec.video, "label": int(rec.label), "split": rec.split, "n_frames": int(rec.n_frames),
-              "size": int(rec.size), "mtime_ns": int(rec.mtime_ns)}
+    header = {
+        "video": rec.video,
+        "label": int(rec.label),
+        "split": rec.split,
+        "n_frames": int(rec.n_frames),
+        "size": int(rec.size),
+        "mtime_ns": int(rec.mtime_ns),
+    }
     if rec.ok:
         features = np.ascontiguousarray(rec.features, dtype=config.dtype)
         expected = (config.frames, *config.feature_shape)
@@ -450,8 +458,10 @@ def open_h5(path: Path):
             missing = [n for n in f["parts/file"].asstr()[:] if not (path.parent / n).is_file()]
         except (KeyError, OSError, ValueError):
             f.close()
-            raise CacheError(f"'{path}' has a damaged parts/ group; restore it from a backup, or move it away and "
-                             f"run `featpipe extract` to write it anew.") from None
+            raise CacheError(
+                f"'{path}' has a damaged parts/ group; restore it from a backup, or move it away and "
+                f"run `featpipe extract` to write it anew."
+            ) from None
         if missing:
             f.close()
             raise CacheError(
@@ -477,8 +487,11 @@ class CacheSummary:
 
     def lines(self) -> list[str]:
         c = self.config
-        shard = (f" (shard {_as_str(c.extra['shard'])}; combine the shards with `featpipe merge`)"
-                 if "shard" in c.extra else "")
+        shard = (
+            f" (shard {_as_str(c.extra['shard'])}; combine the shards with `featpipe merge`)"
+            if "shard" in c.extra
+            else ""
+        )
         out = [
             f"Cache {self.path}{shard}: {self.n_clips} clips, {self.real_frames} real frames, {self.n_failed} failed",
             f"  backbone {c.backbone} ({c.weights}, fingerprint {c.weights_fingerprint}), input {c.input_size}px, "
@@ -510,8 +523,9 @@ def summarize(path: Path) -> CacheSummary:
         failed = list(zip(_strings(f, "failed/video"), _strings(f, "failed/reason")))
         stale = list(zip(_strings(f, "stale/video"), _strings(f, "stale/reason")))
         parts = len(f["parts/file"]) if "parts" in f else 0
-        return CacheSummary(path, config, len(labels), len(failed), counts, failed, int(f["mask"][:].sum()), stale,
-                            parts)
+        return CacheSummary(
+            path, config, len(labels), len(failed), counts, failed, int(f["mask"][:].sum()), stale, parts
+        )
 
 
 # ----------------------------------------------------------------------------- writing
@@ -554,13 +568,16 @@ def write_error(exc: OSError, path: Path, kept: str) -> CacheError:
     code = getattr(exc, "errno", None)
     text = str(exc).lower()
     if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) or "no space left" in text or "quota" in text:
-        err = CacheError(f"The disk holding '{path.parent}' is full; free some space and run the same command again "
-                         f"({kept}).")
+        err = CacheError(
+            f"The disk holding '{path.parent}' is full; free some space and run the same command again ({kept})."
+        )
         err.exit_code = 1
         return err
     if code in (errno.EROFS, errno.EACCES, errno.EPERM) or "read-only" in text or "permission denied" in text:
-        return CacheError(f"Cannot write to '{path.parent}' ({exc.strerror or exc}); choose a folder you can write "
-                          f"to with --output ({kept}).")
+        return CacheError(
+            f"Cannot write to '{path.parent}' ({exc.strerror or exc}); choose a folder you can write "
+            f"to with --output ({kept})."
+        )
     err = CacheError(f"Writing '{path}' failed ({exc}); fix the cause and run the same command again ({kept}).")
     err.exit_code = 1
     return err
@@ -630,8 +647,11 @@ class CacheWriter:
 
     def _check(self, theirs: CacheConfig, what: str) -> None:
         self._checked.append((theirs, what))
-        keys = WRITE_KEYS if self.config.weights_fingerprint is not None else \
-            tuple(k for k in WRITE_KEYS if k != "weights_fingerprint")
+        keys = (
+            WRITE_KEYS
+            if self.config.weights_fingerprint is not None
+            else tuple(k for k in WRITE_KEYS if k != "weights_fingerprint")
+        )
         diffs = self.config.differences(theirs, keys)
         if diffs:
             raise CacheError(
@@ -709,8 +729,9 @@ class CacheWriter:
             except OSError as exc:
                 raise write_error(exc, self.journal, "the clips finished so far are kept") from None
 
-    def finalize(self, assignments: dict[str, tuple[int, str]] | None = None,
-                 current: dict[str, Identity | None] | None = None) -> Path:
+    def finalize(
+        self, assignments: dict[str, tuple[int, str]] | None = None, current: dict[str, Identity | None] | None = None
+    ) -> Path:
         """Write cache + journal into a new HDF5 file, atomically replace the cache, drop the journal.
 
         ``assignments`` maps clip key -> (label, split) from the current dataset index, so that
@@ -786,9 +807,13 @@ class CacheWriter:
                         payload = jf.read(handle.length)
                         features = np.frombuffer(payload[:feat_bytes], dtype=c.dtype)
                         features = features.reshape(c.frames, *c.feature_shape)
-                        row = _Row(features,
-                                   np.frombuffer(payload[feat_bytes:], dtype=bool), int(handle.header["label"]),
-                                   handle.header["split"], int(handle.header["n_frames"]))
+                        row = _Row(
+                            features,
+                            np.frombuffer(payload[feat_bytes:], dtype=bool),
+                            int(handle.header["label"]),
+                            handle.header["split"],
+                            int(handle.header["n_frames"]),
+                        )
                     size, mtime_ns = unknown(key)
                     row = dataclasses.replace(row, size=size, mtime_ns=mtime_ns)
                     if key in assignments:
@@ -798,19 +823,33 @@ class CacheWriter:
                 failed_identity = {k: unknown(k) for k in failed_keys}
                 order = keys  # the rows as written
                 if len(keys) * feat_bytes <= _one_file_limit():
-                    tmp = _write_temporary(self.path, c, keys, read_row, failed, failed_identity=failed_identity,
-                                           stale=stale)
+                    tmp = _write_temporary(
+                        self.path, c, keys, read_row, failed, failed_identity=failed_identity, stale=stale
+                    )
                 else:  # O(new clips): old rows stay where they are, new ones go into one new part file
                     kept = sorted((k for k in keys if rows[k][0] == "h5"), key=lambda k: rows[k][1])
                     new = [k for k in keys if rows[k][0] == "journal"]
                     order = kept + new
-                    tmp = self._write_parts(old, kept, [rows[k][1] for k in kept], new, read_row, unknown,
-                                            assignments, failed, failed_identity, stale)
+                    tmp = self._write_parts(
+                        old,
+                        kept,
+                        [rows[k][1] for k in kept],
+                        new,
+                        read_row,
+                        unknown,
+                        assignments,
+                        failed,
+                        failed_identity,
+                        stale,
+                    )
             _install(tmp, self.path)  # after the old cache is closed (Windows cannot replace an open file)
             _collect_parts(self.path)
         except OSError as exc:
-            kept = "the old cache and the clips finished since are kept" if self.path.exists() else \
-                "the clips finished so far are kept"
+            kept = (
+                "the old cache and the clips finished since are kept"
+                if self.path.exists()
+                else "the clips finished so far are kept"
+            )
             raise write_error(exc, self.path, kept) from None
         if self.journal.exists():
             self.journal.unlink()
@@ -821,9 +860,19 @@ class CacheWriter:
         self._journal_entries = {}
         return self.path
 
-
-    def _write_parts(self, old, kept: list[str], kept_rows: list[int], new: list[str], read_row, identity, assignments,
-                     failed, failed_identity, stale) -> Path:
+    def _write_parts(
+        self,
+        old,
+        kept: list[str],
+        kept_rows: list[int],
+        new: list[str],
+        read_row,
+        identity,
+        assignments,
+        failed,
+        failed_identity,
+        stale,
+    ) -> Path:
         """The cache as old rows ``kept`` (read where they are) + ``new`` rows in one new part; return the temporary."""
         c = self.config
         pieces: list[_Columns] = []
@@ -839,9 +888,15 @@ class CacheWriter:
             whole = _sources_of(old, self.path)
             src = _Sources(whole.files, whole.rows, whole.index[at], whole.row[at])
         if new:
-            fresh = _Columns([], np.zeros((len(new), c.frames), dtype=bool), np.zeros(len(new), dtype=np.int64), [],
-                             np.zeros(len(new), dtype=np.int64), np.zeros(len(new), dtype=np.int64),
-                             np.zeros(len(new), dtype=np.int64))
+            fresh = _Columns(
+                [],
+                np.zeros((len(new), c.frames), dtype=bool),
+                np.zeros(len(new), dtype=np.int64),
+                [],
+                np.zeros(len(new), dtype=np.int64),
+                np.zeros(len(new), dtype=np.int64),
+                np.zeros(len(new), dtype=np.int64),
+            )
 
             def features():
                 for i, key in enumerate(new):
@@ -854,11 +909,15 @@ class CacheWriter:
 
             part = _write_part(parts_dir(self.path), c, len(new), features())
             pieces.append(fresh)
-            src = _Sources(src.files + [part], src.rows + [len(new)],
-                           np.concatenate([src.index, np.full(len(new), len(src.files), dtype=np.int64)]),
-                           np.concatenate([src.row, np.arange(len(new), dtype=np.int64)]))
-        return _write_parted_temporary(self.path, c, _Columns.concat(pieces, c.frames), src, failed, failed_identity,
-                                       stale)
+            src = _Sources(
+                src.files + [part],
+                src.rows + [len(new)],
+                np.concatenate([src.index, np.full(len(new), len(src.files), dtype=np.int64)]),
+                np.concatenate([src.row, np.arange(len(new), dtype=np.int64)]),
+            )
+        return _write_parted_temporary(
+            self.path, c, _Columns.concat(pieces, c.frames), src, failed, failed_identity, stale
+        )
 
 
 @dataclass(frozen=True)
@@ -891,8 +950,9 @@ class _RowReader:
         except OSError as exc:  # a row failing its checksum (or unreadable): name the clip, never a traceback
             video = self.file["video"].asstr()[row]
             raise DamagedCacheError(damaged_message(self.file.filename, [video])) from exc
-        return _Row(features, self.mask[row], int(self.label[row]), self.split[row], int(self.n_frames[row]),
-                    size, mtime_ns)
+        return _Row(
+            features, self.mask[row], int(self.label[row]), self.split[row], int(self.n_frames[row]), size, mtime_ns
+        )
 
 
 def _read_h5_row(f, row: int) -> _Row:
@@ -917,9 +977,15 @@ def _whole_or_nothing(path: Path):
         raise
 
 
-def _write_temporary(path: Path, config: CacheConfig, keys: list[str], read_row: Callable[[str], _Row],
-                     failed: dict[str, str], failed_identity: dict[str, Identity] | None = None,
-                     stale: dict[str, str] | None = None) -> Path:
+def _write_temporary(
+    path: Path,
+    config: CacheConfig,
+    keys: list[str],
+    read_row: Callable[[str], _Row],
+    failed: dict[str, str],
+    failed_identity: dict[str, Identity] | None = None,
+    stale: dict[str, str] | None = None,
+) -> Path:
     """Write a complete cache into a temporary file beside ``path``, fsync it and return it.
 
     ``keys`` (sorted) become the rows, read one clip at a time with ``read_row``, so memory stays
@@ -937,8 +1003,13 @@ def _write_temporary(path: Path, config: CacheConfig, keys: list[str], read_row:
                 out.attrs[k] = v
             # fletcher32: a checksum per chunk (one row), checked by HDF5 on every read, transparent to
             # plain h5py readers; a damaged row then fails to read instead of reading as wrong numbers
-            feats = out.create_dataset("features", shape=(n, t, *c.feature_shape), dtype=c.dtype,
-                                       chunks=(1, t, *c.feature_shape) if n else None, fletcher32=True)
+            feats = out.create_dataset(
+                "features",
+                shape=(n, t, *c.feature_shape),
+                dtype=c.dtype,
+                chunks=(1, t, *c.feature_shape) if n else None,
+                fletcher32=True,
+            )
             masks = out.create_dataset("mask", shape=(n, t), dtype=bool)
             labels = np.zeros(n, dtype=np.int64)
             splits, n_frames = [], np.zeros(n, dtype=np.int64)
@@ -957,8 +1028,18 @@ def _write_temporary(path: Path, config: CacheConfig, keys: list[str], read_row:
     return tmp
 
 
-def _write_columns(out, keys, labels, splits, n_frames, sizes, mtimes, failed: dict[str, str],
-                   failed_identity: dict[str, Identity] | None, stale: dict[str, str] | None) -> None:
+def _write_columns(
+    out,
+    keys,
+    labels,
+    splits,
+    n_frames,
+    sizes,
+    mtimes,
+    failed: dict[str, str],
+    failed_identity: dict[str, Identity] | None,
+    stale: dict[str, str] | None,
+) -> None:
     """The small per-row columns and the failed/ and stale/ groups of a cache being written."""
     str_dt = h5py.string_dtype()
     failed_keys = sorted(failed)
@@ -1020,18 +1101,30 @@ class _Columns:
             size, mtime = f["size"][:], f["mtime_ns"][:]
         else:
             size = mtime = np.full(n, UNKNOWN, dtype=np.int64)
-        return cls(list(f["video"].asstr()[:][rows]), f["mask"][:][rows].astype(bool), f["label"][:][rows],
-                   list(f["split"].asstr()[:][rows]), f["n_frames"][:][rows], size[rows], mtime[rows])
+        return cls(
+            list(f["video"].asstr()[:][rows]),
+            f["mask"][:][rows].astype(bool),
+            f["label"][:][rows],
+            list(f["split"].asstr()[:][rows]),
+            f["n_frames"][:][rows],
+            size[rows],
+            mtime[rows],
+        )
 
     @classmethod
     def concat(cls, parts: list["_Columns"], t: int) -> "_Columns":
         if not parts:
             e = np.zeros(0, dtype=np.int64)
             return cls([], np.zeros((0, t), dtype=bool), e, [], e, e, e)
-        return cls(sum((p.keys for p in parts), []), np.concatenate([p.mask for p in parts]),
-                   np.concatenate([p.label for p in parts]), sum((p.split for p in parts), []),
-                   np.concatenate([p.n_frames for p in parts]), np.concatenate([p.size for p in parts]),
-                   np.concatenate([p.mtime_ns for p in parts]))
+        return cls(
+            sum((p.keys for p in parts), []),
+            np.concatenate([p.mask for p in parts]),
+            np.concatenate([p.label for p in parts]),
+            sum((p.split for p in parts), []),
+            np.concatenate([p.n_frames for p in parts]),
+            np.concatenate([p.size for p in parts]),
+            np.concatenate([p.mtime_ns for p in parts]),
+        )
 
 
 @dataclass
@@ -1048,8 +1141,12 @@ def _sources_of(f, path: Path) -> _Sources:
     """The files holding an open cache's features: its part files, or the file itself when it is one file."""
     if "parts" in f:
         g = f["parts"]
-        return _Sources([path.parent / n for n in g["file"].asstr()[:]], [int(r) for r in g["rows"][:]],
-                        g["index"][:].astype(np.int64), g["row"][:].astype(np.int64))
+        return _Sources(
+            [path.parent / n for n in g["file"].asstr()[:]],
+            [int(r) for r in g["rows"][:]],
+            g["index"][:].astype(np.int64),
+            g["row"][:].astype(np.int64),
+        )
     n = int(f["features"].shape[0])
     return _Sources([path], [n], np.zeros(n, dtype=np.int64), np.arange(n, dtype=np.int64))
 
@@ -1090,16 +1187,27 @@ def _write_part(parts: Path, config: CacheConfig, n: int, features: Iterator[np.
     with _whole_or_nothing(path):
         with h5py.File(path, "w") as f:
             f.attrs["featpipe_part"] = SCHEMA_VERSION
-            feats = f.create_dataset("features", shape=(n, c.frames, *c.feature_shape), dtype=c.dtype,
-                                     chunks=(1, c.frames, *c.feature_shape), fletcher32=True)
+            feats = f.create_dataset(
+                "features",
+                shape=(n, c.frames, *c.feature_shape),
+                dtype=c.dtype,
+                chunks=(1, c.frames, *c.feature_shape),
+                fletcher32=True,
+            )
             for i, x in enumerate(features):
                 feats[i] = x
     return path
 
 
-def _write_parted_temporary(path: Path, config: CacheConfig, cols: _Columns, src: _Sources,
-                            failed: dict[str, str], failed_identity: dict[str, Identity] | None,
-                            stale: dict[str, str] | None) -> Path:
+def _write_parted_temporary(
+    path: Path,
+    config: CacheConfig,
+    cols: _Columns,
+    src: _Sources,
+    failed: dict[str, str],
+    failed_identity: dict[str, Identity] | None,
+    stale: dict[str, str] | None,
+) -> Path:
     """Like ``_write_temporary``, but ``features`` is a virtual dataset over the files of ``src``.
 
     The files ``src.index`` uses are linked into ``<path>.parts/`` first (nothing is copied),
@@ -1122,18 +1230,30 @@ def _write_parted_temporary(path: Path, config: CacheConfig, cols: _Columns, src
             for k, v in c.attrs().items():
                 out.attrs[k] = v
             layout = h5py.VirtualLayout(shape=(n, *tail), dtype=c.dtype)
-            sources = [h5py.VirtualSource(name, "features", shape=(rows, *tail), dtype=c.dtype)
-                       for name, rows in zip(names, counts)]
+            sources = [
+                h5py.VirtualSource(name, "features", shape=(rows, *tail), dtype=c.dtype)
+                for name, rows in zip(names, counts)
+            ]
             cuts = np.flatnonzero((np.diff(index) != 0) | (np.diff(row) != 1)) + 1
             for a, b in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [n]])):
                 first = int(row[a])
-                layout[int(a):int(b)] = sources[int(index[a])][first:first + int(b - a)]
+                layout[int(a) : int(b)] = sources[int(index[a])][first : first + int(b - a)]
             # a part file gone missing reads as NaN, not as plausible zeros (training refuses NaN features)
             missing = np.nan if np.dtype(c.dtype).kind == "f" else None
             out.create_virtual_dataset("features", layout, fillvalue=missing)
             out.create_dataset("mask", data=cols.mask.astype(bool))
-            _write_columns(out, cols.keys, cols.label, cols.split, cols.n_frames, cols.size, cols.mtime_ns, failed,
-                           failed_identity, stale)
+            _write_columns(
+                out,
+                cols.keys,
+                cols.label,
+                cols.split,
+                cols.n_frames,
+                cols.size,
+                cols.mtime_ns,
+                failed,
+                failed_identity,
+                stale,
+            )
             grp = out.create_group("parts")
             grp.create_dataset("file", data=np.array(names, dtype=object), dtype=h5py.string_dtype())
             grp.create_dataset("rows", data=np.array(counts, dtype=np.int64))
@@ -1219,8 +1339,12 @@ def find_shards(output: str | Path) -> list[Path]:
     return [p for _, _, p in sorted(found)]
 
 
-def merge_shards(shards: Sequence[str | Path] | None = None, output: str | Path | None = None,
-                 force: bool = False, compact: bool = False) -> Path:
+def merge_shards(
+    shards: Sequence[str | Path] | None = None,
+    output: str | Path | None = None,
+    force: bool = False,
+    compact: bool = False,
+) -> Path:
     """Combine the shards of one ``extract --shard I/N`` set into the cache ``output``; return its path.
 
     Without ``shards``, every ``<output stem>.shard-*-of-*<suffix>`` beside ``output`` is taken.
@@ -1256,8 +1380,12 @@ def merge_shards(shards: Sequence[str | Path] | None = None, output: str | Path 
                 _refuse_in_progress(p)
             raise CacheError(f"Shard file '{p}' does not exist.")
     with ExitStack() as locks:
-        _lock(locks, output, f"Another featpipe command is writing '{output}' right now; wait for it to finish, "
-                             f"or merge into another file with --output.")
+        _lock(
+            locks,
+            output,
+            f"Another featpipe command is writing '{output}' right now; wait for it to finish, "
+            f"or merge into another file with --output.",
+        )
         for p in paths:
             _lock(locks, p, _running(p), read_only_ok=True)
             if journal_path(p).exists():
@@ -1301,8 +1429,10 @@ def _running(path: Path) -> str:
 def _unfinished(path: Path) -> str:
     parsed = parse_shard_path(path)
     which = f"--shard {parsed[1]}/{parsed[2]}" if parsed else "--shard I/N"
-    return (f"Shard '{path}' has an unfinished extraction ('{journal_path(path).name}' is beside it); re-run that "
-            f"shard's `featpipe extract {which}` with the same options to finish it, then merge.")
+    return (
+        f"Shard '{path}' has an unfinished extraction ('{journal_path(path).name}' is beside it); re-run that "
+        f"shard's `featpipe extract {which}` with the same options to finish it, then merge."
+    )
 
 
 def _lock(stack: ExitStack, path: Path, message: str, read_only_ok: bool = False) -> None:
@@ -1321,13 +1451,16 @@ def _open_shard(stack: ExitStack, path: Path) -> _Shard:
     config = CacheConfig.from_attrs(dict(f.attrs))
     spec = config.extra.get("shard")
     if spec is None:
-        raise CacheError(f"'{path}' is a whole cache, not a shard (it has no shard attribute); merge only files "
-                         f"written by `featpipe extract --shard I/N`.")
+        raise CacheError(
+            f"'{path}' is a whole cache, not a shard (it has no shard attribute); merge only files "
+            f"written by `featpipe extract --shard I/N`."
+        )
     try:
         index, count = parse_shard(_as_str(spec))
     except FeatpipeError:
-        raise CacheError(f"'{path}' has a damaged shard attribute ({_as_str(spec)!r}); "
-                         "re-extract that shard.") from None
+        raise CacheError(
+            f"'{path}' has a damaged shard attribute ({_as_str(spec)!r}); re-extract that shard."
+        ) from None
     return _Shard(path, f, config, index, count)
 
 
@@ -1344,8 +1477,9 @@ def _check_set(opened: list[_Shard], base: Path | None) -> list[_Shard]:
     by_index: dict[int, _Shard] = {}
     for s in opened:
         if s.index in by_index:
-            raise CacheError(f"'{by_index[s.index].path}' and '{s.path}' are both shard {s.index}/{n}; "
-                             "merge only one of them.")
+            raise CacheError(
+                f"'{by_index[s.index].path}' and '{s.path}' are both shard {s.index}/{n}; merge only one of them."
+            )
         by_index[s.index] = s
     missing = [i for i in range(1, n + 1) if i not in by_index]
     if missing:
@@ -1365,8 +1499,9 @@ def _check_set(opened: list[_Shard], base: Path | None) -> list[_Shard]:
     ordered = [by_index[i] for i in range(1, n + 1)]
     first = ordered[0]
     for s in ordered[1:]:
-        diffs = first.config.differences(s.config, WRITE_KEYS, mine_label=f"in shard {first.index}/{n}",
-                                         theirs_label=f"in shard {s.index}/{n}")
+        diffs = first.config.differences(
+            s.config, WRITE_KEYS, mine_label=f"in shard {first.index}/{n}", theirs_label=f"in shard {s.index}/{n}"
+        )
         if diffs:
             raise CacheError(
                 f"Refusing to merge '{first.path}' and '{s.path}': they were extracted with different settings "
@@ -1397,14 +1532,24 @@ def compact_cache(path: str | Path, output: str | Path | None = None, force: boo
     if output.exists() and not in_place and not force:
         raise CacheError(f"'{output}' already exists; pass --force to replace it with the compacted cache.")
     with ExitStack() as locks:
-        _lock(locks, output, f"Another featpipe command is writing '{output}' right now; wait for it to finish, "
-                             f"or write to another file with --output.")
+        _lock(
+            locks,
+            output,
+            f"Another featpipe command is writing '{output}' right now; wait for it to finish, "
+            f"or write to another file with --output.",
+        )
         if not in_place:
-            _lock(locks, path, f"An extraction is writing '{path}' right now; wait for it to finish, then compact.",
-                  read_only_ok=True)
+            _lock(
+                locks,
+                path,
+                f"An extraction is writing '{path}' right now; wait for it to finish, then compact.",
+                read_only_ok=True,
+            )
         if journal_path(path).exists():
-            raise CacheError(f"'{path}' has an unfinished extraction ('{journal_path(path).name}' is beside it); "
-                             f"run the same `featpipe extract` again to finish it, then compact.")
+            raise CacheError(
+                f"'{path}' has an unfinished extraction ('{journal_path(path).name}' is beside it); "
+                f"run the same `featpipe extract` again to finish it, then compact."
+            )
         try:
             with open_h5(path) as f:
                 config = CacheConfig.from_attrs(dict(f.attrs))
@@ -1416,8 +1561,15 @@ def compact_cache(path: str | Path, output: str | Path | None = None, force: boo
                 stale = dict(zip(_strings(f, "stale/video"), _strings(f, "stale/reason")))
                 _remove_stale_temporaries(output)
                 read = _RowReader(f)
-                tmp = _write_temporary(output, config, sorted(keys), lambda k: read(at[k]), failed,
-                                       failed_identity={k: i for k, i in zip(failed_keys, f_ident) if i}, stale=stale)
+                tmp = _write_temporary(
+                    output,
+                    config,
+                    sorted(keys),
+                    lambda k: read(at[k]),
+                    failed,
+                    failed_identity={k: i for k, i in zip(failed_keys, f_ident) if i},
+                    stale=stale,
+                )
             try:
                 _install(tmp, output)
             except BaseException:
@@ -1461,8 +1613,15 @@ def _merge_into_temporary(ordered: list[_Shard], output: Path, compact: bool = F
     feat_bytes = int(np.prod((config.frames, *config.feature_shape))) * np.dtype(config.dtype).itemsize
     if compact or len(rows) * feat_bytes <= _one_file_limit():
         readers = {id(s): _RowReader(s.file) for s in ordered}
-        return _write_temporary(output, config, sorted(rows), lambda key: readers[id(rows[key][0])](rows[key][1]),
-                                failed, failed_identity=failed_identity, stale=stale)
+        return _write_temporary(
+            output,
+            config,
+            sorted(rows),
+            lambda key: readers[id(rows[key][0])](rows[key][1]),
+            failed,
+            failed_identity=failed_identity,
+            stale=stale,
+        )
     # O(shards) in features: link each shard's files, write only the small columns (rows grouped by shard)
     pieces: list[_Columns] = []
     files, counts, index, row = [], [], [], []
@@ -1477,13 +1636,17 @@ def _merge_into_temporary(ordered: list[_Shard], output: Path, compact: bool = F
         counts += src.rows
         pieces.append(_Columns.read(s.file, at))
     src = _Sources(files, counts, np.concatenate(index), np.concatenate(row))
-    return _write_parted_temporary(output, config, _Columns.concat(pieces, config.frames), src, failed,
-                                   failed_identity, stale)
+    return _write_parted_temporary(
+        output, config, _Columns.concat(pieces, config.frames), src, failed, failed_identity, stale
+    )
 
 
 def _same_row(a: _Row, b: _Row) -> bool:
-    return (np.array_equal(a.features, b.features) and np.array_equal(a.mask, b.mask)
-            and (a.label, a.split, a.n_frames) == (b.label, b.split, b.n_frames))
+    return (
+        np.array_equal(a.features, b.features)
+        and np.array_equal(a.mask, b.mask)
+        and (a.label, a.split, a.n_frames) == (b.label, b.split, b.n_frames)
+    )
 
 
 # ----------------------------------------------------------------------------- checksums
@@ -1505,9 +1668,11 @@ def damaged_message(path, videos: Sequence[str]) -> str:
     """One sentence naming the damaged clips of ``path`` and what to do."""
     shown = ", ".join(f"'{v}'" for v in videos[:5]) + (f" and {len(videos) - 5} more" if len(videos) > 5 else "")
     clips = "clip" if len(videos) == 1 else f"{len(videos)} clips"
-    return (f"The features of {clips} {shown} in '{path}' fail their checksum, so the cache file is damaged "
-            f"(disk or copy error); re-extract: move '{path}' away and run `featpipe extract` again with the "
-            f"same settings (`featpipe info --verify {path}` lists every damaged clip).")
+    return (
+        f"The features of {clips} {shown} in '{path}' fail their checksum, so the cache file is damaged "
+        f"(disk or copy error); re-extract: move '{path}' away and run `featpipe extract` again with the "
+        f"same settings (`featpipe info --verify {path}` lists every damaged clip)."
+    )
 
 
 def _rows_of(sel, n: int) -> list[int]:
@@ -1536,8 +1701,10 @@ def read_features(f, path, sel, out: np.ndarray | None = None, dest_sel=None) ->
     except OSError as exc:
         bad = [r for r in dict.fromkeys(_rows_of(sel, len(ds))) if not _row_reads(ds, r)]
         if not bad:
-            raise CacheError(f"Reading the features of '{path}' failed ({exc}); check the disk, "
-                             "or re-extract into a new --output file.") from exc
+            raise CacheError(
+                f"Reading the features of '{path}' failed ({exc}); check the disk, "
+                "or re-extract into a new --output file."
+            ) from exc
         videos = f["video"].asstr()
         raise DamagedCacheError(damaged_message(path, [videos[r] for r in bad])) from exc
 
@@ -1555,8 +1722,10 @@ class VerifyReport:
         if self.damaged:
             return damaged_message(self.path, self.damaged)
         if not self.checksummed:
-            return (f"all {self.n_rows} rows read, but this cache carries no checksum (written by an older "
-                    "featpipe): damaged features cannot be detected; re-extract into a new file to add them.")
+            return (
+                f"all {self.n_rows} rows read, but this cache carries no checksum (written by an older "
+                "featpipe): damaged features cannot be detected; re-extract into a new file to add them."
+            )
         return f"all {self.n_rows} rows verified (fletcher32 checksums)."
 
 
@@ -1582,5 +1751,8 @@ def verify_cache(path) -> VerifyReport:
 def missing_parts(path) -> list[str]:
     """The datasets every finished cache has that ``path`` lacks (empty for a complete cache)."""
     with open_h5(Path(path)) as f:
-        return [name for name in ("features", "mask", "label", "split", "video", "n_frames", "failed/video",
-                                  "failed/reason") if name not in f]
+        return [
+            name
+            for name in ("features", "mask", "label", "split", "video", "n_frames", "failed/video", "failed/reason")
+            if name not in f
+        ]

@@ -43,7 +43,7 @@ from featpipe.tune import format_leaderboard
 app = typer.Typer(
     name="featpipe",
     help="Video classification in two stages: frozen ImageNet CNN features into an HDF5 cache, then fast sequence "
-         "models.",
+    "models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -77,8 +77,10 @@ Sampling = _choices("Sampling", SAMPLING)
 Precision = _choices("Precision", PRECISIONS)
 
 
-_BACKBONE_HELP = (f"Frozen ImageNet CNN: {', '.join(n for n, b in REGISTRY.items() if not b.raw)}; "
-                  f"or {', '.join(n for n, b in REGISTRY.items() if b.raw)} (the frames themselves, for cnn-lstm).")
+_BACKBONE_HELP = (
+    f"Frozen ImageNet CNN: {', '.join(n for n, b in REGISTRY.items() if not b.raw)}; "
+    f"or {', '.join(n for n, b in REGISTRY.items() if b.raw)} (the frames themselves, for cnn-lstm)."
+)
 _PRECISION_HELP = "Backbone compute precision; mixed_* are for GPUs/TPUs (features are stored as --dtype either way)."
 _BATCH_HELP = "Frames per backbone forward pass [default: 32 on CPU; on a GPU, sized from its free memory]."
 _WORKERS_HELP = "Decoding threads [default: one per CPU core, at most 32]."
@@ -126,10 +128,16 @@ def _version(value: bool):
 
 @app.callback()
 def _root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
-                                                    help="Print the version and exit.")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", help="Show TensorFlow's own start-up and C++ log lines "
-                                          "(hidden by default; or set FEATPIPE_VERBOSE=1).")] = False,
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            help="Show TensorFlow's own start-up and C++ log lines (hidden by default; or set FEATPIPE_VERBOSE=1).",
+        ),
+    ] = False,
 ):
     """featpipe: extract once, train many times, predict with exactly the same preprocessing."""
     set_verbose(verbose)  # before any command imports Keras
@@ -146,11 +154,17 @@ def sample_data_cmd(
     val: Annotated[int, typer.Option(help="Validation clips per class.")] = 6,
     test: Annotated[int, typer.Option(help="Test clips per class.")] = 6,
     seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same clips.")] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace sample data written with other "
-                                                                "settings.")] = False,
-    difficulty: Annotated[Difficulty, typer.Option(help="easy: the demo's clean clips; hard: noise, moving target, "
-                                                        "textured drifting backgrounds, distractors, 6-150 "
-                                                        "frames.")] = Difficulty.easy,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace sample data written with other settings.")
+    ] = False,
+    difficulty: Annotated[
+        Difficulty,
+        typer.Option(
+            help="easy: the demo's clean clips; hard: noise, moving target, "
+            "textured drifting backgrounds, distractors, 6-150 "
+            "frames."
+        ),
+    ] = Difficulty.easy,
 ):
     """Write the built-in synthetic dataset: real mp4 clips whose classes differ only in frame ORDER."""
     params = _plain(locals())
@@ -158,58 +172,96 @@ def sample_data_cmd(
 
     result = write_sample_data(**params)
     splits = ", ".join(f"{n} {s}" for s, n in result.counts.items())
-    typer.echo(f"Sample data in {result.root}: {result.n_clips} clips ({splits}), classes "
-               f"{', '.join(result.class_names)}.")
+    typer.echo(
+        f"Sample data in {result.root}: {result.n_clips} clips ({splits}), classes {', '.join(result.class_names)}."
+    )
 
 
 @app.command("extract")
 @_handles_errors
 def extract_cmd(
     backbone: Annotated[BackboneName, typer.Option(metavar="<name>", help=_BACKBONE_HELP)] = "inceptionv3",
-    data: Annotated[Optional[Path], typer.Option(help="Dataset folder: DIR/{train,val,test}/<class>/, DIR/<class>/, or "
-                                                      "UCF101 lists [default: data, unless --csv is "
-                                                      "given].", show_default=False)] = None,
-    csv: Annotated[Optional[Path], typer.Option(help="CSV with columns video_name,tag[,split]; paths relative to the "
-                                                     "CSV.")] = None,
+    data: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Dataset folder: DIR/{train,val,test}/<class>/, DIR/<class>/, or "
+            "UCF101 lists [default: data, unless --csv is "
+            "given].",
+            show_default=False,
+        ),
+    ] = None,
+    csv: Annotated[
+        Optional[Path], typer.Option(help="CSV with columns video_name,tag[,split]; paths relative to the CSV.")
+    ] = None,
     cache_dir: Annotated[Path, typer.Option(help="Folder for the cache file <backbone>.h5.")] = Path("cache"),
     cache: Annotated[Optional[Path], typer.Option("--cache", hidden=True)] = None,
-    output: Annotated[Optional[Path], typer.Option(help="Cache file to write instead of "
-                                                        "<cache-dir>/<backbone>.h5.")] = None,
-    frames: Annotated[int, typer.Option(help="Frames per clip (sequence length); shorter clips are zero-padded and "
-                                             "masked.")] = 20,
-    sampling: Annotated[Sampling, typer.Option(help="uniform: evenly over the whole clip; first: the first N "
-                                                    "frames.")] = Sampling.uniform,
-    size: Annotated[Optional[int], typer.Option(help="Square input size in pixels [default: the backbone's native "
-                                                     "size].")] = None,
-    weights: Annotated[str, typer.Option(help="imagenet (downloaded once), none (deterministic random network) or a "
-                                              "local weights file.")] = WEIGHTS_IMAGENET,
+    output: Annotated[
+        Optional[Path], typer.Option(help="Cache file to write instead of <cache-dir>/<backbone>.h5.")
+    ] = None,
+    frames: Annotated[
+        int, typer.Option(help="Frames per clip (sequence length); shorter clips are zero-padded and masked.")
+    ] = 20,
+    sampling: Annotated[
+        Sampling, typer.Option(help="uniform: evenly over the whole clip; first: the first N frames.")
+    ] = Sampling.uniform,
+    size: Annotated[
+        Optional[int], typer.Option(help="Square input size in pixels [default: the backbone's native size].")
+    ] = None,
+    weights: Annotated[
+        str,
+        typer.Option(help="imagenet (downloaded once), none (deterministic random network) or a local weights file."),
+    ] = WEIGHTS_IMAGENET,
     seed: Annotated[int, typer.Option(help="Seed of the random network with --weights none.")] = 0,
     dtype: Annotated[DType, typer.Option(help="Storage type of the features.")] = DType.float16,
     precision: Annotated[Precision, typer.Option(help=_PRECISION_HELP)] = Precision.float32,
     batch_size: Annotated[Optional[int], typer.Option(help=_BATCH_HELP)] = None,
     workers: Annotated[Optional[int], typer.Option(help=_WORKERS_HELP)] = None,
-    val_fraction: Annotated[float, typer.Option(help="Validation share for layouts without splits "
-                                                     "(stratified).")] = 0.15,
+    val_fraction: Annotated[
+        float, typer.Option(help="Validation share for layouts without splits (stratified).")
+    ] = 0.15,
     test_fraction: Annotated[float, typer.Option(help="Test share for layouts without splits (stratified).")] = 0.15,
     split_seed: Annotated[int, typer.Option(help="Seed of the stratified split.")] = 1337,
     fold: Annotated[int, typer.Option(help="UCF101 split lists to use (1, 2 or 3).")] = 1,
-    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Try again the clips an earlier run recorded as "
-                                                                      "failed.")] = False,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Try again the clips an earlier run recorded as failed.")
+    ] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit with status 1 if any clip failed.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    shard: Annotated[Optional[str], typer.Option(help="I/N: extract only shard I of N (a fixed share of the clips, by "
-                                                      "a hash of each clip's name) into <cache stem>.shard-I-of-N.h5; "
-                                                      "combine the N shards with `featpipe merge`.")] = None,
-    engine: Annotated[Engine, typer.Option(help="Where the backbone runs: local (this process) or ray (a Ray cluster; "
-                                                "needs pip install \"featpipe[ray]\").")] = Engine.local,
-    ray_address: Annotated[Optional[str], typer.Option(help="--engine ray: the cluster's address (host:port) [default: "
-                                                            "RAY_ADDRESS, the cluster `ray start` began here, or a new "
-                                                            "local Ray].")] = None,
-    num_workers: Annotated[Optional[int], typer.Option(help="--engine ray: backbone actors [default: one per GPU of "
-                                                            "the cluster, one per node without GPUs].")] = None,
-    gpus_per_worker: Annotated[Optional[float], typer.Option(help="--engine ray: GPUs each backbone actor reserves "
-                                                                  "[default: 1 if the cluster has GPUs, else "
-                                                                  "0].")] = None,
+    shard: Annotated[
+        Optional[str],
+        typer.Option(
+            help="I/N: extract only shard I of N (a fixed share of the clips, by "
+            "a hash of each clip's name) into <cache stem>.shard-I-of-N.h5; "
+            "combine the N shards with `featpipe merge`."
+        ),
+    ] = None,
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            help="Where the backbone runs: local (this process) or ray (a Ray cluster; "
+            'needs pip install "featpipe[ray]").'
+        ),
+    ] = Engine.local,
+    ray_address: Annotated[
+        Optional[str],
+        typer.Option(
+            help="--engine ray: the cluster's address (host:port) [default: "
+            "RAY_ADDRESS, the cluster `ray start` began here, or a new "
+            "local Ray]."
+        ),
+    ] = None,
+    num_workers: Annotated[
+        Optional[int],
+        typer.Option(
+            help="--engine ray: backbone actors [default: one per GPU of the cluster, one per node without GPUs]."
+        ),
+    ] = None,
+    gpus_per_worker: Annotated[
+        Optional[float],
+        typer.Option(
+            help="--engine ray: GPUs each backbone actor reserves [default: 1 if the cluster has GPUs, else 0]."
+        ),
+    ] = None,
 ):
     """Extract per-frame features of every clip into an HDF5 cache (resumes an interrupted run)."""
     params = _renamed(_plain(locals()), "cache", "cache_dir", "--cache", "--cache-dir", "extract")
@@ -223,8 +275,10 @@ def extract_cmd(
         typer.echo(line)
     if shard:
         whole, _, count = parse_shard_path(result.cache)
-        typer.echo(f"This is shard {shard} of the cache; when all {count} shards are done, combine them with "
-                   f"`featpipe merge --output {whole}`.")
+        typer.echo(
+            f"This is shard {shard} of the cache; when all {count} shards are done, combine them with "
+            f"`featpipe merge --output {whole}`."
+        )
 
 
 Head = _choices("Head", HEAD_NAMES)
@@ -238,12 +292,18 @@ READ_INTERRUPTED = "interrupted: nothing was written."
 @app.command("train")
 @_handles_errors(interrupted=TRAIN_INTERRUPTED)
 def train_cmd(
-    head: Annotated[Head, typer.Option(help="Sequence head; all are mask-aware. mean is the order-blind control; "
-                                            "cnn-lstm needs a --backbone raw cache.")] = Head.gru,
+    head: Annotated[
+        Head,
+        typer.Option(
+            help="Sequence head; all are mask-aware. mean is the order-blind control; "
+            "cnn-lstm needs a --backbone raw cache."
+        ),
+    ] = Head.gru,
     rnn: Annotated[Optional[Head], typer.Option("--rnn", hidden=True)] = None,
     cache: Annotated[Optional[Path], typer.Option(help="Cache file [default: the single .h5 in --cache-dir].")] = None,
-    cache_dir: Annotated[Path, typer.Option(help="Where to look for the cache when --cache is not "
-                                                 "given.")] = Path("cache"),
+    cache_dir: Annotated[Path, typer.Option(help="Where to look for the cache when --cache is not given.")] = Path(
+        "cache"
+    ),
     units: Annotated[int, typer.Option(help="Recurrent units / model width.")] = 64,
     layers: Annotated[int, typer.Option(help="Stacked recurrent or transformer layers.")] = 1,
     dropout: Annotated[float, typer.Option(help="Dropout rate.")] = 0.3,
@@ -251,51 +311,109 @@ def train_cmd(
     epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 150,
     batch_size: Annotated[int, typer.Option(help="Clips per batch.")] = 32,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 3e-3,
-    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val_loss; the best epoch "
-                                               "is kept.")] = 20,
+    patience: Annotated[
+        int, typer.Option(help="Stop after this many epochs without a better val_loss; the best epoch is kept.")
+    ] = 20,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same cache, same metrics on CPU.")] = 0,
-    class_weight: Annotated[Optional[ClassWeight], typer.Option(help="balanced: weight classes inversely to their "
-                                                                     "frequency.")] = None,
-    stream: Annotated[Optional[bool], typer.Option("--stream/--in-memory", show_default=False,
-                                                   help="Stream batches from HDF5, or load the features into memory "
-                                                        "[default: by cache size].")] = None,
-    val_fraction: Annotated[float, typer.Option(help="Stratified hold-out from train when the cache has no val "
-                                                     "split.")] = 0.15,
+    class_weight: Annotated[
+        Optional[ClassWeight], typer.Option(help="balanced: weight classes inversely to their frequency.")
+    ] = None,
+    stream: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--stream/--in-memory",
+            show_default=False,
+            help="Stream batches from HDF5, or load the features into memory [default: by cache size].",
+        ),
+    ] = None,
+    val_fraction: Annotated[
+        float, typer.Option(help="Stratified hold-out from train when the cache has no val split.")
+    ] = 0.15,
     models_dir: Annotated[Path, typer.Option(help="Parent folder of run directories.")] = Path("models"),
-    out: Annotated[Optional[Path], typer.Option(help="Run directory [default: "
-                                                     "<models-dir>/<backbone>-<head>-<time>].")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option(help="Run directory [default: <models-dir>/<backbone>-<head>-<time>].")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-epoch lines.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace the run directory --out if it exists (only when the "
-                                                        "new run is complete).")] = False,
-    allow_shard: Annotated[bool, typer.Option("--allow-shard", help="Train on one shard file (<stem>.shard-I-of-N.h5) "
-                                                                    "instead of refusing it.")] = False,
-    frames: Annotated[Optional[int], typer.Option(help="Frames the head sees [default: the cache's]; fewer than the "
-                                                       "cache holds draws a new jittered subset of real frames each "
-                                                       "epoch (evaluate/predict use fixed uniform positions).")] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Replace the run directory --out if it exists (only when the new run is complete)."
+        ),
+    ] = False,
+    allow_shard: Annotated[
+        bool,
+        typer.Option("--allow-shard", help="Train on one shard file (<stem>.shard-I-of-N.h5) instead of refusing it."),
+    ] = False,
+    frames: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Frames the head sees [default: the cache's]; fewer than the "
+            "cache holds draws a new jittered subset of real frames each "
+            "epoch (evaluate/predict use fixed uniform positions)."
+        ),
+    ] = None,
     segments: Annotated[int, typer.Option(help="Temporal segments of the segments head.")] = 4,
-    bottleneck: Annotated[Optional[int], typer.Option(help="Learned Dense bottleneck (with dropout) on the features "
-                                                           "before the head; 0 = none [default: 32 for "
-                                                           "gru/lstm/bilstm, else 0].", show_default=False)] = None,
-    pca: Annotated[int, typer.Option(help="Project features on their first N whitened principal axes (fitted on the "
-                                          "train frames, saved in the model); 0 = none.")] = 0,
-    input_dropout: Annotated[Optional[float], typer.Option(help="Feature dropout: share of feature channels dropped "
-                                                                "per clip while training [default: 0.2 for "
-                                                                "gru/lstm/bilstm, else "
-                                                                "0].", show_default=False)] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW decoupled weight decay; 0 = plain Adam [default: "
-                                                               "0.01 for gru/lstm/bilstm, else "
-                                                               "0].", show_default=False)] = None,
-    shortcut: Annotated[Optional[int], typer.Option(help="gru/lstm/bilstm: also classify the masked means of this many "
-                                                         "temporal segments (a linear path beside the recurrent "
-                                                         "state); 0 = none [default: 4].", show_default=False)] = None,
-    pooled_steps: Annotated[int, typer.Option(help="gru/lstm/bilstm: read the means of this many temporal segments "
-                                                   "instead of every frame; 0 = every frame.")] = 0,
+    bottleneck: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Learned Dense bottleneck (with dropout) on the features "
+            "before the head; 0 = none [default: 32 for "
+            "gru/lstm/bilstm, else 0].",
+            show_default=False,
+        ),
+    ] = None,
+    pca: Annotated[
+        int,
+        typer.Option(
+            help="Project features on their first N whitened principal axes (fitted on the "
+            "train frames, saved in the model); 0 = none."
+        ),
+    ] = 0,
+    input_dropout: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Feature dropout: share of feature channels dropped "
+            "per clip while training [default: 0.2 for "
+            "gru/lstm/bilstm, else "
+            "0].",
+            show_default=False,
+        ),
+    ] = None,
+    weight_decay: Annotated[
+        Optional[float],
+        typer.Option(
+            help="AdamW decoupled weight decay; 0 = plain Adam [default: 0.01 for gru/lstm/bilstm, else 0].",
+            show_default=False,
+        ),
+    ] = None,
+    shortcut: Annotated[
+        Optional[int],
+        typer.Option(
+            help="gru/lstm/bilstm: also classify the masked means of this many "
+            "temporal segments (a linear path beside the recurrent "
+            "state); 0 = none [default: 4].",
+            show_default=False,
+        ),
+    ] = None,
+    pooled_steps: Annotated[
+        int,
+        typer.Option(
+            help="gru/lstm/bilstm: read the means of this many temporal segments "
+            "instead of every frame; 0 = every frame."
+        ),
+    ] = 0,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
-    refit: Annotated[Optional[bool], typer.Option("--refit/--no-refit", show_default=False,
-                                                  help="After early stopping chose the epoch count on val, train the "
-                                                       "final model on train + val for that many epochs [default: when "
-                                                       f"the smallest train class has fewer than {REFIT_BELOW} "
-                                                       "clips].")] = None,
+    refit: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--refit/--no-refit",
+            show_default=False,
+            help="After early stopping chose the epoch count on val, train the "
+            "final model on train + val for that many epochs [default: when "
+            f"the smallest train class has fewer than {REFIT_BELOW} "
+            "clips].",
+        ),
+    ] = None,
 ):
     """Train a mask-aware sequence model on a feature cache; writes a self-describing run directory."""
     params = _renamed(_plain(locals()), "rnn", "head", "--rnn", "--head", "train", note=False)  # --rnn stays
@@ -322,25 +440,35 @@ CV = _choices("CV", CV_MODES)
 @app.command("tune")
 @_handles_errors(interrupted="interrupted: finished trials are kept in study.db; run the same command again to resume.")
 def tune_cmd(
-    cache: Annotated[Optional[Path], typer.Argument(help="Cache file [default: the single .h5 in "
-                                                         "--cache-dir].", show_default=False)] = None,
-    cache_dir: Annotated[Path, typer.Option(help="Where to look for the cache when CACHE is not "
-                                                 "given.")] = Path("cache"),
-    trials: Annotated[Optional[int], typer.Option(help="Finished trials to reach (earlier runs of the same search "
-                                                       "count).")] = 20,
+    cache: Annotated[
+        Optional[Path], typer.Argument(help="Cache file [default: the single .h5 in --cache-dir].", show_default=False)
+    ] = None,
+    cache_dir: Annotated[Path, typer.Option(help="Where to look for the cache when CACHE is not given.")] = Path(
+        "cache"
+    ),
+    trials: Annotated[
+        Optional[int], typer.Option(help="Finished trials to reach (earlier runs of the same search count).")
+    ] = 20,
     time_budget: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many seconds.")] = None,
     jobs: Annotated[int, typer.Option(help="Worker processes sharing the search.")] = 1,
     heads: Annotated[str, typer.Option(help="Comma-separated heads to search.")] = "gru,lstm,segments",
-    cv: Annotated[CV, typer.Option(help="How a trial is scored: seeds (train -> val, repeated seeds), folds "
-                                        "(stratified k-fold on train+val), auto (folds when val has fewer than 10 "
-                                        "clips per class).")] = CV.auto,
+    cv: Annotated[
+        CV,
+        typer.Option(
+            help="How a trial is scored: seeds (train -> val, repeated seeds), folds "
+            "(stratified k-fold on train+val), auto (folds when val has fewer than 10 "
+            "clips per class)."
+        ),
+    ] = CV.auto,
     folds: Annotated[int, typer.Option(help="Folds of --cv folds.")] = 3,
     seeds: Annotated[int, typer.Option(help="Seeds of --cv seeds.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of the sampler and the fits.")] = 0,
     epochs: Annotated[int, typer.Option(help="Maximum epochs of each fit in a trial.")] = 60,
     patience: Annotated[int, typer.Option(help="Early-stopping patience of each fit in a trial.")] = 10,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for study.db and the leaderboard [default: "
-                                                     "<models-dir>/tune-<cache stem>].")] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(help="Folder for study.db and the leaderboard [default: <models-dir>/tune-<cache stem>]."),
+    ] = None,
     models_dir: Annotated[Path, typer.Option(help="Parent folder of the retrained best run.")] = Path("models"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
 ):
@@ -360,8 +488,12 @@ def tune_cmd(
 def evaluate_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory, or models/latest.")] = Path("models/latest"),
     split: Annotated[str, typer.Option(help="Split of the cache to evaluate on.")] = "test",
-    cache: Annotated[Optional[Path], typer.Option(help="Cache to evaluate on [default: the run's own cache]; its "
-                                                       "preprocessing must match the run's.")] = None,
+    cache: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Cache to evaluate on [default: the run's own cache]; its preprocessing must match the run's."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
 ):
     """Accuracy, top-k, per-class precision/recall/F1, macro and weighted F1, ROC AUC and the confusion matrix."""
@@ -390,10 +522,13 @@ def predict_cmd(
     top_k: Annotated[int, typer.Option(help="Labels to show per clip.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per clip.")] = False,
     output: Annotated[Optional[Path], typer.Option(help="Also write one CSV row per clip to this file.")] = None,
-    windows: Annotated[int, typer.Option(help="Average over this many evenly spaced windows of the run's frame count "
-                                              "(long videos).")] = 1,
-    gif: Annotated[Optional[Path], typer.Option(help="Single clip: write its sampled frames captioned with the top "
-                                                     "label as an animated GIF.")] = None,
+    windows: Annotated[
+        int, typer.Option(help="Average over this many evenly spaced windows of the run's frame count (long videos).")
+    ] = 1,
+    gif: Annotated[
+        Optional[Path],
+        typer.Option(help="Single clip: write its sampled frames captioned with the top label as an animated GIF."),
+    ] = None,
     workers: Annotated[Optional[int], typer.Option(help=_WORKERS_HELP)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help=_BATCH_HELP)] = None,
     precision: Annotated[Precision, typer.Option(help=_PRECISION_HELP)] = Precision.float32,
@@ -402,10 +537,19 @@ def predict_cmd(
     """Classify clips with a trained run, reproducing the preprocessing recorded in it."""
     if output is not None:
         check_csv_path(output)  # a folder or an unwritable place: refused before any clip is decoded
-    windows = _renamed({"old_clips": old_clips, "windows": windows}, "old_clips", "windows", "--clips", "--windows",
-                       "predict")["windows"]
-    results = featpipe.predict(clips, model=model, top_k=top_k, windows=windows, workers=workers,
-                               batch_size=batch_size, gif=gif, precision=precision.value)
+    windows = _renamed(
+        {"old_clips": old_clips, "windows": windows}, "old_clips", "windows", "--clips", "--windows", "predict"
+    )["windows"]
+    results = featpipe.predict(
+        clips,
+        model=model,
+        top_k=top_k,
+        windows=windows,
+        workers=workers,
+        batch_size=batch_size,
+        gif=gif,
+        precision=precision.value,
+    )
     typer.echo(to_json_lines(results) if as_json else format_table(results))
     if output is not None:
         write_csv(results, output, top_k)
@@ -418,15 +562,25 @@ def predict_cmd(
 @app.command("merge")
 @_handles_errors
 def merge_cmd(
-    output: Annotated[Path, typer.Option(help="The merged cache to write, e.g. "
-                                              "cache/inceptionv3.h5.", show_default=False)],
-    shards: Annotated[Optional[list[Path]], typer.Argument(help="Shard files; without them, every <output "
-                                                                "stem>.shard-I-of-N.h5 beside "
-                                                                "--output.", show_default=False)] = None,
+    output: Annotated[
+        Path, typer.Option(help="The merged cache to write, e.g. cache/inceptionv3.h5.", show_default=False)
+    ],
+    shards: Annotated[
+        Optional[list[Path]],
+        typer.Argument(
+            help="Shard files; without them, every <output stem>.shard-I-of-N.h5 beside --output.", show_default=False
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --output if it exists.")] = False,
-    compact: Annotated[bool, typer.Option("--compact", help="Write one self-contained file (no <output>.parts/ "
-                                                            "folder); with one whole cache as argument, compact that "
-                                                            "cache.")] = False,
+    compact: Annotated[
+        bool,
+        typer.Option(
+            "--compact",
+            help="Write one self-contained file (no <output>.parts/ "
+            "folder); with one whole cache as argument, compact that "
+            "cache.",
+        ),
+    ] = False,
 ):
     """Combine the shards of `extract --shard I/N` into one cache, the same as an unsharded extraction writes."""
     whole = compact and shards is not None and len({p.resolve() for p in shards}) == 1 and _is_whole_cache(shards[0])
@@ -441,8 +595,12 @@ def merge_cmd(
 @_handles_errors
 def info_cmd(
     path: Annotated[Path, typer.Argument(help="A cache file (.h5), a run directory, or models/latest.")],
-    verify: Annotated[bool, typer.Option("--verify", help="Cache: read every row back and check its checksum; exit 1 "
-                                                          "naming the damaged clips.")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify", help="Cache: read every row back and check its checksum; exit 1 naming the damaged clips."
+        ),
+    ] = False,
 ):
     """Describe a cache (settings, clips per split and class, failures) or a run (config, classes, metrics)."""
     for line in featpipe.info(path, verify=verify):

@@ -57,8 +57,10 @@ def resolve_cache(cache: str | Path | None, cache_dir: str | Path = "cache") -> 
     found = [p for p in everything if parse_shard_path(p) is None]
     if not found and everything:
         names = ", ".join(p.name for p in everything)
-        raise CacheError(f"{folder}/ holds only shards ({names}); combine them with "
-                         f"`featpipe merge --output {parse_shard_path(everything[0])[0]}` first.")
+        raise CacheError(
+            f"{folder}/ holds only shards ({names}); combine them with "
+            f"`featpipe merge --output {parse_shard_path(everything[0])[0]}` first."
+        )
     if not found:
         raise CacheError(f"No cache (.h5) found in '{folder}'. Run `featpipe extract` first, or pass --cache FILE.")
     if len(found) > 1:
@@ -90,12 +92,17 @@ def open_index(path: str | Path) -> CacheIndex:
         config = CacheConfig.from_attrs(dict(f.attrs))
         for name in ("features", "mask", "label", "split", "video"):
             if name not in f:
-                raise CacheError(f"'{path}' has no '{name}' dataset; it is not a complete featpipe cache. "
-                                 "Re-run `featpipe extract`.")
+                raise CacheError(
+                    f"'{path}' has no '{name}' dataset; it is not a complete featpipe cache. Re-run `featpipe extract`."
+                )
         features = f["features"]
         index = CacheIndex(
-            path=path, config=config, labels=f["label"][:].astype(np.int64), splits=f["split"].asstr()[:].astype(str),
-            videos=f["video"].asstr()[:].astype(str), mask=f["mask"][:].astype(bool),
+            path=path,
+            config=config,
+            labels=f["label"][:].astype(np.int64),
+            splits=f["split"].asstr()[:].astype(str),
+            videos=f["video"].asstr()[:].astype(str),
+            mask=f["mask"][:].astype(bool),
             features_nbytes_f32=int(np.prod(features.shape)) * 4,
         )
     if len(index.labels) == 0:
@@ -125,7 +132,7 @@ def _scan(path: Path, rows: np.ndarray):
     with open_h5(path) as f:
         masks = f["mask"]
         for start in range(0, len(rows), _SCAN_ROWS):
-            block = rows[start:start + _SCAN_ROWS]
+            block = rows[start : start + _SCAN_ROWS]
             lo, hi = int(block[0]), int(block[-1]) + 1
             # read_features: a row failing its checksum is a DamagedCacheError naming the clip
             if hi - lo == len(block):  # contiguous: one slice read
@@ -151,8 +158,9 @@ def check_finite(index: CacheIndex, rows: np.ndarray) -> None:
         _refuse_non_finite(index, block, x)
 
 
-def feature_stats(index: CacheIndex, rows: np.ndarray,
-                  check: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def feature_stats(
+    index: CacheIndex, rows: np.ndarray, check: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and variance over the REAL (unmasked) frames of ``rows``, in float64.
 
     With ``check``, the same single pass over ``rows`` and ``check`` also refuses NaN or infinite
@@ -190,8 +198,8 @@ def load_rows(index: CacheIndex, rows: np.ndarray) -> tuple[dict, np.ndarray]:
     pos = 0
     sorted_rows = rows[order]
     for block, x, m in _scan(index.path, sorted_rows):
-        feats[order[pos:pos + len(block)]] = x
-        masks[order[pos:pos + len(block)]] = m
+        feats[order[pos : pos + len(block)]] = x
+        masks[order[pos : pos + len(block)]] = m
         pos += len(block)
     return {"features": feats, "mask": masks}, index.labels[rows]
 
@@ -234,8 +242,9 @@ def subset_positions(counts, frames: int, rng: np.random.Generator | None = None
     return pos, i < np.minimum(n, k)
 
 
-def pca_whitening(index: CacheIndex, rows: np.ndarray, mean: np.ndarray, variance: np.ndarray,
-                  components: int) -> np.ndarray:
+def pca_whitening(
+    index: CacheIndex, rows: np.ndarray, mean: np.ndarray, variance: np.ndarray, components: int
+) -> np.ndarray:
     """A ``(D, components)`` matrix projecting standardised features on their first principal
     axes, scaled to unit variance (PCA whitening), fitted on the REAL frames of ``rows`` only."""
     std = np.sqrt(np.maximum(variance.astype(np.float64), 1e-12))

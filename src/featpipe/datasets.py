@@ -248,11 +248,14 @@ def repair_splits(dataset: Dataset, usable) -> SplitRepair:
                 redrawn.append(name)
                 missing = still
             if missing:
-                warnings.append(f"class '{name}' has only {len(clips)} usable clip(s), so it has no "
-                                f"{' or '.join(missing)} clip.")
+                warnings.append(
+                    f"class '{name}' has only {len(clips)} usable clip(s), so it has no {' or '.join(missing)} clip."
+                )
         elif missing:
-            warnings.append(f"class '{name}' has no usable clip in the {' or '.join(missing)} split "
-                            f"({dataset.layout} splits are given, so featpipe does not move clips).")
+            warnings.append(
+                f"class '{name}' has no usable clip in the {' or '.join(missing)} split "
+                f"({dataset.layout} splits are given, so featpipe does not move clips)."
+            )
     return SplitRepair(splits, tuple(redrawn), tuple(warnings))
 
 
@@ -283,8 +286,9 @@ def index_dataset(
         return _index_csv(Path(csv).expanduser(), str(csv), val_fraction, test_fraction, seed)
 
     if data is None:
-        raise DatasetError("No dataset given; pass --data DIR (a dataset folder) or --csv FILE (a video_name,tag "
-                           "list).")
+        raise DatasetError(
+            "No dataset given; pass --data DIR (a dataset folder) or --csv FILE (a video_name,tag list)."
+        )
     folder = Path(data).expanduser()
     if not folder.exists():
         raise DatasetError(
@@ -292,8 +296,11 @@ def index_dataset(
             "dataset."
         )
     if not folder.is_dir():
-        hint = (f"pass it as --csv {data}" if folder.suffix.lower() == ".csv"
-                else "pass --data DIR pointing at a dataset folder")
+        hint = (
+            f"pass it as --csv {data}"
+            if folder.suffix.lower() == ".csv"
+            else "pass --data DIR pointing at a dataset folder"
+        )
         raise DatasetError(f"Data path '{data}' is a file, not a folder; {hint}.")
     root = folder.resolve()
 
@@ -411,8 +418,9 @@ def _index_class_folders(root: Path, data: str, val_fraction: float, test_fracti
     keys = [_key(p, root) for p, _ in pairs]
     splits = stratified_split(keys, [label for _, label in pairs], val_fraction, test_fraction, seed)
     records = [Record(path=p, video=k, label=label, split=s) for (p, label), k, s in zip(pairs, keys, splits)]
-    return _finish(root, "class-folders", records, data, split_source="drawn",
-                   split_params=(val_fraction, test_fraction, seed))
+    return _finish(
+        root, "class-folders", records, data, split_source="drawn", split_params=(val_fraction, test_fraction, seed)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,16 +447,19 @@ def _inside(root: Path, name: str, where: str) -> tuple[Path, str]:
 
 def _index_csv(csv_path: Path, shown: str, val_fraction: float, test_fraction: float, seed: int) -> Dataset:
     if not csv_path.exists():
-        raise DatasetError(f"CSV file '{shown}' does not exist; pass --csv FILE pointing at a list with columns "
-                           "video_name,tag.")
+        raise DatasetError(
+            f"CSV file '{shown}' does not exist; pass --csv FILE pointing at a list with columns video_name,tag."
+        )
     if not csv_path.is_file():
-        raise DatasetError(f"CSV path '{shown}' is not a file; pass --csv FILE pointing at a list with columns "
-                           "video_name,tag.")
+        raise DatasetError(
+            f"CSV path '{shown}' is not a file; pass --csv FILE pointing at a list with columns video_name,tag."
+        )
     try:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
-        raise DatasetError(f"CSV file '{shown}' is empty; write a header line video_name,tag and one row per "
-                           "clip.") from None
+        raise DatasetError(
+            f"CSV file '{shown}' is empty; write a header line video_name,tag and one row per clip."
+        ) from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DatasetError(
@@ -481,8 +492,9 @@ def _index_csv(csv_path: Path, shown: str, val_fraction: float, test_fraction: f
         tag = str(raw_tag).strip()
         where = f"CSV file '{shown}' line {line}"
         if not name:
-            raise DatasetError(f"{where} has an empty video_name; fill in the clip's path relative to the CSV's "
-                               "folder.")
+            raise DatasetError(
+                f"{where} has an empty video_name; fill in the clip's path relative to the CSV's folder."
+            )
         if not tag:
             raise DatasetError(f"{where} ('{name}') has an empty tag; fill in the clip's class name.")
         path, key = _inside(root, name, where)
@@ -535,8 +547,9 @@ def _index_ucf101(root: Path, data: str, val_fraction: float, seed: int, fold: i
         raise DatasetError(f"UCF101 classInd.txt is no longer in '{data}'; restore it and run again.")
     train_file = _find_ucf_file(root, f"trainlist{fold:02d}.txt")
     test_file = _find_ucf_file(root, f"testlist{fold:02d}.txt")
-    missing = [n for n, f in ((f"trainlist{fold:02d}.txt", train_file), (f"testlist{fold:02d}.txt", test_file))
-               if f is None]
+    missing = [
+        n for n, f in ((f"trainlist{fold:02d}.txt", train_file), (f"testlist{fold:02d}.txt", test_file)) if f is None
+    ]
     if missing:
         raise DatasetError(
             f"UCF101 split list(s) {', '.join(missing)} for fold {fold} not found in '{data}' or "
@@ -569,8 +582,9 @@ def _index_ucf101(root: Path, data: str, val_fraction: float, seed: int, fold: i
                 )
             label = parts[-2]
             if label not in class_set:
-                raise DatasetError(f"{where} names class '{label}', which classInd.txt does not list; restore the "
-                                   "official lists.")
+                raise DatasetError(
+                    f"{where} names class '{label}', which classInd.txt does not list; restore the official lists."
+                )
             if len(fields) == 2:
                 if not fields[1].isdigit() or by_number.get(int(fields[1])) != label:
                     raise DatasetError(
@@ -579,8 +593,9 @@ def _index_ucf101(root: Path, data: str, val_fraction: float, seed: int, fold: i
                     )
             entries.append(("/".join(parts), label, list_split))
     if not entries:
-        raise DatasetError(f"UCF101 lists for fold {fold} in '{data}' list no clips; restore the official "
-                           "ucfTrainTestlist files.")
+        raise DatasetError(
+            f"UCF101 lists for fold {fold} in '{data}' list no clips; restore the official ucfTrainTestlist files."
+        )
 
     video_root = _ucf_video_root(root, data, [e[0] for e in entries])
     seen: dict[str, str] = {}
@@ -600,12 +615,12 @@ def _index_ucf101(root: Path, data: str, val_fraction: float, seed: int, fold: i
     for path, key, label, _ in train:
         match = _UCF_GROUP.search(path.name)
         groups.append(f"{label}/g{int(match.group(1)):02d}" if match else key)
-    train_splits = stratified_split([r[1] for r in train], [r[2] for r in train], val_fraction, 0.0, seed,
-                                    groups=groups)
+    train_splits = stratified_split(
+        [r[1] for r in train], [r[2] for r in train], val_fraction, 0.0, seed, groups=groups
+    )
     split_of = {r[1]: s for r, s in zip(train, train_splits)}
     records = [
-        Record(path=path, video=key, label=label, split=split_of.get(key, "test"))
-        for path, key, label, _ in resolved
+        Record(path=path, video=key, label=label, split=split_of.get(key, "test")) for path, key, label, _ in resolved
     ]
     return _finish(video_root, "ucf101", records, data, class_names=tuple(sorted(class_set)), split_source="lists")
 
@@ -640,15 +655,28 @@ def _require_two_classes(labels: Sequence[str], data: str) -> None:
         )
 
 
-def _finish(root: Path, layout: str, records: list[Record], data: str, class_names: tuple[str, ...] | None = None,
-            split_source: str = "given", split_params: tuple = ()) -> Dataset:
+def _finish(
+    root: Path,
+    layout: str,
+    records: list[Record],
+    data: str,
+    class_names: tuple[str, ...] | None = None,
+    split_source: str = "given",
+    split_params: tuple = (),
+) -> Dataset:
     records.sort(key=lambda r: r.video)
     if class_names is None:
         class_names = tuple(sorted({r.label for r in records}))
     if len(class_names) < 2:
         _require_two_classes([r.label for r in records], data)
-    return Dataset(root=root, layout=layout, class_names=class_names, records=tuple(records),
-                   split_source=split_source, split_params=tuple(split_params))
+    return Dataset(
+        root=root,
+        layout=layout,
+        class_names=class_names,
+        records=tuple(records),
+        split_source=split_source,
+        split_params=tuple(split_params),
+    )
 
 
 def _preview(items: Sequence[str], limit: int = 8) -> str:

@@ -35,8 +35,9 @@ def check_cache_matches(info: RunInfo, cache_config: CacheConfig, cache: Path) -
         )
 
 
-def evaluate(run: str | Path = "models/latest", split: str = "test", cache: str | Path | None = None,
-             batch_size: int = 64) -> dict:
+def evaluate(
+    run: str | Path = "models/latest", split: str = "test", cache: str | Path | None = None, batch_size: int = 64
+) -> dict:
     """Metrics of a run on ``split`` of ``cache`` (default: the run's own cache).
 
     Returns featpipe.metrics.compute_metrics' dict plus ``split``, ``run``, ``cache`` and ``warnings``
@@ -53,13 +54,16 @@ def evaluate(run: str | Path = "models/latest", split: str = "test", cache: str 
     rows = index.rows(split)
     if not len(rows):
         present = ", ".join(sorted(set(index.splits.tolist())))
-        raise FeatpipeError(f"The cache '{cache_path}' has no clips in the '{split}' split (splits present: "
-                            f"{present}).")
+        raise FeatpipeError(
+            f"The cache '{cache_path}' has no clips in the '{split}' split (splits present: {present})."
+        )
     notes = []
     if split != "train":  # scoring the training split is asked for by name; any other split must be unseen
         if info.train_clips is None:
-            notes.append(f"warning: '{run_dir}' was trained before featpipe recorded training clips, so the "
-                         f"'{split}' split cannot be checked for clips the run was trained on.")
+            notes.append(
+                f"warning: '{run_dir}' was trained before featpipe recorded training clips, so the "
+                f"'{split}' split cannot be checked for clips the run was trained on."
+            )
         overlap_with_training(info, index.videos[rows], split, cache_path)
     change = cache_change_warning(info, cache_path, cache_fingerprint(cache_path))
     if change:
@@ -69,8 +73,9 @@ def evaluate(run: str | Path = "models/latest", split: str = "test", cache: str 
     check_finite(index, rows)
     probs = predict_rows(model, index, rows, batch_size)
     if not np.isfinite(probs).all():
-        raise FeatpipeError(f"The model produced NaN probabilities on '{cache_path}'; check the cache for NaN "
-                            "features.")
+        raise FeatpipeError(
+            f"The model produced NaN probabilities on '{cache_path}'; check the cache for NaN features."
+        )
     metrics = compute_metrics(index.labels[rows], probs, index.class_names)
     metrics.update(split=split, run=str(run_dir), cache=str(cache_path), warnings=notes)
     return metrics

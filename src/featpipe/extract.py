@@ -96,8 +96,11 @@ class ExtractOptions:
     def validate(self) -> None:
         """Raise OptionError (naming the parameter) for any value out of range or of the wrong kind."""
         if self.data is not None and self.csv is not None:
-            raise OptionError("csv", "cannot be combined with a data folder; give either a dataset folder or a "
-                                     "CSV file (its paths are relative to the CSV's own folder), not both.")
+            raise OptionError(
+                "csv",
+                "cannot be combined with a data folder; give either a dataset folder or a "
+                "CSV file (its paths are relative to the CSV's own folder), not both.",
+            )
         if not isinstance(self.backbone, str):
             raise OptionError("backbone", f"must be a backbone name, got {self.backbone!r}.")
         backbone = get_backbone(self.backbone)
@@ -106,9 +109,15 @@ class ExtractOptions:
         check_file_option("output", self.output, optional=True)
         check_int("frames", self.frames, 1, MAX_FRAMES)
         check_choice("sampling", self.sampling, SAMPLING)
-        check_int("size", self.size, backbone.min_size, MAX_SIZE, optional=True,
-                  hint=f"({backbone.name} needs at least {backbone.min_size} pixels; its native size is "
-                       f"{backbone.default_size}; leave it unset for the native size.)")
+        check_int(
+            "size",
+            self.size,
+            backbone.min_size,
+            MAX_SIZE,
+            optional=True,
+            hint=f"({backbone.name} needs at least {backbone.min_size} pixels; its native size is "
+            f"{backbone.default_size}; leave it unset for the native size.)",
+        )
         check_int("seed", self.seed, 0)
         check_choice("dtype", self.dtype, DTYPES)
         check_int("batch_size", self.batch_size, 1, MAX_BATCH, optional=True)
@@ -117,16 +126,20 @@ class ExtractOptions:
         check_float("val_fraction", self.val_fraction, 0, 1, high_open=True)
         check_float("test_fraction", self.test_fraction, 0, 1, high_open=True)
         if self.val_fraction + self.test_fraction >= 1:
-            raise OptionError("val_fraction", f"plus test_fraction must be below 1 so some clips are left to train on, "
-                                              f"got {self.val_fraction!r} + {self.test_fraction!r}.")
+            raise OptionError(
+                "val_fraction",
+                f"plus test_fraction must be below 1 so some clips are left to train on, "
+                f"got {self.val_fraction!r} + {self.test_fraction!r}.",
+            )
         check_int("split_seed", self.split_seed, 0)
         check_int("fold", self.fold, 1, 3)
         if self.shard is not None:
             try:
                 parse_shard(self.shard)
             except FeatpipeError:
-                raise OptionError("shard", "must look like I/N with 1 <= I <= N, e.g. 2/4; got "
-                                           f"{self.shard!r}.") from None
+                raise OptionError(
+                    "shard", f"must look like I/N with 1 <= I <= N, e.g. 2/4; got {self.shard!r}."
+                ) from None
         _validate_engine(self)
         self._check_memory(self.size or backbone.default_size)
 
@@ -144,13 +157,18 @@ class ExtractOptions:
         need = f"about {(clips_bytes + batch_bytes) / gib:.1f} GiB of memory, more than the {memory / gib:.1f} GiB"
         if clips_bytes >= batch_bytes:
             fit = int((memory - batch_bytes) // (window * frame))
-            raise OptionError("frames", f"of {self.frames} at {size} px with {window - 1} clips decoded ahead needs "
-                                        f"{need} "
-                                        f"this machine can spare; at most {max(fit, 0)} frames fit (or use fewer "
-                                        "workers).")
+            raise OptionError(
+                "frames",
+                f"of {self.frames} at {size} px with {window - 1} clips decoded ahead needs "
+                f"{need} "
+                f"this machine can spare; at most {max(fit, 0)} frames fit (or use fewer "
+                "workers).",
+            )
         fit = int((memory - clips_bytes) // (4 * frame * 4))
-        raise OptionError("batch_size", f"of {batch} frames at {size} px needs {need} this machine can spare; "
-                                        f"at most {max(fit, 0)} fit.")
+        raise OptionError(
+            "batch_size",
+            f"of {batch} frames at {size} px needs {need} this machine can spare; at most {max(fit, 0)} fit.",
+        )
 
 
 MAX_RAY_WORKERS = 10_000
@@ -221,15 +239,22 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
     shard = parse_shard(opts.shard) if opts.shard else None
     backbone = get_backbone(opts.backbone)
     size = check_size(backbone, opts.size or backbone.default_size)
-    dataset = index_dataset(opts.data_folder, opts.csv, val_fraction=opts.val_fraction,
-                            test_fraction=opts.test_fraction, seed=opts.split_seed, fold=opts.fold)
+    dataset = index_dataset(
+        opts.data_folder,
+        opts.csv,
+        val_fraction=opts.val_fraction,
+        test_fraction=opts.test_fraction,
+        seed=opts.split_seed,
+        fold=opts.fold,
+    )
     path = cache_path(opts)
     if opts.engine == "ray":
         ray_engine.import_ray()  # before any work: without the extra, say how to install it
     started = time.perf_counter()
     # a shard takes the clips whose key hashes to it: the same split on every machine
-    records = ([r for r in dataset.records if shard_of(r.video, shard[1]) == shard[0]] if shard
-               else list(dataset.records))
+    records = (
+        [r for r in dataset.records if shard_of(r.video, shard[1]) == shard[0]] if shard else list(dataset.records)
+    )
     identities = {r.video: file_identity(r.path) for r in records}  # what each clip file is now
     with ExitStack() as stack:
         try:
@@ -249,13 +274,25 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
 
         # weights_fingerprint None: still being computed (--engine ray); settled before anything is written
         config = CacheConfig(
-            backbone=backbone.name, weights=extractor.weights, weights_fingerprint=extractor.fingerprint,
-            input_size=size, frames=opts.frames, sampling=opts.sampling, dtype=extractor.cache_dtype(opts.dtype),
-            feature_shape=extractor.feature_shape, class_names=dataset.class_names,
-            extra={"featpipe_version": __version__, "keras_version": keras.__version__,
-                   "keras_backend": keras.backend.backend(), "data_root": str(dataset.root),
-                   "layout": dataset.layout, "weights_seed": opts.seed, "precision": extractor.precision,
-                   **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {})},  # class_names: the WHOLE dataset's
+            backbone=backbone.name,
+            weights=extractor.weights,
+            weights_fingerprint=extractor.fingerprint,
+            input_size=size,
+            frames=opts.frames,
+            sampling=opts.sampling,
+            dtype=extractor.cache_dtype(opts.dtype),
+            feature_shape=extractor.feature_shape,
+            class_names=dataset.class_names,
+            extra={
+                "featpipe_version": __version__,
+                "keras_version": keras.__version__,
+                "keras_backend": keras.backend.backend(),
+                "data_root": str(dataset.root),
+                "layout": dataset.layout,
+                "weights_seed": opts.seed,
+                "precision": extractor.precision,
+                **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
+            },  # class_names: the WHOLE dataset's
         )
         writer = CacheWriter(path, config, writable=writable)
         _refuse_another_dataset(writer, identities, dataset.root, path)
@@ -304,17 +341,29 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
         fold()
     seconds = time.perf_counter() - started
     summary = summarize(path)
-    result = ExtractResult(path, summary.n_clips, stats.clips, n_skipped, stats.frames, seconds,
-                           failed=summary.failed, summary_lines=summary.lines() + notes,
-                           batch_size=extractor.batch_size, setup_seconds=setup_seconds,
-                           infer_seconds=stats.infer_seconds, starved_seconds=stats.starved_seconds,
-                           n_dropped=writer.n_dropped, notes=notes)
+    result = ExtractResult(
+        path,
+        summary.n_clips,
+        stats.clips,
+        n_skipped,
+        stats.frames,
+        seconds,
+        failed=summary.failed,
+        summary_lines=summary.lines() + notes,
+        batch_size=extractor.batch_size,
+        setup_seconds=setup_seconds,
+        infer_seconds=stats.infer_seconds,
+        starved_seconds=stats.starved_seconds,
+        n_dropped=writer.n_dropped,
+        notes=notes,
+    )
     if summary.n_clips == 0 and (records or not shard):  # a tiny dataset may leave a shard no clip: not a failure
         raise ExtractionFailed(
             f"No clip could be used ({len(summary.failed)} failed, e.g. {summary.failed[0][0]}: "
             f"{summary.failed[0][1]}). "
             f"Check that the files are videos OpenCV can decode; the reasons are listed in '{path}' under failed/."
-            if summary.failed else f"No clip was extracted into '{path}'."
+            if summary.failed
+            else f"No clip was extracted into '{path}'."
         )
     if opts.strict and summary.failed:
         raise ExtractionFailed(
@@ -345,16 +394,24 @@ def _refuse_another_dataset(writer: CacheWriter, identities: dict, root: Path, p
     changed = [k for k in theirs if k in identities and theirs[k] is not None and theirs[k] != identities[k]]
     if not (new or gone or changed):
         return  # the same clips under a moved folder: data_root follows them
-    detail = ", ".join(f"{n} {what}" for n, what in ((len(new), "not in the cache"), (len(gone), "missing there"),
-                                                     (len(changed), "with other contents")) if n)
+    detail = ", ".join(
+        f"{n} {what}"
+        for n, what in (
+            (len(new), "not in the cache"),
+            (len(gone), "missing there"),
+            (len(changed), "with other contents"),
+        )
+        if n
+    )
     raise CacheError(
         f"'{path}' was extracted from '{old_root}', and '{root}' holds other clips ({detail}), so it looks like "
         f"another dataset; write its features to a new cache with --output NEW.h5."
     )
 
 
-def _assignments(dataset: Dataset, records: list[Record], writer: CacheWriter, identities: dict,
-                 shard) -> tuple[dict[str, tuple[int, str]], list[str]]:
+def _assignments(
+    dataset: Dataset, records: list[Record], writer: CacheWriter, identities: dict, shard
+) -> tuple[dict[str, tuple[int, str]], list[str]]:
     """(clip key -> (label, split)) from the current index, the drawn split repaired over the usable clips; notes."""
     splits = {r.video: r.split for r in records}
     notes: list[str] = []
@@ -364,8 +421,10 @@ def _assignments(dataset: Dataset, records: list[Record], writer: CacheWriter, i
         repair = repair_splits(dataset, [r.video for r in records if r.video not in failed])
         splits.update(repair.splits)
         if repair.redrawn:
-            notes.append(f"Split drawn again over the usable clips of {', '.join(repair.redrawn)} "
-                         f"(failed clips had emptied a split).")
+            notes.append(
+                f"Split drawn again over the usable clips of {', '.join(repair.redrawn)} "
+                f"(failed clips had emptied a split)."
+            )
         notes += [f"warning: {w}" for w in repair.warnings]
     return {r.video: (dataset.label_index(r.label), splits[r.video]) for r in records}, notes
 
@@ -373,16 +432,28 @@ def _assignments(dataset: Dataset, records: list[Record], writer: CacheWriter, i
 def _drop_notes(writer: CacheWriter) -> list[str]:
     notes = []
     if writer.n_dropped:
-        notes.append(f"Dropped {writer.n_dropped} row(s) whose clips left the dataset (their names are kept "
-                     f"under stale/ in the cache).")
+        notes.append(
+            f"Dropped {writer.n_dropped} row(s) whose clips left the dataset (their names are kept "
+            f"under stale/ in the cache)."
+        )
     if writer.n_changed:
-        notes.append(f"Dropped {writer.n_changed} row(s) whose files changed since they were extracted; "
-                     f"run again to extract them anew.")
+        notes.append(
+            f"Dropped {writer.n_changed} row(s) whose files changed since they were extracted; "
+            f"run again to extract them anew."
+        )
     return notes
 
 
-def _read_only_result(path: Path, writer: CacheWriter, dataset: Dataset, records: list[Record], identities: dict,
-                      todo: list[Record], shard, started: float) -> ExtractResult:
+def _read_only_result(
+    path: Path,
+    writer: CacheWriter,
+    dataset: Dataset,
+    records: list[Record],
+    identities: dict,
+    todo: list[Record],
+    shard,
+    started: float,
+) -> ExtractResult:
     """The cache's folder cannot be written: succeed if the cache is already what this run would write."""
     assignments, notes = _assignments(dataset, records, writer, identities, shard)
     left = []
@@ -404,8 +475,17 @@ def _read_only_result(path: Path, writer: CacheWriter, dataset: Dataset, records
         )
     summary = summarize(path)
     notes = notes + [f"'{path.parent}' is read-only, but nothing was left to do: the cache is up to date."]
-    return ExtractResult(path, summary.n_clips, 0, len(records), 0, time.perf_counter() - started,
-                         failed=summary.failed, summary_lines=summary.lines() + notes, notes=notes)
+    return ExtractResult(
+        path,
+        summary.n_clips,
+        0,
+        len(records),
+        0,
+        time.perf_counter() - started,
+        failed=summary.failed,
+        summary_lines=summary.lines() + notes,
+        notes=notes,
+    )
 
 
 def clip_record(done: Embedded, label: int, dtype: np.dtype) -> ClipRecord:
@@ -428,8 +508,14 @@ def check_finite(video: str, feats: np.ndarray, mask: np.ndarray, dtype) -> None
         )
 
 
-def _run(todo: list[Record], dataset: Dataset, extractor: FeatureExtractor, opts: ExtractOptions,
-         writer: CacheWriter, workers: int) -> Stats:
+def _run(
+    todo: list[Record],
+    dataset: Dataset,
+    extractor: FeatureExtractor,
+    opts: ExtractOptions,
+    writer: CacheWriter,
+    workers: int,
+) -> Stats:
     """The local engine: ``decode`` (``workers`` threads) -> ``embed`` (batches across clips, the
     backbone on its own thread) -> the writer thread (journal). See :mod:`featpipe.pipeline`.
 
@@ -444,8 +530,16 @@ def _run(todo: list[Record], dataset: Dataset, extractor: FeatureExtractor, opts
     stats = Stats()
     clips = decode(todo, lambda rec: read_clip(rec.path, opts.frames, extractor.size, opts.sampling), workers)
     started = time.perf_counter()
-    with tqdm(total=len(todo), unit="clip", disable=opts.quiet, dynamic_ncols=True,
-              desc=f"extract {extractor.backbone.name}") as bar, BackgroundWriter(writer) as sink:
+    with (
+        tqdm(
+            total=len(todo),
+            unit="clip",
+            disable=opts.quiet,
+            dynamic_ncols=True,
+            desc=f"extract {extractor.backbone.name}",
+        ) as bar,
+        BackgroundWriter(writer) as sink,
+    ):
         for done in embed(clips, extractor, stats):
             sink.put(clip_record(done, dataset.label_index(done.item.label), dtype))
             stats.clips += done.ok

@@ -21,8 +21,10 @@ def info(path: str | Path, verify: bool = False) -> list[str]:
     path = Path(path)
     if path.is_dir() or path.name == "latest":
         if verify:
-            raise FeatpipeError(f"--verify checks a cache file; '{path}' is a run directory. "
-                                "Pass the cache it was trained on (`featpipe info RUN` names it).")
+            raise FeatpipeError(
+                f"--verify checks a cache file; '{path}' is a run directory. "
+                "Pass the cache it was trained on (`featpipe info RUN` names it)."
+            )
         return _run_lines(path)
     return _cache_lines(path, verify)
 
@@ -85,7 +87,9 @@ def _run_lines(path: Path) -> list[str]:
     ]
     for split, m in data.metrics.items():
         auc = m.get("roc_auc")
-        lines.append(f"  {split}: accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}, "
-                     f"ROC AUC {auc:.3f}" if auc is not None else f"  {split}: accuracy {m['accuracy']:.3f}, "
-                     f"macro F1 {m['macro_f1']:.3f}, ROC AUC n/a")
+        lines.append(
+            f"  {split}: accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}, ROC AUC {auc:.3f}"
+            if auc is not None
+            else f"  {split}: accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}, ROC AUC n/a"
+        )
     return lines

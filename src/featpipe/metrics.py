@@ -83,9 +83,7 @@ def _validate(y_true: Any, probs: Any, class_names: Sequence[str]) -> tuple[np.n
     y = y.astype(np.int64)
     bad = (y < 0) | (y >= n_classes)
     if bad.any():
-        raise ValueError(
-            f"y_true has labels out of range [0, {n_classes - 1}]: {sorted(set(y[bad].tolist()))[:10]}"
-        )
+        raise ValueError(f"y_true has labels out of range [0, {n_classes - 1}]: {sorted(set(y[bad].tolist()))[:10]}")
 
     if not np.issubdtype(p.dtype, np.number) or np.issubdtype(p.dtype, np.complexfloating):
         raise ValueError(f"probs must be real numbers, got dtype {p.dtype}")
@@ -232,13 +230,30 @@ def format_report(metrics: Mapping[str, Any]) -> str:
     rows = [["class", "precision", "recall", "f1", "support", "auc"]]
     for name in names:
         pc = metrics["per_class"][name]
-        rows.append([name, _num(pc["precision"]), _num(pc["recall"]), _num(pc["f1"]), str(pc["support"]),
-                     _num(auc.get(name))])
+        rows.append(
+            [name, _num(pc["precision"]), _num(pc["recall"]), _num(pc["f1"]), str(pc["support"]), _num(auc.get(name))]
+        )
     total = sum(int(metrics["per_class"][c]["support"]) for c in names)
-    rows.append(["macro avg", _num(metrics.get("macro_precision")), _num(metrics.get("macro_recall")),
-                 _num(metrics["macro_f1"]), str(total), _num(metrics.get("roc_auc"))])
-    rows.append(["weighted avg", _num(metrics.get("weighted_precision")), _num(metrics.get("weighted_recall")),
-                 _num(metrics["weighted_f1"]), str(total), ""])
+    rows.append(
+        [
+            "macro avg",
+            _num(metrics.get("macro_precision")),
+            _num(metrics.get("macro_recall")),
+            _num(metrics["macro_f1"]),
+            str(total),
+            _num(metrics.get("roc_auc")),
+        ]
+    )
+    rows.append(
+        [
+            "weighted avg",
+            _num(metrics.get("weighted_precision")),
+            _num(metrics.get("weighted_recall")),
+            _num(metrics["weighted_f1"]),
+            str(total),
+            "",
+        ]
+    )
     table = _table(rows, "lrrrrr")
     rule = "-" * len(table[0])
     lines += [table[0], rule, *table[1 : 1 + len(names)], rule, *table[1 + len(names) :], ""]
@@ -317,8 +332,15 @@ def plot_confusion_matrix(metrics: Mapping[str, Any], path: str | Path) -> Path:
     fontsize = 12 if c <= 5 else 9 if c <= 12 else 7
     for i in range(c):
         for j in range(c):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=fontsize,
-                    color="white" if frac[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=fontsize,
+                color="white" if frac[i, j] > 0.5 else "black",
+            )
     ax.set_xticks(range(c))
     ax.set_yticks(range(c))
     label_fs = 10 if c <= 12 else 8
@@ -390,8 +412,7 @@ def plot_curves(history: "pd.DataFrame | Mapping[str, Sequence[float]]", path: s
         return _numeric(df[name])
 
     fig = _figure((11.0, 4.2))
-    panels = [("loss", "loss", "val_loss"),
-              ("accuracy", acc_key, f"val_{acc_key}" if acc_key else None)]
+    panels = [("loss", "loss", "val_loss"), ("accuracy", acc_key, f"val_{acc_key}" if acc_key else None)]
     for i, (title, train_key, val_key) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
         marker = "o" if len(x) <= 30 else None
@@ -402,8 +423,7 @@ def plot_curves(history: "pd.DataFrame | Mapping[str, Sequence[float]]", path: s
                 ax.plot(x, y, marker=marker, markersize=3, label=label)
                 plotted = True
         if best_epoch is not None:
-            ax.axvline(best_epoch, color="gray", linestyle="--", linewidth=1,
-                       label=f"best epoch {best_epoch:g}")
+            ax.axvline(best_epoch, color="gray", linestyle="--", linewidth=1, label=f"best epoch {best_epoch:g}")
         if not plotted:
             ax.text(0.5, 0.5, f"no {title} recorded", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title)

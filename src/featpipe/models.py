@@ -70,9 +70,17 @@ class HeadConfig:
         if head not in HEADS:
             raise FeatpipeError(f"Unknown head {self.head!r}: choose one of {', '.join(HEADS)}.")
         object.__setattr__(self, "head", head)
-        for name, low in (("units", 1), ("layers", 1), ("num_heads", 1), ("segments", 1), ("bottleneck", 0),
-                          ("pca", 0), ("frames", 0), ("pooled_steps", 0),
-                          ("shortcut", 0)):
+        for name, low in (
+            ("units", 1),
+            ("layers", 1),
+            ("num_heads", 1),
+            ("segments", 1),
+            ("bottleneck", 0),
+            ("pca", 0),
+            ("frames", 0),
+            ("pooled_steps", 0),
+            ("shortcut", 0),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise FeatpipeError(f"{name} must be a whole number >= {low}; got {value!r}.")
@@ -305,8 +313,10 @@ class FrameSubset(layers.Layer):
 
     def compute_output_spec(self, features, frame_mask, training=False):
         shape = (features.shape[0], self.frames, *features.shape[2:])
-        return (keras.KerasTensor(shape, dtype=features.dtype),
-                keras.KerasTensor((frame_mask.shape[0], self.frames), dtype="bool"))
+        return (
+            keras.KerasTensor(shape, dtype=features.dtype),
+            keras.KerasTensor((frame_mask.shape[0], self.frames), dtype="bool"),
+        )
 
     def get_config(self):
         return {**super().get_config(), "frames": self.frames, "seed": self.seed}
@@ -475,7 +485,8 @@ def _transformer_stack(x, mask, config: HeadConfig):
         )(x, x, attention_mask=attention_mask)
         attended = layers.Dropout(config.dropout, name=f"mha_dropout_{i}")(attended)
         x = layers.LayerNormalization(epsilon=1e-6, name=f"mha_norm_{i}")(
-            layers.Add(name=f"mha_add_{i}")([x, attended]))
+            layers.Add(name=f"mha_add_{i}")([x, attended])
+        )
         ff = layers.Dense(2 * config.units, activation="relu", name=f"ff_in_{i}")(x)
         ff = layers.Dense(config.units, name=f"ff_out_{i}")(ff)
         ff = layers.Dropout(config.dropout, name=f"ff_dropout_{i}")(ff)
@@ -537,8 +548,10 @@ def build_model(
             x = layers.Dropout(config.input_dropout, noise_shape=(None, 1, x.shape[-1]), name="feature_dropout")(x)
         if config.pca:
             if pca is None or np.shape(pca) != (shape[-1], config.pca):
-                raise FeatpipeError(f"pca={config.pca} needs a ({shape[-1]}, {config.pca}) projection fitted on the "
-                                    f"train frames; got {None if pca is None else np.shape(pca)}.")
+                raise FeatpipeError(
+                    f"pca={config.pca} needs a ({shape[-1]}, {config.pca}) projection fitted on the "
+                    f"train frames; got {None if pca is None else np.shape(pca)}."
+                )
             projection = layers.Dense(config.pca, use_bias=False, trainable=False, name="pca")
             x = projection(x)
             projection.set_weights([np.asarray(pca, dtype=np.float32)])

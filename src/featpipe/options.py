@@ -15,8 +15,9 @@ from pathlib import Path
 from featpipe.errors import OptionError
 
 
-def check_int(name: str, value, low: int | None = None, high: int | None = None, *, optional: bool = False,
-              hint: str = "") -> None:
+def check_int(
+    name: str, value, low: int | None = None, high: int | None = None, *, optional: bool = False, hint: str = ""
+) -> None:
     """``value`` is an int within [low, high] (None allowed when ``optional``)."""
     if value is None and optional:
         return
@@ -33,8 +34,17 @@ def check_int(name: str, value, low: int | None = None, high: int | None = None,
         raise OptionError(name, f"must be {bound}, got {value}.{(' ' + hint) if hint else ''}")
 
 
-def check_float(name: str, value, low: float | None = None, high: float | None = None, *, low_open: bool = False,
-                high_open: bool = False, optional: bool = False, hint: str = "") -> None:
+def check_float(
+    name: str,
+    value,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+    hint: str = "",
+) -> None:
     """``value`` is a finite number within the bounds (``*_open``: the bound itself is excluded)."""
     if value is None and optional:
         return
@@ -92,5 +102,6 @@ def check_writable_parent(name: str, path, what: str = "output") -> None:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-        raise OptionError(name, f"names {what} '{path}', but '{probe}' is not writable; choose a folder you can write "
-                                "to.")
+        raise OptionError(
+            name, f"names {what} '{path}', but '{probe}' is not writable; choose a folder you can write to."
+        )

@@ -84,6 +84,7 @@ def decode(items: Iterable, read: Callable[[Any], Any], workers: int) -> Iterato
     items = iter(items)
     inflight: deque[Future] = deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featpipe-decode") as pool:
+
         def submit_next():
             for item in items:
                 inflight.append(pool.submit(run, item))

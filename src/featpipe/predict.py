@@ -81,8 +81,13 @@ def expand_clips(items: Iterable[str | Path]) -> list[Path]:
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in VIDEO_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
             if not found:
                 raise FeatpipeError(f"Folder '{path}' holds no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}).")
             out.extend(found)
@@ -108,8 +113,9 @@ class Predictor:
                 f"The run was trained on features from the weights file '{weights}', which is not on this machine; "
                 f"copy it to that path (the run checks it by fingerprint)."
             )
-        self.extractor = FeatureExtractor(pre["backbone"], self.size, weights, int(pre.get("weights_seed", 0)),
-                                          batch_size, precision)
+        self.extractor = FeatureExtractor(
+            pre["backbone"], self.size, weights, int(pre.get("weights_seed", 0)), batch_size, precision
+        )
         if self.extractor.fingerprint != pre["weights_fingerprint"]:
             raise BackboneError(
                 f"The {pre['backbone']} weights here (fingerprint {self.extractor.fingerprint}) are not the ones the "
@@ -132,9 +138,17 @@ class Predictor:
         return np.asarray(self.head.predict({"features": feats, "mask": masks}, batch_size=64, verbose=0))
 
 
-def predict(clips: Iterable[str | Path], model: str | Path = "models/latest", top_k: int = 3, windows: int = 1,
-            workers: int | None = None, batch_size: int | None = None, gif: str | Path | None = None,
-            predictor: Predictor | None = None, precision: str = "float32") -> list[Prediction]:
+def predict(
+    clips: Iterable[str | Path],
+    model: str | Path = "models/latest",
+    top_k: int = 3,
+    windows: int = 1,
+    workers: int | None = None,
+    batch_size: int | None = None,
+    gif: str | Path | None = None,
+    predictor: Predictor | None = None,
+    precision: str = "float32",
+) -> list[Prediction]:
     """Classify clips (files or folders) with a trained run. Returns one Prediction per clip, in order.
 
     ``windows`` > 1 averages the head's probabilities over that many evenly spaced windows of the
@@ -144,8 +158,9 @@ def predict(clips: Iterable[str | Path], model: str | Path = "models/latest", to
     """
     from featpipe.video import read_windows, write_gif  # lazy: `import featpipe` does not load OpenCV
 
-    PredictOptions(model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size, gif=gif,
-                   precision=precision)
+    PredictOptions(
+        model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size, gif=gif, precision=precision
+    )
     paths = expand_clips(clips)
     if gif is not None and len(paths) != 1:
         raise FeatpipeError(f"--gif makes an animation of one clip; {len(paths)} clips were given.")
@@ -156,15 +171,17 @@ def predict(clips: Iterable[str | Path], model: str | Path = "models/latest", to
         return read_windows(item[1], pred.frames, pred.size, pred.sampling, windows)
 
     def classify(group: list) -> None:  # one head call for a group of embedded clips
-        probs = pred.classify(np.concatenate([e.features for e in group]),
-                              np.stack([w.mask for e in group for w in e.windows]))
+        probs = pred.classify(
+            np.concatenate([e.features for e in group]), np.stack([w.mask for e in group for w in e.windows])
+        )
         pos = 0
         for e in group:
-            p = probs[pos:pos + len(e.windows)].mean(axis=0)
+            p = probs[pos : pos + len(e.windows)].mean(axis=0)
             pos += len(e.windows)
             order = np.argsort(-p, kind="stable")[:k]
-            results[e.item[0]] = Prediction(str(e.item[1]), [(pred.class_names[i], float(p[i])) for i in order],
-                                            None, p, len(e.windows))
+            results[e.item[0]] = Prediction(
+                str(e.item[1]), [(pred.class_names[i], float(p[i])) for i in order], None, p, len(e.windows)
+            )
             if gif is not None:
                 best = results[e.item[0]].top[0]
                 write_gif(e.windows[0].frames[e.windows[0].mask], gif, f"{best[0]} {best[1]:.0%}")
@@ -214,8 +231,9 @@ def write_csv(predictions: Sequence[Prediction], path: str | Path, top_k: int) -
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise FeatpipeError(f"Could not write '{path}' ({exc.strerror or exc}); choose a file in a folder you can "
-                            f"write to.") from None
+        raise FeatpipeError(
+            f"Could not write '{path}' ({exc.strerror or exc}); choose a file in a folder you can write to."
+        ) from None
     return path
 
 
@@ -224,7 +242,7 @@ def format_table(predictions: Sequence[Prediction]) -> str:
     lines = []
     width = min(max((len(p.clip) for p in predictions), default=4), 60)
     for p in predictions:
-        name = p.clip if len(p.clip) <= width else "..." + p.clip[-(width - 3):]
+        name = p.clip if len(p.clip) <= width else "..." + p.clip[-(width - 3) :]
         if p.ok:
             tops = "  ".join(f"{lab} {prob:.1%}" for lab, prob in p.top)
             lines.append(f"{name.ljust(width)}  {tops}")

@@ -50,8 +50,10 @@ def import_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        raise FeatpipeError(f"--engine ray needs Ray Data, which is not installed here; install it with "
-                            f"{INSTALL} (on every node of the cluster).") from None
+        raise FeatpipeError(
+            f"--engine ray needs Ray Data, which is not installed here; install it with "
+            f"{INSTALL} (on every node of the cluster)."
+        ) from None
     return ray
 
 
@@ -74,11 +76,18 @@ def connect(address: str | None):
     if ray.is_initialized():
         return False
     try:
-        ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING, configure_logging=False)
+        ray.init(
+            address=address or None,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            configure_logging=False,
+        )
     except ConnectionError as exc:
-        raise FeatpipeError(f"Could not join the Ray cluster at '{address}' ({exc}); start it with `ray start --head` "
-                            f"and pass its address (host:port) to --ray-address.") from None
+        raise FeatpipeError(
+            f"Could not join the Ray cluster at '{address}' ({exc}); start it with `ray start --head` "
+            f"and pass its address (host:port) to --ray-address."
+        ) from None
     return True
 
 
@@ -90,12 +99,15 @@ def plan(num_workers: int | None, gpus_per_worker: float | None) -> Plan:
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     g = (1.0 if gpus else 0.0) if gpus_per_worker is None else float(gpus_per_worker)
     if g > 0 and gpus < g:
-        raise FeatpipeError(f"--gpus-per-worker {g:g} asks for GPUs, but the Ray cluster has {gpus:g}; "
-                            f"pass --gpus-per-worker 0 to run the backbone on CPUs.")
+        raise FeatpipeError(
+            f"--gpus-per-worker {g:g} asks for GPUs, but the Ray cluster has {gpus:g}; "
+            f"pass --gpus-per-worker 0 to run the backbone on CPUs."
+        )
     n = num_workers or (max(1, int(gpus // g)) if g > 0 else max(1, nodes))
     if g > 0 and n * g > gpus:
-        raise FeatpipeError(f"--num-workers {n} with --gpus-per-worker {g:g} needs {n * g:g} GPUs; "
-                            f"the Ray cluster has {gpus:g}.")
+        raise FeatpipeError(
+            f"--num-workers {n} with --gpus-per-worker {g:g} needs {n * g:g} GPUs; the Ray cluster has {gpus:g}."
+        )
     return Plan(n, g, nodes)
 
 
@@ -188,8 +200,15 @@ def decode_batch(batch: dict, frames: int, size: int, sampling: str) -> dict:
             error[i] = str(exc) or type(exc).__name__
             continue
         out_frames[i], mask[i], n_frames[i] = clip.frames, clip.mask, clip.n_frames
-    return {"key": batch["key"], "label": batch["label"], "split": batch["split"], "frames": out_frames,
-            "mask": mask, "n_frames": n_frames, "error": error}
+    return {
+        "key": batch["key"],
+        "label": batch["label"],
+        "split": batch["split"],
+        "frames": out_frames,
+        "mask": mask,
+        "n_frames": n_frames,
+        "error": error,
+    }
 
 
 @dataclass
@@ -207,8 +226,16 @@ class ClipEmbedder:
     version, so the driver can refuse a node that differs from the cache. Never raises.
     """
 
-    def __init__(self, backbone: Backbone | str, size: int, weights: str, seed: int, batch_size: int | None,
-                 precision: str, dtype: str):
+    def __init__(
+        self,
+        backbone: Backbone | str,
+        size: int,
+        weights: str,
+        seed: int,
+        batch_size: int | None,
+        precision: str,
+        dtype: str,
+    ):
         self.worker = f"{socket.gethostname()} (pid {os.getpid()})"
         self.source, self.fatal, self.keras_version, self.fingerprint = None, "", "", ""
         try:
@@ -227,8 +254,11 @@ class ClipEmbedder:
         stats = Stats()
         if not fatal:
             try:
-                clips = [Decoded(i, [_Window(batch["frames"][i], batch["mask"][i])]) for i in range(n)
-                         if not batch["error"][i]]
+                clips = [
+                    Decoded(i, [_Window(batch["frames"][i], batch["mask"][i])])
+                    for i in range(n)
+                    if not batch["error"][i]
+                ]
                 feats = np.zeros((n, *batch["mask"].shape[1:], *self.source.feature_shape), self.dtype)
                 for done in embed(clips, self.source, stats):
                     feats[done.item] = done.features[0].astype(self.dtype)  # as the local engine stores them
@@ -236,19 +266,29 @@ class ClipEmbedder:
                 fatal = f"{type(exc).__name__}: {exc}"
         if feats is None:
             feats = np.zeros((n, 1), np.float32)
-        return {"key": batch["key"], "label": batch["label"], "split": batch["split"], "mask": batch["mask"],
-                "n_frames": batch["n_frames"], "error": batch["error"], "features": feats,
-                "fatal": np.full(n, fatal, dtype=object), "fingerprint": np.full(n, self.fingerprint, dtype=object),
-                "keras_version": np.full(n, self.keras_version, dtype=object),
-                "worker": np.full(n, self.worker, dtype=object),
-                "infer_seconds": np.full(n, stats.infer_seconds / max(n, 1))}
+        return {
+            "key": batch["key"],
+            "label": batch["label"],
+            "split": batch["split"],
+            "mask": batch["mask"],
+            "n_frames": batch["n_frames"],
+            "error": batch["error"],
+            "features": feats,
+            "fatal": np.full(n, fatal, dtype=object),
+            "fingerprint": np.full(n, self.fingerprint, dtype=object),
+            "keras_version": np.full(n, self.keras_version, dtype=object),
+            "worker": np.full(n, self.worker, dtype=object),
+            "infer_seconds": np.full(n, stats.infer_seconds / max(n, 1)),
+        }
 
 
 def check_worker(row: dict[str, Any], fingerprint: str, keras_version: str) -> None:
     """Refuse rows made with other weights or another Keras version than the cache's (one sentence)."""
     if row["fatal"]:
-        raise ExtractionFailed(f"The backbone failed on Ray worker {row['worker']}: {row['fatal']}. "
-                               f"The clips finished before are saved; fix that node and run the same command again.")
+        raise ExtractionFailed(
+            f"The backbone failed on Ray worker {row['worker']}: {row['fatal']}. "
+            f"The clips finished before are saved; fix that node and run the same command again."
+        )
     if row["fingerprint"] != fingerprint or row["keras_version"] != keras_version:
         raise BackboneError(
             f"Ray worker {row['worker']} has other backbone weights or another Keras version (fingerprint "
@@ -271,9 +311,19 @@ def clips_per_call(batch_size: int, frames: int, clips_per_block: int = CLIPS_PE
     return -(-clips // clips_per_block) * clips_per_block
 
 
-def build(rows: list[dict], plan_: Plan, *, decode_kwargs: dict, embedder_kwargs: dict, clips_per_call: int,
-          decode_fn=None, embedder=None, actor_cpus: float | None = None,
-          clips_per_decode_task: int = CLIPS_PER_DECODE_TASK, decode_cpus: float = 1):
+def build(
+    rows: list[dict],
+    plan_: Plan,
+    *,
+    decode_kwargs: dict,
+    embedder_kwargs: dict,
+    clips_per_call: int,
+    decode_fn=None,
+    embedder=None,
+    actor_cpus: float | None = None,
+    clips_per_decode_task: int = CLIPS_PER_DECODE_TASK,
+    decode_cpus: float = 1,
+):
     """The Ray Data pipeline over keyed ``rows`` (key, path, label, split): decode tasks -> the actor pool.
 
     ``decode_fn`` and ``embedder`` default to :func:`decode_batch` and :class:`ClipEmbedder`
@@ -284,10 +334,17 @@ def build(rows: list[dict], plan_: Plan, *, decode_kwargs: dict, embedder_kwargs
     from ray.data import ActorPoolStrategy
 
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // clips_per_decode_task)))
-    ds = ds.map_batches(decode_fn or decode_batch, batch_size=clips_per_decode_task, batch_format="numpy",
-                        num_cpus=decode_cpus, fn_kwargs=decode_kwargs)
+    ds = ds.map_batches(
+        decode_fn or decode_batch,
+        batch_size=clips_per_decode_task,
+        batch_format="numpy",
+        num_cpus=decode_cpus,
+        fn_kwargs=decode_kwargs,
+    )
     return ds.map_batches(
-        embedder or ClipEmbedder, batch_size=clips_per_call, batch_format="numpy",
+        embedder or ClipEmbedder,
+        batch_size=clips_per_call,
+        batch_format="numpy",
         compute=ActorPoolStrategy(min_size=plan_.num_workers, max_size=plan_.num_workers),
         num_gpus=plan_.gpus_per_worker,
         num_cpus=actor_cpus if actor_cpus is not None else (1 if plan_.gpus_per_worker else 0.5),
@@ -342,17 +399,36 @@ def run(todo: list, dataset, extractor, opts, writer, keras_version: str, finger
     try:
         quiet_ray_data()
         p = plan(opts.num_workers, opts.gpus_per_worker)
-        rows = [{"key": r.video, "path": str(r.path.resolve()), "label": dataset.label_index(r.label),
-                 "split": r.split} for r in todo]
-        ds = build(rows, p, decode_kwargs=dict(frames=opts.frames, size=extractor.size, sampling=opts.sampling),
-                   embedder_kwargs=dict(backbone=extractor.backbone, size=extractor.size, weights=opts.weights,
-                                        seed=opts.seed, batch_size=opts.batch_size, precision=opts.precision,
-                                        dtype=opts.dtype),
-                   clips_per_call=clips_per_call(extractor.batch_size, opts.frames))
+        rows = [
+            {"key": r.video, "path": str(r.path.resolve()), "label": dataset.label_index(r.label), "split": r.split}
+            for r in todo
+        ]
+        ds = build(
+            rows,
+            p,
+            decode_kwargs=dict(frames=opts.frames, size=extractor.size, sampling=opts.sampling),
+            embedder_kwargs=dict(
+                backbone=extractor.backbone,
+                size=extractor.size,
+                weights=opts.weights,
+                seed=opts.seed,
+                batch_size=opts.batch_size,
+                precision=opts.precision,
+                dtype=opts.dtype,
+            ),
+            clips_per_call=clips_per_call(extractor.batch_size, opts.frames),
+        )
         stats = Stats()
-        with tqdm(total=len(todo), unit="clip", disable=opts.quiet, dynamic_ncols=True,
-                  desc=f"extract {extractor.backbone.name} on {p.num_workers} Ray worker(s)") as bar, \
-                BackgroundWriter(writer) as sink:
+        with (
+            tqdm(
+                total=len(todo),
+                unit="clip",
+                disable=opts.quiet,
+                dynamic_ncols=True,
+                desc=f"extract {extractor.backbone.name} on {p.num_workers} Ray worker(s)",
+            ) as bar,
+            BackgroundWriter(writer) as sink,
+        ):
             consume(ds, sink, extractor.cache_dtype(opts.dtype), fingerprint, keras_version, stats, bar.update)
         return stats
     finally:

@@ -124,25 +124,31 @@ class RunInfo:
             raise RunError(f"'{where}' does not hold a JSON object; the run directory is damaged. Train again.")
         missing = [k for k in REQUIRED_KEYS if k not in data]
         if missing:
-            raise RunError(f"'{where}' is incomplete (no {', '.join(missing)}); the run directory is damaged. "
-                           f"Train again.")
+            raise RunError(
+                f"'{where}' is incomplete (no {', '.join(missing)}); the run directory is damaged. Train again."
+            )
         pre = data["preprocessing"]
         if not isinstance(pre, dict) or any(k not in pre for k in _PREPROCESSING_KEYS):
             lacking = ", ".join(k for k in _PREPROCESSING_KEYS if not isinstance(pre, dict) or k not in pre)
-            raise RunError(f"'{where}' is incomplete (its preprocessing lacks {lacking}); "
-                           f"the run directory is damaged. Train again.")
+            raise RunError(
+                f"'{where}' is incomplete (its preprocessing lacks {lacking}); "
+                f"the run directory is damaged. Train again."
+            )
         names = data["class_names"]
         if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
-            raise RunError(f"'{where}' has no valid class_names (a list of at least two names); the run directory "
-                           f"is damaged. Train again.")
+            raise RunError(
+                f"'{where}' has no valid class_names (a list of at least two names); the run directory "
+                f"is damaged. Train again."
+            )
         for key in ("cache_attrs", "head", "config"):
             if not isinstance(data[key], dict):
                 raise RunError(f"'{where}' has a malformed '{key}' (expected an object); the run directory is damaged.")
         for key in ("train_clips", "val_clips"):
             value = data.get(key)
             if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-                raise RunError(f"'{where}' has a malformed '{key}' (expected a list of clip names); the run directory "
-                               f"is damaged.")
+                raise RunError(
+                    f"'{where}' has a malformed '{key}' (expected a list of clip names); the run directory is damaged."
+                )
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs["class_names"] = tuple(names)
@@ -178,8 +184,9 @@ def resolve_run(run: str | Path = "models/latest") -> Path:
         what = "does not exist" if not path.exists() else "is a file, not a run directory"
         raise RunError(f"'{run}' {what}. Pass a folder written by `featpipe train` (or models/latest).")
     if not (path / RUN_FILE).is_file():
-        raise RunError(f"'{path}' is not a featpipe run directory (no {RUN_FILE}). Pass a folder written by "
-                       f"`featpipe train`.")
+        raise RunError(
+            f"'{path}' is not a featpipe run directory (no {RUN_FILE}). Pass a folder written by `featpipe train`."
+        )
     return path
 
 
@@ -190,14 +197,25 @@ def _follow_latest(latest: Path) -> Path:
     except UnicodeDecodeError:
         text = None
     name = text.strip() if text is not None else ""
-    if (text is None or not name or "\n" in name or len(raw) > 4096 or "/" in name or "\\" in name
-            or name in (".", "..")):
-        raise RunError(f"'{latest}' does not name a run (it should hold one run directory's name); "
-                       f"pass a run directory instead, or train again to rewrite it.")
+    if (
+        text is None
+        or not name
+        or "\n" in name
+        or len(raw) > 4096
+        or "/" in name
+        or "\\" in name
+        or name in (".", "..")
+    ):
+        raise RunError(
+            f"'{latest}' does not name a run (it should hold one run directory's name); "
+            f"pass a run directory instead, or train again to rewrite it."
+        )
     target = latest.parent / name
     if not (target / RUN_FILE).is_file():
-        raise RunError(f"'{latest}' names '{name}', which is not a run directory beside it "
-                       f"(deleted or moved?); pass a run directory instead, or train again to rewrite it.")
+        raise RunError(
+            f"'{latest}' names '{name}', which is not a run directory beside it "
+            f"(deleted or moved?); pass a run directory instead, or train again to rewrite it."
+        )
     return target
 
 
@@ -222,8 +240,10 @@ def check_model_file(run_dir: Path, info: RunInfo) -> Path:
     if not model_path.is_file():
         raise RunError(f"'{run_dir}' has no {MODEL_FILE}; the training run did not finish. Train again.")
     if info.model_sha256 is not None and file_sha256(model_path) != info.model_sha256:
-        raise RunError(f"'{model_path}' is not the model this run's {RUN_FILE} describes (another run's model, or "
-                       f"modified since training); copy run directories whole, or train again.")
+        raise RunError(
+            f"'{model_path}' is not the model this run's {RUN_FILE} describes (another run's model, or "
+            f"modified since training); copy run directories whole, or train again."
+        )
     return model_path
 
 
@@ -238,8 +258,9 @@ def load_run(run: str | Path = "models/latest"):
     try:
         model = keras.saving.load_model(model_path)
     except (ValueError, OSError, TypeError, KeyError) as exc:
-        raise RunError(f"Could not load '{model_path}' ({exc}); it may be damaged or from another featpipe "
-                       f"version.") from None
+        raise RunError(
+            f"Could not load '{model_path}' ({exc}); it may be damaged or from another featpipe version."
+        ) from None
     return run_dir, info, model
 
 
@@ -255,12 +276,14 @@ def overlap_with_training(info: RunInfo, videos, split: str, cache: str | Path) 
             f"This run was refit on train + val ({info.refit_epochs} epochs, after its val clips chose that count), "
             f"so {len(overlap)} of the {len(videos)} clips in the '{split}' split of '{cache}' were trained on; its "
             f"val scores before the refit are in its report.json. Evaluate the test split, or train with --no-refit "
-            f"to keep val held out.")
+            f"to keep val held out."
+        )
     if overlap:
         raise RunError(
             f"{len(overlap)} of the {len(videos)} clips in the '{split}' split of '{cache}' were used to train this "
             f"run (e.g. {overlap[0]}): the cache was re-split since training, and these scores would be inflated; "
-            f"evaluate on clips the run never saw, or train again on this cache.")
+            f"evaluate on clips the run never saw, or train again on this cache."
+        )
 
 
 def cache_change_warning(info: RunInfo, cache: str | Path, fingerprint: str) -> str | None:
@@ -269,8 +292,10 @@ def cache_change_warning(info: RunInfo, cache: str | Path, fingerprint: str) -> 
         return None
     same_file = str(Path(cache).resolve()) == info.cache
     where = "has changed" if same_file else "is not the cache"
-    return (f"warning: the cache '{cache}' {where} since this run was trained (fingerprint {fingerprint}, "
-            f"trained on {info.cache_fingerprint}); the scores are not comparable with the run's own report.")
+    return (
+        f"warning: the cache '{cache}' {where} since this run was trained (fingerprint {fingerprint}, "
+        f"trained on {info.cache_fingerprint}); the scores are not comparable with the run's own report."
+    )
 
 
 # ----------------------------------------------------------------------------- writing
@@ -283,10 +308,14 @@ def raise_write_error(exc: OSError, where: Path) -> None:
     readonly = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)  # a user's choice of folder: 2; full disk: 1
     reason = exc.strerror or str(exc)
     if readonly:
-        raise RunWriteError(f"Cannot write the run directory in '{where}' ({reason}); train into a folder you can "
-                            f"write to.", 2) from None
-    raise RunWriteError(f"Writing the run directory in '{where}' failed ({reason}); nothing was kept. Free some "
-                        f"space (or fix the folder) and train again.", 1) from None
+        raise RunWriteError(
+            f"Cannot write the run directory in '{where}' ({reason}); train into a folder you can write to.", 2
+        ) from None
+    raise RunWriteError(
+        f"Writing the run directory in '{where}' failed ({reason}); nothing was kept. Free some "
+        f"space (or fix the folder) and train again.",
+        1,
+    ) from None
 
 
 def check_destination(dest: Path, force: bool) -> None:
@@ -296,12 +325,18 @@ def check_destination(dest: Path, force: bool) -> None:
     if not dest.is_dir() or not any(dest.iterdir()):
         return
     if not (dest / RUN_FILE).is_file():  # never delete a user's own folder, even with force
-        raise OptionError("out", f"names '{dest}', a folder that is not empty and not a run directory; "
-                                 f"choose a new folder (featpipe replaces only run directories).")
+        raise OptionError(
+            "out",
+            f"names '{dest}', a folder that is not empty and not a run directory; "
+            f"choose a new folder (featpipe replaces only run directories).",
+        )
     if not force:
         problem = f"names '{dest}', which is already a run directory; "
-        raise AdvisedOptionError("out", problem + "pass force=True to replace it, or choose another folder.",
-                                 problem + "pass --force to replace it, or choose another folder.")
+        raise AdvisedOptionError(
+            "out",
+            problem + "pass force=True to replace it, or choose another folder.",
+            problem + "pass --force to replace it, or choose another folder.",
+        )
 
 
 def make_temp_dir(dest: Path) -> Path:

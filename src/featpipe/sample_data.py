@@ -166,10 +166,12 @@ class _TargetRanges:
     bright: tuple[int, int]  # the strong channel of the red and the blue end
 
 
-_EASY_TARGET = _TargetRanges(grow_start=(0.08, 0.14), grow_end=(0.38, 0.45), fade_radius=(0.30, 0.42),
-                             dim=(0, 41), bright=(200, 256))
-_HARD_TARGET = _TargetRanges(grow_start=(0.06, 0.12), grow_end=(0.26, 0.34), fade_radius=(0.18, 0.28),
-                             dim=(0, 71), bright=(170, 256))
+_EASY_TARGET = _TargetRanges(
+    grow_start=(0.08, 0.14), grow_end=(0.38, 0.45), fade_radius=(0.30, 0.42), dim=(0, 41), bright=(200, 256)
+)
+_HARD_TARGET = _TargetRanges(
+    grow_start=(0.06, 0.12), grow_end=(0.26, 0.34), fade_radius=(0.18, 0.28), dim=(0, 71), bright=(170, 256)
+)
 
 
 def _draw_target(rng: np.random.Generator, class_name: str, ranges: _TargetRanges) -> tuple:
@@ -191,8 +193,9 @@ def _draw_target(rng: np.random.Generator, class_name: str, ranges: _TargetRange
     return radius_start, radius_end, color_start, color_end
 
 
-def _clip_slots(rng: np.random.Generator, counts: tuple[int, int, int], length_buckets,
-                target: _TargetRanges) -> Iterator[dict]:
+def _clip_slots(
+    rng: np.random.Generator, counts: tuple[int, int, int], length_buckets, target: _TargetRanges
+) -> Iterator[dict]:
     """The fields of :class:`_ClipBase` for every clip of a preset, one dict a clip.
 
     ``counts`` are clips per class in train, val and test. For each class, resolution, frame rate
@@ -212,12 +215,20 @@ def _clip_slots(rng: np.random.Generator, counts: tuple[int, int, int], length_b
                 width, height = RESOLUTIONS[res_order[j % len(RESOLUTIONS)]]
                 fps = FRAME_RATES[fps_order[j % len(FRAME_RATES)]]
                 low, high = length_buckets[len_order[j % len(length_buckets)]]
-                slot = dict(split=split, class_name=class_name, index=index,
-                            relpath=f"{split}/{class_name}/{class_name}_{split}_{index:03d}.mp4",
-                            n_frames=int(rng.integers(low, high + 1)), width=width, height=height, fps=fps)
+                slot = dict(
+                    split=split,
+                    class_name=class_name,
+                    index=index,
+                    relpath=f"{split}/{class_name}/{class_name}_{split}_{index:03d}.mp4",
+                    n_frames=int(rng.integers(low, high + 1)),
+                    width=width,
+                    height=height,
+                    fps=fps,
+                )
                 radius_start, radius_end, color_start, color_end = _draw_target(rng, class_name, target)
-                yield dict(slot, radius_start=radius_start, radius_end=radius_end, color_start=color_start,
-                           color_end=color_end)
+                yield dict(
+                    slot, radius_start=radius_start, radius_end=radius_end, color_start=color_start, color_end=color_end
+                )
                 j += 1
 
 
@@ -237,10 +248,16 @@ def sample_clip_specs(train: int = 16, val: int = 6, test: int = 6, seed: int = 
         offset = (float(rng.uniform(-jitter, jitter)), float(rng.uniform(-jitter, jitter)))
         grey = rng.uniform(35.0, 95.0)
         background = tuple(int(np.clip(grey + rng.uniform(-20.0, 20.0), 0, 255)) for _ in range(3))
-        specs.append(ClipSpec(
-            **common, offset=offset, background=background, noise=float(rng.uniform(1.5, 4.0)),
-            noise_seed=int(rng.integers(0, 2**31 - 1)), reverse=common["class_name"] in _REVERSED,
-        ))
+        specs.append(
+            ClipSpec(
+                **common,
+                offset=offset,
+                background=background,
+                noise=float(rng.uniform(1.5, 4.0)),
+                noise_seed=int(rng.integers(0, 2**31 - 1)),
+                reverse=common["class_name"] in _REVERSED,
+            )
+        )
     return specs
 
 
@@ -349,8 +366,7 @@ def _is_complete(root: Path, marker: dict, params: dict) -> bool:
 
 # The only paths the generator ever writes: a marker naming anything else (edited, or not ours)
 # never makes it delete that.
-_OWNED_FILE = re.compile(
-    rf"^({'|'.join(SPLITS)})/({'|'.join(SAMPLE_CLASSES)})/\2_\1_[0-9]{{3,}}\.mp4$")
+_OWNED_FILE = re.compile(rf"^({'|'.join(SPLITS)})/({'|'.join(SAMPLE_CLASSES)})/\2_\1_[0-9]{{3,}}\.mp4$")
 _OWNED_FOLDER = re.compile(rf"^({'|'.join(SPLITS)})(/({'|'.join(SAMPLE_CLASSES)}))?$")
 
 
@@ -509,19 +525,30 @@ def hard_clip_specs(train: int = 16, val: int = 6, test: int = 6, seed: int = 0)
         grey = rng.uniform(30.0, 150.0)
         background = tuple(int(np.clip(grey + rng.uniform(-35.0, 35.0), 0, 255)) for _ in range(3))
         distractors = tuple(
-            (float(rng.uniform(0.07, 0.16)), _any_colour(rng), _any_colour(rng),
-             tuple(float(v) for v in rng.uniform(-0.45, 0.45, size=2)),
-             tuple(float(v) for v in rng.uniform(-0.45, 0.45, size=2)))
+            (
+                float(rng.uniform(0.07, 0.16)),
+                _any_colour(rng),
+                _any_colour(rng),
+                tuple(float(v) for v in rng.uniform(-0.45, 0.45, size=2)),
+                tuple(float(v) for v in rng.uniform(-0.45, 0.45, size=2)),
+            )
             for _ in range(int(rng.integers(1, 4)))
         )
-        specs.append(HardClipSpec(
-            **common, path_start=path_start, path_end=path_end, background=background,
-            texture=float(rng.uniform(10.0, 35.0)),
-            drift=tuple(float(v) for v in rng.uniform(-0.15, 0.15, size=2)),
-            distractors=distractors, noise=float(rng.uniform(6.0, 14.0)),
-            flicker=float(rng.uniform(0.02, 0.06)),
-            noise_seed=int(rng.integers(0, 2**31 - 1)), reverse=common["class_name"] in _REVERSED,
-        ))
+        specs.append(
+            HardClipSpec(
+                **common,
+                path_start=path_start,
+                path_end=path_end,
+                background=background,
+                texture=float(rng.uniform(10.0, 35.0)),
+                drift=tuple(float(v) for v in rng.uniform(-0.15, 0.15, size=2)),
+                distractors=distractors,
+                noise=float(rng.uniform(6.0, 14.0)),
+                flicker=float(rng.uniform(0.02, 0.06)),
+                noise_seed=int(rng.integers(0, 2**31 - 1)),
+                reverse=common["class_name"] in _REVERSED,
+            )
+        )
     return specs
 
 
@@ -548,15 +575,17 @@ def _render_hard(spec: HardClipSpec) -> Iterator[np.ndarray]:
     last = max(spec.n_frames - 1, 1)
 
     def point(xy) -> tuple[int, int]:
-        return (int(round((spec.width / 2.0 + xy[0] * side) * scale)),
-                int(round((spec.height / 2.0 + xy[1] * side) * scale)))
+        return (
+            int(round((spec.width / 2.0 + xy[0] * side) * scale)),
+            int(round((spec.height / 2.0 + xy[1] * side) * scale)),
+        )
 
     for t in range(spec.n_frames):
         tau = spec.n_frames - 1 - t if spec.reverse else t
         a = tau / last
         rng = np.random.default_rng([spec.noise_seed, tau])
         dx, dy = (int(round(margin + spec.drift[k] * side * (a - 0.5))) for k in range(2))
-        frame = np.ascontiguousarray(big[dy:dy + spec.height, dx:dx + spec.width])
+        frame = np.ascontiguousarray(big[dy : dy + spec.height, dx : dx + spec.width])
         centre = point(np.array(spec.path_start) + (np.array(spec.path_end) - np.array(spec.path_start)) * a)
         radius = (spec.radius_start + (spec.radius_end - spec.radius_start) * a) * side
         colour = tuple(float(v) for v in start + (end - start) * a)

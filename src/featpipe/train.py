@@ -181,26 +181,34 @@ def _check_not_a_shard(cache: Path, allow: bool) -> None:
     if parsed is None or allow:
         return
     whole, i, n = parsed
-    problem = (f"names '{cache}', shard {i} of {n} of a sharded extraction (about 1/{n} of the clips); "
-               f"combine the shards first with `featpipe merge --output {whole}`, or ")
-    raise runs.AdvisedOptionError("cache", problem + "pass allow_shard=True to train on this shard alone.",
-                                  problem + "pass --allow-shard to train on this shard alone.")
+    problem = (
+        f"names '{cache}', shard {i} of {n} of a sharded extraction (about 1/{n} of the clips); "
+        f"combine the shards first with `featpipe merge --output {whole}`, or "
+    )
+    raise runs.AdvisedOptionError(
+        "cache",
+        problem + "pass allow_shard=True to train on this shard alone.",
+        problem + "pass --allow-shard to train on this shard alone.",
+    )
 
 
 def _validate(opts: TrainOptions, index: CacheIndex) -> dict[str, np.ndarray]:
     if len(index.class_names) < 2:
-        raise FeatpipeError(f"'{index.path}' has a single class ({index.class_names[0]}); "
-                            "a classifier needs at least two.")
+        raise FeatpipeError(
+            f"'{index.path}' has a single class ({index.class_names[0]}); a classifier needs at least two."
+        )
     splits = {s: index.rows(s) for s in SPLITS}
     if not len(splits["train"]):
         present = ", ".join(sorted(set(index.splits))) or "none"
-        raise FeatpipeError(f"'{index.path}' has no train split (splits present: {present}); "
-                            "re-extract with a train split.")
+        raise FeatpipeError(
+            f"'{index.path}' has no train split (splits present: {present}); re-extract with a train split."
+        )
     train_classes = set(index.labels[splits["train"]].tolist())
     if len(train_classes) < 2:
         only = index.class_names[next(iter(train_classes))]
-        raise FeatpipeError(f"The train split of '{index.path}' holds only the class '{only}'; "
-                            "training needs at least two.")
+        raise FeatpipeError(
+            f"The train split of '{index.path}' holds only the class '{only}'; training needs at least two."
+        )
     return splits
 
 
@@ -232,8 +240,13 @@ def _check_frames(opts: TrainOptions, index: CacheIndex) -> int:
     if opts.frames is None:
         return 0
     cached = index.config.frames
-    check_int("frames", opts.frames, 1, cached,
-              hint=f"The cache holds {cached} frames per clip; re-extract with a larger `--frames` to train on more.")
+    check_int(
+        "frames",
+        opts.frames,
+        1,
+        cached,
+        hint=f"The cache holds {cached} frames per clip; re-extract with a larger `--frames` to train on more.",
+    )
     return 0 if opts.frames == cached else int(opts.frames)
 
 
@@ -324,8 +337,9 @@ def _choose_splits(opts: TrainOptions, index: CacheIndex) -> _Splits:
         train_rows, val_rows = _holdout(index, train_rows, opts.val_fraction, opts.seed)
         val_source = f"stratified {opts.val_fraction:.0%} hold-out of train (seed {opts.seed})"
         if not len(val_rows):
-            raise FeatpipeError("The train split is too small to hold out validation clips; "
-                                "add a val split to the cache.")
+            raise FeatpipeError(
+                "The train split is too small to hold out validation clips; add a val split to the cache."
+            )
     return _Splits(train_rows, val_rows, splits["test"], val_source)
 
 
@@ -336,10 +350,20 @@ def _build(opts: TrainOptions, index: CacheIndex, train_rows: np.ndarray):
     from featpipe.models import HeadConfig, build_model  # lazy: featpipe.models imports Keras
 
     frames = _check_frames(opts, index)
-    head = HeadConfig(head=opts.head, units=opts.units, layers=opts.layers, dropout=opts.dropout,
-                      num_heads=opts.num_heads, segments=opts.segments, bottleneck=opts.bottleneck, pca=opts.pca,
-                      input_dropout=opts.input_dropout, frames=frames, pooled_steps=opts.pooled_steps,
-                      shortcut=opts.shortcut)
+    head = HeadConfig(
+        head=opts.head,
+        units=opts.units,
+        layers=opts.layers,
+        dropout=opts.dropout,
+        num_heads=opts.num_heads,
+        segments=opts.segments,
+        bottleneck=opts.bottleneck,
+        pca=opts.pca,
+        input_dropout=opts.input_dropout,
+        frames=frames,
+        pooled_steps=opts.pooled_steps,
+        shortcut=opts.shortcut,
+    )
     raw_frames = is_raw(index.config.backbone)  # the registry's raw entry: uint8 frames, not feature vectors
     mean = var = None
     everything = np.arange(len(index.labels))
@@ -351,14 +375,16 @@ def _build(opts: TrainOptions, index: CacheIndex, train_rows: np.ndarray):
     projection = None
     if opts.pca and not raw_frames:
         projection = pca_whitening(index, train_rows, mean, var, opts.pca)
-    model = build_model(head, index.config.feature_shape, len(index.class_names), mean, var, pca=projection,
-                        seed=opts.seed)
+    model = build_model(
+        head, index.config.feature_shape, len(index.class_names), mean, var, pca=projection, seed=opts.seed
+    )
     compile_model(model, opts)
     return model, head
 
 
-def _fit_data(index: CacheIndex, opts: TrainOptions, train_rows: np.ndarray, val_rows: np.ndarray | None,
-              streamed: bool) -> dict:
+def _fit_data(
+    index: CacheIndex, opts: TrainOptions, train_rows: np.ndarray, val_rows: np.ndarray | None, streamed: bool
+) -> dict:
     """``model.fit`` keyword arguments for ``train_rows`` (and ``val_rows`` as validation, when given)."""
     from featpipe.batches import H5Batches
 
@@ -371,20 +397,42 @@ def _fit_data(index: CacheIndex, opts: TrainOptions, train_rows: np.ndarray, val
         validation = None
         if val_rows is not None:
             val_bytes = len(val_rows) * index.features_nbytes_f32 // max(len(index.labels), 1)
-            validation = (load_rows(index, val_rows) if val_bytes <= IN_MEMORY_FRACTION * physical_memory()
-                          else H5Batches(index.path, val_rows, index.labels[val_rows], opts.batch_size, dtype=None))
+            validation = (
+                load_rows(index, val_rows)
+                if val_bytes <= IN_MEMORY_FRACTION * physical_memory()
+                else H5Batches(index.path, val_rows, index.labels[val_rows], opts.batch_size, dtype=None)
+            )
         # H5Batches shuffles itself (shuffled blocks of neighbouring rows, read a window of batches at a time),
         # so Keras must keep its batch order (shuffle=False). Features come in the cache's dtype: the model's
         # float32 input casts them, the same values as in memory, and a float16 cache skips a slow NumPy cast.
         # Two reader threads (h5py reads release the GIL) are enough for a few large reads per window.
-        return dict(x=H5Batches(index.path, train_rows, index.labels[train_rows], opts.batch_size, shuffle=True,
-                                seed=opts.seed, sample_weight=sw, dtype=None, workers=2,
-                                use_multiprocessing=False, max_queue_size=16),
-                    validation_data=validation, shuffle=False)
+        return dict(
+            x=H5Batches(
+                index.path,
+                train_rows,
+                index.labels[train_rows],
+                opts.batch_size,
+                shuffle=True,
+                seed=opts.seed,
+                sample_weight=sw,
+                dtype=None,
+                workers=2,
+                use_multiprocessing=False,
+                max_queue_size=16,
+            ),
+            validation_data=validation,
+            shuffle=False,
+        )
     x_train, y_train = load_rows(index, train_rows)
     validation = load_rows(index, val_rows) if val_rows is not None else None
-    return dict(x=x_train, y=y_train, validation_data=validation, batch_size=opts.batch_size, shuffle=True,
-                sample_weight=weights[y_train] if weights is not None else None)
+    return dict(
+        x=x_train,
+        y=y_train,
+        validation_data=validation,
+        batch_size=opts.batch_size,
+        shuffle=True,
+        sample_weight=weights[y_train] if weights is not None else None,
+    )
 
 
 def _close(fit_data: dict) -> None:
@@ -420,8 +468,12 @@ def _fit(model, opts: TrainOptions, index: CacheIndex, splits: _Splits, run_dir:
     history_rows: list[dict] = []
     try:
         with streaming_allocator(streamed) as allocator_callbacks:
-            hist = model.fit(epochs=opts.epochs, callbacks=callbacks + allocator_callbacks,
-                             verbose=0 if opts.quiet else 2, **fit_data)
+            hist = model.fit(
+                epochs=opts.epochs,
+                callbacks=callbacks + allocator_callbacks,
+                verbose=0 if opts.quiet else 2,
+                **fit_data,
+            )
         history_rows = [dict(zip(hist.history, vals)) for vals in zip(*hist.history.values())]
     except KeyboardInterrupt as exc:
         interrupted = exc
@@ -467,8 +519,12 @@ def _refit(opts: TrainOptions, index: CacheIndex, splits: _Splits, fit: _Fit, ru
     path = run_dir / ("refit-" + runs.MODEL_FILE)
     try:
         with streaming_allocator(fit.streamed) as allocator_callbacks:
-            model.fit(epochs=fit.best_epoch, callbacks=[interrupt_check(keras), *allocator_callbacks],
-                      verbose=0 if opts.quiet else 2, **fit_data)
+            model.fit(
+                epochs=fit.best_epoch,
+                callbacks=[interrupt_check(keras), *allocator_callbacks],
+                verbose=0 if opts.quiet else 2,
+                **fit_data,
+            )
         model.save(path)
     except KeyboardInterrupt as exc:
         signals.handled()
@@ -481,8 +537,17 @@ def _refit(opts: TrainOptions, index: CacheIndex, splits: _Splits, fit: _Fit, ru
     return dataclasses.replace(fit, model=model, refit_rows=rows)
 
 
-def _write_run(opts: TrainOptions, index: CacheIndex, splits: _Splits, head, fit: _Fit, run_dir: Path, dest: Path,
-               fingerprint: str, started: float) -> TrainResult:
+def _write_run(
+    opts: TrainOptions,
+    index: CacheIndex,
+    splits: _Splits,
+    head,
+    fit: _Fit,
+    run_dir: Path,
+    dest: Path,
+    fingerprint: str,
+    started: float,
+) -> TrainResult:
     """Reports, plots and run.json into ``run_dir`` (run.json last), then rename it to ``dest``."""
     keras = import_keras()
 
@@ -496,7 +561,8 @@ def _write_run(opts: TrainOptions, index: CacheIndex, splits: _Splits, head, fit
     report_split = "test" if "test" in metrics else "val"
     (run_dir / "report.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
     (run_dir / "report.txt").write_text(
-        "\n\n".join(f"[{split}]\n{format_report(m)}" for split, m in metrics.items()) + "\n")
+        "\n\n".join(f"[{split}]\n{format_report(m)}" for split, m in metrics.items()) + "\n"
+    )
     plot_confusion_matrix(metrics[report_split], run_dir / "confusion_matrix.png")
     history = fit.history
     if history:
@@ -516,8 +582,10 @@ def _write_run(opts: TrainOptions, index: CacheIndex, splits: _Splits, head, fit
         keras_backend=keras.backend.backend(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         # "rnn" mirrors "head": the older key, which run.json readers and scripts written before --head still read
-        config={**{k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
-                "rnn": opts.head},
+        config={
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
+            "rnn": opts.head,
+        },
         head=head.to_dict(),
         class_names=tuple(index.class_names),
         # everything needed to rebuild stage one exactly (weights_seed: the random network of --weights none)
@@ -540,8 +608,18 @@ def _write_run(opts: TrainOptions, index: CacheIndex, splits: _Splits, head, fit
     runs.write_run_file(run_dir, run_info)  # last: a folder with run.json is complete
     runs.publish_run(run_dir, dest, opts.force)  # rename into place, then point models/latest at it
     signal_name = None if interrupted is None else ("SIGTERM" if isinstance(interrupted, Terminated) else "SIGINT")
-    return TrainResult(dest, metrics, fit.best_epoch, len(history), seconds, fit.streamed, interrupted is not None,
-                       history, signal_name, refit_epochs=fit.best_epoch if refit else 0)
+    return TrainResult(
+        dest,
+        metrics,
+        fit.best_epoch,
+        len(history),
+        seconds,
+        fit.streamed,
+        interrupted is not None,
+        history,
+        signal_name,
+        refit_epochs=fit.best_epoch if refit else 0,
+    )
 
 
 def _read_history(path: Path) -> list[dict]:
@@ -554,6 +632,6 @@ def predict_rows(model, index: CacheIndex, rows: np.ndarray, batch_size: int = 6
     """Class probabilities for cache rows, read in chunks so memory stays bounded."""
     out = []
     for start in range(0, len(rows), 512):
-        x, _ = load_rows(index, rows[start:start + 512])
+        x, _ = load_rows(index, rows[start : start + 512])
         out.append(np.asarray(model.predict(x, batch_size=batch_size, verbose=0)))
     return np.concatenate(out) if out else np.zeros((0, len(index.class_names)))

@@ -87,8 +87,7 @@ class TuneOptions:
         for head in heads:
             if head not in HEAD_NAMES or head in IMAGE_HEADS:
                 feature_heads = ", ".join(h for h in HEAD_NAMES if h not in IMAGE_HEADS)
-                raise OptionError("heads", f"must be feature heads ({feature_heads}); "
-                                  f"got {head!r}.")
+                raise OptionError("heads", f"must be feature heads ({feature_heads}); got {head!r}.")
         object.__setattr__(self, "heads", heads)
 
 
@@ -120,8 +119,10 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np
     counts = np.bincount(labels)
     present = counts[counts > 0]
     if present.min() < folds:
-        raise FeatpipeError(f"A class has only {present.min()} clips in train + val, fewer than the {folds} folds; "
-                            f"pass a smaller --folds, or --cv seeds.")
+        raise FeatpipeError(
+            f"A class has only {present.min()} clips in train + val, fewer than the {folds} folds; "
+            f"pass a smaller --folds, or --cv seeds."
+        )
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [(tr, va) for tr, va in splitter.split(np.zeros(len(labels)), labels)]
 
@@ -173,8 +174,13 @@ def suggest(trial, heads: tuple[str, ...], cache_frames: int) -> dict:
 def _defaults_as_trial(head: str, cache_frames: int) -> dict:
     """Optuna params that reproduce `featpipe train --rnn head` defaults (enqueued first)."""
     d = resolve_defaults(TrainOptions(head=head))
-    params = {"rnn": head, "lr": d.lr, "dropout": d.dropout, "weight_decay": d.weight_decay,
-              "input_dropout": d.input_dropout}
+    params = {
+        "rnn": head,
+        "lr": d.lr,
+        "dropout": d.dropout,
+        "weight_decay": d.weight_decay,
+        "input_dropout": d.input_dropout,
+    }
     if head == "segments":
         params.update(segments=d.segments, segment_layers=d.layers)
     else:
@@ -212,18 +218,34 @@ def score_config(params: dict, data: dict, fits, opts: TuneOptions) -> tuple[lis
             std = np.sqrt(np.maximum(var, 1e-12))
             projection = pca_from_frames((x[tr][m[tr]].astype(np.float64) - mean) / std, topts.pca)
         frames = 0 if topts.frames in (None, x.shape[1]) else int(topts.frames)
-        head = HeadConfig(head=topts.head, units=topts.units, layers=topts.layers, dropout=topts.dropout,
-                          num_heads=topts.num_heads, segments=topts.segments, bottleneck=topts.bottleneck,
-                          pca=topts.pca, input_dropout=topts.input_dropout, frames=frames,
-                          pooled_steps=topts.pooled_steps, shortcut=topts.shortcut)
+        head = HeadConfig(
+            head=topts.head,
+            units=topts.units,
+            layers=topts.layers,
+            dropout=topts.dropout,
+            num_heads=topts.num_heads,
+            segments=topts.segments,
+            bottleneck=topts.bottleneck,
+            pca=topts.pca,
+            input_dropout=topts.input_dropout,
+            frames=frames,
+            pooled_steps=topts.pooled_steps,
+            shortcut=topts.shortcut,
+        )
         keras.utils.set_random_seed(seed)
         model = build_model(head, x.shape[2:], data["n_classes"], mean, var, pca=projection, seed=seed)
         compile_model(model, topts)
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=opts.patience, restore_best_weights=True)
-        model.fit({"features": x[tr], "mask": m[tr]}, y[tr], batch_size=topts.batch_size, epochs=opts.epochs,
-                  validation_data=({"features": x[va], "mask": m[va]}, y[va]), callbacks=[stop, interrupt_check(keras)],
-                  verbose=0,
-                  shuffle=True)
+        model.fit(
+            {"features": x[tr], "mask": m[tr]},
+            y[tr],
+            batch_size=topts.batch_size,
+            epochs=opts.epochs,
+            validation_data=({"features": x[va], "mask": m[va]}, y[va]),
+            callbacks=[stop, interrupt_check(keras)],
+            verbose=0,
+            shuffle=True,
+        )
         loss, acc = model.evaluate({"features": x[va], "mask": m[va]}, y[va], batch_size=256, verbose=0)
         accs.append(float(acc))
         losses.append(float(loss))
@@ -251,8 +273,9 @@ def _load_study(db: Path, name: str, seed: int):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(_storage_url(db), engine_kwargs={"connect_args": {"timeout": 60}})
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=6)
-    return optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="maximize",
-                               load_if_exists=True)
+    return optuna.create_study(
+        study_name=name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True
+    )
 
 
 def study_trials(db: str | Path, name: str) -> list:
@@ -283,8 +306,13 @@ def _worker(cache: str, db: str, name: str, opts: TuneOptions, deadline: float |
     x, y = load_rows(index, rows)
     where = np.full(len(index.labels), -1, dtype=np.int64)
     where[rows] = np.arange(len(rows))
-    data = {"features": x["features"], "mask": x["mask"], "labels": y, "where": where,
-            "n_classes": len(index.class_names)}
+    data = {
+        "features": x["features"],
+        "mask": x["mask"],
+        "labels": y,
+        "where": where,
+        "n_classes": len(index.class_names),
+    }
     study = _load_study(Path(db), name, opts.seed * 1000 + worker + len(study_trials(db, name)))  # distinct streams
 
     def objective(trial):
@@ -306,8 +334,7 @@ def _worker(cache: str, db: str, name: str, opts: TuneOptions, deadline: float |
         left = None if deadline is None else deadline - time.time()
         if left is not None and left <= 0:
             return
-        study.optimize(objective, n_trials=1, timeout=left, callbacks=callbacks, catch=(),
-                       gc_after_trial=True)
+        study.optimize(objective, n_trials=1, timeout=left, callbacks=callbacks, catch=(), gc_after_trial=True)
 
 
 def _worker_main(*args) -> None:
@@ -322,11 +349,17 @@ def leaderboard(study) -> list[dict]:
     rows = []
     for t in _complete(study):
         scores = t.user_attrs.get("scores", [])
-        rows.append({"number": t.number, "params": t.user_attrs.get("params", dict(t.params)),
-                     "mean": float(np.mean(scores)) if scores else float("nan"),
-                     "std": float(np.std(scores)) if scores else float("nan"),
-                     "loss": float(np.mean(t.user_attrs.get("losses", [float("nan")]))),
-                     "scores": scores, "seconds": t.user_attrs.get("seconds")})
+        rows.append(
+            {
+                "number": t.number,
+                "params": t.user_attrs.get("params", dict(t.params)),
+                "mean": float(np.mean(scores)) if scores else float("nan"),
+                "std": float(np.std(scores)) if scores else float("nan"),
+                "loss": float(np.mean(t.user_attrs.get("losses", [float("nan")]))),
+                "scores": scores,
+                "seconds": t.user_attrs.get("seconds"),
+            }
+        )
     rows.sort(key=lambda r: (-r["mean"], r["loss"], r["number"]))
     return rows
 
@@ -334,8 +367,18 @@ def leaderboard(study) -> list[dict]:
 def describe(params: dict) -> str:
     """A short label of a configuration: the head, then its settings."""
     parts = [params["rnn"]]
-    for key in ("lr", "dropout", "weight_decay", "input_dropout", "units", "bottleneck", "shortcut", "segments",
-                "layers", "frames"):
+    for key in (
+        "lr",
+        "dropout",
+        "weight_decay",
+        "input_dropout",
+        "units",
+        "bottleneck",
+        "shortcut",
+        "segments",
+        "layers",
+        "frames",
+    ):
         if key in params:
             value = params[key]
             parts.append(f"{key}={value:.2g}" if isinstance(value, float) else f"{key}={value}")
@@ -361,11 +404,22 @@ def _write_outputs(rows: list[dict], out: Path, mode: str, extra: dict) -> dict:
     tmp = out / "leaderboard.csv.tmp"
     with tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["rank", "trial", "mean_val_accuracy", "std", "mean_val_loss", "seconds", "configuration",
-                         "params_json"])
+        writer.writerow(
+            ["rank", "trial", "mean_val_accuracy", "std", "mean_val_loss", "seconds", "configuration", "params_json"]
+        )
         for rank, r in enumerate(rows, 1):
-            writer.writerow([rank, r["number"], f"{r['mean']:.4f}", f"{r['std']:.4f}", f"{r['loss']:.4f}",
-                             r["seconds"], describe(r["params"]), json.dumps(r["params"])])
+            writer.writerow(
+                [
+                    rank,
+                    r["number"],
+                    f"{r['mean']:.4f}",
+                    f"{r['std']:.4f}",
+                    f"{r['loss']:.4f}",
+                    r["seconds"],
+                    describe(r["params"]),
+                    json.dumps(r["params"]),
+                ]
+            )
     os.replace(tmp, out / "leaderboard.csv")
     files["csv"] = out / "leaderboard.csv"
     if rows:
@@ -415,8 +469,10 @@ def tune(opts: TuneOptions | None = None, **kwargs) -> TuneResult:
     cache = resolve_cache(opts.cache, opts.cache_dir)
     index = open_index(cache)
     if len(index.config.feature_shape) != 1:
-        raise FeatpipeError(f"'{cache}' holds raw frames; `featpipe tune` searches feature heads: "
-                            f"use a feature cache (e.g. `featpipe extract --backbone resnet50`).")
+        raise FeatpipeError(
+            f"'{cache}' holds raw frames; `featpipe tune` searches feature heads: "
+            f"use a feature cache (e.g. `featpipe extract --backbone resnet50`)."
+        )
     if not len(index.rows("train")):
         raise FeatpipeError(f"'{cache}' has no train split; re-extract with a train split.")
     mode, fits = plan_fits(index, opts)
@@ -430,14 +486,18 @@ def tune(opts: TuneOptions | None = None, **kwargs) -> TuneResult:
         for head in opts.heads:
             study.enqueue_trial(_defaults_as_trial(head, index.config.frames))
     if not opts.quiet:
-        print(f"Tuning on {cache} ({mode}: {len(fits)} fits per trial), study {db} "
-              f"({before} finished trials so far)", flush=True)
+        print(
+            f"Tuning on {cache} ({mode}: {len(fits)} fits per trial), study {db} ({before} finished trials so far)",
+            flush=True,
+        )
 
     deadline = None if opts.time_budget is None else time.time() + opts.time_budget
     interrupted = False
     ctx = multiprocessing.get_context("spawn")  # no fork after TensorFlow
-    procs = [ctx.Process(target=_worker_main, args=(str(cache), str(db), name, opts, deadline, k), daemon=True)
-             for k in range(opts.jobs)]
+    procs = [
+        ctx.Process(target=_worker_main, args=(str(cache), str(db), name, opts, deadline, k), daemon=True)
+        for k in range(opts.jobs)
+    ]
     try:
         for p in procs:
             p.start()
@@ -463,8 +523,9 @@ def tune(opts: TuneOptions | None = None, **kwargs) -> TuneResult:
     if interrupted:
         raise KeyboardInterrupt
     if failed and not rows:
-        raise FeatpipeError(f"Every tune worker failed (exit codes {failed}); run `featpipe train` on the cache "
-                            f"to see the error.")
+        raise FeatpipeError(
+            f"Every tune worker failed (exit codes {failed}); run `featpipe train` on the cache to see the error."
+        )
     if not rows:
         raise FeatpipeError("No trial finished within the time budget; give a larger --time-budget.")
     if opts.retrain:

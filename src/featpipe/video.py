@@ -192,8 +192,10 @@ def _check_file(path: Path) -> None:
     try:  # a file we may not read is not "not a video file": say what is wrong with it
         os.close(os.open(path, os.O_RDONLY))
     except PermissionError as exc:
-        raise VideoError(f"cannot read video file {path}: permission denied; give your user read access "
-                         "(e.g. chmod a+r) or remove it from the dataset.") from exc
+        raise VideoError(
+            f"cannot read video file {path}: permission denied; give your user read access "
+            "(e.g. chmod a+r) or remove it from the dataset."
+        ) from exc
     except OSError as exc:
         raise VideoError(f"cannot read video file {path}: {exc.strerror or exc}.") from exc
 
@@ -303,8 +305,9 @@ def window_indices(n_total: int, frames: int, sampling: str = "uniform", windows
     return [start + sample_indices(int(end - start), frames, sampling) for start, end in zip(bounds[:-1], bounds[1:])]
 
 
-def read_windows(path: str | Path, frames: int, size: int, sampling: str = "uniform",
-                 windows: int = 1) -> list[ClipFrames]:
+def read_windows(
+    path: str | Path, frames: int, size: int, sampling: str = "uniform", windows: int = 1
+) -> list[ClipFrames]:
     """Decode ``windows`` evenly spaced windows of a (long) clip in one sequential pass.
 
     Each window is a :class:`ClipFrames` of ``frames`` frames sampled with ``sampling`` inside
@@ -366,8 +369,17 @@ def _read_planned(path: Path, frames: int, size: int, plan) -> list[ClipFrames]:
     for idx in final:
         real = np.stack([kept[int(i)] for i in idx])
         padded, mask = pad_frames(real, frames)
-        out.append(ClipFrames(frames=padded, mask=mask, n_frames=int(true_count), indices=idx.astype(np.int64),
-                              fps=fps, width=shape[1], height=shape[0]))
+        out.append(
+            ClipFrames(
+                frames=padded,
+                mask=mask,
+                n_frames=int(true_count),
+                indices=idx.astype(np.int64),
+                fps=fps,
+                width=shape[1],
+                height=shape[0],
+            )
+        )
     return out
 
 
