@@ -37,7 +37,7 @@ from featpipe.devices import cpu_count
 from featpipe.errors import CacheError, ExtractionFailed, FeatpipeError, OptionError
 from featpipe.names import DTYPES, ENGINES, SAMPLING  # noqa: F401  re-exported
 from featpipe.options import check_choice, check_dir_option, check_file_option, check_float, check_int
-from featpipe.pipeline import BackgroundWriter, Embedded, Stats, decode, embed
+from featpipe.pipeline import Embedded, Stats, decode, embed, writing_with_progress
 
 MAX_SIZE = 1024  # largest square input: ImageNet backbones are trained at 224-600 px
 MAX_FRAMES = 10_000  # frames per clip (sequence length)
@@ -522,24 +522,13 @@ def _run(
     Ctrl-C or an error: the batch on the device completes, the clips already finished are
     written, the batches still queued are dropped (at most the clips in flight are lost).
     """
-    from tqdm.auto import tqdm  # lazy: it loads asyncio, 20 ms more for every `featpipe --help`
-
     from featpipe.video import read_clip  # lazy: `import featpipe` does not load OpenCV
 
     dtype = np.dtype(extractor.cache_dtype(opts.dtype))
     stats = Stats()
     clips = decode(todo, lambda rec: read_clip(rec.path, opts.frames, extractor.size, opts.sampling), workers)
     started = time.perf_counter()
-    with (
-        tqdm(
-            total=len(todo),
-            unit="clip",
-            disable=opts.quiet,
-            dynamic_ncols=True,
-            desc=f"extract {extractor.backbone.name}",
-        ) as bar,
-        BackgroundWriter(writer) as sink,
-    ):
+    with writing_with_progress(writer, len(todo), f"extract {extractor.backbone.name}", opts.quiet) as (bar, sink):
         for done in embed(clips, extractor, stats):
             sink.put(clip_record(done, dataset.label_index(done.item.label), dtype))
             stats.clips += done.ok

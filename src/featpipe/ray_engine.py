@@ -38,7 +38,7 @@ from featpipe._quiet import import_keras
 from featpipe.backbones import Backbone, FeatureExtractor
 from featpipe.cache import ClipRecord
 from featpipe.errors import BackboneError, ExtractionFailed, FeatpipeError
-from featpipe.pipeline import BackgroundWriter, Decoded, Stats, embed
+from featpipe.pipeline import Decoded, Stats, embed, writing_with_progress
 
 INSTALL = 'pip install "featpipe[ray]"'
 CLIPS_PER_DECODE_TASK = 4  # rows per decode task (one block of input rows each)
@@ -392,7 +392,6 @@ def run(todo: list, dataset, extractor, opts, writer, keras_version: str, finger
     ``fingerprint()`` gives the driver's weights fingerprint, checked against the cache: called
     when the first rows come back, before anything is written.
     """
-    from tqdm.auto import tqdm  # lazy: it loads asyncio, 20 ms more for every `featpipe --help`
 
     ray = import_ray()
     started_ray = connect(opts.ray_address)
@@ -419,16 +418,8 @@ def run(todo: list, dataset, extractor, opts, writer, keras_version: str, finger
             clips_per_call=clips_per_call(extractor.batch_size, opts.frames),
         )
         stats = Stats()
-        with (
-            tqdm(
-                total=len(todo),
-                unit="clip",
-                disable=opts.quiet,
-                dynamic_ncols=True,
-                desc=f"extract {extractor.backbone.name} on {p.num_workers} Ray worker(s)",
-            ) as bar,
-            BackgroundWriter(writer) as sink,
-        ):
+        desc = f"extract {extractor.backbone.name} on {p.num_workers} Ray worker(s)"
+        with writing_with_progress(writer, len(todo), desc, opts.quiet) as (bar, sink):
             consume(ds, sink, extractor.cache_dtype(opts.dtype), fingerprint, keras_version, stats, bar.update)
         return stats
     finally:

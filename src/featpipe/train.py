@@ -343,27 +343,32 @@ def _choose_splits(opts: TrainOptions, index: CacheIndex) -> _Splits:
     return _Splits(train_rows, val_rows, splits["test"], val_source)
 
 
+def head_config(opts: TrainOptions, frames: int):
+    """The model's HeadConfig from ``opts`` (regularisers resolved), with ``frames`` steps (0 = the cache's)."""
+    from featpipe.models import HeadConfig  # lazy: featpipe.models imports Keras
+
+    fields = (
+        "units",
+        "layers",
+        "dropout",
+        "num_heads",
+        "segments",
+        "bottleneck",
+        "pca",
+        "input_dropout",
+        "pooled_steps",
+        "shortcut",
+    )
+    return HeadConfig(head=opts.head, frames=frames, **{name: getattr(opts, name) for name in fields})
+
+
 def _build(opts: TrainOptions, index: CacheIndex, train_rows: np.ndarray):
     """The compiled model, with the train split's statistics inside; and its HeadConfig."""
     keras = import_keras()
 
-    from featpipe.models import HeadConfig, build_model  # lazy: featpipe.models imports Keras
+    from featpipe.models import build_model  # lazy: featpipe.models imports Keras
 
-    frames = _check_frames(opts, index)
-    head = HeadConfig(
-        head=opts.head,
-        units=opts.units,
-        layers=opts.layers,
-        dropout=opts.dropout,
-        num_heads=opts.num_heads,
-        segments=opts.segments,
-        bottleneck=opts.bottleneck,
-        pca=opts.pca,
-        input_dropout=opts.input_dropout,
-        frames=frames,
-        pooled_steps=opts.pooled_steps,
-        shortcut=opts.shortcut,
-    )
+    head = head_config(opts, _check_frames(opts, index))
     raw_frames = is_raw(index.config.backbone)  # the registry's raw entry: uint8 frames, not feature vectors
     mean = var = None
     everything = np.arange(len(index.labels))

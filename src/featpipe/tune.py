@@ -38,7 +38,7 @@ from featpipe.data import cache_fingerprint, load_rows, open_index, pca_from_fra
 from featpipe.errors import FeatpipeError, OptionError
 from featpipe.names import CV_MODES, HEAD_NAMES, IMAGE_HEADS
 from featpipe.options import check_choice, check_dir_option, check_float, check_int
-from featpipe.train import TrainOptions, compile_model, interrupt_check, resolve_defaults, train
+from featpipe.train import TrainOptions, compile_model, head_config, interrupt_check, resolve_defaults, train
 
 MIN_VAL_PER_CLASS = 10  # fewer val clips per class than this: k-fold on train + val instead of repeated seeds
 SEARCH_HEADS = ("gru", "lstm", "segments")
@@ -205,7 +205,7 @@ def score_config(params: dict, data: dict, fits, opts: TuneOptions) -> tuple[lis
     """Validation accuracy and loss of ``params`` on each fit (same model, optimiser and early stopping as train())."""
     keras = import_keras()
 
-    from featpipe.models import HeadConfig, build_model  # lazy: featpipe.models imports Keras
+    from featpipe.models import build_model  # lazy: featpipe.models imports Keras
 
     topts = resolve_defaults(TrainOptions(**params))
     x, m, y, where = data["features"], data["mask"], data["labels"], data["where"]
@@ -218,20 +218,7 @@ def score_config(params: dict, data: dict, fits, opts: TuneOptions) -> tuple[lis
             std = np.sqrt(np.maximum(var, 1e-12))
             projection = pca_from_frames((x[tr][m[tr]].astype(np.float64) - mean) / std, topts.pca)
         frames = 0 if topts.frames in (None, x.shape[1]) else int(topts.frames)
-        head = HeadConfig(
-            head=topts.head,
-            units=topts.units,
-            layers=topts.layers,
-            dropout=topts.dropout,
-            num_heads=topts.num_heads,
-            segments=topts.segments,
-            bottleneck=topts.bottleneck,
-            pca=topts.pca,
-            input_dropout=topts.input_dropout,
-            frames=frames,
-            pooled_steps=topts.pooled_steps,
-            shortcut=topts.shortcut,
-        )
+        head = head_config(topts, frames)
         keras.utils.set_random_seed(seed)
         model = build_model(head, x.shape[2:], data["n_classes"], mean, var, pca=projection, seed=seed)
         compile_model(model, topts)
