@@ -6,7 +6,7 @@
 
 For each size N, the cache is copied with all but N train clips per class (a seeded choice, the same
 for every head and seed) moved out of the train split; val and test stay whole. Every head is trained
-with `featpipe train` defaults (plus ``--tune-best``'s configuration, and a linear probe: logistic
+with `featpipe train` defaults (plus ``--tune-best``'s configuration, and featpipe.baselines.linear_probe: logistic
 regression on the means of 4 temporal segments of the standardised real frames), once per seed, and
 the table shows test accuracy mean +/- std over the seeds and "order pairs": on the sample data's
 time-reversed class pairs, the share of a pair's clips given the right direction among those predicted
@@ -62,38 +62,6 @@ def subset_cache(src: Path, dst: Path, per_class: int, seed: int = 0) -> Path:
     return dst
 
 
-def linear_probe(cache: Path, seed: int, segments: int = 4) -> dict:
-    """Logistic regression on the flattened masked means of ``segments`` temporal segments."""
-    from sklearn.linear_model import LogisticRegression
-
-    from featpipe.data import feature_stats, load_rows, open_index
-    from featpipe.metrics import compute_metrics
-
-    index = open_index(cache)
-
-    def design(rows):
-        x, _ = load_rows(index, rows)
-        feats, mask = x["features"], x["mask"]
-        z = (feats - mean) / np.sqrt(np.maximum(var, 1e-6))
-        out = np.zeros((len(rows), segments, z.shape[-1]), np.float32)
-        for b in range(len(rows)):
-            n = int(mask[b].sum())
-            for i in range(segments):
-                lo = i * n // segments
-                hi = max((i + 1) * n // segments, min(lo + 1, n))
-                if hi > lo:
-                    out[b, i] = z[b, lo:hi].mean(axis=0)
-        return out.reshape(len(rows), -1)
-
-    train_rows = np.concatenate([index.rows("train"), index.rows("val")])  # no early stopping: use val too
-    mean, var = feature_stats(index, index.rows("train"))
-    clf = LogisticRegression(C=0.05, max_iter=2000, random_state=seed)
-    clf.fit(design(train_rows), index.labels[train_rows])
-    test = index.rows("test")
-    probs = clf.predict_proba(design(test))
-    return compute_metrics(index.labels[test], probs, index.class_names)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, required=True)
@@ -105,6 +73,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write every result here")
     args = ap.parse_args()
 
+    from featpipe.baselines import linear_probe
     from featpipe.train import train
 
     configs = [(h, {"rnn": h}) for h in args.heads.split(",") if h]
@@ -121,7 +90,7 @@ def main() -> None:
                 for seed in range(args.seeds):
                     started = time.perf_counter()
                     if cfg is None:
-                        test = linear_probe(cache, seed)
+                        test = linear_probe(cache)  # deterministic: the same for every seed
                     else:
                         r = train(cache=cache, seed=seed, out=Path(tmp) / f"{name}-{size}-{seed}", quiet=True, **cfg)
                         test = r.metrics["test"]

@@ -481,6 +481,42 @@ def test_segment_shortcut_beside_the_recurrent_state_is_mask_safe_and_loads_in_s
     np.testing.assert_allclose(predict(loaded, x, mask), probs, rtol=1e-5, atol=1e-6)
 
 
+def test_fit_shortcut_makes_a_fresh_recurrent_head_the_logistic_regression_of_its_segment_means(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+
+    from featpipe.baselines import segment_means
+
+    model = make("gru", shortcut=2, bottleneck=4)
+    lengths = (1, 2, 3, 4, 5, 6) * 3
+    x, mask = make_batch("gru", lengths=lengths, seed=3)
+    labels = np.arange(len(lengths)) % N_CLASSES
+    assert models.fit_shortcut(model, [(x[:7], mask[:7]), (x[7:], mask[7:])], labels)
+    assert not model.get_layer("shortcut_logits").trainable and model.get_layer("recurrent_logits").trainable
+    mean, variance = stats("gru")
+    z = np.where(mask[..., None], (x - mean) / np.sqrt(variance), 0.0)
+    design = segment_means(z, mask, 2).reshape(len(x), -1)
+    expected = LogisticRegression(C=models.SHORTCUT_C, max_iter=2000).fit(design, labels).predict_proba(design)
+    np.testing.assert_allclose(predict(model, x, mask), expected, atol=1e-4)
+    model.save(tmp_path / "m.keras")  # the fitted shortcut is part of the model file
+    loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_allclose(predict(loaded, x, mask), expected, atol=1e-4)
+    assert not models.fit_shortcut(make("segments"), [(x, mask)], labels), "only recurrent heads have a shortcut"
+
+
+def test_l2_penalises_the_classifier_weights_only_and_is_saved_with_the_model(tmp_path):
+    assert not make("segments").losses, "no penalty unless asked for"
+    model = make("segments", l2=0.1)
+    kernel = np.asarray(model.get_layer("probabilities").kernel)
+    assert len(model.losses) == 1
+    assert float(model.losses[0]) == pytest.approx(0.1 * float(np.square(kernel).sum()), rel=1e-5)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    assert loaded.get_layer("probabilities").kernel_regularizer.l2 == pytest.approx(0.1)
+    for bad in (-0.1, float("nan"), "0.1", True):
+        with pytest.raises(FeatpipeError, match="l2 must be a number"):
+            HeadConfig(head="gru", l2=bad)
+
+
 def test_every_head_is_one_entry_the_cli_and_readme_offer():
     from pathlib import Path
 

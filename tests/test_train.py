@@ -494,6 +494,8 @@ def test_a_shard_file_is_refused_unless_allowed(tmp_path):
         (["--num-heads", "0"], "--num-heads must be between 1 and"),
         (["--val-fraction", "0"], "--val-fraction must be above 0"),
         (["--seed", "-1"], "--seed must be between 0 and"),
+        (["--l2", "-0.1"], "--l2 must be between 0 and"),
+        (["--l2", "nan"], "--l2 must be a finite number"),
     ],
 )
 def test_bad_options_are_one_sentence_before_training(tmp_path, args, message):
@@ -622,8 +624,20 @@ def test_training_on_fewer_frames_than_cached_is_recorded_and_evaluate_reproduce
     info = json.loads((result.run_dir / "run.json").read_text())
     assert info["config"]["frames"] == 4 and info["head"]["frames"] == 4
     assert info["config"]["shortcut"] == 4 and info["config"]["bottleneck"] == 32, "resolved defaults are recorded"
+    assert info["config"]["l2"] == info["head"]["l2"] == 0.1
     again = evaluate(result.run_dir, split="test")
     assert again["accuracy"] == result.metrics["test"]["accuracy"]
     np.testing.assert_allclose(again["confusion_matrix"], result.metrics["test"]["confusion_matrix"])
     with pytest.raises(OptionError, match="frames must be between 1 and 8.*re-extract"):
         train(cache=small_cache, frames=9, out=tmp_path / "too-many", **FAST)
+
+
+@pytest.mark.parametrize(
+    "head, l2", [("gru", 0.1), ("bilstm", 0.1), ("segments", 0.1), ("mean", 0.0), ("attention", 0.0)]
+)
+def test_the_classifier_l2_defaults_per_head_and_an_explicit_value_wins(head, l2):
+    from featpipe.train import TrainOptions, resolve_defaults
+
+    assert resolve_defaults(TrainOptions(head=head)).l2 == l2
+    assert resolve_defaults(TrainOptions(head=head, l2=0.0)).l2 == 0.0
+    assert resolve_defaults(TrainOptions(head=head, l2=1.5)).l2 == 1.5

@@ -395,6 +395,15 @@ def train_cmd(
             show_default=False,
         ),
     ] = None,
+    l2: Annotated[
+        Optional[float],
+        typer.Option(
+            "--l2",
+            help="L2 penalty on the weights of the softmax classifier; 0 = none "
+            "[default: 0.1 for gru/lstm/bilstm/segments, else 0].",
+            show_default=False,
+        ),
+    ] = None,
     pooled_steps: Annotated[
         int,
         typer.Option(

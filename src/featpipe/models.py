@@ -61,7 +61,8 @@ class HeadConfig:
     pca: int = 0  # feature heads: project on the first `pca` whitened principal axes of the train frames
     frames: int = 0  # frames the head sees: 0 = every cached step; else a subset (jittered when training)
     pooled_steps: int = 0  # recurrent heads: read the masked means of this many temporal segments (0 = every frame)
-    shortcut: int = 0  # recurrent heads: also classify the masked means of this many segments (0 = no shortcut)
+    shortcut: int = 0  # recurrent heads: a frozen linear classifier of this many segment means (0 = no shortcut)
+    l2: float = 0.0  # L2 penalty on the trained classifier's weights (added to the mean loss of each batch)
 
     def __post_init__(self) -> None:
         if not isinstance(self.head, str):
@@ -94,6 +95,9 @@ class HeadConfig:
             if not (0.0 <= float(dropout) < 1.0):  # also rejects NaN
                 raise FeatpipeError(f"{name} must be in [0, 1) (a fraction of units dropped); got {dropout}.")
             object.__setattr__(self, name, float(dropout))
+        if isinstance(self.l2, bool) or not isinstance(self.l2, numbers.Real) or not (0.0 <= float(self.l2) <= 100.0):
+            raise FeatpipeError(f"l2 must be a number from 0 (no penalty) to 100; got {self.l2!r}.")
+        object.__setattr__(self, "l2", float(self.l2))
         if self.bottleneck and self.pca:
             raise FeatpipeError("Choose a learned bottleneck or a PCA projection, not both.")
 
@@ -562,16 +566,67 @@ def build_model(
 
     head = config.head
     x = HEADS[head](x, mask, config)
+    penalty = keras.regularizers.L2(config.l2) if config.l2 else None
     if head in RECURRENT_HEADS and config.shortcut:
-        # a linear path from the segment means (TSN consensus) beside the recurrent state
+        # A linear classifier of the segment means (TSN consensus) beside the recurrent state: frozen, fitted
+        # by fit_shortcut() as a logistic regression before training; the recurrent branch's logits start at
+        # zero and are added to it, so training learns what the segment means miss.
         short = SegmentMeans(config.shortcut, name="shortcut_means")(standardized, mask=mask_used)
         short = layers.Flatten(name="shortcut_flat")(short)
-        short = layers.Dropout(config.dropout, name="shortcut_dropout")(short)
-        x = layers.Concatenate(name="shortcut_concat")([x, short])
-
-    probabilities = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+        short = layers.Dense(
+            n_classes, kernel_initializer="zeros", trainable=False, dtype="float32", name="shortcut_logits"
+        )(short)
+        x = layers.Dense(
+            n_classes, kernel_initializer="zeros", kernel_regularizer=penalty, dtype="float32", name="recurrent_logits"
+        )(x)
+        logits = layers.Add(dtype="float32", name="logits")([short, x])
+        probabilities = layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
+    else:
+        probabilities = layers.Dense(
+            n_classes, activation="softmax", dtype="float32", kernel_regularizer=penalty, name="probabilities"
+        )(x)
     name = "featpipe_" + head.replace("-", "_")
     return keras.Model(inputs={"features": features, "mask": mask_input}, outputs=probabilities, name=name)
+
+
+SHORTCUT_C = 0.05
+"""Inverse L2 strength (scikit-learn's C) of the shortcut's logistic regression: strong, as few clips need."""
+
+
+def fit_shortcut(model, chunks, labels, c: float = SHORTCUT_C) -> bool:
+    """Fit the frozen ``shortcut_logits`` layer of a recurrent head (``shortcut > 0``) as scikit-learn's
+    L2-regularised logistic regression on the model's own standardised segment means of the training clips.
+
+    ``chunks`` yields ``(features, mask)`` arrays of the training clips, in the order of ``labels``. The
+    means come from the model in inference mode (uniform frame positions), exactly what it computes at
+    evaluate and predict time. Returns False (and does nothing) for a model without a shortcut.
+    """
+    if "shortcut_logits" not in {layer.name for layer in model.layers}:
+        return False
+    from sklearn.linear_model import LogisticRegression  # lazy: scikit-learn
+
+    means = keras.Model(model.inputs, model.get_layer("shortcut_flat").output)
+    design = []
+    for features, mask in chunks:
+        for lo in range(0, len(features), 256):
+            batch = {"features": features[lo : lo + 256], "mask": mask[lo : lo + 256]}
+            design.append(np.asarray(means(batch, training=False), dtype=np.float64))
+    design = np.concatenate(design)
+    labels = np.asarray(labels)
+    if len(design) != len(labels):
+        raise FeatpipeError(f"fit_shortcut got {len(design)} clips and {len(labels)} labels.")
+    layer = model.get_layer("shortcut_logits")
+    kernel = np.zeros(layer.kernel.shape, np.float32)
+    bias = np.zeros(layer.bias.shape, np.float32)
+    present = np.unique(labels)
+    if len(present) >= 2:
+        probe = LogisticRegression(C=c, max_iter=2000).fit(design, labels)
+        if len(probe.classes_) == 2:  # one weight vector: the logit of the second class against the first's 0
+            kernel[:, probe.classes_[1]], bias[probe.classes_[1]] = probe.coef_[0], probe.intercept_[0]
+        else:
+            kernel[:, probe.classes_], bias[probe.classes_] = probe.coef_.T, probe.intercept_
+    layer.set_weights([kernel, bias])
+    return True
 
 
 # --------------------------------------------------------------------------------------------

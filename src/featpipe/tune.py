@@ -157,6 +157,7 @@ def suggest(trial, heads: tuple[str, ...], cache_frames: int) -> dict:
         "dropout": trial.suggest_float("dropout", 0.0, 0.6, step=0.1),
         "weight_decay": trial.suggest_categorical("weight_decay", [0.0, 1e-3, 1e-2, 1e-1]),
         "input_dropout": trial.suggest_float("input_dropout", 0.0, 0.4, step=0.1),
+        "l2": trial.suggest_categorical("l2", [0.0, 0.01, 0.1, 1.0]),
     }
     if head == "segments":
         params["segments"] = trial.suggest_int("segments", 2, 6)
@@ -180,6 +181,7 @@ def _defaults_as_trial(head: str, cache_frames: int) -> dict:
         "dropout": d.dropout,
         "weight_decay": d.weight_decay,
         "input_dropout": d.input_dropout,
+        "l2": d.l2,
     }
     if head == "segments":
         params.update(segments=d.segments, segment_layers=d.layers)
@@ -205,7 +207,7 @@ def score_config(params: dict, data: dict, fits, opts: TuneOptions) -> tuple[lis
     """Validation accuracy and loss of ``params`` on each fit (same model, optimiser and early stopping as train())."""
     keras = import_keras()
 
-    from featpipe.models import build_model  # lazy: featpipe.models imports Keras
+    from featpipe.models import build_model, fit_shortcut  # lazy: featpipe.models imports Keras
 
     topts = resolve_defaults(TrainOptions(**params))
     x, m, y, where = data["features"], data["mask"], data["labels"], data["where"]
@@ -221,6 +223,7 @@ def score_config(params: dict, data: dict, fits, opts: TuneOptions) -> tuple[lis
         head = head_config(topts, frames)
         keras.utils.set_random_seed(seed)
         model = build_model(head, x.shape[2:], data["n_classes"], mean, var, pca=projection, seed=seed)
+        fit_shortcut(model, [(x[tr], m[tr])], y[tr])
         compile_model(model, topts)
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=opts.patience, restore_best_weights=True)
         model.fit(
@@ -359,6 +362,7 @@ def describe(params: dict) -> str:
         "dropout",
         "weight_decay",
         "input_dropout",
+        "l2",
         "units",
         "bottleneck",
         "shortcut",
