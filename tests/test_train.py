@@ -494,7 +494,7 @@ def test_a_shard_file_is_refused_unless_allowed(tmp_path):
         (["--num-heads", "0"], "--num-heads must be between 1 and"),
         (["--val-fraction", "0"], "--val-fraction must be above 0"),
         (["--seed", "-1"], "--seed must be between 0 and"),
-        (["--l2", "-0.1"], "--l2 must be between 0 and"),
+        (["--l2", "-0.1"], "--l2 must be at least 0 and at most 100"),
         (["--l2", "nan"], "--l2 must be a finite number"),
     ],
 )

@@ -610,7 +610,7 @@ def fit_shortcut(model, chunks, labels, c: float = SHORTCUT_C) -> bool:
     for features, mask in chunks:
         for lo in range(0, len(features), 256):
             batch = {"features": features[lo : lo + 256], "mask": mask[lo : lo + 256]}
-            design.append(np.asarray(means(batch, training=False), dtype=np.float64))
+            design.append(np.asarray(means(batch, training=False), dtype=np.float32))
     design = np.concatenate(design)
     labels = np.asarray(labels)
     if len(design) != len(labels):
@@ -620,11 +620,16 @@ def fit_shortcut(model, chunks, labels, c: float = SHORTCUT_C) -> bool:
     bias = np.zeros(layer.bias.shape, np.float32)
     present = np.unique(labels)
     if len(present) >= 2:
-        probe = LogisticRegression(C=c, max_iter=2000).fit(design, labels)
+        # Fewer clips than dimensions (the usual case): the L2-regularised solution lies in the span of the
+        # clips, so fit on their coordinates in an orthonormal basis of that span (exact, and 10-100x faster).
+        basis = np.linalg.svd(design, full_matrices=False)[2] if len(design) < design.shape[1] else None
+        coords = design if basis is None else design @ basis.T
+        probe = LogisticRegression(C=c, max_iter=2000).fit(coords, labels)
+        coef = probe.coef_ if basis is None else probe.coef_ @ basis
         if len(probe.classes_) == 2:  # one weight vector: the logit of the second class against the first's 0
-            kernel[:, probe.classes_[1]], bias[probe.classes_[1]] = probe.coef_[0], probe.intercept_[0]
+            kernel[:, probe.classes_[1]], bias[probe.classes_[1]] = coef[0], probe.intercept_[0]
         else:
-            kernel[:, probe.classes_], bias[probe.classes_] = probe.coef_.T, probe.intercept_
+            kernel[:, probe.classes_], bias[probe.classes_] = coef.T, probe.intercept_
     layer.set_weights([kernel, bias])
     return True
 
