@@ -10,6 +10,7 @@ The Python API mirrors the command line, with the same defaults:
     featpipe.evaluate("models/latest", split="test")           # -> dict of metrics
     featpipe.predict(["clip.mp4"], model="models/latest")      # -> [Prediction(clip, top, error)]
     featpipe.info("cache/inceptionv3.h5")                      # -> lines describing a cache or a run
+    featpipe.linear_probe("cache/inceptionv3.h5")              # -> test metrics of the baseline heads must match
 
 Keras is imported only when a function needs it.
 """
@@ -18,6 +19,7 @@ Keras is imported only when a function needs it.
 # the modules are loaded, makes ``featpipe.extract`` the function (``featpipe.extract.ExtractOptions``
 # stays importable with ``from featpipe.extract import ExtractOptions``).
 from featpipe._version import __version__
+from featpipe.baselines import linear_probe  # noqa: E402
 from featpipe.cache import merge_shards as merge  # noqa: E402
 from featpipe.errors import FeatpipeError
 from featpipe.evaluate import evaluate  # noqa: E402
@@ -44,4 +46,5 @@ __all__ = [
     "tune",
     "TuneOptions",
     "TuneResult",
+    "linear_probe",
 ]
