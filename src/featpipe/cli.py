@@ -389,9 +389,10 @@ def train_cmd(
     shortcut: Annotated[
         Optional[int],
         typer.Option(
-            help="gru/lstm/bilstm: also classify the masked means of this many "
-            "temporal segments (a linear path beside the recurrent "
-            "state); 0 = none [default: 4].",
+            help="gru/lstm/bilstm: a frozen logistic regression of the masked "
+            "means of this many temporal segments, fitted on the train split "
+            "before training; the recurrent branch learns a correction to "
+            "it; 0 = none [default: 4].",
             show_default=False,
         ),
     ] = None,
@@ -399,7 +400,7 @@ def train_cmd(
         Optional[float],
         typer.Option(
             "--l2",
-            help="L2 penalty on the weights of the softmax classifier; 0 = none "
+            help="L2 penalty on the weights of the trained classifier; 0 = none "
             "[default: 0.1 for gru/lstm/bilstm/segments, else 0].",
             show_default=False,
         ),
