@@ -207,3 +207,17 @@ def test_the_order_blind_mean_head_stays_at_chance_inside_the_reversed_pairs_of_
         idx = [names.index(a), names.index(b)]
         within = cm[np.ix_(idx, idx)]
         assert 0.2 <= np.trace(within) / within.sum() <= 0.8, (a, b, within)
+
+
+def test_tunes_retrained_best_is_as_good_on_test_as_the_default_heads_it_searched_from(
+    hard_cache, hard_results, tmp_path
+):
+    from featpipe.tune import tune
+
+    # a short search (the three heads' defaults are its first trials, then two sampled ones) on the hard set
+    result = tune(
+        cache=hard_cache, trials=5, epochs=40, patience=8, out=tmp_path / "tune", models_dir=tmp_path, quiet=True
+    )
+    assert len(result.leaderboard) >= 5 and result.run_dir is not None
+    defaults = max(hard_results[head]["accuracy"] for head in ("gru", "lstm"))
+    assert result.test_accuracy >= defaults - 1.5 / 64, (result.best, result.test_accuracy, defaults)
