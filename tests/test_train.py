@@ -641,3 +641,55 @@ def test_the_classifier_l2_defaults_per_head_and_an_explicit_value_wins(head, l2
     assert resolve_defaults(TrainOptions(head=head)).l2 == l2
     assert resolve_defaults(TrainOptions(head=head, l2=0.0)).l2 == 0.0
     assert resolve_defaults(TrainOptions(head=head, l2=1.5)).l2 == 1.5
+
+
+def test_inside_fit_a_signal_is_recorded_and_raised_at_the_next_safe_point_not_where_it_lands():
+    """Raised inside TensorFlow's C++ callbacks a Ctrl-C once surfaced as "SystemError: bad argument to internal
+    function"; inside signals.deferred() the handler only records it, and raise_pending() raises it."""
+    import os
+
+    from featpipe import signals
+
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        signals.install()
+        with pytest.raises(KeyboardInterrupt):
+            with signals.deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                sum(range(100_000))  # the handler has run by now, and raised nothing here
+                reached = True
+                signals.raise_pending()
+        assert reached
+        with pytest.raises(signals.Terminated):  # still pending when the block ends: raised on leaving it
+            with signals.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                sum(range(100_000))
+        with signals.deferred():  # nothing pending: nothing raised
+            pass
+    finally:
+        signals.handled()
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+
+
+def test_an_interrupt_inside_a_checkpoint_write_keeps_the_previous_best_whole(tmp_path, monkeypatch):
+    """Ctrl-C landing while ModelCheckpoint writes model.keras: the half-written file never replaces the last
+    complete checkpoint, and the run directory is written from that one (a SIGTERM test once hit this race)."""
+    synthetic = synthetic_cache(tmp_path / "c.h5", n=48)
+    real_save = keras.Model.save
+    calls = []
+
+    def save_then_interrupt(self, filepath, *args, **kwargs):
+        calls.append(Path(filepath).name)
+        if len(calls) == 2:  # the second improving epoch: a partial zip, then the signal
+            Path(filepath).write_bytes(b"PK\x03\x04 half a checkpoint")
+            raise KeyboardInterrupt
+        return real_save(self, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save", save_then_interrupt)
+    result = train(cache=synthetic, rnn="segments", epochs=30, patience=30, lr=0.05, out=tmp_path / "r", quiet=True)
+    monkeypatch.undo()
+    assert result.interrupted and len(calls) >= 2
+    assert sorted(p.name for p in result.run_dir.iterdir() if "model" in p.name) == ["model.keras"]
+    model = keras.saving.load_model(result.run_dir / "model.keras", safe_mode=True)
+    assert model.name == "featpipe_segments" and result.metrics["test"]["n"] > 0

@@ -7,7 +7,10 @@ stop keeps going. So the CLI's handler does two things:
 
 * landing inside a gc callback, it does not raise there: the signal is sent again a moment later;
 * it records the interrupt until it is handled, and long loops call :func:`raise_pending` where
-  raising is safe (``train`` and ``tune`` after every batch), for any other place that swallows it.
+  raising is safe (``train`` and ``tune`` after every batch), for any other place that swallows it;
+* inside :func:`deferred` (around ``model.fit``) it only records: an exception raised while TensorFlow's
+  C++ calls back into Python surfaced as ``SystemError: ... bad argument to internal function``, and one
+  raised inside a checkpoint's write left half a file. The next batch's :func:`raise_pending` raises it.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import gc
 import os
 import signal
 import threading
+from contextlib import contextmanager
 
 from featpipe.errors import Terminated
 
 _pending: list[KeyboardInterrupt] = []
+_deferring = 0
 
 
 def _in_gc_callback(frame) -> bool:
@@ -37,6 +42,8 @@ def _on_signal(signum, frame):
         return
     exc = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
     _pending.append(exc)
+    if _deferring:
+        return
     raise exc
 
 
@@ -57,3 +64,16 @@ def raise_pending() -> None:
 def handled() -> None:
     """The interrupt has been caught and acted on: forget it."""
     _pending.clear()
+
+
+@contextmanager
+def deferred():
+    """Inside, a signal is only recorded: the code inside calls :func:`raise_pending` where raising is safe
+    (a Keras callback after every batch), and leaving the block normally raises one that is still pending."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    raise_pending()

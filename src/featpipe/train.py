@@ -478,18 +478,23 @@ def _fit(model, opts: TrainOptions, index: CacheIndex, splits: _Splits, run_dir:
     from featpipe.batches import streaming_allocator  # lazy: featpipe.batches imports Keras
 
     model_path = run_dir / runs.MODEL_FILE
+    staged = run_dir / ("staged-" + runs.MODEL_FILE)
     streamed = choose_stream(index, opts.stream)
     callbacks = [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=opts.patience, restore_best_weights=True),
-        keras.callbacks.ModelCheckpoint(model_path, monitor="val_loss", save_best_only=True),
-        keras.callbacks.CSVLogger(run_dir / "history.csv"),
+        # a signal landing inside a checkpoint's write leaves a partial file: write aside, then rename into place
+        keras.callbacks.ModelCheckpoint(staged, monitor="val_loss", save_best_only=True),
+        keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs=None: os.replace(staged, model_path) if staged.exists() else None
+        ),
+        keras.callbacks.CSVLogger(run_dir / "history.csv"),  # after the rename: a logged best epoch is in place
         interrupt_check(keras),
     ]
     fit_data = _fit_data(index, opts, splits.train, splits.val, streamed)
     interrupted = None
     history_rows: list[dict] = []
     try:
-        with streaming_allocator(streamed) as allocator_callbacks:
+        with streaming_allocator(streamed) as allocator_callbacks, signals.deferred():
             hist = model.fit(
                 epochs=opts.epochs,
                 callbacks=callbacks + allocator_callbacks,
@@ -502,6 +507,7 @@ def _fit(model, opts: TrainOptions, index: CacheIndex, splits: _Splits, run_dir:
         signals.handled()
     finally:
         _close(fit_data)
+        staged.unlink(missing_ok=True)  # a write the interrupt cut short
     if not model_path.exists():
         if interrupted is not None:
             raise interrupted  # stopped before the first epoch ended: nothing worth keeping
@@ -540,7 +546,7 @@ def _refit(opts: TrainOptions, index: CacheIndex, splits: _Splits, fit: _Fit, ru
     fit_data = _fit_data(index, opts, rows, None, fit.streamed)
     path = run_dir / ("refit-" + runs.MODEL_FILE)
     try:
-        with streaming_allocator(fit.streamed) as allocator_callbacks:
+        with streaming_allocator(fit.streamed) as allocator_callbacks, signals.deferred():
             model.fit(
                 epochs=fit.best_epoch,
                 callbacks=[interrupt_check(keras), *allocator_callbacks],

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featpipe import signals
 from featpipe._quiet import import_keras
 from featpipe.data import cache_fingerprint, load_rows, open_index, pca_from_frames, resolve_cache
 from featpipe.errors import FeatpipeError, OptionError
@@ -226,16 +227,17 @@ def score_config(params: dict, data: dict, fits, opts: TuneOptions) -> tuple[lis
         fit_shortcut(model, [(x[tr], m[tr])], y[tr])
         compile_model(model, topts)
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=opts.patience, restore_best_weights=True)
-        model.fit(
-            {"features": x[tr], "mask": m[tr]},
-            y[tr],
-            batch_size=topts.batch_size,
-            epochs=opts.epochs,
-            validation_data=({"features": x[va], "mask": m[va]}, y[va]),
-            callbacks=[stop, interrupt_check(keras)],
-            verbose=0,
-            shuffle=True,
-        )
+        with signals.deferred():  # a Ctrl-C is raised after the next batch, not inside TensorFlow
+            model.fit(
+                {"features": x[tr], "mask": m[tr]},
+                y[tr],
+                batch_size=topts.batch_size,
+                epochs=opts.epochs,
+                validation_data=({"features": x[va], "mask": m[va]}, y[va]),
+                callbacks=[stop, interrupt_check(keras)],
+                verbose=0,
+                shuffle=True,
+            )
         loss, acc = model.evaluate({"features": x[va], "mask": m[va]}, y[va], batch_size=256, verbose=0)
         accs.append(float(acc))
         losses.append(float(loss))
