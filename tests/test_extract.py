@@ -236,6 +236,24 @@ def test_bad_files_are_listed_with_reasons_and_do_not_stop_the_run(messy, tmp_pa
         assert np.isfinite(f["features"][:].astype(np.float32)).all()
 
 
+def test_a_truncated_clip_is_kept_from_its_whole_frames_and_reported_as_damaged(tmp_path):
+    root = tmp_path / "data"
+    a, b = root / "train" / "alpha", root / "train" / "beta"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    write_video(a / "whole.avi", 30, 64, 48)
+    write_truncated(b / "cut.avi", write_video(tmp_path / "full.avi", 60, 64, 64), 0.7)
+    result = extract(data=root, output=tmp_path / "c.h5", **SMALL)
+    assert result.failed == []
+    [warning] = [line for line in result.summary_lines if "damaged" in line]
+    assert "train/beta/cut.avi (from frame " in warning and "whole.avi" not in warning
+    frame = int(warning.split("(from frame ")[1].split(")")[0])
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        n_frames = dict(zip(f["video"].asstr()[:], f["n_frames"][:]))
+    assert n_frames == {"train/alpha/whole.avi": 30, "train/beta/cut.avi": frame}
+    assert 0 < frame < 60
+
+
 def test_strict_fails_the_run_but_keeps_the_good_clips(messy, tmp_path):
     out = tmp_path / "c.h5"
     with pytest.raises(ExtractionFailed, match="--strict"):

@@ -15,8 +15,10 @@ from featpipe.video import (
     ClipFrames,
     center_crop_resize,
     count_frames,
+    damage_time,
     pad_frames,
     read_clip,
+    read_windows,
     sample_indices,
 )
 from videos import (
@@ -389,6 +391,75 @@ def test_truncated_avi_reports_more_frames_than_it_decodes(tmp_path):
     assert clip.n_frames == count_frames(path)
     assert clip.indices.tolist() == sample_indices(clip.n_frames, 8).tolist()
     assert _decoded_indices(clip) == clip.indices.tolist()
+    # the last packet was cut short: the clip is reported damaged there and ends before it
+    assert clip.damaged_from == clip.n_frames
+
+
+def _stale_after(monkeypatch, bad: int) -> None:
+    """Make OpenCV behave as opencv-python-headless 5.1 does on a packet it cannot decode: grab()
+    succeeds and retrieve() returns the previous picture, for every frame from ``bad`` on."""
+    real_retrieve, real_get = cv2.VideoCapture.retrieve, cv2.VideoCapture.get
+    last: dict[int, np.ndarray] = {}
+
+    def retrieve(self, *args):
+        index = int(real_get(self, cv2.CAP_PROP_POS_FRAMES)) - 1  # the frame just grabbed
+        if index >= bad and id(self) in last:
+            return True, last[id(self)].copy()
+        ok, frame = real_retrieve(self, *args)
+        if ok:
+            last[id(self)] = frame
+        return ok, frame
+
+    monkeypatch.setattr(cv2.VideoCapture, "retrieve", retrieve)
+
+
+@pytest.mark.parametrize("sampling", SAMPLING)
+def test_a_decoder_repeating_the_previous_picture_on_a_damaged_packet_never_leaks_it(tmp_path, monkeypatch, sampling):
+    src = write_video(tmp_path / "full.avi", 60, 64, 64)
+    path = write_truncated(tmp_path / "cut.avi", src, 0.7)
+    whole = damage_time(path)
+    assert whole is not None and whole > 0
+    first_bad = round(whole * 15)  # written at 15 fps
+    _stale_after(monkeypatch, first_bad)
+    clip = read_clip(path, 60, 32, sampling)
+    assert clip.damaged_from == first_bad == clip.n_frames
+    assert _decoded_indices(clip) == list(range(first_bad))  # every frame is the one asked for
+    assert count_frames(path) == first_bad
+    windows = read_windows(path, 4, 32, sampling, windows=3)
+    assert all(w.damaged_from == first_bad for w in windows)
+    assert [_decoded_indices(w) for w in windows] == [w.indices.tolist() for w in windows]
+
+
+def test_time_that_goes_backwards_cuts_the_clip_there(clip50, monkeypatch):
+    real_get = cv2.VideoCapture.get
+
+    def get(self, prop):
+        value = real_get(self, prop)
+        if prop == cv2.CAP_PROP_POS_MSEC and real_get(self, cv2.CAP_PROP_POS_FRAMES) > 30:
+            return value - 1000.0  # the decoder lost its place: frame 30 claims a time before frame 29
+        return value
+
+    monkeypatch.setattr(cv2.VideoCapture, "get", get)
+    clip = read_clip(clip50, 8, 16)
+    assert clip.damaged_from == 30 == clip.n_frames
+    assert _decoded_indices(clip) == sample_indices(30, 8).tolist()
+
+
+def test_whole_clips_are_not_damaged(tmp_path):
+    for suffix in (".mp4", ".avi", ".mkv"):
+        path = write_video(tmp_path / f"whole{suffix}", 40, 64, 48)
+        assert damage_time(path) is None
+        clip = read_clip(path, 8, 32)
+        assert clip.damaged_from is None and clip.n_frames == 40
+        assert _decoded_indices(clip) == clip.indices.tolist()
+
+
+@pytest.mark.parametrize("name", ["v_Basketball_g01_c01.avi", "abseiling_k400.mp4", "v_GGSY1Qvo990.mp4"])
+def test_real_clips_are_whole(real_fixtures, name):
+    path = real_fixtures / name
+    assert damage_time(path) is None
+    clip = read_clip(path, 16, 32)
+    assert clip.damaged_from is None and clip.n_frames == count_frames(path)
 
 
 def test_count_frames_reads_the_stream(clip50, monkeypatch):

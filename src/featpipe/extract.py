@@ -339,6 +339,7 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
         finally:
             writer.close()
         fold()
+    notes += damaged_notes(stats.damaged)
     seconds = time.perf_counter() - started
     summary = summarize(path)
     result = ExtractResult(
@@ -499,6 +500,20 @@ def clip_record(done: Embedded, label: int, dtype: np.dtype) -> ClipRecord:
     return ClipRecord(rec.video, label, rec.split, clip.n_frames, feats, clip.mask)
 
 
+def damaged_notes(damaged: dict[str, int], show: int = 10) -> list[str]:
+    """One warning for the clips this run found damaged (truncated, a packet the container could not
+    read whole): they were kept, sampled from their frames before the damage."""
+    if not damaged:
+        return []
+    listed = ", ".join(f"{key} (from frame {frame})" for key, frame in sorted(damaged.items())[:show])
+    more = f" and {len(damaged) - show} more" if len(damaged) > show else ""
+    return [
+        f"warning: {len(damaged)} clip(s) are damaged (truncated, or unreadable past some frame) and were "
+        f"sampled from their frames before the damage only: {listed}{more}. Re-copy or re-encode them and "
+        "re-run extract to use the whole clips."
+    ]
+
+
 def check_finite(video: str, feats: np.ndarray, mask: np.ndarray, dtype) -> None:
     """A clip's stored features must be finite on its real frames."""
     if not np.isfinite(feats[mask]).all():
@@ -532,6 +547,8 @@ def _run(
         for done in embed(clips, extractor, stats):
             sink.put(clip_record(done, dataset.label_index(done.item.label), dtype))
             stats.clips += done.ok
+            if done.ok and done.windows[0].damaged_from is not None:
+                stats.damaged[done.item.video] = done.windows[0].damaged_from
             bar.update(1)
             bar.set_postfix_str(f"{stats.frames / (time.perf_counter() - started):.1f} frames/s", refresh=False)
     return stats

@@ -65,6 +65,7 @@ class Stats:
     clips: int = 0  # clips finished (by the caller)
     infer_seconds: float = 0.0  # time inside frame-source calls
     starved_seconds: float = 0.0  # time the source's thread waited for a batch, after its first one
+    damaged: dict = field(default_factory=dict)  # clip key -> first frame that could not be verified (kept the rest)
 
 
 def decode(items: Iterable, read: Callable[[Any], Any], workers: int) -> Iterator[Decoded]:

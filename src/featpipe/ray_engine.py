@@ -192,6 +192,7 @@ def decode_batch(batch: dict, frames: int, size: int, sampling: str) -> dict:
     out_frames = np.zeros((n, frames, size, size, 3), np.uint8)
     mask = np.zeros((n, frames), bool)
     n_frames = np.zeros(n, np.int64)
+    damaged_from = np.full(n, -1, np.int64)  # -1: a whole clip (see ClipFrames.damaged_from)
     error = np.full(n, "", dtype=object)
     for i, path in enumerate(batch["path"]):
         try:
@@ -200,6 +201,8 @@ def decode_batch(batch: dict, frames: int, size: int, sampling: str) -> dict:
             error[i] = str(exc) or type(exc).__name__
             continue
         out_frames[i], mask[i], n_frames[i] = clip.frames, clip.mask, clip.n_frames
+        if clip.damaged_from is not None:
+            damaged_from[i] = clip.damaged_from
     return {
         "key": batch["key"],
         "label": batch["label"],
@@ -207,6 +210,7 @@ def decode_batch(batch: dict, frames: int, size: int, sampling: str) -> dict:
         "frames": out_frames,
         "mask": mask,
         "n_frames": n_frames,
+        "damaged_from": damaged_from,
         "error": error,
     }
 
@@ -272,6 +276,7 @@ class ClipEmbedder:
             "split": batch["split"],
             "mask": batch["mask"],
             "n_frames": batch["n_frames"],
+            "damaged_from": batch["damaged_from"],
             "error": batch["error"],
             "features": feats,
             "fatal": np.full(n, fatal, dtype=object),
@@ -381,6 +386,8 @@ def consume(ds, sink, dtype, fingerprint: str | Callable[[], str], keras_version
                 stats.clips += 1
                 stats.frames += int(mask.sum())
                 stats.infer_seconds += float(row["infer_seconds"])
+                if int(row.get("damaged_from", -1)) >= 0:
+                    stats.damaged[key] = int(row["damaged_from"])
             seen.add(key)
             if progress is not None:
                 progress(1)

@@ -18,6 +18,20 @@ shows the plan was wrong, the plan is redone with the true count and, only if fr
 were not retrieved are now needed, the clip is read a second time. When no count is reported
 at all, a counting pass (``grab`` only) comes first. The result is always what reading with
 the true count known in advance would give.
+
+Verifying what OpenCV returns
+-----------------------------
+OpenCV's FFmpeg backend does not say when a packet fails to decode, and some builds (seen with
+opencv-python-headless 5.1) then count the packet as a frame and hand back the *previous* picture:
+a truncated AVI's last frame showed the frame before it. So every grabbed frame's timestamp
+(``CAP_PROP_POS_MSEC``) is recorded and must increase; and when a pass finds another frame count
+than the container reports (how a truncated or damaged file shows itself) or a timestamp that goes
+back, a demux-only pass with PyAV (packets are read, nothing is decoded) finds the first packet the
+container could not read whole (FFmpeg flags a short read as corrupt) and the presentation time
+from which frames depend on it. The clip ends, as a *damaged* clip, at the first frame that cannot
+be verified, and ``ClipFrames.damaged_from`` says where. Whole clips whose count matches cost no
+extra pass. Frames before it are exactly the frames asked for; no
+frame from the damaged part is ever returned, whatever OpenCV or FFmpeg build is installed.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ __all__ = [
     "ClipFrames",
     "center_crop_resize",
     "count_frames",
+    "damage_time",
     "pad_frames",
     "read_clip",
     "read_windows",
@@ -62,6 +77,9 @@ class ClipFrames:
     ``indices`` is ``(mask.sum(),)`` int64: the clip frame indices that were kept, in order.
     ``fps`` is the container's frame rate (0.0 when the container reports none).
     ``width`` and ``height`` are the size of the decoded frames before cropping.
+    ``damaged_from`` is None for a whole clip; for a damaged one (truncated, a packet the container
+    could not read) it is the index of the first frame that could not be verified: ``n_frames``
+    equals it, and only frames before it were sampled.
     """
 
     frames: np.ndarray
@@ -71,6 +89,7 @@ class ClipFrames:
     fps: float
     width: int
     height: int
+    damaged_from: int | None = None  # first frame index that could not be verified (the clip is cut there)
 
 
 def _check_sampling(sampling: str) -> None:
@@ -223,6 +242,13 @@ def _no_frames(path: Path) -> VideoError:
     )
 
 
+def _damaged_at_start(path: Path) -> VideoError:
+    return VideoError(
+        f"{path} is damaged from its first frame (the container could not read it whole); "
+        "re-copy or re-encode it, or remove it from the dataset."
+    )
+
+
 def _reported_count(cap: cv2.VideoCapture) -> int:
     value = cap.get(cv2.CAP_PROP_FRAME_COUNT)
     if not np.isfinite(value) or value <= 0:
@@ -235,26 +261,130 @@ def _fps(cap: cv2.VideoCapture) -> float:
     return value if np.isfinite(value) and value > 0 else 0.0
 
 
-def _count(cap: cv2.VideoCapture) -> int:
+def damage_time(path: str | Path) -> float | None:
+    """Seconds from the start of ``path``'s video stream from which its frames cannot be trusted.
+
+    A demux-only pass with PyAV (nothing is decoded): the first packet that FFmpeg could not read
+    whole (``is_corrupt``: a truncated file, a short read) damages every frame presented at or
+    after the earliest presentation time among it and the packets that follow it in decode order.
+    None when every packet is whole, or when PyAV is not installed or cannot read the container
+    (then only OpenCV's own checks apply).
+    """
+    try:
+        import av
+    except ImportError:  # pragma: no cover - av is a dependency; an install without it keeps OpenCV's checks
+        return None
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return None
+            stream = container.streams.video[0]
+            start = stream.start_time or 0
+            base = float(stream.time_base) if stream.time_base else 0.0
+            damaged, earliest, latest = False, None, None
+            for packet in container.demux(stream):
+                if packet.size == 0:  # the flush packet at the end
+                    continue
+                when = packet.pts if packet.pts is not None else packet.dts
+                if not damaged and packet.is_corrupt:
+                    damaged = True
+                if damaged:
+                    if when is None:  # no time at all: the damage starts right after the last timed packet
+                        when = latest + 1 if latest is not None else start
+                    earliest = when if earliest is None else min(earliest, when)
+                elif when is not None:
+                    latest = when if latest is None else max(latest, when)
+            if not damaged or base <= 0:
+                return None if not damaged else 0.0
+            return max(0.0, (earliest - start) * base)
+    except (av.error.FFmpegError, OSError, ValueError, IndexError):
+        return None
+
+
+class _Verifier:
+    """Checks each grabbed frame's timestamp (see the module doc): it must not go backwards, and,
+    once the damage time is known, must lie before it. Records the times so that a damage time
+    learned after a pass can still cut it."""
+
+    def __init__(self, cap: cv2.VideoCapture, fps: float, damage: float | None = None):
+        self.cap = cap
+        self.fps = fps
+        self.times: list[float] = []
+        self.limit_ms: float | None = None
+        self.last_ms: float | None = None
+        self.set_damage(damage)
+
+    def set_damage(self, damage: float | None) -> None:
+        # half a frame of slack before the damage time; 1 ms when the rate is unknown
+        self.limit_ms = None if damage is None else damage * 1000.0 - (500.0 / self.fps if self.fps > 0 else 1.0)
+
+    def ok(self) -> bool:
+        ms = float(self.cap.get(cv2.CAP_PROP_POS_MSEC))
+        if not np.isfinite(ms):
+            ms = -1.0  # no time: only the damage limit can judge it, and only by count
+        if self.limit_ms is not None and (ms >= self.limit_ms or ms < 0):
+            return False
+        if self.last_ms is not None and 0 < ms < self.last_ms:
+            return False  # time went backwards: the decoder lost its place
+        if ms > 0:
+            self.last_ms = ms
+        self.times.append(ms)
+        return True
+
+    def first_damaged(self) -> int | None:
+        """Index of the first recorded frame at or past the damage limit (None: none of them)."""
+        if self.limit_ms is None:
+            return None
+        for index, ms in enumerate(self.times):
+            if ms >= self.limit_ms or ms < 0:
+                return index
+        return None
+
+
+def _verify_count(path: Path, verifier: _Verifier, count: int, stopped: bool, reported: int) -> tuple[int, bool]:
+    """The verified frame count after a pass that grabbed ``count`` frames, and whether the clip is damaged.
+
+    Whole clips cost nothing more: the container is demuxed (:func:`damage_time`) only when the pass
+    stopped at a frame that failed its checks, or found another count than the container reports,
+    which is how a truncated or damaged file shows itself.
+    """
+    if not stopped and count == reported:
+        return count, False
+    if verifier.limit_ms is None:
+        verifier.set_damage(damage_time(path))
+    cut = verifier.first_damaged()
+    if cut is not None and cut < count:
+        return cut, True
+    return count, stopped
+
+
+def _count(cap: cv2.VideoCapture, verifier: _Verifier) -> tuple[int, bool]:
+    """Frames grabbed until the end of the stream or the first that fails verification; and
+    whether it stopped at such a frame (the clip is damaged there)."""
     n = 0
     while cap.grab():
+        if not verifier.ok():
+            return n, True
         n += 1
-    return n
+    return n, False
 
 
 def _read_pass(
-    cap: cv2.VideoCapture, path: Path, wanted: np.ndarray, size: int
-) -> tuple[int, dict[int, np.ndarray], tuple[int, int] | None]:
+    cap: cv2.VideoCapture, path: Path, wanted: np.ndarray, size: int, verifier: _Verifier
+) -> tuple[int, dict[int, np.ndarray], tuple[int, int] | None, bool]:
     """Read the whole stream once; retrieve, crop and resize only the ``wanted`` frames.
 
-    Returns ``(true_count, {index: frame}, (height, width) of the first retrieved frame)``.
-    Wanted indices past the end of the stream are simply absent from the dict.
+    Returns ``(true_count, {index: frame}, (height, width) of the first retrieved frame, damaged)``.
+    Wanted indices past the end of the stream are simply absent from the dict. The pass stops at
+    the first frame that fails verification (``damaged`` is then True and ``true_count`` is its index).
     """
     keep = {int(i) for i in wanted}
     kept: dict[int, np.ndarray] = {}
     shape: tuple[int, int] | None = None
     index = 0
     while cap.grab():
+        if not verifier.ok():
+            return index, kept, shape, True
         if index in keep:
             ok, frame = cap.retrieve()
             if not ok or frame is None or frame.size == 0:
@@ -266,7 +396,7 @@ def _read_pass(
                 shape = (int(frame.shape[0]), int(frame.shape[1]))
             kept[index] = center_crop_resize(frame, size)
         index += 1
-    return index, kept, shape
+    return index, kept, shape, False
 
 
 def read_clip(path: str | Path, frames: int, size: int, sampling: str = "uniform") -> ClipFrames:
@@ -331,10 +461,14 @@ def _read_planned(path: Path, frames: int, size: int, plan) -> list[ClipFrames]:
     cap = _open(path)
     try:
         fps = _fps(cap)
-        planned_count = _reported_count(cap)
+        reported = planned_count = _reported_count(cap)
+        limit_ms: float | None = None  # the damage limit, learned (once) when a pass shows the clip may be damaged
         if planned_count == 0:
             # No usable count in the container: count first, then read with the true count.
-            planned_count = _count(cap)
+            verifier = _Verifier(cap, fps)
+            planned_count, stopped = _count(cap, verifier)
+            planned_count, _ = _verify_count(path, verifier, planned_count, stopped, reported)
+            limit_ms = verifier.limit_ms
             if planned_count == 0:
                 raise _no_frames(path)
             cap.release()
@@ -343,10 +477,15 @@ def _read_planned(path: Path, frames: int, size: int, plan) -> list[ClipFrames]:
         shape: tuple[int, int] | None = None
         for _ in range(_MAX_PASSES):
             wanted = np.concatenate(plan(planned_count))
-            true_count, kept, pass_shape = _read_pass(cap, path, wanted, size)
+            verifier = _Verifier(cap, fps)
+            verifier.limit_ms = limit_ms
+            true_count, kept, pass_shape, stopped = _read_pass(cap, path, wanted, size, verifier)
+            true_count, damaged = _verify_count(path, verifier, true_count, stopped, reported)
+            limit_ms = verifier.limit_ms
+            kept = {i: frame for i, frame in kept.items() if i < true_count}
             shape = shape or pass_shape
             if true_count == 0:
-                raise _no_frames(path)
+                raise _damaged_at_start(path) if damaged else _no_frames(path)
             final = plan(true_count)
             if all(int(i) in kept for idx in final for i in idx):
                 break
@@ -378,6 +517,7 @@ def _read_planned(path: Path, frames: int, size: int, plan) -> list[ClipFrames]:
                 fps=fps,
                 width=shape[1],
                 height=shape[0],
+                damaged_from=int(true_count) if damaged else None,
             )
         )
     return out
@@ -398,7 +538,8 @@ def write_gif(frames: np.ndarray, path: str | Path, caption: str, fps: float = 4
 
 
 def count_frames(path: str | Path) -> int:
-    """Number of frames in the clip at ``path``, found by decoding the whole stream.
+    """Number of frames in the clip at ``path``, found by decoding the whole stream (up to the
+    first frame that cannot be verified, for a damaged clip: see the module doc).
 
     Returns 0 for a video that opens but has no decodable frame; raises :class:`VideoError`
     when the file is missing, empty or cannot be opened as a video.
@@ -408,7 +549,9 @@ def count_frames(path: str | Path) -> int:
     try:
         cap = _open(path)
         try:
-            return _count(cap)
+            verifier = _Verifier(cap, _fps(cap))
+            count, stopped = _count(cap, verifier)
+            return _verify_count(path, verifier, count, stopped, _reported_count(cap))[0]
         finally:
             cap.release()
     except cv2.error as exc:
