@@ -1,19 +1,23 @@
 # featpipe developer entry points. `make test` and `make demo` set up .venv themselves.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The tested versions of every package (see docs in README "Installs are locked"): `make venv`, CI and
+# every extra install through it. pyproject.toml keeps compatible ranges for `pip install featpipe`.
+LOCK ?= constraints.txt
+PIP := $(BIN)/python -m pip install -c $(LOCK)
 
 BACKENDS_STAMP := $(VENV)/.backends
 
-.PHONY: venv demo test test-fast test-ray lint format test-backends bench gpu-bench clean
+.PHONY: venv demo test test-fast test-ray lint format test-backends bench gpu-bench clean lock
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(PIP) --upgrade pip
+	$(PIP) -e ".[dev]"
 	touch $(STAMP)
 
 # The main job on the built-in sample data: write clips, extract features (offline: a
@@ -38,7 +42,7 @@ test-fast: venv
 RAY_STAMP := $(VENV)/.ray
 
 $(RAY_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -e ".[dev,ray]"
+	$(PIP) -e ".[dev,ray]"
 	touch $(RAY_STAMP)
 
 test-ray: $(RAY_STAMP)
@@ -54,7 +58,7 @@ format: venv
 
 # PyTorch (CPU build) and JAX beside TensorFlow, for the backend-agnostic end-to-end tests.
 $(BACKENDS_STAMP): $(STAMP)
-	$(BIN)/python -m pip install torch==2.13.0 jax==0.10.2 jaxlib==0.10.2
+	$(PIP) torch==2.13.0 jax==0.10.2 jaxlib==0.10.2
 	touch $(BACKENDS_STAMP)
 
 # sample-data -> extract -> train -> evaluate -> predict under tensorflow, torch and jax, then crossed.
@@ -68,6 +72,26 @@ bench: venv
 # Stage one on a GPU (set KERAS_BACKEND to a backend with a GPU build installed); see README "GPUs".
 gpu-bench: venv
 	$(BIN)/python bench/gpu_bench.py --json gpu_bench.json
+
+# Refresh the lock: resolve the newest versions pyproject.toml allows (every extra and the backends'
+# pins included) in a scratch venv, run lint and the whole suite (make test, test-ray, test-backends)
+# on exactly those versions, and only then replace constraints.txt. A failure leaves the old lock in
+# place and the new candidate in constraints.new.txt to look at; exclude a bad version in pyproject.toml.
+LOCK_VENV := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV) constraints.new.txt
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install -e ".[dev,ray]" torch==2.13.0 jax==0.10.2 jaxlib==0.10.2
+	{ echo "# Tested versions for make venv and CI (Linux x86_64, CPython 3.11). Refresh with: make lock"; \
+	  echo "# Generated $$(date -u +%Y-%m-%d) by pip freeze; pyproject.toml keeps the compatible ranges."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v -i '^featpipe\b' | LC_ALL=C sort -f; \
+	} > constraints.new.txt
+	rm -rf $(LOCK_VENV)
+	$(MAKE) VENV=$(LOCK_VENV) LOCK=constraints.new.txt lint test test-ray test-backends
+	mv constraints.new.txt $(LOCK)
+	rm -rf $(LOCK_VENV) $(VENV)
+	@echo "constraints.txt refreshed and tested; commit it. The next make builds .venv from it."
 
 clean:
 	rm -rf $(VENV) data models cache/*.h5 cache/*.journal cache/*.lock
