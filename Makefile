@@ -87,7 +87,6 @@ lock:
 	  echo "# Generated $$(date -u +%Y-%m-%d) by pip freeze; pyproject.toml keeps the compatible ranges."; \
 	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v -i '^featpipe\b' | LC_ALL=C sort -f; \
 	} > constraints.new.txt
-	rm -rf $(LOCK_VENV)
 	$(MAKE) VENV=$(LOCK_VENV) LOCK=constraints.new.txt lint test test-ray test-backends
 	mv constraints.new.txt $(LOCK)
 	rm -rf $(LOCK_VENV) $(VENV)
