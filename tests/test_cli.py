@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 import featpipe
 from featpipe._quiet import _filtered_stderr, is_noise
 from featpipe.cli import app
+from permissions import ordinary_user
 from videos import write_text_as_video, write_video, write_zero_byte
 
 runner = CliRunner()
@@ -314,3 +316,66 @@ def test_head_is_the_documented_flag_and_rnn_still_works_without_a_note(tmp_path
 def test_the_python_api_takes_head_and_the_older_rnn():
     assert featpipe.TrainOptions(rnn="lstm").head == "lstm"
     assert featpipe.TrainOptions(head="segments").head == "segments"
+
+
+# ---------------------------------------------------------------------------- permissions, as a user meets them
+# Root reads everything whatever its mode: these run featpipe in a subprocess without that override
+# (tests/permissions.py), so chmod denies what it denies a user.
+
+
+def _unreadable_tree(root: Path) -> dict[str, Path]:
+    """Under ``root``: a clip without read permission, a folder without any, and one that can be listed
+    but not entered (read, no execute permission), each holding a clip."""
+    denied_clip = root / "denied.mp4"
+    shutil.copy(next(p for p in sorted(root.rglob("*.mp4"))), denied_clip)
+    closed, unentered = root / "closed", root / "unentered"
+    for folder in (closed, unentered):
+        folder.mkdir()
+        shutil.copy(denied_clip, folder / "inside.mp4")
+    denied_clip.chmod(0)
+    closed.chmod(0)
+    unentered.chmod(0o644)
+    return {"clip": denied_clip, "closed": closed, "unentered": unentered}
+
+
+def as_user(prefix: list[str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "featpipe", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.slow
+def test_extract_reports_what_an_ordinary_user_may_not_read_and_goes_on(sample, tmp_path):
+    prefix = ordinary_user(tmp_path)
+    data = tmp_path / "data"
+    shutil.copytree(sample, data)
+    denied = _unreadable_tree(data / "train" / "grow")
+    raw = ["--backbone", "raw", "--size", "8", "--frames", "4"]  # no network to build: the subprocess is mostly Keras
+    done = as_user(prefix, "extract", "--data", str(data), "--output", str(tmp_path / "c.h5"), *raw, "--quiet")
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stderr  # as for a bad clip: the others are extracted, the problem listed
+    [failed] = [line for line in done.stdout.splitlines() if "denied.mp4" in line]
+    assert "failed: train/grow/denied.mp4: " in failed and "permission denied" in failed.split("denied.mp4:", 1)[1]
+    for folder in (denied["closed"], denied["unentered"]):
+        [line] = [line for line in done.stdout.splitlines() if f"'{folder}'" in line]
+        assert line.startswith("warning: ") and "permission denied" in line and "clips were not indexed" in line
+    assert ": 16 clips, 64 real frames, 1 failed" in done.stdout  # the 16 sample clips are all in
+
+
+@pytest.mark.slow
+def test_predict_dir_reports_what_an_ordinary_user_may_not_read_in_it(tiny_run, sample, tmp_path):
+    prefix = ordinary_user(tmp_path)
+    clips = tmp_path / "clips"
+    shutil.copytree(sample / "test", clips)  # 4 clips in 4 class folders
+    denied = _unreadable_tree(clips / "grow")
+    done = as_user(prefix, "predict", str(clips), "--model", str(tiny_run), "--json")
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1, done.stderr
+    rows = {Path(row["clip"]): row for row in map(json.loads, done.stdout.splitlines())}
+    assert sum("top" in row for row in rows.values()) == 4
+    assert "permission denied" in rows[denied["clip"]]["error"]
+    for folder in ("closed", "unentered"):
+        error = rows[denied[folder]]["error"]
+        assert "permission denied" in error and "clips were not indexed" in error
+    assert f"Found 5 clips in '{clips}'." in done.stderr
+    assert "1 of 5 clips could not be classified. 2 folders could not be read" in done.stderr
