@@ -379,3 +379,29 @@ def test_predict_dir_reports_what_an_ordinary_user_may_not_read_in_it(tiny_run, 
         assert "permission denied" in error and "clips were not indexed" in error
     assert f"Found 5 clips in '{clips}'." in done.stderr
     assert "1 of 5 clips could not be classified. 2 folders could not be read" in done.stderr
+
+
+def test_an_unreadable_folder_is_a_warning_and_strict_makes_it_exit_1(tmp_path, monkeypatch):
+    """Like a failed clip: listed, the rest extracted, status 0; --strict: status 1, the cache still written.
+    (Denied by fault injection; the test above meets real permissions.)"""
+    data = tmp_path / "d"
+    for rel in ("a/ok.mp4", "b/ok.mp4", "b/locked/x.mp4"):
+        write_video(data / rel, 6, 16, 16)
+    denied = data / "b" / "locked"
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(os.fsdecode(path)) == denied:
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    raw = ["--backbone", "raw", "--size", "8", "--frames", "4", "--quiet"]
+    result = run("extract", "--data", str(data), "--output", str(tmp_path / "c.h5"), *raw)
+    assert result.exit_code == 0 and ": 2 clips" in result.output
+    warning = f"warning: cannot read the folder '{denied}' (permission denied): its clips were not indexed"
+    assert warning in result.output
+    strict = run("extract", "--data", str(data), "--output", str(tmp_path / "s.h5"), *raw, "--strict")
+    assert strict.exit_code == 1 and (tmp_path / "s.h5").is_file()
+    refusal = f"1 folder(s) could not be read and --strict was given (first: '{denied}', permission denied)"
+    assert refusal in strict.stderr
