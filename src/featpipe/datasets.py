@@ -362,7 +362,7 @@ def walk_clips(folder: str | Path) -> FolderClips:
             with os.scandir(path) as it:
                 entries = sorted((e for e in it if _visible(e.name)), key=lambda e: e.name)
             if entries:  # listed, but can its entries be reached? (a folder with r but not x permission)
-                os.lstat(entries[0].path)
+                _reachable(entries[0].path)
         except OSError as exc:
             unreadable.append((path, _reason(exc)))
             continue
@@ -378,6 +378,16 @@ def walk_clips(folder: str | Path) -> FolderClips:
                 found.append(Path(entry.path))
         stack.extend(reversed(subfolders))
     return FolderClips(tuple(sorted(found)), tuple(unreadable))
+
+
+def _reachable(path: str) -> None:
+    """Raise PermissionError if the folder holding ``path`` may not be entered (other errors: a race, ignored)."""
+    try:
+        os.lstat(path)
+    except PermissionError:
+        raise
+    except OSError:
+        pass
 
 
 def _reason(exc: OSError) -> str:
@@ -461,18 +471,21 @@ def _is_file(path: Path) -> bool:
 def _index_split_folders(root: Path, data: str, present: list[str]) -> Dataset:
     # a class folder called "train" in a class-folders dataset would be silently misread: refuse mixes
     others = []
+    unreadable: list[tuple[Path, str]] = []
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
         if not _visible(entry.name) or entry.name in SPLITS:
             continue
-        if (_is_dir(entry) and walk_clips(entry).clips) or (_is_video(entry) and _is_file(entry)):
+        found = walk_clips(entry) if _is_dir(entry) else None
+        if (found is not None and found.clips) or (_is_video(entry) and _is_file(entry)):
             others.append(entry.name)
+        elif found is not None:
+            unreadable.extend(found.unreadable)  # what it holds is unknown: reported, not silently passed over
     if others:
         raise DatasetError(
             f"Data folder '{data}' mixes split folders ({', '.join(present)}) with other clips or folders "
             f"({_preview(others)}); use either DIR/{{train,val,test}}/<class>/<clip> or DIR/<class>/<clip>, not both."
         )
     records = []
-    unreadable: list[tuple[Path, str]] = []
     labels: set[str] = set()
     for split in present:
         for label, clips in _class_clips(root / split, data, root, f"{split}", unreadable).items():
