@@ -368,17 +368,20 @@ def test_predict_dir_reports_what_an_ordinary_user_may_not_read_in_it(tiny_run, 
     clips = tmp_path / "clips"
     shutil.copytree(sample / "test", clips)  # 4 clips in 4 class folders
     denied = _unreadable_tree(clips / "grow")
-    done = as_user(prefix, "predict", str(clips), "--model", str(tiny_run), "--json")
+    alone = tmp_path / "alone.mp4"  # named on the command line: reported with the others, not refused alone
+    shutil.copy(sample / "test" / "grow" / "grow_test_000.mp4", alone)
+    alone.chmod(0)
+    done = as_user(prefix, "predict", str(clips), str(alone), "--model", str(tiny_run), "--json")
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 1, done.stderr
     rows = {Path(row["clip"]): row for row in map(json.loads, done.stdout.splitlines())}
     assert sum("top" in row for row in rows.values()) == 4
-    assert "permission denied" in rows[denied["clip"]]["error"]
+    assert "permission denied" in rows[denied["clip"]]["error"] and "permission denied" in rows[alone]["error"]
     for folder in ("closed", "unentered"):
         error = rows[denied[folder]]["error"]
         assert "permission denied" in error and "clips were not indexed" in error
     assert f"Found 5 clips in '{clips}'." in done.stderr
-    assert "1 of 5 clips could not be classified. 2 folders could not be read" in done.stderr
+    assert "2 of 6 clips could not be classified. 2 folders could not be read" in done.stderr
 
 
 def test_an_unreadable_folder_is_a_warning_and_strict_makes_it_exit_1(tmp_path, monkeypatch):
