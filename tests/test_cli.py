@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 import featpipe
 from featpipe._quiet import _filtered_stderr, is_noise
 from featpipe.cli import app
+from permissions import ordinary_user
 from videos import write_text_as_video, write_video, write_zero_byte
 
 runner = CliRunner()
@@ -314,3 +316,95 @@ def test_head_is_the_documented_flag_and_rnn_still_works_without_a_note(tmp_path
 def test_the_python_api_takes_head_and_the_older_rnn():
     assert featpipe.TrainOptions(rnn="lstm").head == "lstm"
     assert featpipe.TrainOptions(head="segments").head == "segments"
+
+
+# ---------------------------------------------------------------------------- permissions, as a user meets them
+# Root reads everything whatever its mode: these run featpipe in a subprocess without that override
+# (tests/permissions.py), so chmod denies what it denies a user.
+
+
+def _unreadable_tree(root: Path) -> dict[str, Path]:
+    """Under ``root``: a clip without read permission, a folder without any, and one that can be listed
+    but not entered (read, no execute permission), each holding a clip."""
+    denied_clip = root / "denied.mp4"
+    shutil.copy(next(p for p in sorted(root.rglob("*.mp4"))), denied_clip)
+    closed, unentered = root / "closed", root / "unentered"
+    for folder in (closed, unentered):
+        folder.mkdir()
+        shutil.copy(denied_clip, folder / "inside.mp4")
+    denied_clip.chmod(0)
+    closed.chmod(0)
+    unentered.chmod(0o644)
+    return {"clip": denied_clip, "closed": closed, "unentered": unentered}
+
+
+def as_user(prefix: list[str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "featpipe", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.slow
+def test_extract_reports_what_an_ordinary_user_may_not_read_and_goes_on(sample, tmp_path):
+    prefix = ordinary_user(tmp_path)
+    data = tmp_path / "data"
+    shutil.copytree(sample, data)
+    denied = _unreadable_tree(data / "train" / "grow")
+    raw = ["--backbone", "raw", "--size", "8", "--frames", "4"]  # no network to build: the subprocess is mostly Keras
+    done = as_user(prefix, "extract", "--data", str(data), "--output", str(tmp_path / "c.h5"), *raw, "--quiet")
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stderr  # as for a bad clip: the others are extracted, the problem listed
+    [failed] = [line for line in done.stdout.splitlines() if "denied.mp4" in line]
+    assert "failed: train/grow/denied.mp4: " in failed and "permission denied" in failed.split("denied.mp4:", 1)[1]
+    for folder in (denied["closed"], denied["unentered"]):
+        [line] = [line for line in done.stdout.splitlines() if f"'{folder}'" in line]
+        assert line.startswith("warning: ") and "permission denied" in line and "clips were not indexed" in line
+    assert ": 16 clips, 64 real frames, 1 failed" in done.stdout  # the 16 sample clips are all in
+
+
+@pytest.mark.slow
+def test_predict_dir_reports_what_an_ordinary_user_may_not_read_in_it(tiny_run, sample, tmp_path):
+    prefix = ordinary_user(tmp_path)
+    clips = tmp_path / "clips"
+    shutil.copytree(sample / "test", clips)  # 4 clips in 4 class folders
+    denied = _unreadable_tree(clips / "grow")
+    alone = tmp_path / "alone.mp4"  # named on the command line: reported with the others, not refused alone
+    shutil.copy(sample / "test" / "grow" / "grow_test_000.mp4", alone)
+    alone.chmod(0)
+    done = as_user(prefix, "predict", str(clips), str(alone), "--model", str(tiny_run), "--json")
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1, done.stderr
+    rows = {Path(row["clip"]): row for row in map(json.loads, done.stdout.splitlines())}
+    assert sum("top" in row for row in rows.values()) == 4
+    assert "permission denied" in rows[denied["clip"]]["error"] and "permission denied" in rows[alone]["error"]
+    for folder in ("closed", "unentered"):
+        error = rows[denied[folder]]["error"]
+        assert "permission denied" in error and "clips were not indexed" in error
+    assert f"Found 5 clips in '{clips}'." in done.stderr
+    assert "2 of 6 clips could not be classified. 2 folders could not be read" in done.stderr
+
+
+def test_an_unreadable_folder_is_a_warning_and_strict_makes_it_exit_1(tmp_path, monkeypatch):
+    """Like a failed clip: listed, the rest extracted, status 0; --strict: status 1, the cache still written.
+    (Denied by fault injection; the test above meets real permissions.)"""
+    data = tmp_path / "d"
+    for rel in ("a/ok.mp4", "b/ok.mp4", "b/locked/x.mp4"):
+        write_video(data / rel, 6, 16, 16)
+    denied = data / "b" / "locked"
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(os.fsdecode(path)) == denied:
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    raw = ["--backbone", "raw", "--size", "8", "--frames", "4", "--quiet"]
+    result = run("extract", "--data", str(data), "--output", str(tmp_path / "c.h5"), *raw)
+    assert result.exit_code == 0 and ": 2 clips" in result.output
+    warning = f"warning: cannot read the folder '{denied}' (permission denied): its clips were not indexed"
+    assert warning in result.output
+    strict = run("extract", "--data", str(data), "--output", str(tmp_path / "s.h5"), *raw, "--strict")
+    assert strict.exit_code == 1 and (tmp_path / "s.h5").is_file()
+    refusal = f"1 folder(s) could not be read and --strict was given (first: '{denied}', permission denied)"
+    assert refusal in strict.stderr

@@ -104,6 +104,7 @@ def test_cli_json_lines_csv_and_exit_status(run, tmp_path):
         ],
     )
     assert result.exit_code == 1, "a failed clip makes the exit status 1"
+    assert f"Found 2 clips in '{root / 'data' / 'test' / 'grow'}'." in result.stderr  # stdout: JSON only
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(lines) == 3
     assert set(lines[0]) == {"clip", "top"} and len(lines[0]["top"]) == 2
@@ -279,3 +280,65 @@ def test_info_says_whether_the_run_cache_changed_since_training(run, tmp_path):
     (moved / "run.json").write_text(json.dumps(data))
     out = runner.invoke(app, ["info", str(moved)])
     assert out.exit_code == 0 and "CHANGED since training" in out.output
+
+
+# ------------------------------------------------------------------------- what the API and DIR take
+
+
+def test_the_api_takes_one_path_as_one_clip_never_its_letters(run, monkeypatch):
+    """A str was iterated letter by letter: '.' (here, a folder of clips) and '/' expanded to whole folders."""
+    root, ex, tr = run
+    folder = root / "data" / "test" / "grow"
+    monkeypatch.chdir(folder)
+    loaded = Predictor(tr.run_dir)  # built once for the three calls
+    for clip in ("grow_test_000.mp4", Path("grow_test_000.mp4")):
+        [p] = featpipe.predict(clip, model=tr.run_dir, predictor=loaded)
+        assert p.ok and p.clip == "grow_test_000.mp4"
+    assert [Path(p.clip).name for p in featpipe.predict(str(folder), model=tr.run_dir, predictor=loaded)] == [
+        "grow_test_000.mp4",
+        "grow_test_001.mp4",
+    ]
+    with pytest.raises(featpipe.errors.OptionError, match="^clips holds an empty path"):
+        featpipe.predict("", model=tr.run_dir)
+
+
+def test_predict_dir_finds_the_clips_extract_indexes_in_it(tmp_path):
+    """One rule for both: recursive, hidden entries skipped, symlinked folders followed, a link loop cut."""
+    from featpipe.datasets import index_dataset
+
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    for rel in ("cats/a.mp4", "cats/sub/b.MP4", "cats/.hidden.mp4", "cats/.cache/c.mp4", "cats/notes.txt"):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_bytes(b"")
+    for rel in ("dogs/d.mp4", "more/e.avi"):
+        (elsewhere / rel).parent.mkdir(parents=True, exist_ok=True)
+        (elsewhere / rel).write_bytes(b"")
+    (data / "dogs").symlink_to(elsewhere / "dogs")  # a linked class folder
+    (data / "cats" / "linked").symlink_to(elsewhere / "more")  # a linked folder inside one
+    (data / "cats" / "sub" / "loop").symlink_to(data / "cats")  # a loop
+    indexed = {r.video for r in index_dataset(data).records}
+    assert indexed == {"cats/a.mp4", "cats/sub/b.MP4", "cats/linked/e.avi", "dogs/d.mp4"}
+    assert {p.relative_to(data).as_posix() for p in expand_clips([data])} == indexed
+
+
+def test_a_folder_that_cannot_be_read_is_a_result_of_its_own(run, tmp_path, monkeypatch):
+    """Denied by fault injection here (root reads everything); test_cli runs it as a user meets it."""
+    import os
+    import shutil
+
+    root, ex, tr = run
+    folder = tmp_path / "clips"
+    shutil.copytree(root / "data" / "test" / "grow", folder / "grow")
+    shutil.copytree(root / "data" / "test" / "shrink", folder / "shrink")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(os.fsdecode(path)) == folder / "shrink":
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    preds = featpipe.predict([folder], model=tr.run_dir)
+    assert [p.ok for p in preds] == [True, True, False]
+    assert preds[2].clip == str(folder / "shrink")
+    assert "permission denied" in preds[2].error and "its clips were not indexed" in preds[2].error

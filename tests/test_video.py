@@ -662,3 +662,18 @@ def test_a_file_without_read_permission_is_not_called_not_a_video(clip50, monkey
     message = str(info.value)
     assert str(clip50) in message and "permission denied" in message
     assert "not a video file" not in message and "cannot open" not in message
+
+
+def test_a_file_in_a_folder_that_cannot_be_entered_is_a_clip_error_not_a_crash(clip50, monkeypatch):
+    """A folder with read but not execute permission: its files are listed, but even stat is refused."""
+    real_stat = Path.stat
+
+    def stat(self, *args, **kwargs):
+        if self == Path(clip50):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    with pytest.raises(VideoError) as info:
+        read_clip(clip50, 8, 32)
+    assert str(clip50) in str(info.value) and "permission denied" in str(info.value)

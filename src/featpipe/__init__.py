@@ -8,7 +8,7 @@ The Python API mirrors the command line, with the same defaults:
     featpipe.merge(output="cache/inceptionv3.h5")              # the 4 shards -> one cache (Path)
     featpipe.train(head="gru")                                 # -> TrainResult (run directory, metrics)
     featpipe.evaluate("models/latest", split="test")           # -> dict of metrics
-    featpipe.predict(["clip.mp4"], model="models/latest")      # -> [Prediction(clip, top, error)]
+    featpipe.predict("clip.mp4", model="models/latest")        # a file, a folder or a list -> [Prediction]
     featpipe.info("cache/inceptionv3.h5")                      # -> lines describing a cache or a run
     featpipe.linear_probe("cache/inceptionv3.h5")              # -> test metrics of the baseline heads must match
 

@@ -83,7 +83,7 @@ import numpy as np
 
 from featpipe.errors import CacheError, FeatpipeError
 from featpipe.names import SPLITS
-from featpipe.options import check_file_option
+from featpipe.options import as_paths, check_file_option
 
 SCHEMA_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)  # 1: no size/mtime_ns columns and no stale/ group; 2: always one file
@@ -1340,7 +1340,7 @@ def find_shards(output: str | Path) -> list[Path]:
 
 
 def merge_shards(
-    shards: Sequence[str | Path] | None = None,
+    shards: str | Path | Sequence[str | Path] | None = None,
     output: str | Path | None = None,
     force: bool = False,
     compact: bool = False,
@@ -1362,6 +1362,7 @@ def merge_shards(
         raise FeatpipeError("Name the merged cache with --output FILE, e.g. --output cache/inceptionv3.h5.")
     check_file_option("output", output)
     output = Path(output)
+    shards = None if shards is None else as_paths("shards", shards, "a shard file")  # merge("x.h5"): one file
     if compact and shards and len(_unique_paths(shards)) == 1 and _is_whole_cache(_unique_paths(shards)[0]):
         return compact_cache(_unique_paths(shards)[0], output, force=force)
     paths = _unique_paths(shards) if shards else find_shards(output)

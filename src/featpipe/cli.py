@@ -36,7 +36,7 @@ from featpipe.names import (
     REFIT_BELOW,
     SAMPLING,
 )
-from featpipe.predict import check_csv_path, format_table, to_json_lines, write_csv
+from featpipe.predict import PredictOptions, check_csv_path, find_clips, format_table, to_json_lines, write_csv
 from featpipe.runs import RunWarning
 from featpipe.tune import format_leaderboard
 
@@ -483,8 +483,7 @@ def tune_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
 ):
     """Search heads and settings with Optuna (resumable), print a leaderboard, retrain the best as models/latest."""
-    params = _plain(locals())
-    params["heads"] = tuple(h.strip() for h in heads.split(",") if h.strip())
+    params = _plain(locals())  # heads "gru,lstm" is split by TuneOptions, for the CLI and the API alike
     result = featpipe.tune(featpipe.TuneOptions(**params))
     typer.echo(format_leaderboard(result.leaderboard, result.cv))
     typer.echo(f"Leaderboard: {', '.join(str(p) for p in result.files.values())}")
@@ -527,7 +526,11 @@ def evaluate_cmd(
 @app.command("predict")
 @_handles_errors(interrupted=READ_INTERRUPTED)
 def predict_cmd(
-    clips: Annotated[list[Path], typer.Argument(help="Video files, or folders of them.")],
+    clips: Annotated[
+        # readable=False: a file or folder we may not read is reported as such with the others, not refused alone
+        list[Path],
+        typer.Argument(help="Video files, or folders of them (searched as extract searches one).", readable=False),
+    ],
     model: Annotated[Path, typer.Option(help="Run directory, or models/latest.")] = Path("models/latest"),
     top_k: Annotated[int, typer.Option(help="Labels to show per clip.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per clip.")] = False,
@@ -550,22 +553,29 @@ def predict_cmd(
     windows = _renamed(
         {"old_clips": old_clips, "windows": windows}, "old_clips", "windows", "--clips", "--windows", "predict"
     )["windows"]
-    results = featpipe.predict(
-        clips,
-        model=model,
-        top_k=top_k,
-        windows=windows,
-        workers=workers,
-        batch_size=batch_size,
-        gif=gif,
-        precision=precision.value,
+    options = dict(
+        model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size, gif=gif, precision=precision
     )
+    PredictOptions(**_plain(options))  # a bad option is refused before any folder is searched
+    found = find_clips(clips)
+    for folder, count in found.folders:  # on stderr: --json keeps stdout to one object per clip
+        typer.echo(f"Found {count} clip{'' if count == 1 else 's'} in '{folder}'.", err=True)
+    results = featpipe.predict(found, **_plain(options))
     typer.echo(to_json_lines(results) if as_json else format_table(results))
     if output is not None:
         write_csv(results, output, top_k)
-    failed = [p for p in results if not p.ok]
+    problems = []
+    failed = sum(not p.ok for p in results) - len(found.unreadable)
     if failed:
-        typer.secho(f"{len(failed)} of {len(results)} clips could not be classified.", err=True)
+        problems.append(f"{failed} of {len(found.paths)} clips could not be classified.")
+    if found.unreadable:
+        n = len(found.unreadable)
+        problems.append(
+            f"{n} folder{'' if n == 1 else 's'} could not be read; {'its' if n == 1 else 'their'} clips "
+            "were not indexed."
+        )
+    if problems:
+        typer.secho(" ".join(problems), err=True)
         raise typer.Exit(1)
 
 

@@ -43,7 +43,10 @@ __all__ = [
     "LAYOUTS",
     "Record",
     "Dataset",
+    "FolderClips",
     "index_dataset",
+    "walk_clips",
+    "unreadable_note",
     "stratified_split",
     "repair_splits",
 ]
@@ -79,6 +82,9 @@ class Dataset:
     # without a split column), "given" (split folders, a CSV split column) or "lists" (UCF101)
     split_source: str = "given"
     split_params: tuple = ()  # (val_fraction, test_fraction, seed) of a drawn split
+    # (folder, why) for each folder under a class folder that could not be read: its clips are not in
+    # ``records`` (its class is kept in ``class_names``, even with no clip); extract reports them
+    unreadable: tuple[tuple[Path, str], ...] = ()
 
     def label_index(self, label: str) -> int:
         """Position of ``label`` in ``class_names`` (the integer target a model is trained on)."""
@@ -324,31 +330,87 @@ def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
-def _walk_clips(folder: Path) -> list[Path]:
-    """Video files under ``folder`` (recursive, sorted, hidden entries skipped, symlink loops cut)."""
+@dataclass(frozen=True)
+class FolderClips:
+    """What :func:`walk_clips` found under a folder: the clips, and the folders it could not read."""
+
+    clips: tuple[Path, ...]  # video files, sorted
+    unreadable: tuple[tuple[Path, str], ...] = ()  # (folder, why), whose clips could not be indexed
+
+
+def walk_clips(folder: str | Path) -> FolderClips:
+    """The one rule for the clips in a folder: `extract`'s class folders and `predict DIR` both use it.
+
+    Video files (by extension, any case) under ``folder``, recursively, sorted; hidden files and
+    folders (a leading '.') are skipped; symbolic links to folders are followed, each real folder
+    visited once, so a link loop ends. A folder that cannot be listed, or listed but not entered
+    (read without execute permission), is not an error here: it is returned in ``unreadable``
+    with the reason, for the caller to report, and its clips are left out.
+    """
+    folder = Path(folder)
     found: list[Path] = []
+    unreadable: list[tuple[Path, str]] = []
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=_unreadable_folder, followlinks=True):
-        real = os.path.realpath(dirpath)
+    stack = [folder]
+    while stack:
+        path = stack.pop()
+        real = os.path.realpath(path)
         if real in seen:
-            dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if _visible(d))
-        for name in sorted(filenames):
-            if _visible(name) and _is_video(Path(name)):
-                found.append(Path(dirpath) / name)
-    return found
+        try:
+            with os.scandir(path) as it:
+                entries = sorted((e for e in it if _visible(e.name)), key=lambda e: e.name)
+            if entries:  # listed, but can its entries be reached? (a folder with r but not x permission)
+                _reachable(entries[0].path)
+        except OSError as exc:
+            unreadable.append((path, _reason(exc)))
+            continue
+        subfolders = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows a symbolic link
+            except OSError:
+                is_dir = False  # a link into a folder we may not enter: reported per clip if it is a video
+            if is_dir:
+                subfolders.append(Path(entry.path))
+            elif _is_video(Path(entry.name)):
+                found.append(Path(entry.path))
+        stack.extend(reversed(subfolders))
+    return FolderClips(tuple(sorted(found)), tuple(unreadable))
+
+
+def _reachable(path: str) -> None:
+    """Raise PermissionError if the folder holding ``path`` may not be entered (other errors: a race, ignored)."""
+    try:
+        os.lstat(path)
+    except PermissionError:
+        raise
+    except OSError:
+        pass
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def _unreadable_folder(exc: OSError) -> None:
-    """A folder of the dataset that cannot be listed is refused, never skipped (its clips would
-    silently be missing from the index, a whole class with them)."""
-    reason = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
+    """A folder that decides the dataset's layout (its root, a split folder) and cannot be listed is
+    refused: its classes are unknown. (A class folder, or one below it, is reported and skipped.)"""
     raise DatasetError(
-        f"Cannot read the folder '{exc.filename}': {reason}; its clips would be left out of the dataset. "
+        f"Cannot read the folder '{exc.filename}': {_reason(exc)}; its clips would be left out of the dataset. "
         "Give your user read access to it (e.g. chmod a+rx) or move it out of the dataset."
     ) from exc
+
+
+def unreadable_note(folder: str | Path, reason: str) -> str:
+    """The sentence `extract` and `predict` print for a folder whose clips were not indexed."""
+    return (
+        f"cannot read the folder '{folder}' ({reason}): its clips were not indexed; "
+        "give your user read access to it (e.g. chmod -R a+rX) and run again to include them."
+    )
 
 
 def _key(path: Path, root: Path) -> str:
@@ -368,8 +430,12 @@ def _loose_clip(data: str, key: str, where: str) -> DatasetError:
     )
 
 
-def _class_clips(parent: Path, data: str, root: Path, where: str) -> dict[str, list[Path]]:
-    """``class -> clips`` for the class folders directly under ``parent``; loose clips are refused."""
+def _class_clips(parent: Path, data: str, root: Path, where: str, unreadable: list) -> dict[str, list[Path]]:
+    """``class -> clips`` for the class folders directly under ``parent``; loose clips are refused.
+
+    A class folder that cannot be read (or holds a folder that cannot) keeps its class, with
+    the clips that could be indexed (maybe none), and lands in ``unreadable``.
+    """
     classes: dict[str, list[Path]] = {}
     try:
         entries = sorted(parent.iterdir(), key=lambda p: p.name)
@@ -378,48 +444,79 @@ def _class_clips(parent: Path, data: str, root: Path, where: str) -> dict[str, l
     for entry in entries:
         if not _visible(entry.name):
             continue
-        if entry.is_dir():
-            clips = _walk_clips(entry)
-            if clips:
-                classes[entry.name] = clips
-        elif entry.is_file() and _is_video(entry):
+        if _is_dir(entry):
+            found = walk_clips(entry)
+            if found.clips or found.unreadable:
+                classes[entry.name] = list(found.clips)
+                unreadable.extend(found.unreadable)
+        elif _is_video(entry) and _is_file(entry):
             raise _loose_clip(data, _key(entry, root), where)
     return classes
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a link we may not follow: not a folder we can index
+        return False
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _index_split_folders(root: Path, data: str, present: list[str]) -> Dataset:
     # a class folder called "train" in a class-folders dataset would be silently misread: refuse mixes
     others = []
+    unreadable: list[tuple[Path, str]] = []
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
         if not _visible(entry.name) or entry.name in SPLITS:
             continue
-        if (entry.is_dir() and _walk_clips(entry)) or (entry.is_file() and _is_video(entry)):
+        found = walk_clips(entry) if _is_dir(entry) else None
+        if (found is not None and found.clips) or (_is_video(entry) and _is_file(entry)):
             others.append(entry.name)
+        elif found is not None:
+            unreadable.extend(found.unreadable)  # what it holds is unknown: reported, not silently passed over
     if others:
         raise DatasetError(
             f"Data folder '{data}' mixes split folders ({', '.join(present)}) with other clips or folders "
             f"({_preview(others)}); use either DIR/{{train,val,test}}/<class>/<clip> or DIR/<class>/<clip>, not both."
         )
     records = []
+    labels: set[str] = set()
     for split in present:
-        for label, clips in _class_clips(root / split, data, root, f"{split}").items():
+        for label, clips in _class_clips(root / split, data, root, f"{split}", unreadable).items():
+            labels.add(label)
             records.extend(Record(path=p, video=_key(p, root), label=label, split=split) for p in clips)
-    if not records:
+    if not records and not unreadable:
         raise _no_videos(data, "DIR/{train,val,test}/<class>/")
-    return _finish(root, "split-folders", records, data)
+    return _finish(
+        root, "split-folders", records, data, class_names=tuple(sorted(labels)), unreadable=tuple(unreadable)
+    )
 
 
 def _index_class_folders(root: Path, data: str, val_fraction: float, test_fraction: float, seed: int) -> Dataset:
-    classes = _class_clips(root, data, root, "DIR")
+    unreadable: list[tuple[Path, str]] = []
+    classes = _class_clips(root, data, root, "DIR", unreadable)
     pairs = [(p, label) for label, clips in classes.items() for p in clips]
-    if not pairs:
+    if not pairs and not unreadable:
         raise _no_videos(data, "DIR/<class>/ (or DIR/{train,val,test}/<class>/)")
-    _require_two_classes([label for _, label in pairs], data)
+    _require_two_classes(list(classes), data)
     keys = [_key(p, root) for p, _ in pairs]
     splits = stratified_split(keys, [label for _, label in pairs], val_fraction, test_fraction, seed)
     records = [Record(path=p, video=k, label=label, split=s) for (p, label), k, s in zip(pairs, keys, splits)]
     return _finish(
-        root, "class-folders", records, data, split_source="drawn", split_params=(val_fraction, test_fraction, seed)
+        root,
+        "class-folders",
+        records,
+        data,
+        class_names=tuple(sorted(classes)),
+        split_source="drawn",
+        split_params=(val_fraction, test_fraction, seed),
+        unreadable=tuple(unreadable),
     )
 
 
@@ -632,7 +729,7 @@ def _ucf_video_root(root: Path, data: str, names: list[str]) -> Path:
         candidate = (root / sub).resolve() if sub != "." else root
         if not candidate.is_dir():
             continue
-        hits = sum((candidate / n).is_file() for n in names)
+        hits = sum(_is_file(candidate / n) for n in names)
         if hits > best_hits:
             best, best_hits = candidate, hits
     if best is None:
@@ -650,9 +747,8 @@ def _ucf_video_root(root: Path, data: str, names: list[str]) -> Path:
 def _require_two_classes(labels: Sequence[str], data: str) -> None:
     names = sorted(set(labels))
     if len(names) < 2:
-        raise DatasetError(
-            f"Dataset '{data}' needs at least two classes, found only '{names[0]}'; add clips of another class."
-        )
+        found = f"only '{names[0]}'" if names else "none"
+        raise DatasetError(f"Dataset '{data}' needs at least two classes, found {found}; add clips of another class.")
 
 
 def _finish(
@@ -663,12 +759,13 @@ def _finish(
     class_names: tuple[str, ...] | None = None,
     split_source: str = "given",
     split_params: tuple = (),
+    unreadable: tuple = (),
 ) -> Dataset:
     records.sort(key=lambda r: r.video)
     if class_names is None:
         class_names = tuple(sorted({r.label for r in records}))
     if len(class_names) < 2:
-        _require_two_classes([r.label for r in records], data)
+        _require_two_classes(class_names, data)
     return Dataset(
         root=root,
         layout=layout,
@@ -676,6 +773,7 @@ def _finish(
         records=tuple(records),
         split_source=split_source,
         split_params=tuple(split_params),
+        unreadable=tuple(unreadable),
     )
 
 

@@ -32,11 +32,18 @@ from featpipe.cache import (
     shard_path,
     summarize,
 )
-from featpipe.datasets import Dataset, Record, index_dataset, repair_splits
+from featpipe.datasets import Dataset, Record, index_dataset, repair_splits, unreadable_note
 from featpipe.devices import cpu_count
 from featpipe.errors import CacheError, ExtractionFailed, FeatpipeError, OptionError
 from featpipe.names import DTYPES, ENGINES, SAMPLING  # noqa: F401  re-exported
-from featpipe.options import check_choice, check_dir_option, check_file_option, check_float, check_int
+from featpipe.options import (
+    check_choice,
+    check_dir_option,
+    check_file_option,
+    check_float,
+    check_int,
+    split_list_options,
+)
 from featpipe.pipeline import Embedded, Stats, decode, embed, writing_with_progress
 
 MAX_SIZE = 1024  # largest square input: ImageNet backbones are trained at 224-600 px
@@ -86,6 +93,7 @@ class ExtractOptions:
     gpus_per_worker: float | None = None  # ray: GPUs each actor reserves; None = 1 if the cluster has GPUs, else 0
 
     def __post_init__(self):
+        split_list_options(self)
         self.validate()
 
     @property
@@ -203,8 +211,10 @@ class ExtractResult:
     infer_seconds: float = 0.0  # time inside backbone calls (the device busy, from the pipeline's side)
     starved_seconds: float = 0.0  # time the backbone waited for frames after its first batch (0 = never idle)
     n_dropped: int = 0  # rows dropped because their clip left the dataset (listed under stale/ in the cache)
-    # dropped rows, split repairs and split warnings (also in summary_lines)
+    # dropped rows, split repairs and split warnings, folders that could not be read (also in summary_lines)
     notes: list[str] = field(default_factory=list)
+    # (folder, reason) for each folder of the dataset that could not be read: its clips were not indexed
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def frames_per_second(self) -> float:
@@ -313,7 +323,7 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
         if not writable or not todo:
             fingerprint()
         if not writable:
-            return _read_only_result(path, writer, dataset, records, identities, todo, shard, started)
+            return _read_only_result(path, writer, dataset, records, identities, todo, shard, started, opts.strict)
         stats = Stats()
         notes: list[str] = []
 
@@ -342,6 +352,7 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
     notes += damaged_notes(stats.damaged)
     seconds = time.perf_counter() - started
     summary = summarize(path)
+    notes += _unreadable_notes(dataset)
     result = ExtractResult(
         path,
         summary.n_clips,
@@ -357,21 +368,42 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
         starved_seconds=stats.starved_seconds,
         n_dropped=writer.n_dropped,
         notes=notes,
+        unreadable=[(str(folder), why) for folder, why in dataset.unreadable],
     )
     if summary.n_clips == 0 and (records or not shard):  # a tiny dataset may leave a shard no clip: not a failure
-        raise ExtractionFailed(
-            f"No clip could be used ({len(summary.failed)} failed, e.g. {summary.failed[0][0]}: "
-            f"{summary.failed[0][1]}). "
-            f"Check that the files are videos OpenCV can decode; the reasons are listed in '{path}' under failed/."
-            if summary.failed
-            else f"No clip was extracted into '{path}'."
-        )
-    if opts.strict and summary.failed:
-        raise ExtractionFailed(
-            f"{len(summary.failed)} clip(s) failed and --strict was given (first: {summary.failed[0][0]}: "
-            f"{summary.failed[0][1]}). The other clips are saved in '{path}'."
-        )
+        if summary.failed:
+            raise ExtractionFailed(
+                f"No clip could be used ({len(summary.failed)} failed, e.g. {summary.failed[0][0]}: "
+                f"{summary.failed[0][1]}). Check that the files are videos OpenCV can decode; the reasons are "
+                f"listed in '{path}' under failed/."
+            )
+        if dataset.unreadable:
+            raise ExtractionFailed(f"No clip was extracted into '{path}': {unreadable_note(*dataset.unreadable[0])}")
+        raise ExtractionFailed(f"No clip was extracted into '{path}'.")
+    _check_strict(opts.strict, summary.failed, dataset, path)
     return result
+
+
+def _unreadable_notes(dataset: Dataset) -> list[str]:
+    """One warning per folder of the dataset that could not be read (its clips are not in the cache)."""
+    return [f"warning: {unreadable_note(folder, why)}" for folder, why in dataset.unreadable]
+
+
+def _check_strict(strict: bool, failed: list, dataset: Dataset, path: Path) -> None:
+    """``--strict``: a failed clip or a folder that could not be read fails the run (the cache is written)."""
+    if not strict:
+        return
+    if failed:
+        raise ExtractionFailed(
+            f"{len(failed)} clip(s) failed and --strict was given (first: {failed[0][0]}: "
+            f"{failed[0][1]}). The other clips are saved in '{path}'."
+        )
+    if dataset.unreadable:
+        folder, why = dataset.unreadable[0]
+        raise ExtractionFailed(
+            f"{len(dataset.unreadable)} folder(s) could not be read and --strict was given (first: '{folder}', "
+            f"{why}): their clips were not indexed. The other clips are saved in '{path}'."
+        )
 
 
 def _same_clip(recorded, now) -> bool:
@@ -454,6 +486,7 @@ def _read_only_result(
     todo: list[Record],
     shard,
     started: float,
+    strict: bool = False,
 ) -> ExtractResult:
     """The cache's folder cannot be written: succeed if the cache is already what this run would write."""
     assignments, notes = _assignments(dataset, records, writer, identities, shard)
@@ -476,6 +509,8 @@ def _read_only_result(
         )
     summary = summarize(path)
     notes = notes + [f"'{path.parent}' is read-only, but nothing was left to do: the cache is up to date."]
+    notes += _unreadable_notes(dataset)
+    _check_strict(strict, summary.failed, dataset, path)
     return ExtractResult(
         path,
         summary.n_clips,
@@ -486,6 +521,7 @@ def _read_only_result(
         failed=summary.failed,
         summary_lines=summary.lines() + notes,
         notes=notes,
+        unreadable=[(str(folder), why) for folder, why in dataset.unreadable],
     )
 
 

@@ -7,6 +7,7 @@ about flags it did not type and a shell user never reads about Python parameter 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -105,3 +106,68 @@ def check_writable_parent(name: str, path, what: str = "output") -> None:
         raise OptionError(
             name, f"names {what} '{path}', but '{probe}' is not writable; choose a folder you can write to."
         )
+
+
+# --------------------------------------------------------------------------------------------
+# paths and lists as people pass them
+
+PathLike = (str, bytes, os.PathLike)
+
+
+def as_paths(name: str, value, what: str = "a path") -> list[Path]:
+    """One path (``str``, ``bytes``, ``Path``) or an iterable of them, as a list of Paths.
+
+    A string is one path, never iterated letter by letter (where ``'.'`` and ``'/'`` would name
+    whole folders); an empty string (which ``Path`` reads as the current folder) is refused.
+    """
+    if isinstance(value, PathLike):
+        items = [value]
+    else:
+        try:
+            items = list(value)
+        except TypeError:
+            raise OptionError(name, f"must be {what} or a list of them, got {value!r}.") from None
+    paths = []
+    for item in items:
+        if not isinstance(item, PathLike):
+            raise OptionError(name, f"must be {what} or a list of them, got {item!r} among them.")
+        text = os.fsdecode(item)
+        if not text.strip():
+            raise OptionError(name, f"holds an empty path; give {what} (use '.' to mean the current folder).")
+        paths.append(Path(text))
+    return paths
+
+
+def as_names(name: str, value) -> tuple[str, ...]:
+    """A list-valued option as a tuple of names: a comma-separated string is split as the CLI does.
+
+    ``"gru, lstm"``, ``["gru", "lstm"]`` and ``("gru,lstm",)`` all give ``("gru", "lstm")``;
+    blanks around names and empty names are dropped. Anything but strings is refused by name.
+    """
+    if isinstance(value, str):
+        items = [value]
+    else:
+        try:
+            items = list(value)
+        except TypeError:
+            raise OptionError(name, f"must be a comma-separated string or a list of names, got {value!r}.") from None
+    names = []
+    for item in items:
+        if not isinstance(item, str):
+            raise OptionError(
+                name, f"must be a comma-separated string or a list of names, got {item!r} ({type(item).__name__})."
+            )
+        names.extend(part.strip() for part in item.split(",") if part.strip())
+    return tuple(names)
+
+
+def split_list_options(options) -> None:
+    """Every tuple- or list-valued field of an options dataclass, normalised by :func:`as_names`.
+
+    Called first thing in each ``*Options.__post_init__``, so a field added later is covered
+    too: ``TuneOptions(heads="gru,lstm")`` means ``("gru", "lstm")``, as ``--heads gru,lstm`` does.
+    """
+    for f in dataclasses.fields(options):
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if kind.startswith(("tuple", "list", "Sequence")) and getattr(options, f.name) is not None:
+            object.__setattr__(options, f.name, as_names(f.name, getattr(options, f.name)))

@@ -71,15 +71,19 @@ class Stats:
 def decode(items: Iterable, read: Callable[[Any], Any], workers: int) -> Iterator[Decoded]:
     """``read(item)`` in ``workers`` threads, results in input order, at most ``2 * workers`` ahead.
 
-    ``read`` returns one ClipFrames or a list of them (windows); a VideoError it raises becomes
-    ``Decoded.error``. Closing the iterator cancels what has not started.
+    ``read`` returns one ClipFrames or a list of them (windows); a VideoError or OSError it raises
+    becomes ``Decoded.error``, never empty. Closing the iterator cancels what has not started.
     """
 
     def run(item):
         try:
             out = read(item)
         except VideoError as exc:
-            return Decoded(item, error=str(exc))
+            return Decoded(item, error=str(exc) or f"cannot be decoded ({type(exc).__name__})")
+        except OSError as exc:  # the file system refused a read: this clip fails, the others go on
+            reason = "permission denied" if isinstance(exc, PermissionError) else exc.strerror or str(exc)
+            where = f" {exc.filename}" if exc.filename else ""
+            return Decoded(item, error=f"cannot read video file{where}: {reason or type(exc).__name__}.")
         return Decoded(item, list(out) if isinstance(out, (list, tuple)) else [out])
 
     window = max(2 * workers, 4)

@@ -18,11 +18,18 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from featpipe.backbones import WEIGHTS_IMAGENET, WEIGHTS_NONE, FeatureExtractor
-from featpipe.datasets import VIDEO_EXTENSIONS
+from featpipe.datasets import VIDEO_EXTENSIONS, unreadable_note, walk_clips
 from featpipe.errors import BackboneError, FeatpipeError
 from featpipe.extract import default_workers
 from featpipe.names import PRECISIONS
-from featpipe.options import check_choice, check_file_option, check_int, check_writable_parent
+from featpipe.options import (
+    as_paths,
+    check_choice,
+    check_file_option,
+    check_int,
+    check_writable_parent,
+    split_list_options,
+)
 from featpipe.pipeline import Decoded, decode, embed
 from featpipe.runs import load_run
 
@@ -45,6 +52,7 @@ class PredictOptions:
     precision: str = "float32"  # backbone compute precision
 
     def __post_init__(self) -> None:
+        split_list_options(self)
         check_int("top_k", self.top_k, 1, MAX_TOP_K)
         check_int("windows", self.windows, 1, MAX_WINDOWS)
         check_int("workers", self.workers, 1, MAX_WORKERS, optional=True)
@@ -75,27 +83,64 @@ class Prediction:
         return {"clip": self.clip, "top": [{"label": lab, "probability": round(float(p), 6)} for lab, p in self.top]}
 
 
-def expand_clips(items: Iterable[str | Path]) -> list[Path]:
-    """Files as given; folders expand (recursively, sorted) to the video files in them."""
-    out: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and p.suffix.lower() in VIDEO_EXTENSIONS
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            if not found:
-                raise FeatpipeError(f"Folder '{path}' holds no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}).")
-            out.extend(found)
-        else:
-            out.append(path)  # a missing file is reported per clip, not fatal
-    if not out:
+@dataclass(frozen=True)
+class ClipList:
+    """What `predict` was given, folders expanded by the rule `extract` indexes a folder with.
+
+    ``entries`` are ``(path, None)`` for a clip to classify and ``(folder, why)`` for a folder
+    whose clips could not be indexed (it cannot be read); ``folders`` counts the clips found in
+    each folder given.
+    """
+
+    entries: tuple[tuple[Path, str | None], ...]
+    folders: tuple[tuple[Path, int], ...] = ()
+
+    @property
+    def paths(self) -> list[Path]:
+        """The clips to classify, in order."""
+        return [path for path, error in self.entries if error is None]
+
+    @property
+    def unreadable(self) -> list[tuple[Path, str]]:
+        """(folder, reason) for each folder whose clips were not indexed."""
+        return [(path, error) for path, error in self.entries if error is not None]
+
+
+def find_clips(clips: str | Path | Iterable[str | Path] | ClipList) -> ClipList:
+    """The clips of ``clips``: one path (a ``str`` or ``Path``) or a list of them; a file is one clip (a missing
+    one is reported per clip, not here), a folder its video files found by :func:`featpipe.datasets.walk_clips`
+    (recursive, sorted, hidden entries skipped, linked folders followed once), the same clips `extract`
+    indexes in it. A folder that cannot be read becomes an entry saying so; a folder with no video
+    and nothing unreadable in it, or no clip at all, is a FeatpipeError."""
+    if isinstance(clips, ClipList):
+        return clips
+    entries: list[tuple[Path, str | None]] = []
+    folders: list[tuple[Path, int]] = []
+    for path in as_paths("clips", clips, "a video file or a folder"):
+        if not _is_dir(path):
+            entries.append((path, None))
+            continue
+        found = walk_clips(path)
+        if not found.clips and not found.unreadable:
+            raise FeatpipeError(f"Folder '{path}' holds no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}).")
+        folders.append((path, len(found.clips)))
+        entries.extend((clip, None) for clip in found.clips)
+        entries.extend((folder, unreadable_note(folder, why)) for folder, why in found.unreadable)
+    if not entries:
         raise FeatpipeError("No clips given: pass one or more video files or folders.")
-    return out
+    return ClipList(tuple(entries), tuple(folders))
+
+
+def expand_clips(items: str | Path | Iterable[str | Path]) -> list[Path]:
+    """The clip files of ``items`` (see :func:`find_clips`); folders that cannot be read are left out."""
+    return find_clips(items).paths
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # cannot even be looked at: reported per clip when it is decoded
+        return False
 
 
 class Predictor:
@@ -139,7 +184,7 @@ class Predictor:
 
 
 def predict(
-    clips: Iterable[str | Path],
+    clips: str | Path | Iterable[str | Path] | ClipList,
     model: str | Path = "models/latest",
     top_k: int = 3,
     windows: int = 1,
@@ -149,7 +194,12 @@ def predict(
     predictor: Predictor | None = None,
     precision: str = "float32",
 ) -> list[Prediction]:
-    """Classify clips (files or folders) with a trained run. Returns one Prediction per clip, in order.
+    """Classify clips with a trained run. Returns one Prediction per clip, in order.
+
+    ``clips`` is one path or a list of them (``predict("a.mp4")`` is one clip, never its letters);
+    a folder means the video files in it, found as `extract` finds them (:func:`find_clips`). A
+    folder that cannot be read gets a Prediction of its own, with ``error`` saying its clips were
+    not indexed.
 
     ``windows`` > 1 averages the head's probabilities over that many evenly spaced windows of the
     run's frame count (for long videos). A clip that cannot be decoded gets ``error`` set; the
@@ -161,7 +211,8 @@ def predict(
     PredictOptions(
         model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size, gif=gif, precision=precision
     )
-    paths = expand_clips(clips)
+    found = find_clips(clips)
+    paths = found.paths
     if gif is not None and len(paths) != 1:
         raise FeatpipeError(f"--gif makes an animation of one clip; {len(paths)} clips were given.")
     pred = predictor or Predictor(model, batch_size, precision)
@@ -188,9 +239,15 @@ def predict(
 
     # the stages extract uses: decode in threads -> embed (frames batched across clips) -> the head
     results: dict[int, Prediction] = {}
+    todo = []
+    for i, (path, error) in enumerate(found.entries):
+        if error is None:
+            todo.append((i, path))
+        else:  # a folder whose clips could not be indexed
+            results[i] = Prediction(str(path), error=error)
     group: list = []
     chunk = 32  # clips per head call
-    for done in embed(decode(enumerate(paths), read, workers or default_workers()), pred.extractor):
+    for done in embed(decode(todo, read, workers or default_workers()), pred.extractor):
         if not done.ok:
             results[done.item[0]] = Prediction(str(done.item[1]), error=done.error)
             continue
@@ -200,7 +257,7 @@ def predict(
             group = []
     if group:
         classify(group)
-    return [results[i] for i in range(len(paths))]
+    return [results[i] for i in range(len(found.entries))]
 
 
 def check_csv_path(path: str | Path, name: str = "output") -> None:

@@ -50,7 +50,7 @@ from featpipe.data import (
 from featpipe.datasets import stratified_split
 from featpipe.errors import FeatpipeError, OptionError, Terminated
 from featpipe.names import CLASS_WEIGHTS, HEAD_NAMES, RECURRENT_HEADS, REFIT_BELOW, SPLITS
-from featpipe.options import check_choice, check_dir_option, check_float, check_int
+from featpipe.options import check_choice, check_dir_option, check_float, check_int, split_list_options
 from featpipe.runs import LATEST, RunError, resolve_run  # noqa: F401  re-exported: featpipe.train.resolve_run
 
 # upper bounds: far beyond any useful value, low enough to fail with a sentence instead of MemoryError
@@ -105,6 +105,7 @@ class TrainOptions:
     rnn: str | None = None  # the older name of ``head``, still accepted (it wins when given); None after construction
 
     def __post_init__(self) -> None:
+        split_list_options(self)  # no list-valued option yet; a future one takes "a,b" like the CLI
         if self.rnn is not None:  # train(rnn="lstm") keeps working: the older spelling of head
             object.__setattr__(self, "head", self.rnn)
             object.__setattr__(self, "rnn", None)

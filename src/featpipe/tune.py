@@ -38,7 +38,7 @@ from featpipe._quiet import import_keras
 from featpipe.data import cache_fingerprint, load_rows, open_index, pca_from_frames, resolve_cache
 from featpipe.errors import FeatpipeError, OptionError
 from featpipe.names import CV_MODES, HEAD_NAMES, IMAGE_HEADS
-from featpipe.options import check_choice, check_dir_option, check_float, check_int
+from featpipe.options import check_choice, check_dir_option, check_float, check_int, split_list_options
 from featpipe.train import TrainOptions, compile_model, head_config, interrupt_check, resolve_defaults, train
 
 MIN_VAL_PER_CLASS = 10  # fewer val clips per class than this: k-fold on train + val instead of repeated seeds
@@ -71,6 +71,7 @@ class TuneOptions:
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        split_list_options(self)  # heads="gru,lstm" as --heads gru,lstm
         check_int("trials", self.trials, 1, 100_000, optional=True)
         check_float("time_budget", self.time_budget, 0.0, 30 * 86400.0, low_open=True, optional=True)
         if self.trials is None and self.time_budget is None:
@@ -82,14 +83,13 @@ class TuneOptions:
         check_int("seed", self.seed, 0, 2**31 - 1)
         check_int("epochs", self.epochs, 1, 100_000)
         check_int("patience", self.patience, 1, 100_000)
-        heads = tuple(self.heads)
+        heads = self.heads
         if not heads:
             raise OptionError("heads", "must name at least one head.")
         for head in heads:
             if head not in HEAD_NAMES or head in IMAGE_HEADS:
                 feature_heads = ", ".join(h for h in HEAD_NAMES if h not in IMAGE_HEADS)
                 raise OptionError("heads", f"must be feature heads ({feature_heads}); got {head!r}.")
-        object.__setattr__(self, "heads", heads)
 
 
 @dataclass

@@ -37,6 +37,7 @@ frame from the damaged part is ever returned, whatever OpenCV or FFmpeg build is
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,14 +199,20 @@ def _api_preference() -> int:
 
 
 def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise VideoError(f"video file not found: {path}. Check the path and that the file exists.")
-    if path.is_dir():
-        raise VideoError(f"{path} is a folder, not a video file.")
-    try:
-        size = path.stat().st_size
+    try:  # stat can itself be refused: a folder on the way may be listed but not entered
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise VideoError(f"video file not found: {path}. Check the path and that the file exists.") from None
+    except PermissionError as exc:
+        raise VideoError(
+            f"cannot read video file {path}: permission denied (a folder on its path may not be entered); "
+            "give your user access (e.g. chmod a+rX on the folders, a+r on the file) or remove it from the dataset."
+        ) from exc
     except OSError as exc:
         raise VideoError(f"cannot read video file {path}: {exc.strerror or exc}.") from exc
+    if stat.S_ISDIR(st.st_mode):
+        raise VideoError(f"{path} is a folder, not a video file.")
+    size = st.st_size
     if size == 0:
         raise VideoError(f"video file {path} is empty (0 bytes); re-copy or re-download it.")
     try:  # a file we may not read is not "not a video file": say what is wrong with it
