@@ -4,6 +4,7 @@ of issue 10 on the hard sample set (default gru/lstm vs segments and the linear 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -221,3 +222,140 @@ def test_tunes_retrained_best_is_as_good_on_test_as_the_default_heads_it_searche
     assert len(result.leaderboard) >= 5 and result.run_dir is not None
     defaults = max(hard_results[head]["accuracy"] for head in ("gru", "lstm"))
     assert result.test_accuracy >= defaults - 1.5 / 64, (result.best, result.test_accuracy, defaults)
+
+
+# ---------------------------------------------------------------- hard to break (issue 19): checks before the search
+
+from typer.testing import CliRunner  # noqa: E402
+
+from featpipe.cli import app  # noqa: E402
+from mounts import fill, read_only, tmpfs  # noqa: E402
+
+runner = CliRunner()
+FAST_TUNE = ["--heads", "segments,mean", "--trials", "2", "--epochs", "2", "--patience", "1"]
+
+
+def _tune(cache: Path, out: Path, models: Path, *extra: str):
+    args = ["tune", str(cache), *FAST_TUNE, "--out", str(out), "--models-dir", str(models), *extra]
+    result = runner.invoke(app, args)
+    assert "Traceback" not in result.output + result.stderr, result.output + result.stderr
+    return result
+
+
+def _damage_row(cache: Path, row: int) -> str:
+    """Flip one byte of the stored features of ``row`` (in the cache file or its part files); its clip's name."""
+    import h5py
+
+    with h5py.File(cache, "r") as f:
+        target = np.asarray(f["features"][row][0]).tobytes()
+        video = f["video"].asstr()[row]
+    files = [cache, *sorted(Path(str(cache) + ".parts").glob("*"))] if Path(str(cache) + ".parts").is_dir() else [cache]
+    for path in files:
+        raw = bytearray(path.read_bytes())
+        at = raw.find(target)
+        if at >= 0:
+            raw[at + 1] ^= 0x40
+            path.write_bytes(bytes(raw))
+            return video
+    raise AssertionError("the row's bytes were not found")
+
+
+def _bad_cache(path: Path, kind: str) -> tuple[Path, str]:
+    """A small cache with one flaw: NaN or infinite features in one clip, a damaged row, a train split of one class."""
+    if kind == "damaged":
+        tiny_cache(path)
+        return path, _damage_row(path, 5)
+    t, d = 4, 6
+    names = ("a", "b", "c", "d")
+    w = CacheWriter(path, CacheConfig("vgg16", "none", "fp", 32, t, "uniform", "float32", (d,), names))
+    for i in range(24):
+        label = i % 4
+        split = "test" if i % 8 == 7 else ("val" if i % 6 == 0 else "train")
+        if kind == "one class":
+            label = 2 if split == "train" else label
+        feats = np.full((t, d), float(label), np.float32)
+        if i == 9 and kind in ("nan", "inf"):
+            feats[1, 2] = np.nan if kind == "nan" else np.inf
+        w.append(ClipRecord(f"v{i:03d}.mp4", label, split, t, feats, np.ones(t, bool)))
+    w.finalize()
+    return path, {"nan": "v009.mp4", "inf": "v009.mp4", "one class": "'c'"}[kind]
+
+
+@pytest.mark.parametrize("kind, status", [("nan", 2), ("inf", 2), ("damaged", 1), ("one class", 2)])
+def test_a_flawed_cache_is_refused_before_the_search_as_train_refuses_it(tmp_path, kind, status):
+    cache, named = _bad_cache(tmp_path / "c.h5", kind)
+    result = _tune(cache, tmp_path / "tune", tmp_path / "models")
+    assert result.exit_code == status, result.output + result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and named in result.stderr
+    assert not (tmp_path / "tune" / "study.db").exists(), "no trial was started"
+    train = runner.invoke(app, ["train", "--cache", str(cache), "--epochs", "1", "-q", "--out", str(tmp_path / "r")])
+    assert train.exit_code == status, "the same exit status as train for the same cache"
+
+
+def test_a_damaged_study_db_is_one_sentence_naming_it(tmp_path):
+    cache = tiny_cache(tmp_path / "c.h5")
+    out = tmp_path / "tune"
+    out.mkdir()
+    for content in (b"\x00garbage" * 900, b"SQLite format 3\x00" + bytes(range(256)) * 40):
+        (out / "study.db").write_bytes(content)
+        result = _tune(cache, out, tmp_path / "models")
+        assert result.exit_code == 2, result.output + result.stderr
+        assert "study.db' is damaged" in result.stderr and "move it away" in result.stderr
+        assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("where", ["out", "models"])
+def test_a_read_only_out_or_models_folder_is_one_sentence_before_the_search(tmp_path, where):
+    cache = tiny_cache(tmp_path / "c.h5")
+    with tmpfs(tmp_path / "media", "1m") as media:
+        (media / "folder").mkdir()
+        with read_only(media):
+            out = media / "folder" if where == "out" else tmp_path / "tune"
+            models = media / "folder" if where == "models" else tmp_path / "models"
+            result = _tune(cache, out, models)
+    assert result.exit_code == 2, result.output + result.stderr
+    flag = "--out" if where == "out" else "--models-dir"
+    assert result.stderr.startswith(f"error: {flag} ") and "not writable" in result.stderr
+    assert not (tmp_path / "tune" / "study.db").exists(), "no trial was started"
+
+
+def test_a_full_disk_under_the_study_is_one_sentence_with_status_1(tmp_path):
+    cache = tiny_cache(tmp_path / "c.h5")
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        fill(disk, leave=8 << 10)
+        result = _tune(cache, disk / "tune", tmp_path / "models")
+    assert result.exit_code == 1, result.output + result.stderr
+    assert "disk is full" in result.stderr and "run the same command again" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_a_second_tune_on_the_same_study_is_refused_while_one_runs(tmp_path):
+    from featpipe.workers import FolderLock
+
+    cache = tiny_cache(tmp_path / "c.h5")
+    out = tmp_path / "tune"
+    out.mkdir()
+    with FolderLock(out, "study", "`featpipe tune`"):  # what a running tune holds
+        result = _tune(cache, out, tmp_path / "models")
+    assert result.exit_code == 2, result.output + result.stderr
+    assert f"Another `featpipe tune` (process {os.getpid()}) is running in '{out}'" in result.stderr
+
+
+def test_tune_waits_for_workers_of_a_killed_run_and_refuses_while_they_live(tmp_path, monkeypatch):
+    import fcntl
+
+    from featpipe import workers
+
+    cache = tiny_cache(tmp_path / "c.h5")
+    out = tmp_path / "tune"
+    out.mkdir()
+    monkeypatch.setattr(workers, "ORPHAN_WAIT", 0.5)
+    fd = os.open(out / "study.workers.lock", os.O_RDWR | os.O_CREAT)  # what a worker of a killed tune holds
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+        result = _tune(cache, out, tmp_path / "models")
+    finally:
+        os.close(fd)
+    assert result.exit_code == 2, result.output + result.stderr
+    assert "Worker processes of an earlier `featpipe tune`" in result.stderr and "still running" in result.stderr
+    assert not (out / "study.db").exists(), "nothing was written while they run"
