@@ -359,3 +359,155 @@ def test_tune_waits_for_workers_of_a_killed_run_and_refuses_while_they_live(tmp_
     assert result.exit_code == 2, result.output + result.stderr
     assert "Worker processes of an earlier `featpipe tune`" in result.stderr and "still running" in result.stderr
     assert not (out / "study.db").exists(), "nothing was written while they run"
+
+
+# ---------------------------------------------------------------- interrupted searches resume whole (issue 19)
+
+
+def _trial_states(db: Path) -> dict[str, int]:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
+        return dict(con.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
+
+
+def _scored_defaults(db: Path, heads, frames: int) -> set[str]:
+    """The heads whose default configuration (train's defaults) has a finished trial in ``db``."""
+    import sqlite3
+
+    from featpipe.tune import _defaults_as_trial
+
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
+        ids = [i for (i,) in con.execute("SELECT trial_id FROM trials WHERE state = 'COMPLETE'")]
+        scored = set()
+        for i in ids:
+            rows = con.execute(
+                "SELECT param_name, param_value, distribution_json FROM trial_params WHERE trial_id = ?", (i,)
+            )
+            params = {}
+            for name, value, dist in rows:
+                dist = json.loads(dist)
+                if dist["name"] == "CategoricalDistribution":
+                    value = dist["attributes"]["choices"][int(value)]
+                elif dist["name"] == "IntDistribution":
+                    value = int(value)
+                params[name] = value
+            scored |= {h for h in heads if _defaults_as_trial(h, frames) == params}
+    return scored
+
+
+@pytest.mark.slow
+def test_a_trial_left_running_by_a_killed_search_is_failed_and_its_default_scored_on_resume(tmp_path):
+    import optuna
+
+    from featpipe.data import open_index
+    from featpipe.tune import _defaults_as_trial, _load_study, study_name, suggest, tune
+
+    cache = tiny_cache(tmp_path / "c.h5")
+    out = tmp_path / "tune"
+    out.mkdir()
+    heads = ("segments", "mean")
+    opts = TuneOptions(cache=cache, heads=heads, trials=2, epochs=2, patience=1, out=out, retrain=False, quiet=True)
+    index = open_index(cache)
+    # what a search killed during its first trial leaves: both defaults queued, the first one RUNNING for ever,
+    # and (a second worker's) the other default and one sampled trial finished: --trials 2 is reached
+    study = _load_study(out / "study.db", study_name(index, opts, "folds"), 0)
+    for head in heads:
+        study.enqueue_trial(_defaults_as_trial(head, index.config.frames))
+    killed = study.ask()
+    for value in (0.5, 0.4):
+        trial = study.ask()
+        params = suggest(trial, heads, index.config.frames)
+        trial.set_user_attr("params", params)
+        trial.set_user_attr("scores", [value] * 3)
+        study.tell(trial, value)
+    assert study.trials[killed.number].state == optuna.trial.TrialState.RUNNING
+    assert _scored_defaults(out / "study.db", heads, index.config.frames) == {"mean"}
+
+    result = tune(opts)
+    states = _trial_states(out / "study.db")
+    assert "RUNNING" not in states and states["FAIL"] == 1, states
+    assert _scored_defaults(out / "study.db", heads, index.config.frames) == set(heads), "every default is scored"
+    assert len(result.leaderboard) == states["COMPLETE"] == 3
+
+
+def _workers_of(proc: subprocess.Popen) -> list:
+    import psutil
+
+    try:
+        return [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    except psutil.Error:
+        return []
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether the process has a handler for SIGTERM (Linux: the SigCgt mask in /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(mask >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.slow
+def test_tune_stopped_by_sigint_sigterm_and_sigkill_at_random_moments_resumes_to_a_whole_leaderboard(tmp_path):
+    """Issue 19's done-when: each signal at two random moments (one while the search starts, one while a worker
+    runs), then the same command: every default scored, no trial left running, the leaderboard written, and no
+    process of an interrupted run left alive."""
+    import random
+
+    import psutil
+
+    cache = tiny_cache(tmp_path / "c.h5")
+    out, models = tmp_path / "tune", tmp_path / "models"
+    cmd = [sys.executable, "-m", "featpipe", "tune", str(cache), *FAST_TUNE[:2], "--trials", "4"]
+    cmd += ["--epochs", "2", "--patience", "1", "--out", str(out), "--models-dir", str(models)]
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    # (signal, moment, to the whole process group as a terminal's Ctrl-C does)
+    plan = [
+        (signal.SIGINT, "start", False),
+        (signal.SIGTERM, "start", False),
+        (signal.SIGKILL, "start", False),
+        (signal.SIGINT, "worker", True),
+        (signal.SIGTERM, "worker", False),
+        (signal.SIGKILL, "worker", False),
+    ]
+    rng.shuffle(plan)
+    expected = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -signal.SIGKILL}
+    for sig, moment, group in plan:
+        where = f"seed {seed}: {sig.name} at {moment}"
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        if moment == "start":  # once featpipe handles signals (before, the process just dies: nothing started)
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and not _catches_sigterm(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 2.5))
+        else:
+            deadline = time.monotonic() + 240
+            while proc.poll() is None and not _workers_of(proc) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(rng.uniform(0.0, 8.0))
+        family = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+        if proc.poll() is None:
+            (os.killpg if group else os.kill)(proc.pid, sig)
+        _, err = proc.communicate(timeout=180)
+        assert "Traceback" not in err, (where, err)
+        if proc.returncode != 0:  # (0: that run ended before the signal came)
+            assert proc.returncode == expected[sig], (where, proc.returncode, err)
+            if sig != signal.SIGKILL:
+                assert "interrupted: finished trials are kept" in err, (where, err)
+        _, alive = psutil.wait_procs(family, timeout=30)
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, (where, [" ".join(p.cmdline()) for p in alive])
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (seed, done.stderr)
+    db = out / "study.db"
+    states = _trial_states(db)
+    assert "RUNNING" not in states and "WAITING" not in states and states["COMPLETE"] >= 4, (seed, states)
+    assert _scored_defaults(db, ("segments", "mean"), 4) == {"segments", "mean"}, seed
+    board = json.loads((out / "leaderboard.json").read_text())["trials"]
+    assert len(board) == states["COMPLETE"], seed
+    assert (out / "best.json").is_file() and (models / "latest").is_file()
