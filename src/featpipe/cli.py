@@ -482,6 +482,14 @@ def tune_cmd(
         typer.Option(help="Folder for study.db and the leaderboard [default: <models-dir>/tune-<cache stem>]."),
     ] = None,
     models_dir: Annotated[Path, typer.Option(help="Parent folder of the retrained best run.")] = Path("models"),
+    retrain: Annotated[
+        bool,
+        typer.Option(
+            "--retrain/--no-retrain",
+            help="Retrain the best configuration as a run directory after the search (the same command with "
+            "--retrain does it later).",
+        ),
+    ] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
 ):
     """Search heads and settings with Optuna (resumable), print a leaderboard, retrain the best as models/latest."""
