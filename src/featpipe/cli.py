@@ -106,6 +106,8 @@ def _handles_errors(fn=None, *, interrupted: str = INTERRUPTED, flags: dict[str,
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            while _STARTUP:  # main() deferred signals while the command line was read: one that came is raised here
+                _STARTUP.pop().__exit__(None, None, None)
             return fn(*args, **kwargs)
         except OptionError as exc:
             typer.secho(f"error: {exc.flag_message(flags)}", err=True, fg=typer.colors.RED)
@@ -480,6 +482,14 @@ def tune_cmd(
         typer.Option(help="Folder for study.db and the leaderboard [default: <models-dir>/tune-<cache stem>]."),
     ] = None,
     models_dir: Annotated[Path, typer.Option(help="Parent folder of the retrained best run.")] = Path("models"),
+    retrain: Annotated[
+        bool,
+        typer.Option(
+            "--retrain/--no-retrain",
+            help="Retrain the best configuration as a run directory after the search (the same command with "
+            "--retrain does it later).",
+        ),
+    ] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
 ):
     """Search heads and settings with Optuna (resumable), print a leaderboard, retrain the best as models/latest."""
@@ -627,10 +637,20 @@ def info_cmd(
         typer.echo(line)
 
 
+# main()'s signals.deferred() block, left open until a command's _handles_errors begins
+_STARTUP: list = []
+
+
 def main() -> None:
     # batch schedulers and container runtimes stop jobs with SIGTERM: treat it as Ctrl-C (finished work is kept);
     # both are remembered until handled, so one swallowed by a garbage-collector callback still stops training
     signals.install()
+    # Until a command begins, a signal is only recorded: raised while typer builds the commands from their type
+    # hints it was a traceback, and while it parses the command line typer turned it into a silent exit 130 (for
+    # SIGTERM too). The command's _handles_errors closes the block, which raises it: a sentence and 130 or 143.
+    startup = signals.deferred()
+    startup.__enter__()
+    _STARTUP.append(startup)
     app()
 
 

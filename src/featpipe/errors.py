@@ -39,6 +39,15 @@ class Terminated(KeyboardInterrupt):
     """
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) as featpipe's signal handler raises it: a KeyboardInterrupt like any other.
+
+    A subclass because CPython remembers a plain KeyboardInterrupt that passes out of some compiled code
+    (it happened inside imports of scikit-learn and charset_normalizer) as "unhandled", even when featpipe
+    catches it further up, and at exit kills itself with SIGINT: a parent saw status -2, not 130.
+    """
+
+
 class DatasetError(FeatpipeError):
     """The dataset folder, CSV or split lists cannot be indexed as asked."""
 

@@ -21,7 +21,7 @@ import signal
 import threading
 from contextlib import contextmanager
 
-from featpipe.errors import Terminated
+from featpipe.errors import Interrupted, Terminated
 
 _pending: list[KeyboardInterrupt] = []
 _deferring = 0
@@ -40,7 +40,7 @@ def _on_signal(signum, frame):
     if _in_gc_callback(frame):  # an exception raised here would be printed and dropped: ask again shortly
         threading.Timer(0.02, os.kill, (os.getpid(), signum)).start()
         return
-    exc = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    exc = Terminated() if signum == signal.SIGTERM else Interrupted()
     _pending.append(exc)
     if _deferring:
         return

@@ -200,7 +200,8 @@ def _check_not_a_shard(cache: Path, allow: bool) -> None:
     )
 
 
-def _validate(opts: TrainOptions, index: CacheIndex) -> dict[str, np.ndarray]:
+def check_splits(index: CacheIndex) -> dict[str, np.ndarray]:
+    """The rows of each split, refusing a cache with one class, no train split or one class in train."""
     if len(index.class_names) < 2:
         raise FeatpipeError(
             f"'{index.path}' has a single class ({index.class_names[0]}); a classifier needs at least two."
@@ -218,6 +219,14 @@ def _validate(opts: TrainOptions, index: CacheIndex) -> dict[str, np.ndarray]:
             f"The train split of '{index.path}' holds only the class '{only}'; training needs at least two."
         )
     return splits
+
+
+def check_cache(index: CacheIndex) -> None:
+    """What train refuses before fitting, in one call (``tune`` checks a cache with it before its search):
+    the splits (:func:`check_splits`), and every row readable (checksums) and finite. ``train`` itself
+    runs the same row checks inside its statistics pass (``_build``), so that it reads the cache once."""
+    check_splits(index)
+    check_finite(index, np.arange(len(index.labels)))
 
 
 def compile_model(model, opts: TrainOptions) -> None:
@@ -339,7 +348,7 @@ def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
 
 
 def _choose_splits(opts: TrainOptions, index: CacheIndex) -> _Splits:
-    splits = _validate(opts, index)
+    splits = check_splits(index)
     train_rows, val_rows = splits["train"], splits["val"]
     val_source = "val split"
     if not len(val_rows):

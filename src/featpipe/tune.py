@@ -24,22 +24,40 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import json
 import multiprocessing
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from featpipe import signals
+from featpipe import signals, workers
 from featpipe._quiet import import_keras
 from featpipe.data import cache_fingerprint, load_rows, open_index, pca_from_frames, resolve_cache
-from featpipe.errors import FeatpipeError, OptionError
+from featpipe.errors import FeatpipeError, OptionError, Terminated
 from featpipe.names import CV_MODES, HEAD_NAMES, IMAGE_HEADS
-from featpipe.options import check_choice, check_dir_option, check_float, check_int, split_list_options
-from featpipe.train import TrainOptions, compile_model, head_config, interrupt_check, resolve_defaults, train
+from featpipe.options import (
+    check_choice,
+    check_dir_option,
+    check_float,
+    check_int,
+    check_writable_parent,
+    split_list_options,
+)
+from featpipe.runs import WRITE_ERRNOS
+from featpipe.train import (
+    TrainOptions,
+    check_cache,
+    compile_model,
+    head_config,
+    interrupt_check,
+    resolve_defaults,
+    train,
+)
 
 MIN_VAL_PER_CLASS = 10  # fewer val clips per class than this: k-fold on train + val instead of repeated seeds
 SEARCH_HEADS = ("gru", "lstm", "segments")
@@ -250,7 +268,8 @@ def score_config(params: dict, data: dict, fits, opts: TuneOptions) -> tuple[lis
 # --------------------------------------------------------------------------------------------
 
 
-def _study_name(index, opts: TuneOptions, mode: str) -> str:
+def study_name(index, opts: TuneOptions, mode: str) -> str:
+    """The study's name in ``study.db``: the cache's fingerprint and everything that changes a trial's score."""
     n = opts.folds if mode == "folds" else opts.seeds
     return f"{cache_fingerprint(index.path)}-{mode}{n}-seed{opts.seed}-{'+'.join(opts.heads)}"
 
@@ -286,11 +305,127 @@ def _complete(study) -> list:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
+def _waiting(study) -> list:
+    import optuna
+
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+
+
+def _settle(study, heads: tuple[str, ...], cache_frames: int) -> tuple[int, int]:
+    """Make the study whole again after an interruption; called while no worker runs (the lock is held).
+
+    A trial still RUNNING belongs to a worker that was stopped or killed: it is failed (the leaderboard
+    lists finished trials only). Each head's default configuration that is neither finished nor waiting
+    (first run, or its trial was failed that way) is queued; workers take queued trials first, and the
+    search does not end before the queue is empty. Returns (trials failed, defaults queued).
+    """
+    import optuna
+
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in running:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+    kept = _complete(study) + _waiting(study)
+    queued = 0
+    for head in heads:
+        params = _defaults_as_trial(head, cache_frames)
+        if not any(t.system_attrs.get("fixed_params", t.params) == params for t in kept):
+            study.enqueue_trial(params, user_attrs={"default": head})
+            queued += 1
+    return len(running), queued
+
+
+# --------------------------------------------------------------------------------------------
+# Storage errors: sentences
+# --------------------------------------------------------------------------------------------
+
+
+class TuneStorageError(FeatpipeError):
+    """study.db or the leaderboard cannot be written or read: a read-only folder or a damaged study (exit 2),
+    a full disk and the like (exit 1; the finished trials are kept)."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+_FULL = ("database or disk is full", "disk i/o error", "no space left")
+_READ_ONLY = ("readonly database", "read-only", "unable to open database file", "permission denied")
+_DAMAGED = ("file is not a database", "malformed", "not a database")
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        orig = getattr(exc, "orig", None)  # SQLAlchemy's wrapper of the sqlite3 error
+        if isinstance(orig, BaseException):
+            yield orig
+        exc = exc.__cause__ or exc.__context__
+
+
+def storage_error(exc: BaseException, out: Path) -> TuneStorageError | None:
+    """The sentence for an error of the study's storage (SQLAlchemy, Optuna or the OS), or None for anything else."""
+    import sqlite3
+
+    import sqlalchemy.exc
+    from optuna.exceptions import StorageInternalError
+
+    db = out / "study.db"
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            reason = e.strerror or str(e)
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                return TuneStorageError(
+                    f"Cannot write the search's files in '{out}' ({reason}); pass an --out folder you can write to."
+                )
+            return TuneStorageError(
+                f"Writing the search's files in '{out}' failed ({reason}); the finished trials are kept in "
+                f"{db.name}. Free some space and run the same command again to resume.",
+                1,
+            )
+        if not isinstance(e, (sqlalchemy.exc.SQLAlchemyError, StorageInternalError, sqlite3.Error)):
+            continue
+        text = str(e).lower()
+        reason = str(getattr(e, "orig", None) or e).splitlines()[0]
+        if any(k in text for k in _DAMAGED):
+            return TuneStorageError(
+                f"The study '{db}' is damaged ({reason}) and cannot be resumed; move it away (or restore a copy) "
+                f"and run the same command again to start the search anew."
+            )
+        if any(k in text for k in _READ_ONLY):
+            return TuneStorageError(f"Cannot write the study '{db}' ({reason}); pass an --out folder you can write to.")
+        if any(k in text for k in _FULL):
+            return TuneStorageError(
+                f"Writing the study '{db}' failed ({reason}); the finished trials are kept. Free some space and "
+                f"run the same command again to resume.",
+                1,
+            )
+    return None
+
+
+@contextmanager
+def _storage_errors(out: Path):
+    try:
+        yield
+    except (OSError, Exception) as exc:
+        if isinstance(exc, FeatpipeError):
+            raise
+        error = storage_error(exc, out)
+        if error is None:
+            raise
+        raise error from None
+
+
+# --------------------------------------------------------------------------------------------
+# Workers
+# --------------------------------------------------------------------------------------------
+
+
 def _worker(cache: str, db: str, name: str, opts: TuneOptions, deadline: float | None, worker: int = 0) -> None:
     """One worker process: load train+val into memory once, then run trials until the study has
-    ``opts.trials`` finished ones or the deadline passes."""
+    ``opts.trials`` finished ones and no queued one, or the deadline passes."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import optuna
 
     index = open_index(cache)
     _, fits = plan_fits(index, opts)
@@ -317,23 +452,42 @@ def _worker(cache: str, db: str, name: str, opts: TuneOptions, deadline: float |
         trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
         return float(np.mean(accs)) - 1e-3 * float(np.mean(losses))  # accuracy first; loss breaks ties
 
-    callbacks = []
-    if opts.trials is not None:
-        callbacks.append(optuna.study.MaxTrialsCallback(opts.trials, states=(optuna.trial.TrialState.COMPLETE,)))
     while True:
-        if opts.trials is not None and len(_complete(study)) >= opts.trials:
+        # the default configurations (queued) are scored even when --trials is reached without them
+        if opts.trials is not None and len(_complete(study)) >= opts.trials and not _waiting(study):
             return
         left = None if deadline is None else deadline - time.time()
         if left is not None and left <= 0:
             return
-        study.optimize(objective, n_trials=1, timeout=left, callbacks=callbacks, catch=(), gc_after_trial=True)
+        study.optimize(objective, n_trials=1, timeout=left, catch=(), gc_after_trial=True)
 
 
-def _worker_main(*args) -> None:
+def _worker_main(parent: int, problems, out: str, *args) -> None:
+    """A worker's process: dies with ``parent``, holds the workers' lock, and reports a FeatpipeError or a
+    storage error to the parent as (exit status, sentence) on ``problems`` instead of a traceback."""
+    workers.die_with_parent(parent)
+    workers.ignore_sigint()
+    workers.hold_worker_lock(Path(out) / "study.workers.lock")
+    if os.getppid() != parent:  # the parent died before this worker held the lock: a new run may be going on
+        os._exit(1)
     try:
-        _worker(*args)
-    except KeyboardInterrupt:  # the parent reports it; the study already holds every finished trial
-        pass
+        with _storage_errors(Path(out)):
+            _worker(*args)
+    except FeatpipeError as exc:
+        problems.put((exc.exit_code, str(exc)))
+
+
+def _stop_workers(procs) -> None:
+    """Terminate (SIGTERM) and join every started worker; kill one that does not stop."""
+    started = [p for p in procs if p.pid is not None]
+    for p in started:
+        if p.is_alive():
+            p.terminate()
+    for p in started:
+        p.join(timeout=15)
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def leaderboard(study) -> list[dict]:
@@ -452,9 +606,13 @@ def _plot(rows: list[dict], path: Path, mode: str, top: int = 15) -> Path:
 def tune(opts: TuneOptions | None = None, **kwargs) -> TuneResult:
     """Run (or resume) the search, write the leaderboard, retrain the best as a run directory.
 
-    Ctrl-C (or SIGTERM) stops the workers; finished trials stay in ``study.db`` and the
-    leaderboard is written from them, then KeyboardInterrupt is re-raised unless nothing is
-    lost by stopping. Running the same command again resumes the study.
+    The cache is checked first, as ``train`` checks it (:func:`featpipe.train.check_cache`), and the
+    folders are checked writable, so a bad input costs no trial. One command at a time works in ``out``
+    (``study.lock``; a second one is refused with a sentence), and it waits for the workers of a killed
+    one to stop. Ctrl-C (or SIGTERM) stops the workers; finished trials stay in ``study.db``, the
+    trials they were running are failed, the leaderboard is written from the finished ones, and the
+    KeyboardInterrupt (:class:`~featpipe.errors.Terminated` for SIGTERM) is re-raised. Running the same
+    command again resumes the study, scoring first every default configuration not yet finished.
     """
     opts = TuneOptions(**kwargs) if opts is None else dataclasses.replace(opts, **kwargs)
     check_dir_option("out", opts.out, optional=True)
@@ -466,66 +624,98 @@ def tune(opts: TuneOptions | None = None, **kwargs) -> TuneResult:
             f"'{cache}' holds raw frames; `featpipe tune` searches feature heads: "
             f"use a feature cache (e.g. `featpipe extract --backbone resnet50`)."
         )
-    if not len(index.rows("train")):
-        raise FeatpipeError(f"'{cache}' has no train split; re-extract with a train split.")
+    check_cache(index)  # train's own refusals (one class, damaged or non-finite rows), before any trial
     mode, fits = plan_fits(index, opts)
     out = Path(opts.out) if opts.out else Path(opts.models_dir) / f"tune-{cache.stem}"
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_parent("out", out, "the folder")
+    if opts.retrain:  # refused now, not after the search
+        check_writable_parent("models_dir", opts.models_dir, "the folder")
+    with _storage_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+        lock = workers.FolderLock(out, "study", "`featpipe tune`")
+    with lock:
+        with _storage_errors(out):
+            result = _search(opts, cache, index, mode, fits, out)
+        if opts.retrain:
+            _retrain(opts, cache, result)
+    return result
+
+
+def _search(opts: TuneOptions, cache: Path, index, mode: str, fits, out: Path) -> TuneResult:
+    """The search itself, with ``out``'s lock held."""
     db = out / "study.db"
-    name = _study_name(index, opts, mode)
+    name = study_name(index, opts, mode)
     study = _load_study(db, name, opts.seed)
     before = len(_complete(study))
-    if not study.trials:  # the defaults are always among the candidates: the best is never worse on CV
-        for head in opts.heads:
-            study.enqueue_trial(_defaults_as_trial(head, index.config.frames))
+    failed_before, _ = _settle(study, opts.heads, index.config.frames)
     if not opts.quiet:
+        stale = f"; {failed_before} trials interrupted earlier were failed" if failed_before else ""
         print(
-            f"Tuning on {cache} ({mode}: {len(fits)} fits per trial), study {db} ({before} finished trials so far)",
+            f"Tuning on {cache} ({mode}: {len(fits)} fits per trial), study {db} ({before} finished trials so far"
+            f"{stale})",
             flush=True,
         )
 
     deadline = None if opts.time_budget is None else time.time() + opts.time_budget
-    interrupted = False
+    stopped: KeyboardInterrupt | None = None
     ctx = multiprocessing.get_context("spawn")  # no fork after TensorFlow
+    problems = ctx.SimpleQueue()
     procs = [
-        ctx.Process(target=_worker_main, args=(str(cache), str(db), name, opts, deadline, k), daemon=True)
+        ctx.Process(
+            target=_worker_main,
+            args=(os.getpid(), problems, str(out), str(cache), str(db), name, opts, deadline, k),
+            daemon=True,
+        )
         for k in range(opts.jobs)
     ]
     try:
-        for p in procs:
-            p.start()
+        with workers.startup_without_sigint():
+            for p in procs:
+                p.start()
         last = -1
-        while any(p.is_alive() for p in procs):
-            time.sleep(1.0)
+        while any(p.is_alive() for p in procs) and problems.empty():
+            time.sleep(0.5)
+            signals.raise_pending()  # an interrupt that landed where it was swallowed
             done = len(_complete(study))
             if not opts.quiet and done != last:
                 print(f"  {done} trials finished", flush=True)
                 last = done
-    except KeyboardInterrupt:
-        interrupted = True
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated) through featpipe.signals
+        stopped = exc
+        signals.handled()
     finally:
-        for p in procs:
-            p.join(timeout=30)
+        with signals.deferred():  # a second signal waits until every worker is stopped
+            _stop_workers(procs)
+    _settle(study, (), index.config.frames)  # a trial a stopped worker was running: failed
+    reported = []
+    while not problems.empty():
+        reported.append(problems.get())
     failed = [p.exitcode for p in procs if p.exitcode not in (0, None, -15)]
     rows = leaderboard(study)
     files = _write_outputs(rows, out, mode, {"cache": str(cache.resolve()), "study": name})
-    result = TuneResult(out, rows, rows[0] if rows else None, None, None, len(rows) - before, interrupted, files, mode)
-    if interrupted:
-        raise KeyboardInterrupt
+    result = TuneResult(out, rows, rows[0] if rows else None, None, None, len(rows) - before, False, files, mode)
+    if stopped is not None:
+        raise stopped
+    if reported:
+        code, message = reported[0]
+        raise TuneStorageError(message, code)
     if failed and not rows:
         raise FeatpipeError(
             f"Every tune worker failed (exit codes {failed}); run `featpipe train` on the cache to see the error."
         )
     if not rows:
         raise FeatpipeError("No trial finished within the time budget; give a larger --time-budget.")
-    if opts.retrain:
-        best = dict(rows[0]["params"])
-        run = train(cache=cache, models_dir=opts.models_dir, seed=opts.seed, quiet=True, **best)
-        result.run_dir, result.test_accuracy = run.run_dir, run.metrics.get("test", {}).get("accuracy")
-        summary = {"best": rows[0], "run_dir": str(run.run_dir), "test_accuracy": result.test_accuracy}
-        _atomic_write(out / "best.json", json.dumps(summary, indent=2, default=str))
-        files["best"] = out / "best.json"
     return result
+
+
+def _retrain(opts: TuneOptions, cache: Path, result: TuneResult) -> None:
+    """Retrain the best configuration as a run directory; an interrupt is re-raised (the search is kept)."""
+    best = dict(result.leaderboard[0]["params"])
+    run = train(cache=cache, models_dir=opts.models_dir, seed=opts.seed, quiet=True, **best)
+    if run.interrupted:  # train wrote its run from the best checkpoint; rerunning the command retrains
+        raise Terminated() if run.interrupted_by == "SIGTERM" else KeyboardInterrupt()
+    result.run_dir, result.test_accuracy = run.run_dir, run.metrics.get("test", {}).get("accuracy")
+    summary = {"best": result.leaderboard[0], "run_dir": str(run.run_dir), "test_accuracy": result.test_accuracy}
+    with _storage_errors(result.out):
+        _atomic_write(result.out / "best.json", json.dumps(summary, indent=2, default=str))
+    result.files["best"] = result.out / "best.json"
