@@ -693,6 +693,49 @@ def test_a_full_disk_while_journaling_or_writing_the_cache_is_one_sentence_and_k
         filler.unlink()
 
 
+_FULL_WHILE_WRITING = """
+import os, sys
+from pathlib import Path
+import numpy as np
+from featpipe.cache import CacheConfig, CacheWriter, ClipRecord
+from featpipe.errors import CacheError
+disk, leave = Path(sys.argv[1]), int(sys.argv[2])
+config = CacheConfig("vgg16", "none", "fp", 32, 4, "uniform", "float32", (512,), ("a", "b"))
+w = CacheWriter(disk / "c.h5", config)
+for i in range(6):
+    w.append(ClipRecord(f"v{i}.mp4", i % 2, "train", 4, np.ones((4, 512), np.float32), np.ones(4, bool)))
+w.close()
+st = os.statvfs(disk)
+with open(disk / "filler", "wb") as fh:  # leave `leave` bytes: the journal is written, the HDF5 file is not
+    fh.write(bytes(max(st.f_bavail * st.f_frsize - leave, 0)))
+try:
+    w.finalize()
+except CacheError as exc:
+    print(exc, exc.exit_code)
+del w
+"""
+
+
+def test_a_full_disk_inside_the_hdf5_write_is_the_sentence_and_no_crash_on_the_way_out(tmp_path):
+    """A full disk met by HDF5 itself while writing the final cache left handles it could not close: the
+    sentence was printed, then the process died of a segmentation fault (status 139) freeing them."""
+    for leave in (8192, 24576, 40960):  # the disk fills in the HDF5 file's data, its metadata, at its close
+        with tmpfs(tmp_path / "disk", "1m") as disk:
+            done = subprocess.run(
+                [sys.executable, "-c", _FULL_WHILE_WRITING, str(disk), str(leave)], text=True, capture_output=True
+            )
+            assert done.returncode == 0, f"left {leave} bytes: status {done.returncode}\n{done.stderr[-2000:]}"
+            assert "is full; free some space and run the same command again" in done.stdout and " 1\n" in done.stdout
+            assert "Exception ignored" not in done.stderr
+            assert (disk / "c.h5.journal").is_file() and not (disk / "c.h5").exists()  # nothing finished lost
+            assert not list(disk.glob("*.tmp-*"))
+            (disk / "filler").unlink()  # space freed: the same command finishes from the journal
+            CacheWriter(
+                disk / "c.h5", CacheConfig("vgg16", "none", "fp", 32, 4, "uniform", "float32", (512,), ("a", "b"))
+            ).finalize()
+            assert summarize(disk / "c.h5").n_clips == 6
+
+
 def test_a_read_only_folder_is_one_sentence_for_a_new_cache_and_for_merge(tmp_path):
     with tmpfs(tmp_path / "media", "4m") as media:
         out = media / "c.h5"

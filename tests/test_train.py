@@ -693,3 +693,108 @@ def test_an_interrupt_inside_a_checkpoint_write_keeps_the_previous_best_whole(tm
     assert sorted(p.name for p in result.run_dir.iterdir() if "model" in p.name) == ["model.keras"]
     model = keras.saving.load_model(result.run_dir / "model.keras", safe_mode=True)
     assert model.name == "featpipe_segments" and result.metrics["test"]["n"] > 0
+
+
+@pytest.fixture
+def installed_signals():
+    """featpipe's SIGINT/SIGTERM handlers, as the CLI installs them; the previous ones restored after."""
+    from featpipe import signals
+
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signals.install()
+    yield signals
+    signals.handled()
+    signal.signal(signal.SIGINT, previous[0])
+    signal.signal(signal.SIGTERM, previous[1])
+
+
+def test_a_signal_while_the_run_is_written_after_fit_saves_it_as_interrupted(tmp_path, monkeypatch, installed_signals):
+    """After fit, a signal landing where the run is written (reports, plots) was raised there: the finished
+    training was thrown away and the CLI said no run directory was written. It now marks the run interrupted."""
+    import os
+
+    import featpipe.metrics
+
+    real_plot = featpipe.metrics.plot_curves
+
+    def plot_then_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(100_000))  # the handler has run by now
+        return real_plot(*args, **kwargs)
+
+    monkeypatch.setattr(featpipe.metrics, "plot_curves", plot_then_sigterm)
+    try:
+        result = train(cache=synthetic_cache(tmp_path / "c.h5"), rnn="mean", out=tmp_path / "run", **FAST)
+    except KeyboardInterrupt:
+        pytest.fail("the signal threw the trained run away")
+    assert result.interrupted and result.interrupted_by == "SIGTERM" and result.epochs_run == 3
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["interrupted"] is True and (tmp_path / "run" / "model.keras").is_file()
+
+
+def test_a_signal_after_the_run_is_written_exits_130_and_says_the_run_is_complete(
+    tmp_path, monkeypatch, installed_signals
+):
+    """A Ctrl-C arriving once the run was complete was raised in the CLI's own code: exit 130 with "no run
+    directory was written" beside a complete run (or, at exit, a silent death by the signal)."""
+    import os
+
+    import featpipe
+
+    real_train = featpipe.train
+
+    def train_then_sigint(*args, **kwargs):
+        result = real_train(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        sum(range(100_000))
+        return result
+
+    monkeypatch.setattr(featpipe, "train", train_then_sigint)
+    cache = synthetic_cache(tmp_path / "c.h5")
+    result = runner.invoke(
+        app,
+        ["train", "--cache", str(cache), "--head", "mean", "--epochs", "2", "--out", str(tmp_path / "run"), "--quiet"],
+    )
+    assert result.exit_code == 130, result.output
+    assert "the run was already complete; it is kept in" in result.output and "no run directory" not in result.output
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["interrupted"] is False
+
+
+@pytest.mark.slow
+def test_a_signal_at_an_epoch_boundary_or_mid_epoch_always_stops_the_run_as_interrupted(tmp_path, installed_signals):
+    """Ctrl-C or SIGTERM sent within milliseconds of an epoch's history row appearing, or at a random moment
+    in the epoch, must stop the run after the batch and save it as interrupted, every time."""
+    import os
+    import random
+    import threading
+
+    cache = synthetic_cache(tmp_path / "c.h5", n=48)
+    rng = random.Random(0)
+    for i, (sig, mid) in enumerate([(s, m) for m in (False, True) for s in (signal.SIGINT, signal.SIGTERM)]):
+        run = tmp_path / f"run{i}"
+        sent = threading.Event()
+
+        def watch(run=run, sig=sig, mid=mid, sent=sent):  # row 3 of history.csv: the end of epoch 2
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not sent.is_set():
+                for history in run.parent.glob(f".{run.name}.featpipe-*/history.csv"):
+                    try:
+                        rows = len(history.read_text().splitlines())
+                    except FileNotFoundError:
+                        rows = 0
+                    if rows >= 3:
+                        time.sleep(rng.uniform(0, 0.01) if mid else 0)
+                        os.kill(os.getpid(), sig)
+                        sent.set()
+                time.sleep(0.0005)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        result = train(cache=cache, rnn="mean", out=run, epochs=400, patience=400, batch_size=4, quiet=True)
+        sent.set()
+        watcher.join()
+        where = f"run {i}: {sig.name} {'mid-epoch' if mid else 'at the epoch boundary'}"
+        assert result.interrupted and result.interrupted_by == sig.name, where
+        info = json.loads((run / "run.json").read_text())
+        assert info["interrupted"] is True and 2 <= info["epochs_run"] < 400, where
+        assert len((run / "history.csv").read_text().splitlines()) == info["epochs_run"] + 1, where

@@ -824,7 +824,14 @@ class CacheWriter:
                 order = keys  # the rows as written
                 if len(keys) * feat_bytes <= _one_file_limit():
                     tmp = _write_temporary(
-                        self.path, c, keys, read_row, failed, failed_identity=failed_identity, stale=stale
+                        self.path,
+                        c,
+                        keys,
+                        read_row,
+                        failed,
+                        failed_identity=failed_identity,
+                        stale=stale,
+                        in_memory=True,  # at most the one-file limit (64 MB by default)
                     )
                 else:  # O(new clips): old rows stay where they are, new ones go into one new part file
                     kept = sorted((k for k in keys if rows[k][0] == "h5"), key=lambda k: rows[k][1])
@@ -977,6 +984,24 @@ def _whole_or_nothing(path: Path):
         raise
 
 
+@contextmanager
+def _h5_create(path: Path, in_memory: bool):
+    """A new HDF5 file at ``path``; ``in_memory``: built in memory, its bytes written by Python on success."""
+    if not in_memory:
+        with h5py.File(path, "w") as out:
+            yield out
+        return
+    out = h5py.File(path, "w", driver="core", backing_store=False)
+    try:
+        yield out
+        out.flush()
+        image = out.id.get_file_image()
+    finally:
+        out.close()
+    with open(path, "wb") as fh:  # ENOSPC surfaces here, as a plain OSError, with no HDF5 handle open
+        fh.write(image)
+
+
 def _write_temporary(
     path: Path,
     config: CacheConfig,
@@ -985,8 +1010,13 @@ def _write_temporary(
     failed: dict[str, str],
     failed_identity: dict[str, Identity] | None = None,
     stale: dict[str, str] | None = None,
+    in_memory: bool = False,
 ) -> Path:
     """Write a complete cache into a temporary file beside ``path``, fsync it and return it.
+
+    ``in_memory`` (a size known to be bounded): HDF5 builds the file in memory and Python writes its bytes,
+    so a full disk is an OSError here, after HDF5 has closed the file cleanly. (HDF5 meeting ENOSPC itself
+    cannot close the file: its handles then crash the interpreter when they are freed, or at exit.)
 
     ``keys`` (sorted) become the rows, read one clip at a time with ``read_row``, so memory stays
     bounded whatever the cache size; ``failed`` maps clip key -> reason. ``_install`` then puts
@@ -998,7 +1028,7 @@ def _write_temporary(
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     n, t = len(keys), c.frames
     with _whole_or_nothing(tmp):
-        with h5py.File(tmp, "w") as out:
+        with _h5_create(tmp, in_memory) as out:
             for k, v in c.attrs().items():
                 out.attrs[k] = v
             # fletcher32: a checksum per chunk (one row), checked by HDF5 on every read, transparent to

@@ -106,9 +106,8 @@ def _handles_errors(fn=None, *, interrupted: str = INTERRUPTED, flags: dict[str,
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            while _STARTUP:  # main() deferred signals while the command line was read: one that came is raised here
-                _STARTUP.pop().__exit__(None, None, None)
-            return fn(*args, **kwargs)
+            with signals.raising():  # a signal raises where it lands; around this, main() only records it
+                return fn(*args, **kwargs)
         except OptionError as exc:
             typer.secho(f"error: {exc.flag_message(flags)}", err=True, fg=typer.colors.RED)
             raise typer.Exit(exc.exit_code) from None
@@ -431,19 +430,27 @@ def train_cmd(
     params = _renamed(_plain(locals()), "rnn", "head", "--rnn", "--head", "train", note=False)  # --rnn stays
     from featpipe.metrics import format_report  # lazy: scikit-learn
 
-    result = featpipe.train(featpipe.TrainOptions(**params))
-    split = "test" if "test" in result.metrics else "val"
-    if not quiet:
-        typer.echo(format_report(result.metrics[split]))
-    how = "streamed from HDF5" if result.streamed else "in memory"
-    typer.echo(
-        f"Run {result.run_dir}: best epoch {result.best_epoch} of {result.epochs_run} ({how}, {result.seconds:.1f}s); "
-        + (f"refit on train + val for {result.refit_epochs} epochs; " if result.refit_epochs else "")
-        + ", ".join(f"{s} accuracy {m['accuracy']:.3f}" for s, m in result.metrics.items())
-    )
-    if result.interrupted:
-        typer.secho("interrupted: the run directory was written from the best checkpoint so far.", err=True)
-        raise typer.Exit(143 if result.interrupted_by == "SIGTERM" else 130)
+    # train raises a signal while it prepares, then only records it: from fit on it is acted on at safe points
+    # (the run is saved as interrupted), and one arriving after run.json is written is reported below
+    with signals.recording():
+        result = featpipe.train(featpipe.TrainOptions(**params))
+        split = "test" if "test" in result.metrics else "val"
+        if not quiet:
+            typer.echo(format_report(result.metrics[split]))
+        how = "streamed from HDF5" if result.streamed else "in memory"
+        typer.echo(
+            f"Run {result.run_dir}: best epoch {result.best_epoch} of {result.epochs_run} ({how}, "
+            f"{result.seconds:.1f}s); "
+            + (f"refit on train + val for {result.refit_epochs} epochs; " if result.refit_epochs else "")
+            + ", ".join(f"{s} accuracy {m['accuracy']:.3f}" for s, m in result.metrics.items())
+        )
+        if result.interrupted:
+            typer.secho("interrupted: the run directory was written from the best checkpoint so far.", err=True)
+            raise typer.Exit(143 if result.interrupted_by == "SIGTERM" else 130)
+        late = signals.take()  # arrived after run.json: the run is complete, and kept
+        if late is not None:
+            typer.secho(f"interrupted: the run was already complete; it is kept in {result.run_dir}.", err=True)
+            raise typer.Exit(signals.status(late))
 
 
 CV = _choices("CV", CV_MODES)
@@ -637,21 +644,18 @@ def info_cmd(
         typer.echo(line)
 
 
-# main()'s signals.deferred() block, left open until a command's _handles_errors begins
-_STARTUP: list = []
-
-
 def main() -> None:
     # batch schedulers and container runtimes stop jobs with SIGTERM: treat it as Ctrl-C (finished work is kept);
     # both are remembered until handled, so one swallowed by a garbage-collector callback still stops training
     signals.install()
-    # Until a command begins, a signal is only recorded: raised while typer builds the commands from their type
-    # hints it was a traceback, and while it parses the command line typer turned it into a silent exit 130 (for
-    # SIGTERM too). The command's _handles_errors closes the block, which raises it: a sentence and 130 or 143.
-    startup = signals.deferred()
-    startup.__enter__()
-    _STARTUP.append(startup)
-    app()
+    try:
+        with signals.recording():  # outside a command's own work a signal is recorded, and reported below
+            app()  # always ends in SystemExit (typer's standalone mode)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    # a signal that arrived after the command had acted (e.g. after a run was written whole) still exits 130/143
+    sys.exit(signals.exit_status(code))
 
 
 if __name__ == "__main__":

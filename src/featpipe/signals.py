@@ -1,23 +1,33 @@
 """Ctrl-C and SIGTERM that are never lost.
 
 Python raises the KeyboardInterrupt of a signal in whatever code runs when the handler runs. When
-that is a garbage-collector callback (JAX registers one) or a ``__del__``, Python prints "Exception
-ignored in ..." with a traceback and goes on: the interrupt is lost, and a training run asked to
-stop keeps going. So the CLI's handler does two things:
+that is a garbage-collector callback (JAX registers one), a weakref callback (a ``WeakKeyDictionary``
+removing a key) or a ``__del__``, Python prints "Exception ignored in ..." and goes on: the interrupt is
+lost, and a training run asked to stop keeps going. So the CLI's handler:
 
-* landing inside a gc callback, it does not raise there: the signal is sent again a moment later;
-* it records the interrupt until it is handled, and long loops call :func:`raise_pending` where
-  raising is safe (``train`` and ``tune`` after every batch), for any other place that swallows it;
-* inside :func:`deferred` (around ``model.fit``) it only records: an exception raised while TensorFlow's
-  C++ calls back into Python surfaced as ``SystemError: ... bad argument to internal function``, and one
-  raised inside a checkpoint's write left half a file. The next batch's :func:`raise_pending` raises it.
+* records every interrupt until it is handled, and long loops call :func:`raise_pending` where raising is
+  safe, for any place that swallowed it;
+* inside :func:`recording` (and :func:`deferred`, around ``model.fit``) only records it and never raises:
+  an exception raised while TensorFlow's C++ calls back into Python surfaced as ``SystemError: ... bad
+  argument to internal function``, one raised inside a checkpoint's write left half a file, and one raised
+  in a weakref callback at an epoch's end was dropped. Training checks at known-safe points (after every
+  batch, at the end of every epoch once its row and checkpoint are written, and when ``fit`` returns);
+* outside those blocks, landing inside a gc callback, it does not raise there: the signal is sent again
+  a moment later;
+* the CLI records only, around each command, which raises where a signal lands (:func:`raising`), so one
+  that arrives as a command ends is reported, not raised inside the CLI's own machinery;
+* at the end of the process (:func:`exit_status`, then an exit hook) an interrupt that arrived after the
+  command had done its work is still reported, with exit status 130 or 143, never dropped and never left
+  to kill the interpreter silently while it shuts down.
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -25,6 +35,10 @@ from featpipe.errors import Interrupted, Terminated
 
 _pending: list[KeyboardInterrupt] = []
 _deferring = 0
+_hooked = False
+_exit_code = None  # what exit_status decided
+
+LATE = "interrupted: the command had already finished its work; what it wrote is complete."
 
 
 def _in_gc_callback(frame) -> bool:
@@ -37,27 +51,48 @@ def _in_gc_callback(frame) -> bool:
 
 
 def _on_signal(signum, frame):
+    exc = Terminated() if signum == signal.SIGTERM else Interrupted()
+    if _deferring:  # only record: the code inside checks at its safe points
+        _pending.append(exc)
+        return
     if _in_gc_callback(frame):  # an exception raised here would be printed and dropped: ask again shortly
         threading.Timer(0.02, os.kill, (os.getpid(), signum)).start()
         return
-    exc = Terminated() if signum == signal.SIGTERM else Interrupted()
     _pending.append(exc)
-    if _deferring:
-        return
     raise exc
 
 
 def install() -> None:
     """SIGINT and SIGTERM raise KeyboardInterrupt / :class:`Terminated`, and are remembered until handled."""
+    global _hooked
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    if not _hooked:  # registered first, so it runs after every other exit hook
+        atexit.register(_at_exit)
+        _hooked = True
+
+
+def status(exc: BaseException) -> int:
+    """The exit status of an interrupt: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 143 if isinstance(exc, Terminated) else 130
+
+
+def pending() -> KeyboardInterrupt | None:
+    """The interrupt a signal asked for that has not been handled yet, if any (it stays pending)."""
+    return _pending[0] if _pending else None
+
+
+def take() -> KeyboardInterrupt | None:
+    """The interrupt a signal asked for, if any, now handled (the caller acts on it)."""
+    exc = pending()
+    _pending.clear()
+    return exc
 
 
 def raise_pending() -> None:
     """Raise the interrupt a signal asked for, if it has not been handled yet (e.g. it was swallowed)."""
-    if _pending:
-        exc = _pending[0]
-        _pending.clear()
+    exc = take()
+    if exc is not None:
         raise exc
 
 
@@ -67,13 +102,72 @@ def handled() -> None:
 
 
 @contextmanager
-def deferred():
-    """Inside, a signal is only recorded: the code inside calls :func:`raise_pending` where raising is safe
-    (a Keras callback after every batch), and leaving the block normally raises one that is still pending."""
+def recording():
+    """Inside, a signal is only recorded, never raised where it lands; the code inside asks :func:`take` or
+    :func:`raise_pending` where acting on it is safe. Leaving the block raises nothing: it stays pending."""
     global _deferring
     _deferring += 1
     try:
         yield
     finally:
         _deferring -= 1
+
+
+@contextmanager
+def raising():
+    """Inside, a signal raises where it lands again (work with no safe points of its own, inside a
+    :func:`recording` block: the CLI runs each command so, and ``train`` its preparation); entering from a
+    recording block raises an interrupt recorded there."""
+    global _deferring
+    saved, _deferring = _deferring, 0
+    try:
+        if saved:
+            raise_pending()
+        yield
+    finally:
+        _deferring = saved
+
+
+@contextmanager
+def deferred():
+    """:func:`recording`, and leaving the block normally raises an interrupt that is still pending (around
+    ``model.fit``: a signal recorded during it stops the run even when the last epoch had ended)."""
+    with recording():
+        yield
     raise_pending()
+
+
+def exit_status(code):
+    """The process's exit status, given the command's ``code``: a signal recorded but not yet acted on (it
+    arrived after the command had done its work) makes it 130 or 143, with a sentence. From here on a signal
+    is only recorded; the exit hook reports one that arrives later."""
+    global _deferring, _exit_code
+    _deferring += 1  # never undone: the process is ending
+    exc = take()
+    if exc is not None and code not in (130, 143):
+        _say(LATE)
+        code = status(exc)
+    _exit_code = code
+    return code
+
+
+def _say(line: str) -> None:
+    try:
+        sys.stdout.flush()
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed or broken stderr: the exit status still tells
+        pass
+
+
+def _at_exit() -> None:
+    """The last exit hook: after it Python resets the handlers to the default, where a signal would kill the
+    interpreter without a word. Ignore them from here, and report one recorded after :func:`exit_status`."""
+    if signal.getsignal(signal.SIGINT) is not _on_signal:  # not ours (e.g. a test restored its own)
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    exc = take()
+    if exc is not None and _exit_code is not None and _exit_code not in (130, 143):
+        _say(LATE)  # the CLI had decided its status: everything is written and closed; exit with the signal's
+        os._exit(status(exc))

@@ -330,21 +330,26 @@ class _Fit:
 def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
     """Phases: choose the splits, build the model, fit it into a hidden run folder, write and publish the run."""
     started = time.perf_counter()
-    cache = resolve_cache(opts.cache, opts.cache_dir)
-    _check_not_a_shard(cache, opts.allow_shard)
-    if opts.out:
-        runs.check_destination(Path(opts.out), opts.force)
-    index = open_index(cache)
-    splits = _choose_splits(opts, index)
-    model, head = _build(opts, index, splits.train)
-    dest = Path(opts.out) if opts.out else _unique(Path(opts.models_dir) / _run_name(index, opts.head))
-    fingerprint = cache_fingerprint(cache)  # of the cache as trained on, before anything can change it
-    run_dir = runs.make_temp_dir(dest)  # written here, renamed to dest when complete
-    temp_dirs.append(run_dir)
+    with signals.raising():  # preparing: nothing to save yet, so a signal stops it where it lands
+        cache = resolve_cache(opts.cache, opts.cache_dir)
+        _check_not_a_shard(cache, opts.allow_shard)
+        if opts.out:
+            runs.check_destination(Path(opts.out), opts.force)
+        index = open_index(cache)
+        splits = _choose_splits(opts, index)
+        model, head = _build(opts, index, splits.train)
+        dest = Path(opts.out) if opts.out else _unique(Path(opts.models_dir) / _run_name(index, opts.head))
+        fingerprint = cache_fingerprint(cache)  # of the cache as trained on, before anything can change it
+        run_dir = runs.make_temp_dir(dest)  # written here, renamed to dest when complete
+        temp_dirs.append(run_dir)
     fit = _fit(model, opts, index, splits, run_dir)
-    if fit.interrupted is None and fit.best_epoch and refit_wanted(opts, index, splits.train):
-        fit = _refit(opts, index, splits, fit, run_dir)
-    return _write_run(opts, index, splits, head, fit, run_dir, dest, fingerprint, started)
+    # From here a signal is only recorded: one that lands before run.json is written marks the run interrupted
+    # (and skips the refit); one that lands later is left pending for the caller (the CLI exits 130/143).
+    with signals.recording():
+        if fit.interrupted is None and fit.best_epoch and refit_wanted(opts, index, splits.train):
+            if signals.pending() is None:
+                fit = _refit(opts, index, splits, fit, run_dir)
+        return _write_run(opts, index, splits, head, fit, run_dir, dest, fingerprint, started)
 
 
 def _choose_splits(opts: TrainOptions, index: CacheIndex) -> _Splits:
@@ -476,9 +481,13 @@ def _close(fit_data: dict) -> None:
 
 
 def interrupt_check(keras):
-    """A callback raising, after every batch, a Ctrl-C or SIGTERM that was swallowed where it landed
-    (see featpipe.signals): without it a run could go on for all its epochs."""
-    return keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs=None: signals.raise_pending())
+    """A callback raising a Ctrl-C or SIGTERM that was recorded (see featpipe.signals) after every batch and at
+    the end of every epoch. It goes last in the callback list, so an epoch's history row and checkpoint are
+    written before it stops the run."""
+    return keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs=None: signals.raise_pending(),
+        on_epoch_end=lambda epoch, logs=None: signals.raise_pending(),
+    )
 
 
 def _fit(model, opts: TrainOptions, index: CacheIndex, splits: _Splits, run_dir: Path) -> _Fit:
@@ -498,16 +507,16 @@ def _fit(model, opts: TrainOptions, index: CacheIndex, splits: _Splits, run_dir:
             on_epoch_end=lambda epoch, logs=None: os.replace(staged, model_path) if staged.exists() else None
         ),
         keras.callbacks.CSVLogger(run_dir / "history.csv"),  # after the rename: a logged best epoch is in place
-        interrupt_check(keras),
     ]
-    fit_data = _fit_data(index, opts, splits.train, splits.val, streamed)
+    with signals.raising():  # loading rows: nothing to save yet
+        fit_data = _fit_data(index, opts, splits.train, splits.val, streamed)
     interrupted = None
     history_rows: list[dict] = []
     try:
         with streaming_allocator(streamed) as allocator_callbacks, signals.deferred():
             hist = model.fit(
                 epochs=opts.epochs,
-                callbacks=callbacks + allocator_callbacks,
+                callbacks=[*callbacks, *allocator_callbacks, interrupt_check(keras)],  # the check last
                 verbose=0 if opts.quiet else 2,
                 **fit_data,
             )
@@ -559,7 +568,7 @@ def _refit(opts: TrainOptions, index: CacheIndex, splits: _Splits, fit: _Fit, ru
         with streaming_allocator(fit.streamed) as allocator_callbacks, signals.deferred():
             model.fit(
                 epochs=fit.best_epoch,
-                callbacks=[interrupt_check(keras), *allocator_callbacks],
+                callbacks=[*allocator_callbacks, interrupt_check(keras)],
                 verbose=0 if opts.quiet else 2,
                 **fit_data,
             )
@@ -610,7 +619,7 @@ def _write_run(
     attrs = index.config.attrs()
     refit = fit.refit_rows is not None
     trained = fit.refit_rows if refit else splits.train  # a refit model has seen the val clips' labels too
-    interrupted = fit.interrupted
+    interrupted = fit.interrupted or signals.take()  # a signal since fit returned: the run is interrupted
     run_info = runs.RunInfo(
         run_format=runs.RUN_FORMAT,
         run_id=runs.new_run_id(),
