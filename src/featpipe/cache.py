@@ -73,6 +73,7 @@ import shutil
 import struct
 import uuid
 import zlib
+from collections import Counter
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -515,11 +516,11 @@ def summarize(path: Path) -> CacheSummary:
     with open_h5(path) as f:
         config = CacheConfig.from_attrs(dict(f.attrs))
         labels = f["label"][:]
-        splits = f["split"].asstr()[:]
         counts: dict[str, dict[str, int]] = {}
-        for lab, sp in zip(labels, splits):
-            counts.setdefault(str(sp), {}).setdefault(config.class_names[int(lab)], 0)
-            counts[str(sp)][config.class_names[int(lab)]] += 1
+        # counted as (split bytes, label) pairs, names decoded once per pair: no Python objects per clip
+        for (sp, lab), n in Counter(zip(f["split"][:].tolist(), labels.tolist())).items():
+            name = sp.decode() if isinstance(sp, bytes) else str(sp)
+            counts.setdefault(name, {})[config.class_names[int(lab)]] = n
         failed = list(zip(_strings(f, "failed/video"), _strings(f, "failed/reason")))
         stale = list(zip(_strings(f, "stale/video"), _strings(f, "stale/reason")))
         parts = len(f["parts/file"]) if "parts" in f else 0
@@ -556,7 +557,8 @@ def _identities(group, n: int) -> list[Identity | None]:
     """The identity column pair of a cache (or its failed/ group); all unknown in a version 1 cache."""
     if "size" not in group or "mtime_ns" not in group:
         return [None] * n
-    return [_known(s, m) for s, m in zip(group["size"][:], group["mtime_ns"][:])]
+    sizes, mtimes = group["size"][:].tolist(), group["mtime_ns"][:].tolist()  # Python ints, not NumPy scalars
+    return [None if s == UNKNOWN or m == UNKNOWN else (s, m) for s, m in zip(sizes, mtimes)]
 
 
 def _strings(f, name: str) -> list[str]:
@@ -614,7 +616,7 @@ class CacheWriter:
                 theirs = CacheConfig.from_attrs(self.existing_attrs)
                 self._check(theirs, f"the existing cache '{self.path}'")
                 keys = list(f["video"].asstr()[:])
-                self._existing = {v: i for i, v in enumerate(keys)}
+                self._existing = dict(zip(keys, range(len(keys))))
                 self._existing_identity = dict(zip(keys, _identities(f, len(keys))))
                 failed_keys = _strings(f, "failed/video")
                 self._existing_failed = dict(zip(failed_keys, _strings(f, "failed/reason")))
@@ -699,6 +701,17 @@ class CacheWriter:
     def contents(self) -> dict[str, Identity | None]:
         """Every clip key the cache and journal know (rows and failures) -> its recorded identity."""
         return {k: ident for k, (_, ident) in self._latest().items()}
+
+    def standing(self, current: dict[str, Identity | None]) -> tuple[set[str], set[str]]:
+        """(rows, failures) recorded for clips of ``current`` (key -> identity now) that still stand: the
+        identity they were recorded with is the file's now, or was never recorded (a version 1 cache). What a
+        run reuses instead of doing again; one pass over what the cache and journal hold."""
+        rows: set[str] = set()
+        failures: set[str] = set()
+        for key, (error, ident) in self._latest().items():
+            if key in current and (ident is None or ident == current[key]):
+                (rows if error is None else failures).add(key)
+        return rows, failures
 
     @property
     def pending(self) -> bool:
@@ -879,11 +892,19 @@ class CacheWriter:
         src = _Sources([], [], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
         if kept:
             at = np.asarray(kept_rows, dtype=np.int64)
-            cols = _Columns.read(old, at)
-            for i, key in enumerate(kept):
-                cols.size[i], cols.mtime_ns[i] = identity(key)
-                if key in assignments:
-                    cols.label[i], cols.split[i] = int(assignments[key][0]), assignments[key][1]
+            # the keys are known (row at[i] holds kept[i]), and so are the splits when every row has an
+            # assignment: not read back and decoded one string per row
+            assigned = all(key in assignments for key in kept)
+            cols = _Columns.read(old, at, keys=kept, splits=[assignments[k][1] for k in kept] if assigned else None)
+            idents = [identity(key) for key in kept]
+            cols.size = np.array([i[0] for i in idents], dtype=np.int64)
+            cols.mtime_ns = np.array([i[1] for i in idents], dtype=np.int64)
+            if assigned:
+                cols.label = np.array([assignments[k][0] for k in kept], dtype=np.int64)
+            else:
+                for i, key in enumerate(kept):
+                    if key in assignments:
+                        cols.label[i], cols.split[i] = int(assignments[key][0]), assignments[key][1]
             pieces.append(cols)
             whole = _sources_of(old, self.path)
             src = _Sources(whole.files, whole.rows, whole.index[at], whole.row[at])
@@ -1094,18 +1115,19 @@ class _Columns:
     mtime_ns: np.ndarray
 
     @classmethod
-    def read(cls, f, rows: np.ndarray) -> "_Columns":
-        """Rows ``rows`` (in that order) of an open cache."""
+    def read(cls, f, rows: np.ndarray, keys: list | None = None, splits: list | None = None) -> "_Columns":
+        """Rows ``rows`` (in that order) of an open cache; ``keys`` / ``splits``, when the caller knows them
+        (its keys of those rows, the splits they get), are taken instead of read."""
         n = int(f["label"].shape[0])
         if "size" in f and "mtime_ns" in f:
             size, mtime = f["size"][:], f["mtime_ns"][:]
         else:
             size = mtime = np.full(n, UNKNOWN, dtype=np.int64)
         return cls(
-            list(f["video"].asstr()[:][rows]),
+            list(keys) if keys is not None else list(f["video"].asstr()[:][rows]),
             f["mask"][:][rows].astype(bool),
             f["label"][:][rows],
-            list(f["split"].asstr()[:][rows]),
+            list(splits) if splits is not None else list(f["split"].asstr()[:][rows]),
             f["n_frames"][:][rows],
             size[rows],
             mtime[rows],
