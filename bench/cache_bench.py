@@ -28,9 +28,12 @@ own writers, then timed, each as a user would run it (wall time, one process):
     cost, so the ratio shows the per-clip cost at its plainest. Reported: the median of
     ``--repeat`` runs (sizes interleaved, so load on a shared machine falls on all of them), each
     size's ratio to the smallest, the cost per existing clip, and the floor: one ``os.stat`` per clip.
+    Wall time is what the issue measures; the CPU time (user + system) of the same process is given
+    beside it, as it varies less when other jobs share the machine.
 
 Targets (issue 11): add 10 clips to a 50k-clip cache <= 2 s; merge 8 shards <= 2 s whatever
-their size. Issue 19: extract +10 into 20k clips <= 1.3 x into 1k clips. Part files are used at every size (``FEATPIPE_ONE_FILE_MB=0`` unless set; by
+their size. Issue 19: ``extract`` adding 10 clips to 20k clips <= 1.3 x adding them to 1k clips.
+Part files are used at every size (``FEATPIPE_ONE_FILE_MB=0`` unless set; by
 default a cache up to 64 MB is one file, which is how 1k clips would be written after the first
 add). ``df -h`` first: the 50k cache needs about 4.2 GB in ``--dir`` (default a temp dir
 under /tmp, removed at the end).
