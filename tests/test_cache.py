@@ -1141,35 +1141,45 @@ def test_standing_is_what_the_cache_and_journal_recorded_with_the_identity_each_
 
 
 @pytest.mark.parametrize("assigned", ["every row", "some rows"])
-def test_adding_clips_to_a_parted_cache_keeps_every_old_row_with_its_assignment_and_identity(
-    tmp_path, monkeypatch, assigned
+@pytest.mark.parametrize("slab_bytes", [1, 1 << 24], ids=["row-by-row slabs", "one slab"])
+def test_adding_clips_keeps_every_old_row_with_its_assignment_and_identity_in_parts_and_in_one_file(
+    tmp_path, monkeypatch, assigned, slab_bytes
 ):
-    """Adding clips writes the old rows' small columns anew from what the writer knows: each row keeps its
-    features, takes its (label, split) from the assignments where it has one and its identity from the
-    current index, exactly as a one-file cache written from scratch."""
-    keys = [f"train/a/clip{i}.mp4" for i in range(6)]
+    """Adding clips writes the old rows' small columns anew from what the writer knows and (one file) copies
+    their features in slabs: each row keeps its features, takes its (label, split) from the assignments where
+    it has one and its identity from the current index; new keys sort between old ones, a dropped row splits
+    the old rows' runs, and a parted cache equals the one-file cache."""
+    import featpipe.cache as fc
+
+    monkeypatch.setattr(fc, "_SLAB_BYTES", slab_bytes)
+    keys = [f"train/a/clip{i}.mp4" for i in range(10)]
+    old, new, dropped = keys[0::2], keys[1::2], keys[4]
     stamp = 1_700_000_000_000_000_000
     assignments = {k: (i % 2, ("train", "val", "test")[i % 3]) for i, k in enumerate(keys)}
     if assigned == "some rows":
         assignments = {k: v for i, (k, v) in enumerate(assignments.items()) if i % 2}
-    current = {k: (200 + i, stamp) for i, k in enumerate(keys)}
+    current = {k: (200 + i, stamp) for i, k in enumerate(keys) if k != dropped}
     for path, one_file in ((tmp_path / "parted.h5", False), (tmp_path / "one.h5", True)):
         monkeypatch.setenv("FEATPIPE_ONE_FILE_MB", "1000" if one_file else "0")
         w = CacheWriter(path, CONFIG)
-        for i, k in enumerate(keys[:4]):
-            w.append(stamped(clip(i, k), 200 + i))
+        for k in old:
+            w.append(stamped(clip(keys.index(k), k), 200 + keys.index(k)))
         w.finalize()
         w = CacheWriter(path, CONFIG)
         w.identities = current
-        for i, k in enumerate(keys[4:], start=4):
-            w.append(clip(i, k))  # stamped with its current identity by the writer
+        for k in new:
+            w.append(clip(keys.index(k), k))  # stamped with its current identity by the writer
         w.finalize(assignments, current=current)
     parted_rows, one_rows = by_key(tmp_path / "parted.h5"), by_key(tmp_path / "one.h5")
     assert parted_rows == one_rows
     rows = parted_rows["rows"]
-    for i, k in enumerate(keys):
-        features, _, label, split, _, size, mtime = rows[k]
-        assert features == clip(i, k).features.tobytes()
+    assert sorted(rows) == sorted(current) and parted_rows["stale"] == {dropped: "no longer in the dataset"}
+    for k in current:
+        i = keys.index(k)
+        features, mask, label, split, n_frames, size, mtime = rows[k]
+        assert (features, mask, n_frames) == (clip(i, k).features.tobytes(), clip(i, k).mask.tobytes(), 30 + i)
         assert (label, split) == assignments.get(k, (i % 2, "train"))
         assert (size, mtime) == current[k]
+    with h5py.File(tmp_path / "one.h5", "r") as f:
+        assert list(f["video"].asstr()[:]) == sorted(current), "a one-file cache keeps its rows by key"
     assert len(part_files(tmp_path / "parted.h5")) == 2

@@ -135,12 +135,11 @@ def test_extract_keeps_the_objects_alive_before_its_heavy_imports_out_of_the_col
     with pytest.raises(KeyboardInterrupt), _collector_skips_what_exists():
         raise KeyboardInterrupt
     assert gc.get_freeze_count() == 0
-    gc.freeze()
+    gc.freeze()  # (the count falls as frozen objects are freed, so only "still frozen" is checked)
     try:
-        theirs = gc.get_freeze_count()
         with _collector_skips_what_exists():
-            assert gc.get_freeze_count() == theirs
-        assert gc.get_freeze_count() == theirs
+            assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() > 0, "a freeze made by someone else is not undone"
     finally:
         gc.unfreeze()
 
