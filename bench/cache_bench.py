@@ -18,22 +18,43 @@ own writers, then timed, each as a user would run it (wall time, one process):
     are hard links of ranges of the cache's one part file (each shard's rows contiguous in it,
     as a shard's own extraction writes them); the merge does the same work either way.
 
+``extract +10`` (``--command-sizes``, default 1k and 20k)
+    The whole ``featpipe extract`` command, in a new process as a user runs it (start-up, indexing
+    the folder, one ``stat`` per clip, opening the cache, decoding and journalling the new clips,
+    finalize, the summary), adding 10 new real clips (the fixtures in ``--clips``) to a folder of N
+    clips that the cache already holds. The N old clips are empty files and their rows are
+    synthesised with the identity (size, mtime) the files have, so extract reuses every one of them;
+    the cache is put back between repeats. The caches are in part files like the rest of this benchmark;
+    with ``FEATPIPE_ONE_FILE_MB=1000`` set, they are one file each (3 KB a clip), rewritten on each
+    add. Backbone ``raw`` at 16 px and 4 frames: the smallest fixed
+    cost, so the ratio shows the per-clip cost at its plainest. Reported: the median of
+    ``--repeat`` runs (sizes interleaved, so load on a shared machine falls on all of them), each
+    size's ratio to the smallest, the cost per existing clip, and the floor: one ``os.stat`` per clip.
+    Wall time is what the issue measures; the CPU time (user + system) of the same process is given
+    beside it, as it varies less when other jobs share the machine.
+
 Targets (issue 11): add 10 clips to a 50k-clip cache <= 2 s; merge 8 shards <= 2 s whatever
-their size. Part files are used at every size (``FEATPIPE_ONE_FILE_MB=0`` unless set; by
+their size. Issue 19: ``extract`` adding 10 clips to 20k clips <= 1.3 x adding them to 1k clips.
+Part files are used at every size (``FEATPIPE_ONE_FILE_MB=0`` unless set; by
 default a cache up to 64 MB is one file, which is how 1k clips would be written after the first
 add). ``df -h`` first: the 50k cache needs about 4.2 GB in ``--dir`` (default a temp dir
 under /tmp, removed at the end).
 
-    python bench/cache_bench.py                          # 1k, 10k, 50k (minutes, ~4.2 GB)
+    python bench/cache_bench.py                          # 1k, 10k, 50k (minutes, ~4.2 GB); extract +10
     python bench/cache_bench.py --sizes 1000 --json out.json
+    python bench/cache_bench.py --sizes --command-sizes 1000 20000 --repeat 5   # only extract +10
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import resource
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -153,6 +174,192 @@ def run(size: int, folder: Path, rewrite_max: int, shards: int) -> dict:
     return out
 
 
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"
+NEW_CLIPS = 10
+CLASSES = 10
+COMMAND = ["--backbone", "raw", "--frames", "4", "--size", "16", "--quiet"]
+
+
+def _extract(data: Path, output: Path) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of one ``featpipe extract`` process (raises with its output if it
+    fails). CPU time varies less than wall time where other jobs share the machine."""
+    cmd = [sys.executable, "-m", "featpipe", "extract", "--data", str(data), "--output", str(output), *COMMAND]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def _real_clips(clips: Path, scratch: Path) -> list[Path]:
+    """The real clips to add: the fixtures, or where they are absent, small MPEG-4 clips written here."""
+    found = sorted(p for p in clips.glob("*") if p.suffix.lower() in (".mp4", ".avi")) if clips.is_dir() else []
+    if found:
+        return found
+    import cv2
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(4):
+        path = scratch / f"made{i}.mp4"
+        w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25, (64, 48))
+        for j in range(30):
+            w.write(np.full((48, 64, 3), (i * 40 + j * 5) % 256, dtype=np.uint8))
+        w.release()
+        out.append(path)
+    return out
+
+
+def _place(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
+def _command_config(folder: Path, real: list[Path]) -> fc.CacheConfig:
+    """The settings ``COMMAND`` writes for CLASSES classes: from a real extraction of one clip per class."""
+    probe = folder / "probe"
+    for c in range(CLASSES):
+        (probe / f"class{c:02d}").mkdir(parents=True)
+        _place(real[c % len(real)], probe / f"class{c:02d}" / f"real{c}{real[c % len(real)].suffix}")
+    _extract(probe, folder / "probe.h5")
+    config = fc.read_config(folder / "probe.h5")
+    shutil.rmtree(probe)
+    return config
+
+
+def _command_dataset(folder: Path, n: int, config: fc.CacheConfig) -> tuple[Path, Path, list[str]]:
+    """A folder of ``n`` clips (empty files) in CLASSES class folders and a cache holding every one of them."""
+    from featpipe.datasets import index_dataset
+
+    data = folder / "data"
+    for c in range(CLASSES):
+        (data / f"class{c:02d}").mkdir(parents=True)
+    for i in range(n):
+        (data / f"class{i % CLASSES:02d}" / f"clip{i:07d}.mp4").touch()
+    ds = index_dataset(data)
+    config = dataclasses.replace(config, extra={**config.extra, "data_root": str(ds.root)})
+    ident = [fc.file_identity(r.path) for r in ds.records]
+    t = config.frames
+    cols = fc._Columns(
+        [r.video for r in ds.records],
+        np.ones((n, t), dtype=bool),
+        np.array([ds.label_index(r.label) for r in ds.records], dtype=np.int64),
+        [r.split for r in ds.records],
+        np.full(n, t, dtype=np.int64),
+        np.array([i[0] for i in ident], dtype=np.int64),
+        np.array([i[1] for i in ident], dtype=np.int64),
+    )
+    cache = folder / "cache.h5"
+    zeros = np.zeros((t, *config.feature_shape), dtype=config.dtype)
+    if n * zeros.nbytes <= fc._one_file_limit():  # one file, as extract writes a cache this small
+        rows = {
+            k: fc._Row(zeros, cols.mask[i], int(cols.label[i]), cols.split[i], t, int(size), int(mtime))
+            for i, (k, size, mtime) in enumerate(zip(cols.keys, cols.size, cols.mtime_ns))
+        }
+        fc._install(fc._write_temporary(cache, config, cols.keys, rows.__getitem__, {}), cache)
+        return data, cache, [str(r.path) for r in ds.records]
+    part = fc._write_part(fc.parts_dir(cache), config, n, (zeros for _ in range(n)))
+    src = fc._Sources([part], [n], np.zeros(n, dtype=np.int64), np.arange(n, dtype=np.int64))
+    fc._install(fc._write_parted_temporary(cache, config, cols, src, {}, {}, {}), cache)
+    return data, cache, [str(r.path) for r in ds.records]
+
+
+def _stat_seconds(paths: list[str]) -> float:
+    """The floor: one ``os.stat`` per clip (best of 3, warm)."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for p in paths:
+            os.stat(p)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_command(sizes: list[int], folder: Path, repeat: int, clips: Path) -> dict:
+    """``featpipe extract`` adding NEW_CLIPS real clips to caches of each size, interleaved, ``repeat`` times."""
+    real = _real_clips(clips, folder / "made")
+    config = _command_config(folder, real)
+    setups = {}
+    for n in sizes:
+        here = folder / f"cmd{n}"
+        here.mkdir()
+        data, cache, paths = _command_dataset(here, n, config)
+        for j in range(NEW_CLIPS):
+            src = real[j % len(real)]
+            _place(src, data / f"class{j % CLASSES:02d}" / f"new{j:02d}{src.suffix}")
+        shutil.copyfile(cache, here / "before.h5")
+        parts = {p.name for p in fc.parts_dir(cache).iterdir()} if fc.parts_dir(cache).is_dir() else set()
+        setups[n] = (data, cache, here / "before.h5", parts, paths)
+    seconds: dict[int, list[float]] = {n: [] for n in sizes}
+    cpu: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(repeat):
+        for n in sizes:
+            data, cache, before, parts, _ = setups[n]
+            shutil.copyfile(before, cache)  # the cache without the new clips again
+            for p in fc.parts_dir(cache).iterdir() if fc.parts_dir(cache).is_dir() else ():
+                if p.name not in parts:
+                    p.unlink()
+            wall, used = _extract(data, cache)
+            seconds[n].append(wall)
+            cpu[n].append(used)
+            summary = fc.summarize(cache)
+            assert summary.n_clips == n + NEW_CLIPS and not summary.failed, summary.lines()
+    base = sizes[0]
+    out = {
+        "new_clips": NEW_CLIPS,
+        "command": "featpipe extract " + " ".join(COMMAND),
+        "one_file_mb": os.environ.get("FEATPIPE_ONE_FILE_MB", "64 (default)"),
+        "sizes": [],
+    }
+    for n in sizes:
+        median = statistics.median(seconds[n])
+        stat_s = _stat_seconds(setups[n][4])
+        out["sizes"].append(
+            {
+                "clips": n,
+                "seconds": seconds[n],
+                "median_s": median,
+                "ratio": median / statistics.median(seconds[base]),
+                "cpu_seconds": cpu[n],
+                "median_cpu_s": statistics.median(cpu[n]),
+                "cpu_ratio": statistics.median(cpu[n]) / statistics.median(cpu[base]),
+                "stat_us_per_clip": 1e6 * stat_s / n,
+            }
+        )
+    for r in out["sizes"][1:]:
+        extra = r["clips"] - base
+        r["us_per_existing_clip"] = 1e6 * (r["median_s"] - out["sizes"][0]["median_s"]) / extra
+        r["cpu_us_per_existing_clip"] = 1e6 * (r["median_cpu_s"] - out["sizes"][0]["median_cpu_s"]) / extra
+    for n in sizes:
+        shutil.rmtree(folder / f"cmd{n}")
+    return out
+
+
+def command_table(result: dict) -> str:
+    base = result["sizes"][0]["clips"]
+    lines = [
+        f"| clips in the cache | `extract` + {result['new_clips']} clips, wall (CPU) | ratio to {base:,}, wall (CPU) "
+        f"| per existing clip, wall (CPU) | floor: one `stat` per clip |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["sizes"]:
+        per = (
+            f"{r['us_per_existing_clip']:.0f} µs ({r['cpu_us_per_existing_clip']:.0f} µs)"
+            if "us_per_existing_clip" in r
+            else "-"
+        )
+        lines.append(
+            f"| {r['clips']:,} | {r['median_s']:.2f} s ({r['median_cpu_s']:.2f} s) | {r['ratio']:.2f} "
+            f"({r['cpu_ratio']:.2f}) | {per} | {r['stat_us_per_clip']:.1f} µs |"
+        )
+    return "\n".join(lines)
+
+
 def table(results: list[dict], shards: int) -> str:
     lines = [
         f"| clips | features | add 1 clip | add 10 clips | merge {shards} shards "
@@ -170,7 +377,16 @@ def table(results: list[dict], shards: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 50_000])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[1000, 10_000, 50_000])
+    ap.add_argument(
+        "--command-sizes",
+        type=int,
+        nargs="*",
+        default=[1000, 20_000],
+        help="time the whole `featpipe extract` adding 10 clips to caches of these sizes (the first is the base)",
+    )
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each `extract` (the median is reported)")
+    ap.add_argument("--clips", type=Path, default=FIXTURES, help="real clips to add (default: the shared fixtures)")
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--rewrite-max", type=int, default=10_000, help="time the full rewrite up to this many clips")
     ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp dir, removed)")
@@ -184,13 +400,17 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.sizes:
             results.append(run(size, folder, args.rewrite_max, args.shards))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+        command = run_command(args.command_sizes, folder, args.repeat, args.clips) if args.command_sizes else None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         if before is None:
             os.environ.pop("FEATPIPE_ONE_FILE_MB", None)
-    print(table(results, args.shards))
+    if results:
+        print(table(results, args.shards))
+    if command:
+        print(command_table(command))
     if args.json:
-        args.json.write_text(json.dumps({"results": results}, indent=1))
+        args.json.write_text(json.dumps({"results": results, **({"command": command} if command else {})}, indent=1))
     return 0
 
 

@@ -1065,13 +1065,49 @@ def test_the_cache_benchmark_runs_and_reports_adding_merging_and_rewriting(tmp_p
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert (
-        bench.main(["--sizes", "24", "--shards", "3", "--dir", str(tmp_path), "--json", str(tmp_path / "b.json")]) == 0
+        bench.main(
+            [
+                "--sizes",
+                "24",
+                "--shards",
+                "3",
+                "--command-sizes",
+                "--dir",
+                str(tmp_path),
+                "--json",
+                str(tmp_path / "b.json"),
+            ]
+        )
+        == 0
     )
     (r,) = json.loads((tmp_path / "b.json").read_text())["results"]
     assert r["clips"] == 24 and all(r[k] > 0 for k in ("add_1_s", "add_10_s", "merge_3_s", "rewrite_s"))
     assert "| 24 |" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == [tmp_path / "b.json"], "the scratch folder is removed"
     assert "FEATPIPE_ONE_FILE_MB" not in os.environ, "the benchmark leaves the environment as it found it"
+
+
+@pytest.mark.slow
+def test_the_cache_benchmark_times_the_whole_extract_command_adding_clips_against_the_stat_floor(tmp_path, capsys):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("cache_bench", Path(__file__).parents[1] / "bench" / "cache_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "b.json"
+    assert (
+        bench.main(
+            ["--sizes", "--command-sizes", "3", "9", "--repeat", "1", "--dir", str(tmp_path), "--json", str(out)]
+        )
+        == 0
+    )
+    small, large = json.loads(out.read_text())["command"]["sizes"]
+    assert (small["clips"], large["clips"]) == (3, 9) and small["ratio"] == 1.0
+    assert large["ratio"] == large["median_s"] / small["median_s"] and large["median_cpu_s"] > 0
+    assert "us_per_existing_clip" in large and small["stat_us_per_clip"] > 0
+    assert "| 9 |" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == [out], "the scratch folder is removed"
 
 
 def test_a_damaged_byte_in_a_part_file_fails_its_checksum_when_the_row_is_read(tmp_path, parted):
@@ -1106,3 +1142,87 @@ def test_shards_on_another_file_system_are_copied_into_the_merged_parts(tmp_path
     shard_parts = {p.stat().st_ino for s in shards for p in part_files(s)}
     assert len(part_files(out)) == 2 and not {p.stat().st_ino for p in part_files(out)} & shard_parts
     assert by_key(out) == by_key(whole)
+
+
+# ----------------------------------------------------------------------------- adding clips to a large cache
+
+
+def stamped(rec: ClipRecord, size: int, mtime_ns: int = 1_700_000_000_000_000_000) -> ClipRecord:
+    return replace(rec, size=size, mtime_ns=mtime_ns)
+
+
+def test_standing_is_what_the_cache_and_journal_recorded_with_the_identity_each_clip_has_now(tmp_path):
+    """The rows and failures a run reuses: recorded with the size and mtime the file has now (or with none,
+    as a version 1 cache), the journal's record winning over the cache's; nothing outside ``current``."""
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, CONFIG)
+    w.append(stamped(clip(0, "same.mp4"), 100))
+    w.append(stamped(clip(1, "changed.mp4"), 101))
+    w.append(clip(2, "unidentified.mp4"))  # no identity recorded (version 1): trusted
+    w.append(stamped(clip(3, "gone.mp4"), 103))
+    w.append(stamped(ClipRecord("broken.mp4", 0, "train", 0, error="no frame"), 104))
+    w.append(stamped(ClipRecord("fixed.mp4", 0, "train", 0, error="no frame"), 105))
+    w.append(stamped(clip(4, "failed later.mp4"), 106))
+    w.finalize()
+    w = CacheWriter(path, CONFIG)
+    w.append(stamped(ClipRecord("failed later.mp4", 0, "train", 0, error="no frame"), 106))  # journal wins
+    w.close()
+    stamp = 1_700_000_000_000_000_000
+    now = {
+        "same.mp4": (100, stamp),
+        "changed.mp4": (999, stamp),
+        "unidentified.mp4": (102, stamp),
+        "broken.mp4": (104, stamp),
+        "fixed.mp4": (105, stamp + 1),
+        "failed later.mp4": (106, stamp),
+        "new.mp4": (107, stamp),
+    }
+    for writer in (w, CacheWriter(path, CONFIG)):  # the writer that journalled, and one resuming the journal
+        rows, failures = writer.standing(now)
+        assert rows == {"same.mp4", "unidentified.mp4"}
+        assert failures == {"broken.mp4", "failed later.mp4"}
+
+
+@pytest.mark.parametrize("assigned", ["every row", "some rows"])
+@pytest.mark.parametrize("slab_bytes", [1, 1 << 24], ids=["row-by-row slabs", "one slab"])
+def test_adding_clips_keeps_every_old_row_with_its_assignment_and_identity_in_parts_and_in_one_file(
+    tmp_path, monkeypatch, assigned, slab_bytes
+):
+    """Adding clips writes the old rows' small columns anew from what the writer knows and (one file) copies
+    their features in slabs: each row keeps its features, takes its (label, split) from the assignments where
+    it has one and its identity from the current index; new keys sort between old ones, a dropped row splits
+    the old rows' runs, and a parted cache equals the one-file cache."""
+    import featpipe.cache as fc
+
+    monkeypatch.setattr(fc, "_SLAB_BYTES", slab_bytes)
+    keys = [f"train/a/clip{i}.mp4" for i in range(10)]
+    old, new, dropped = keys[0::2], keys[1::2], keys[4]
+    stamp = 1_700_000_000_000_000_000
+    assignments = {k: (i % 2, ("train", "val", "test")[i % 3]) for i, k in enumerate(keys)}
+    if assigned == "some rows":
+        assignments = {k: v for i, (k, v) in enumerate(assignments.items()) if i % 2}
+    current = {k: (200 + i, stamp) for i, k in enumerate(keys) if k != dropped}
+    for path, one_file in ((tmp_path / "parted.h5", False), (tmp_path / "one.h5", True)):
+        monkeypatch.setenv("FEATPIPE_ONE_FILE_MB", "1000" if one_file else "0")
+        w = CacheWriter(path, CONFIG)
+        for k in old:
+            w.append(stamped(clip(keys.index(k), k), 200 + keys.index(k)))
+        w.finalize()
+        w = CacheWriter(path, CONFIG)
+        w.identities = current
+        for k in new:
+            w.append(clip(keys.index(k), k))  # stamped with its current identity by the writer
+        w.finalize(assignments, current=current)
+    parted_rows, one_rows = by_key(tmp_path / "parted.h5"), by_key(tmp_path / "one.h5")
+    assert parted_rows == one_rows
+    rows = parted_rows["rows"]
+    assert sorted(rows) == sorted(current) and parted_rows["stale"] == {dropped: "no longer in the dataset"}
+    for k in current:
+        i = keys.index(k)
+        features, mask, label, split, n_frames, size, mtime = rows[k]
+        assert (features, mask, n_frames) == (clip(i, k).features.tobytes(), clip(i, k).mask.tobytes(), 30 + i)
+        assert (label, split) == assignments.get(k, (i % 2, "train"))
+        assert (size, mtime) == current[k]
+    with h5py.File(tmp_path / "one.h5", "r") as f:
+        assert list(f["video"].asstr()[:]) == sorted(current), "a one-file cache keeps its rows by key"
+    assert len(part_files(tmp_path / "parted.h5")) == 2

@@ -196,6 +196,27 @@ def test_extensions_are_case_insensitive_and_other_files_are_ignored(tmp_path):
     assert [r.video for r in ds.records] == ["a/one.MP4", "a/three.mkv", "a/two.Avi", "b/five.WEBM", "b/six.mpeg"]
 
 
+def test_keys_and_extensions_follow_pathlib_for_odd_names_nested_and_linked_folders(tmp_path):
+    """Indexing tells videos and makes keys by string (a Path per clip made large folders slow): the result
+    is what ``Path.suffix`` and ``relative_to(root).as_posix()`` give, for any name."""
+    names = ["a.b.mkv", "..mp4", "trailing.", "mp4", "x.MP4", "sp ace.avi", "ünï cödé.webm", "a.mp4.txt", "b.tar.mpg"]
+    touch(tmp_path / "data", *(f"cls/deep/er/{n}" for n in names), *(f"other/{n}" for n in names))
+    (tmp_path / "elsewhere").mkdir()
+    touch(tmp_path / "elsewhere", "linked.mov", "linked.txt")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "other" / "link")
+    ds = index_dataset(tmp_path / "data", val_fraction=0, test_fraction=0)
+    root = (tmp_path / "data").resolve()
+    expected = sorted(
+        f"{folder}/{n}"
+        for folder in ("cls/deep/er", "other")
+        for n in names
+        if Path(n).suffix.lower() in VIDEO_EXTENSIONS and not n.startswith(".")
+    )
+    assert [r.video for r in ds.records] == sorted(expected + ["other/link/linked.mov"])
+    for r in ds.records:
+        assert r.video == r.path.relative_to(root).as_posix() and r.path == root / r.video
+
+
 def test_every_accepted_extension_is_indexed(tmp_path):
     exts = sorted(VIDEO_EXTENSIONS)
     touch(tmp_path, *(f"a/clip{e}" for e in exts), *(f"b/clip{e.upper()}" for e in exts))

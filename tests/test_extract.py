@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import signal
@@ -117,6 +118,30 @@ def test_rerun_skips_every_clip_already_in_the_cache_and_extracts_only_new_ones(
     write_video(data / "train" / "grow" / "extra clip.mp4", 12, 64, 48)
     third = extract(data=data, output=out, **SMALL)
     assert (third.n_new, third.n_skipped, third.n_clips) == (1, 16, 17)
+    assert gc.get_freeze_count() == 0, "extract leaves the garbage collector as it found it"
+
+
+def test_extract_keeps_the_objects_alive_before_its_heavy_imports_out_of_the_collectors_walks():
+    """What exists when extract starts (the index: objects per clip) is frozen for the run, so the full
+    collections of the Keras import do not walk it again, and is given back after, even on an error;
+    a freeze made by someone else (e.g. a server before forking) is left alone."""
+    from featpipe.extract import _collector_skips_what_exists
+
+    assert gc.get_freeze_count() == 0
+    kept = [object() for _ in range(10)]
+    with _collector_skips_what_exists():
+        assert gc.get_freeze_count() >= len(kept)
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(KeyboardInterrupt), _collector_skips_what_exists():
+        raise KeyboardInterrupt
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # (the count falls as frozen objects are freed, so only "still frozen" is checked)
+    try:
+        with _collector_skips_what_exists():
+            assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() > 0, "a freeze made by someone else is not undone"
+    finally:
+        gc.unfreeze()
 
 
 def _extract_cmd(data: Path, out: Path) -> list[str]:

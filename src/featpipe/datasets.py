@@ -323,7 +323,13 @@ def index_dataset(
 
 
 def _is_video(path: Path) -> bool:
-    return path.suffix.lower() in VIDEO_EXTENSIONS
+    return _is_video_name(path.name)
+
+
+def _is_video_name(name: str) -> bool:
+    """``Path(name).suffix.lower() in VIDEO_EXTENSIONS``, without building a Path (run once per file indexed)."""
+    dot = name.rfind(".")
+    return 0 < dot < len(name) - 1 and name[dot:].lower() in VIDEO_EXTENSIONS
 
 
 def _visible(name: str) -> bool:
@@ -367,6 +373,7 @@ def walk_clips(folder: str | Path) -> FolderClips:
             unreadable.append((path, _reason(exc)))
             continue
         subfolders = []
+        base = Path(path)  # one Path per folder; a clip's path is then a cheap child of it
         for entry in entries:
             try:
                 is_dir = entry.is_dir()  # follows a symbolic link
@@ -374,8 +381,8 @@ def walk_clips(folder: str | Path) -> FolderClips:
                 is_dir = False  # a link into a folder we may not enter: reported per clip if it is a video
             if is_dir:
                 subfolders.append(Path(entry.path))
-            elif _is_video(Path(entry.name)):
-                found.append(Path(entry.path))
+            elif _is_video_name(entry.name):
+                found.append(base / entry.name)
         stack.extend(reversed(subfolders))
     return FolderClips(tuple(sorted(found)), tuple(unreadable))
 
@@ -414,6 +421,13 @@ def unreadable_note(folder: str | Path, reason: str) -> str:
 
 
 def _key(path: Path, root: Path) -> str:
+    """``path.relative_to(root).as_posix()``; by string when ``path`` is spelled under ``root`` (the indexer's
+    own paths: a Path parse per clip was most of the cost of indexing a large folder)."""
+    text, top = str(path), str(root)
+    prefix = top if top.endswith(os.sep) else top + os.sep
+    if text.startswith(prefix) and len(text) > len(prefix):
+        rel = text[len(prefix) :]
+        return rel if os.sep == "/" else rel.replace(os.sep, "/")
     return path.relative_to(root).as_posix()
 
 

@@ -8,8 +8,9 @@ Padded frames never go through the backbone: their features are zeros and their 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -267,6 +268,7 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
     )
     identities = {r.video: file_identity(r.path) for r in records}  # what each clip file is now
     with ExitStack() as stack:
+        stack.enter_context(_collector_skips_what_exists())
         try:
             stack.enter_context(CacheLock(path))
             writable = True
@@ -307,9 +309,9 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
         writer = CacheWriter(path, config, writable=writable)
         _refuse_another_dataset(writer, identities, dataset.root, path)
         writer.identities = identities  # stamped on every record this run journals
-        known = writer.contents()  # clip key -> identity it was extracted (or failed) with
-        done = {k for k in writer.done if k in identities and _same_clip(known[k], identities[k])}
-        failed_before = {k for k in writer.failed if k in identities and _same_clip(known[k], identities[k])}
+        # rows and failures recorded with the size and mtime each clip file has now (or by a version 1 cache,
+        # without identity: trusted, and identified from this run on)
+        done, failed_before = writer.standing(identities)
         skip = done | (set() if opts.retry_failed else failed_before)
         todo = [r for r in records if r.video not in skip]
         n_skipped = len(records) - len(todo)
@@ -406,10 +408,24 @@ def _check_strict(strict: bool, failed: list, dataset: Dataset, path: Path) -> N
         )
 
 
-def _same_clip(recorded, now) -> bool:
-    """A cached row (or failure) still stands for the clip: same size and mtime, or recorded by a version 1 cache
-    (no identity: trusted, and identified from this run on)."""
-    return recorded is None or recorded == now
+@contextmanager
+def _collector_skips_what_exists():
+    """Inside the block, Python's cyclic garbage collector leaves alone the objects that exist at its start.
+
+    They are the index (a few objects per clip: its record, its path) and live to the end of the run, yet
+    every full collection after it (the Keras import alone makes several) would walk all of them again: with
+    20,000 clips that was a cost per clip as large as indexing them. ``gc.freeze`` moves them out of the
+    collector's reach, ``gc.unfreeze`` puts them back at the end (cyclic garbage among them is collected
+    then). Left as it is when something else froze objects already (e.g. a server before forking).
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _refuse_another_dataset(writer: CacheWriter, identities: dict, root: Path, path: Path) -> None:
@@ -419,8 +435,10 @@ def _refuse_another_dataset(writer: CacheWriter, identities: dict, root: Path, p
     if old_root is None:
         return
     old_root = old_root.decode() if isinstance(old_root, bytes) else str(old_root)
+    if old_root == str(root):
+        return
     theirs = writer.contents()
-    if old_root == str(root) or not theirs:
+    if not theirs:
         return
     new = [k for k in identities if k not in theirs]
     gone = [k for k in theirs if k not in identities]
@@ -449,8 +467,7 @@ def _assignments(
     splits = {r.video: r.split for r in records}
     notes: list[str] = []
     if not shard:  # a shard sees only its own clips: it cannot tell what a class holds in the whole dataset
-        known = writer.contents()
-        failed = {k for k in writer.failed if k in identities and _same_clip(known[k], identities[k])}
+        _, failed = writer.standing(identities)
         repair = repair_splits(dataset, [r.video for r in records if r.video not in failed])
         splits.update(repair.splits)
         if repair.redrawn:
@@ -459,7 +476,11 @@ def _assignments(
                 f"(failed clips had emptied a split)."
             )
         notes += [f"warning: {w}" for w in repair.warnings]
-    return {r.video: (dataset.label_index(r.label), splits[r.video]) for r in records}, notes
+    index = {name: i for i, name in enumerate(dataset.class_names)}  # label_index without a search per clip
+    return {
+        r.video: (index[r.label] if r.label in index else dataset.label_index(r.label), splits[r.video])
+        for r in records
+    }, notes
 
 
 def _drop_notes(writer: CacheWriter) -> list[str]:
