@@ -1063,3 +1063,51 @@ def test_shards_on_another_file_system_are_copied_into_the_merged_parts(tmp_path
     shard_parts = {p.stat().st_ino for s in shards for p in part_files(s)}
     assert len(part_files(out)) == 2 and not {p.stat().st_ino for p in part_files(out)} & shard_parts
     assert by_key(out) == by_key(whole)
+
+
+# ----------------------------------------------------------------------------- readers and writers at once
+
+
+def test_a_reader_keeps_reading_the_cache_it_opened_while_it_is_compacted_or_grown(tmp_path, parted):
+    """Part files a replaced cache named stay while a reader holds it; rows never shift under it."""
+    from featpipe.data import load_rows, open_index
+
+    path = tmp_path / "c.h5"
+    write_clips(path, KEYS[:4])
+    w = CacheWriter(path, CONFIG)
+    for key in KEYS[4:6]:
+        w.append(clip(KEYS.index(key), key))
+    w.finalize()
+    old_parts = part_files(path)
+    assert len(old_parts) == 2
+    index = open_index(path)  # as train, evaluate and tune open it
+    rows = np.arange(len(index.videos))
+    expected = np.stack([clip(KEYS.index(k)).features for k in index.videos]).astype(np.float32)
+    compact_cache(path)  # in place: one file, the two parts superseded
+    x, _ = load_rows(index, rows)
+    np.testing.assert_array_equal(x["features"], expected)  # not NaN where a part was
+    assert part_files(path) == old_parts, "kept while a reader holds the cache that names them"
+    w = CacheWriter(path, CONFIG)  # a clip whose key sorts first: every row of a rewritten cache moves
+    w.append(clip(0, "test/a/0first.mp4"))
+    w.finalize()
+    x, _ = load_rows(index, rows)
+    np.testing.assert_array_equal(x["features"], expected)
+    index.close()
+    CacheWriter(path, CONFIG)  # the next writer with no reader left removes them
+    assert not set(part_files(path)) & set(old_parts)
+
+
+def test_a_part_file_deleted_under_a_reader_is_a_sentence_naming_its_clips_never_nan(tmp_path, parted):
+    from featpipe.cache import DamagedCacheError
+    from featpipe.data import load_rows, open_index
+
+    path = tmp_path / "c.h5"
+    write_clips(path, KEYS[:2])
+    w = CacheWriter(path, CONFIG)
+    w.append(clip(2, KEYS[2]))
+    w.finalize()
+    index = open_index(path)
+    with h5py.File(path, "r") as f:
+        (tmp_path / f["parts/file"].asstr()[f["parts/index"][-1]]).unlink()  # not featpipe: by hand
+    with pytest.raises(DamagedCacheError, match=f"is missing.*clip '{KEYS[2]}'"):
+        load_rows(index, np.arange(3))
