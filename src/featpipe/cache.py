@@ -3,7 +3,9 @@
 Schema (version 3), readable with plain h5py and pandas:
 
   features        (N, T, *feature_shape)  float16 (default) or float32; one clip per chunk
-  mask            (N, T)  bool            True exactly for real (not padded) frames
+  mask            (N, T)  bool            True exactly for real (not padded) frames: always a prefix
+  mask_crc32      (N,)    uint32          zlib.crc32 of each row's mask bytes (absent in older caches:
+                                          their masks are checked by the prefix rule alone)
   label           (N,)    int             index into attrs["class_names"]
   split           (N,)    str             train / val / test
   video           (N,)    str             clip path relative to the data root (the clip's key)
@@ -40,7 +42,8 @@ hard-links their parts (or whole files) into the merged cache's ``.parts/`` fold
 then ordered by part (kept rows first, in their old order; new rows after, sorted by key), not
 globally by key; a cache written as one file (small caches, ``compact``) is sorted by key.
 Part files that the cache no longer references (rows dropped, a killed write) are removed by
-the next write under the cache's lock.
+the next write under the cache's lock, once no reader holds a cache file that names them (see
+"readers" below).
 
 Crash safety. The HDF5 file is never modified in place. While extracting, every finished clip
 is appended to a journal beside the cache (``<cache>.journal``) as one checksummed record; a
