@@ -1111,3 +1111,37 @@ def test_a_part_file_deleted_under_a_reader_is_a_sentence_naming_its_clips_never
         (tmp_path / f["parts/file"].asstr()[f["parts/index"][-1]]).unlink()  # not featpipe: by hand
     with pytest.raises(DamagedCacheError, match=f"is missing.*clip '{KEYS[2]}'"):
         load_rows(index, np.arange(3))
+
+
+READER = """
+import sys
+import numpy as np
+from featpipe.data import load_rows, open_index
+index = open_index(sys.argv[1])
+print("open", flush=True)
+sys.stdin.readline()
+x, _ = load_rows(index, np.arange(len(index.videos)))
+print("finite" if np.isfinite(x["features"]).all() else "NaN", len(x["features"]), flush=True)
+"""
+
+
+def test_a_reader_in_another_process_keeps_the_parts_it_reads_until_it_is_done(tmp_path, parted):
+    path = tmp_path / "c.h5"
+    write_clips(path, KEYS[:4])
+    old = part_files(path)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert reader.stdout.readline().strip() == "open"
+        compact_cache(path)  # `featpipe merge --compact` while `train` reads
+        assert part_files(path) == old
+        reader.stdin.write("go\n")
+        reader.stdin.flush()
+        assert reader.stdout.readline().split() == ["finite", "4"]
+        assert reader.wait(timeout=120) == 0
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+    CacheWriter(path, CONFIG)  # no reader left: the next writer removes them
+    assert not part_files(path)
