@@ -1226,3 +1226,85 @@ def test_adding_clips_keeps_every_old_row_with_its_assignment_and_identity_in_pa
     with h5py.File(tmp_path / "one.h5", "r") as f:
         assert list(f["video"].asstr()[:]) == sorted(current), "a one-file cache keeps its rows by key"
     assert len(part_files(tmp_path / "parted.h5")) == 2
+
+
+# ----------------------------------------------------------------------------- readers and writers at once
+
+
+def test_a_reader_keeps_reading_the_cache_it_opened_while_it_is_compacted_or_grown(tmp_path, parted):
+    """Part files a replaced cache named stay while a reader holds it; rows never shift under it."""
+    from featpipe.data import load_rows, open_index
+
+    path = tmp_path / "c.h5"
+    write_clips(path, KEYS[:4])
+    w = CacheWriter(path, CONFIG)
+    for key in KEYS[4:6]:
+        w.append(clip(KEYS.index(key), key))
+    w.finalize()
+    old_parts = part_files(path)
+    assert len(old_parts) == 2
+    index = open_index(path)  # as train, evaluate and tune open it
+    rows = np.arange(len(index.videos))
+    expected = np.stack([clip(KEYS.index(k)).features for k in index.videos]).astype(np.float32)
+    compact_cache(path)  # in place: one file, the two parts superseded
+    x, _ = load_rows(index, rows)
+    np.testing.assert_array_equal(x["features"], expected)  # not NaN where a part was
+    assert part_files(path) == old_parts, "kept while a reader holds the cache that names them"
+    w = CacheWriter(path, CONFIG)  # a clip whose key sorts first: every row of a rewritten cache moves
+    w.append(clip(0, "test/a/0first.mp4"))
+    w.finalize()
+    x, _ = load_rows(index, rows)
+    np.testing.assert_array_equal(x["features"], expected)
+    index.close()
+    CacheWriter(path, CONFIG)  # the next writer with no reader left removes them
+    assert not set(part_files(path)) & set(old_parts)
+
+
+def test_a_part_file_deleted_under_a_reader_is_a_sentence_naming_its_clips_never_nan(tmp_path, parted):
+    from featpipe.cache import DamagedCacheError
+    from featpipe.data import load_rows, open_index
+
+    path = tmp_path / "c.h5"
+    write_clips(path, KEYS[:2])
+    w = CacheWriter(path, CONFIG)
+    w.append(clip(2, KEYS[2]))
+    w.finalize()
+    index = open_index(path)
+    with h5py.File(path, "r") as f:
+        (tmp_path / f["parts/file"].asstr()[f["parts/index"][-1]]).unlink()  # not featpipe: by hand
+    with pytest.raises(DamagedCacheError, match=f"is missing.*clip '{KEYS[2]}'"):
+        load_rows(index, np.arange(3))
+
+
+READER = """
+import sys
+import numpy as np
+from featpipe.data import load_rows, open_index
+index = open_index(sys.argv[1])
+print("open", flush=True)
+sys.stdin.readline()
+x, _ = load_rows(index, np.arange(len(index.videos)))
+print("finite" if np.isfinite(x["features"]).all() else "NaN", len(x["features"]), flush=True)
+"""
+
+
+def test_a_reader_in_another_process_keeps_the_parts_it_reads_until_it_is_done(tmp_path, parted):
+    path = tmp_path / "c.h5"
+    write_clips(path, KEYS[:4])
+    old = part_files(path)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert reader.stdout.readline().strip() == "open"
+        compact_cache(path)  # `featpipe merge --compact` while `train` reads
+        assert part_files(path) == old
+        reader.stdin.write("go\n")
+        reader.stdin.flush()
+        assert reader.stdout.readline().split() == ["finite", "4"]
+        assert reader.wait(timeout=120) == 0
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+    CacheWriter(path, CONFIG)  # no reader left: the next writer removes them
+    assert not part_files(path)

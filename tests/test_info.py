@@ -152,3 +152,72 @@ def test_adding_clips_to_a_damaged_cache_names_the_clip_and_keeps_the_file(damag
         writer.finalize()
     assert damaged.read_bytes() == before, "the damaged cache is left as it was"
     assert not list(damaged.parent.glob(damaged.name + ".tmp-*")), "no temporary file is left behind"
+
+
+# ----------------------------------------------------------------------------- masks and part files
+
+T = 5  # frames per clip in make_cache; row i has 1 + i % T real frames
+
+
+def flip_mask_byte(path, row: int, frame: int) -> None:
+    """Flip one byte of the stored mask (True <-> False), as a bad disk or copy would."""
+    with h5py.File(path, "r") as f:
+        ds = f["mask"]
+        assert ds.chunks is None and ds.shape[1] == T
+        offset = ds.id.get_offset() + row * T + frame
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)[0]
+        fh.seek(offset)
+        fh.write(bytes([byte ^ 0x01]))
+
+
+def test_a_flipped_mask_byte_is_found_by_verify_and_stops_training(tmp_path):
+    path = make_cache(tmp_path / "c.h5", n=12)
+    flip_mask_byte(path, DAMAGED, 1 + DAMAGED % T)  # v005: its first padded frame turns real, still a prefix
+    with h5py.File(path, "r") as f:
+        assert list(f["mask"][DAMAGED]) == [True, True, False, False, False]
+    with pytest.raises(DamagedCacheError, match="frame mask of clip 'v005.mp4'") as info:
+        featpipe.info(path, verify=True)
+    assert "v004.mp4" not in str(info.value)
+    result = run("info", path, "--verify")
+    assert result.exit_code == 1 and "v005.mp4" in result.output
+    with pytest.raises(DamagedCacheError, match="v005.mp4"):
+        open_index(path)  # train, evaluate and tune read the masks through it
+
+
+def test_a_cache_without_mask_checksums_is_read_and_its_masks_must_be_real_frames_first(tmp_path):
+    path = make_cache(tmp_path / "c.h5", n=6)
+    with h5py.File(path, "r+") as f:  # what featpipe wrote before masks carried checksums
+        if "mask_crc32" in f:
+            del f["mask_crc32"]
+    x, _ = load_rows(open_index(path), np.arange(6))
+    assert "all 6 rows verified" in featpipe.info(path, verify=True)[-1]
+    flip_mask_byte(path, 1, 3)  # v001 holds 2 real frames: now True, True, False, True, False
+    result = run("info", path, "--verify")
+    assert result.exit_code == 1 and "frame mask of clip 'v001.mp4'" in result.output
+
+
+@pytest.mark.parametrize("how", ["truncated", "not hdf5"])
+def test_verify_reports_an_unreadable_part_file_as_the_clips_it_held(tmp_path, monkeypatch, how):
+    from featpipe.cache import CacheConfig, CacheWriter, ClipRecord, open_h5
+
+    monkeypatch.setenv("FEATPIPE_ONE_FILE_MB", "0")  # every cache in part files
+    path = make_cache(tmp_path / "c.h5", n=6)
+    with open_h5(path) as f:
+        config = CacheConfig.from_attrs(dict(f.attrs))
+    writer = CacheWriter(path, config)
+    for i in range(3):  # a second part file, holding only these
+        writer.append(ClipRecord(f"w{i}.mp4", 0, "train", 1, np.ones((T, config.feature_shape[0])), np.arange(T) < 1))
+    writer.finalize()
+    with h5py.File(path, "r") as f:
+        part = path.parent / f["parts/file"].asstr()[f["parts/index"][-1]]
+    data = part.read_bytes()
+    part.write_bytes(data[: len(data) // 2] if how == "truncated" else b"not an HDF5 file\n" * 100)
+    result = run("info", path, "--verify")
+    assert result.exit_code == 1, result.output
+    out = " ".join(result.output.split())
+    assert part.name in out and "'w0.mp4', 'w1.mp4', 'w2.mp4'" in out and "v000.mp4" not in out
+    index = open_index(path)
+    with pytest.raises(DamagedCacheError, match=f"{part.name}.*'w0.mp4'"):  # training reads it: a sentence, never NaN
+        load_rows(index, np.arange(len(index.videos)))

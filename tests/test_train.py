@@ -798,3 +798,68 @@ def test_a_signal_at_an_epoch_boundary_or_mid_epoch_always_stops_the_run_as_inte
         info = json.loads((run / "run.json").read_text())
         assert info["interrupted"] is True and 2 <= info["epochs_run"] < 400, where
         assert len((run / "history.csv").read_text().splitlines()) == info["epochs_run"] + 1, where
+
+
+# ----------------------------------------------------------------------------- NaN losses, a cache rewritten mid-fit
+
+
+def poison_weights_at_epoch(monkeypatch, epoch: int) -> None:
+    """From the start of ``epoch`` (0-based) every weight is NaN, so every loss after is NaN (as after a blow-up)."""
+
+    def on_epoch_begin(self, e, logs=None):
+        if e == epoch:
+            for v in self.model.trainable_variables:
+                v.assign(np.full(v.shape, np.nan, dtype="float32"))
+
+    monkeypatch.setattr(keras.callbacks.CSVLogger, "on_epoch_begin", on_epoch_begin, raising=False)
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_training_and_the_run_keeps_the_best_finite_epoch(tmp_path, monkeypatch):
+    cache = synthetic_cache(tmp_path / "c.h5")
+    poison_weights_at_epoch(monkeypatch, 2)
+    out = tmp_path / "run"
+    args = ["--epochs", "40", "--patience", "40", "--units", "4", "--out", str(out), "--quiet"]
+    result = runner.invoke(app, ["train", "--cache", str(cache), *args])
+    assert result.exit_code == 1, result.output
+    assert "stopped: the training loss became NaN in epoch 3" in result.output and "Traceback" not in result.output
+    info = json.loads((out / "run.json").read_text())
+    assert info["epochs_run"] == 3, "stopped after the epoch the loss became NaN in, not after --patience more"
+    assert info["best_epoch"] in (1, 2) and "NaN in epoch 3" in info["diverged"]
+    history = [line.split(",") for line in (out / "history.csv").read_text().splitlines()[1:]]
+    assert all(np.isfinite(float(v)) for v in history[info["best_epoch"] - 1][1:])
+    model = keras.saving.load_model(out / "model.keras")
+    x = {"features": np.zeros((2, 4, 6), np.float32), "mask": np.ones((2, 4), bool)}
+    assert np.isfinite(model.predict(x, verbose=0)).all(), "model.keras is the best finite epoch's"
+
+
+def test_a_nan_loss_in_the_first_epoch_writes_no_run_and_says_so(tmp_path, monkeypatch):
+    cache = synthetic_cache(tmp_path / "c.h5")
+    poison_weights_at_epoch(monkeypatch, 0)
+    with pytest.raises(FeatpipeError, match="NaN in epoch 1.*no run directory was written") as err:
+        train(cache=cache, out=tmp_path / "run", epochs=5, patience=5, units=4, quiet=True)
+    assert err.value.exit_code == 1
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".*run*"))
+
+
+@pytest.mark.slow
+def test_train_stream_reads_the_cache_it_opened_while_the_cache_is_compacted(tmp_path, monkeypatch):
+    """`featpipe merge --compact` (or an extraction) rewriting the cache mid-fit takes no part file from the reader."""
+    from featpipe.batches import H5Batches
+    from featpipe.cache import compact_cache, parts_dir
+
+    monkeypatch.setenv("FEATPIPE_ONE_FILE_MB", "0")
+    cache = synthetic_cache(tmp_path / "c.h5")
+    assert parts_dir(cache).is_dir()
+    epoch_end = H5Batches.on_epoch_end
+
+    def compact_once(self):
+        if parts_dir(cache).is_dir() and not hasattr(compact_once, "done"):
+            compact_once.done = True
+            compact_cache(cache)
+        epoch_end(self)
+
+    monkeypatch.setattr(H5Batches, "on_epoch_end", compact_once)
+    result = train(cache=cache, out=tmp_path / "run", stream=True, epochs=2, refit=False, units=4, quiet=True)
+    assert compact_once.done and result.streamed and result.diverged is None
+    assert all(np.isfinite(h["loss"]) and np.isfinite(h["val_loss"]) for h in result.history)

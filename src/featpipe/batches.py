@@ -110,6 +110,9 @@ class H5Batches(keras.utils.PyDataset):
     ``max_windows`` windows are held, so memory is bounded by ``max_windows * window_batches *
     batch_size`` rows whatever the cache size (plus the batches Keras queues).
 
+    ``path`` may be a :class:`featpipe.data.CacheIndex`: batches are then read from the file it
+    holds open (the cache as the index saw it, whatever replaces it meanwhile), and its masks.
+
     The order is a function of ``seed`` and the epoch alone, so batches are the same whichever
     worker thread reads them. Keras must not reorder the batches: fit with ``shuffle=False``
     (reordering stays correct, only slower, since windows are then re-read).
@@ -133,7 +136,9 @@ class H5Batches(keras.utils.PyDataset):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.path = Path(path)
+        index = path if hasattr(path, "opened") else None  # a featpipe.data.CacheIndex
+        self.path = Path(index.path if index is not None else path)
+        self._shared = index.file if index is not None else None  # the index's open file: never closed here
         self.rows = np.asarray(rows, dtype=np.int64)
         self.labels = np.asarray(labels)
         self.batch_size = int(batch_size)
@@ -146,8 +151,11 @@ class H5Batches(keras.utils.PyDataset):
         self._by_file = np.argsort(self.rows, kind="stable")
         self._rng = np.random.default_rng(seed)
         self._init_state()
-        with open_h5(self.path) as f:
-            self._masks = f["mask"][()].astype(bool)[self.rows] if len(self.rows) else np.zeros((0, 0), bool)
+        if index is not None:
+            self._masks = index.mask[self.rows]
+        else:
+            with open_h5(self.path) as f:
+                self._masks = f["mask"][()].astype(bool)[self.rows] if len(self.rows) else np.zeros((0, 0), bool)
         self._epoch = 0
         self._order = self._plan()
 
@@ -159,7 +167,7 @@ class H5Batches(keras.utils.PyDataset):
 
     def __getstate__(self):  # for use_multiprocessing: locks, the open file and the windows stay behind
         state = self.__dict__.copy()
-        for key in ("_file", "_lock", "_window_locks", "_windows"):
+        for key in ("_file", "_lock", "_window_locks", "_windows", "_shared"):
             state.pop(key, None)
         return state
 
@@ -190,6 +198,8 @@ class H5Batches(keras.utils.PyDataset):
         return order
 
     def _h5(self):
+        if getattr(self, "_shared", None) is not None:
+            return self._shared
         if self._file is None:
             self._file = open_h5(self.path)
         return self._file

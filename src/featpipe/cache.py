@@ -3,7 +3,9 @@
 Schema (version 3), readable with plain h5py and pandas:
 
   features        (N, T, *feature_shape)  float16 (default) or float32; one clip per chunk
-  mask            (N, T)  bool            True exactly for real (not padded) frames
+  mask            (N, T)  bool            True exactly for real (not padded) frames: always a prefix
+  mask_crc32      (N,)    uint32          zlib.crc32 of each row's mask bytes (absent in older caches:
+                                          their masks are checked by the prefix rule alone)
   label           (N,)    int             index into attrs["class_names"]
   split           (N,)    str             train / val / test
   video           (N,)    str             clip path relative to the data root (the clip's key)
@@ -40,7 +42,8 @@ hard-links their parts (or whole files) into the merged cache's ``.parts/`` fold
 then ordered by part (kept rows first, in their old order; new rows after, sorted by key), not
 globally by key; a cache written as one file (small caches, ``compact``) is sorted by key.
 Part files that the cache no longer references (rows dropped, a killed write) are removed by
-the next write under the cache's lock.
+the next write under the cache's lock, once no reader holds a cache file that names them (see
+"readers" below).
 
 Crash safety. The HDF5 file is never modified in place. While extracting, every finished clip
 is appended to a journal beside the cache (``<cache>.journal``) as one checksummed record; a
@@ -71,6 +74,7 @@ import os
 import re
 import shutil
 import struct
+import time
 import uuid
 import zlib
 from collections import Counter
@@ -377,6 +381,98 @@ class CacheLock:
             self._fh = None
 
 
+# ----------------------------------------------------------------------------- readers
+# A command reading a cache kept in part files (train --stream, evaluate, tune, info --verify) holds
+# the file it opened for as long as it reads, and that file's virtual dataset opens its part files by
+# name on every read. A writer that replaced the cache (extract, merge --force, --compact) must not
+# delete the part files the old file still names while such a reader runs: HDF5 would read NaN there.
+# So readers register with a shared flock on ``<cache>.readers`` (released by the OS if they die),
+# and part files the cache no longer references are deleted only under an exclusive, non-blocking
+# lock on it; while a reader holds it they stay, and the next write that finds no reader removes them.
+
+
+def readers_path(cache: Path) -> Path:
+    cache = Path(cache)
+    return cache.with_name(cache.name + ".readers")
+
+
+def _flock(fh, mode: str, block: bool = False) -> bool:
+    """flock ``fh`` shared ("sh") or exclusive ("ex"); False where it is held elsewhere (or cannot be taken)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: an open file cannot be deleted there anyway
+        return mode == "sh"
+    flags = fcntl.LOCK_SH if mode == "sh" else fcntl.LOCK_EX
+    try:
+        fcntl.flock(fh.fileno(), flags if block else flags | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _open_readers_file(cache: Path):
+    path = readers_path(cache)
+    try:
+        return open(path, "a+b")
+    except OSError:
+        try:
+            return open(path, "rb")  # a read-only folder: no writer can delete parts there either
+        except OSError:
+            return None
+
+
+class _Reader:
+    """This process's registration as a reader of a cache in part files (a shared lock on ``<cache>.readers``)."""
+
+    def __init__(self, fh):
+        self._fh = fh
+
+    @classmethod
+    def register(cls, cache: Path) -> "_Reader | None":
+        fh = _open_readers_file(cache)
+        if fh is None:
+            return None
+        # a writer holds the exclusive lock only while it deletes unused part files: wait for that (bounded)
+        for _ in range(400):
+            if _flock(fh, "sh"):
+                return cls(fh)
+            time.sleep(0.025)
+        fh.close()
+        return None
+
+    def release(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()  # closing the descriptor releases the lock
+
+
+@contextmanager
+def _no_readers(cache: Path) -> Iterator[bool]:
+    """True inside while no process reads ``cache`` (an exclusive lock on ``<cache>.readers``), else False."""
+    fh = _open_readers_file(cache)
+    if fh is None:
+        yield True
+        return
+    try:
+        yield _flock(fh, "ex")
+    finally:
+        fh.close()
+
+
+class _CacheFile(h5py.File):
+    """A cache opened by :func:`open_h5`: closing it also ends its reader registration."""
+
+    _reader: _Reader | None = None
+
+    def close(self):
+        try:
+            super().close()
+        finally:
+            reader, self._reader = self._reader, None
+            if reader is not None:
+                reader.release()
+
+
 # ----------------------------------------------------------------------------- shards
 
 _SHARD_SPEC = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
@@ -422,14 +518,44 @@ def read_config(path: Path) -> CacheConfig:
 
 
 def open_h5(path: Path):
-    """Open a cache read-only, turning every way it can be wrong into one CacheError sentence."""
+    """Open a cache read-only, turning every way it can be wrong into one CacheError sentence.
+
+    A cache kept in part files is registered as read (see "readers" above) until the file is
+    closed: part files it names are not deleted while it is open, whatever replaces the cache.
+    """
     path = Path(path)
+    f = _open_cache_file(path)
+    if "parts" not in f:
+        return f
+    reader = _Reader.register(path)
+    missing = _missing_part_files(f, path)
+    if missing and reader is not None:
+        # the cache was replaced, and its old parts removed, between opening it and registering:
+        # the cache now at ``path`` is whole, and its parts stay while we are registered
+        f.close()
+        f = _open_cache_file(path)
+        missing = _missing_part_files(f, path) if "parts" in f else []
+    if missing:
+        f.close()
+        if reader is not None:
+            reader.release()
+        raise CacheError(
+            f"'{path}' keeps its features in part files beside it, and '{path.parent / missing[0]}' is missing"
+            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; copy the cache together with its "
+            f"'{parts_dir(path).name}' folder, or, where the cache and its parts are, write a one-file copy with "
+            f"`featpipe merge --compact --output NEW.h5 {path.name}`."
+        )
+    f._reader = reader
+    return f
+
+
+def _open_cache_file(path: Path) -> "_CacheFile":
     if not path.exists():
         raise CacheError(f"Cache file '{path}' does not exist; run `featpipe extract` first or pass --cache FILE.")
     if path.is_dir():
         raise CacheError(f"'{path}' is a folder, not a cache file; name the .h5 file inside it.")
     try:
-        f = h5py.File(path, "r")
+        f = _CacheFile(path, "r")
     except OSError as exc:
         text = str(exc).lower()
         if isinstance(exc, BlockingIOError) or "unable to lock file" in text:
@@ -454,24 +580,19 @@ def open_h5(path: Path):
             f"{', '.join(map(str, READABLE_VERSIONS))}; "
             f"re-extract it with this version of featpipe."
         )
-    if "parts" in f:  # a virtual dataset silently reads zeros for a missing source file: refuse instead
-        try:
-            missing = [n for n in f["parts/file"].asstr()[:] if not (path.parent / n).is_file()]
-        except (KeyError, OSError, ValueError):
-            f.close()
-            raise CacheError(
-                f"'{path}' has a damaged parts/ group; restore it from a backup, or move it away and "
-                f"run `featpipe extract` to write it anew."
-            ) from None
-        if missing:
-            f.close()
-            raise CacheError(
-                f"'{path}' keeps its features in part files beside it, and '{path.parent / missing[0]}' is missing"
-                f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; copy the cache together with its "
-                f"'{parts_dir(path).name}' folder, or, where the cache and its parts are, write a one-file copy with "
-                f"`featpipe merge --compact --output NEW.h5 {path.name}`."
-            )
     return f
+
+
+def _missing_part_files(f, path: Path) -> list[str]:
+    """The part files an open cache names that are not there (a virtual dataset would read NaN for them)."""
+    try:
+        return [n for n in f["parts/file"].asstr()[:] if not (path.parent / n).is_file()]
+    except (KeyError, OSError, ValueError):
+        f.close()
+        raise CacheError(
+            f"'{path}' has a damaged parts/ group; restore it from a backup, or move it away and "
+            f"run `featpipe extract` to write it anew."
+        ) from None
 
 
 @dataclass
@@ -993,6 +1114,7 @@ class _RowReader:
         self.features, self.mask, self.label, self.n_frames = f["features"], f["mask"], f["label"], f["n_frames"]
         self.split = f["split"].asstr()
         self.ident = (f["size"], f["mtime_ns"]) if "size" in f and "mtime_ns" in f else None
+        self.mask_crc = f[MASK_CRC][()] if MASK_CRC in f else None
 
     def __call__(self, row: int) -> _Row:
         size, mtime_ns = (int(self.ident[0][row]), int(self.ident[1][row])) if self.ident else (UNKNOWN, UNKNOWN)
@@ -1001,9 +1123,11 @@ class _RowReader:
         except OSError as exc:  # a row failing its checksum (or unreadable): name the clip, never a traceback
             video = self.file["video"].asstr()[row]
             raise DamagedCacheError(damaged_message(self.file.filename, [video])) from exc
-        return _Row(
-            features, self.mask[row], int(self.label[row]), self.split[row], int(self.n_frames[row]), size, mtime_ns
-        )
+        mask = self.mask[row]
+        if len(mask_damage(mask[None], None if self.mask_crc is None else self.mask_crc[row : row + 1])):
+            video = self.file["video"].asstr()[row]
+            raise DamagedCacheError(damaged_message(self.file.filename, [video], what="frame mask"))
+        return _Row(features, mask, int(self.label[row]), self.split[row], int(self.n_frames[row]), size, mtime_ns)
 
 
 def _read_h5_row(f, row: int) -> _Row:
@@ -1084,7 +1208,6 @@ def _write_temporary(
                 chunks=(1, t, *c.feature_shape) if n else None,
                 fletcher32=True,
             )
-            masks = out.create_dataset("mask", shape=(n, t), dtype=bool)
             labels = np.zeros(n, dtype=np.int64)
             splits, n_frames = [], np.zeros(n, dtype=np.int64)
             sizes, mtimes = np.full(n, UNKNOWN, dtype=np.int64), np.full(n, UNKNOWN, dtype=np.int64)
@@ -1097,7 +1220,7 @@ def _write_temporary(
                 splits.append(row.split)
                 n_frames[i] = row.n_frames
                 sizes[i], mtimes[i] = row.size, row.mtime_ns
-            masks[...] = mask_all
+            _write_mask(out, mask_all)
             _write_columns(out, keys, labels, splits, n_frames, sizes, mtimes, failed, failed_identity, stale)
     return tmp
 
@@ -1155,7 +1278,7 @@ def _write_one_file_temporary(
                         feats[int(piece[0]) : int(piece[-1]) + 1] = _read_slab(old, source, first, last)
             for i, features in fresh.items():
                 feats[i] = features
-            out.create_dataset("mask", data=np.asarray(mask, dtype=bool).reshape(n, t))
+            _write_mask(out, np.asarray(mask, dtype=bool).reshape(n, t))
             _write_columns(out, keys, labels, splits, n_frames, sizes, mtimes, failed, failed_identity, stale)
     return tmp
 
@@ -1248,9 +1371,11 @@ class _Columns:
             size, mtime = f["size"][:], f["mtime_ns"][:]
         else:
             size = mtime = np.full(n, UNKNOWN, dtype=np.int64)
+        mask = f["mask"][()]
+        check_masks(f, f.filename, mask)
         return cls(
             list(keys) if keys is not None else list(f["video"].asstr()[:][rows]),
-            f["mask"][:][rows].astype(bool),
+            mask[rows].astype(bool),
             f["label"][:][rows],
             list(splits) if splits is not None else list(f["split"].asstr()[:][rows]),
             f["n_frames"][:][rows],
@@ -1388,7 +1513,7 @@ def _write_parted_temporary(
             # a part file gone missing reads as NaN, not as plausible zeros (training refuses NaN features)
             missing = np.nan if np.dtype(c.dtype).kind == "f" else None
             out.create_virtual_dataset("features", layout, fillvalue=missing)
-            out.create_dataset("mask", data=cols.mask.astype(bool))
+            _write_mask(out, cols.mask)
             _write_columns(
                 out,
                 cols.keys,
@@ -1409,7 +1534,7 @@ def _write_parted_temporary(
     return tmp
 
 
-def has_checksums(f, path: Path) -> bool:
+def has_checksums(f, path: Path, skip: Sequence[int] = ()) -> bool:
     """True when every row of the open cache ``f`` (at ``path``) is stored with a fletcher32 checksum.
 
     A virtual ``features`` dataset reports no filters of its own: its part files are asked
@@ -1418,7 +1543,9 @@ def has_checksums(f, path: Path) -> bool:
     """
     if "parts" not in f:
         return bool(f["features"].fletcher32)
-    for name in f["parts/file"].asstr()[:]:
+    for i, name in enumerate(f["parts/file"].asstr()[:]):
+        if i in skip:  # unreadable: reported on its own
+            continue
         with h5py.File(Path(path).parent / name, "r") as part:
             if not part["features"].fletcher32:
                 return False
@@ -1439,9 +1566,13 @@ def _collect_parts(path: Path) -> None:
         except (OSError, KeyError, ValueError):
             return  # unreadable now: leave every part alone
     try:
-        for p in parts.iterdir():
-            if p.name not in keep and p.is_file():
-                p.unlink()
+        unused = [p for p in parts.iterdir() if p.name not in keep and p.is_file()]
+        if unused:
+            with _no_readers(path) as alone:
+                if not alone:
+                    return  # a reader may still read them through the cache file it opened: they go later
+                for p in unused:
+                    p.unlink()
         if not any(parts.iterdir()):
             parts.rmdir()
     except OSError:
@@ -1812,15 +1943,134 @@ class DamagedCacheError(CacheError):
     exit_code = 1
 
 
-def damaged_message(path, videos: Sequence[str]) -> str:
-    """One sentence naming the damaged clips of ``path`` and what to do."""
+def _clips(videos: Sequence[str]) -> str:
     shown = ", ".join(f"'{v}'" for v in videos[:5]) + (f" and {len(videos) - 5} more" if len(videos) > 5 else "")
-    clips = "clip" if len(videos) == 1 else f"{len(videos)} clips"
+    return ("clip " if len(videos) == 1 else f"{len(videos)} clips ") + shown
+
+
+def damaged_message(path, videos: Sequence[str], what: str = "features") -> str:
+    """One sentence naming the damaged clips of ``path`` and what to do; ``what``: "features" or "frame mask"."""
+    fails = (
+        "fail their checksum"
+        if what == "features"
+        else "fail their checksum or are not a valid mask (real frames first)"
+    )
     return (
-        f"The features of {clips} {shown} in '{path}' fail their checksum, so the cache file is damaged "
+        f"The {what} of {_clips(videos)} in '{path}' {fails}, so the cache file is damaged "
         f"(disk or copy error); re-extract: move '{path}' away and run `featpipe extract` again with the "
         f"same settings (`featpipe info --verify {path}` lists every damaged clip)."
     )
+
+
+def part_message(path, part: str, why: str, videos: Sequence[str]) -> str:
+    """One sentence for a part file of ``path`` that cannot be read, naming the clips it holds."""
+    path = Path(path)
+    return (
+        f"The part file '{path.parent / part}' of '{path}' {why}; it holds the features of {_clips(videos)}. "
+        f"Restore it from a backup, or re-extract: move '{path}' and '{parts_dir(path)}' away and run "
+        f"`featpipe extract` again with the same settings."
+    )
+
+
+# The mask is checksummed per row (``mask_crc32``: zlib.crc32 of the row's bytes, 0 or 1 each),
+# and a real mask is always a prefix (True for the real frames, then False): caches written before
+# the checksum (no ``mask_crc32``) are checked by that rule alone.
+MASK_CRC = "mask_crc32"
+
+
+def mask_crc32(mask: np.ndarray) -> np.ndarray:
+    """Per row of an (N, T) bool mask, zlib.crc32 of its T bytes as stored."""
+    raw = np.ascontiguousarray(mask).view(np.uint8)
+    return np.fromiter((zlib.crc32(r) for r in raw), dtype=np.uint32, count=len(raw))
+
+
+def _write_mask(out, mask: np.ndarray) -> None:
+    """The ``mask`` dataset of a cache being written, and its per-row checksums."""
+    mask = np.asarray(mask)
+    mask = (mask.view(np.uint8) if mask.dtype == bool else mask) != 0
+    out.create_dataset("mask", data=mask)
+    out.create_dataset(MASK_CRC, data=mask_crc32(mask))
+
+
+def mask_damage(mask: np.ndarray, crc: np.ndarray | None = None) -> np.ndarray:
+    """Rows of an (N, T) mask as read that are damaged: a byte not 0 or 1, not a prefix, or (given ``crc``)
+    a checksum that does not match."""
+    raw = np.ascontiguousarray(mask).view(np.uint8)
+    if raw.ndim != 2:
+        return np.zeros(0, dtype=np.int64)
+    bad = (raw > 1).any(axis=1) | (raw[:, 1:] > raw[:, :-1]).any(axis=1)
+    if crc is not None and len(crc) == len(raw):
+        bad |= mask_crc32(raw) != np.asarray(crc, dtype=np.uint32)
+    return np.flatnonzero(bad)
+
+
+def check_masks(f, path, mask: np.ndarray | None = None) -> None:
+    """Raise :class:`DamagedCacheError` naming the clips of the open cache ``f`` whose mask is damaged."""
+    mask = f["mask"][()] if mask is None else mask
+    bad = mask_damage(mask, f[MASK_CRC][()] if MASK_CRC in f else None)
+    if len(bad):
+        videos = f["video"].asstr()
+        raise DamagedCacheError(damaged_message(path, [videos[int(r)] for r in bad], what="frame mask"))
+
+
+def part_problems(f, path) -> dict[int, str]:
+    """Part files of the open cache ``f`` (at ``path``) that cannot serve its rows: index -> why, as a verb phrase.
+
+    A virtual dataset reads its fill value (NaN) where a source file is missing or cannot be opened,
+    so these are found by opening each part, not by reading.
+    """
+    if "parts" not in f:
+        return {}
+    path = Path(path)
+    names, rows = f["parts/file"].asstr()[:], f["parts/rows"][:]
+    tail, dtype = f["features"].shape[1:], f["features"].dtype
+    out: dict[int, str] = {}
+    for i, name in enumerate(names):
+        try:
+            with h5py.File(path.parent / name, "r") as part:
+                ds = part["features"]
+                expected = (int(rows[i]), *tail)
+                if ds.shape != expected or ds.dtype != dtype:
+                    out[i] = f"holds features of shape {ds.shape} {ds.dtype}, not {expected} {dtype}"
+        except FileNotFoundError:
+            out[i] = "is missing (it was deleted after the cache was opened)"
+        except KeyError:
+            out[i] = "holds no features dataset"
+        except OSError as exc:
+            if isinstance(exc, PermissionError) or "permission denied" in str(exc).lower():
+                out[i] = "cannot be read (permission denied)"
+            elif not (path.parent / name).exists():
+                out[i] = "is missing (it was deleted after the cache was opened)"
+            else:
+                out[i] = f"is truncated or not a readable HDF5 file ({exc})"
+    return out
+
+
+def _part_clips(f, part: int) -> list[str]:
+    return [str(v) for v in f["video"].asstr()[()][f["parts/index"][()] == part]]
+
+
+def _check_fill(f, path, sel, x: np.ndarray) -> None:
+    """After a read of rows ``sel`` into ``x``: rows read as the virtual dataset's fill value (NaN) because
+    their part file is gone or unreadable are a DamagedCacheError naming the part and its clips, never NaN."""
+    if x.dtype.kind != "f" or not x.size or "parts" not in f:
+        return
+    suspect = np.isnan(x.reshape(len(x), -1)[:, 0])
+    if not suspect.any():
+        return
+    _refuse_unreadable_parts(f, path, np.asarray(_rows_of(sel, len(f["features"])))[suspect])
+    # else NaN in the features themselves: refused as such by the finiteness check
+
+
+def _refuse_unreadable_parts(f, path, rows) -> None:
+    """DamagedCacheError naming the part file and its clips when one of ``rows`` lies in a part that cannot be read."""
+    if "parts" not in f:
+        return
+    problems = part_problems(f, path)
+    hit = sorted(set(int(i) for i in f["parts/index"][()][np.asarray(rows, dtype=np.int64)]) & set(problems))
+    if hit:
+        name = f["parts/file"].asstr()[hit[0]]
+        raise DamagedCacheError(part_message(path, name, problems[hit[0]], _part_clips(f, hit[0])))
 
 
 def _rows_of(sel, n: int) -> list[int]:
@@ -1844,9 +2094,13 @@ def read_features(f, path, sel, out: np.ndarray | None = None, dest_sel=None) ->
     try:
         if out is not None:
             ds.read_direct(out, source_sel=sel, dest_sel=dest_sel)
+            _check_fill(f, path, sel, out[dest_sel] if dest_sel is not None else out)
             return out
-        return ds[sel]
+        x = ds[sel]
+        _check_fill(f, path, sel, x)
+        return x
     except OSError as exc:
+        _refuse_unreadable_parts(f, path, _rows_of(sel, len(ds)))
         bad = [r for r in dict.fromkeys(_rows_of(sel, len(ds))) if not _row_reads(ds, r)]
         if not bad:
             raise CacheError(
@@ -1864,21 +2118,39 @@ class VerifyReport:
     path: Path
     n_rows: int
     checksummed: bool  # False for caches written before features carried checksums
-    damaged: list[str]  # clip keys whose row failed to read
+    damaged: list[str]  # clip keys whose features or mask are damaged, or whose part file cannot be read
+    bad_features: list[str] = field(default_factory=list)  # ... whose features fail their checksum
+    bad_masks: list[str] = field(default_factory=list)  # ... whose mask fails its checksum or the prefix rule
+    bad_parts: list[tuple[str, str, list[str]]] = field(default_factory=list)  # (part file, why, its clips)
+    mask_checksummed: bool = True  # False for caches written before masks carried checksums (prefix rule only)
 
     def line(self) -> str:
         if self.damaged:
-            return damaged_message(self.path, self.damaged)
+            out = [part_message(self.path, name, why, clips) for name, why, clips in self.bad_parts]
+            if self.bad_features:
+                out.append(damaged_message(self.path, self.bad_features))
+            if self.bad_masks:
+                out.append(damaged_message(self.path, self.bad_masks, what="frame mask"))
+            return " ".join(out)
+        masks = (
+            ""
+            if self.mask_checksummed
+            else " The masks carry no checksum (an older cache): they were checked to be real frames first only."
+        )
         if not self.checksummed:
             return (
                 f"all {self.n_rows} rows read, but this cache carries no checksum (written by an older "
-                "featpipe): damaged features cannot be detected; re-extract into a new file to add them."
+                f"featpipe): damaged features cannot be detected; re-extract into a new file to add them.{masks}"
             )
-        return f"all {self.n_rows} rows verified (fletcher32 checksums)."
+        return f"all {self.n_rows} rows verified (fletcher32 checksums).{masks}"
 
 
 def verify_cache(path) -> VerifyReport:
-    """Read every row of a cache's features, checking each row's checksum."""
+    """Read every row of a cache's features, checking each row's checksum, and check every mask.
+
+    A part file that is truncated or cannot be read is reported with the clips it holds (a virtual
+    dataset would read NaN for them, not fail).
+    """
     path = Path(path)
     with open_h5(path) as f:
         if "features" not in f or "video" not in f:
@@ -1886,14 +2158,32 @@ def verify_cache(path) -> VerifyReport:
         ds = f["features"]
         videos = f["video"].asstr()[()]
         n = len(ds)
-        damaged: list[str] = []
+        problems = part_problems(f, path)
+        bad_parts = [(f["parts/file"].asstr()[i], why, _part_clips(f, i)) for i, why in sorted(problems.items())]
+        in_bad_parts = [v for _, _, clips in bad_parts for v in clips]
+        skip = set(in_bad_parts)
+        bad_features: list[str] = []
         for start in range(0, n, _VERIFY_ROWS):
             stop = min(start + _VERIFY_ROWS, n)
             try:
                 ds[start:stop]
             except OSError:
-                damaged += [str(videos[r]) for r in range(start, stop) if not _row_reads(ds, r)]
-        return VerifyReport(path, n, has_checksums(f, path), damaged)
+                bad_features += [
+                    str(videos[r]) for r in range(start, stop) if str(videos[r]) not in skip and not _row_reads(ds, r)
+                ]
+        mask = f["mask"][()] if "mask" in f else np.zeros((n, 0), dtype=bool)
+        bad_masks = [str(videos[r]) for r in mask_damage(mask, f[MASK_CRC][()] if MASK_CRC in f else None)]
+        damaged = list(dict.fromkeys([*in_bad_parts, *bad_features, *bad_masks]))
+        return VerifyReport(
+            path,
+            n,
+            has_checksums(f, path, skip=problems),
+            damaged,
+            bad_features,
+            bad_masks,
+            bad_parts,
+            MASK_CRC in f,
+        )
 
 
 def missing_parts(path) -> list[str]:

@@ -447,6 +447,14 @@ def train_cmd(
         if result.interrupted:
             typer.secho("interrupted: the run directory was written from the best checkpoint so far.", err=True)
             raise typer.Exit(143 if result.interrupted_by == "SIGTERM" else 130)
+        if result.diverged:
+            typer.secho(
+                f"stopped: {result.diverged}; the run directory was written from epoch {result.best_epoch}, the "
+                f"best before it (run.json records why). Lower the learning rate (--lr, now {params['lr']:g}) to "
+                "train further.",
+                err=True,
+            )
+            raise typer.Exit(1)
         late = signals.take()  # arrived after run.json: the run is complete, and kept
         if late is not None:
             typer.secho(f"interrupted: the run was already complete; it is kept in {result.run_dir}.", err=True)

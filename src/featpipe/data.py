@@ -13,14 +13,15 @@ input casts float16 to exactly the values held in memory, faster than NumPy does
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from featpipe.cache import CacheConfig, open_h5, parse_shard_path, read_features
+from featpipe.cache import CacheConfig, check_masks, open_h5, parse_shard_path, read_features
 from featpipe.errors import CacheError, FeatpipeError
 
 # Caches up to this fraction of physical memory (as float32) are trained from memory by default.
@@ -30,7 +31,13 @@ _SCAN_ROWS = 256  # rows per read when scanning the whole cache
 
 @dataclass
 class CacheIndex:
-    """Everything about a cache except the features themselves (small, always in memory)."""
+    """Everything about a cache except the features themselves (small, always in memory).
+
+    ``file`` is the cache as :func:`open_index` opened it, kept open until :meth:`close`: every
+    read through this index (statistics, rows, streamed batches, the fingerprint) reads that one
+    file, so an extraction or merge that replaces the cache meanwhile changes nothing for this
+    reader (its part files are kept while it is open, see featpipe.cache), and rows never shift.
+    """
 
     path: Path
     config: CacheConfig
@@ -39,6 +46,23 @@ class CacheIndex:
     videos: np.ndarray  # (N,) str
     mask: np.ndarray  # (N, T) bool
     features_nbytes_f32: int  # size of all features as float32
+    file: object = field(default=None, repr=False, compare=False)  # the open cache (None: reopened per read)
+
+    def close(self) -> None:
+        """Close the cache file (reads after this reopen the file at ``path``)."""
+        f, self.file = self.file, None
+        if f is not None:
+            f.close()
+
+    def __enter__(self) -> "CacheIndex":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def opened(self):
+        """A context giving the open cache: this index's own file, or the file at ``path`` opened for the block."""
+        return contextlib.nullcontext(self.file) if self.file is not None else open_h5(self.path)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -69,10 +93,11 @@ def resolve_cache(cache: str | Path | None, cache_dir: str | Path = "cache") -> 
     return found[0]
 
 
-def cache_fingerprint(path: str | Path) -> str:
-    """A short hash of a cache's attributes and clip index (video, label, split, mask)."""
+def cache_fingerprint(path: str | Path | CacheIndex) -> str:
+    """A short hash of a cache's attributes and clip index (video, label, split, mask); given a
+    :class:`CacheIndex`, of the file it holds open."""
     digest = hashlib.sha256()
-    with open_h5(Path(path)) as f:
+    with path.opened() if isinstance(path, CacheIndex) else open_h5(Path(path)) as f:
         for key in sorted(f.attrs):
             digest.update(f"{key}={np.asarray(f.attrs[key]).tolist()!r}".encode())
         for name in ("video", "label", "split", "mask"):
@@ -86,9 +111,14 @@ def cache_fingerprint(path: str | Path) -> str:
 
 
 def open_index(path: str | Path) -> CacheIndex:
-    """Open and validate a cache; read everything but the features."""
+    """Open and validate a cache; read everything but the features, and keep the file open for them.
+
+    Close the index (or use it in a ``with``) when done. A damaged mask (it fails its checksum, or
+    is not real frames first) is a DamagedCacheError naming the clips.
+    """
     path = Path(path)
-    with open_h5(path) as f:
+    f = open_h5(path)
+    try:
         config = CacheConfig.from_attrs(dict(f.attrs))
         for name in ("features", "mask", "label", "split", "video"):
             if name not in f:
@@ -96,18 +126,26 @@ def open_index(path: str | Path) -> CacheIndex:
                     f"'{path}' has no '{name}' dataset; it is not a complete featpipe cache. Re-run `featpipe extract`."
                 )
         features = f["features"]
+        mask = f["mask"][:]
+        check_masks(f, path, mask)
         index = CacheIndex(
             path=path,
             config=config,
             labels=f["label"][:].astype(np.int64),
             splits=f["split"].asstr()[:].astype(str),
             videos=f["video"].asstr()[:].astype(str),
-            mask=f["mask"][:].astype(bool),
+            mask=mask.astype(bool),
             features_nbytes_f32=int(np.prod(features.shape)) * 4,
+            file=f,
         )
+    except BaseException:
+        f.close()
+        raise
     if len(index.labels) == 0:
+        index.close()
         raise CacheError(f"'{path}' holds no clips. Re-run `featpipe extract` on a dataset with decodable videos.")
     if index.labels.min() < 0 or index.labels.max() >= len(config.class_names):
+        index.close()
         raise CacheError(f"'{path}' has labels outside its {len(config.class_names)} classes; the cache is damaged.")
     return index
 
@@ -126,10 +164,11 @@ def choose_stream(index: CacheIndex, stream: bool | None) -> bool:
     return index.features_nbytes_f32 > IN_MEMORY_FRACTION * physical_memory()
 
 
-def _scan(path: Path, rows: np.ndarray):
+def _scan(index: CacheIndex, rows: np.ndarray):
     """Yield (rows, features float32, mask) in file order, _SCAN_ROWS at a time."""
     rows = np.sort(rows)
-    with open_h5(path) as f:
+    path = index.path
+    with index.opened() as f:
         masks = f["mask"]
         for start in range(0, len(rows), _SCAN_ROWS):
             block = rows[start : start + _SCAN_ROWS]
@@ -154,7 +193,7 @@ def _refuse_non_finite(index: CacheIndex, block: np.ndarray, x: np.ndarray) -> N
 
 def check_finite(index: CacheIndex, rows: np.ndarray) -> None:
     """Refuse a cache whose features hold NaN or infinity in the given rows (one streaming pass)."""
-    for block, x, _ in _scan(index.path, rows):
+    for block, x, _ in _scan(index, rows):
         _refuse_non_finite(index, block, x)
 
 
@@ -170,7 +209,7 @@ def feature_stats(
     total = None
     total_sq = None
     scan_rows = rows if check is None else np.union1d(rows, check)
-    for block, x, m in _scan(index.path, scan_rows):
+    for block, x, m in _scan(index, scan_rows):
         if check is not None:
             _refuse_non_finite(index, block, x)
             keep = np.isin(block, rows)
@@ -197,7 +236,7 @@ def load_rows(index: CacheIndex, rows: np.ndarray) -> tuple[dict, np.ndarray]:
     masks = np.empty((len(rows), index.mask.shape[1]), dtype=bool)
     pos = 0
     sorted_rows = rows[order]
-    for block, x, m in _scan(index.path, sorted_rows):
+    for block, x, m in _scan(index, sorted_rows):
         feats[order[pos : pos + len(block)]] = x
         masks[order[pos : pos + len(block)]] = m
         pos += len(block)
@@ -250,7 +289,7 @@ def pca_whitening(
     std = np.sqrt(np.maximum(variance.astype(np.float64), 1e-12))
     cov = None
     count = 0
-    for _, x, m in _scan(index.path, rows):
+    for _, x, m in _scan(index, rows):
         z = (x[m].astype(np.float64) - mean) / std
         cov = z.T @ z if cov is None else cov + z.T @ z
         count += len(z)

@@ -66,6 +66,12 @@ class CacheError(FeatpipeError):
     """The feature cache is missing, not featpipe's, of another schema, locked, or mismatched."""
 
 
+class TrainingDiverged(FeatpipeError):
+    """Training met a NaN or infinite loss before any epoch ended with a finite one: nothing to keep."""
+
+    exit_code = 1
+
+
 class ExtractionFailed(FeatpipeError):
     """The run finished but produced nothing usable, or ``--strict`` saw a failed clip."""
 

@@ -44,12 +44,16 @@ def evaluate(
     (the lines also issued as RunWarning). Raises FeatpipeError when the split holds clips the run
     was trained on (any split but "train"), or the cache's preprocessing differs from the run's.
     """
-    from featpipe.metrics import compute_metrics  # lazy: scikit-learn
-
     check_int("batch_size", batch_size, 1, 65_536)
     run_dir, info, model = load_run(run)
     cache_path = Path(cache) if cache is not None else Path(info.cache)
-    index = open_index(cache_path)
+    with open_index(cache_path) as index:  # one file read throughout, whatever replaces the cache meanwhile
+        return _evaluate(run_dir, info, model, index, cache_path, split, batch_size)
+
+
+def _evaluate(run_dir, info, model, index, cache_path: Path, split: str, batch_size: int) -> dict:
+    from featpipe.metrics import compute_metrics  # lazy: scikit-learn
+
     check_cache_matches(info, index.config, cache_path)
     rows = index.rows(split)
     if not len(rows):
@@ -65,11 +69,11 @@ def evaluate(
                 f"'{split}' split cannot be checked for clips the run was trained on."
             )
         overlap_with_training(info, index.videos[rows], split, cache_path)
-    change = cache_change_warning(info, cache_path, cache_fingerprint(cache_path))
+    change = cache_change_warning(info, cache_path, cache_fingerprint(index))
     if change:
         notes.append(change)
     for note in notes:
-        warnings.warn(note, RunWarning, stacklevel=2)
+        warnings.warn(note, RunWarning, stacklevel=3)
     check_finite(index, rows)
     probs = predict_rows(model, index, rows, batch_size)
     if not np.isfinite(probs).all():

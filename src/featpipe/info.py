@@ -83,7 +83,8 @@ def _run_lines(path: Path) -> list[str]:
         f"  training: epochs {data.epochs_run} (best {data.best_epoch}), batch {cfg.get('batch_size')}, "
         f"lr {cfg.get('lr')}, seed {cfg.get('seed')}, class weight {cfg.get('class_weight')}, "
         f"{'streamed' if data.streamed else 'in memory'}, {data.seconds}s"
-        + (" (interrupted)" if data.interrupted else ""),
+        + (" (interrupted)" if data.interrupted else "")
+        + (f" (stopped: {data.diverged})" if data.diverged else ""),
     ]
     for split, m in data.metrics.items():
         auc = m.get("roc_auc")

@@ -98,6 +98,7 @@ class RunInfo:
     best_epoch: int = 0
     refit_epochs: int = 0  # > 0: model.keras was trained on train + val (train_clips) for this many epochs
     interrupted: bool = False
+    diverged: str | None = None  # training stopped on a NaN or infinite loss, in words (None: it did not)
     seconds: float = 0.0
     metrics: dict = field(default_factory=dict)  # {"val": {accuracy, macro_f1, roc_auc, n}, "test": {...}}
 

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,7 +49,7 @@ from featpipe.data import (
     resolve_cache,
 )
 from featpipe.datasets import stratified_split
-from featpipe.errors import FeatpipeError, OptionError, Terminated
+from featpipe.errors import FeatpipeError, OptionError, Terminated, TrainingDiverged
 from featpipe.names import CLASS_WEIGHTS, HEAD_NAMES, RECURRENT_HEADS, REFIT_BELOW, SPLITS
 from featpipe.options import check_choice, check_dir_option, check_float, check_int, split_list_options
 from featpipe.runs import LATEST, RunError, resolve_run  # noqa: F401  re-exported: featpipe.train.resolve_run
@@ -169,6 +170,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     interrupted_by: str | None = None  # "SIGINT" (Ctrl-C) or "SIGTERM" when interrupted
     refit_epochs: int = 0  # the final model was trained on train + val for this many epochs (0 = no refit)
+    diverged: str | None = None  # training stopped on a NaN or infinite loss (in words); the run holds the best before
 
 
 def _holdout(index: CacheIndex, train_rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -325,31 +327,35 @@ class _Fit:
     interrupted: KeyboardInterrupt | None  # the KeyboardInterrupt (or Terminated) that stopped training
     val_metrics: dict | None = None  # the selected model's val metrics, kept when a refit replaced it
     refit_rows: np.ndarray | None = None  # the rows the final model was refit on (train + val); None = no refit
+    diverged: str | None = None  # the loss became NaN or infinite (in words): training stopped there
 
 
 def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
     """Phases: choose the splits, build the model, fit it into a hidden run folder, write and publish the run."""
     started = time.perf_counter()
-    with signals.raising():  # preparing: nothing to save yet, so a signal stops it where it lands
-        cache = resolve_cache(opts.cache, opts.cache_dir)
-        _check_not_a_shard(cache, opts.allow_shard)
-        if opts.out:
-            runs.check_destination(Path(opts.out), opts.force)
-        index = open_index(cache)
-        splits = _choose_splits(opts, index)
-        model, head = _build(opts, index, splits.train)
-        dest = Path(opts.out) if opts.out else _unique(Path(opts.models_dir) / _run_name(index, opts.head))
-        fingerprint = cache_fingerprint(cache)  # of the cache as trained on, before anything can change it
-        run_dir = runs.make_temp_dir(dest)  # written here, renamed to dest when complete
-        temp_dirs.append(run_dir)
-    fit = _fit(model, opts, index, splits, run_dir)
-    # From here a signal is only recorded: one that lands before run.json is written marks the run interrupted
-    # (and skips the refit); one that lands later is left pending for the caller (the CLI exits 130/143).
-    with signals.recording():
-        if fit.interrupted is None and fit.best_epoch and refit_wanted(opts, index, splits.train):
-            if signals.pending() is None:
-                fit = _refit(opts, index, splits, fit, run_dir)
-        return _write_run(opts, index, splits, head, fit, run_dir, dest, fingerprint, started)
+    with ExitStack() as stack:
+        with signals.raising():  # preparing: nothing to save yet, so a signal stops it where it lands
+            cache = resolve_cache(opts.cache, opts.cache_dir)
+            _check_not_a_shard(cache, opts.allow_shard)
+            if opts.out:
+                runs.check_destination(Path(opts.out), opts.force)
+            # every read below reads this one file, whatever replaces the cache meanwhile
+            index = stack.enter_context(open_index(cache))
+            splits = _choose_splits(opts, index)
+            model, head = _build(opts, index, splits.train)
+            dest = Path(opts.out) if opts.out else _unique(Path(opts.models_dir) / _run_name(index, opts.head))
+            fingerprint = cache_fingerprint(index)  # of the cache as trained on
+            run_dir = runs.make_temp_dir(dest)  # written here, renamed to dest when complete
+            temp_dirs.append(run_dir)
+        fit = _fit(model, opts, index, splits, run_dir)
+        # From here a signal is only recorded: one that lands before run.json is written marks the run interrupted
+        # (and skips the refit); one that lands later is left pending for the caller (the CLI exits 130/143).
+        with signals.recording():
+            stopped = fit.interrupted is not None or fit.diverged is not None
+            if not stopped and fit.best_epoch and refit_wanted(opts, index, splits.train):
+                if signals.pending() is None:
+                    fit = _refit(opts, index, splits, fit, run_dir)
+            return _write_run(opts, index, splits, head, fit, run_dir, dest, fingerprint, started)
 
 
 def _choose_splits(opts: TrainOptions, index: CacheIndex) -> _Splits:
@@ -437,7 +443,7 @@ def _fit_data(
             validation = (
                 load_rows(index, val_rows)
                 if val_bytes <= IN_MEMORY_FRACTION * physical_memory()
-                else H5Batches(index.path, val_rows, index.labels[val_rows], opts.batch_size, dtype=None)
+                else H5Batches(index, val_rows, index.labels[val_rows], opts.batch_size, dtype=None)
             )
         # H5Batches shuffles itself (shuffled blocks of neighbouring rows, read a window of batches at a time),
         # so Keras must keep its batch order (shuffle=False). Features come in the cache's dtype: the model's
@@ -445,7 +451,7 @@ def _fit_data(
         # Two reader threads (h5py reads release the GIL) are enough for a few large reads per window.
         return dict(
             x=H5Batches(
-                index.path,
+                index,
                 train_rows,
                 index.labels[train_rows],
                 opts.batch_size,
@@ -495,14 +501,18 @@ def _fit(model, opts: TrainOptions, index: CacheIndex, splits: _Splits, run_dir:
     keras = import_keras()
 
     from featpipe.batches import streaming_allocator  # lazy: featpipe.batches imports Keras
+    from featpipe.nonfinite import FiniteCheckpoint, StopOnNonFinite, best_epoch  # lazy: imports Keras
 
     model_path = run_dir / runs.MODEL_FILE
     staged = run_dir / ("staged-" + runs.MODEL_FILE)
     streamed = choose_stream(index, opts.stream)
+    nonfinite = StopOnNonFinite()  # a NaN or infinite loss stops the fit after its batch
     callbacks = [
+        nonfinite,
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=opts.patience, restore_best_weights=True),
-        # a signal landing inside a checkpoint's write leaves a partial file: write aside, then rename into place
-        keras.callbacks.ModelCheckpoint(staged, monitor="val_loss", save_best_only=True),
+        # a signal landing inside a checkpoint's write leaves a partial file: write aside, then rename into place;
+        # an epoch with a NaN or infinite loss is never the best (Keras takes any first epoch as the best)
+        FiniteCheckpoint(staged, monitor="val_loss", save_best_only=True),
         keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs=None: os.replace(staged, model_path) if staged.exists() else None
         ),
@@ -530,11 +540,17 @@ def _fit(model, opts: TrainOptions, index: CacheIndex, splits: _Splits, run_dir:
     if not model_path.exists():
         if interrupted is not None:
             raise interrupted  # stopped before the first epoch ended: nothing worth keeping
+        if nonfinite.what is not None:
+            raise TrainingDiverged(
+                f"Training stopped: {nonfinite.what}, before any epoch ended with a finite loss, so no run "
+                f"directory was written. Lower the learning rate (--lr, now {opts.lr:g}), or check the cache with "
+                f"`featpipe info --verify {index.path}`."
+            )
         model.save(model_path)
     model = keras.saving.load_model(model_path)  # the best checkpoint, exactly as predict will load it
     history = _read_history(run_dir / "history.csv") or history_rows
-    best_epoch = int(np.argmin([h["val_loss"] for h in history])) + 1 if history else 0
-    return _Fit(model, history, best_epoch, streamed, interrupted)
+    # never an epoch with a NaN or infinite loss: the one FiniteCheckpoint kept
+    return _Fit(model, history, best_epoch(history), streamed, interrupted, diverged=nonfinite.what)
 
 
 def refit_wanted(opts: TrainOptions, index: CacheIndex, train_rows: np.ndarray) -> bool:
@@ -555,6 +571,7 @@ def _refit(opts: TrainOptions, index: CacheIndex, splits: _Splits, fit: _Fit, ru
 
     from featpipe.batches import streaming_allocator  # lazy: featpipe.batches imports Keras
     from featpipe.metrics import compute_metrics  # lazy: scikit-learn
+    from featpipe.nonfinite import StopOnNonFinite  # lazy: imports Keras
 
     probs = predict_rows(fit.model, index, splits.val, opts.batch_size)
     val_metrics = {**compute_metrics(index.labels[splits.val], probs, index.class_names), "split": "val"}
@@ -564,14 +581,18 @@ def _refit(opts: TrainOptions, index: CacheIndex, splits: _Splits, fit: _Fit, ru
     model, _ = _build(opts, index, rows)
     fit_data = _fit_data(index, opts, rows, None, fit.streamed)
     path = run_dir / ("refit-" + runs.MODEL_FILE)
+    nonfinite = StopOnNonFinite()
     try:
         with streaming_allocator(fit.streamed) as allocator_callbacks, signals.deferred():
             model.fit(
                 epochs=fit.best_epoch,
-                callbacks=[*allocator_callbacks, interrupt_check(keras)],
+                callbacks=[*allocator_callbacks, nonfinite, interrupt_check(keras)],
                 verbose=0 if opts.quiet else 2,
                 **fit_data,
             )
+        if nonfinite.what is not None:  # the selected model stays, as after Ctrl-C during the refit
+            what = f"the refit on train + val stopped ({nonfinite.what}); model.keras is the model selected on val"
+            return dataclasses.replace(fit, diverged=what)
         model.save(path)
     except KeyboardInterrupt as exc:
         signals.handled()
@@ -649,6 +670,7 @@ def _write_run(
         epochs_run=len(history),
         best_epoch=fit.best_epoch,
         interrupted=interrupted is not None,
+        diverged=fit.diverged,
         seconds=round(seconds, 2),
         metrics={s: {k: m[k] for k in ("accuracy", "macro_f1", "roc_auc", "n")} for s, m in metrics.items()},
     )
@@ -666,6 +688,7 @@ def _write_run(
         history,
         signal_name,
         refit_epochs=fit.best_epoch if refit else 0,
+        diverged=fit.diverged,
     )
 
 
