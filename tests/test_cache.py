@@ -716,19 +716,26 @@ del w
 """
 
 
-def test_a_full_disk_inside_the_hdf5_write_is_the_sentence_and_no_crash_on_the_way_out(tmp_path):
+@pytest.mark.parametrize("layout", ["one file", "part files"])
+def test_a_full_disk_inside_the_hdf5_write_is_the_sentence_and_no_crash_on_the_way_out(tmp_path, layout):
     """A full disk met by HDF5 itself while writing the final cache left handles it could not close: the
-    sentence was printed, then the process died of a segmentation fault (status 139) freeing them."""
+    sentence was printed, then the process died of a segmentation fault (status 139) freeing them. Caches
+    over the one-file limit write a part file and an index file: the same holds for both."""
+    env = {**os.environ, "FEATPIPE_ONE_FILE_MB": "64" if layout == "one file" else "0"}
     for leave in (8192, 24576, 40960):  # the disk fills in the HDF5 file's data, its metadata, at its close
         with tmpfs(tmp_path / "disk", "1m") as disk:
             done = subprocess.run(
-                [sys.executable, "-c", _FULL_WHILE_WRITING, str(disk), str(leave)], text=True, capture_output=True
+                [sys.executable, "-c", _FULL_WHILE_WRITING, str(disk), str(leave)],
+                text=True,
+                capture_output=True,
+                env=env,
             )
             assert done.returncode == 0, f"left {leave} bytes: status {done.returncode}\n{done.stderr[-2000:]}"
             assert "is full; free some space and run the same command again" in done.stdout and " 1\n" in done.stdout
             assert "Exception ignored" not in done.stderr
             assert (disk / "c.h5.journal").is_file() and not (disk / "c.h5").exists()  # nothing finished lost
             assert not list(disk.glob("*.tmp-*"))
+            assert not [p for p in disk.rglob("*.h5") if p.parent.name.endswith(".parts")]  # no stray part
             (disk / "filler").unlink()  # space freed: the same command finishes from the journal
             CacheWriter(
                 disk / "c.h5", CacheConfig("vgg16", "none", "fp", 32, 4, "uniform", "float32", (512,), ("a", "b"))

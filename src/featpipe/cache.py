@@ -69,6 +69,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -1079,14 +1080,19 @@ class CacheWriter:
                     fresh.size[i], fresh.mtime_ns[i] = row.size, row.mtime_ns
                     yield row.features
 
-            part = _write_part(parts_dir(self.path), c, len(new), features())
+            # parts of at most _PART_BYTES, each built in memory (see _h5_create): HDF5 never meets a full disk
+            per_part = max(1, _PART_BYTES // _row_bytes(c))
+            rows = features()
+            for first in range(0, len(new), per_part):
+                count = min(per_part, len(new) - first)
+                part = _write_part(parts_dir(self.path), c, count, itertools.islice(rows, count))
+                src = _Sources(
+                    src.files + [part],
+                    src.rows + [count],
+                    np.concatenate([src.index, np.full(count, len(src.files), dtype=np.int64)]),
+                    np.concatenate([src.row, np.arange(count, dtype=np.int64)]),
+                )
             pieces.append(fresh)
-            src = _Sources(
-                src.files + [part],
-                src.rows + [len(new)],
-                np.concatenate([src.index, np.full(len(new), len(src.files), dtype=np.int64)]),
-                np.concatenate([src.row, np.arange(len(new), dtype=np.int64)]),
-            )
         return _write_parted_temporary(
             self.path, c, _Columns.concat(pieces, c.frames), src, failed, failed_identity, stale
         )
@@ -1340,6 +1346,15 @@ def parts_dir(cache: str | Path) -> Path:
     return cache.with_name(cache.name + ".parts")
 
 
+# Features per part file written by extract: each part is built in memory and written by Python, so a full
+# disk is a plain OSError (HDF5 itself meeting ENOSPC cannot close the file, and its handles crash the process).
+_PART_BYTES = 64 << 20
+
+
+def _row_bytes(config: CacheConfig) -> int:
+    return max(1, int(np.prod((config.frames, *config.feature_shape))) * np.dtype(config.dtype).itemsize)
+
+
 def _one_file_limit() -> int:
     """Bytes of features up to which a cache is written as one file (``FEATPIPE_ONE_FILE_MB``, default 64)."""
     raw = os.environ.get("FEATPIPE_ONE_FILE_MB", "").strip()
@@ -1457,7 +1472,7 @@ def _write_part(parts: Path, config: CacheConfig, n: int, features: Iterator[np.
     parts.mkdir(parents=True, exist_ok=True)
     path = parts / f"{uuid.uuid4().hex}.h5"
     with _whole_or_nothing(path):
-        with h5py.File(path, "w") as f:
+        with _h5_create(path, in_memory=True) as f:  # at most _PART_BYTES of features
             f.attrs["featpipe_part"] = SCHEMA_VERSION
             feats = f.create_dataset(
                 "features",
@@ -1498,7 +1513,8 @@ def _write_parted_temporary(
     n, tail = len(index), (c.frames, *c.feature_shape)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with _whole_or_nothing(tmp):
-        with h5py.File(tmp, "w") as out:
+        # small (the mapping and the per-row columns): built in memory, so a full disk is a plain OSError
+        with _h5_create(tmp, in_memory=True) as out:
             for k, v in c.attrs().items():
                 out.attrs[k] = v
             layout = h5py.VirtualLayout(shape=(n, *tail), dtype=c.dtype)
