@@ -800,6 +800,32 @@ def test_a_signal_at_an_epoch_boundary_or_mid_epoch_always_stops_the_run_as_inte
         assert len((run / "history.csv").read_text().splitlines()) == info["epochs_run"] + 1, where
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_as_the_published_run_appears_exits_with_its_status_and_a_sentence(tmp_path, sig, status):
+    """Sent the moment run.json appears in the published run (the command is about to end): the process
+    used to be killed by it in the interpreter's last seconds (status -2/-15, no word) or ignore it (0).
+    It must end with 130/143 and say the run was already complete."""
+    cache = synthetic_cache(tmp_path / "c.h5", n=24)
+    conclusive = 0
+    for attempt in range(2):
+        run = tmp_path / f"run{attempt}"
+        proc = _train_process(cache, run, "--epochs", "3", "--patience", "3")
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not (run / "run.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        if proc.poll() is not None:  # it ended before we could send: nothing to learn from this attempt
+            proc.communicate()
+            continue
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        conclusive += 1
+        assert proc.returncode == status, f"attempt {attempt}: status {proc.returncode}\n{err[-1500:]}"
+        assert "already" in err and "complete" in err
+        assert json.loads((run / "run.json").read_text())["interrupted"] is False  # the run itself is whole
+    assert conclusive, "the process always ended before the signal could be sent"
+
+
 # ----------------------------------------------------------------------------- NaN losses, a cache rewritten mid-fit
 
 

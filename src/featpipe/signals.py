@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import logging
 import os
 import signal
 import sys
@@ -151,23 +152,43 @@ def exit_status(code):
     return code
 
 
-def _say(line: str) -> None:
+def _say(line: str | None) -> None:
     try:
         sys.stdout.flush()
-        sys.stderr.write(line + "\n")
+        if line is not None:
+            sys.stderr.write(line + "\n")
         sys.stderr.flush()
     except (OSError, ValueError):  # a closed or broken stderr: the exit status still tells
         pass
 
 
 def _at_exit() -> None:
-    """The last exit hook: after it Python resets the handlers to the default, where a signal would kill the
-    interpreter without a word. Ignore them from here, and report one recorded after :func:`exit_status`."""
+    """The last of featpipe's exit hooks. After the exit hooks Python tears down TensorFlow and the other
+    modules (2-3 s), resets the signal handlers to the default, and a signal then kills the interpreter
+    without a word: a SIGTERM that came right after a run was written whole ended the process as -15. So the
+    CLI process ends here: everything it writes is written whole and closed by now, the streams are flushed,
+    and it exits with the status the command decided, or 130/143 with a sentence if a signal came after."""
     if signal.getsignal(signal.SIGINT) is not _on_signal:  # not ours (e.g. a test restored its own)
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if _exit_code is None:  # not the CLI's process (exit_status was never called): leave the ending to Python
+        return
+    code = _as_status(_exit_code)
     exc = take()
-    if exc is not None and _exit_code is not None and _exit_code not in (130, 143):
-        _say(LATE)  # the CLI had decided its status: everything is written and closed; exit with the signal's
-        os._exit(status(exc))
+    if exc is not None and code not in (130, 143):
+        _say(LATE)
+        code = status(exc)
+    logging.shutdown()
+    _say(None)
+    os._exit(code)
+
+
+def _as_status(code) -> int:
+    """What ``sys.exit(code)`` would exit with (None: 0; a message: 1, printed)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    _say(str(code))
+    return 1
