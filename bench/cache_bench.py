@@ -63,7 +63,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featpipe import cache as fc
+from featpipe.cache import store as fc
 
 T, D = 20, 2048
 
@@ -234,7 +234,7 @@ def _command_config(folder: Path, real: list[Path]) -> fc.CacheConfig:
 
 def _command_dataset(folder: Path, n: int, config: fc.CacheConfig) -> tuple[Path, Path, list[str]]:
     """A folder of ``n`` clips (empty files) in CLASSES class folders and a cache holding every one of them."""
-    from featpipe.datasets import index_dataset
+    from featpipe.video.datasets import index_dataset
 
     data = folder / "data"
     for c in range(CLASSES):

@@ -9,7 +9,7 @@ backbone, input size, frame count and network (same ``FeatureExtractor`` constru
     model is built and warmed up with one call before timing starts. No pipeline can beat
     this: it is the pure forward-pass cost.
 ``featpipe``
-    ``featpipe.extract.extract(...)`` end to end -- video files in, finished HDF5 cache out
+    ``featpipe.extraction.extract.extract(...)`` end to end -- video files in, finished HDF5 cache out
     (fresh cache in a temp dir, ``quiet=True``), wall time around the call. That includes
     building the model, decoding, batching across clips, and writing the cache. Run with the
     default ``uniform`` sampling and with ``sampling="first"``.
@@ -52,11 +52,11 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from featpipe import __version__ as FEATPIPE_VERSION  # noqa: E402
-from featpipe.backbones import FeatureExtractor, get_backbone  # noqa: E402
-from featpipe.datasets import Dataset, Record, index_dataset  # noqa: E402
-from featpipe.extract import ExtractOptions, default_workers, extract  # noqa: E402
-from featpipe.sample_data import SAMPLE_CLASSES, write_sample_data  # noqa: E402
-from featpipe.video import read_clip  # noqa: E402
+from featpipe.backbones.registry import FeatureExtractor, get_backbone  # noqa: E402
+from featpipe.extraction.extract import ExtractOptions, default_workers, extract  # noqa: E402
+from featpipe.video.datasets import Dataset, Record, index_dataset  # noqa: E402
+from featpipe.video.decode import read_clip  # noqa: E402
+from featpipe.video.sample_data import SAMPLE_CLASSES, write_sample_data  # noqa: E402
 
 DEFAULTS = {"backbone": "inceptionv3", "size": None, "frames": 20, "clips": 24, "batch_size": 32}
 QUICK = {"size": 75, "frames": 8, "clips": 6}
@@ -222,7 +222,7 @@ def run_ceiling(extractor: FeatureExtractor, frames: np.ndarray) -> tuple[float,
 
 
 def run_featpipe(args: argparse.Namespace, data: Path, output: Path, sampling: str):
-    """``featpipe.extract.extract`` end to end into a fresh cache. Returns (seconds, ExtractResult)."""
+    """``featpipe.extraction.extract.extract`` end to end into a fresh cache. Returns (seconds, ExtractResult)."""
     if output.exists():
         output.unlink()
     opts = ExtractOptions(

@@ -7,7 +7,7 @@ run, on THE SAME clips, with the same network, precision and batch size:
     ``FeatureExtractor`` alone on frames decoded beforehand (decoding not timed), after a
     warm-up call: the most any pipeline can do on this device.
 ``featpipe``
-    ``featpipe.extract.extract`` end to end, video files in, finished cache out. Reported two
+    ``featpipe.extraction.extract.extract`` end to end, video files in, finished cache out. Reported two
     ways: wall time of the whole call (model build and compile included) and the pipeline
     alone (wall time minus the set-up before the first clip is decoded). The target is on
     the pipeline: the set-up is a fixed cost that does not grow with the dataset.
@@ -49,10 +49,10 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from extract_bench import decode_all, machine_info, real_frames, run_ceiling, run_keras_example  # noqa: E402
-from featpipe.backbones import FeatureExtractor, get_backbone  # noqa: E402
-from featpipe.datasets import index_dataset  # noqa: E402
-from featpipe.devices import current_device  # noqa: E402
-from featpipe.extract import default_workers, extract  # noqa: E402
+from featpipe.backbones.registry import FeatureExtractor, get_backbone  # noqa: E402
+from featpipe.extraction.extract import default_workers, extract  # noqa: E402
+from featpipe.runtime.devices import current_device  # noqa: E402
+from featpipe.video.datasets import index_dataset  # noqa: E402
 
 CONFIGS = {"inceptionv3": 299, "efficientnetb7": 600}
 QUICK = {"inceptionv3": 75, "efficientnetb7": 64}

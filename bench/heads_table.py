@@ -6,7 +6,7 @@
 
 For each size N, the cache is copied with all but N train clips per class (a seeded choice, the same
 for every head and seed) moved out of the train split; val and test stay whole. Every head is trained
-with `featpipe train` defaults (plus ``--tune-best``'s configuration, and featpipe.baselines.linear_probe: logistic
+with `featpipe train` defaults (plus ``--tune-best``'s configuration, and featpipe.linear_probe: logistic
 regression on the means of 4 temporal segments of the standardised real frames), once per seed, and
 the table shows test accuracy mean +/- std over the seeds and "order pairs": on the sample data's
 time-reversed class pairs, the share of a pair's clips given the right direction among those predicted
@@ -73,8 +73,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write every result here")
     args = ap.parse_args()
 
-    from featpipe.baselines import linear_probe
-    from featpipe.train import train
+    from featpipe.training.baselines import linear_probe
+    from featpipe.training.train import train
 
     configs = [(h, {"rnn": h}) for h in args.heads.split(",") if h]
     if args.tune_best:

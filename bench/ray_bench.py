@@ -41,10 +41,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only R
 
 import numpy as np  # noqa: E402
 
-from featpipe.cache import CacheConfig, CacheWriter, ClipRecord  # noqa: E402
-from featpipe.extract import extract  # noqa: E402
-from featpipe.pipeline import BackgroundWriter, Stats  # noqa: E402
-from featpipe.ray_engine import (  # noqa: E402
+from featpipe.cache.store import CacheConfig, CacheWriter, ClipRecord  # noqa: E402
+from featpipe.extraction.extract import extract  # noqa: E402
+from featpipe.extraction.ray_engine import (  # noqa: E402
     ClipEmbedder,
     Plan,
     build,
@@ -53,7 +52,8 @@ from featpipe.ray_engine import (  # noqa: E402
     import_ray,
     quiet_ray_data,
 )
-from featpipe.sample_data import write_sample_data  # noqa: E402
+from featpipe.extraction.stages import BackgroundWriter, Stats  # noqa: E402
+from featpipe.video.sample_data import write_sample_data  # noqa: E402
 
 FEATURE_DIM = 2048
 FRAMES_PER_DEVICE_BATCH = 64

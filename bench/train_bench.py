@@ -36,7 +36,7 @@ def write_synthetic_cache(path: Path, clips: int, frames: int, dim: int, classes
     """A valid featpipe cache with random features, written directly (class signal in feature 0)."""
     import h5py
 
-    from featpipe.cache import CacheConfig
+    from featpipe.cache.store import CacheConfig
 
     rng = np.random.default_rng(seed)
     names = tuple(f"class{i}" for i in range(classes))
@@ -71,7 +71,7 @@ def child(cache: str, stream: bool, epochs: int, batch_size: int, out: str) -> N
     """Runs in its own process: train, time each epoch, record peak memory."""
     import keras
 
-    from featpipe.train import train
+    from featpipe.training.train import train
 
     times: list[float] = []
     cpu: list[float] = []
@@ -136,7 +136,7 @@ def run_mode(cache: Path, stream: bool, epochs: int, batch_size: int) -> dict:
 def baseline_rss() -> int:
     """Peak memory of a process that only imports featpipe's training stack (the fixed cost)."""
     code = (
-        "import resource, keras, featpipe.train, featpipe.models, h5py;"
+        "import resource, keras, featpipe.training.train, featpipe.training.heads, h5py;"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

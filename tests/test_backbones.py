@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from featpipe.backbones import (
+from featpipe.backbones.registry import (
     REGISTRY,
     Backbone,
     FeatureExtractor,
@@ -51,7 +51,10 @@ def test_feature_dimension_is_what_keras_applications_pools(name):
 
 
 def test_importing_the_registry_does_not_import_keras():
-    code = "import sys, featpipe.backbones; print(','.join(m for m in ('keras', 'tensorflow') if m in sys.modules))"
+    code = (
+        "import sys, featpipe.backbones.registry; "
+        "print(','.join(m for m in ('keras', 'tensorflow') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
@@ -59,7 +62,7 @@ def test_importing_the_registry_does_not_import_keras():
 def test_every_entry_pickles_without_importing_keras():
     """Entries travel to worker processes (the Ray engine's actors) as they are."""
     code = (
-        "import pickle, sys; from featpipe.backbones import REGISTRY; "
+        "import pickle, sys; from featpipe.backbones.registry import REGISTRY; "
         "assert repr(pickle.loads(pickle.dumps(REGISTRY))) == repr(REGISTRY); "
         "print(','.join(m for m in ('keras', 'tensorflow') if m in sys.modules))"
     )
@@ -149,7 +152,7 @@ def test_random_weights_are_the_same_for_the_same_seed_and_differ_for_another():
 
 def test_random_weights_are_the_same_in_a_fresh_process():
     code = (
-        "from featpipe.backbones import build_model, get_backbone, fingerprint;"
+        "from featpipe.backbones.registry import build_model, get_backbone, fingerprint;"
         "print(fingerprint(build_model(get_backbone('vgg16'), 32, 'none', seed=7)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
@@ -160,7 +163,7 @@ def test_random_weights_are_the_same_in_a_fresh_process():
 def test_random_weights_do_not_depend_on_the_blas_thread_count():
     """Ray starts its workers with OMP_NUM_THREADS=1: their network must be the driver's, whatever its cores."""
     code = (
-        "from featpipe.backbones import build_model, get_backbone, fingerprint;"
+        "from featpipe.backbones.registry import build_model, get_backbone, fingerprint;"
         "print(fingerprint(build_model(get_backbone('resnet50'), 32, 'none', seed=0)))"
     )
     prints = {
@@ -204,7 +207,7 @@ def test_the_numpy_forward_pass_computes_what_the_backend_computes(name, size):
     pooling, squeeze-excite, normalization), so the statistics it stores fit what inference sees."""
     import keras
 
-    from featpipe.backbones import _calibration_images, _np_layer
+    from featpipe.backbones.registry import _calibration_images, _np_layer
 
     b = get_backbone(name)
     model = build_model(b, size, "none", seed=0)
@@ -328,7 +331,7 @@ class _FakeDevice:
 def test_batch_size_is_sized_from_the_devices_free_memory():
     model = build_model(get_backbone("vgg16"), 32, "none")
     per_frame = activation_bytes_per_frame(model) / 2
-    from featpipe.devices import CPU
+    from featpipe.runtime.devices import CPU
 
     assert auto_batch_size(model, CPU) == 32
     sizes = [auto_batch_size(model, _FakeDevice(per_frame * n / 0.5 / 2**30)) for n in (3, 20, 100, 10**6)]

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
-from featpipe.sample_data import write_sample_data
+from featpipe.video.sample_data import write_sample_data
 
 BACKENDS = [
     b.strip()
@@ -119,8 +119,8 @@ def test_features_do_not_depend_on_the_backend(backend, data, caches_dir):
     """The `none` network and the in-graph preprocessing are the same numbers under every backend."""
     import keras
 
-    from featpipe.backbones import FeatureExtractor
-    from featpipe.video import read_clip
+    from featpipe.backbones.registry import FeatureExtractor
+    from featpipe.video.decode import read_clip
 
     cache = extract_under(backend, data, caches_dir)
     here = FeatureExtractor(BACKBONE, 32, "none", batch_size=8)  # this process: KERAS_BACKEND of the test run
@@ -141,10 +141,10 @@ if len(BACKENDS) > 1:  # only `make test-backends` has more than one backend ins
     def test_the_none_network_has_one_fingerprint_under_every_backend(backend, backbone, size):
         """`--weights none` is one network, whatever the backend: the fingerprint a cache records under
         one backend is the one predict computes under another (README: the random network)."""
-        from featpipe.backbones import build_model, fingerprint, get_backbone
+        from featpipe.backbones.registry import build_model, fingerprint, get_backbone
 
         code = (
-            "from featpipe.backbones import build_model, fingerprint, get_backbone;"
+            "from featpipe.backbones.registry import build_model, fingerprint, get_backbone;"
             f"print(fingerprint(build_model(get_backbone({backbone!r}), {size}, 'none', seed=5)))"
         )
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}

@@ -1,4 +1,4 @@
-"""Tests for featpipe.baselines: the linear probe the default heads are held to."""
+"""Tests for featpipe.training.baselines: the linear probe the default heads are held to."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import featpipe.models as models
-from featpipe.baselines import linear_probe, segment_means
-from featpipe.cache import CacheConfig, CacheWriter, ClipRecord
+import featpipe.training.heads as models
+from featpipe.cache.store import CacheConfig, CacheWriter, ClipRecord
 from featpipe.errors import FeatpipeError
+from featpipe.training.baselines import linear_probe, segment_means
 
 
 def order_cache(path: Path, n: int = 64, t: int = 12, d: int = 5) -> Path:

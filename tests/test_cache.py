@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from featpipe.cache import (
+from featpipe.cache.store import (
     SCHEMA_VERSION,
     CacheConfig,
     CacheLock,
@@ -32,7 +32,7 @@ from featpipe.cache import (
     shard_path,
     summarize,
 )
-from featpipe.cli import app
+from featpipe.cli.commands import app
 from featpipe.errors import CacheError, FeatpipeError
 
 T, D = 4, 3
@@ -261,7 +261,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
 def test_the_lock_is_released_when_its_process_is_killed(tmp_path):
     path = tmp_path / "c.h5"
     code = (
-        "import sys, time; from pathlib import Path; from featpipe.cache import CacheLock;"
+        "import sys, time; from pathlib import Path; from featpipe.cache.store import CacheLock;"
         f"l = CacheLock(Path({str(path)!r})).__enter__(); print('locked', flush=True); time.sleep(60)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -517,7 +517,7 @@ def test_merge_refuses_a_whole_cache_and_no_shards_at_all(tmp_path):
 
 # ----------------------------------------------------------------------------- clip identity, stale rows, schema 2
 
-from featpipe.cache import CannotWrite  # noqa: E402
+from featpipe.cache.store import CannotWrite  # noqa: E402
 from mounts import fill, read_only, tmpfs  # noqa: E402
 
 IDENT = {f"train/a/clip{i}.mp4": (1000 + i, 5_000_000_000 + i) for i in range(4)}
@@ -566,7 +566,7 @@ def _downgrade_to_version_1(path) -> None:
 
 
 def test_a_version_1_cache_is_read_and_resumed_trusting_its_rows_and_recording_their_identity_from_then_on(tmp_path):
-    from featpipe.data import open_index
+    from featpipe.training.inputs import open_index
 
     path = tmp_path / "c.h5"
     w = CacheWriter(path, CONFIG)
@@ -697,7 +697,7 @@ _FULL_WHILE_WRITING = """
 import os, sys
 from pathlib import Path
 import numpy as np
-from featpipe.cache import CacheConfig, CacheWriter, ClipRecord
+from featpipe.cache.store import CacheConfig, CacheWriter, ClipRecord
 from featpipe.errors import CacheError
 disk, leave = Path(sys.argv[1]), int(sys.argv[2])
 config = CacheConfig("vgg16", "none", "fp", 32, 4, "uniform", "float32", (512,), ("a", "b"))
@@ -759,7 +759,7 @@ def test_a_read_only_folder_is_one_sentence_for_a_new_cache_and_for_merge(tmp_pa
 
 # ----------------------------------------------------------------------------- part files (schema 3)
 
-from featpipe.cache import compact_cache, has_checksums, parts_dir  # noqa: E402
+from featpipe.cache.store import compact_cache, has_checksums, parts_dir  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -886,7 +886,7 @@ def test_rows_dropped_from_part_files_go_to_stale_and_a_part_no_row_uses_is_remo
 def test_a_version_2_one_file_cache_grows_into_parts_without_copying_its_features_and_still_trains(
     tmp_path, monkeypatch
 ):
-    from featpipe.data import feature_stats, load_rows, open_index
+    from featpipe.training.inputs import feature_stats, load_rows, open_index
 
     path = tmp_path / "c.h5"
     w = CacheWriter(path, CONFIG)
@@ -963,7 +963,7 @@ def test_merging_large_shards_links_their_parts_and_survives_deleting_the_shards
 KILL_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
-import featpipe.cache as cache
+import featpipe.cache.store as cache
 name, when, nth, what = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 original, calls = getattr(cache, name), [0]
 def hooked(*args, **kwargs):
@@ -1199,7 +1199,7 @@ def test_adding_clips_keeps_every_old_row_with_its_assignment_and_identity_in_pa
     their features in slabs: each row keeps its features, takes its (label, split) from the assignments where
     it has one and its identity from the current index; new keys sort between old ones, a dropped row splits
     the old rows' runs, and a parted cache equals the one-file cache."""
-    import featpipe.cache as fc
+    import featpipe.cache.store as fc
 
     monkeypatch.setattr(fc, "_SLAB_BYTES", slab_bytes)
     keys = [f"train/a/clip{i}.mp4" for i in range(10)]
@@ -1240,7 +1240,7 @@ def test_adding_clips_keeps_every_old_row_with_its_assignment_and_identity_in_pa
 
 def test_a_reader_keeps_reading_the_cache_it_opened_while_it_is_compacted_or_grown(tmp_path, parted):
     """Part files a replaced cache named stay while a reader holds it; rows never shift under it."""
-    from featpipe.data import load_rows, open_index
+    from featpipe.training.inputs import load_rows, open_index
 
     path = tmp_path / "c.h5"
     write_clips(path, KEYS[:4])
@@ -1268,8 +1268,8 @@ def test_a_reader_keeps_reading_the_cache_it_opened_while_it_is_compacted_or_gro
 
 
 def test_a_part_file_deleted_under_a_reader_is_a_sentence_naming_its_clips_never_nan(tmp_path, parted):
-    from featpipe.cache import DamagedCacheError
-    from featpipe.data import load_rows, open_index
+    from featpipe.cache.store import DamagedCacheError
+    from featpipe.training.inputs import load_rows, open_index
 
     path = tmp_path / "c.h5"
     write_clips(path, KEYS[:2])
@@ -1286,7 +1286,7 @@ def test_a_part_file_deleted_under_a_reader_is_a_sentence_naming_its_clips_never
 READER = """
 import sys
 import numpy as np
-from featpipe.data import load_rows, open_index
+from featpipe.training.inputs import load_rows, open_index
 index = open_index(sys.argv[1])
 print("open", flush=True)
 sys.stdin.readline()

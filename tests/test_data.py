@@ -8,9 +8,9 @@ import h5py
 import numpy as np
 import pytest
 
-from featpipe.batches import H5Batches
-from featpipe.cache import CacheConfig, CacheWriter, ClipRecord
-from featpipe.data import (
+from featpipe.cache.store import CacheConfig, CacheWriter, ClipRecord
+from featpipe.errors import CacheError
+from featpipe.training.inputs import (
     cache_fingerprint,
     check_finite,
     choose_stream,
@@ -19,7 +19,7 @@ from featpipe.data import (
     open_index,
     resolve_cache,
 )
-from featpipe.errors import CacheError
+from featpipe.training.streaming import H5Batches
 
 T, D = 5, 4
 
@@ -99,7 +99,7 @@ def test_streaming_is_chosen_for_caches_larger_than_a_quarter_of_memory(tmp_path
     idx = open_index(make_cache(tmp_path / "c.h5"))
     assert choose_stream(idx, None) is False
     assert choose_stream(idx, True) is True
-    monkeypatch.setattr("featpipe.data.physical_memory", lambda: idx.features_nbytes_f32 * 2)
+    monkeypatch.setattr("featpipe.training.inputs.physical_memory", lambda: idx.features_nbytes_f32 * 2)
     assert choose_stream(idx, None) is True
 
 
@@ -290,7 +290,7 @@ def test_sample_weights_follow_their_rows_and_the_dataset_pickles(tmp_path):
 
 def test_streaming_allocator_undoes_tensorflows_pin_during_fit_and_restores_it_after(monkeypatch):
     """On TensorFlow+glibc, streaming undoes the 128 KiB mmap threshold tf.data's generator op pins (see batches.py)."""
-    import featpipe.batches as batches
+    import featpipe.training.streaming as batches
 
     state = {}  # glibc's thresholds as the fake mallopt leaves them: parameter -> value
 
@@ -318,7 +318,7 @@ def test_streaming_allocator_undoes_tensorflows_pin_during_fit_and_restores_it_a
 def test_fitting_from_the_stream_is_deterministic_for_a_seed(tmp_path):
     import keras
 
-    from featpipe.models import HeadConfig, build_model
+    from featpipe.training.heads import HeadConfig, build_model
 
     path = make_cache(tmp_path / "c.h5", n=64, splits=("train",))
     idx = open_index(path)
@@ -354,9 +354,9 @@ def test_fitting_from_the_stream_is_deterministic_for_a_seed(tmp_path):
 
 
 def test_subset_positions_match_the_model_layer_and_video_sampling():
-    import featpipe.models as models
-    from featpipe.data import subset_positions
-    from featpipe.video import sample_indices
+    import featpipe.training.heads as models
+    from featpipe.training.inputs import subset_positions
+    from featpipe.video.decode import sample_indices
 
     counts = np.array([0, 1, 6, 7, 20, 39, 150])
     pos, keep = subset_positions(counts, 7)
@@ -368,7 +368,7 @@ def test_subset_positions_match_the_model_layer_and_video_sampling():
 
 
 def test_training_subsets_are_sorted_real_frames_one_per_segment_and_reproducible_from_the_seed():
-    from featpipe.data import subset_positions
+    from featpipe.training.inputs import subset_positions
 
     counts = np.array([3, 20, 41, 150])
     epochs = [subset_positions(counts, 10, np.random.default_rng([7, e])) for e in range(5)]
@@ -382,7 +382,7 @@ def test_training_subsets_are_sorted_real_frames_one_per_segment_and_reproducibl
 
 
 def test_pca_whitening_of_train_frames_has_unit_variance_and_ignores_padding(tmp_path):
-    from featpipe.data import pca_whitening
+    from featpipe.training.inputs import pca_whitening
 
     idx = open_index(make_cache(tmp_path / "c.h5", n=60))
     rows = idx.rows("train")

@@ -1,4 +1,4 @@
-"""featpipe.datasets: layouts, deterministic stratified/group-aware splits, and helpful errors.
+"""featpipe.video.datasets: layouts, deterministic stratified/group-aware splits, and helpful errors.
 
 Indexing never decodes, so every clip here is a zero-byte placeholder file.
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from featpipe.datasets import (
+from featpipe.errors import DatasetError, FeatpipeError
+from featpipe.video.datasets import (
     LAYOUTS,
     SPLITS,
     VIDEO_EXTENSIONS,
@@ -23,7 +24,6 @@ from featpipe.datasets import (
     repair_splits,
     stratified_split,
 )
-from featpipe.errors import DatasetError, FeatpipeError
 
 
 def touch(root: Path, *relpaths: str) -> None:
@@ -90,7 +90,7 @@ def test_only_video_extensions_are_indexed_and_every_split_is_a_known_one(tmp_pa
 
 def test_indexing_does_not_import_video_or_model_libraries():
     code = (
-        "import sys, featpipe.datasets; "
+        "import sys, featpipe.video.datasets; "
         "bad = [m for m in ('cv2', 'keras', 'tensorflow') if m in sys.modules]; "
         "print(','.join(bad))"
     )
@@ -263,7 +263,7 @@ def test_stratified_split_is_identical_in_a_fresh_process(tmp_path):
     class_tree(tmp_path, {"a": 12, "b": 9})
     here = splits_of(index_dataset(tmp_path, seed=99))
     code = (
-        "import json, sys; from featpipe.datasets import index_dataset; "
+        "import json, sys; from featpipe.video.datasets import index_dataset; "
         "ds = index_dataset(sys.argv[1], seed=99); "
         "print(json.dumps({r.video: r.split for r in ds.records}))"
     )
@@ -781,7 +781,7 @@ def test_a_split_folder_without_read_permission_is_one_sentence(tmp_path, monkey
 
 def test_a_folder_that_can_be_listed_but_not_entered_is_reported_and_a_link_loop_ends(tmp_path, monkeypatch):
     """Read without execute permission: its names are listed, but no file in it can be opened (not even stat)."""
-    from featpipe.datasets import walk_clips
+    from featpipe.video.datasets import walk_clips
 
     root = class_tree(tmp_path / "data", {"cats": 2, "dogs": 2})
     touch(root, "dogs/locked/x.mp4", "dogs/locked/y.mp4")

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from featpipe.cli import app
+from featpipe.cli.commands import app
 from featpipe.errors import CacheError, FeatpipeError
-from featpipe.evaluate import evaluate
-from featpipe.extract import extract
-from featpipe.sample_data import write_sample_data
-from featpipe.train import train
+from featpipe.extraction.extract import extract
+from featpipe.runs.evaluate import evaluate
+from featpipe.training.train import train
+from featpipe.video.sample_data import write_sample_data
 
 runner = CliRunner()
 
@@ -146,7 +146,7 @@ def test_a_cache_changed_otherwise_since_training_is_scored_with_a_one_line_warn
     assert "accuracy" in out.stdout
     same = runner.invoke(app, ["evaluate", str(result.run_dir), "--split", "test"])
     assert same.exit_code == 0 and same.stderr == "", "no warning for the cache the run was trained on"
-    from featpipe.runs import RunWarning
+    from featpipe.runs.rundir import RunWarning
 
     with pytest.warns(RunWarning, match="since this run was trained"):
         metrics = evaluate(result.run_dir, cache=changed)

@@ -16,8 +16,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from featpipe.backbones import REGISTRY, Backbone, FeatureExtractor, build_model, fingerprint, register_backbone
-from featpipe.cache import (
+from featpipe.backbones.registry import (
+    REGISTRY,
+    Backbone,
+    FeatureExtractor,
+    build_model,
+    fingerprint,
+    register_backbone,
+)
+from featpipe.cache.store import (
     CacheLock,
     CacheWriter,
     iter_journal,
@@ -27,12 +34,12 @@ from featpipe.cache import (
     shard_path,
     summarize,
 )
-from featpipe.cli import app
-from featpipe.datasets import index_dataset
+from featpipe.cli.commands import app
 from featpipe.errors import CacheError, ExtractionFailed, FeatpipeError
-from featpipe.extract import extract
-from featpipe.sample_data import write_sample_data
-from featpipe.video import count_frames, read_clip
+from featpipe.extraction.extract import extract
+from featpipe.video.datasets import index_dataset
+from featpipe.video.decode import count_frames, read_clip
+from featpipe.video.sample_data import write_sample_data
 from videos import (
     write_1x1,
     write_gray,
@@ -125,7 +132,7 @@ def test_extract_keeps_the_objects_alive_before_its_heavy_imports_out_of_the_col
     """What exists when extract starts (the index: objects per clip) is frozen for the run, so the full
     collections of the Keras import do not walk it again, and is given back after, even on an error;
     a freeze made by someone else (e.g. a server before forking) is left alone."""
-    from featpipe.extract import _collector_skips_what_exists
+    from featpipe.extraction.extract import _collector_skips_what_exists
 
     assert gc.get_freeze_count() == 0
     kept = [object() for _ in range(10)]
@@ -537,9 +544,9 @@ def test_an_unknown_precision_is_refused_before_any_work(sample, tmp_path):
 
 # ----------------------------------------------------------------------------- a row is the clip as it is now
 
-from featpipe.cache import file_identity  # noqa: E402
+from featpipe.cache.store import file_identity  # noqa: E402
 from featpipe.errors import OptionError  # noqa: E402
-from featpipe.extract import ExtractOptions  # noqa: E402
+from featpipe.extraction.extract import ExtractOptions  # noqa: E402
 from mounts import fill, read_only, tmpfs  # noqa: E402
 
 TINY = {**SMALL, "frames": 4}
@@ -696,7 +703,7 @@ def test_a_bad_option_is_one_sentence_naming_the_parameter_before_any_work(tmp_p
 
 
 def test_what_does_not_fit_in_memory_is_refused_saying_what_fits(monkeypatch):
-    monkeypatch.setattr("featpipe.data.physical_memory", lambda: 8 << 30)
+    monkeypatch.setattr("featpipe.training.inputs.physical_memory", lambda: 8 << 30)
     with pytest.raises(
         OptionError,
         match=r"^batch_size of 8192 frames at 1024 px needs about .* GiB of memory, more "
@@ -786,7 +793,7 @@ def test_sigterm_folds_the_journal_into_the_cache_and_exits_143_then_resume_fini
 def test_a_full_disk_while_journaling_is_one_sentence_exit_1_and_the_rerun_resumes(tmp_path, monkeypatch):
     import errno
 
-    from featpipe.cache import JournalWriter
+    from featpipe.cache.store import JournalWriter
 
     data = tiny_dataset(tmp_path / "data")
     out = tmp_path / "c.h5"

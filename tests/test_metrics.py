@@ -1,4 +1,4 @@
-"""Tests for featpipe.metrics: metric values, the text report and the PNG plots."""
+"""Tests for featpipe.runs.metrics: metric values, the text report and the PNG plots."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from featpipe.metrics import _curve_data, compute_metrics, format_report, plot_confusion_matrix, plot_curves
+from featpipe.runs.metrics import _curve_data, compute_metrics, format_report, plot_confusion_matrix, plot_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LONG_NAMES = [f"a_rather_long_action_class_name_{i:02d}_with_suffix" for i in range(12)]

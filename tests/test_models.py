@@ -1,4 +1,4 @@
-"""Tests for featpipe.models: mask-aware sequence classifiers (small dims, CPU, fast)."""
+"""Tests for featpipe.training.heads: mask-aware sequence classifiers (small dims, CPU, fast)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import keras
 import numpy as np
 import pytest
 
-import featpipe.models as models
+import featpipe.training.heads as models
 from featpipe.errors import FeatpipeError
-from featpipe.models import HEADS, HeadConfig, build_model
+from featpipe.training.heads import HEADS, HeadConfig, build_model
 
 D = 12  # feature dim for the feature heads
 T = 6  # clip length in the test batch
@@ -404,7 +404,7 @@ def test_segments_head_classifies_clips_shorter_than_its_segments_and_sees_order
 
 @pytest.mark.parametrize("n", [1, 5, 8, 9, 17, 40])
 def test_frame_subset_at_inference_takes_the_uniform_positions_of_the_real_frames(n):
-    from featpipe.video import sample_indices
+    from featpipe.video.decode import sample_indices
 
     pos, keep = models.FrameSubset(8).positions(np.array([n]), training=False)
     pos, keep = np.asarray(pos)[0], np.asarray(keep)[0]
@@ -485,7 +485,7 @@ def test_segment_shortcut_beside_the_recurrent_state_is_mask_safe_and_loads_in_s
 def test_fit_shortcut_makes_a_fresh_recurrent_head_the_logistic_regression_of_its_segment_means(tmp_path, shortcut):
     from sklearn.linear_model import LogisticRegression
 
-    from featpipe.baselines import segment_means
+    from featpipe.training.baselines import segment_means
 
     model = make("gru", shortcut=shortcut, bottleneck=4)
     lengths = (1, 2, 3, 4, 5, 6) * 3
@@ -524,7 +524,7 @@ def test_every_head_is_one_entry_the_cli_and_readme_offer():
 
     from typer.testing import CliRunner
 
-    from featpipe.cli import app
+    from featpipe.cli.commands import app
     from featpipe.names import HEAD_NAMES
 
     assert tuple(HEADS) == HEAD_NAMES

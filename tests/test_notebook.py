@@ -25,8 +25,8 @@ NOTEBOOK = REPO_ROOT / "notebooks" / "explore.ipynb"
 CELL_TIMEOUT = 300  # seconds per cell
 
 # What a notebook may use from featpipe: the names the package exports, plus two modules.
-PUBLIC_MODULES = {"featpipe", "featpipe.video", "featpipe.sample_data"}
-PUBLIC_SUBMODULE_NAMES = {"featpipe.video": {"read_clip"}, "featpipe.sample_data": {"write_sample_data"}}
+PUBLIC_MODULES = {"featpipe", "featpipe.video.decode", "featpipe.video.sample_data"}
+PUBLIC_SUBMODULE_NAMES = {"featpipe.video.decode": {"read_clip"}, "featpipe.video.sample_data": {"write_sample_data"}}
 
 
 def _public_featpipe_names() -> set[str]:

@@ -9,10 +9,10 @@ import pytest
 
 import featpipe
 from featpipe.errors import OptionError
-from featpipe.extract import ExtractOptions
-from featpipe.predict import PredictOptions
-from featpipe.train import TrainOptions
-from featpipe.tune import TuneOptions
+from featpipe.extraction.extract import ExtractOptions
+from featpipe.runs.predict import PredictOptions
+from featpipe.training.train import TrainOptions
+from featpipe.training.tune import TuneOptions
 
 OPTIONS = (ExtractOptions, TrainOptions, TuneOptions, PredictOptions)
 # every list-valued option field: (a comma-separated string as the CLI takes it, what it means)

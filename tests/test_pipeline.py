@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from featpipe.errors import VideoError
-from featpipe.pipeline import decode
+from featpipe.extraction.stages import decode
 
 
 def test_a_clip_the_file_system_refuses_is_an_error_with_its_reason_and_the_others_go_on():

@@ -12,10 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 import featpipe
-from featpipe.cli import app
+from featpipe.cli.commands import app
 from featpipe.errors import BackboneError, FeatpipeError
-from featpipe.predict import Predictor, expand_clips
-from featpipe.video import window_indices
+from featpipe.runs.predict import Predictor, expand_clips
+from featpipe.video.decode import window_indices
 from videos import write_text_as_video, write_video
 
 runner = CliRunner()
@@ -25,7 +25,7 @@ runner = CliRunner()
 def run(tmp_path_factory):
     """sample data -> extract -> train through the public Python API."""
     root = tmp_path_factory.mktemp("predict")
-    from featpipe.sample_data import write_sample_data
+    from featpipe.video.sample_data import write_sample_data
 
     write_sample_data(root / "data", train=3, val=1, test=2, seed=0)
     ex = featpipe.extract(
@@ -209,7 +209,13 @@ def test_the_python_api_mirrors_the_commands():
     assert inspect.signature(featpipe.evaluate).parameters["split"].default == "test"
     assert featpipe.ExtractOptions().frames == 20 and featpipe.ExtractOptions().backbone == "inceptionv3"
     assert featpipe.TrainOptions().head == "gru"
-    for fn in (featpipe.extract, featpipe.train, featpipe.evaluate, featpipe.predict, featpipe.info):
+    for fn in (
+        featpipe.extract,
+        featpipe.train,
+        featpipe.evaluate,
+        featpipe.predict,
+        featpipe.info,
+    ):
         assert "Return" in fn.__doc__ or "return" in fn.__doc__.lower()
 
 
@@ -246,7 +252,7 @@ def test_the_old_clips_flag_is_windows_with_a_deprecation_note(run):
 
 def test_the_api_names_parameters_and_refuses_before_loading_the_run(tmp_path):
     from featpipe.errors import OptionError
-    from featpipe.predict import PredictOptions
+    from featpipe.runs.predict import PredictOptions
 
     with pytest.raises(OptionError, match=r"^batch_size must be between 1 and"):
         featpipe.predict([tmp_path / "x.mp4"], model=tmp_path / "no-run", batch_size=-1)
@@ -304,7 +310,7 @@ def test_the_api_takes_one_path_as_one_clip_never_its_letters(run, monkeypatch):
 
 def test_predict_dir_finds_the_clips_extract_indexes_in_it(tmp_path):
     """One rule for both: recursive, hidden entries skipped, symlinked folders followed, a link loop cut."""
-    from featpipe.datasets import index_dataset
+    from featpipe.video.datasets import index_dataset
 
     data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
     for rel in ("cats/a.mp4", "cats/sub/b.MP4", "cats/.hidden.mp4", "cats/.cache/c.mp4", "cats/notes.txt"):

@@ -24,13 +24,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from featpipe.backbones import FeatureExtractor, get_backbone
-from featpipe.cache import iter_journal, journal_path, merge_shards, shard_path
-from featpipe.cli import app
+from featpipe.backbones.registry import FeatureExtractor, get_backbone
+from featpipe.cache.store import iter_journal, journal_path, merge_shards, shard_path
+from featpipe.cli.commands import app
 from featpipe.errors import BackboneError, CacheError, ExtractionFailed, FeatpipeError
-from featpipe.extract import extract
-from featpipe.ray_engine import DriverBackbone, check_worker, clips_per_call
-from featpipe.sample_data import write_sample_data
+from featpipe.extraction.extract import extract
+from featpipe.extraction.ray_engine import DriverBackbone, check_worker, clips_per_call
+from featpipe.video.sample_data import write_sample_data
 from videos import write_text_as_video
 
 # batch 1: every frame is its own forward pass on either engine, so the caches are equal bit for bit
@@ -288,7 +288,7 @@ def test_driver_sigkill_then_the_same_command_resumes_to_the_clean_cache(sample,
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
-        "import time\nimport featpipe.cache as c\n_append = c.CacheWriter.append\n\n\n"
+        "import time\nimport featpipe.cache.store as c\n_append = c.CacheWriter.append\n\n\n"
         "def append(self, rec):\n    _append(self, rec)\n    time.sleep(0.5)\n\n\nc.CacheWriter.append = append\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), SRC, os.environ.get("PYTHONPATH", "")])}

@@ -1,4 +1,4 @@
-"""The run directory contract (featpipe.runs): every way a run can be wrong is one sentence, exit 2.
+"""The run directory contract (featpipe.runs.rundir): every way a run can be wrong is one sentence, exit 2.
 
 These runs are written by hand (no training): run.json and model.keras are checked before Keras
 loads anything, so a fake model file is enough to reach every refusal.
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from featpipe.cli import app
+from featpipe.cli.commands import app
 from featpipe.errors import OptionError
-from featpipe.runs import (
+from featpipe.runs.rundir import (
     RunError,
     RunInfo,
     check_destination,

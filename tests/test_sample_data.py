@@ -1,4 +1,4 @@
-"""featpipe.sample_data: the synthetic, order-only-separable demo dataset."""
+"""featpipe.video.sample_data: the synthetic, order-only-separable demo dataset."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import cv2
 import numpy as np
 import pytest
 
-import featpipe.sample_data as sd
+import featpipe.video.sample_data as sd
 from featpipe.errors import DatasetError, FeatpipeError
-from featpipe.sample_data import (
+from featpipe.video.decode import read_clip
+from featpipe.video.sample_data import (
     MARKER_NAME,
     SAMPLE_CLASSES,
     SPLITS,
@@ -22,7 +23,6 @@ from featpipe.sample_data import (
     sample_clip_specs,
     write_sample_data,
 )
-from featpipe.video import read_clip
 
 SMALL = {"train": 2, "val": 1, "test": 1}
 PAIRS = (("grow", "shrink"), ("red_to_blue", "blue_to_red"))
@@ -361,7 +361,7 @@ def test_bad_counts_are_rejected(tmp_path, counts, says):
 def test_cli_refuses_bad_counts_with_one_sentence(tmp_path, args, says):
     from typer.testing import CliRunner
 
-    from featpipe.cli import app
+    from featpipe.cli.commands import app
 
     result = CliRunner().invoke(app, ["sample-data", str(tmp_path / "x"), *args])
     assert result.exit_code == 2

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import featpipe.models  # noqa: F401  registers custom layers for safe-mode loading
-from featpipe.cache import SCHEMA_VERSION, CacheConfig, CacheWriter, ClipRecord
-from featpipe.cli import app
+import featpipe.training.heads  # noqa: F401  registers custom layers for safe-mode loading
+from featpipe.cache.store import SCHEMA_VERSION, CacheConfig, CacheWriter, ClipRecord
+from featpipe.cli.commands import app
 from featpipe.errors import FeatpipeError
-from featpipe.extract import extract
-from featpipe.sample_data import write_sample_data
-from featpipe.train import resolve_run, train
+from featpipe.extraction.extract import extract
+from featpipe.training.train import resolve_run, train
+from featpipe.video.sample_data import write_sample_data
 
 runner = CliRunner()
 FAST = dict(epochs=3, patience=3, quiet=True)
@@ -84,7 +84,7 @@ def test_training_writes_a_complete_self_describing_run_directory(small_cache, t
 
 
 def test_standardisation_is_adapted_on_real_train_frames_only(small_cache, tmp_path):
-    from featpipe.data import feature_stats, open_index
+    from featpipe.training.inputs import feature_stats, open_index
 
     result = train(cache=small_cache, rnn="mean", out=tmp_path / "run", refit=False, **FAST)
     model = keras.saving.load_model(result.run_dir / "model.keras")
@@ -290,11 +290,11 @@ def test_a_signal_before_the_first_epoch_writes_nothing_and_keeps_the_old_run(tm
 
 def test_a_ctrl_c_swallowed_by_a_gc_callback_still_stops_training(tmp_path):
     """Under load a SIGINT landed in JAX's garbage-collector callback, was printed as "Exception ignored", and
-    train ran on for all its epochs. featpipe.signals remembers it and training raises it at the next batch."""
+    train ran on for all its epochs. featpipe.runtime.signals remembers it and training raises it at the next batch."""
     import gc
     import os
 
-    from featpipe import signals
+    from featpipe.runtime import signals
 
     cache = synthetic_cache(tmp_path / "c.h5", n=300)
     previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
@@ -355,7 +355,7 @@ def test_an_existing_run_needs_force_and_is_replaced_whole(tmp_path):
     info = json.loads((first.run_dir / "run.json").read_text())
     assert info["run_id"] != first_info["run_id"] and info["epochs_run"] == 1
     assert (first.run_dir / "curves.png").is_file(), "every file is the new run's"
-    from featpipe.runs import file_sha256
+    from featpipe.runs.rundir import file_sha256
 
     assert file_sha256(first.run_dir / "model.keras") == info["model_sha256"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "latest", "run"], "nothing left aside"
@@ -381,14 +381,14 @@ def test_a_small_train_split_is_refit_on_train_and_val_for_the_chosen_epochs(tmp
     assert len(info["train_clips"]) == 24 and len(info["val_clips"]) == 12
     report = json.loads((result.run_dir / "report.json").read_text())
     assert set(report) == {"val", "test"}, "val scores of the selected model are still reported"
-    from featpipe.runs import file_sha256
+    from featpipe.runs.rundir import file_sha256
 
     assert file_sha256(result.run_dir / "model.keras") == info["model_sha256"]
     assert sorted(p.name for p in result.run_dir.iterdir()) == sorted(
         ["model.keras", "run.json", "history.csv", "curves.png", "confusion_matrix.png", "report.json", "report.txt"]
     )
     # the refit model is what evaluate scores, and a val split it was trained on is refused with the reason
-    from featpipe.evaluate import evaluate
+    from featpipe.runs.evaluate import evaluate
 
     assert evaluate(result.run_dir, split="test")["accuracy"] == pytest.approx(report["test"]["accuracy"])
     with pytest.raises(FeatpipeError, match="refit on train \\+ val.*--no-refit"):
@@ -398,8 +398,8 @@ def test_a_small_train_split_is_refit_on_train_and_val_for_the_chosen_epochs(tmp
 
 
 def test_refit_is_off_from_50_train_clips_per_class_and_can_be_forced_either_way(tmp_path):
-    from featpipe.data import open_index
-    from featpipe.train import TrainOptions, refit_wanted
+    from featpipe.training.inputs import open_index
+    from featpipe.training.train import TrainOptions, refit_wanted
 
     big = open_index(synthetic_cache(tmp_path / "big.h5", classes=("a", "b"), n=300))  # 50 train clips per class
     small = open_index(synthetic_cache(tmp_path / "small.h5", classes=("a", "b"), n=294))  # 49 per class
@@ -508,7 +508,7 @@ def test_bad_options_are_one_sentence_before_training(tmp_path, args, message):
 
 def test_the_api_names_the_parameter_not_the_flag():
     from featpipe.errors import OptionError
-    from featpipe.train import TrainOptions
+    from featpipe.training.train import TrainOptions
 
     with pytest.raises(OptionError, match=r"^lr must be a finite number") as exc:
         TrainOptions(lr=float("inf"))
@@ -583,7 +583,7 @@ def test_a_full_disk_while_writing_the_run_keeps_the_old_run_and_leaves_nothing(
     """Fault injection: the disk fills up while the report is written, after training."""
     import errno
 
-    import featpipe.metrics
+    import featpipe.runs.metrics
 
     cache = synthetic_cache(tmp_path / "c.h5")
     old = train(cache=cache, rnn="mean", out=tmp_path / "run", epochs=1, quiet=True)
@@ -592,7 +592,7 @@ def test_a_full_disk_while_writing_the_run_keeps_the_old_run_and_leaves_nothing(
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(featpipe.metrics, "plot_confusion_matrix", disk_full)
+    monkeypatch.setattr(featpipe.runs.metrics, "plot_confusion_matrix", disk_full)
     result = runner.invoke(
         app,
         [
@@ -618,7 +618,7 @@ def test_a_full_disk_while_writing_the_run_keeps_the_old_run_and_leaves_nothing(
 
 def test_training_on_fewer_frames_than_cached_is_recorded_and_evaluate_reproduces_it(small_cache, tmp_path):
     from featpipe.errors import OptionError
-    from featpipe.evaluate import evaluate
+    from featpipe.runs.evaluate import evaluate
 
     result = train(cache=small_cache, rnn="gru", frames=4, out=tmp_path / "r", **FAST)
     info = json.loads((result.run_dir / "run.json").read_text())
@@ -636,7 +636,7 @@ def test_training_on_fewer_frames_than_cached_is_recorded_and_evaluate_reproduce
     "head, l2", [("gru", 0.1), ("bilstm", 0.1), ("segments", 0.1), ("mean", 0.0), ("attention", 0.0)]
 )
 def test_the_classifier_l2_defaults_per_head_and_an_explicit_value_wins(head, l2):
-    from featpipe.train import TrainOptions, resolve_defaults
+    from featpipe.training.train import TrainOptions, resolve_defaults
 
     assert resolve_defaults(TrainOptions(head=head)).l2 == l2
     assert resolve_defaults(TrainOptions(head=head, l2=0.0)).l2 == 0.0
@@ -648,7 +648,7 @@ def test_inside_fit_a_signal_is_recorded_and_raised_at_the_next_safe_point_not_w
     function"; inside signals.deferred() the handler only records it, and raise_pending() raises it."""
     import os
 
-    from featpipe import signals
+    from featpipe.runtime import signals
 
     previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
@@ -698,7 +698,7 @@ def test_an_interrupt_inside_a_checkpoint_write_keeps_the_previous_best_whole(tm
 @pytest.fixture
 def installed_signals():
     """featpipe's SIGINT/SIGTERM handlers, as the CLI installs them; the previous ones restored after."""
-    from featpipe import signals
+    from featpipe.runtime import signals
 
     previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     signals.install()
@@ -713,16 +713,16 @@ def test_a_signal_while_the_run_is_written_after_fit_saves_it_as_interrupted(tmp
     training was thrown away and the CLI said no run directory was written. It now marks the run interrupted."""
     import os
 
-    import featpipe.metrics
+    import featpipe.runs.metrics
 
-    real_plot = featpipe.metrics.plot_curves
+    real_plot = featpipe.runs.metrics.plot_curves
 
     def plot_then_sigterm(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         sum(range(100_000))  # the handler has run by now
         return real_plot(*args, **kwargs)
 
-    monkeypatch.setattr(featpipe.metrics, "plot_curves", plot_then_sigterm)
+    monkeypatch.setattr(featpipe.runs.metrics, "plot_curves", plot_then_sigterm)
     try:
         result = train(cache=synthetic_cache(tmp_path / "c.h5"), rnn="mean", out=tmp_path / "run", **FAST)
     except KeyboardInterrupt:
@@ -741,7 +741,7 @@ def test_a_signal_after_the_run_is_written_exits_130_and_says_the_run_is_complet
 
     import featpipe
 
-    real_train = featpipe.train
+    real_train = featpipe.training.train
 
     def train_then_sigint(*args, **kwargs):
         result = real_train(*args, **kwargs)
@@ -871,8 +871,8 @@ def test_a_nan_loss_in_the_first_epoch_writes_no_run_and_says_so(tmp_path, monke
 @pytest.mark.slow
 def test_train_stream_reads_the_cache_it_opened_while_the_cache_is_compacted(tmp_path, monkeypatch):
     """`featpipe merge --compact` (or an extraction) rewriting the cache mid-fit takes no part file from the reader."""
-    from featpipe.batches import H5Batches
-    from featpipe.cache import compact_cache, parts_dir
+    from featpipe.cache.store import compact_cache, parts_dir
+    from featpipe.training.streaming import H5Batches
 
     monkeypatch.setenv("FEATPIPE_ONE_FILE_MB", "0")
     cache = synthetic_cache(tmp_path / "c.h5")

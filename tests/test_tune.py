@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featpipe.cache import CacheConfig, CacheWriter, ClipRecord
+from featpipe.cache.store import CacheConfig, CacheWriter, ClipRecord
 from featpipe.errors import FeatpipeError, OptionError
-from featpipe.tune import TuneOptions, plan_fits, stratified_folds
+from featpipe.training.tune import TuneOptions, plan_fits, stratified_folds
 
 
 def tiny_cache(path: Path, n: int = 48, val_every: int = 6) -> Path:
@@ -58,7 +58,7 @@ def test_a_class_smaller_than_the_fold_count_is_refused_with_what_to_do():
 
 
 def test_small_val_splits_are_scored_by_kfold_on_train_plus_val_and_large_ones_by_seeds(tmp_path):
-    from featpipe.data import open_index
+    from featpipe.training.inputs import open_index
 
     index = open_index(tiny_cache(tmp_path / "c.h5"))
     mode, fits = plan_fits(index, TuneOptions(cache=index.path))
@@ -168,8 +168,8 @@ def test_ctrl_c_keeps_finished_trials_and_the_same_command_resumes_then_retrains
 @pytest.fixture(scope="module")
 def hard_cache(tmp_path_factory) -> Path:
     """The hard preset with 20 train clips per class, through the small random backbone of the quality tests."""
-    from featpipe.extract import extract
-    from featpipe.sample_data import write_sample_data
+    from featpipe.extraction.extract import extract
+    from featpipe.video.sample_data import write_sample_data
 
     root = tmp_path_factory.mktemp("hard")
     write_sample_data(root / "data", train=20, val=6, test=16, difficulty="hard")
@@ -180,8 +180,8 @@ def hard_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hard_results(hard_cache, tmp_path_factory):
-    from featpipe.baselines import linear_probe
-    from featpipe.train import train
+    from featpipe.training.baselines import linear_probe
+    from featpipe.training.train import train
 
     runs = tmp_path_factory.mktemp("hard-runs")
     results = {
@@ -213,7 +213,7 @@ def test_the_order_blind_mean_head_stays_at_chance_inside_the_reversed_pairs_of_
 def test_tunes_retrained_best_is_as_good_on_test_as_the_default_heads_it_searched_from(
     hard_cache, hard_results, tmp_path
 ):
-    from featpipe.tune import tune
+    from featpipe.training.tune import tune
 
     # a short search (the three heads' defaults are its first trials, then two sampled ones) on the hard set
     result = tune(
@@ -228,7 +228,7 @@ def test_tunes_retrained_best_is_as_good_on_test_as_the_default_heads_it_searche
 
 from typer.testing import CliRunner  # noqa: E402
 
-from featpipe.cli import app  # noqa: E402
+from featpipe.cli.commands import app  # noqa: E402
 from mounts import fill, read_only, tmpfs  # noqa: E402
 
 runner = CliRunner()
@@ -330,7 +330,7 @@ def test_a_full_disk_under_the_study_is_one_sentence_with_status_1(tmp_path):
 
 
 def test_a_second_tune_on_the_same_study_is_refused_while_one_runs(tmp_path):
-    from featpipe.workers import FolderLock
+    from featpipe.training.workers import FolderLock
 
     cache = tiny_cache(tmp_path / "c.h5")
     out = tmp_path / "tune"
@@ -344,7 +344,7 @@ def test_a_second_tune_on_the_same_study_is_refused_while_one_runs(tmp_path):
 def test_tune_waits_for_workers_of_a_killed_run_and_refuses_while_they_live(tmp_path, monkeypatch):
     import fcntl
 
-    from featpipe import workers
+    from featpipe.training import workers
 
     cache = tiny_cache(tmp_path / "c.h5")
     out = tmp_path / "tune"
@@ -375,7 +375,7 @@ def _scored_defaults(db: Path, heads, frames: int) -> set[str]:
     """The heads whose default configuration (train's defaults) has a finished trial in ``db``."""
     import sqlite3
 
-    from featpipe.tune import _defaults_as_trial
+    from featpipe.training.tune import _defaults_as_trial
 
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
         ids = [i for (i,) in con.execute("SELECT trial_id FROM trials WHERE state = 'COMPLETE'")]
@@ -400,8 +400,8 @@ def _scored_defaults(db: Path, heads, frames: int) -> set[str]:
 def test_a_trial_left_running_by_a_killed_search_is_failed_and_its_default_scored_on_resume(tmp_path):
     import optuna
 
-    from featpipe.data import open_index
-    from featpipe.tune import _defaults_as_trial, _load_study, study_name, suggest, tune
+    from featpipe.training.inputs import open_index
+    from featpipe.training.tune import _defaults_as_trial, _load_study, study_name, suggest, tune
 
     cache = tiny_cache(tmp_path / "c.h5")
     out = tmp_path / "tune"

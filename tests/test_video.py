@@ -1,4 +1,4 @@
-"""featpipe.video: frame sampling, cropping, padding and robust decoding."""
+"""featpipe.video.decode: frame sampling, cropping, padding and robust decoding."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from featpipe.errors import VideoError
-from featpipe.video import (
+from featpipe.video.decode import (
     SAMPLING,
     ClipFrames,
     center_crop_resize,

@@ -3,7 +3,7 @@
 ``write_video`` writes frames whose index can be read back after lossy compression, cropping
 and resizing: by default frame ``i`` shows ``i`` in binary as :data:`BITS` horizontal bands
 (white = 1, black = 0, most significant bit on top) filling the centre square of the frame,
-so :func:`frame_index` recovers ``i`` from a frame returned by ``featpipe.video.read_clip``
+so :func:`frame_index` recovers ``i`` from a frame returned by ``featpipe.video.decode.read_clip``
 (whatever the aspect ratio, since the centre crop keeps the centre square). Black/white bands
 survive MPEG-4 and Motion-JPEG compression; checked for 64- to 96-pixel frames read at sizes
 16 to 64.

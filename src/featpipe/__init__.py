@@ -15,19 +15,18 @@ The Python API mirrors the command line, with the same defaults:
 Keras is imported only when a function needs it.
 """
 
-# The functions share their names with the modules that define them; binding them here, after
-# the modules are loaded, makes ``featpipe.extract`` the function (``featpipe.extract.ExtractOptions``
-# stays importable with ``from featpipe.extract import ExtractOptions``).
+# The public API: one name per command, from the stage package that does the work
+# (docs/python-api.md). Keras is not imported here.
 from featpipe._version import __version__
-from featpipe.baselines import linear_probe  # noqa: E402
-from featpipe.cache import merge_shards as merge  # noqa: E402
+from featpipe.cache.store import merge_shards as merge
 from featpipe.errors import FeatpipeError
-from featpipe.evaluate import evaluate  # noqa: E402
-from featpipe.extract import ExtractOptions, ExtractResult, extract  # noqa: E402
-from featpipe.info import info  # noqa: E402
-from featpipe.predict import Prediction, predict  # noqa: E402
-from featpipe.train import TrainOptions, TrainResult, train  # noqa: E402
-from featpipe.tune import TuneOptions, TuneResult, tune  # noqa: E402
+from featpipe.extraction.extract import ExtractOptions, ExtractResult, extract
+from featpipe.runs.evaluate import evaluate
+from featpipe.runs.info import info
+from featpipe.runs.predict import Prediction, predict
+from featpipe.training.baselines import linear_probe
+from featpipe.training.train import TrainOptions, TrainResult, train
+from featpipe.training.tune import TuneOptions, TuneResult, tune
 
 __all__ = [
     "FeatpipeError",

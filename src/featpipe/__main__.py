@@ -1,4 +1,4 @@
-from featpipe.cli import main
+from featpipe.cli.commands import main
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """The one exception family featpipe raises for things a user can fix.
 
 Library code raises these with a sentence that says what was expected, what was found and
-what to do; only ``featpipe.cli`` turns them into a message and an exit status.
+what to do; only the ``featpipe.cli`` package turns them into a message and an exit status.
 """
 
 from __future__ import annotations

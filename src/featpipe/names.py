@@ -1,13 +1,13 @@
 """Names shared by the library and the CLI, defined once and importable without Keras.
 
 The CLI builds its choices from these at start-up, so this module must stay free of heavy imports;
-``featpipe.models.HEADS`` (name -> builder) is checked against :data:`HEAD_NAMES` when it is built.
+``featpipe.training.heads.HEADS`` (name -> builder) is checked against :data:`HEAD_NAMES` when it is built.
 """
 
 from __future__ import annotations
 
 HEAD_NAMES = ("gru", "lstm", "bilstm", "attention", "transformer", "mean", "segments", "cnn-lstm")
-"""Classifier heads, in the order the CLI and the README list them (featpipe.models.HEADS builds each)."""
+"""Classifier heads, in the order the CLI and the README list them (featpipe.training.heads.HEADS builds each)."""
 
 RECURRENT_HEADS = ("gru", "lstm", "bilstm")
 """Feature heads built on a recurrent stack (they take --pooled-steps and --shortcut)."""

@@ -17,11 +17,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featpipe import data, ray_engine
-from featpipe._quiet import import_keras
 from featpipe._version import __version__
-from featpipe.backbones import PRECISIONS, WEIGHTS_IMAGENET, FeatureExtractor, check_size, get_backbone
-from featpipe.cache import (
+from featpipe.backbones.registry import PRECISIONS, WEIGHTS_IMAGENET, FeatureExtractor, check_size, get_backbone
+from featpipe.cache.store import (
     CacheConfig,
     CacheLock,
     CacheWriter,
@@ -33,9 +31,9 @@ from featpipe.cache import (
     shard_path,
     summarize,
 )
-from featpipe.datasets import Dataset, Record, index_dataset, repair_splits, unreadable_note
-from featpipe.devices import cpu_count
 from featpipe.errors import CacheError, ExtractionFailed, FeatpipeError, OptionError
+from featpipe.extraction import ray_engine
+from featpipe.extraction.stages import Embedded, Stats, decode, embed, writing_with_progress
 from featpipe.names import DTYPES, ENGINES, SAMPLING  # noqa: F401  re-exported
 from featpipe.options import (
     check_choice,
@@ -45,7 +43,10 @@ from featpipe.options import (
     check_int,
     split_list_options,
 )
-from featpipe.pipeline import Embedded, Stats, decode, embed, writing_with_progress
+from featpipe.runtime.devices import cpu_count
+from featpipe.runtime.keras_import import import_keras
+from featpipe.training import inputs as data
+from featpipe.video.datasets import Dataset, Record, index_dataset, repair_splits, unreadable_note
 
 MAX_SIZE = 1024  # largest square input: ImageNet backbones are trained at 224-600 px
 MAX_FRAMES = 10_000  # frames per clip (sequence length)
@@ -62,7 +63,7 @@ class ExtractOptions:
     ``OptionError`` naming the parameter (the CLI shows it as its flag) before any work starts.
     """
 
-    backbone: str = "inceptionv3"  # registry name (featpipe.backbones.REGISTRY)
+    backbone: str = "inceptionv3"  # registry name (featpipe.backbones.registry.REGISTRY)
     data: str | Path | None = None  # dataset folder (layout auto-detected); None = "data" unless csv is given
     csv: str | Path | None = None  # or a CSV with video_name,tag[,split] (not together with data)
     cache_dir: str | Path = "cache"  # the cache is <cache_dir>/<backbone>.h5 ...
@@ -277,7 +278,7 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
                 raise
             writable = False  # a finished cache on read-only media: fine if nothing is left to do
         if opts.engine == "ray":  # the actors build the network; the driver's fingerprint is made on a thread
-            from featpipe.ray_engine import DriverBackbone
+            from featpipe.extraction.ray_engine import DriverBackbone
 
             extractor = DriverBackbone(backbone, size, opts.weights, opts.seed, opts.batch_size, opts.precision)
         else:
@@ -589,12 +590,12 @@ def _run(
     workers: int,
 ) -> Stats:
     """The local engine: ``decode`` (``workers`` threads) -> ``embed`` (batches across clips, the
-    backbone on its own thread) -> the writer thread (journal). See :mod:`featpipe.pipeline`.
+    backbone on its own thread) -> the writer thread (journal). See :mod:`featpipe.extraction.stages`.
 
     Ctrl-C or an error: the batch on the device completes, the clips already finished are
     written, the batches still queued are dropped (at most the clips in flight are lost).
     """
-    from featpipe.video import read_clip  # lazy: `import featpipe` does not load OpenCV
+    from featpipe.video.decode import read_clip  # lazy: `import featpipe` does not load OpenCV
 
     dtype = np.dtype(extractor.cache_dtype(opts.dtype))
     stats = Stats()

@@ -2,8 +2,8 @@
 
 :class:`H5Batches` is the ``keras.utils.PyDataset`` that training uses when the features do not
 fit in memory (``featpipe train --stream``). This module imports Keras at the top, so featpipe
-imports it lazily (``featpipe.train`` does, inside the function that fits) and importing
-:mod:`featpipe.data` never loads Keras.
+imports it lazily (``featpipe.training.train`` does, inside the function that fits) and importing
+:mod:`featpipe.training.inputs` never loads Keras.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featpipe._quiet import import_keras
-from featpipe.cache import open_h5, read_features
+from featpipe.cache.store import open_h5, read_features
+from featpipe.runtime.keras_import import import_keras
 
 keras = import_keras()
 
@@ -110,7 +110,7 @@ class H5Batches(keras.utils.PyDataset):
     ``max_windows`` windows are held, so memory is bounded by ``max_windows * window_batches *
     batch_size`` rows whatever the cache size (plus the batches Keras queues).
 
-    ``path`` may be a :class:`featpipe.data.CacheIndex`: batches are then read from the file it
+    ``path`` may be a :class:`featpipe.training.inputs.CacheIndex`: batches are then read from the file it
     holds open (the cache as the index saw it, whatever replaces it meanwhile), and its masks.
 
     The order is a function of ``seed`` and the epoch alone, so batches are the same whichever
@@ -136,7 +136,7 @@ class H5Batches(keras.utils.PyDataset):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        index = path if hasattr(path, "opened") else None  # a featpipe.data.CacheIndex
+        index = path if hasattr(path, "opened") else None  # a featpipe.training.inputs.CacheIndex
         self.path = Path(index.path if index is not None else path)
         self._shared = index.file if index is not None else None  # the index's open file: never closed here
         self.rows = np.asarray(rows, dtype=np.int64)

@@ -4,7 +4,7 @@ A run directory holds everything `featpipe evaluate` and `featpipe predict` need
 re-specified by hand:
 
   model.keras              the trained model (standardisation inside; loads in Keras safe mode)
-  run.json                 a featpipe.runs.RunInfo: training config, class names, the cache's
+  run.json                 a featpipe.runs.rundir.RunInfo: training config, class names, the cache's
                            preprocessing attributes copied verbatim, the cache path and fingerprint,
                            the clips trained and validated on, the model's SHA-256, final metrics
   history.csv, curves.png  loss and accuracy per epoch, train and val
@@ -12,7 +12,7 @@ re-specified by hand:
   confusion_matrix.png     on test (or val when there is no test split)
 
 The directory is written to a hidden folder beside its destination and renamed into place when
-complete (featpipe.runs.publish_run); ``models/latest`` is a one-line text file naming the newest
+complete (featpipe.runs.rundir.publish_run); ``models/latest`` is a one-line text file naming the newest
 run (works where symlinks don't), updated after the rename.
 """
 
@@ -30,12 +30,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from featpipe import runs, signals
-from featpipe._quiet import import_keras
 from featpipe._version import __version__
-from featpipe.backbones import is_raw
-from featpipe.cache import APPEND_KEYS, PREPROCESSING_KEYS, parse_shard_path
-from featpipe.data import (
+from featpipe.backbones.registry import is_raw
+from featpipe.cache.store import APPEND_KEYS, PREPROCESSING_KEYS, parse_shard_path
+from featpipe.errors import FeatpipeError, OptionError, Terminated, TrainingDiverged
+from featpipe.names import CLASS_WEIGHTS, HEAD_NAMES, RECURRENT_HEADS, REFIT_BELOW, SPLITS
+from featpipe.options import check_choice, check_dir_option, check_float, check_int, split_list_options
+from featpipe.runs import rundir as runs
+from featpipe.runs.rundir import LATEST, RunError, resolve_run  # noqa: F401  re-exported: featpipe.training.train.resolve_run
+from featpipe.runtime import signals
+from featpipe.runtime.keras_import import import_keras
+from featpipe.training.inputs import (
     IN_MEMORY_FRACTION,
     CacheIndex,
     cache_fingerprint,
@@ -48,11 +53,7 @@ from featpipe.data import (
     physical_memory,
     resolve_cache,
 )
-from featpipe.datasets import stratified_split
-from featpipe.errors import FeatpipeError, OptionError, Terminated, TrainingDiverged
-from featpipe.names import CLASS_WEIGHTS, HEAD_NAMES, RECURRENT_HEADS, REFIT_BELOW, SPLITS
-from featpipe.options import check_choice, check_dir_option, check_float, check_int, split_list_options
-from featpipe.runs import LATEST, RunError, resolve_run  # noqa: F401  re-exported: featpipe.train.resolve_run
+from featpipe.video.datasets import stratified_split
 
 # upper bounds: far beyond any useful value, low enough to fail with a sentence instead of MemoryError
 MAX_EPOCHS = 100_000
@@ -69,7 +70,7 @@ class TrainOptions:
 
     cache: str | Path | None = None  # cache file; None = the single .h5 in cache_dir
     cache_dir: str | Path = "cache"
-    head: str = "gru"  # sequence head (featpipe.models.HEADS)
+    head: str = "gru"  # sequence head (featpipe.training.heads.HEADS)
     units: int = 64
     layers: int = 1
     dropout: float = 0.3
@@ -161,7 +162,7 @@ def resolve_defaults(opts: TrainOptions) -> TrainOptions:
 @dataclass
 class TrainResult:
     run_dir: Path
-    metrics: dict  # {"val": {...}, "test": {...}} from featpipe.metrics.compute_metrics
+    metrics: dict  # {"val": {...}, "test": {...}} from featpipe.runs.metrics.compute_metrics
     best_epoch: int
     epochs_run: int
     seconds: float
@@ -240,7 +241,7 @@ def compile_model(model, opts: TrainOptions) -> None:
     else:
         optimizer = keras.optimizers.Adam(learning_rate=opts.lr)
     if opts.label_smoothing:
-        from featpipe.models import SparseSmoothedCrossentropy  # lazy: featpipe.models imports Keras
+        from featpipe.training.heads import SparseSmoothedCrossentropy  # lazy: featpipe.training.heads imports Keras
 
         loss = SparseSmoothedCrossentropy(opts.label_smoothing)
     else:
@@ -374,7 +375,7 @@ def _choose_splits(opts: TrainOptions, index: CacheIndex) -> _Splits:
 
 def head_config(opts: TrainOptions, frames: int):
     """The model's HeadConfig from ``opts`` (regularisers resolved), with ``frames`` steps (0 = the cache's)."""
-    from featpipe.models import HeadConfig  # lazy: featpipe.models imports Keras
+    from featpipe.training.heads import HeadConfig  # lazy: featpipe.training.heads imports Keras
 
     fields = (
         "units",
@@ -396,7 +397,7 @@ def _build(opts: TrainOptions, index: CacheIndex, train_rows: np.ndarray):
     """The compiled model, with the train split's statistics inside; and its HeadConfig."""
     keras = import_keras()
 
-    from featpipe.models import build_model, fit_shortcut  # lazy: featpipe.models imports Keras
+    from featpipe.training.heads import build_model, fit_shortcut  # lazy: featpipe.training.heads imports Keras
 
     head = head_config(opts, _check_frames(opts, index))
     raw_frames = is_raw(index.config.backbone)  # the registry's raw entry: uint8 frames, not feature vectors
@@ -429,7 +430,7 @@ def _fit_data(
     index: CacheIndex, opts: TrainOptions, train_rows: np.ndarray, val_rows: np.ndarray | None, streamed: bool
 ) -> dict:
     """``model.fit`` keyword arguments for ``train_rows`` (and ``val_rows`` as validation, when given)."""
-    from featpipe.batches import H5Batches
+    from featpipe.training.streaming import H5Batches
 
     n_classes = len(index.class_names)
     weights = _class_weights(index.labels[train_rows], n_classes) if opts.class_weight == "balanced" else None
@@ -479,7 +480,7 @@ def _fit_data(
 
 
 def _close(fit_data: dict) -> None:
-    from featpipe.batches import H5Batches
+    from featpipe.training.streaming import H5Batches
 
     for data in (fit_data["x"], fit_data["validation_data"]):
         if isinstance(data, H5Batches):  # streamed: close the file, drop the windows
@@ -487,7 +488,7 @@ def _close(fit_data: dict) -> None:
 
 
 def interrupt_check(keras):
-    """A callback raising a Ctrl-C or SIGTERM that was recorded (see featpipe.signals) after every batch and at
+    """A callback raising a Ctrl-C or SIGTERM that was recorded (see featpipe.runtime.signals) after every batch and at
     the end of every epoch. It goes last in the callback list, so an epoch's history row and checkpoint are
     written before it stops the run."""
     return keras.callbacks.LambdaCallback(
@@ -500,8 +501,8 @@ def _fit(model, opts: TrainOptions, index: CacheIndex, splits: _Splits, run_dir:
     """Fit, checkpointing the best epoch into ``run_dir``; Ctrl-C or SIGTERM keeps what was reached."""
     keras = import_keras()
 
-    from featpipe.batches import streaming_allocator  # lazy: featpipe.batches imports Keras
-    from featpipe.nonfinite import FiniteCheckpoint, StopOnNonFinite, best_epoch  # lazy: imports Keras
+    from featpipe.training.nonfinite import FiniteCheckpoint, StopOnNonFinite, best_epoch  # lazy: imports Keras
+    from featpipe.training.streaming import streaming_allocator  # lazy: featpipe.training.streaming imports Keras
 
     model_path = run_dir / runs.MODEL_FILE
     staged = run_dir / ("staged-" + runs.MODEL_FILE)
@@ -569,9 +570,9 @@ def _refit(opts: TrainOptions, index: CacheIndex, splits: _Splits, fit: _Fit, ru
     """
     keras = import_keras()
 
-    from featpipe.batches import streaming_allocator  # lazy: featpipe.batches imports Keras
-    from featpipe.metrics import compute_metrics  # lazy: scikit-learn
-    from featpipe.nonfinite import StopOnNonFinite  # lazy: imports Keras
+    from featpipe.runs.metrics import compute_metrics  # lazy: scikit-learn
+    from featpipe.training.nonfinite import StopOnNonFinite  # lazy: imports Keras
+    from featpipe.training.streaming import streaming_allocator  # lazy: featpipe.training.streaming imports Keras
 
     probs = predict_rows(fit.model, index, splits.val, opts.batch_size)
     val_metrics = {**compute_metrics(index.labels[splits.val], probs, index.class_names), "split": "val"}
@@ -619,7 +620,12 @@ def _write_run(
     """Reports, plots and run.json into ``run_dir`` (run.json last), then rename it to ``dest``."""
     keras = import_keras()
 
-    from featpipe.metrics import compute_metrics, format_report, plot_confusion_matrix, plot_curves  # lazy: sklearn
+    from featpipe.runs.metrics import (  # lazy: sklearn
+        compute_metrics,
+        format_report,
+        plot_confusion_matrix,
+        plot_curves,
+    )
 
     metrics: dict[str, dict] = {} if fit.val_metrics is None else {"val": fit.val_metrics}
     for split, rows in (("val", splits.val), ("test", splits.test)):

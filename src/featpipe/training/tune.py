@@ -16,7 +16,7 @@ leaderboard shows mean +/- std over the fits. The test split is never looked at 
 
 Outputs, in ``out`` (default ``models/tune-<cache stem>``): ``study.db`` (the Optuna study),
 ``leaderboard.txt``, ``leaderboard.csv``, ``leaderboard.json`` and ``leaderboard.png`` (mean +/- std
-per configuration); then the best configuration is retrained with :func:`featpipe.train.train` as
+per configuration); then the best configuration is retrained with :func:`featpipe.training.train.train` as
 a normal run directory in ``models_dir``, which ``models/latest`` names.
 """
 
@@ -35,9 +35,6 @@ from pathlib import Path
 
 import numpy as np
 
-from featpipe import signals, workers
-from featpipe._quiet import import_keras
-from featpipe.data import cache_fingerprint, load_rows, open_index, pca_from_frames, resolve_cache
 from featpipe.errors import FeatpipeError, OptionError, Terminated
 from featpipe.names import CV_MODES, HEAD_NAMES, IMAGE_HEADS
 from featpipe.options import (
@@ -48,8 +45,12 @@ from featpipe.options import (
     check_writable_parent,
     split_list_options,
 )
-from featpipe.runs import WRITE_ERRNOS
-from featpipe.train import (
+from featpipe.runs.rundir import WRITE_ERRNOS
+from featpipe.runtime import signals
+from featpipe.runtime.keras_import import import_keras
+from featpipe.training import workers
+from featpipe.training.inputs import cache_fingerprint, load_rows, open_index, pca_from_frames, resolve_cache
+from featpipe.training.train import (
     TrainOptions,
     check_cache,
     compile_model,
@@ -226,7 +227,7 @@ def score_config(params: dict, data: dict, fits, opts: TuneOptions) -> tuple[lis
     """Validation accuracy and loss of ``params`` on each fit (same model, optimiser and early stopping as train())."""
     keras = import_keras()
 
-    from featpipe.models import build_model, fit_shortcut  # lazy: featpipe.models imports Keras
+    from featpipe.training.heads import build_model, fit_shortcut  # lazy: featpipe.training.heads imports Keras
 
     topts = resolve_defaults(TrainOptions(**params))
     x, m, y, where = data["features"], data["mask"], data["labels"], data["where"]
@@ -606,7 +607,7 @@ def _plot(rows: list[dict], path: Path, mode: str, top: int = 15) -> Path:
 def tune(opts: TuneOptions | None = None, **kwargs) -> TuneResult:
     """Run (or resume) the search, write the leaderboard, retrain the best as a run directory.
 
-    The cache is checked first, as ``train`` checks it (:func:`featpipe.train.check_cache`), and the
+    The cache is checked first, as ``train`` checks it (:func:`featpipe.training.train.check_cache`), and the
     folders are checked writable, so a bad input costs no trial. One command at a time works in ``out``
     (``study.lock``; a second one is refused with a sentence), and it waits for the workers of a killed
     one to stop. Ctrl-C (or SIGTERM) stops the workers; finished trials stay in ``study.db``, the
@@ -680,7 +681,7 @@ def _search(opts: TuneOptions, cache: Path, index, mode: str, fits, out: Path) -
             if not opts.quiet and done != last:
                 print(f"  {done} trials finished", flush=True)
                 last = done
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated) through featpipe.signals
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated) through featpipe.runtime.signals
         stopped = exc
         signals.handled()
     finally:

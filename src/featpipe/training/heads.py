@@ -16,7 +16,7 @@ padded steps change, or when more padded steps are appended. It is obtained in t
 Only ``keras.ops`` / ``keras.layers`` are used (no TensorFlow calls, no ``Lambda`` layers), so
 models run on the TensorFlow, JAX and PyTorch backends and save to ``.keras`` files that
 ``keras.saving.load_model`` reads in safe mode. The small custom layers below are registered
-under the ``featpipe`` package: import :mod:`featpipe.models` before loading a model file.
+under the ``featpipe`` package: import :mod:`featpipe.training.heads` before loading a model file.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from featpipe._quiet import import_keras
 from featpipe.errors import FeatpipeError
 from featpipe.names import HEAD_NAMES, IMAGE_HEADS, RECURRENT_HEADS
+from featpipe.runtime.keras_import import import_keras
 
 keras = import_keras()
 layers, ops = keras.layers, keras.ops
@@ -274,8 +274,8 @@ class FrameSubset(layers.Layer):
 
     Inputs ``(features (B, T, ...), mask (B, T))``; outputs the same pair with ``frames`` steps.
     A clip with at most ``frames`` real frames keeps all of them (then padding). The inference
-    positions are exactly :func:`featpipe.video.sample_indices` (uniform) applied to the real
-    frames, computed in integers; :func:`featpipe.data.subset_positions` is the same rule in
+    positions are exactly :func:`featpipe.video.decode.sample_indices` (uniform) applied to the real
+    frames, computed in integers; :func:`featpipe.training.inputs.subset_positions` is the same rule in
     NumPy. The draws come from a seeded generator saved with the layer, so a seed gives the same
     subsets epoch after epoch on a rerun, and a new subset each step.
     """
@@ -523,12 +523,12 @@ def build_model(
     Inputs ``{"features": (B, T, *feature_shape) float32, "mask": (B, T) bool}``, any T;
     output softmax probabilities ``(B, n_classes)``. For feature heads, ``mean``/``variance``
     (train split, real frames only) become a ``Normalization`` layer saved with the model, and
-    ``pca`` (``(D, config.pca)``, from :func:`featpipe.data.pca_whitening` on the standardised train
+    ``pca`` (``(D, config.pca)``, from :func:`featpipe.training.inputs.pca_whitening` on the standardised train
     frames) a frozen projection saved with it too. ``seed`` seeds the training-time frame subsets
     of ``config.frames``.
     """
     if not isinstance(config, HeadConfig):
-        raise FeatpipeError(f"config must be a featpipe.models.HeadConfig; got {type(config).__name__}.")
+        raise FeatpipeError(f"config must be a featpipe.training.heads.HeadConfig; got {type(config).__name__}.")
     shape = _check_shape(config, feature_shape, n_classes)
     mean, variance = _check_stats(config, shape, mean, variance)
 
@@ -701,4 +701,6 @@ HEADS = {
 """Classifier heads: name -> builder ``(x, mask, config) -> x`` (the pooled vector the softmax reads)."""
 
 if tuple(HEADS) != HEAD_NAMES:  # pragma: no cover - caught by the first import in any test
-    raise ImportError(f"featpipe.models.HEADS {tuple(HEADS)} and featpipe.names.HEAD_NAMES {HEAD_NAMES} differ.")
+    raise ImportError(
+        f"featpipe.training.heads.HEADS {tuple(HEADS)} and featpipe.names.HEAD_NAMES {HEAD_NAMES} differ."
+    )

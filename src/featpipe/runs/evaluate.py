@@ -2,7 +2,7 @@
 
 The run and the cache are checked against each other first: preprocessing must match, a split
 that holds clips the run was trained on is refused, and a cache that changed since training
-(another fingerprint) is scored with a :class:`featpipe.runs.RunWarning`.
+(another fingerprint) is scored with a :class:`featpipe.runs.rundir.RunWarning`.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from featpipe.cache import APPEND_KEYS, CacheConfig
-from featpipe.data import cache_fingerprint, check_finite, open_index
+from featpipe.cache.store import APPEND_KEYS, CacheConfig
 from featpipe.errors import CacheError, FeatpipeError
 from featpipe.options import check_int
-from featpipe.runs import RunInfo, RunWarning, cache_change_warning, load_run, overlap_with_training  # noqa: F401
-from featpipe.train import predict_rows
+from featpipe.runs.rundir import RunInfo, RunWarning, cache_change_warning, load_run, overlap_with_training  # noqa: F401
+from featpipe.training.inputs import cache_fingerprint, check_finite, open_index
+from featpipe.training.train import predict_rows
 
 
 def check_cache_matches(info: RunInfo, cache_config: CacheConfig, cache: Path) -> None:
@@ -40,7 +40,7 @@ def evaluate(
 ) -> dict:
     """Metrics of a run on ``split`` of ``cache`` (default: the run's own cache).
 
-    Returns featpipe.metrics.compute_metrics' dict plus ``split``, ``run``, ``cache`` and ``warnings``
+    Returns featpipe.runs.metrics.compute_metrics' dict plus ``split``, ``run``, ``cache`` and ``warnings``
     (the lines also issued as RunWarning). Raises FeatpipeError when the split holds clips the run
     was trained on (any split but "train"), or the cache's preprocessing differs from the run's.
     """
@@ -52,7 +52,7 @@ def evaluate(
 
 
 def _evaluate(run_dir, info, model, index, cache_path: Path, split: str, batch_size: int) -> dict:
-    from featpipe.metrics import compute_metrics  # lazy: scikit-learn
+    from featpipe.runs.metrics import compute_metrics  # lazy: scikit-learn
 
     check_cache_matches(info, index.config, cache_path)
     rows = index.rows(split)

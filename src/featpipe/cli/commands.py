@@ -19,11 +19,9 @@ from typing import Annotated, Optional
 import typer
 
 import featpipe
-from featpipe import signals
-from featpipe._quiet import set_verbose
 from featpipe._version import __version__
-from featpipe.backbones import REGISTRY, WEIGHTS_IMAGENET
-from featpipe.cache import _is_whole_cache, find_shards, parse_shard_path, summarize
+from featpipe.backbones.registry import REGISTRY, WEIGHTS_IMAGENET
+from featpipe.cache.store import _is_whole_cache, find_shards, parse_shard_path, summarize
 from featpipe.errors import FeatpipeError, OptionError, Terminated
 from featpipe.names import (
     CLASS_WEIGHTS,
@@ -36,9 +34,11 @@ from featpipe.names import (
     REFIT_BELOW,
     SAMPLING,
 )
-from featpipe.predict import PredictOptions, check_csv_path, find_clips, format_table, to_json_lines, write_csv
-from featpipe.runs import RunWarning
-from featpipe.tune import format_leaderboard
+from featpipe.runs.predict import PredictOptions, check_csv_path, find_clips, format_table, to_json_lines, write_csv
+from featpipe.runs.rundir import RunWarning
+from featpipe.runtime import signals
+from featpipe.runtime.keras_import import set_verbose
+from featpipe.training.tune import format_leaderboard
 
 app = typer.Typer(
     name="featpipe",
@@ -114,7 +114,7 @@ def _handles_errors(fn=None, *, interrupted: str = INTERRUPTED, flags: dict[str,
         except FeatpipeError as exc:
             typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated) through featpipe.signals
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated) through featpipe.runtime.signals
             typer.secho(interrupted, err=True)
             raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
 
@@ -169,7 +169,7 @@ def sample_data_cmd(
 ):
     """Write the built-in synthetic dataset: real mp4 clips whose classes differ only in frame ORDER."""
     params = _plain(locals())
-    from featpipe.sample_data import write_sample_data  # lazy: OpenCV, which --help does not need
+    from featpipe.video.sample_data import write_sample_data  # lazy: OpenCV, which --help does not need
 
     result = write_sample_data(**params)
     splits = ", ".join(f"{n} {s}" for s, n in result.counts.items())
@@ -428,7 +428,7 @@ def train_cmd(
 ):
     """Train a mask-aware sequence model on a feature cache; writes a self-describing run directory."""
     params = _renamed(_plain(locals()), "rnn", "head", "--rnn", "--head", "train", note=False)  # --rnn stays
-    from featpipe.metrics import format_report  # lazy: scikit-learn
+    from featpipe.runs.metrics import format_report  # lazy: scikit-learn
 
     # train raises a signal while it prepares, then only records it: from fit on it is acted on at safe points
     # (the run is saved as interrupted), and one arriving after run.json is written is reported below
@@ -531,7 +531,7 @@ def evaluate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
 ):
     """Accuracy, top-k, per-class precision/recall/F1, macro and weighted F1, ROC AUC and the confusion matrix."""
-    from featpipe.metrics import format_report  # lazy: scikit-learn
+    from featpipe.runs.metrics import format_report  # lazy: scikit-learn
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RunWarning)

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from featpipe.data import CacheIndex, feature_stats, load_rows, open_index, resolve_cache
 from featpipe.errors import FeatpipeError
+from featpipe.training.inputs import CacheIndex, feature_stats, load_rows, open_index, resolve_cache
 
 
 def segment_means(features: np.ndarray, mask: np.ndarray, segments: int) -> np.ndarray:
     """``(B, T, D)`` features and ``(B, T)`` mask -> ``(B, segments, D)`` masked segment means.
 
-    The rule of :class:`featpipe.models.SegmentMeans`: segment ``i`` of ``n`` real frames covers
+    The rule of :class:`featpipe.training.heads.SegmentMeans`: segment ``i`` of ``n`` real frames covers
     ``[floor(i n / K), floor((i + 1) n / K))`` widened to one frame, so a clip shorter than K
     frames repeats frames; a clip without real frames gives zeros.
     """
@@ -44,13 +44,13 @@ def linear_probe(
     cache: str | Path | None = None, segments: int = 4, c: float = 0.05, cache_dir: str | Path = "cache"
 ) -> dict:
     """Fit the probe on train + val of ``cache`` and return its test metrics
-    (:func:`featpipe.metrics.compute_metrics`); without a test split, fit on train and score val.
+    (:func:`featpipe.runs.metrics.compute_metrics`); without a test split, fit on train and score val.
 
     ``c`` is scikit-learn's inverse regularisation strength: 0.05 is strong, as few clips need.
     """
     from sklearn.linear_model import LogisticRegression  # lazy: scikit-learn
 
-    from featpipe.metrics import compute_metrics
+    from featpipe.runs.metrics import compute_metrics
 
     index = open_index(resolve_cache(cache, cache_dir))
     if len(index.config.feature_shape) != 1:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featpipe.cache import DamagedCacheError, missing_parts, summarize, verify_cache
-from featpipe.data import cache_fingerprint
+from featpipe.cache.store import DamagedCacheError, missing_parts, summarize, verify_cache
 from featpipe.errors import CacheError, FeatpipeError
-from featpipe.runs import check_model_file, read_run
+from featpipe.runs.rundir import check_model_file, read_run
+from featpipe.training.inputs import cache_fingerprint
 
 
 def info(path: str | Path, verify: bool = False) -> list[str]:

@@ -3,8 +3,8 @@
 Two ways to feed a model, chosen automatically from the cache size (``--in-memory`` /
 ``--stream`` override):
   * in memory: the rows of a split are read once into float32 arrays;
-  * streaming: a ``keras.utils.PyDataset`` (:class:`featpipe.batches.H5Batches`) reads windows of a few batches
-    from HDF5 in large reads (shuffled blocks of neighbouring rows, shuffled again inside each
+  * streaming: a ``keras.utils.PyDataset`` (:class:`featpipe.training.streaming.H5Batches`) reads windows
+    of a few batches from HDF5 in large reads (shuffled blocks of neighbouring rows, shuffled again inside each
     window, a new order every epoch), so the features never need to fit in RAM.
 Both yield the same inputs: ``{"features": (B, T, *F), "mask": (B, T) bool}``, features float32
 (``H5Batches(dtype=None)``, as training uses it, keeps the cache's dtype: the model's float32
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featpipe.cache import CacheConfig, check_masks, open_h5, parse_shard_path, read_features
+from featpipe.cache.store import CacheConfig, check_masks, open_h5, parse_shard_path, read_features
 from featpipe.errors import CacheError, FeatpipeError
 
 # Caches up to this fraction of physical memory (as float32) are trained from memory by default.
@@ -36,7 +36,7 @@ class CacheIndex:
     ``file`` is the cache as :func:`open_index` opened it, kept open until :meth:`close`: every
     read through this index (statistics, rows, streamed batches, the fingerprint) reads that one
     file, so an extraction or merge that replaces the cache meanwhile changes nothing for this
-    reader (its part files are kept while it is open, see featpipe.cache), and rows never shift.
+    reader (its part files are kept while it is open, see featpipe.cache.store), and rows never shift.
     """
 
     path: Path
@@ -259,11 +259,11 @@ def subset_positions(counts, frames: int, rng: np.random.Generator | None = None
     with at most ``frames`` real frames keeps them all (``keep`` False after them). A longer clip:
 
     * ``rng is None`` (evaluation, predict): the fixed uniform positions of
-      :func:`featpipe.video.sample_indices` over its real frames;
+      :func:`featpipe.video.decode.sample_indices` over its real frames;
     * with an ``rng`` (training): the real frames are cut into ``frames`` equal segments and one
       frame is drawn in each, so positions are sorted, distinct, real, and differ between draws.
 
-    The NumPy statement of what :class:`featpipe.models.FrameSubset` does inside a model (which is
+    The NumPy statement of what :class:`featpipe.training.heads.FrameSubset` does inside a model (which is
     where training applies it, so that predict and evaluate need nothing but the model file).
     """
     n = np.asarray(counts, dtype=np.int64).reshape(-1, 1)

@@ -3,14 +3,14 @@
 Keras alone does neither: without ``TerminateOnNaN`` a diverged fit runs on for ``patience``
 epochs of NaN, and ``ModelCheckpoint``/``EarlyStopping`` compare with ``<``, which is False for
 NaN, except on the first epoch, whose value (NaN included) is always "the best so far". This
-module imports Keras at the top; featpipe.train imports it lazily, inside the fit.
+module imports Keras at the top; featpipe.training.train imports it lazily, inside the fit.
 """
 
 from __future__ import annotations
 
 import math
 
-from featpipe._quiet import import_keras
+from featpipe.runtime.keras_import import import_keras
 
 keras = import_keras()
 

@@ -34,11 +34,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from featpipe._quiet import import_keras
-from featpipe.backbones import Backbone, FeatureExtractor
-from featpipe.cache import ClipRecord
+from featpipe.backbones.registry import Backbone, FeatureExtractor
+from featpipe.cache.store import ClipRecord
 from featpipe.errors import BackboneError, ExtractionFailed, FeatpipeError
-from featpipe.pipeline import Decoded, Stats, embed, writing_with_progress
+from featpipe.extraction.stages import Decoded, Stats, embed, writing_with_progress
+from featpipe.runtime.keras_import import import_keras
 
 INSTALL = 'pip install "featpipe[ray]"'
 CLIPS_PER_DECODE_TASK = 4  # rows per decode task (one block of input rows each)
@@ -123,8 +123,7 @@ class DriverBackbone:
     """
 
     def __init__(self, backbone, size: int, weights: str, seed: int, batch_size: int | None, precision: str):
-        from featpipe._quiet import import_keras
-        from featpipe.backbones import (
+        from featpipe.backbones.registry import (
             RAW_FINGERPRINT,
             WEIGHTS_NONE,
             _check_precision,
@@ -133,7 +132,8 @@ class DriverBackbone:
             fingerprint,
             weights_label,
         )
-        from featpipe.devices import current_device
+        from featpipe.runtime.devices import current_device
+        from featpipe.runtime.keras_import import import_keras
 
         if not backbone.raw:
             import_keras()  # here: the import filters fd 2 for the whole process, not something for two threads
@@ -186,7 +186,7 @@ class DriverBackbone:
 
 def decode_batch(batch: dict, frames: int, size: int, sampling: str) -> dict:
     """Ray Data UDF (a CPU task): decode each row's clip. Never raises: a bad clip is a row with ``error``."""
-    from featpipe.video import read_clip  # lazy: `import featpipe` does not load OpenCV
+    from featpipe.video.decode import read_clip  # lazy: `import featpipe` does not load OpenCV
 
     n = len(batch["key"])
     out_frames = np.zeros((n, frames, size, size, 3), np.uint8)
@@ -363,7 +363,7 @@ def consume(ds, sink, dtype, fingerprint: str | Callable[[], str], keras_version
     ``fingerprint`` is the reference every row is checked against, or a function returning it,
     called once when the first rows have come and before any is written (it may raise).
     """
-    from featpipe.extract import check_finite  # lazy: featpipe.extract imports this module
+    from featpipe.extraction.extract import check_finite  # lazy: featpipe.extraction.extract imports this module
 
     seen: set[str] = set()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):

@@ -38,7 +38,7 @@ import numpy as np
 from featpipe.errors import DatasetError, FeatpipeError, OptionError, VideoError
 from featpipe.names import DIFFICULTIES, SPLITS
 from featpipe.options import check_int
-from featpipe.video import count_frames
+from featpipe.video.decode import count_frames
 
 __all__ = [
     "MARKER_NAME",

@@ -29,8 +29,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featpipe._quiet import import_keras
 from featpipe.errors import FeatpipeError, OptionError
+from featpipe.runtime.keras_import import import_keras
 
 RUN_FILE = "run.json"
 MODEL_FILE = "model.keras"
@@ -80,8 +80,8 @@ class RunInfo:
     preprocessing: dict  # backbone, weights, weights_fingerprint, input_size, frames, sampling, weights_seed
     cache_attrs: dict  # the cache's APPEND_KEYS attributes, copied verbatim
     cache: str  # the training cache (absolute path)
-    cache_fingerprint: str  # featpipe.data.cache_fingerprint of that cache when training started
-    head: dict  # featpipe.models.HeadConfig.to_dict()
+    cache_fingerprint: str  # featpipe.training.inputs.cache_fingerprint of that cache when training started
+    head: dict  # featpipe.training.heads.HeadConfig.to_dict()
     config: dict  # TrainOptions as given (paths as strings)
     run_id: str | None = None  # None: a run written before run identity (RUN_FORMAT 1)
     model_sha256: str | None = None  # of model.keras; None: not recorded (RUN_FORMAT 1)
@@ -252,7 +252,7 @@ def load_run(run: str | Path = "models/latest"):
     """(run directory, RunInfo, the Keras model) for a run folder or models/latest, every part checked."""
     keras = import_keras()
 
-    import featpipe.models  # noqa: F401  registers the custom layers for safe-mode loading (lazy: it imports Keras)
+    import featpipe.training.heads  # noqa: F401  registers the custom layers for safe-mode loading (lazy: it imports Keras)
 
     run_dir, info = read_run(run)
     model_path = check_model_file(run_dir, info)

@@ -17,10 +17,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from featpipe.backbones import WEIGHTS_IMAGENET, WEIGHTS_NONE, FeatureExtractor
-from featpipe.datasets import VIDEO_EXTENSIONS, unreadable_note, walk_clips
+from featpipe.backbones.registry import WEIGHTS_IMAGENET, WEIGHTS_NONE, FeatureExtractor
 from featpipe.errors import BackboneError, FeatpipeError
-from featpipe.extract import default_workers
+from featpipe.extraction.extract import default_workers
+from featpipe.extraction.stages import Decoded, decode, embed
 from featpipe.names import PRECISIONS
 from featpipe.options import (
     as_paths,
@@ -30,8 +30,8 @@ from featpipe.options import (
     check_writable_parent,
     split_list_options,
 )
-from featpipe.pipeline import Decoded, decode, embed
-from featpipe.runs import load_run
+from featpipe.runs.rundir import load_run
+from featpipe.video.datasets import VIDEO_EXTENSIONS, unreadable_note, walk_clips
 
 MAX_TOP_K = 1000
 MAX_WINDOWS = 256  # windows per clip averaged (each is one frames-long pass through the backbone)
@@ -108,7 +108,7 @@ class ClipList:
 
 def find_clips(clips: str | Path | Iterable[str | Path] | ClipList) -> ClipList:
     """The clips of ``clips``: one path (a ``str`` or ``Path``) or a list of them; a file is one clip (a missing
-    one is reported per clip, not here), a folder its video files found by :func:`featpipe.datasets.walk_clips`
+    one is reported per clip, not here), a folder its video files found by :func:`featpipe.video.datasets.walk_clips`
     (recursive, sorted, hidden entries skipped, linked folders followed once), the same clips `extract`
     indexes in it. A folder that cannot be read becomes an entry saying so; a folder with no video
     and nothing unreadable in it, or no clip at all, is a FeatpipeError."""
@@ -206,7 +206,7 @@ def predict(
     others go on. ``gif`` (one clip only) writes its sampled frames captioned with the top label.
     Options are checked by :class:`PredictOptions` (OptionError before anything is loaded).
     """
-    from featpipe.video import read_windows, write_gif  # lazy: `import featpipe` does not load OpenCV
+    from featpipe.video.decode import read_windows, write_gif  # lazy: `import featpipe` does not load OpenCV
 
     PredictOptions(
         model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size, gif=gif, precision=precision

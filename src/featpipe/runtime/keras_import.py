@@ -22,8 +22,8 @@ Two measures, both only when :func:`verbose` is false:
 
 ``--verbose`` on the command line, or ``FEATPIPE_VERBOSE=1`` in the environment, turns both off.
 Library code that may be the first to load Keras calls :func:`import_keras` instead of writing
-``import keras``, so the silencing is in effect whichever function loads it first (``featpipe.batches`` and
-``featpipe.models`` call it at their top, and are imported lazily).
+``import keras``, so the silencing is in effect whichever function loads it first (``featpipe.training.streaming`` and
+``featpipe.training.heads`` call it at their top, and are imported lazily).
 """
 
 from __future__ import annotations

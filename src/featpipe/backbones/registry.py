@@ -7,7 +7,7 @@ BGR), the native input size and the feature dimension. Nothing applies one gener
 normalisation to all backbones, and nothing outside an entry knows where its network comes
 from: a backbone from keras_hub, or a network of your own, is one entry::
 
-    from featpipe.backbones import Backbone, register_backbone
+    from featpipe.backbones.registry import Backbone, register_backbone
 
     register_backbone(Backbone("tiny", build=my_build, preprocess_input=my_preprocess,
                                default_size=64, feature_dim=16))
@@ -37,10 +37,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from featpipe._quiet import import_keras
-from featpipe.devices import current_device
 from featpipe.errors import BackboneError
 from featpipe.names import PRECISIONS  # noqa: F401  re-exported
+from featpipe.runtime.devices import current_device
+from featpipe.runtime.keras_import import import_keras
 
 WEIGHTS_IMAGENET = "imagenet"
 WEIGHTS_NONE = "none"

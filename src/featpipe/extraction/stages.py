@@ -13,8 +13,8 @@ stages; none of them re-implements batching across clips or scattering features 
 * :class:`BackgroundWriter` -- finished clips appended to the cache's journal on a thread.
 
 A *frame source* is what turns uint8 frames into per-frame features: a network
-(:class:`featpipe.backbones.FeatureExtractor`) or the ``raw`` entry's
-:class:`featpipe.backbones.RawFrames`, which stores the frames themselves. The stages only use
+(:class:`featpipe.backbones.registry.FeatureExtractor`) or the ``raw`` entry's
+:class:`featpipe.backbones.registry.RawFrames`, which stores the frames themselves. The stages only use
 its ``batch_size``, ``feature_shape`` and ``__call__``.
 """
 

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from featpipe._quiet import import_keras
+from featpipe.runtime.keras_import import import_keras
 
 
 @dataclass(frozen=True)

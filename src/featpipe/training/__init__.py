@@ -1,0 +1,1 @@
+"""Stage two: training inputs and streaming, the heads, train, tune and the baselines."""
