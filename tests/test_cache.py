@@ -32,7 +32,7 @@ from featpipe.cache.store import (
     shard_path,
     summarize,
 )
-from featpipe.cli.commands import app
+from featpipe.cli import app
 from featpipe.errors import CacheError, FeatpipeError
 
 T, D = 4, 3

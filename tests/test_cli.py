@@ -14,7 +14,7 @@ import typer
 from typer.testing import CliRunner
 
 import featpipe
-from featpipe.cli.commands import app
+from featpipe.cli import app
 from featpipe.runtime.keras_import import _filtered_stderr, is_noise
 from permissions import ordinary_user
 from videos import write_text_as_video, write_video, write_zero_byte
@@ -262,7 +262,7 @@ def test_help_loads_no_model_or_optional_library():
     matplotlib, Optuna and Ray are imported by the commands that use them, never at start-up."""
     heavy = ("keras", "tensorflow", "cv2", "sklearn", "matplotlib", "optuna", "ray", "torch", "jax")
     code = (
-        "import sys\nfrom featpipe.cli.commands import app\n"
+        "import sys\nfrom featpipe.cli import app\n"
         "for args in (['--help'], ['extract', '--help'], ['train', '--help'], ['tune', '--help']):\n"
         "    try:\n        app(args)\n    except SystemExit:\n        pass\n"
         f"print('loaded:', ','.join(m for m in {heavy!r} if m in sys.modules))"

@@ -34,7 +34,7 @@ from featpipe.cache.store import (
     shard_path,
     summarize,
 )
-from featpipe.cli.commands import app
+from featpipe.cli import app
 from featpipe.errors import CacheError, ExtractionFailed, FeatpipeError
 from featpipe.extraction.extract import extract
 from featpipe.video.datasets import index_dataset

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 import featpipe
 from featpipe.cache.store import DamagedCacheError, verify_cache
-from featpipe.cli.commands import app
+from featpipe.cli import app
 from featpipe.errors import CacheError
 from featpipe.training.inputs import feature_stats, load_rows, open_index
 from featpipe.training.streaming import H5Batches

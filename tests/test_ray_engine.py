@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from featpipe.backbones.registry import FeatureExtractor, get_backbone
 from featpipe.cache.store import iter_journal, journal_path, merge_shards, shard_path
-from featpipe.cli.commands import app
+from featpipe.cli import app
 from featpipe.errors import BackboneError, CacheError, ExtractionFailed, FeatpipeError
 from featpipe.extraction.extract import extract
 from featpipe.extraction.ray_engine import DriverBackbone, check_worker, clips_per_call

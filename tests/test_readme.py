@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.main import get_command
 
-from featpipe.cli.commands import app
+from featpipe.cli import app
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 FLAG = re.compile(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*(?:/--[a-z0-9-]+)?|-[a-z])(?![\w-])")
