@@ -17,8 +17,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from featpipe._version import __version__
-from featpipe.cli import data, extract, runs, train
+from featpipe import __version__
+from featpipe.cli.data import sample_data_cmd
+from featpipe.cli.extract import extract_cmd, info_cmd, merge_cmd
+from featpipe.cli.runs import evaluate_cmd, predict_cmd
+from featpipe.cli.train import train_cmd, tune_cmd
 from featpipe.errors import FeatpipeError, OptionError, Terminated
 from featpipe.runtime import signals
 from featpipe.runtime.keras_import import set_verbose
@@ -93,17 +96,24 @@ def _root(
 
 # (name, function, what it says when interrupted), in the order --help lists them
 COMMANDS = (
-    ("sample-data", data.sample_data_cmd, INTERRUPTED),
-    ("extract", extract.extract_cmd, INTERRUPTED),
-    ("train", train.train_cmd, TRAIN_INTERRUPTED),
-    ("tune", train.tune_cmd, TUNE_INTERRUPTED),
-    ("evaluate", runs.evaluate_cmd, READ_INTERRUPTED),
-    ("predict", runs.predict_cmd, READ_INTERRUPTED),
-    ("merge", extract.merge_cmd, INTERRUPTED),
-    ("info", extract.info_cmd, INTERRUPTED),
+    ("sample-data", sample_data_cmd, INTERRUPTED),
+    ("extract", extract_cmd, INTERRUPTED),
+    ("train", train_cmd, TRAIN_INTERRUPTED),
+    ("tune", tune_cmd, TUNE_INTERRUPTED),
+    ("evaluate", evaluate_cmd, READ_INTERRUPTED),
+    ("predict", predict_cmd, READ_INTERRUPTED),
+    ("merge", merge_cmd, INTERRUPTED),
+    ("info", info_cmd, INTERRUPTED),
 )
-for _name, _command, _interrupted in COMMANDS:
-    app.command(_name)(_handles_errors(_command, interrupted=_interrupted))
+
+
+def _register() -> None:
+    """Each command on the app, wrapped in the one error handling of the CLI."""
+    for name, command, interrupted in COMMANDS:
+        app.command(name)(_handles_errors(command, interrupted=interrupted))
+
+
+_register()
 
 
 def main() -> None:
