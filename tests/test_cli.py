@@ -303,6 +303,10 @@ def test_head_is_the_documented_flag_and_rnn_still_works_without_a_note(tmp_path
     assert refused.exit_code == 2 and "cnn-lstm" in refused.output
 
 
+def test_the_older_rnn_is_hidden_from_help():
+    assert "--rnn" not in run("train", "--help").output
+
+
 def test_the_python_api_takes_head_and_the_older_rnn():
     assert featpipe.TrainOptions(rnn="lstm").head == "lstm"
     assert featpipe.TrainOptions(head="segments").head == "segments"
