@@ -13,8 +13,8 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
+from cli_args import cli
 from featpipe.cache.store import (
     SCHEMA_VERSION,
     CacheConfig,
@@ -32,7 +32,6 @@ from featpipe.cache.store import (
     shard_path,
     summarize,
 )
-from featpipe.cli.commands import app
 from featpipe.errors import CacheError, FeatpipeError
 
 T, D = 4, 3
@@ -414,13 +413,8 @@ def test_a_shard_with_no_clip_merges_fine_and_a_clip_in_two_shards_with_equal_co
     assert summarize(empty).n_clips == 4
 
 
-runner = CliRunner()
-
-
 def merge_cli(*args):
-    result = runner.invoke(app, ["merge", *map(str, args)])
-    assert "Traceback" not in result.output
-    return result
+    return cli("merge", *args)
 
 
 def refused(result, *words) -> str:

@@ -11,22 +11,14 @@ from pathlib import Path
 
 import pytest
 import typer
-from typer.testing import CliRunner
 
 import featpipe
-from featpipe.cli.commands import app
+from cli_args import SMALL, python_m, runner
+from cli_args import cli as run
+from featpipe.cli import app
 from featpipe.runtime.keras_import import _filtered_stderr, is_noise
 from permissions import ordinary_user
 from videos import write_text_as_video, write_video, write_zero_byte
-
-runner = CliRunner()
-SMALL = ["--backbone", "vgg16", "--size", "32", "--frames", "8", "--weights", "none"]
-
-
-def run(*args: str):
-    result = runner.invoke(app, list(args))
-    assert "Traceback" not in (result.output + (result.stderr or ""))
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -239,9 +231,7 @@ def tiny_run(sample, tmp_path_factory) -> Path:
 def featpipe_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     """`python -m featpipe ARGS` in a fresh process, as a user runs it (TF_CPP_MIN_LOG_LEVEL=2 is inherited)."""
     environ = {k: v for k, v in os.environ.items() if k != "FEATPIPE_VERBOSE"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "featpipe", *args], capture_output=True, text=True, timeout=300, env={**environ, **env}
-    )
+    proc = subprocess.run(python_m(*args), capture_output=True, text=True, timeout=300, env={**environ, **env})
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -262,7 +252,7 @@ def test_help_loads_no_model_or_optional_library():
     matplotlib, Optuna and Ray are imported by the commands that use them, never at start-up."""
     heavy = ("keras", "tensorflow", "cv2", "sklearn", "matplotlib", "optuna", "ray", "torch", "jax")
     code = (
-        "import sys\nfrom featpipe.cli.commands import app\n"
+        "import sys\nfrom featpipe.cli import app\n"
         "for args in (['--help'], ['extract', '--help'], ['train', '--help'], ['tune', '--help']):\n"
         "    try:\n        app(args)\n    except SystemExit:\n        pass\n"
         f"print('loaded:', ','.join(m for m in {heavy!r} if m in sys.modules))"
@@ -313,6 +303,10 @@ def test_head_is_the_documented_flag_and_rnn_still_works_without_a_note(tmp_path
     assert refused.exit_code == 2 and "cnn-lstm" in refused.output
 
 
+def test_the_older_rnn_is_hidden_from_help():
+    assert "--rnn" not in run("train", "--help").output
+
+
 def test_the_python_api_takes_head_and_the_older_rnn():
     assert featpipe.TrainOptions(rnn="lstm").head == "lstm"
     assert featpipe.TrainOptions(head="segments").head == "segments"
@@ -339,9 +333,7 @@ def _unreadable_tree(root: Path) -> dict[str, Path]:
 
 
 def as_user(prefix: list[str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*prefix, sys.executable, "-m", "featpipe", *args], capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([*prefix, *python_m(*args)], capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
@@ -408,3 +400,34 @@ def test_an_unreadable_folder_is_a_warning_and_strict_makes_it_exit_1(tmp_path, 
     assert strict.exit_code == 1 and (tmp_path / "s.h5").is_file()
     refusal = f"1 folder(s) could not be read and --strict was given (first: '{denied}', permission denied)"
     assert refusal in strict.stderr
+
+
+# ---------------------------------------------------------------------------- one name for the cache
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+@pytest.mark.parametrize("spelling", ["positional", "--cache", "both"])
+def test_train_and_tune_take_the_cache_as_cache_or_as_dash_dash_cache(tmp_path, command, spelling):
+    missing = str(tmp_path / "missing.h5")
+    args = {"positional": [missing], "--cache": ["--cache", missing], "both": [missing, "--cache", missing]}[spelling]
+    result = run(command, *args)
+    assert result.exit_code == 2 and f"Cache file '{missing}' does not exist" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("command, metavar", [("train", "CACHE"), ("tune", "CACHE"), ("info", "PATH")])
+def test_two_different_caches_are_refused_in_one_sentence(tmp_path, command, metavar):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    result = run(command, str(a), "--cache", str(b))
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: --cache and {metavar} name different files ('{b}' and '{a}'); give the cache file once."
+    )
+
+
+def test_info_also_takes_dash_dash_cache(tmp_path):
+    assert run("info", "--cache", str(tmp_path / "x.h5")).exit_code == 2
+    (tmp_path / "y.h5").write_text("hello")
+    result = run("info", "--cache", str(tmp_path / "y.h5"))
+    assert result.exit_code == 2 and "HDF5" in result.stderr
+    nothing = run("info")
+    assert nothing.exit_code == 2 and "Missing argument PATH" in nothing.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from featpipe.cli.commands import app
+from featpipe.cli import app
 from featpipe.errors import CacheError, FeatpipeError
 from featpipe.extraction.extract import extract
 from featpipe.runs.evaluate import evaluate

@@ -5,11 +5,10 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 import featpipe
+from cli_args import cli as run
 from featpipe.cache.store import DamagedCacheError, verify_cache
-from featpipe.cli.commands import app
 from featpipe.errors import CacheError
 from featpipe.training.inputs import feature_stats, load_rows, open_index
 from featpipe.training.streaming import H5Batches
@@ -36,12 +35,6 @@ def damaged(tmp_path):
     path = make_cache(tmp_path / "c.h5", n=12)
     flip_bytes_in_row(path, DAMAGED)
     return path
-
-
-def run(*args):
-    result = CliRunner().invoke(app, list(map(str, args)))
-    assert "Traceback" not in result.output
-    return result
 
 
 def test_features_are_stored_with_a_checksum_plain_h5py_still_reads(tmp_path):

@@ -524,7 +524,7 @@ def test_every_head_is_one_entry_the_cli_and_readme_offer():
 
     from typer.testing import CliRunner
 
-    from featpipe.cli.commands import app
+    from featpipe.cli import app
     from featpipe.names import HEAD_NAMES
 
     assert tuple(HEADS) == HEAD_NAMES

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 import featpipe
-from featpipe.cli.commands import app
+from featpipe.cli import app
 from featpipe.errors import BackboneError, FeatpipeError
 from featpipe.runs.predict import Predictor, expand_clips
 from featpipe.video.decode import window_indices

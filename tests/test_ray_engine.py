@@ -24,9 +24,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from cli_args import SMALL as CLI_SMALL
+from cli_args import extract_args, python_m
 from featpipe.backbones.registry import FeatureExtractor, get_backbone
 from featpipe.cache.store import iter_journal, journal_path, merge_shards, shard_path
-from featpipe.cli.commands import app
+from featpipe.cli import app
 from featpipe.errors import BackboneError, CacheError, ExtractionFailed, FeatpipeError
 from featpipe.extraction.extract import extract
 from featpipe.extraction.ray_engine import DriverBackbone, check_worker, clips_per_call
@@ -131,32 +133,8 @@ def assert_same_cache(a: Path, b: Path) -> None:
 
 
 def _cmd(data: Path, out: Path, address: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "featpipe",
-        "extract",
-        "--data",
-        str(data),
-        "--output",
-        str(out),
-        "--backbone",
-        "vgg16",
-        "--size",
-        "32",
-        "--frames",
-        "8",
-        "--weights",
-        "none",
-        "--batch-size",
-        "1",
-        "--quiet",
-        "--engine",
-        "ray",
-        "--ray-address",
-        address,
-        *extra,
-    ]
+    options = dict(batch_size=1, quiet=True, engine="ray", ray_address=address)
+    return python_m(*extract_args(data, out, *CLI_SMALL, *extra, **options))
 
 
 def _records(out: Path) -> list[str]:

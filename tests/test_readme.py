@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.main import get_command
 
-from featpipe.cli.commands import app
+from featpipe.cli import app
 
 CLI_DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 FLAG = re.compile(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*(?:/--[a-z0-9-]+)?|-[a-z])(?![\w-])")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from featpipe.cli.commands import app
+from featpipe.cli import app
 from featpipe.errors import OptionError
 from featpipe.runs.rundir import (
     RunError,

@@ -361,7 +361,7 @@ def test_bad_counts_are_rejected(tmp_path, counts, says):
 def test_cli_refuses_bad_counts_with_one_sentence(tmp_path, args, says):
     from typer.testing import CliRunner
 
-    from featpipe.cli.commands import app
+    from featpipe.cli import app
 
     result = CliRunner().invoke(app, ["sample-data", str(tmp_path / "x"), *args])
     assert result.exit_code == 2

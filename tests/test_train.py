@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import featpipe.training.heads  # noqa: F401  registers custom layers for safe-mode loading
 from featpipe.cache.store import SCHEMA_VERSION, CacheConfig, CacheWriter, ClipRecord
-from featpipe.cli.commands import app
+from featpipe.cli import app
 from featpipe.errors import FeatpipeError
 from featpipe.extraction.extract import extract
 from featpipe.training.train import resolve_run, train

@@ -228,7 +228,7 @@ def test_tunes_retrained_best_is_as_good_on_test_as_the_default_heads_it_searche
 
 from typer.testing import CliRunner  # noqa: E402
 
-from featpipe.cli.commands import app  # noqa: E402
+from featpipe.cli import app  # noqa: E402
 from mounts import fill, read_only, tmpfs  # noqa: E402
 
 runner = CliRunner()

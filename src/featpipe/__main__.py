@@ -1,4 +1,4 @@
-from featpipe.cli.commands import main
+from featpipe.cli import main
 
 if __name__ == "__main__":
     main()
