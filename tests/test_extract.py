@@ -16,14 +16,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from featpipe.backbones.registry import (
-    REGISTRY,
-    Backbone,
-    FeatureExtractor,
-    build_model,
-    fingerprint,
-    register_backbone,
-)
+from featpipe.backbones.frame_source import FeatureExtractor
+from featpipe.backbones.registry import REGISTRY, Backbone, register_backbone
+from featpipe.backbones.weights import build_model, fingerprint
 from featpipe.cache.store import (
     CacheLock,
     CacheWriter,
@@ -546,7 +541,7 @@ def test_an_unknown_precision_is_refused_before_any_work(sample, tmp_path):
 
 from featpipe.cache.store import file_identity  # noqa: E402
 from featpipe.errors import OptionError  # noqa: E402
-from featpipe.extraction.extract import ExtractOptions  # noqa: E402
+from featpipe.extraction.options import ExtractOptions  # noqa: E402
 from mounts import fill, read_only, tmpfs  # noqa: E402
 
 TINY = {**SMALL, "frames": 4}

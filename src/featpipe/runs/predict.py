@@ -17,9 +17,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from featpipe.backbones.registry import WEIGHTS_IMAGENET, WEIGHTS_NONE, FeatureExtractor
+from featpipe.backbones.frame_source import frame_source
+from featpipe.backbones.registry import WEIGHTS_IMAGENET, WEIGHTS_NONE
 from featpipe.errors import BackboneError, FeatpipeError
-from featpipe.extraction.extract import default_workers
 from featpipe.extraction.stages import Decoded, decode, embed
 from featpipe.names import PRECISIONS
 from featpipe.options import (
@@ -31,6 +31,7 @@ from featpipe.options import (
     split_list_options,
 )
 from featpipe.runs.rundir import load_run
+from featpipe.runtime.devices import default_workers
 from featpipe.video.datasets import VIDEO_EXTENSIONS, unreadable_note, walk_clips
 
 MAX_TOP_K = 1000
@@ -158,7 +159,7 @@ class Predictor:
                 f"The run was trained on features from the weights file '{weights}', which is not on this machine; "
                 f"copy it to that path (the run checks it by fingerprint)."
             )
-        self.extractor = FeatureExtractor(
+        self.extractor = frame_source(
             pre["backbone"], self.size, weights, int(pre.get("weights_seed", 0)), batch_size, precision
         )
         if self.extractor.fingerprint != pre["weights_fingerprint"]:

@@ -116,3 +116,8 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Decode threads: one per usable CPU core (OpenCV releases the GIL while decoding), at most 32."""
+    return max(1, min(32, cpu_count()))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featpipe.cache.finite import non_finite_rows
 from featpipe.cache.store import CacheConfig, check_masks, open_h5, parse_shard_path, read_features
 from featpipe.errors import CacheError, FeatpipeError
 
@@ -182,7 +183,7 @@ def _scan(index: CacheIndex, rows: np.ndarray):
 
 
 def _refuse_non_finite(index: CacheIndex, block: np.ndarray, x: np.ndarray) -> None:
-    bad = ~np.isfinite(x.reshape(len(block), -1)).all(axis=1)
+    bad = non_finite_rows(x)
     if bad.any():
         video = index.videos[block[np.flatnonzero(bad)[0]]]
         raise CacheError(
