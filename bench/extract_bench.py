@@ -57,8 +57,9 @@ from featpipe.backbones.registry import get_backbone  # noqa: E402
 from featpipe.extraction.extract import extract  # noqa: E402
 from featpipe.extraction.options import ExtractOptions  # noqa: E402
 from featpipe.runtime.devices import default_workers  # noqa: E402
-from featpipe.video.datasets import Dataset, Record, index_dataset  # noqa: E402
+from featpipe.video.datasets import index_dataset  # noqa: E402
 from featpipe.video.decode import read_clip  # noqa: E402
+from featpipe.video.records import Dataset, Record  # noqa: E402
 from featpipe.video.sample_data import SAMPLE_CLASSES, write_sample_data  # noqa: E402
 
 DEFAULTS = {"backbone": "inceptionv3", "size": None, "frames": 20, "clips": 24, "batch_size": 32}

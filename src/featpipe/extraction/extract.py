@@ -37,7 +37,9 @@ from featpipe.extraction.engines.base import Work, get_engine
 from featpipe.extraction.options import ExtractOptions
 from featpipe.extraction.stages import Stats
 from featpipe.runtime.keras_import import import_keras
-from featpipe.video.datasets import Dataset, Record, index_dataset, repair_splits, unreadable_note
+from featpipe.video.datasets import index_dataset
+from featpipe.video.folders import unreadable_note
+from featpipe.video.records import Dataset, Record, repair_splits
 
 
 @dataclass

@@ -32,7 +32,7 @@ from featpipe.options import (
 )
 from featpipe.runs.rundir import load_run
 from featpipe.runtime.devices import default_workers
-from featpipe.video.datasets import VIDEO_EXTENSIONS, unreadable_note, walk_clips
+from featpipe.video.folders import VIDEO_EXTENSIONS, unreadable_note, walk_clips
 
 MAX_TOP_K = 1000
 MAX_WINDOWS = 256  # windows per clip averaged (each is one frames-long pass through the backbone)
@@ -109,7 +109,7 @@ class ClipList:
 
 def find_clips(clips: str | Path | Iterable[str | Path] | ClipList) -> ClipList:
     """The clips of ``clips``: one path (a ``str`` or ``Path``) or a list of them; a file is one clip (a missing
-    one is reported per clip, not here), a folder its video files found by :func:`featpipe.video.datasets.walk_clips`
+    one is reported per clip, not here), a folder its video files found by :func:`featpipe.video.folders.walk_clips`
     (recursive, sorted, hidden entries skipped, linked folders followed once), the same clips `extract`
     indexes in it. A folder that cannot be read becomes an entry saying so; a folder with no video
     and nothing unreadable in it, or no clip at all, is a FeatpipeError."""

@@ -27,7 +27,7 @@ from featpipe.backbones.registry import Backbone
 from featpipe.cache.store import CacheWriter
 from featpipe.extraction.options import ExtractOptions
 from featpipe.extraction.stages import Stats
-from featpipe.video.datasets import Dataset, Record
+from featpipe.video.records import Dataset, Record
 
 # engine name (featpipe.names.ENGINES, --engine) -> the module whose ENGINE it is
 ENGINE_MODULES: dict[str, str] = {

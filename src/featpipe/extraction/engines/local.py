@@ -17,7 +17,7 @@ from featpipe.extraction.engines.base import Work
 from featpipe.extraction.options import ExtractOptions
 from featpipe.extraction.stages import Embedded, Stats, check_clip_finite, decode, embed, writing_with_progress
 from featpipe.runtime.devices import default_workers
-from featpipe.video.datasets import Record
+from featpipe.video.records import Record
 
 
 class LocalEngine:
