@@ -698,7 +698,7 @@ def test_a_bad_option_is_one_sentence_naming_the_parameter_before_any_work(tmp_p
 
 
 def test_what_does_not_fit_in_memory_is_refused_saying_what_fits(monkeypatch):
-    monkeypatch.setattr("featpipe.training.inputs.physical_memory", lambda: 8 << 30)
+    monkeypatch.setattr("featpipe.runtime.devices.physical_memory", lambda: 8 << 30)
     with pytest.raises(
         OptionError,
         match=r"^batch_size of 8192 frames at 1024 px needs about .* GiB of memory, more "

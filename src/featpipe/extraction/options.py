@@ -17,8 +17,8 @@ from featpipe.options import (
     check_int,
     split_list_options,
 )
+from featpipe.runtime import devices
 from featpipe.runtime.devices import default_workers
-from featpipe.training import inputs as data
 
 MAX_SIZE = 1024  # largest square input: ImageNet backbones are trained at 224-600 px
 MAX_FRAMES = 10_000  # frames per clip (sequence length)
@@ -127,7 +127,7 @@ class ExtractOptions:
 
     def _check_memory(self, size: int) -> None:
         """The decoded clips in flight and the frame batches must fit in memory: say what fits if not."""
-        memory = MEMORY_SHARE * data.physical_memory()
+        memory = MEMORY_SHARE * devices.physical_memory()
         frame = size * size * 3  # one decoded uint8 frame
         window = max(2 * (self.workers or default_workers()), 4) + 1  # clips decoded ahead, and the one being batched
         batch = self.batch_size or 32

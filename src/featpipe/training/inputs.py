@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 from featpipe.cache.finite import non_finite_rows
 from featpipe.cache.store import CacheConfig, check_masks, open_h5, parse_shard_path, read_features
 from featpipe.errors import CacheError, FeatpipeError
+from featpipe.runtime.devices import physical_memory
 
 # Caches up to this fraction of physical memory (as float32) are trained from memory by default.
 IN_MEMORY_FRACTION = 0.25
@@ -149,13 +149,6 @@ def open_index(path: str | Path) -> CacheIndex:
         index.close()
         raise CacheError(f"'{path}' has labels outside its {len(config.class_names)} classes; the cache is damaged.")
     return index
-
-
-def physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
 
 
 def choose_stream(index: CacheIndex, stream: bool | None) -> bool:
