@@ -75,10 +75,14 @@ def frame_source(
 ) -> FeatureExtractor | RawFrames:
     """The frame source for a registry entry (or its name): :class:`RawFrames` for the ``raw`` entry, else a
     :class:`FeatureExtractor` building the network with ``weights`` (seeded by ``seed`` for "none")."""
-    entry = get_backbone(backbone) if isinstance(backbone, str) else backbone
+    entry = _entry(backbone)
     if entry.raw:
-        return RawFrames(entry, size, WEIGHTS_NONE, seed, batch_size, precision)
+        return RawFrames(entry, size, batch_size, precision)
     return FeatureExtractor(entry, size, weights, seed, batch_size, precision)
+
+
+def _entry(backbone: Backbone | str) -> Backbone:
+    return get_backbone(backbone) if isinstance(backbone, str) else backbone
 
 
 def _inference_model(backbone: Backbone, size: int, model, precision: str, jit_compile):
@@ -130,7 +134,7 @@ class FeatureExtractor:
     def __new__(cls, backbone: Backbone | str, *args, **kwargs):
         """A network; kept working for the ``raw`` entry, which has none: that gives :func:`frame_source`'s
         :class:`RawFrames` (callers in featpipe use :func:`frame_source` and never rely on this)."""
-        entry = get_backbone(backbone) if isinstance(backbone, str) else backbone
+        entry = _entry(backbone)
         if cls is FeatureExtractor and entry.raw:
             return frame_source(entry, *args, **kwargs)
         return super().__new__(cls)
@@ -144,7 +148,7 @@ class FeatureExtractor:
         batch_size: int | None = 32,
         precision: str = "float32",
     ):
-        self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
+        self.backbone = _entry(backbone)
         self.size = check_size(self.backbone, size or self.backbone.default_size)
         self.weights = weights_label(weights)
         self.seed = seed
@@ -222,15 +226,12 @@ class RawFrames:
         self,
         backbone: Backbone | str = "raw",
         size: int | None = None,
-        weights: str = WEIGHTS_NONE,
-        seed: int = 0,
         batch_size: int | None = 32,
         precision: str = "float32",
     ):
-        self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
+        self.backbone = _entry(backbone)
         self.size = check_size(self.backbone, size or self.backbone.default_size)
-        self.weights = WEIGHTS_NONE
-        self.seed = seed
+        self.weights = WEIGHTS_NONE  # no network: no weights, no seed
         self.precision = check_precision(precision)
         self.model = None
         self.jit_compile = False
