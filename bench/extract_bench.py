@@ -52,10 +52,14 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from featpipe import __version__ as FEATPIPE_VERSION  # noqa: E402
-from featpipe.backbones.registry import FeatureExtractor, get_backbone  # noqa: E402
-from featpipe.extraction.extract import ExtractOptions, default_workers, extract  # noqa: E402
-from featpipe.video.datasets import Dataset, Record, index_dataset  # noqa: E402
+from featpipe.backbones.frame_source import FeatureExtractor  # noqa: E402
+from featpipe.backbones.registry import get_backbone  # noqa: E402
+from featpipe.extraction.extract import extract  # noqa: E402
+from featpipe.extraction.options import ExtractOptions  # noqa: E402
+from featpipe.runtime.devices import default_workers  # noqa: E402
+from featpipe.video.datasets import index_dataset  # noqa: E402
 from featpipe.video.decode import read_clip  # noqa: E402
+from featpipe.video.records import Dataset, Record  # noqa: E402
 from featpipe.video.sample_data import SAMPLE_CLASSES, write_sample_data  # noqa: E402
 
 DEFAULTS = {"backbone": "inceptionv3", "size": None, "frames": 20, "clips": 24, "batch_size": 32}

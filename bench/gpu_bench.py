@@ -49,9 +49,13 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from extract_bench import decode_all, machine_info, real_frames, run_ceiling, run_keras_example  # noqa: E402
-from featpipe.backbones.registry import FeatureExtractor, get_backbone  # noqa: E402
-from featpipe.extraction.extract import default_workers, extract  # noqa: E402
-from featpipe.runtime.devices import current_device  # noqa: E402
+from featpipe.backbones.frame_source import FeatureExtractor  # noqa: E402
+from featpipe.backbones.registry import get_backbone  # noqa: E402
+from featpipe.extraction.extract import extract  # noqa: E402
+from featpipe.runtime.devices import (
+    current_device,  # noqa: E402
+    default_workers,  # noqa: E402
+)
 from featpipe.video.datasets import index_dataset  # noqa: E402
 
 CONFIGS = {"inceptionv3": 299, "efficientnetb7": 600}

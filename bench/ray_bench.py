@@ -11,7 +11,7 @@ Two measurements, in ONE run:
     start-up is reported apart. The ray engine's time includes its actors building the network,
     as the local one's includes building it once. Target: ray / local <= 1.2.
 ``scaling``
-    The engine's own pipeline (ray_engine.build + ray_engine.consume: keyed rows, decode tasks,
+    The engine's own pipeline (engines.ray.build + engines.ray.consume: keyed rows, decode tasks,
     an ActorPoolStrategy pool, the driver writing through CacheWriter and the journal) with
     stand-ins for the two things this machine cannot provide: a device (a frame source that
     sleeps ``--latency-ms`` per batch of 64 frames, like a GPU, and returns 2048 float16 zeros per
@@ -42,8 +42,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only R
 import numpy as np  # noqa: E402
 
 from featpipe.cache.store import CacheConfig, CacheWriter, ClipRecord  # noqa: E402
-from featpipe.extraction.extract import extract  # noqa: E402
-from featpipe.extraction.ray_engine import (  # noqa: E402
+from featpipe.extraction.engines.ray import (  # noqa: E402
     ClipEmbedder,
     Plan,
     build,
@@ -52,6 +51,7 @@ from featpipe.extraction.ray_engine import (  # noqa: E402
     import_ray,
     quiet_ray_data,
 )
+from featpipe.extraction.extract import extract  # noqa: E402
 from featpipe.extraction.stages import BackgroundWriter, Stats  # noqa: E402
 from featpipe.video.sample_data import write_sample_data  # noqa: E402
 

@@ -9,18 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from featpipe.backbones.registry import (
-    REGISTRY,
-    Backbone,
-    FeatureExtractor,
-    activation_bytes_per_frame,
-    auto_batch_size,
-    build_model,
-    fingerprint,
-    get_backbone,
-    register_backbone,
-    weights_label,
-)
+from featpipe.backbones.frame_source import FeatureExtractor, activation_bytes_per_frame, auto_batch_size
+from featpipe.backbones.registry import REGISTRY, Backbone, get_backbone, register_backbone
+from featpipe.backbones.weights import build_model, fingerprint, weights_label
 from featpipe.errors import BackboneError
 
 SMALL = {name: (64 if name.startswith("efficientnet") else max(b.min_size, 32)) for name, b in REGISTRY.items()}
@@ -152,7 +143,8 @@ def test_random_weights_are_the_same_for_the_same_seed_and_differ_for_another():
 
 def test_random_weights_are_the_same_in_a_fresh_process():
     code = (
-        "from featpipe.backbones.registry import build_model, get_backbone, fingerprint;"
+        "from featpipe.backbones.registry import get_backbone; "
+        "from featpipe.backbones.weights import build_model, fingerprint;"
         "print(fingerprint(build_model(get_backbone('vgg16'), 32, 'none', seed=7)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
@@ -163,7 +155,8 @@ def test_random_weights_are_the_same_in_a_fresh_process():
 def test_random_weights_do_not_depend_on_the_blas_thread_count():
     """Ray starts its workers with OMP_NUM_THREADS=1: their network must be the driver's, whatever its cores."""
     code = (
-        "from featpipe.backbones.registry import build_model, get_backbone, fingerprint;"
+        "from featpipe.backbones.registry import get_backbone; "
+        "from featpipe.backbones.weights import build_model, fingerprint;"
         "print(fingerprint(build_model(get_backbone('resnet50'), 32, 'none', seed=0)))"
     )
     prints = {
@@ -207,7 +200,7 @@ def test_the_numpy_forward_pass_computes_what_the_backend_computes(name, size):
     pooling, squeeze-excite, normalization), so the statistics it stores fit what inference sees."""
     import keras
 
-    from featpipe.backbones.registry import _calibration_images, _np_layer
+    from featpipe.backbones.calibration import _calibration_images, _np_layer
 
     b = get_backbone(name)
     model = build_model(b, size, "none", seed=0)

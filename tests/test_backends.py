@@ -119,7 +119,7 @@ def test_features_do_not_depend_on_the_backend(backend, data, caches_dir):
     """The `none` network and the in-graph preprocessing are the same numbers under every backend."""
     import keras
 
-    from featpipe.backbones.registry import FeatureExtractor
+    from featpipe.backbones.frame_source import FeatureExtractor
     from featpipe.video.decode import read_clip
 
     cache = extract_under(backend, data, caches_dir)
@@ -141,10 +141,12 @@ if len(BACKENDS) > 1:  # only `make test-backends` has more than one backend ins
     def test_the_none_network_has_one_fingerprint_under_every_backend(backend, backbone, size):
         """`--weights none` is one network, whatever the backend: the fingerprint a cache records under
         one backend is the one predict computes under another (README: the random network)."""
-        from featpipe.backbones.registry import build_model, fingerprint, get_backbone
+        from featpipe.backbones.registry import get_backbone
+        from featpipe.backbones.weights import build_model, fingerprint
 
         code = (
-            "from featpipe.backbones.registry import build_model, fingerprint, get_backbone;"
+            "from featpipe.backbones.registry import get_backbone; "
+            "from featpipe.backbones.weights import build_model, fingerprint;"
             f"print(fingerprint(build_model(get_backbone({backbone!r}), {size}, 'none', seed=5)))"
         )
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}

@@ -1,4 +1,4 @@
-"""featpipe.video.datasets: layouts, deterministic stratified/group-aware splits, and helpful errors.
+"""featpipe.video.datasets: layouts, the splits they are indexed with, and helpful errors.
 
 Indexing never decodes, so every clip here is a zero-byte placeholder file.
 """
@@ -14,62 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from dataset_trees import class_tree, splits_of, touch, ucf_tree, write_csv
 from featpipe.errors import DatasetError, FeatpipeError
-from featpipe.video.datasets import (
-    LAYOUTS,
-    SPLITS,
-    VIDEO_EXTENSIONS,
-    Dataset,
-    index_dataset,
-    repair_splits,
-    stratified_split,
-)
-
-
-def touch(root: Path, *relpaths: str) -> None:
-    for rel in relpaths:
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"")
-
-
-def class_tree(root: Path, sizes: dict[str, int], ext: str = ".mp4") -> Path:
-    for label, n in sizes.items():
-        touch(root, *(f"{label}/{label}_{i:03d}{ext}" for i in range(n)))
-    return root
-
-
-def splits_of(ds: Dataset) -> dict[str, str]:
-    return {r.video: r.split for r in ds.records}
-
-
-def write_csv(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def ucf_tree(base: Path, *, lists_dir: str = ".", video_dir: str = ".", folds: tuple[int, ...] = (1,)) -> Path:
-    """A miniature UCF101: 2 classes, 4 groups each, 3 clips per group; g01 is the test group."""
-    classes = ["ApplyEyeMakeup", "Basketball"]
-    lists = base / lists_dir
-    lists.mkdir(parents=True, exist_ok=True)
-    (lists / "classInd.txt").write_text("".join(f"{i} {c}\r\n" for i, c in enumerate(classes, 1)))
-    train_lines, test_lines = [], []
-    for number, cls in enumerate(classes, 1):
-        for g in range(1, 5):
-            for c in range(1, 4):
-                rel = f"{cls}/v_{cls}_g{g:02d}_c{c:02d}.avi"
-                touch(base / video_dir, rel)
-                if g == 1:
-                    test_lines.append(f"{rel}\r\n")
-                else:
-                    train_lines.append(f"{rel} {number}\r\n")
-    for fold in folds:
-        (lists / f"trainlist{fold:02d}.txt").write_text("".join(train_lines))
-        (lists / f"testlist{fold:02d}.txt").write_text("".join(test_lines))
-    return base
-
+from featpipe.names import SPLITS
+from featpipe.video.datasets import LAYOUTS, index_dataset
+from featpipe.video.folders import VIDEO_EXTENSIONS
 
 # ------------------------------------------------------------------------------------------------
 # constants and records
@@ -295,58 +244,6 @@ def test_class_with_single_clip_goes_to_train(tmp_path):
 def test_zero_fractions_put_everything_in_train(tmp_path):
     ds = index_dataset(class_tree(tmp_path, {"a": 5, "b": 5}), val_fraction=0, test_fraction=0)
     assert ds.counts() == {"train": {"a": 5, "b": 5}}
-
-
-# ------------------------------------------------------------------------------------------------
-# stratified_split (pure)
-
-
-def test_stratified_split_function_ignores_input_order():
-    keys = [f"k{i:02d}" for i in range(24)]
-    labels = ["x" if i % 2 else "y" for i in range(24)]
-    forward = dict(zip(keys, stratified_split(keys, labels, 0.2, 0.2, seed=3)))
-    backward = dict(zip(keys[::-1], stratified_split(keys[::-1], labels[::-1], 0.2, 0.2, seed=3)))
-    assert forward == backward
-    assert Counter((labels[i], forward[k]) for i, k in enumerate(keys)) == Counter(
-        {("x", "train"): 8, ("x", "val"): 2, ("x", "test"): 2, ("y", "train"): 8, ("y", "val"): 2, ("y", "test"): 2}
-    )
-
-
-def test_stratified_split_rounds_halves_up_and_keeps_one_train_clip():
-    def sizes(n, val, test):
-        result = stratified_split([f"k{i}" for i in range(n)], ["x"] * n, val, test, seed=0)
-        return tuple(result.count(s) for s in SPLITS)
-
-    assert sizes(25, 0.1, 0.1) == (19, 3, 3)  # 2.5 -> 3, not banker's 2
-    assert sizes(3, 0.15, 0.15) == (1, 1, 1)  # at least one val and one test from 3 clips
-    assert sizes(2, 0.15, 0.15) == (2, 0, 0)  # fewer than 3 clips: nothing forced out
-    assert sizes(2, 0.0, 0.6) == (1, 0, 1)
-    assert sizes(3, 0.3, 0.6) == (1, 1, 1)  # 0.9->1 val, 1.8->2 test, trimmed to keep a train clip
-    assert sizes(1, 0.45, 0.45) == (1, 0, 0)
-
-
-def test_stratified_split_with_groups_keeps_each_group_in_one_split():
-    keys, labels, groups = [], [], []
-    for label in ("p", "q"):
-        for g in range(10):
-            for c in range(4):
-                keys.append(f"{label}/g{g}_c{c}")
-                labels.append(label)
-                groups.append(f"{label}/g{g}")
-    result = stratified_split(keys, labels, 0.2, 0.1, seed=5, groups=groups)
-    per_group: dict[str, set[str]] = {}
-    for g, s in zip(groups, result):
-        per_group.setdefault(g, set()).add(s)
-    assert all(len(s) == 1 for s in per_group.values())
-    # 10 groups per class: 2 val groups, 1 test group, 7 train groups (4 clips each)
-    assert Counter(zip(labels, result)) == Counter(
-        {("p", "train"): 28, ("p", "val"): 8, ("p", "test"): 4, ("q", "train"): 28, ("q", "val"): 8, ("q", "test"): 4}
-    )
-
-
-def test_stratified_split_rejects_bad_fractions():
-    with pytest.raises(DatasetError, match="must be below 1"):
-        stratified_split(["a", "b"], ["x", "y"], 0.5, 0.5, seed=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -683,125 +580,3 @@ def test_negative_seed_is_refused(tmp_path):
     class_tree(tmp_path, {"a": 3, "b": 3})
     with pytest.raises(DatasetError, match="seed must be a non-negative integer, got -1"):
         index_dataset(tmp_path, seed=-1)
-
-
-# --------------------------------------------------------------------------------------------
-# split repair after decoding
-
-
-def test_a_class_whose_val_clips_all_failed_gets_a_redrawn_split_over_its_usable_clips(tmp_path):
-    ds = index_dataset(class_tree(tmp_path / "d", {"a": 8, "b": 8}))
-    assert ds.split_source == "drawn"
-    val_a = {r.video for r in ds.records if r.label == "a" and r.split == "val"}
-    usable = [r.video for r in ds.records if r.video not in val_a]
-    repair = repair_splits(ds, usable)
-    assert set(repair.splits) == set(usable)
-    for label in ("a", "b"):
-        got = {repair.splits[r.video] for r in ds.records if r.label == label and r.video in repair.splits}
-        assert got == {"train", "val", "test"}, label
-    assert repair.redrawn == ("a",) and repair.warnings == ()
-    untouched = {r.video: r.split for r in ds.records if r.label == "b"}
-    assert all(repair.splits[k] == v for k, v in untouched.items()), "other classes keep their split"
-
-
-def test_what_cannot_be_repaired_is_a_warning_naming_the_class_and_split(tmp_path):
-    ds = index_dataset(class_tree(tmp_path / "d", {"a": 8, "b": 8, "c": 4}))
-    usable = [r.video for r in ds.records if r.label != "c"][:-1] + [r.video for r in ds.records if r.label == "c"][:2]
-    repair = repair_splits(ds, usable)
-    assert len(repair.warnings) == 1
-    assert repair.warnings[0].startswith("class 'c' has only 2 usable clip(s), so it has no ")
-    assert repair.warnings[0].endswith("test clip."), "with 2 clips a class keeps one train clip: no test clip"
-
-    given = tmp_path / "given"
-    touch(given, "train/a/1.mp4", "train/b/2.mp4", "val/a/3.mp4", "val/b/4.mp4")
-    ds = index_dataset(given)
-    repair = repair_splits(ds, ["train/a/1.mp4", "train/b/2.mp4", "val/a/3.mp4"])
-    assert repair.splits == {"train/a/1.mp4": "train", "train/b/2.mp4": "train", "val/a/3.mp4": "val"}
-    assert len(repair.warnings) == 1 and "class 'b' has no usable clip in the val split" in repair.warnings[0]
-
-
-# ------------------------------------------------------------------------- permissions
-# As root, chmod does not deny reads: a fault-injection wrapper around os.scandir / os.listdir
-# denies listing one folder instead, as the kernel does for a folder without read permission.
-
-
-def deny_listing(monkeypatch, denied: Path) -> None:
-    real_scandir, real_listdir = os.scandir, os.listdir
-
-    def check(path):
-        if path is not None and Path(os.fsdecode(path)) == denied:
-            raise PermissionError(13, "Permission denied", os.fsdecode(path))
-
-    def fake_scandir(path="."):
-        check(path)
-        return real_scandir(path)
-
-    def fake_listdir(path="."):
-        check(path)
-        return real_listdir(path)
-
-    monkeypatch.setattr(os, "scandir", fake_scandir)
-    monkeypatch.setattr(os, "listdir", fake_listdir)
-
-
-@pytest.mark.parametrize("layout", ["class_folders", "split_folders"])
-def test_a_class_folder_without_read_permission_is_reported_and_its_class_kept(tmp_path, monkeypatch, layout):
-    """Indexing goes on past it (extract reports it, as it does a bad clip); the class stays known, so the
-    cache written now still takes the clips once the folder is readable."""
-    if layout == "class_folders":
-        root = class_tree(tmp_path / "data", {"cats": 4, "dogs": 4, "owls": 4})
-        denied = root / "owls"
-    else:
-        root = tmp_path / "data"
-        touch(
-            root,
-            *(
-                f"{s}/{c}/{c}{i}.mp4"
-                for s in ("train", "val", "test")
-                for c in ("cats", "dogs", "owls")
-                for i in range(2)
-            ),
-        )
-        denied = root / "train" / "owls"
-    deny_listing(monkeypatch, denied)
-    ds = index_dataset(root)
-    assert ds.unreadable == ((denied, "permission denied"),)
-    assert ds.class_names == ("cats", "dogs", "owls")
-    assert len(ds.records) == (8 if layout == "class_folders" else 16)
-    assert not any(r.video.startswith(f"{denied.relative_to(root).as_posix()}/") for r in ds.records)
-
-
-def test_a_split_folder_without_read_permission_is_one_sentence(tmp_path, monkeypatch):
-    root = tmp_path / "data"
-    touch(root, *(f"{s}/{c}/{c}{i}.mp4" for s in ("train", "val", "test") for c in ("cats", "dogs") for i in range(2)))
-    deny_listing(monkeypatch, root / "val")
-    with pytest.raises(DatasetError, match="permission denied"):
-        index_dataset(root)
-
-
-def test_a_folder_that_can_be_listed_but_not_entered_is_reported_and_a_link_loop_ends(tmp_path, monkeypatch):
-    """Read without execute permission: its names are listed, but no file in it can be opened (not even stat)."""
-    from featpipe.video.datasets import walk_clips
-
-    root = class_tree(tmp_path / "data", {"cats": 2, "dogs": 2})
-    touch(root, "dogs/locked/x.mp4", "dogs/locked/y.mp4")
-    (root / "cats" / "loop").symlink_to(root / "cats")
-    locked = root / "dogs" / "locked"
-    real_lstat = os.lstat
-
-    def lstat(path, *args, **kwargs):
-        if Path(os.fsdecode(path)).parent == locked:
-            raise PermissionError(13, "Permission denied", os.fsdecode(path))
-        return real_lstat(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "lstat", lstat)
-    found = walk_clips(root)
-    assert [p.relative_to(root).as_posix() for p in found.clips] == [
-        "cats/cats_000.mp4",
-        "cats/cats_001.mp4",
-        "dogs/dogs_000.mp4",
-        "dogs/dogs_001.mp4",
-    ]
-    assert found.unreadable == ((locked, "permission denied"),)
-    ds = index_dataset(root)
-    assert ds.unreadable == ((locked, "permission denied"),) and len(ds.records) == 4

@@ -16,14 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cli_args import cli, extract_args, python_m
-from featpipe.backbones.registry import (
-    REGISTRY,
-    Backbone,
-    FeatureExtractor,
-    build_model,
-    fingerprint,
-    register_backbone,
-)
+from featpipe.backbones.frame_source import FeatureExtractor
+from featpipe.backbones.registry import REGISTRY, Backbone, register_backbone
+from featpipe.backbones.weights import build_model, fingerprint
 from featpipe.cache.store import (
     CacheLock,
     CacheWriter,
@@ -525,7 +520,7 @@ def test_an_unknown_precision_is_refused_before_any_work(sample, tmp_path):
 
 from featpipe.cache.store import file_identity  # noqa: E402
 from featpipe.errors import OptionError  # noqa: E402
-from featpipe.extraction.extract import ExtractOptions  # noqa: E402
+from featpipe.extraction.options import ExtractOptions  # noqa: E402
 from mounts import fill, read_only, tmpfs  # noqa: E402
 
 TINY = {**SMALL, "frames": 4}
@@ -682,7 +677,7 @@ def test_a_bad_option_is_one_sentence_naming_the_parameter_before_any_work(tmp_p
 
 
 def test_what_does_not_fit_in_memory_is_refused_saying_what_fits(monkeypatch):
-    monkeypatch.setattr("featpipe.training.inputs.physical_memory", lambda: 8 << 30)
+    monkeypatch.setattr("featpipe.runtime.devices.physical_memory", lambda: 8 << 30)
     with pytest.raises(
         OptionError,
         match=r"^batch_size of 8192 frames at 1024 px needs about .* GiB of memory, more "

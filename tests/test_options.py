@@ -9,7 +9,7 @@ import pytest
 
 import featpipe
 from featpipe.errors import OptionError
-from featpipe.extraction.extract import ExtractOptions
+from featpipe.extraction.options import ExtractOptions
 from featpipe.runs.predict import PredictOptions
 from featpipe.training.train import TrainOptions
 from featpipe.training.tune import TuneOptions

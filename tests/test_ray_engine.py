@@ -26,12 +26,13 @@ from typer.testing import CliRunner
 
 from cli_args import SMALL as CLI_SMALL
 from cli_args import extract_args, python_m
-from featpipe.backbones.registry import FeatureExtractor, get_backbone
+from featpipe.backbones.frame_source import FeatureExtractor
+from featpipe.backbones.registry import get_backbone
 from featpipe.cache.store import iter_journal, journal_path, merge_shards, shard_path
 from featpipe.cli import app
 from featpipe.errors import BackboneError, CacheError, ExtractionFailed, FeatpipeError
+from featpipe.extraction.engines.ray import DriverBackbone, check_worker, clips_per_call
 from featpipe.extraction.extract import extract
-from featpipe.extraction.ray_engine import DriverBackbone, check_worker, clips_per_call
 from featpipe.video.sample_data import write_sample_data
 from videos import write_text_as_video
 

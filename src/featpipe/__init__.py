@@ -20,7 +20,8 @@ Keras is imported only when a function needs it.
 from featpipe._version import __version__
 from featpipe.cache.store import merge_shards as merge
 from featpipe.errors import FeatpipeError
-from featpipe.extraction.extract import ExtractOptions, ExtractResult, extract
+from featpipe.extraction.extract import ExtractResult, extract
+from featpipe.extraction.options import ExtractOptions
 from featpipe.runs.evaluate import evaluate
 from featpipe.runs.info import info
 from featpipe.runs.predict import Prediction, predict

@@ -31,6 +31,20 @@ class OptionError(FeatpipeError, ValueError):
         return f"{flag} {self.problem}"
 
 
+class NoSampleClips(OptionError):
+    """`sample-data` asked for 0 train, val and test clips: names the three parameters (API) or flags (CLI)."""
+
+    def __init__(self):
+        super().__init__("train", "")
+        self.args = ("train, val and test are all 0: there would be no clip to write; ask for at least one.",)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+    def flag_message(self, flags=None) -> str:
+        return "--train, --val and --test are all 0: there would be no clip to write; ask for at least one."
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a batch scheduler or container runtime stopping us), handled exactly like Ctrl-C.
 

@@ -1,7 +1,10 @@
-"""Stage one: clips -> frozen-backbone features -> HDF5 cache.
+"""Stage one: clips -> frozen-backbone features -> HDF5 cache, on the engine the options name.
 
-decode workers (threads, --workers) -> frames batched ACROSS clips (--batch-size frames per
-forward pass) -> backbone -> background writer (crash-safe journal) -> atomic HDF5 finalize.
+What every engine shares is here (index, shard, resume, lock, the cache's config and fingerprint,
+folding the journal into the file, the result); the engine (:mod:`featpipe.extraction.engines`)
+gives the frame source and runs the clips. The local engine: decode workers (threads, --workers)
+-> frames batched ACROSS clips (--batch-size frames per forward pass) -> backbone -> background
+writer (crash-safe journal); then the atomic HDF5 finalize here.
 Padded frames never go through the backbone: their features are zeros and their mask False.
 """
 
@@ -15,185 +18,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from featpipe._version import __version__
-from featpipe.backbones.registry import PRECISIONS, WEIGHTS_IMAGENET, FeatureExtractor, check_size, get_backbone
+from featpipe.backbones.registry import check_size, get_backbone
 from featpipe.cache.store import (
     CacheConfig,
     CacheLock,
     CacheWriter,
     CannotWrite,
-    ClipRecord,
     file_identity,
     parse_shard,
     shard_of,
     shard_path,
     summarize,
 )
-from featpipe.errors import CacheError, ExtractionFailed, FeatpipeError, OptionError
-from featpipe.extraction import ray_engine
-from featpipe.extraction.stages import Embedded, Stats, decode, embed, writing_with_progress
-from featpipe.names import DTYPES, ENGINES, SAMPLING  # noqa: F401  re-exported
-from featpipe.options import (
-    check_choice,
-    check_dir_option,
-    check_file_option,
-    check_float,
-    check_int,
-    split_list_options,
-)
-from featpipe.runtime.devices import cpu_count
+from featpipe.errors import CacheError, ExtractionFailed
+from featpipe.extraction.engines.base import Work, get_engine
+from featpipe.extraction.options import ExtractOptions
+from featpipe.extraction.stages import Stats
 from featpipe.runtime.keras_import import import_keras
-from featpipe.training import inputs as data
-from featpipe.video.datasets import Dataset, Record, index_dataset, repair_splits, unreadable_note
-
-MAX_SIZE = 1024  # largest square input: ImageNet backbones are trained at 224-600 px
-MAX_FRAMES = 10_000  # frames per clip (sequence length)
-MAX_BATCH = 65_536  # frames per forward pass (a memory check below also applies)
-MAX_WORKERS = 256
-MEMORY_SHARE = 0.8  # of physical memory the clips in flight and the batches may take
-
-
-@dataclass(frozen=True)
-class ExtractOptions:
-    """Everything `featpipe extract` can be told. Defaults are the CLI's defaults.
-
-    Every value is checked here, once, for the CLI and the Python API alike: a bad one raises
-    ``OptionError`` naming the parameter (the CLI shows it as its flag) before any work starts.
-    """
-
-    backbone: str = "inceptionv3"  # registry name (featpipe.backbones.registry.REGISTRY)
-    data: str | Path | None = None  # dataset folder (layout auto-detected); None = "data" unless csv is given
-    csv: str | Path | None = None  # or a CSV with video_name,tag[,split] (not together with data)
-    cache_dir: str | Path = "cache"  # the cache is <cache_dir>/<backbone>.h5 ...
-    output: str | Path | None = None  # ... unless an explicit file is given
-    frames: int = 20  # sequence length T (1..MAX_FRAMES)
-    sampling: str = "uniform"  # "uniform" over the whole clip, or "first" N frames
-    size: int | None = None  # square input size (backbone minimum..MAX_SIZE); None = the backbone's native size
-    weights: str = WEIGHTS_IMAGENET  # "imagenet", "none" (deterministic random) or a weights file
-    seed: int = 0  # seed of the random network for weights="none"
-    dtype: str = "float16"  # storage dtype of features
-    batch_size: int | None = None  # frames per forward pass; None = sized from the device's free memory
-    precision: str = "float32"  # backbone compute: float32, mixed_float16 or mixed_bfloat16 (storage stays `dtype`)
-    workers: int | None = None  # decode threads; None = from the CPU count
-    val_fraction: float = 0.15  # for layouts without given splits
-    test_fraction: float = 0.15
-    split_seed: int = 1337
-    fold: int = 1  # UCF101 split lists
-    retry_failed: bool = False  # re-try clips recorded as failed by an earlier run (a changed file is always retried)
-    strict: bool = False  # any failed clip makes the run fail (after writing the cache)
-    quiet: bool = False  # no progress bar
-    # "I/N": only the clips whose key hashes to shard I of N, into <cache stem>.shard-I-of-N.h5
-    # beside the cache (own journal and lock); `featpipe merge` combines the N shards
-    shard: str | None = None
-    # where the backbone runs: "local" (this process) or "ray" (a Ray cluster; needs `pip install "featpipe[ray]"`)
-    engine: str = "local"
-    # ray: the cluster's address (host:port); None = RAY_ADDRESS, the one `ray start` began here, or a new local Ray
-    ray_address: str | None = None
-    num_workers: int | None = None  # ray: backbone actors; None = one per GPU (one per node without GPUs)
-    gpus_per_worker: float | None = None  # ray: GPUs each actor reserves; None = 1 if the cluster has GPUs, else 0
-
-    def __post_init__(self):
-        split_list_options(self)
-        self.validate()
-
-    @property
-    def data_folder(self) -> str | Path | None:
-        """The dataset folder to index: ``data``, or "data" when neither it nor ``csv`` is given."""
-        return self.data if self.data is not None or self.csv is not None else "data"
-
-    def validate(self) -> None:
-        """Raise OptionError (naming the parameter) for any value out of range or of the wrong kind."""
-        if self.data is not None and self.csv is not None:
-            raise OptionError(
-                "csv",
-                "cannot be combined with a data folder; give either a dataset folder or a "
-                "CSV file (its paths are relative to the CSV's own folder), not both.",
-            )
-        if not isinstance(self.backbone, str):
-            raise OptionError("backbone", f"must be a backbone name, got {self.backbone!r}.")
-        backbone = get_backbone(self.backbone)
-        if self.output is None:  # the cache goes into cache_dir (with output given, cache_dir is not used)
-            check_dir_option("cache_dir", self.cache_dir)
-        check_file_option("output", self.output, optional=True)
-        check_int("frames", self.frames, 1, MAX_FRAMES)
-        check_choice("sampling", self.sampling, SAMPLING)
-        check_int(
-            "size",
-            self.size,
-            backbone.min_size,
-            MAX_SIZE,
-            optional=True,
-            hint=f"({backbone.name} needs at least {backbone.min_size} pixels; its native size is "
-            f"{backbone.default_size}; leave it unset for the native size.)",
-        )
-        check_int("seed", self.seed, 0)
-        check_choice("dtype", self.dtype, DTYPES)
-        check_int("batch_size", self.batch_size, 1, MAX_BATCH, optional=True)
-        check_choice("precision", self.precision, PRECISIONS)
-        check_int("workers", self.workers, 1, MAX_WORKERS, optional=True)
-        check_float("val_fraction", self.val_fraction, 0, 1, high_open=True)
-        check_float("test_fraction", self.test_fraction, 0, 1, high_open=True)
-        if self.val_fraction + self.test_fraction >= 1:
-            raise OptionError(
-                "val_fraction",
-                f"plus test_fraction must be below 1 so some clips are left to train on, "
-                f"got {self.val_fraction!r} + {self.test_fraction!r}.",
-            )
-        check_int("split_seed", self.split_seed, 0)
-        check_int("fold", self.fold, 1, 3)
-        if self.shard is not None:
-            try:
-                parse_shard(self.shard)
-            except FeatpipeError:
-                raise OptionError(
-                    "shard", f"must look like I/N with 1 <= I <= N, e.g. 2/4; got {self.shard!r}."
-                ) from None
-        _validate_engine(self)
-        self._check_memory(self.size or backbone.default_size)
-
-    def _check_memory(self, size: int) -> None:
-        """The decoded clips in flight and the frame batches must fit in memory: say what fits if not."""
-        memory = MEMORY_SHARE * data.physical_memory()
-        frame = size * size * 3  # one decoded uint8 frame
-        window = max(2 * (self.workers or default_workers()), 4) + 1  # clips decoded ahead, and the one being batched
-        batch = self.batch_size or 32
-        clips_bytes = window * self.frames * frame
-        batch_bytes = 4 * batch * frame * 4  # pending + queued + on the device, as float32 after preprocessing
-        if clips_bytes + batch_bytes <= memory:
-            return
-        gib = 1 << 30
-        need = f"about {(clips_bytes + batch_bytes) / gib:.1f} GiB of memory, more than the {memory / gib:.1f} GiB"
-        if clips_bytes >= batch_bytes:
-            fit = int((memory - batch_bytes) // (window * frame))
-            raise OptionError(
-                "frames",
-                f"of {self.frames} at {size} px with {window - 1} clips decoded ahead needs "
-                f"{need} "
-                f"this machine can spare; at most {max(fit, 0)} frames fit (or use fewer "
-                "workers).",
-            )
-        fit = int((memory - clips_bytes) // (4 * frame * 4))
-        raise OptionError(
-            "batch_size",
-            f"of {batch} frames at {size} px needs {need} this machine can spare; at most {max(fit, 0)} fit.",
-        )
-
-
-MAX_RAY_WORKERS = 10_000
-MAX_GPUS_PER_WORKER = 64
-
-
-def _validate_engine(opts: ExtractOptions) -> None:
-    check_choice("engine", opts.engine, ENGINES)
-    check_int("num_workers", opts.num_workers, 1, MAX_RAY_WORKERS, optional=True)
-    check_float("gpus_per_worker", opts.gpus_per_worker, 0, MAX_GPUS_PER_WORKER, optional=True)
-    if opts.ray_address is not None and not str(opts.ray_address).strip():
-        raise OptionError("ray_address", "must be a cluster address such as 10.0.0.1:6379, got an empty string.")
-    ray_only = [name for name in ("ray_address", "num_workers", "gpus_per_worker") if getattr(opts, name) is not None]
-    if opts.engine != "ray" and ray_only:
-        raise OptionError(ray_only[0], f"is for --engine ray only (the engine is '{opts.engine}').")
+from featpipe.video.datasets import index_dataset
+from featpipe.video.folders import unreadable_note
+from featpipe.video.records import Dataset, Record, repair_splits
 
 
 @dataclass
@@ -227,11 +73,6 @@ class ExtractResult:
         return self.n_new / self.seconds if self.seconds > 0 else 0.0
 
 
-def default_workers() -> int:
-    """Decode threads: one per usable CPU core (OpenCV releases the GIL while decoding), at most 32."""
-    return max(1, min(32, cpu_count()))
-
-
 def cache_path(opts: ExtractOptions) -> Path:
     """The file this extraction writes: the cache, or with ``shard`` its shard file beside it."""
     path = Path(opts.output) if opts.output else Path(opts.cache_dir) / f"{get_backbone(opts.backbone).name}.h5"
@@ -260,8 +101,8 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
         fold=opts.fold,
     )
     path = cache_path(opts)
-    if opts.engine == "ray":
-        ray_engine.import_ray()  # before any work: without the extra, say how to install it
+    engine = get_engine(opts.engine)
+    engine.check()  # before any work: e.g. without the Ray extra, say how to install it
     started = time.perf_counter()
     # a shard takes the clips whose key hashes to it: the same split on every machine
     records = (
@@ -277,15 +118,10 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
             if not path.is_file():
                 raise
             writable = False  # a finished cache on read-only media: fine if nothing is left to do
-        if opts.engine == "ray":  # the actors build the network; the driver's fingerprint is made on a thread
-            from featpipe.extraction.ray_engine import DriverBackbone
-
-            extractor = DriverBackbone(backbone, size, opts.weights, opts.seed, opts.batch_size, opts.precision)
-        else:
-            extractor = FeatureExtractor(backbone, size, opts.weights, opts.seed, opts.batch_size, opts.precision)
+        extractor = engine.source(backbone, size, opts)  # a FrameSource
         keras = import_keras()
 
-        # weights_fingerprint None: still being computed (--engine ray); settled before anything is written
+        # weights_fingerprint None: still being computed (e.g. --engine ray); settled before anything is written
         config = CacheConfig(
             backbone=backbone.name,
             weights=extractor.weights,
@@ -341,12 +177,10 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
             extractor.warm_up()  # compile on an accelerator now, as set-up (a no-op on a CPU and for raw)
         setup_seconds = time.perf_counter() - started  # index, model build and compile, cache checks
         try:
-            if todo and opts.engine == "ray":
-                stats = ray_engine.run(todo, dataset, extractor, opts, writer, keras.__version__, fingerprint)
-            elif todo:
-                stats = _run(todo, dataset, extractor, opts, writer, workers=opts.workers or default_workers())
+            if todo:
+                stats = engine.run(Work(todo, dataset, extractor, opts, fingerprint), writer)
         except KeyboardInterrupt:
-            if writer.config.weights_fingerprint is not None:  # else nothing was written yet (--engine ray)
+            if writer.config.weights_fingerprint is not None:  # else nothing was written yet (e.g. --engine ray)
                 fold()  # Ctrl-C or SIGTERM: keep every finished clip in the cache, then stop
             raise
         finally:
@@ -547,17 +381,6 @@ def _read_only_result(
     )
 
 
-def clip_record(done: Embedded, label: int, dtype: np.dtype) -> ClipRecord:
-    """What the writer stores for one finished clip (a failed-clip record when it could not be decoded)."""
-    rec: Record = done.item
-    if not done.ok:
-        return ClipRecord(rec.video, label, rec.split, 0, error=done.error)
-    clip = done.windows[0]
-    feats = done.features[0].astype(dtype)  # raw frames: exact in float32 and back
-    check_finite(rec.video, feats, clip.mask, dtype)
-    return ClipRecord(rec.video, label, rec.split, clip.n_frames, feats, clip.mask)
-
-
 def damaged_notes(damaged: dict[str, int], show: int = 10) -> list[str]:
     """One warning for the clips this run found damaged (truncated, a packet the container could not
     read whole): they were kept, sampled from their frames before the damage."""
@@ -570,43 +393,3 @@ def damaged_notes(damaged: dict[str, int], show: int = 10) -> list[str]:
         f"sampled from their frames before the damage only: {listed}{more}. Re-copy or re-encode them and "
         "re-run extract to use the whole clips."
     ]
-
-
-def check_finite(video: str, feats: np.ndarray, mask: np.ndarray, dtype) -> None:
-    """A clip's stored features must be finite on its real frames."""
-    if not np.isfinite(feats[mask]).all():
-        raise FeatpipeError(
-            f"Features of '{video}' are not finite in {np.dtype(dtype).name} (the backbone's outputs overflow it); "
-            f"re-run with --dtype float32 and a new --output file."
-        )
-
-
-def _run(
-    todo: list[Record],
-    dataset: Dataset,
-    extractor: FeatureExtractor,
-    opts: ExtractOptions,
-    writer: CacheWriter,
-    workers: int,
-) -> Stats:
-    """The local engine: ``decode`` (``workers`` threads) -> ``embed`` (batches across clips, the
-    backbone on its own thread) -> the writer thread (journal). See :mod:`featpipe.extraction.stages`.
-
-    Ctrl-C or an error: the batch on the device completes, the clips already finished are
-    written, the batches still queued are dropped (at most the clips in flight are lost).
-    """
-    from featpipe.video.decode import read_clip  # lazy: `import featpipe` does not load OpenCV
-
-    dtype = np.dtype(extractor.cache_dtype(opts.dtype))
-    stats = Stats()
-    clips = decode(todo, lambda rec: read_clip(rec.path, opts.frames, extractor.size, opts.sampling), workers)
-    started = time.perf_counter()
-    with writing_with_progress(writer, len(todo), f"extract {extractor.backbone.name}", opts.quiet) as (bar, sink):
-        for done in embed(clips, extractor, stats):
-            sink.put(clip_record(done, dataset.label_index(done.item.label), dtype))
-            stats.clips += done.ok
-            if done.ok and done.windows[0].damaged_from is not None:
-                stats.damaged[done.item.video] = done.windows[0].damaged_from
-            bar.update(1)
-            bar.set_postfix_str(f"{stats.frames / (time.perf_counter() - started):.1f} frames/s", refresh=False)
-    return stats

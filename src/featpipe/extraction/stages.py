@@ -12,10 +12,10 @@ stages; none of them re-implements batching across clips or scattering features 
   an :class:`Embedded` per clip as soon as its last frame is through (errors pass straight on).
 * :class:`BackgroundWriter` -- finished clips appended to the cache's journal on a thread.
 
-A *frame source* is what turns uint8 frames into per-frame features: a network
-(:class:`featpipe.backbones.registry.FeatureExtractor`) or the ``raw`` entry's
-:class:`featpipe.backbones.registry.RawFrames`, which stores the frames themselves. The stages only use
-its ``batch_size``, ``feature_shape`` and ``__call__``.
+A *frame source* (:class:`featpipe.backbones.frame_source.FrameSource`) is what turns uint8 frames
+into per-frame features: a network or the ``raw`` entry's frames themselves. The stages only use
+its ``batch_size``, ``feature_shape`` and ``__call__``. :func:`check_clip_finite` is the check every
+engine applies to a clip's features before they are written.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from featpipe.errors import VideoError
+from featpipe.cache.finite import non_finite_rows
+from featpipe.errors import FeatpipeError, VideoError
 
 
 @dataclass
@@ -291,3 +292,12 @@ def _put_until_taken(q: queue.Queue, item, consumer: threading.Thread) -> None:
             return
         except queue.Full:
             continue
+
+
+def check_clip_finite(video: str, feats: np.ndarray, mask: np.ndarray, dtype) -> None:
+    """A clip's features, as stored in ``dtype``, must be finite on its real frames (``mask``); every engine checks."""
+    if non_finite_rows(feats)[mask].any():
+        raise FeatpipeError(
+            f"Features of '{video}' are not finite in {np.dtype(dtype).name} (the backbone's outputs overflow it); "
+            f"re-run with --dtype float32 and a new --output file."
+        )

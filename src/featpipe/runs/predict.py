@@ -17,9 +17,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from featpipe.backbones.registry import WEIGHTS_IMAGENET, WEIGHTS_NONE, FeatureExtractor
+from featpipe.backbones.frame_source import frame_source
+from featpipe.backbones.registry import WEIGHTS_IMAGENET, WEIGHTS_NONE
 from featpipe.errors import BackboneError, FeatpipeError
-from featpipe.extraction.extract import default_workers
 from featpipe.extraction.stages import Decoded, decode, embed
 from featpipe.names import PRECISIONS
 from featpipe.options import (
@@ -31,7 +31,8 @@ from featpipe.options import (
     split_list_options,
 )
 from featpipe.runs.rundir import load_run
-from featpipe.video.datasets import VIDEO_EXTENSIONS, unreadable_note, walk_clips
+from featpipe.runtime.devices import default_workers
+from featpipe.video.folders import VIDEO_EXTENSIONS, unreadable_note, walk_clips
 
 MAX_TOP_K = 1000
 MAX_WINDOWS = 256  # windows per clip averaged (each is one frames-long pass through the backbone)
@@ -108,7 +109,7 @@ class ClipList:
 
 def find_clips(clips: str | Path | Iterable[str | Path] | ClipList) -> ClipList:
     """The clips of ``clips``: one path (a ``str`` or ``Path``) or a list of them; a file is one clip (a missing
-    one is reported per clip, not here), a folder its video files found by :func:`featpipe.video.datasets.walk_clips`
+    one is reported per clip, not here), a folder its video files found by :func:`featpipe.video.folders.walk_clips`
     (recursive, sorted, hidden entries skipped, linked folders followed once), the same clips `extract`
     indexes in it. A folder that cannot be read becomes an entry saying so; a folder with no video
     and nothing unreadable in it, or no clip at all, is a FeatpipeError."""
@@ -158,7 +159,7 @@ class Predictor:
                 f"The run was trained on features from the weights file '{weights}', which is not on this machine; "
                 f"copy it to that path (the run checks it by fingerprint)."
             )
-        self.extractor = FeatureExtractor(
+        self.extractor = frame_source(
             pre["backbone"], self.size, weights, int(pre.get("weights_seed", 0)), batch_size, precision
         )
         if self.extractor.fingerprint != pre["weights_fingerprint"]:

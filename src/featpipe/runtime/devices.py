@@ -116,3 +116,16 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Decode threads: one per usable CPU core (OpenCV releases the GIL while decoding), at most 32."""
+    return max(1, min(32, cpu_count()))
+
+
+def physical_memory() -> int:
+    """Bytes of physical memory (8 GiB when the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30

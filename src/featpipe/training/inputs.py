@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from featpipe.cache.finite import non_finite_rows
 from featpipe.cache.store import CacheConfig, check_masks, open_h5, parse_shard_path, read_features
 from featpipe.errors import CacheError, FeatpipeError
+from featpipe.runtime.devices import physical_memory
 
 # Caches up to this fraction of physical memory (as float32) are trained from memory by default.
 IN_MEMORY_FRACTION = 0.25
@@ -150,13 +151,6 @@ def open_index(path: str | Path) -> CacheIndex:
     return index
 
 
-def physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
-
-
 def choose_stream(index: CacheIndex, stream: bool | None) -> bool:
     """True to stream from disk: as asked, else when the features exceed a quarter of RAM."""
     if stream is not None:
@@ -182,7 +176,7 @@ def _scan(index: CacheIndex, rows: np.ndarray):
 
 
 def _refuse_non_finite(index: CacheIndex, block: np.ndarray, x: np.ndarray) -> None:
-    bad = ~np.isfinite(x.reshape(len(block), -1)).all(axis=1)
+    bad = non_finite_rows(x)
     if bad.any():
         video = index.videos[block[np.flatnonzero(bad)[0]]]
         raise CacheError(

@@ -53,7 +53,7 @@ from featpipe.training.inputs import (
     physical_memory,
     resolve_cache,
 )
-from featpipe.video.datasets import stratified_split
+from featpipe.video.records import stratified_split
 
 # upper bounds: far beyond any useful value, low enough to fail with a sentence instead of MemoryError
 MAX_EPOCHS = 100_000

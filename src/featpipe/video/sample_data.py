@@ -35,7 +35,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from featpipe.errors import DatasetError, FeatpipeError, OptionError, VideoError
+from featpipe.errors import DatasetError, FeatpipeError, NoSampleClips, OptionError, VideoError
 from featpipe.names import DIFFICULTIES, SPLITS
 from featpipe.options import check_int
 from featpipe.video.decode import count_frames
@@ -121,27 +121,13 @@ class ClipSpec(_ClipBase):
 MAX_CLIPS_PER_CLASS = 10_000
 
 
-class _NoClips(OptionError):
-    """All three counts are 0: names the three parameters (API) or the three flags (CLI)."""
-
-    def __init__(self):
-        super().__init__("train", "")
-        self.args = ("train, val and test are all 0: there would be no clip to write; ask for at least one.",)
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-    def flag_message(self, flags=None) -> str:
-        return "--train, --val and --test are all 0: there would be no clip to write; ask for at least one."
-
-
 def _check_counts(train: int, val: int, test: int, seed: int = 0) -> None:
     """Every option of the generator, checked once (API and CLI alike) before anything is written."""
     for name, value in (("train", train), ("val", val), ("test", test)):
         check_int(name, value, 0, MAX_CLIPS_PER_CLASS, hint="It counts clips per class in that split.")
     check_int("seed", seed, 0)
     if train + val + test == 0:
-        raise _NoClips()
+        raise NoSampleClips()
 
 
 def _hue_colour(rng: np.random.Generator) -> tuple[int, int, int]:

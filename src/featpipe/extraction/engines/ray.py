@@ -5,7 +5,7 @@ The pipeline, from the driver (the process that runs `featpipe extract`):
     keyed clip rows (key, path, label, split)            ray.data.from_items
       -> decode_batch: read_clip per row, as CPU tasks     map_batches(function, num_cpus=1)
       -> ClipEmbedder: the backbone in a stateful actor    map_batches(class, compute=ActorPoolStrategy(...),
-         pool, frames batched across clips (pipeline.embed)               num_gpus=--gpus-per-worker)
+         pool, frames batched across clips (stages.embed)               num_gpus=--gpus-per-worker)
       -> rows consumed on the driver, which alone writes   CacheWriter + journal (as --engine local)
 
 * Every row carries its clip's key: Ray does not keep the input order, and the driver writes
@@ -34,10 +34,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from featpipe.backbones.registry import Backbone, FeatureExtractor
-from featpipe.cache.store import ClipRecord
+from featpipe.backbones.frame_source import FrameSource, auto_batch_size, frame_source
+from featpipe.backbones.registry import RAW_FINGERPRINT, WEIGHTS_NONE, Backbone, check_precision
+from featpipe.backbones.weights import build_model, fingerprint, weights_label
+from featpipe.cache.store import CacheWriter, ClipRecord
 from featpipe.errors import BackboneError, ExtractionFailed, FeatpipeError
-from featpipe.extraction.stages import Decoded, Stats, embed, writing_with_progress
+from featpipe.extraction.engines.base import Work
+from featpipe.extraction.options import ExtractOptions
+from featpipe.extraction.stages import Decoded, Stats, check_clip_finite, embed, writing_with_progress
+from featpipe.runtime.devices import current_device
 from featpipe.runtime.keras_import import import_keras
 
 INSTALL = 'pip install "featpipe[ray]"'
@@ -114,8 +119,9 @@ def plan(num_workers: int | None, gpus_per_worker: float | None) -> Plan:
 class DriverBackbone:
     """The backbone as the driver needs it under --engine ray: what the cache records, no compiled network.
 
-    The same attributes as a FeatureExtractor where extract() reads them (weights label, feature
-    shape, cache dtype, batch size, precision). The weights fingerprint needs the network with
+    A :class:`~featpipe.backbones.frame_source.FrameSource` for what extract() reads of one (weights
+    label, feature shape, cache dtype, batch size, precision, :meth:`wait`); it is never called on frames.
+    The weights fingerprint needs the network with
     its weights (for --weights none a NumPy calibration, about 15 s for InceptionV3 at 299 px on
     2 cores): it is computed on a thread started here, so that it overlaps the cluster starting
     and the actors importing TensorFlow and building their own. ``fingerprint`` is None until
@@ -123,22 +129,10 @@ class DriverBackbone:
     """
 
     def __init__(self, backbone, size: int, weights: str, seed: int, batch_size: int | None, precision: str):
-        from featpipe.backbones.registry import (
-            RAW_FINGERPRINT,
-            WEIGHTS_NONE,
-            _check_precision,
-            auto_batch_size,
-            build_model,
-            fingerprint,
-            weights_label,
-        )
-        from featpipe.runtime.devices import current_device
-        from featpipe.runtime.keras_import import import_keras
-
         if not backbone.raw:
             import_keras()  # here: the import filters fd 2 for the whole process, not something for two threads
         self.backbone, self.size, self.seed = backbone, size, seed
-        self.precision = _check_precision(precision)
+        self.precision = check_precision(precision)
         self.weights = WEIGHTS_NONE if backbone.raw else weights_label(weights)
         self.feature_shape: tuple[int, ...] = (size, size, 3) if backbone.raw else (backbone.feature_dim,)
         self.fingerprint: str | None = RAW_FINGERPRINT if backbone.raw else None
@@ -183,6 +177,9 @@ class DriverBackbone:
     def warm_up(self) -> None:
         """Nothing to compile: the actors run the network."""
 
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        raise TypeError("the Ray driver's backbone runs no frames: its actors do")
+
 
 def decode_batch(batch: dict, frames: int, size: int, sampling: str) -> dict:
     """Ray Data UDF (a CPU task): decode each row's clip. Never raises: a bad clip is a row with ``error``."""
@@ -217,7 +214,7 @@ def decode_batch(batch: dict, frames: int, size: int, sampling: str) -> dict:
 
 @dataclass
 class _Window:
-    """What ``pipeline.embed`` needs of a decoded clip."""
+    """What ``stages.embed`` needs of a decoded clip."""
 
     frames: np.ndarray
     mask: np.ndarray
@@ -244,7 +241,7 @@ class ClipEmbedder:
         self.source, self.fatal, self.keras_version, self.fingerprint = None, "", "", ""
         try:
             self.keras_version = import_keras().__version__
-            self.source = FeatureExtractor(backbone, size, weights, seed, batch_size, precision)
+            self.source = frame_source(backbone, size, weights, seed, batch_size, precision)
             self.fingerprint = self.source.fingerprint
             self.dtype = np.dtype(self.source.cache_dtype(dtype))
             self.source.warm_up()
@@ -363,8 +360,6 @@ def consume(ds, sink, dtype, fingerprint: str | Callable[[], str], keras_version
     ``fingerprint`` is the reference every row is checked against, or a function returning it,
     called once when the first rows have come and before any is written (it may raise).
     """
-    from featpipe.extraction.extract import check_finite  # lazy: featpipe.extraction.extract imports this module
-
     seen: set[str] = set()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
         if callable(fingerprint):
@@ -381,7 +376,7 @@ def consume(ds, sink, dtype, fingerprint: str | Callable[[], str], keras_version
                 check_worker(row, fingerprint, keras_version)
                 mask = np.asarray(row["mask"], bool)
                 feats = np.asarray(row["features"], dtype)
-                check_finite(key, feats, mask, dtype)
+                check_clip_finite(key, feats, mask, dtype)
                 sink.put(ClipRecord(key, label, split, int(row["n_frames"]), feats, mask))
                 stats.clips += 1
                 stats.frames += int(mask.sum())
@@ -393,45 +388,64 @@ def consume(ds, sink, dtype, fingerprint: str | Callable[[], str], keras_version
                 progress(1)
 
 
-def run(todo: list, dataset, extractor, opts, writer, keras_version: str, fingerprint: Callable[[], str]):
-    """Extract ``todo`` on the cluster; the driver writes every row through ``writer``. Returns pipeline Stats.
+class RayEngine:
+    """The backbone runs on a Ray cluster's actors; this process (the driver) writes (see the module's docstring)."""
 
-    ``fingerprint()`` gives the driver's weights fingerprint, checked against the cache: called
-    when the first rows come back, before anything is written.
-    """
+    name = "ray"
 
-    ray = import_ray()
-    started_ray = connect(opts.ray_address)
-    try:
-        quiet_ray_data()
-        p = plan(opts.num_workers, opts.gpus_per_worker)
-        rows = [
-            {"key": r.video, "path": str(r.path.resolve()), "label": dataset.label_index(r.label), "split": r.split}
-            for r in todo
-        ]
-        ds = build(
-            rows,
-            p,
-            decode_kwargs=dict(frames=opts.frames, size=extractor.size, sampling=opts.sampling),
-            embedder_kwargs=dict(
-                backbone=extractor.backbone,
-                size=extractor.size,
-                weights=opts.weights,
-                seed=opts.seed,
-                batch_size=opts.batch_size,
-                precision=opts.precision,
-                dtype=opts.dtype,
-            ),
-            clips_per_call=clips_per_call(extractor.batch_size, opts.frames),
-        )
-        stats = Stats()
-        desc = f"extract {extractor.backbone.name} on {p.num_workers} Ray worker(s)"
-        with writing_with_progress(writer, len(todo), desc, opts.quiet) as (bar, sink):
-            consume(ds, sink, extractor.cache_dtype(opts.dtype), fingerprint, keras_version, stats, bar.update)
-        return stats
-    finally:
-        if started_ray:
-            ray.shutdown()
+    def check(self) -> None:
+        """Without Ray Data installed: a sentence saying how to install it, before any work."""
+        import_ray()
+
+    def source(self, backbone: Backbone, size: int, opts: ExtractOptions) -> FrameSource:
+        """No network on the driver: what the cache records, the fingerprint computed on a thread."""
+        return DriverBackbone(backbone, size, opts.weights, opts.seed, opts.batch_size, opts.precision)
+
+    def run(self, work: Work, writer: CacheWriter) -> Stats:
+        """Extract ``work.todo`` on the cluster; the driver writes every row through ``writer``.
+
+        ``work.fingerprint()`` gives the driver's weights fingerprint, checked against the cache: called
+        when the first rows come back, before anything is written.
+        """
+        ray = import_ray()
+        opts, source, todo = work.opts, work.source, work.todo
+        keras_version = import_keras().__version__
+        started_ray = connect(opts.ray_address)
+        try:
+            quiet_ray_data()
+            p = plan(opts.num_workers, opts.gpus_per_worker)
+            rows = [
+                {
+                    "key": r.video,
+                    "path": str(r.path.resolve()),
+                    "label": work.dataset.label_index(r.label),
+                    "split": r.split,
+                }
+                for r in todo
+            ]
+            ds = build(
+                rows,
+                p,
+                decode_kwargs=dict(frames=opts.frames, size=source.size, sampling=opts.sampling),
+                embedder_kwargs=dict(
+                    backbone=source.backbone,
+                    size=source.size,
+                    weights=opts.weights,
+                    seed=opts.seed,
+                    batch_size=opts.batch_size,
+                    precision=opts.precision,
+                    dtype=opts.dtype,
+                ),
+                clips_per_call=clips_per_call(source.batch_size, opts.frames),
+            )
+            stats = Stats()
+            desc = f"extract {source.backbone.name} on {p.num_workers} Ray worker(s)"
+            with writing_with_progress(writer, len(todo), desc, opts.quiet) as (bar, sink):
+                consume(ds, sink, source.cache_dtype(opts.dtype), work.fingerprint, keras_version, stats, bar.update)
+            return stats
+        finally:
+            if started_ray:
+                ray.shutdown()
 
 
 def quiet_ray_data() -> None:
@@ -445,3 +459,6 @@ def quiet_ray_data() -> None:
     if detectors is not None and hasattr(detectors, "high_memory_detector_config"):
         detectors.high_memory_detector_config.detection_time_interval_s = -1
     logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+ENGINE = RayEngine()

@@ -1,0 +1,1 @@
+"""Where stage one's backbone runs: the engine interface and registry (``base``), ``local`` and ``ray``."""
