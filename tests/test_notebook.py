@@ -144,7 +144,12 @@ def executed(tmp_path_factory):
         resources={"metadata": {"path": str(tmp)}},
     )
     started = time.perf_counter()
-    client.execute(env=env)
+    try:
+        client.execute(env=env)
+    finally:
+        # nbclient leaves a kernel it was given running: it would idle (1 GB, some CPU) until pytest exits
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
     seconds = time.perf_counter() - started
     probe = nb.cells.pop()
     assert len(nb.cells) == n_cells
