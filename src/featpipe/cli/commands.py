@@ -22,7 +22,7 @@ import featpipe
 from featpipe._version import __version__
 from featpipe.backbones.registry import REGISTRY, WEIGHTS_IMAGENET
 from featpipe.cache.store import _is_whole_cache, find_shards, parse_shard_path, summarize
-from featpipe.errors import FeatpipeError, OptionError, Terminated
+from featpipe.errors import FeatpipeError, OptionError, RunWarning, Terminated
 from featpipe.names import (
     CLASS_WEIGHTS,
     CV_MODES,
@@ -35,7 +35,6 @@ from featpipe.names import (
     SAMPLING,
 )
 from featpipe.runs.predict import PredictOptions, check_csv_path, find_clips, format_table, to_json_lines, write_csv
-from featpipe.runs.rundir import RunWarning
 from featpipe.runtime import signals
 from featpipe.runtime.keras_import import set_verbose
 from featpipe.training.tune import format_leaderboard
