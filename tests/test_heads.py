@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from featpipe.errors import FeatpipeError
+from featpipe.errors import FeatpipeError, OptionError
 from featpipe.training.heads.config import HeadConfig
 from featpipe.training.heads.layers import (
     FrameSubset,
@@ -338,6 +338,16 @@ def test_unknown_head_lists_the_choices():
 def test_invalid_config_raises_featpipe_error(kwargs):
     with pytest.raises(FeatpipeError):
         HeadConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"units": 0}, "units"), ({"dropout": 1.0}, "dropout"), ({"head": "rnn"}, "head"), ({"l2": -1.0}, "l2")],
+)
+def test_a_bad_head_config_is_an_option_error_naming_the_field(kwargs, field):
+    with pytest.raises(OptionError) as err:
+        HeadConfig(**kwargs)
+    assert err.value.option == field
 
 
 def test_from_dict_refuses_unknown_keys():

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numbers
 from dataclasses import asdict, dataclass, fields
 
-from featpipe.errors import FeatpipeError
+from featpipe.errors import FeatpipeError, OptionError
 from featpipe.names import HEAD_NAMES
+from featpipe.options import check_choice, check_float, check_int
 
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """Hyper-parameters of one classifier head. Validated on construction."""
+    """Hyper-parameters of one classifier head. Validated on construction (OptionError naming the field)."""
 
     head: str = "gru"  # one of HEADS
     units: int = 64  # recurrent units / model width
@@ -28,11 +29,8 @@ class HeadConfig:
     l2: float = 0.0  # L2 penalty on the trained classifier's weights (added to the mean loss of each batch)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.head, str):
-            raise FeatpipeError(f"Head must be a name, one of {', '.join(HEAD_NAMES)}; got {self.head!r}.")
-        head = self.head.strip().lower()
-        if head not in HEAD_NAMES:
-            raise FeatpipeError(f"Unknown head {self.head!r}: choose one of {', '.join(HEAD_NAMES)}.")
+        head = self.head.strip().lower() if isinstance(self.head, str) else self.head
+        check_choice("head", head, HEAD_NAMES)
         object.__setattr__(self, "head", head)
         for name, low in (
             ("units", 1),
@@ -45,24 +43,19 @@ class HeadConfig:
             ("pooled_steps", 0),
             ("shortcut", 0),
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise FeatpipeError(f"{name} must be a whole number >= {low}; got {value!r}.")
-            if value < low:
-                raise FeatpipeError(f"{name} must be >= {low}; got {value}.")
-            object.__setattr__(self, name, int(value))
+            check_int(name, getattr(self, name), low)
+            object.__setattr__(self, name, int(getattr(self, name)))
         for name in ("dropout", "input_dropout"):
             dropout = getattr(self, name)
-            if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
-                raise FeatpipeError(f"{name} must be a number in [0, 1); got {dropout!r}.")
-            if not (0.0 <= float(dropout) < 1.0):  # also rejects NaN
-                raise FeatpipeError(f"{name} must be in [0, 1) (a fraction of units dropped); got {dropout}.")
+            if not isinstance(dropout, numbers.Real):  # check_float would read the string "0.3" as a number
+                raise OptionError(name, f"must be a number, got {dropout!r}.")
+            check_float(name, dropout, 0.0, 1.0, high_open=True)
             object.__setattr__(self, name, float(dropout))
         if isinstance(self.l2, bool) or not isinstance(self.l2, numbers.Real) or not (0.0 <= float(self.l2) <= 100.0):
-            raise FeatpipeError(f"l2 must be a number from 0 (no penalty) to 100; got {self.l2!r}.")
+            raise OptionError("l2", f"must be a number from 0 (no penalty) to 100; got {self.l2!r}.")
         object.__setattr__(self, "l2", float(self.l2))
         if self.bottleneck and self.pca:
-            raise FeatpipeError("Choose a learned bottleneck or a PCA projection, not both.")
+            raise OptionError("pca", "and bottleneck exclude each other: choose a learned bottleneck or PCA.")
 
     def to_dict(self) -> dict:
         """Plain JSON-serialisable dict; ``HeadConfig.from_dict(c.to_dict()) == c``."""
