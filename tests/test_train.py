@@ -604,7 +604,7 @@ def test_a_signal_after_the_run_is_written_exits_130_and_says_the_run_is_complet
 
     import featpipe
 
-    real_train = featpipe.training.train
+    real_train = featpipe.train
 
     def train_then_sigint(*args, **kwargs):
         result = real_train(*args, **kwargs)
