@@ -30,7 +30,7 @@ class TrainOptions:
 
     cache: str | Path | None = None  # cache file; None = the single .h5 in cache_dir
     cache_dir: str | Path = "cache"
-    head: str = "gru"  # sequence head (featpipe.training.heads.HEADS)
+    head: str = "gru"  # sequence head (featpipe.training.heads.registry.HEADS)
     units: int = 64
     layers: int = 1
     dropout: float = 0.3
