@@ -5,7 +5,6 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-from test_data import make_cache  # a small cache written through the real writer
 from typer.testing import CliRunner
 
 import featpipe
@@ -14,6 +13,7 @@ from featpipe.cli.commands import app
 from featpipe.errors import CacheError
 from featpipe.training.inputs import feature_stats, load_rows, open_index
 from featpipe.training.streaming import H5Batches
+from test_inputs import make_cache  # a small cache written through the real writer
 
 DAMAGED = 5  # the row whose bytes are flipped; make_cache names it v005.mp4
 
