@@ -136,7 +136,7 @@ def run_mode(cache: Path, stream: bool, epochs: int, batch_size: int) -> dict:
 def baseline_rss() -> int:
     """Peak memory of a process that only imports featpipe's training stack (the fixed cost)."""
     code = (
-        "import resource, keras, featpipe.training.train, featpipe.training.heads, h5py;"
+        "import resource, keras, featpipe.training.train, featpipe.training.heads.registry, h5py;"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import featpipe.training.heads as models
 from featpipe.cache.store import CacheConfig, CacheWriter, ClipRecord
 from featpipe.errors import FeatpipeError
 from featpipe.training.baselines import linear_probe, segment_means
+from featpipe.training.heads.layers import SegmentMeans
 
 
 def order_cache(path: Path, n: int = 64, t: int = 12, d: int = 5) -> Path:
@@ -37,7 +37,7 @@ def test_segment_means_follow_the_models_segment_rule_for_short_empty_and_padded
     mask = np.arange(10)[None, :] < np.array(lengths)[:, None]
     x[~mask] = 1e6  # padded garbage must not count
     ours = segment_means(x, mask, 4)
-    layer = np.asarray(models.SegmentMeans(4)(np.where(mask[..., None], x, 0), mask=mask))
+    layer = np.asarray(SegmentMeans(4)(np.where(mask[..., None], x, 0), mask=mask))
     np.testing.assert_allclose(ours, layer, rtol=1e-5, atol=1e-5)
     assert not ours[0].any() and np.allclose(ours[1], x[1, 0])
 

@@ -146,7 +146,7 @@ def test_a_cache_changed_otherwise_since_training_is_scored_with_a_one_line_warn
     assert "accuracy" in out.stdout
     same = runner.invoke(app, ["evaluate", str(result.run_dir), "--split", "test"])
     assert same.exit_code == 0 and same.stderr == "", "no warning for the cache the run was trained on"
-    from featpipe.runs.rundir import RunWarning
+    from featpipe.errors import RunWarning
 
     with pytest.warns(RunWarning, match="since this run was trained"):
         metrics = evaluate(result.run_dir, cache=changed)

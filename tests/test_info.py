@@ -12,7 +12,7 @@ from featpipe.cache.store import DamagedCacheError, verify_cache
 from featpipe.errors import CacheError
 from featpipe.training.inputs import feature_stats, load_rows, open_index
 from featpipe.training.streaming import H5Batches
-from test_data import make_cache  # a small cache written through the real writer
+from test_inputs import make_cache  # a small cache written through the real writer
 
 DAMAGED = 5  # the row whose bytes are flipped; make_cache names it v005.mp4
 

@@ -11,8 +11,8 @@ import featpipe
 from featpipe.errors import OptionError
 from featpipe.extraction.options import ExtractOptions
 from featpipe.runs.predict import PredictOptions
-from featpipe.training.train import TrainOptions
-from featpipe.training.tune import TuneOptions
+from featpipe.training.options import TrainOptions
+from featpipe.training.search import TuneOptions
 
 OPTIONS = (ExtractOptions, TrainOptions, TuneOptions, PredictOptions)
 # every list-valued option field: (a comma-separated string as the CLI takes it, what it means)

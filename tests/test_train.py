@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import featpipe.training.heads  # noqa: F401  registers custom layers for safe-mode loading
+import featpipe.training.heads.layers  # noqa: F401  registers custom layers for safe-mode loading
+from caches import synthetic_cache
 from featpipe.cache.store import SCHEMA_VERSION, CacheConfig, CacheWriter, ClipRecord
 from featpipe.cli import app
 from featpipe.errors import FeatpipeError
 from featpipe.extraction.extract import extract
-from featpipe.training.train import resolve_run, train
+from featpipe.runs.rundir import resolve_run
+from featpipe.training.train import train
 from featpipe.video.sample_data import write_sample_data
 
 runner = CliRunner()
@@ -34,20 +36,6 @@ def small_cache(tmp_path_factory) -> Path:
     out = root / "cache" / "vgg16.h5"
     extract(data=root / "data", output=out, backbone="vgg16", size=32, frames=8, weights="none", quiet=True)
     return out
-
-
-def synthetic_cache(path: Path, splits=("train", "val", "test"), classes=("a", "b"), n=24, nan=False) -> Path:
-    t, d = 4, 6
-    rng = np.random.default_rng(0)
-    w = CacheWriter(path, CacheConfig("vgg16", "none", "fp", 32, t, "uniform", "float32", (d,), tuple(classes)))
-    for i in range(n):
-        label = i % len(classes)
-        feats = rng.normal(label, 1, (t, d)).astype(np.float32)
-        if nan and i == 3:
-            feats[1, 2] = np.nan
-        w.append(ClipRecord(f"v{i:03d}.mp4", label, splits[i % len(splits)], t, feats, np.ones(t, bool)))
-    w.finalize()
-    return path
 
 
 def test_training_writes_a_complete_self_describing_run_directory(small_cache, tmp_path):
@@ -372,86 +360,6 @@ def test_run_json_records_the_clips_trained_and_validated_on(tmp_path):
     assert info["run_format"] == 2 and len(info["run_id"]) == 16
 
 
-def test_a_small_train_split_is_refit_on_train_and_val_for_the_chosen_epochs(tmp_path):
-    cache = synthetic_cache(tmp_path / "c.h5", classes=("a", "b"), n=36)  # 6 train clips per class: refit by default
-    result = train(cache=cache, rnn="gru", out=tmp_path / "r", epochs=6, patience=2, quiet=True)
-    info = json.loads((result.run_dir / "run.json").read_text())
-    assert 1 <= result.best_epoch <= 6 and result.refit_epochs == result.best_epoch == info["refit_epochs"]
-    assert set(info["val_clips"]) <= set(info["train_clips"]), "the final model was trained on the val clips too"
-    assert len(info["train_clips"]) == 24 and len(info["val_clips"]) == 12
-    report = json.loads((result.run_dir / "report.json").read_text())
-    assert set(report) == {"val", "test"}, "val scores of the selected model are still reported"
-    from featpipe.runs.rundir import file_sha256
-
-    assert file_sha256(result.run_dir / "model.keras") == info["model_sha256"]
-    assert sorted(p.name for p in result.run_dir.iterdir()) == sorted(
-        ["model.keras", "run.json", "history.csv", "curves.png", "confusion_matrix.png", "report.json", "report.txt"]
-    )
-    # the refit model is what evaluate scores, and a val split it was trained on is refused with the reason
-    from featpipe.runs.evaluate import evaluate
-
-    assert evaluate(result.run_dir, split="test")["accuracy"] == pytest.approx(report["test"]["accuracy"])
-    with pytest.raises(FeatpipeError, match="refit on train \\+ val.*--no-refit"):
-        evaluate(result.run_dir, split="val")
-    again = train(cache=cache, rnn="gru", out=tmp_path / "r2", epochs=6, patience=2, quiet=True)
-    assert again.metrics["test"] == result.metrics["test"], "same seed, same refit model"
-
-
-def test_refit_is_off_from_50_train_clips_per_class_and_can_be_forced_either_way(tmp_path):
-    from featpipe.training.inputs import open_index
-    from featpipe.training.train import TrainOptions, refit_wanted
-
-    big = open_index(synthetic_cache(tmp_path / "big.h5", classes=("a", "b"), n=300))  # 50 train clips per class
-    small = open_index(synthetic_cache(tmp_path / "small.h5", classes=("a", "b"), n=294))  # 49 per class
-    assert not refit_wanted(TrainOptions(), big, big.rows("train"))
-    assert refit_wanted(TrainOptions(), small, small.rows("train"))
-    assert refit_wanted(TrainOptions(refit=True), big, big.rows("train"))
-    assert not refit_wanted(TrainOptions(refit=False), small, small.rows("train"))
-    result = train(cache=tmp_path / "small.h5", rnn="mean", out=tmp_path / "r", epochs=2, quiet=True, refit=False)
-    info = json.loads((result.run_dir / "run.json").read_text())
-    assert info["refit_epochs"] == 0 and not set(info["train_clips"]) & set(info["val_clips"])
-    out = runner.invoke(
-        app,
-        [
-            "train",
-            "--cache",
-            str(tmp_path / "big.h5"),
-            "--head",
-            "mean",
-            "--epochs",
-            "2",
-            "--quiet",
-            "--out",
-            str(tmp_path / "cli"),
-            "--refit",
-        ],
-    )
-    assert out.exit_code == 0, out.stderr
-    assert "refit on train + val for" in out.output
-    assert json.loads((tmp_path / "cli" / "run.json").read_text())["refit_epochs"] >= 1
-
-
-def test_ctrl_c_during_the_refit_keeps_the_selected_model(tmp_path, monkeypatch):
-    cache = synthetic_cache(tmp_path / "c.h5", classes=("a", "b"), n=36)
-    calls = []
-    fit = keras.Model.fit
-
-    def fit_then_interrupt(self, *args, **kwargs):  # the second fit of a run is the refit
-        calls.append(kwargs.get("epochs"))
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return fit(self, *args, **kwargs)
-
-    monkeypatch.setattr(keras.Model, "fit", fit_then_interrupt)
-    result = train(cache=cache, rnn="mean", out=tmp_path / "r", epochs=3, quiet=True)
-    info = json.loads((result.run_dir / "run.json").read_text())
-    assert len(calls) == 2 and result.interrupted and result.refit_epochs == 0
-    assert info["refit_epochs"] == 0 and info["interrupted"] and not set(info["train_clips"]) & set(info["val_clips"])
-    assert sorted(p.name for p in result.run_dir.iterdir()) == sorted(
-        ["model.keras", "run.json", "history.csv", "curves.png", "confusion_matrix.png", "report.json", "report.txt"]
-    )
-
-
 def test_a_shard_file_is_refused_unless_allowed(tmp_path):
     cache = synthetic_cache(tmp_path / "vgg16.shard-1-of-2.h5")
     result = runner.invoke(
@@ -504,17 +412,6 @@ def test_bad_options_are_one_sentence_before_training(tmp_path, args, message):
     assert result.exit_code == 2, result.output + result.stderr
     assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "r").exists() and list(tmp_path.iterdir()) == [cache]
-
-
-def test_the_api_names_the_parameter_not_the_flag():
-    from featpipe.errors import OptionError
-    from featpipe.training.train import TrainOptions
-
-    with pytest.raises(OptionError, match=r"^lr must be a finite number") as exc:
-        TrainOptions(lr=float("inf"))
-    assert exc.value.option == "lr"
-    with pytest.raises(OptionError, match=r"^num_heads must be"):
-        train(num_heads=0)
 
 
 def test_out_naming_a_file_is_one_sentence(tmp_path):
@@ -632,17 +529,6 @@ def test_training_on_fewer_frames_than_cached_is_recorded_and_evaluate_reproduce
         train(cache=small_cache, frames=9, out=tmp_path / "too-many", **FAST)
 
 
-@pytest.mark.parametrize(
-    "head, l2", [("gru", 0.1), ("bilstm", 0.1), ("segments", 0.1), ("mean", 0.0), ("attention", 0.0)]
-)
-def test_the_classifier_l2_defaults_per_head_and_an_explicit_value_wins(head, l2):
-    from featpipe.training.train import TrainOptions, resolve_defaults
-
-    assert resolve_defaults(TrainOptions(head=head)).l2 == l2
-    assert resolve_defaults(TrainOptions(head=head, l2=0.0)).l2 == 0.0
-    assert resolve_defaults(TrainOptions(head=head, l2=1.5)).l2 == 1.5
-
-
 def test_inside_fit_a_signal_is_recorded_and_raised_at_the_next_safe_point_not_where_it_lands():
     """Raised inside TensorFlow's C++ callbacks a Ctrl-C once surfaced as "SystemError: bad argument to internal
     function"; inside signals.deferred() the handler only records it, and raise_pending() raises it."""
@@ -670,29 +556,6 @@ def test_inside_fit_a_signal_is_recorded_and_raised_at_the_next_safe_point_not_w
         signals.handled()
         signal.signal(signal.SIGINT, previous[0])
         signal.signal(signal.SIGTERM, previous[1])
-
-
-def test_an_interrupt_inside_a_checkpoint_write_keeps_the_previous_best_whole(tmp_path, monkeypatch):
-    """Ctrl-C landing while ModelCheckpoint writes model.keras: the half-written file never replaces the last
-    complete checkpoint, and the run directory is written from that one (a SIGTERM test once hit this race)."""
-    synthetic = synthetic_cache(tmp_path / "c.h5", n=48)
-    real_save = keras.Model.save
-    calls = []
-
-    def save_then_interrupt(self, filepath, *args, **kwargs):
-        calls.append(Path(filepath).name)
-        if len(calls) == 2:  # the second improving epoch: a partial zip, then the signal
-            Path(filepath).write_bytes(b"PK\x03\x04 half a checkpoint")
-            raise KeyboardInterrupt
-        return real_save(self, filepath, *args, **kwargs)
-
-    monkeypatch.setattr(keras.Model, "save", save_then_interrupt)
-    result = train(cache=synthetic, rnn="segments", epochs=30, patience=30, lr=0.05, out=tmp_path / "r", quiet=True)
-    monkeypatch.undo()
-    assert result.interrupted and len(calls) >= 2
-    assert sorted(p.name for p in result.run_dir.iterdir() if "model" in p.name) == ["model.keras"]
-    model = keras.saving.load_model(result.run_dir / "model.keras", safe_mode=True)
-    assert model.name == "featpipe_segments" and result.metrics["test"]["n"] > 0
 
 
 @pytest.fixture
@@ -741,7 +604,7 @@ def test_a_signal_after_the_run_is_written_exits_130_and_says_the_run_is_complet
 
     import featpipe
 
-    real_train = featpipe.training.train
+    real_train = featpipe.train
 
     def train_then_sigint(*args, **kwargs):
         result = real_train(*args, **kwargs)
@@ -824,48 +687,6 @@ def test_a_signal_as_the_published_run_appears_exits_with_its_status_and_a_sente
         assert err.strip(), "a sentence on stderr"  # which one depends on where the signal lands
         assert json.loads((run / "run.json").read_text())["interrupted"] is False  # the run itself is whole
     assert conclusive, "the process always ended before the signal could be sent"
-
-
-# ----------------------------------------------------------------------------- NaN losses, a cache rewritten mid-fit
-
-
-def poison_weights_at_epoch(monkeypatch, epoch: int) -> None:
-    """From the start of ``epoch`` (0-based) every weight is NaN, so every loss after is NaN (as after a blow-up)."""
-
-    def on_epoch_begin(self, e, logs=None):
-        if e == epoch:
-            for v in self.model.trainable_variables:
-                v.assign(np.full(v.shape, np.nan, dtype="float32"))
-
-    monkeypatch.setattr(keras.callbacks.CSVLogger, "on_epoch_begin", on_epoch_begin, raising=False)
-
-
-@pytest.mark.slow
-def test_a_nan_loss_stops_training_and_the_run_keeps_the_best_finite_epoch(tmp_path, monkeypatch):
-    cache = synthetic_cache(tmp_path / "c.h5")
-    poison_weights_at_epoch(monkeypatch, 2)
-    out = tmp_path / "run"
-    args = ["--epochs", "40", "--patience", "40", "--units", "4", "--out", str(out), "--quiet"]
-    result = runner.invoke(app, ["train", "--cache", str(cache), *args])
-    assert result.exit_code == 1, result.output
-    assert "stopped: the training loss became NaN in epoch 3" in result.output and "Traceback" not in result.output
-    info = json.loads((out / "run.json").read_text())
-    assert info["epochs_run"] == 3, "stopped after the epoch the loss became NaN in, not after --patience more"
-    assert info["best_epoch"] in (1, 2) and "NaN in epoch 3" in info["diverged"]
-    history = [line.split(",") for line in (out / "history.csv").read_text().splitlines()[1:]]
-    assert all(np.isfinite(float(v)) for v in history[info["best_epoch"] - 1][1:])
-    model = keras.saving.load_model(out / "model.keras")
-    x = {"features": np.zeros((2, 4, 6), np.float32), "mask": np.ones((2, 4), bool)}
-    assert np.isfinite(model.predict(x, verbose=0)).all(), "model.keras is the best finite epoch's"
-
-
-def test_a_nan_loss_in_the_first_epoch_writes_no_run_and_says_so(tmp_path, monkeypatch):
-    cache = synthetic_cache(tmp_path / "c.h5")
-    poison_weights_at_epoch(monkeypatch, 0)
-    with pytest.raises(FeatpipeError, match="NaN in epoch 1.*no run directory was written") as err:
-        train(cache=cache, out=tmp_path / "run", epochs=5, patience=5, units=4, quiet=True)
-    assert err.value.exit_code == 1
-    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".*run*"))
 
 
 @pytest.mark.slow

@@ -14,78 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from caches import tiny_cache
 from featpipe.cache.store import CacheConfig, CacheWriter, ClipRecord
-from featpipe.errors import FeatpipeError, OptionError
-from featpipe.training.tune import TuneOptions, plan_fits, stratified_folds
-
-
-def tiny_cache(path: Path, n: int = 48, val_every: int = 6) -> Path:
-    """4 classes told apart by a rising or falling feature 0 (order) and feature 1 (pair)."""
-    t, d = 4, 6
-    rng = np.random.default_rng(0)
-    names = ("a", "b", "c", "d")
-    w = CacheWriter(path, CacheConfig("vgg16", "none", "fp", 32, t, "uniform", "float32", (d,), names))
-    for i in range(n):
-        label = i % 4
-        feats = rng.normal(0, 0.3, (t, d)).astype(np.float32)
-        feats[:, 0] += np.linspace(-1, 1, t) * (1 if label % 2 else -1)
-        feats[:, 1] += 1.0 if label >= 2 else -1.0
-        split = "test" if i % 8 == 7 else ("val" if i % val_every == 0 else "train")
-        w.append(ClipRecord(f"v{i:03d}.mp4", label, split, t, feats, np.ones(t, bool)))
-    w.finalize()
-    return path
-
-
-# ---------------------------------------------------------------- folds
-
-
-def test_stratified_folds_partition_the_clips_and_spread_every_class_evenly():
-    labels = np.array([0] * 9 + [1] * 6 + [2] * 4)
-    folds = stratified_folds(labels, 3, seed=1)
-    val = np.concatenate([va for _, va in folds])
-    assert sorted(val.tolist()) == list(range(len(labels))), "every clip is in exactly one val fold"
-    for train, va in folds:
-        assert not set(train) & set(va) and len(train) + len(va) == len(labels)
-        counts = np.bincount(labels[va], minlength=3)
-        assert counts[0] == 3 and counts[1] == 2 and counts[2] in (1, 2), counts
-    again = stratified_folds(labels, 3, seed=1)
-    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again)), "the same seed, the same folds"
-
-
-def test_a_class_smaller_than_the_fold_count_is_refused_with_what_to_do():
-    with pytest.raises(FeatpipeError, match="fewer than the 3 folds.*--cv seeds"):
-        stratified_folds(np.array([0, 0, 0, 1, 1]), 3, seed=0)
-
-
-def test_small_val_splits_are_scored_by_kfold_on_train_plus_val_and_large_ones_by_seeds(tmp_path):
-    from featpipe.training.inputs import open_index
-
-    index = open_index(tiny_cache(tmp_path / "c.h5"))
-    mode, fits = plan_fits(index, TuneOptions(cache=index.path))
-    assert mode == "folds" and len(fits) == 3
-    pool = set(index.rows("train")) | set(index.rows("val"))
-    assert set(np.concatenate([va for _, va, _ in fits]).tolist()) == pool
-    assert not set(np.concatenate([va for _, va, _ in fits]).tolist()) & set(index.rows("test")), "test never used"
-    mode, fits = plan_fits(index, TuneOptions(cache=index.path, cv="seeds", seeds=2))
-    assert mode == "seeds" and [s for _, _, s in fits] == [0, 1]
-
-
-@pytest.mark.parametrize(
-    "kwargs, flag",
-    [
-        ({"trials": 0}, "trials"),
-        ({"jobs": 0}, "jobs"),
-        ({"trials": None}, "trials"),
-        ({"heads": ("cnn-lstm",)}, "heads"),
-        ({"cv": "loo"}, "cv"),
-        ({"time_budget": -1.0}, "time_budget"),
-    ],
-)
-def test_bad_options_are_refused_naming_the_option(kwargs, flag):
-    with pytest.raises(OptionError) as err:
-        TuneOptions(**kwargs)
-    assert err.value.option == flag
-
+from featpipe.training.search import TuneOptions
 
 # ---------------------------------------------------------------- a search, resumed
 
@@ -375,7 +306,7 @@ def _scored_defaults(db: Path, heads, frames: int) -> set[str]:
     """The heads whose default configuration (train's defaults) has a finished trial in ``db``."""
     import sqlite3
 
-    from featpipe.training.tune import _defaults_as_trial
+    from featpipe.training.search import defaults_as_trial
 
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
         ids = [i for (i,) in con.execute("SELECT trial_id FROM trials WHERE state = 'COMPLETE'")]
@@ -392,7 +323,7 @@ def _scored_defaults(db: Path, heads, frames: int) -> set[str]:
                 elif dist["name"] == "IntDistribution":
                     value = int(value)
                 params[name] = value
-            scored |= {h for h in heads if _defaults_as_trial(h, frames) == params}
+            scored |= {h for h in heads if defaults_as_trial(h, frames) == params}
     return scored
 
 
@@ -401,7 +332,9 @@ def test_a_trial_left_running_by_a_killed_search_is_failed_and_its_default_score
     import optuna
 
     from featpipe.training.inputs import open_index
-    from featpipe.training.tune import _defaults_as_trial, _load_study, study_name, suggest, tune
+    from featpipe.training.search import defaults_as_trial, suggest
+    from featpipe.training.study import load_study, study_name
+    from featpipe.training.tune import tune
 
     cache = tiny_cache(tmp_path / "c.h5")
     out = tmp_path / "tune"
@@ -411,9 +344,9 @@ def test_a_trial_left_running_by_a_killed_search_is_failed_and_its_default_score
     index = open_index(cache)
     # what a search killed during its first trial leaves: both defaults queued, the first one RUNNING for ever,
     # and (a second worker's) the other default and one sampled trial finished: --trials 2 is reached
-    study = _load_study(out / "study.db", study_name(index, opts, "folds"), 0)
+    study = load_study(out / "study.db", study_name(index, opts, "folds"), 0)
     for head in heads:
-        study.enqueue_trial(_defaults_as_trial(head, index.config.frames))
+        study.enqueue_trial(defaults_as_trial(head, index.config.frames))
     killed = study.ask()
     for value in (0.5, 0.4):
         trial = study.ask()

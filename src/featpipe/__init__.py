@@ -26,8 +26,10 @@ from featpipe.runs.evaluate import evaluate
 from featpipe.runs.info import info
 from featpipe.runs.predict import Prediction, predict
 from featpipe.training.baselines import linear_probe
-from featpipe.training.train import TrainOptions, TrainResult, train
-from featpipe.training.tune import TuneOptions, TuneResult, tune
+from featpipe.training.options import TrainOptions
+from featpipe.training.search import TuneOptions
+from featpipe.training.train import TrainResult, train
+from featpipe.training.tune import TuneResult, tune
 
 __all__ = [
     "FeatpipeError",

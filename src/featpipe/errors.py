@@ -90,3 +90,46 @@ class ExtractionFailed(FeatpipeError):
     """The run finished but produced nothing usable, or ``--strict`` saw a failed clip."""
 
     exit_code = 1
+
+
+class FolderBusy(FeatpipeError):
+    """Another command (or the workers of a killed one) is still working in the folder."""
+
+
+class TuneStorageError(FeatpipeError):
+    """study.db or the leaderboard cannot be written or read: a read-only folder or a damaged study (exit 2),
+    a full disk and the like (exit 1; the finished trials are kept)."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RunError(FeatpipeError):
+    """A run directory (or models/latest) that cannot be used: missing, damaged, or inconsistent."""
+
+
+class AdvisedOptionError(OptionError):
+    """An OptionError whose advice names another option: the API reads ``force=True``, the CLI ``--force``."""
+
+    def __init__(self, option: str, problem: str, cli_problem: str):
+        super().__init__(option, problem)
+        self.cli_problem = cli_problem
+
+    def flag_message(self, flags: dict[str, str] | None = None) -> str:
+        flag = (flags or {}).get(self.option) or "--" + self.option.replace("_", "-")
+        return f"{flag} {self.cli_problem}"
+
+
+class RunWriteError(FeatpipeError):
+    """The run directory could not be written (read-only folder: exit 2; disk full and the like: exit 1)."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RunWarning(UserWarning):
+    """The data a run is judged on changed since training (the CLI prints it as one line on stderr).
+
+    A warning category, not an error: kept here so that every class a user may meet is in one file."""

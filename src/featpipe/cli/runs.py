@@ -11,9 +11,9 @@ import typer
 
 import featpipe
 from featpipe.cli.params import BATCH_HELP, PRECISION_HELP, WORKERS_HELP, Precision, defaults, plain, renamed
+from featpipe.errors import RunWarning
 from featpipe.runs.evaluate import evaluate
 from featpipe.runs.predict import PredictOptions, check_csv_path, find_clips, format_table, to_json_lines, write_csv
-from featpipe.runs.rundir import RunWarning
 
 EVALUATE = defaults(evaluate)  # each option's default, written once: in evaluate() ...
 PREDICT = defaults(PredictOptions)  # ... and in PredictOptions

@@ -2,7 +2,7 @@
 
 The run and the cache are checked against each other first: preprocessing must match, a split
 that holds clips the run was trained on is refused, and a cache that changed since training
-(another fingerprint) is scored with a :class:`featpipe.runs.rundir.RunWarning`.
+(another fingerprint) is scored with a :class:`featpipe.errors.RunWarning`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from featpipe.cache.store import APPEND_KEYS, CacheConfig
-from featpipe.errors import CacheError, FeatpipeError
+from featpipe.errors import CacheError, FeatpipeError, RunWarning
 from featpipe.options import check_int
-from featpipe.runs.rundir import RunInfo, RunWarning, cache_change_warning, load_run, overlap_with_training  # noqa: F401
+from featpipe.runs.rundir import RunInfo, cache_change_warning, load_run, overlap_with_training
+from featpipe.training.fit import predict_rows
 from featpipe.training.inputs import cache_fingerprint, check_finite, open_index
-from featpipe.training.train import predict_rows
 
 
 def check_cache_matches(info: RunInfo, cache_config: CacheConfig, cache: Path) -> None:

@@ -29,7 +29,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featpipe.errors import FeatpipeError, OptionError
+from featpipe.cache.store import PREPROCESSING_KEYS
+from featpipe.errors import AdvisedOptionError, OptionError, RunError, RunWriteError
 from featpipe.runtime.keras_import import import_keras
 
 RUN_FILE = "run.json"
@@ -41,35 +42,6 @@ _OLD_MARK = ".featpipe-old-"
 
 # run.json keys every reader needs; a run.json without one of them is incomplete
 REQUIRED_KEYS = ("class_names", "preprocessing", "cache_attrs", "cache", "cache_fingerprint", "head", "config")
-_PREPROCESSING_KEYS = ("backbone", "weights", "weights_fingerprint", "input_size", "frames", "sampling")
-
-
-class RunError(FeatpipeError):
-    """A run directory (or models/latest) that cannot be used: missing, damaged, or inconsistent."""
-
-
-class AdvisedOptionError(OptionError):
-    """An OptionError whose advice names another option: the API reads ``force=True``, the CLI ``--force``."""
-
-    def __init__(self, option: str, problem: str, cli_problem: str):
-        super().__init__(option, problem)
-        self.cli_problem = cli_problem
-
-    def flag_message(self, flags: dict[str, str] | None = None) -> str:
-        flag = (flags or {}).get(self.option) or "--" + self.option.replace("_", "-")
-        return f"{flag} {self.cli_problem}"
-
-
-class RunWarning(UserWarning):
-    """The data a run is judged on changed since training (the CLI prints it as one line on stderr)."""
-
-
-class RunWriteError(FeatpipeError):
-    """The run directory could not be written (read-only folder: exit 2; disk full and the like: exit 1)."""
-
-    def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -81,7 +53,7 @@ class RunInfo:
     cache_attrs: dict  # the cache's APPEND_KEYS attributes, copied verbatim
     cache: str  # the training cache (absolute path)
     cache_fingerprint: str  # featpipe.training.inputs.cache_fingerprint of that cache when training started
-    head: dict  # featpipe.training.heads.HeadConfig.to_dict()
+    head: dict  # featpipe.training.heads.config.HeadConfig.to_dict()
     config: dict  # TrainOptions as given (paths as strings)
     run_id: str | None = None  # None: a run written before run identity (RUN_FORMAT 1)
     model_sha256: str | None = None  # of model.keras; None: not recorded (RUN_FORMAT 1)
@@ -129,8 +101,8 @@ class RunInfo:
                 f"'{where}' is incomplete (no {', '.join(missing)}); the run directory is damaged. Train again."
             )
         pre = data["preprocessing"]
-        if not isinstance(pre, dict) or any(k not in pre for k in _PREPROCESSING_KEYS):
-            lacking = ", ".join(k for k in _PREPROCESSING_KEYS if not isinstance(pre, dict) or k not in pre)
+        if not isinstance(pre, dict) or any(k not in pre for k in PREPROCESSING_KEYS):
+            lacking = ", ".join(k for k in PREPROCESSING_KEYS if not isinstance(pre, dict) or k not in pre)
             raise RunError(
                 f"'{where}' is incomplete (its preprocessing lacks {lacking}); "
                 f"the run directory is damaged. Train again."
@@ -252,7 +224,7 @@ def load_run(run: str | Path = "models/latest"):
     """(run directory, RunInfo, the Keras model) for a run folder or models/latest, every part checked."""
     keras = import_keras()
 
-    import featpipe.training.heads  # noqa: F401  registers the custom layers for safe-mode loading (lazy: it imports Keras)
+    import featpipe.training.heads.layers  # noqa: F401  registers the custom layers for safe-mode loading (lazy: Keras)
 
     run_dir, info = read_run(run)
     model_path = check_model_file(run_dir, info)

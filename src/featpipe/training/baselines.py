@@ -20,7 +20,7 @@ from featpipe.training.inputs import CacheIndex, feature_stats, load_rows, open_
 def segment_means(features: np.ndarray, mask: np.ndarray, segments: int) -> np.ndarray:
     """``(B, T, D)`` features and ``(B, T)`` mask -> ``(B, segments, D)`` masked segment means.
 
-    The rule of :class:`featpipe.training.heads.SegmentMeans`: segment ``i`` of ``n`` real frames covers
+    The rule of :class:`featpipe.training.heads.layers.SegmentMeans`: segment ``i`` of ``n`` real frames covers
     ``[floor(i n / K), floor((i + 1) n / K))`` widened to one frame, so a clip shorter than K
     frames repeats frames; a clip without real frames gives zeros.
     """

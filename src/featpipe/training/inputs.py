@@ -257,7 +257,7 @@ def subset_positions(counts, frames: int, rng: np.random.Generator | None = None
     * with an ``rng`` (training): the real frames are cut into ``frames`` equal segments and one
       frame is drawn in each, so positions are sorted, distinct, real, and differ between draws.
 
-    The NumPy statement of what :class:`featpipe.training.heads.FrameSubset` does inside a model (which is
+    The NumPy statement of what :class:`featpipe.training.heads.layers.FrameSubset` does inside a model (which is
     where training applies it, so that predict and evaluate need nothing but the model file).
     """
     n = np.asarray(counts, dtype=np.int64).reshape(-1, 1)

@@ -24,91 +24,32 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import errno
 import json
 import multiprocessing
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from featpipe.errors import FeatpipeError, OptionError, Terminated
-from featpipe.names import CV_MODES, HEAD_NAMES, IMAGE_HEADS
-from featpipe.options import (
-    check_choice,
-    check_dir_option,
-    check_float,
-    check_int,
-    check_writable_parent,
-    split_list_options,
-)
-from featpipe.runs.rundir import WRITE_ERRNOS
+from featpipe.errors import FeatpipeError, Terminated, TuneStorageError
+from featpipe.options import check_dir_option, check_writable_parent
 from featpipe.runtime import signals
-from featpipe.runtime.keras_import import import_keras
 from featpipe.training import workers
-from featpipe.training.inputs import cache_fingerprint, load_rows, open_index, pca_from_frames, resolve_cache
-from featpipe.training.train import (
-    TrainOptions,
-    check_cache,
-    compile_model,
-    head_config,
-    interrupt_check,
-    resolve_defaults,
-    train,
+from featpipe.training.inputs import load_rows, open_index, resolve_cache
+from featpipe.training.search import TuneOptions, plan_fits, score_config, suggest
+from featpipe.training.study import (
+    complete_trials,
+    leaderboard,
+    load_study,
+    settle,
+    storage_errors,
+    study_name,
+    study_trials,
+    waiting_trials,
 )
-
-MIN_VAL_PER_CLASS = 10  # fewer val clips per class than this: k-fold on train + val instead of repeated seeds
-SEARCH_HEADS = ("gru", "lstm", "segments")
-# Settings every trial shares (the search space covers the rest). A trial is a few short fits:
-# the patience is shorter than train()'s default to keep a 20-trial search within minutes on 2 cores.
-TRIAL_EPOCHS = 60
-TRIAL_PATIENCE = 10
-
-
-@dataclass(frozen=True)
-class TuneOptions:
-    """Everything `featpipe tune` can be told."""
-
-    cache: str | Path | None = None  # cache file; None = the single .h5 in cache_dir
-    cache_dir: str | Path = "cache"
-    trials: int | None = 20  # finished trials to reach (counting earlier runs of the same study); None = no limit
-    time_budget: float | None = None  # seconds for the search (this run); None = no limit
-    jobs: int = 1  # worker processes sharing the study
-    heads: tuple[str, ...] = SEARCH_HEADS
-    cv: str = "auto"  # "auto", "folds" (stratified k-fold on train+val) or "seeds" (repeated seeds on train -> val)
-    folds: int = 3
-    seeds: int = 2
-    seed: int = 0  # sampler seed and base seed of the fits
-    out: str | Path | None = None  # where study.db and the leaderboard go; default <models_dir>/tune-<cache stem>
-    models_dir: str | Path = "models"
-    retrain: bool = True  # retrain the best configuration as a run directory
-    epochs: int = TRIAL_EPOCHS  # per fit of a trial (the retrained best uses train()'s defaults)
-    patience: int = TRIAL_PATIENCE
-    quiet: bool = False
-
-    def __post_init__(self) -> None:
-        split_list_options(self)  # heads="gru,lstm" as --heads gru,lstm
-        check_int("trials", self.trials, 1, 100_000, optional=True)
-        check_float("time_budget", self.time_budget, 0.0, 30 * 86400.0, low_open=True, optional=True)
-        if self.trials is None and self.time_budget is None:
-            raise OptionError("trials", "or time_budget must be given, or the search would never end.")
-        check_int("jobs", self.jobs, 1, 256)
-        check_choice("cv", self.cv, CV_MODES)
-        check_int("folds", self.folds, 2, 20)
-        check_int("seeds", self.seeds, 1, 20)
-        check_int("seed", self.seed, 0, 2**31 - 1)
-        check_int("epochs", self.epochs, 1, 100_000)
-        check_int("patience", self.patience, 1, 100_000)
-        heads = self.heads
-        if not heads:
-            raise OptionError("heads", "must name at least one head.")
-        for head in heads:
-            if head not in HEAD_NAMES or head in IMAGE_HEADS:
-                feature_heads = ", ".join(h for h in HEAD_NAMES if h not in IMAGE_HEADS)
-                raise OptionError("heads", f"must be feature heads ({feature_heads}); got {head!r}.")
+from featpipe.training.train import check_cache, train
 
 
 @dataclass
@@ -122,300 +63,6 @@ class TuneResult:
     interrupted: bool = False
     files: dict = field(default_factory=dict)
     cv: str = ""  # "folds" or "seeds": what the leaderboard's mean +/- std is over
-
-
-# --------------------------------------------------------------------------------------------
-# Splits
-# --------------------------------------------------------------------------------------------
-
-
-def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``folds`` (train, val) position arrays over ``labels``: every position is in exactly one val
-    fold, and every class is spread over the folds as evenly as its count allows (scikit-learn's
-    StratifiedKFold, shuffled with ``seed``). Refuses classes with fewer clips than folds."""
-    from sklearn.model_selection import StratifiedKFold
-
-    labels = np.asarray(labels)
-    counts = np.bincount(labels)
-    present = counts[counts > 0]
-    if present.min() < folds:
-        raise FeatpipeError(
-            f"A class has only {present.min()} clips in train + val, fewer than the {folds} folds; "
-            f"pass a smaller --folds, or --cv seeds."
-        )
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return [(tr, va) for tr, va in splitter.split(np.zeros(len(labels)), labels)]
-
-
-def plan_fits(index, opts: TuneOptions) -> tuple[str, list[tuple[np.ndarray, np.ndarray, int]]]:
-    """How a trial is scored: ("folds" | "seeds", [(train rows, val rows, seed), ...]) in cache rows."""
-    train_rows, val_rows = index.rows("train"), index.rows("val")
-    n_classes = len(index.class_names)
-    mode = opts.cv
-    if mode == "auto":
-        mode = "seeds" if len(val_rows) >= MIN_VAL_PER_CLASS * n_classes else "folds"
-    if mode == "seeds":
-        if not len(val_rows):
-            raise FeatpipeError(f"'{index.path}' has no val split to score repeated seeds on; use --cv folds.")
-        return mode, [(train_rows, val_rows, opts.seed + s) for s in range(opts.seeds)]
-    pool = np.concatenate([train_rows, val_rows])
-    fits = stratified_folds(index.labels[pool], opts.folds, opts.seed)
-    return mode, [(pool[tr], pool[va], opts.seed + k) for k, (tr, va) in enumerate(fits)]
-
-
-# --------------------------------------------------------------------------------------------
-# The search space
-# --------------------------------------------------------------------------------------------
-
-
-def suggest(trial, heads: tuple[str, ...], cache_frames: int) -> dict:
-    """TrainOptions fields for one trial (only what differs from train()'s defaults is searched)."""
-    head = trial.suggest_categorical("rnn", list(heads))
-    params = {
-        "rnn": head,
-        "lr": trial.suggest_float("lr", 3e-4, 1e-2, log=True),
-        "dropout": trial.suggest_float("dropout", 0.0, 0.6, step=0.1),
-        "weight_decay": trial.suggest_categorical("weight_decay", [0.0, 1e-3, 1e-2, 1e-1]),
-        "input_dropout": trial.suggest_float("input_dropout", 0.0, 0.4, step=0.1),
-        "l2": trial.suggest_categorical("l2", [0.0, 0.01, 0.1, 1.0]),
-    }
-    if head == "segments":
-        params["segments"] = trial.suggest_int("segments", 2, 6)
-        params["layers"] = trial.suggest_int("segment_layers", 1, 2)
-    else:  # (PCA whitening is not searched: it cost 0.06-0.18 accuracy in every measurement, see README)
-        params["units"] = trial.suggest_categorical("units", [16, 32, 64])
-        params["bottleneck"] = trial.suggest_categorical("bottleneck", [0, 32, 64])
-        params["shortcut"] = trial.suggest_categorical("shortcut", [0, 4])
-    if cache_frames >= 8:
-        half = trial.suggest_categorical("half_frames", [False, True])
-        params["frames"] = cache_frames // 2 if half else None
-    return {k: v for k, v in params.items() if v is not None}
-
-
-def _defaults_as_trial(head: str, cache_frames: int) -> dict:
-    """Optuna params that reproduce `featpipe train --rnn head` defaults (enqueued first)."""
-    d = resolve_defaults(TrainOptions(head=head))
-    params = {
-        "rnn": head,
-        "lr": d.lr,
-        "dropout": d.dropout,
-        "weight_decay": d.weight_decay,
-        "input_dropout": d.input_dropout,
-        "l2": d.l2,
-    }
-    if head == "segments":
-        params.update(segments=d.segments, segment_layers=d.layers)
-    else:
-        params.update(units=d.units, bottleneck=d.bottleneck, shortcut=d.shortcut)
-    if cache_frames >= 8:
-        params["half_frames"] = False
-    return params
-
-
-# --------------------------------------------------------------------------------------------
-# Scoring one configuration
-# --------------------------------------------------------------------------------------------
-
-
-def _frame_stats(x: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    real = x[m].astype(np.float64)
-    mean = real.mean(axis=0)
-    return mean.astype(np.float32), np.maximum(real.var(axis=0), 0.0).astype(np.float32)
-
-
-def score_config(params: dict, data: dict, fits, opts: TuneOptions) -> tuple[list[float], list[float]]:
-    """Validation accuracy and loss of ``params`` on each fit (same model, optimiser and early stopping as train())."""
-    keras = import_keras()
-
-    from featpipe.training.heads import build_model, fit_shortcut  # lazy: featpipe.training.heads imports Keras
-
-    topts = resolve_defaults(TrainOptions(**params))
-    x, m, y, where = data["features"], data["mask"], data["labels"], data["where"]
-    accs, losses = [], []
-    for train_rows, val_rows, seed in fits:
-        tr, va = where[train_rows], where[val_rows]
-        mean, var = _frame_stats(x[tr], m[tr])
-        projection = None
-        if topts.pca:
-            std = np.sqrt(np.maximum(var, 1e-12))
-            projection = pca_from_frames((x[tr][m[tr]].astype(np.float64) - mean) / std, topts.pca)
-        frames = 0 if topts.frames in (None, x.shape[1]) else int(topts.frames)
-        head = head_config(topts, frames)
-        keras.utils.set_random_seed(seed)
-        model = build_model(head, x.shape[2:], data["n_classes"], mean, var, pca=projection, seed=seed)
-        fit_shortcut(model, [(x[tr], m[tr])], y[tr])
-        compile_model(model, topts)
-        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=opts.patience, restore_best_weights=True)
-        with signals.deferred():  # a Ctrl-C is raised after the next batch, not inside TensorFlow
-            model.fit(
-                {"features": x[tr], "mask": m[tr]},
-                y[tr],
-                batch_size=topts.batch_size,
-                epochs=opts.epochs,
-                validation_data=({"features": x[va], "mask": m[va]}, y[va]),
-                callbacks=[stop, interrupt_check(keras)],
-                verbose=0,
-                shuffle=True,
-            )
-        loss, acc = model.evaluate({"features": x[va], "mask": m[va]}, y[va], batch_size=256, verbose=0)
-        accs.append(float(acc))
-        losses.append(float(loss))
-        keras.backend.clear_session()
-    return accs, losses
-
-
-# --------------------------------------------------------------------------------------------
-# Workers and the study
-# --------------------------------------------------------------------------------------------
-
-
-def study_name(index, opts: TuneOptions, mode: str) -> str:
-    """The study's name in ``study.db``: the cache's fingerprint and everything that changes a trial's score."""
-    n = opts.folds if mode == "folds" else opts.seeds
-    return f"{cache_fingerprint(index.path)}-{mode}{n}-seed{opts.seed}-{'+'.join(opts.heads)}"
-
-
-def _storage_url(db: Path) -> str:
-    return f"sqlite:///{db.resolve()}"
-
-
-def _load_study(db: Path, name: str, seed: int):
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(_storage_url(db), engine_kwargs={"connect_args": {"timeout": 60}})
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=6)
-    return optuna.create_study(
-        study_name=name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True
-    )
-
-
-def study_trials(db: str | Path, name: str) -> list:
-    """Every trial of study ``name`` in ``db`` (empty when there is none yet)."""
-    import optuna
-
-    try:
-        return optuna.load_study(study_name=name, storage=_storage_url(Path(db))).trials
-    except KeyError:
-        return []
-
-
-def _complete(study) -> list:
-    import optuna
-
-    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-
-
-def _waiting(study) -> list:
-    import optuna
-
-    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-
-
-def _settle(study, heads: tuple[str, ...], cache_frames: int) -> tuple[int, int]:
-    """Make the study whole again after an interruption; called while no worker runs (the lock is held).
-
-    A trial still RUNNING belongs to a worker that was stopped or killed: it is failed (the leaderboard
-    lists finished trials only). Each head's default configuration that is neither finished nor waiting
-    (first run, or its trial was failed that way) is queued; workers take queued trials first, and the
-    search does not end before the queue is empty. Returns (trials failed, defaults queued).
-    """
-    import optuna
-
-    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    for trial in running:
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-    kept = _complete(study) + _waiting(study)
-    queued = 0
-    for head in heads:
-        params = _defaults_as_trial(head, cache_frames)
-        if not any(t.system_attrs.get("fixed_params", t.params) == params for t in kept):
-            study.enqueue_trial(params, user_attrs={"default": head})
-            queued += 1
-    return len(running), queued
-
-
-# --------------------------------------------------------------------------------------------
-# Storage errors: sentences
-# --------------------------------------------------------------------------------------------
-
-
-class TuneStorageError(FeatpipeError):
-    """study.db or the leaderboard cannot be written or read: a read-only folder or a damaged study (exit 2),
-    a full disk and the like (exit 1; the finished trials are kept)."""
-
-    def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-_FULL = ("database or disk is full", "disk i/o error", "no space left")
-_READ_ONLY = ("readonly database", "read-only", "unable to open database file", "permission denied")
-_DAMAGED = ("file is not a database", "malformed", "not a database")
-
-
-def _chain(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        orig = getattr(exc, "orig", None)  # SQLAlchemy's wrapper of the sqlite3 error
-        if isinstance(orig, BaseException):
-            yield orig
-        exc = exc.__cause__ or exc.__context__
-
-
-def storage_error(exc: BaseException, out: Path) -> TuneStorageError | None:
-    """The sentence for an error of the study's storage (SQLAlchemy, Optuna or the OS), or None for anything else."""
-    import sqlite3
-
-    import sqlalchemy.exc
-    from optuna.exceptions import StorageInternalError
-
-    db = out / "study.db"
-    for e in _chain(exc):
-        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
-            reason = e.strerror or str(e)
-            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                return TuneStorageError(
-                    f"Cannot write the search's files in '{out}' ({reason}); pass an --out folder you can write to."
-                )
-            return TuneStorageError(
-                f"Writing the search's files in '{out}' failed ({reason}); the finished trials are kept in "
-                f"{db.name}. Free some space and run the same command again to resume.",
-                1,
-            )
-        if not isinstance(e, (sqlalchemy.exc.SQLAlchemyError, StorageInternalError, sqlite3.Error)):
-            continue
-        text = str(e).lower()
-        reason = str(getattr(e, "orig", None) or e).splitlines()[0]
-        if any(k in text for k in _DAMAGED):
-            return TuneStorageError(
-                f"The study '{db}' is damaged ({reason}) and cannot be resumed; move it away (or restore a copy) "
-                f"and run the same command again to start the search anew."
-            )
-        if any(k in text for k in _READ_ONLY):
-            return TuneStorageError(f"Cannot write the study '{db}' ({reason}); pass an --out folder you can write to.")
-        if any(k in text for k in _FULL):
-            return TuneStorageError(
-                f"Writing the study '{db}' failed ({reason}); the finished trials are kept. Free some space and "
-                f"run the same command again to resume.",
-                1,
-            )
-    return None
-
-
-@contextmanager
-def _storage_errors(out: Path):
-    try:
-        yield
-    except (OSError, Exception) as exc:
-        if isinstance(exc, FeatpipeError):
-            raise
-        error = storage_error(exc, out)
-        if error is None:
-            raise
-        raise error from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,7 +88,7 @@ def _worker(cache: str, db: str, name: str, opts: TuneOptions, deadline: float |
         "where": where,
         "n_classes": len(index.class_names),
     }
-    study = _load_study(Path(db), name, opts.seed * 1000 + worker + len(study_trials(db, name)))  # distinct streams
+    study = load_study(Path(db), name, opts.seed * 1000 + worker + len(study_trials(db, name)))  # distinct streams
 
     def objective(trial):
         params = suggest(trial, opts.heads, index.config.frames)
@@ -455,7 +102,7 @@ def _worker(cache: str, db: str, name: str, opts: TuneOptions, deadline: float |
 
     while True:
         # the default configurations (queued) are scored even when --trials is reached without them
-        if opts.trials is not None and len(_complete(study)) >= opts.trials and not _waiting(study):
+        if opts.trials is not None and len(complete_trials(study)) >= opts.trials and not waiting_trials(study):
             return
         left = None if deadline is None else deadline - time.time()
         if left is not None and left <= 0:
@@ -472,7 +119,7 @@ def _worker_main(parent: int, problems, out: str, *args) -> None:
     if os.getppid() != parent:  # the parent died before this worker held the lock: a new run may be going on
         os._exit(1)
     try:
-        with _storage_errors(Path(out)):
+        with storage_errors(Path(out)):
             _worker(*args)
     except FeatpipeError as exc:
         problems.put((exc.exit_code, str(exc)))
@@ -489,26 +136,6 @@ def _stop_workers(procs) -> None:
         if p.is_alive():
             p.kill()
             p.join()
-
-
-def leaderboard(study) -> list[dict]:
-    """Finished trials, best first: mean and std of their validation accuracies."""
-    rows = []
-    for t in _complete(study):
-        scores = t.user_attrs.get("scores", [])
-        rows.append(
-            {
-                "number": t.number,
-                "params": t.user_attrs.get("params", dict(t.params)),
-                "mean": float(np.mean(scores)) if scores else float("nan"),
-                "std": float(np.std(scores)) if scores else float("nan"),
-                "loss": float(np.mean(t.user_attrs.get("losses", [float("nan")]))),
-                "scores": scores,
-                "seconds": t.user_attrs.get("seconds"),
-            }
-        )
-    rows.sort(key=lambda r: (-r["mean"], r["loss"], r["number"]))
-    return rows
 
 
 def describe(params: dict) -> str:
@@ -631,11 +258,11 @@ def tune(opts: TuneOptions | None = None, **kwargs) -> TuneResult:
     check_writable_parent("out", out, "the folder")
     if opts.retrain:  # refused now, not after the search
         check_writable_parent("models_dir", opts.models_dir, "the folder")
-    with _storage_errors(out):
+    with storage_errors(out):
         out.mkdir(parents=True, exist_ok=True)
         lock = workers.FolderLock(out, "study", "`featpipe tune`")
     with lock:
-        with _storage_errors(out):
+        with storage_errors(out):
             result = _search(opts, cache, index, mode, fits, out)
         if opts.retrain:
             _retrain(opts, cache, result)
@@ -646,9 +273,9 @@ def _search(opts: TuneOptions, cache: Path, index, mode: str, fits, out: Path) -
     """The search itself, with ``out``'s lock held."""
     db = out / "study.db"
     name = study_name(index, opts, mode)
-    study = _load_study(db, name, opts.seed)
-    before = len(_complete(study))
-    failed_before, _ = _settle(study, opts.heads, index.config.frames)
+    study = load_study(db, name, opts.seed)
+    before = len(complete_trials(study))
+    failed_before, _ = settle(study, opts.heads, index.config.frames)
     if not opts.quiet:
         stale = f"; {failed_before} trials interrupted earlier were failed" if failed_before else ""
         print(
@@ -677,7 +304,7 @@ def _search(opts: TuneOptions, cache: Path, index, mode: str, fits, out: Path) -
         while any(p.is_alive() for p in procs) and problems.empty():
             time.sleep(0.5)
             signals.raise_pending()  # an interrupt that landed where it was swallowed
-            done = len(_complete(study))
+            done = len(complete_trials(study))
             if not opts.quiet and done != last:
                 print(f"  {done} trials finished", flush=True)
                 last = done
@@ -687,7 +314,7 @@ def _search(opts: TuneOptions, cache: Path, index, mode: str, fits, out: Path) -
     finally:
         with signals.deferred():  # a second signal waits until every worker is stopped
             _stop_workers(procs)
-    _settle(study, (), index.config.frames)  # a trial a stopped worker was running: failed
+    settle(study, (), index.config.frames)  # a trial a stopped worker was running: failed
     reported = []
     while not problems.empty():
         reported.append(problems.get())
@@ -717,6 +344,6 @@ def _retrain(opts: TuneOptions, cache: Path, result: TuneResult) -> None:
         raise Terminated() if run.interrupted_by == "SIGTERM" else KeyboardInterrupt()
     result.run_dir, result.test_accuracy = run.run_dir, run.metrics.get("test", {}).get("accuracy")
     summary = {"best": result.leaderboard[0], "run_dir": str(run.run_dir), "test_accuracy": result.test_accuracy}
-    with _storage_errors(result.out):
+    with storage_errors(result.out):
         _atomic_write(result.out / "best.json", json.dumps(summary, indent=2, default=str))
     result.files["best"] = result.out / "best.json"

@@ -31,17 +31,13 @@ try:
 except ImportError:  # not POSIX: no folder lock (the parent watch still stops orphans)
     fcntl = None
 
-from featpipe.errors import FeatpipeError
+from featpipe.errors import FolderBusy
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 WATCH_SECONDS = 0.5  # how often a worker looks for its parent
 ORPHAN_WAIT = 20.0  # seconds a new command waits for the workers of a killed one to stop
 
 _held: list[int] = []  # the worker's shared lock: open (and held) until the process exits
-
-
-class FolderBusy(FeatpipeError):
-    """Another command (or the workers of a killed one) is still working in the folder."""
 
 
 def die_with_parent(parent: int) -> None:

@@ -8,9 +8,18 @@ import keras
 import numpy as np
 import pytest
 
-import featpipe.training.heads as models
-from featpipe.errors import FeatpipeError
-from featpipe.training.heads import HEADS, HeadConfig, build_model
+from featpipe.errors import FeatpipeError, OptionError
+from featpipe.training.heads.config import HeadConfig
+from featpipe.training.heads.layers import (
+    FrameSubset,
+    MaskedAttentionPooling,
+    MaskedAverage,
+    SegmentMeans,
+    SinusoidalPositionEncoding,
+    ZeroPadded,
+)
+from featpipe.training.heads.registry import HEADS, build_head
+from featpipe.training.heads.shortcut import SHORTCUT_C, fit_shortcut
 
 D = 12  # feature dim for the feature heads
 T = 6  # clip length in the test batch
@@ -36,7 +45,7 @@ def make(head: str, seed: int = 0, **overrides) -> keras.Model:
     keras.utils.set_random_seed(seed)
     config = HeadConfig(**{"head": head, "units": 8, "layers": 1, "num_heads": 2, **overrides})
     mean, variance = stats(head)
-    return build_model(config, feature_shape(head), N_CLASSES, mean=mean, variance=variance)
+    return build_head(config, feature_shape(head), N_CLASSES, mean=mean, variance=variance)
 
 
 def make_batch(head: str, lengths=LENGTHS, t: int = T, seed: int = 0):
@@ -140,7 +149,7 @@ def test_appending_padded_steps_does_not_change_predictions(built, head):
 def test_masking_holds_inside_model_even_without_input_zeroing(head, monkeypatch):
     """The input ZeroPadded layer is only a safety net: with it disabled, the explicit masks of
     the RNN / attention / pooling layers alone must keep padded values out (2 stacked layers)."""
-    monkeypatch.setattr(models.ZeroPadded, "call", lambda self, inputs, mask=None: inputs)
+    monkeypatch.setattr(ZeroPadded, "call", lambda self, inputs, mask=None: inputs)
     model = make(head, layers=2)
     x, mask = make_batch(head)
     before = predict(model, x, mask)
@@ -192,7 +201,7 @@ def test_reversing_real_frames_leaves_mean_head_unchanged(built):
 def test_masked_average_ignores_padded_steps_and_handles_empty_clips():
     x = np.array([[[1.0, 2.0], [3.0, 4.0], [np.nan, 1e9]], [[5.0, 5.0], [7.0, 9.0], [0.0, 0.0]]], "float32")
     mask = np.array([[True, True, False], [False, False, False]])
-    out = np.asarray(models.MaskedAverage()(x, mask=mask))
+    out = np.asarray(MaskedAverage()(x, mask=mask))
     np.testing.assert_allclose(out, [[2.0, 3.0], [0.0, 0.0]])
 
 
@@ -200,12 +209,12 @@ def test_masked_attention_pooling_gives_padded_steps_zero_weight():
     values = np.array([[[1.0, 0.0], [0.0, 1.0], [np.nan, 1e9]]], "float32")
     scores = np.array([[[0.0], [np.log(3.0)], [1e9]]], "float32")  # padded step has a huge score
     mask = np.array([[True, True, False]])
-    out = np.asarray(models.MaskedAttentionPooling()(values, scores, mask=mask))
+    out = np.asarray(MaskedAttentionPooling()(values, scores, mask=mask))
     np.testing.assert_allclose(out, [[0.25, 0.75]], rtol=1e-6)
 
 
 def test_positional_encoding_is_sinusoidal_and_independent_of_length():
-    layer = models.SinusoidalPositionEncoding()
+    layer = SinusoidalPositionEncoding()
     zeros = np.zeros((1, 7, 6), "float32")
     pe = np.asarray(layer(zeros))[0]
     pos = np.arange(7)[:, None]
@@ -226,7 +235,7 @@ def test_normalization_layer_carries_train_mean_and_variance():
     rng = np.random.default_rng(3)
     data = (rng.normal(size=(500, D)) * rng.uniform(0.5, 5.0, size=D) + rng.normal(size=D) * 10).astype("float32")
     mean, variance = data.mean(axis=0), data.var(axis=0)
-    model = build_model(HeadConfig(head="gru", units=8), (D,), N_CLASSES, mean=mean, variance=variance)
+    model = build_head(HeadConfig(head="gru", units=8), (D,), N_CLASSES, mean=mean, variance=variance)
     norm = model.get_layer("standardize")
     assert isinstance(norm, keras.layers.Normalization)
     np.testing.assert_allclose(np.ravel(keras.ops.convert_to_numpy(norm.mean)), mean, rtol=1e-6)
@@ -237,7 +246,7 @@ def test_normalization_layer_carries_train_mean_and_variance():
 
 
 def test_no_normalization_layer_without_stats():
-    model = build_model(HeadConfig(head="mean", units=8), (D,), N_CLASSES)
+    model = build_head(HeadConfig(head="mean", units=8), (D,), N_CLASSES)
     assert not any(isinstance(layer, keras.layers.Normalization) for layer in model.layers)
 
 
@@ -245,7 +254,7 @@ def test_zero_variance_feature_does_not_produce_nan():
     mean = np.zeros(D, "float32")
     variance = np.ones(D, "float32")
     variance[0] = 0.0  # a constant feature in the train split
-    model = build_model(HeadConfig(head="gru", units=8), (D,), N_CLASSES, mean=mean, variance=variance)
+    model = build_head(HeadConfig(head="gru", units=8), (D,), N_CLASSES, mean=mean, variance=variance)
     x, mask = make_batch("gru")
     assert np.all(np.isfinite(predict(model, x, mask)))
 
@@ -286,7 +295,7 @@ def test_gru_learns_whether_feature_zero_rises_or_falls():
     x[:, :, 0] += np.where(y[:, None] == 1, ramp, -ramp)  # class 1: rising, class 0: falling
     x[~mask] = 0.0
     keras.utils.set_random_seed(0)
-    model = build_model(HeadConfig(head="gru", units=16, dropout=0.1), (d,), 2)
+    model = build_head(HeadConfig(head="gru", units=16, dropout=0.1), (d,), 2)
     model.compile(optimizer=keras.optimizers.Adam(0.02), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit({"features": x, "mask": mask}, y, batch_size=16, epochs=8, verbose=0)
     probs = model.predict({"features": x, "mask": mask}, verbose=0)
@@ -331,6 +340,16 @@ def test_invalid_config_raises_featpipe_error(kwargs):
         HeadConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"units": 0}, "units"), ({"dropout": 1.0}, "dropout"), ({"head": "rnn"}, "head"), ({"l2": -1.0}, "l2")],
+)
+def test_a_bad_head_config_is_an_option_error_naming_the_field(kwargs, field):
+    with pytest.raises(OptionError) as err:
+        HeadConfig(**kwargs)
+    assert err.value.option == field
+
+
 def test_from_dict_refuses_unknown_keys():
     with pytest.raises(FeatpipeError, match="allowed keys"):
         HeadConfig.from_dict({"head": "gru", "unit": 8})
@@ -338,13 +357,13 @@ def test_from_dict_refuses_unknown_keys():
 
 def test_cnn_lstm_on_feature_vectors_names_the_raw_cache():
     with pytest.raises(FeatpipeError, match="--backbone raw --size 64"):
-        build_model(HeadConfig(head="cnn-lstm"), (2048,), N_CLASSES)
+        build_head(HeadConfig(head="cnn-lstm"), (2048,), N_CLASSES)
 
 
 @pytest.mark.parametrize("head", [h for h in HEADS if h != "cnn-lstm"])
 def test_feature_heads_on_raw_frames_name_the_feature_cache(head):
     with pytest.raises(FeatpipeError, match="cnn-lstm") as err:
-        build_model(HeadConfig(head=head), IMAGE, N_CLASSES)
+        build_head(HeadConfig(head=head), IMAGE, N_CLASSES)
     assert "--backbone" in str(err.value)
 
 
@@ -363,7 +382,7 @@ def test_feature_heads_on_raw_frames_name_the_feature_cache(head):
 )
 def test_bad_build_arguments_raise_featpipe_error(head, shape, n_classes, mean, variance):
     with pytest.raises(FeatpipeError):
-        build_model(HeadConfig(head=head), shape, n_classes, mean=mean, variance=variance)
+        build_head(HeadConfig(head=head), shape, n_classes, mean=mean, variance=variance)
 
 
 # ------------------------------------------------------------------------------------------
@@ -384,7 +403,7 @@ def test_segment_means_average_real_frames_only_and_short_clips_repeat_frames_wi
     lengths = (0, 1, 3, 4, 7, 10)
     x, mask = make_batch("gru", lengths=lengths, t=10)
     x[~mask] = np.nan  # garbage at padded steps must not reach any segment
-    out = np.asarray(models.SegmentMeans(4)(x, mask=mask))
+    out = np.asarray(SegmentMeans(4)(x, mask=mask))
     assert np.isfinite(out).all()
     for b, n in enumerate(lengths):
         np.testing.assert_allclose(out[b], _segment_means_reference(x[b], n, 4), rtol=1e-5, atol=1e-6)
@@ -406,7 +425,7 @@ def test_segments_head_classifies_clips_shorter_than_its_segments_and_sees_order
 def test_frame_subset_at_inference_takes_the_uniform_positions_of_the_real_frames(n):
     from featpipe.video.decode import sample_indices
 
-    pos, keep = models.FrameSubset(8).positions(np.array([n]), training=False)
+    pos, keep = FrameSubset(8).positions(np.array([n]), training=False)
     pos, keep = np.asarray(pos)[0], np.asarray(keep)[0]
     expected = sample_indices(n, 8)
     assert keep.sum() == len(expected)
@@ -417,7 +436,7 @@ def test_frame_subset_when_training_draws_sorted_real_frames_one_per_segment_det
     counts = np.array([40, 33, 9, 5])
 
     def draws(seed, epochs=4):
-        layer = models.FrameSubset(8, seed=seed)
+        layer = FrameSubset(8, seed=seed)
         return [tuple(map(np.asarray, layer.positions(counts, training=True))) for _ in range(epochs)]
 
     first = draws(3)
@@ -461,11 +480,11 @@ def test_pooled_steps_keep_recurrent_heads_order_aware_and_mask_safe():
 def test_pca_projection_is_frozen_inside_the_model_and_required_when_asked_for():
     rng = np.random.default_rng(0)
     projection = rng.normal(size=(D, 4)).astype("float32")
-    model = build_model(HeadConfig(head="gru", units=4, pca=4), (D,), N_CLASSES, *stats("gru"), pca=projection)
+    model = build_head(HeadConfig(head="gru", units=4, pca=4), (D,), N_CLASSES, *stats("gru"), pca=projection)
     layer = model.get_layer("pca")
     assert not layer.trainable and np.allclose(layer.get_weights()[0], projection)
     with pytest.raises(FeatpipeError, match="pca=4 needs a"):
-        build_model(HeadConfig(head="gru", units=4, pca=4), (D,), N_CLASSES, *stats("gru"))
+        build_head(HeadConfig(head="gru", units=4, pca=4), (D,), N_CLASSES, *stats("gru"))
 
 
 def test_segment_shortcut_beside_the_recurrent_state_is_mask_safe_and_loads_in_safe_mode(tmp_path):
@@ -491,18 +510,18 @@ def test_fit_shortcut_makes_a_fresh_recurrent_head_the_logistic_regression_of_it
     lengths = (1, 2, 3, 4, 5, 6) * 3
     x, mask = make_batch("gru", lengths=lengths, seed=3)
     labels = np.arange(len(lengths)) % N_CLASSES
-    assert models.fit_shortcut(model, [(x[:7], mask[:7]), (x[7:], mask[7:])], labels)
+    assert fit_shortcut(model, [(x[:7], mask[:7]), (x[7:], mask[7:])], labels)
     assert not model.get_layer("shortcut_logits").trainable and model.get_layer("recurrent_logits").trainable
     mean, variance = stats("gru")
     z = np.where(mask[..., None], (x - mean) / np.sqrt(variance), 0.0)
     design = segment_means(z, mask, shortcut).reshape(len(x), -1)
-    exact = LogisticRegression(C=models.SHORTCUT_C, max_iter=10_000, tol=1e-10).fit(design, labels)
+    exact = LogisticRegression(C=SHORTCUT_C, max_iter=10_000, tol=1e-10).fit(design, labels)
     expected = exact.predict_proba(design)
     np.testing.assert_allclose(predict(model, x, mask), expected, atol=2e-3)  # lbfgs stops at tol 1e-4
     model.save(tmp_path / "m.keras")  # the fitted shortcut is part of the model file
     loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
     np.testing.assert_allclose(predict(loaded, x, mask), predict(model, x, mask), atol=1e-6)
-    assert not models.fit_shortcut(make("segments"), [(x, mask)], labels), "only recurrent heads have a shortcut"
+    assert not fit_shortcut(make("segments"), [(x, mask)], labels), "only recurrent heads have a shortcut"
 
 
 def test_l2_penalises_the_classifier_weights_only_and_is_saved_with_the_model(tmp_path):

@@ -13,9 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from featpipe.cli import app
-from featpipe.errors import OptionError
+from featpipe.errors import OptionError, RunError
 from featpipe.runs.rundir import (
-    RunError,
     RunInfo,
     check_destination,
     file_sha256,

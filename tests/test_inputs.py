@@ -318,7 +318,8 @@ def test_streaming_allocator_undoes_tensorflows_pin_during_fit_and_restores_it_a
 def test_fitting_from_the_stream_is_deterministic_for_a_seed(tmp_path):
     import keras
 
-    from featpipe.training.heads import HeadConfig, build_model
+    from featpipe.training.heads.config import HeadConfig
+    from featpipe.training.heads.registry import build_head
 
     path = make_cache(tmp_path / "c.h5", n=64, splits=("train",))
     idx = open_index(path)
@@ -326,7 +327,7 @@ def test_fitting_from_the_stream_is_deterministic_for_a_seed(tmp_path):
 
     def fit():
         keras.utils.set_random_seed(0)
-        model = build_model(HeadConfig("gru", units=4), (D,), 2, np.zeros(D, np.float32), np.ones(D, np.float32))
+        model = build_head(HeadConfig("gru", units=4), (D,), 2, np.zeros(D, np.float32), np.ones(D, np.float32))
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
         data = H5Batches(
             path,
@@ -354,13 +355,13 @@ def test_fitting_from_the_stream_is_deterministic_for_a_seed(tmp_path):
 
 
 def test_subset_positions_match_the_model_layer_and_video_sampling():
-    import featpipe.training.heads as models
+    from featpipe.training.heads.layers import FrameSubset
     from featpipe.training.inputs import subset_positions
     from featpipe.video.decode import sample_indices
 
     counts = np.array([0, 1, 6, 7, 20, 39, 150])
     pos, keep = subset_positions(counts, 7)
-    layer_pos, layer_keep = (np.asarray(a) for a in models.FrameSubset(7).positions(counts, training=False))
+    layer_pos, layer_keep = (np.asarray(a) for a in FrameSubset(7).positions(counts, training=False))
     np.testing.assert_array_equal(pos, layer_pos)
     np.testing.assert_array_equal(keep, layer_keep)
     for b, n in enumerate(counts):
