@@ -41,7 +41,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only R
 
 import numpy as np  # noqa: E402
 
-from featpipe.cache.store import CacheConfig, CacheWriter, ClipRecord  # noqa: E402
+from featpipe.cache.schema import CacheConfig, ClipRecord  # noqa: E402
+from featpipe.cache.writer import CacheWriter  # noqa: E402
 from featpipe.extraction.extract import extract  # noqa: E402
 from featpipe.extraction.ray_engine import (  # noqa: E402
     ClipEmbedder,

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import featpipe.training.heads as models
-from featpipe.cache.store import CacheConfig, CacheWriter, ClipRecord
+from featpipe.cache.schema import CacheConfig, ClipRecord
+from featpipe.cache.writer import CacheWriter
 from featpipe.errors import FeatpipeError
 from featpipe.training.baselines import linear_probe, segment_means
 

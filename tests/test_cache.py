@@ -15,23 +15,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from featpipe.cache.store import (
-    SCHEMA_VERSION,
-    CacheConfig,
-    CacheLock,
-    CacheWriter,
-    ClipRecord,
-    iter_journal,
-    journal_path,
-    merge_shards,
-    open_h5,
-    parse_shard,
-    parse_shard_path,
-    read_config,
-    shard_of,
-    shard_path,
-    summarize,
-)
+from featpipe.cache.journal import iter_journal
+from featpipe.cache.lock import CacheLock
+from featpipe.cache.reader import open_h5, read_config, summarize
+from featpipe.cache.schema import SCHEMA_VERSION, CacheConfig, ClipRecord, journal_path
+from featpipe.cache.shards import merge_shards, parse_shard, parse_shard_path, shard_of, shard_path
+from featpipe.cache.writer import CacheWriter
 from featpipe.cli.commands import app
 from featpipe.errors import CacheError, FeatpipeError
 
@@ -261,7 +250,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
 def test_the_lock_is_released_when_its_process_is_killed(tmp_path):
     path = tmp_path / "c.h5"
     code = (
-        "import sys, time; from pathlib import Path; from featpipe.cache.store import CacheLock;"
+        "import sys, time; from pathlib import Path; from featpipe.cache.lock import CacheLock;"
         f"l = CacheLock(Path({str(path)!r})).__enter__(); print('locked', flush=True); time.sleep(60)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -517,7 +506,7 @@ def test_merge_refuses_a_whole_cache_and_no_shards_at_all(tmp_path):
 
 # ----------------------------------------------------------------------------- clip identity, stale rows, schema 2
 
-from featpipe.cache.store import CannotWrite  # noqa: E402
+from featpipe.errors import CannotWrite  # noqa: E402
 from mounts import fill, read_only, tmpfs  # noqa: E402
 
 IDENT = {f"train/a/clip{i}.mp4": (1000 + i, 5_000_000_000 + i) for i in range(4)}
@@ -697,7 +686,8 @@ _FULL_WHILE_WRITING = """
 import os, sys
 from pathlib import Path
 import numpy as np
-from featpipe.cache.store import CacheConfig, CacheWriter, ClipRecord
+from featpipe.cache.schema import CacheConfig, ClipRecord
+from featpipe.cache.writer import CacheWriter
 from featpipe.errors import CacheError
 disk, leave = Path(sys.argv[1]), int(sys.argv[2])
 config = CacheConfig("vgg16", "none", "fp", 32, 4, "uniform", "float32", (512,), ("a", "b"))
@@ -759,7 +749,9 @@ def test_a_read_only_folder_is_one_sentence_for_a_new_cache_and_for_merge(tmp_pa
 
 # ----------------------------------------------------------------------------- part files (schema 3)
 
-from featpipe.cache.store import compact_cache, has_checksums, parts_dir  # noqa: E402
+from featpipe.cache.schema import parts_dir  # noqa: E402
+from featpipe.cache.shards import compact_cache  # noqa: E402
+from featpipe.cache.verify import has_checksums  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -963,9 +955,11 @@ def test_merging_large_shards_links_their_parts_and_survives_deleting_the_shards
 KILL_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
-import featpipe.cache.store as cache
-name, when, nth, what = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-original, calls = getattr(cache, name), [0]
+import importlib
+import featpipe.cache.schema as schema, featpipe.cache.shards as shards, featpipe.cache.writer as writer
+where, when, nth, what = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+module, name = where.rsplit(".", 1)
+original, calls = getattr(importlib.import_module(module), name), [0]
 def hooked(*args, **kwargs):
     calls[0] += 1
     if when == "before" and calls[0] == nth:
@@ -974,12 +968,14 @@ def hooked(*args, **kwargs):
     if when == "after" and calls[0] == nth:
         os.kill(os.getpid(), signal.SIGKILL)
     return out
-setattr(cache, name, hooked)
-config = cache.CacheConfig.from_attrs(__import__("json").loads(sys.argv[5]))
+for m in list(sys.modules.values()):  # the module that defines it and those that imported it
+    if getattr(m, "__name__", "").startswith("featpipe.") and getattr(m, name, None) is original:
+        setattr(m, name, hooked)
+config = schema.CacheConfig.from_attrs(__import__("json").loads(sys.argv[5]))
 if what == "finalize":
-    cache.CacheWriter(Path(sys.argv[6]), config).finalize()
+    writer.CacheWriter(Path(sys.argv[6]), config).finalize()
 else:
-    cache.merge_shards(output=Path(sys.argv[6]), force=True)
+    shards.merge_shards(output=Path(sys.argv[6]), force=True)
 print("finished")
 """
 
@@ -1002,11 +998,11 @@ def killed(tmp_path, hook: tuple, what: str, target: Path) -> bool:
 
 
 FINALIZE_KILLS = [
-    ("_write_part", "after", 1),
-    ("_link_part", "after", 1),
-    ("_write_parted_temporary", "after", 1),
-    ("_install", "after", 1),
-    ("_collect_parts", "before", 2),
+    ("featpipe.cache.parts.write_part", "after", 1),
+    ("featpipe.cache.parts._link_part", "after", 1),
+    ("featpipe.cache.parts.write_parted_temporary", "after", 1),
+    ("featpipe.runtime.atomic.replace", "after", 1),
+    ("featpipe.cache.parts.collect_parts", "before", 2),
 ]
 
 
@@ -1041,10 +1037,10 @@ def test_a_finalize_killed_anywhere_resumes_to_the_cache_a_clean_run_writes(tmp_
 
 
 MERGE_KILLS = [
-    ("_link_part", "after", 1),
-    ("_link_part", "after", 3),
-    ("_install", "before", 1),
-    ("_collect_parts", "before", 2),
+    ("featpipe.cache.parts._link_part", "after", 1),
+    ("featpipe.cache.parts._link_part", "after", 3),
+    ("featpipe.runtime.atomic.replace", "before", 1),
+    ("featpipe.cache.parts.collect_parts", "before", 2),
 ]
 
 
@@ -1199,7 +1195,7 @@ def test_adding_clips_keeps_every_old_row_with_its_assignment_and_identity_in_pa
     their features in slabs: each row keeps its features, takes its (label, split) from the assignments where
     it has one and its identity from the current index; new keys sort between old ones, a dropped row splits
     the old rows' runs, and a parted cache equals the one-file cache."""
-    import featpipe.cache.store as fc
+    import featpipe.cache.parts as fc
 
     monkeypatch.setattr(fc, "_SLAB_BYTES", slab_bytes)
     keys = [f"train/a/clip{i}.mp4" for i in range(10)]
@@ -1268,7 +1264,7 @@ def test_a_reader_keeps_reading_the_cache_it_opened_while_it_is_compacted_or_gro
 
 
 def test_a_part_file_deleted_under_a_reader_is_a_sentence_naming_its_clips_never_nan(tmp_path, parted):
-    from featpipe.cache.store import DamagedCacheError
+    from featpipe.errors import DamagedCacheError
     from featpipe.training.inputs import load_rows, open_index
 
     path = tmp_path / "c.h5"

@@ -25,7 +25,9 @@ import pytest
 from typer.testing import CliRunner
 
 from featpipe.backbones.registry import FeatureExtractor, get_backbone
-from featpipe.cache.store import iter_journal, journal_path, merge_shards, shard_path
+from featpipe.cache.journal import iter_journal
+from featpipe.cache.schema import journal_path
+from featpipe.cache.shards import merge_shards, shard_path
 from featpipe.cli.commands import app
 from featpipe.errors import BackboneError, CacheError, ExtractionFailed, FeatpipeError
 from featpipe.extraction.extract import extract
@@ -288,7 +290,7 @@ def test_driver_sigkill_then_the_same_command_resumes_to_the_clean_cache(sample,
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
-        "import time\nimport featpipe.cache.store as c\n_append = c.CacheWriter.append\n\n\n"
+        "import time\nimport featpipe.cache.writer as c\n_append = c.CacheWriter.append\n\n\n"
         "def append(self, rec):\n    _append(self, rec)\n    time.sleep(0.5)\n\n\nc.CacheWriter.append = append\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), SRC, os.environ.get("PYTHONPATH", "")])}

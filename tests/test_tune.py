@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featpipe.cache.store import CacheConfig, CacheWriter, ClipRecord
+from featpipe.cache.schema import CacheConfig, ClipRecord
+from featpipe.cache.writer import CacheWriter
 from featpipe.errors import FeatpipeError, OptionError
 from featpipe.training.tune import TuneOptions, plan_fits, stratified_folds
 

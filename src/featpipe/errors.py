@@ -76,3 +76,13 @@ class ExtractionFailed(FeatpipeError):
     """The run finished but produced nothing usable, or ``--strict`` saw a failed clip."""
 
     exit_code = 1
+
+
+class CannotWrite(CacheError):
+    """The cache's folder cannot be written (read-only media, no permission): the lock file cannot be made."""
+
+
+class DamagedCacheError(CacheError):
+    """Rows of a cache fail their checksum: the file was damaged after it was written."""
+
+    exit_code = 1

@@ -21,7 +21,8 @@ import typer
 import featpipe
 from featpipe._version import __version__
 from featpipe.backbones.registry import REGISTRY, WEIGHTS_IMAGENET
-from featpipe.cache.store import _is_whole_cache, find_shards, parse_shard_path, summarize
+from featpipe.cache.reader import summarize
+from featpipe.cache.shards import find_shards, is_whole_cache, parse_shard_path
 from featpipe.errors import FeatpipeError, OptionError, Terminated
 from featpipe.names import (
     CLASS_WEIGHTS,
@@ -628,7 +629,7 @@ def merge_cmd(
     ] = False,
 ):
     """Combine the shards of `extract --shard I/N` into one cache, the same as an unsharded extraction writes."""
-    whole = compact and shards is not None and len({p.resolve() for p in shards}) == 1 and _is_whole_cache(shards[0])
+    whole = compact and shards is not None and len({p.resolve() for p in shards}) == 1 and is_whole_cache(shards[0])
     path = featpipe.merge(shards, output, force=force, compact=compact)
     count = len({p.resolve() for p in shards}) if shards else len(find_shards(output))  # a file named twice counts once
     typer.echo(f"Compacted {shards[0]} into {path}." if whole else f"Merged {count} shards into {path}.")

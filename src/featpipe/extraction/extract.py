@@ -19,19 +19,12 @@ import numpy as np
 
 from featpipe._version import __version__
 from featpipe.backbones.registry import PRECISIONS, WEIGHTS_IMAGENET, FeatureExtractor, check_size, get_backbone
-from featpipe.cache.store import (
-    CacheConfig,
-    CacheLock,
-    CacheWriter,
-    CannotWrite,
-    ClipRecord,
-    file_identity,
-    parse_shard,
-    shard_of,
-    shard_path,
-    summarize,
-)
-from featpipe.errors import CacheError, ExtractionFailed, FeatpipeError, OptionError
+from featpipe.cache.lock import CacheLock
+from featpipe.cache.reader import summarize
+from featpipe.cache.schema import CacheConfig, ClipRecord, file_identity
+from featpipe.cache.shards import parse_shard, shard_of, shard_path
+from featpipe.cache.writer import CacheWriter
+from featpipe.errors import CacheError, CannotWrite, ExtractionFailed, FeatpipeError, OptionError
 from featpipe.extraction import ray_engine
 from featpipe.extraction.stages import Embedded, Stats, decode, embed, writing_with_progress
 from featpipe.names import DTYPES, ENGINES, SAMPLING  # noqa: F401  re-exported

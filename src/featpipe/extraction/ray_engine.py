@@ -35,7 +35,7 @@ from typing import Any, Callable
 import numpy as np
 
 from featpipe.backbones.registry import Backbone, FeatureExtractor
-from featpipe.cache.store import ClipRecord
+from featpipe.cache.schema import ClipRecord
 from featpipe.errors import BackboneError, ExtractionFailed, FeatpipeError
 from featpipe.extraction.stages import Decoded, Stats, embed, writing_with_progress
 from featpipe.runtime.keras_import import import_keras

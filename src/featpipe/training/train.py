@@ -32,7 +32,8 @@ import pandas as pd
 
 from featpipe._version import __version__
 from featpipe.backbones.registry import is_raw
-from featpipe.cache.store import APPEND_KEYS, PREPROCESSING_KEYS, parse_shard_path
+from featpipe.cache.schema import APPEND_KEYS, PREPROCESSING_KEYS
+from featpipe.cache.shards import parse_shard_path
 from featpipe.errors import FeatpipeError, OptionError, Terminated, TrainingDiverged
 from featpipe.names import CLASS_WEIGHTS, HEAD_NAMES, RECURRENT_HEADS, REFIT_BELOW, SPLITS
 from featpipe.options import check_choice, check_dir_option, check_float, check_int, split_list_options
