@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from featpipe.options import check_choice, check_dir_option, check_float, check_
 from featpipe.runs import rundir as runs
 from featpipe.runs.rundir import LATEST, RunError, resolve_run  # noqa: F401  re-exported: featpipe.training.train.resolve_run
 from featpipe.runtime import signals
+from featpipe.runtime.atomic import install
 from featpipe.runtime.keras_import import import_keras
 from featpipe.training.inputs import (
     IN_MEMORY_FRACTION,
@@ -516,7 +516,7 @@ def _fit(model, opts: TrainOptions, index: CacheIndex, splits: _Splits, run_dir:
         # an epoch with a NaN or infinite loss is never the best (Keras takes any first epoch as the best)
         FiniteCheckpoint(staged, monitor="val_loss", save_best_only=True),
         keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda epoch, logs=None: os.replace(staged, model_path) if staged.exists() else None
+            on_epoch_end=lambda epoch, logs=None: install(staged, model_path) if staged.exists() else None
         ),
         keras.callbacks.CSVLogger(run_dir / "history.csv"),  # after the rename: a logged best epoch is in place
     ]
@@ -602,7 +602,7 @@ def _refit(opts: TrainOptions, index: CacheIndex, splits: _Splits, fit: _Fit, ru
         return dataclasses.replace(fit, interrupted=exc)
     finally:
         _close(fit_data)
-    os.replace(path, run_dir / runs.MODEL_FILE)
+    install(path, run_dir / runs.MODEL_FILE)
     model = keras.saving.load_model(run_dir / runs.MODEL_FILE)
     return dataclasses.replace(fit, model=model, refit_rows=rows)
 
