@@ -231,17 +231,7 @@ def write_temporary(
     c = config
     n, t = len(keys), c.frames
     with _h5_create(tmp, in_memory) as out:
-        for k, v in c.attrs().items():
-            out.attrs[k] = v
-        # fletcher32: a checksum per chunk (one row), checked by HDF5 on every read, transparent to
-        # plain h5py readers; a damaged row then fails to read instead of reading as wrong numbers
-        feats = out.create_dataset(
-            "features",
-            shape=(n, t, *c.feature_shape),
-            dtype=c.dtype,
-            chunks=(1, t, *c.feature_shape) if n else None,
-            fletcher32=True,
-        )
+        feats = _start_cache_file(out, c, n)
         labels = np.zeros(n, dtype=np.int64)
         splits, n_frames = [], np.zeros(n, dtype=np.int64)
         sizes, mtimes = np.full(n, UNKNOWN, dtype=np.int64), np.full(n, UNKNOWN, dtype=np.int64)
@@ -256,6 +246,22 @@ def write_temporary(
             sizes[i], mtimes[i] = row.size, row.mtime_ns
         _write_mask(out, mask_all)
         _write_columns(out, keys, labels, splits, n_frames, sizes, mtimes, failed, failed_identity, stale)
+
+
+def _start_cache_file(out, config: CacheConfig, n: int):
+    """Write a new one-file cache's attributes and create its ``features`` dataset of ``n`` rows; return it."""
+    c = config
+    for k, v in c.attrs().items():
+        out.attrs[k] = v
+    # fletcher32: a checksum per chunk (one row), checked by HDF5 on every read, transparent to
+    # plain h5py readers; a damaged row then fails to read instead of reading as wrong numbers
+    return out.create_dataset(
+        "features",
+        shape=(n, c.frames, *c.feature_shape),
+        dtype=c.dtype,
+        chunks=(1, c.frames, *c.feature_shape) if n else None,
+        fletcher32=True,
+    )
 
 
 _SLAB_BYTES = 16 << 20  # features copied at once when a one-file cache is written anew
@@ -283,19 +289,10 @@ def write_one_file_temporary(
     read is read again row by row, so a damaged row is named as ``RowReader`` names it."""
     c = config
     n, t = len(keys), c.frames
-    feat_bytes = max(1, int(np.prod((t, *c.feature_shape))) * np.dtype(c.dtype).itemsize)
-    slab = max(1, _SLAB_BYTES // feat_bytes)  # rows per copy: memory stays bounded whatever the cache size
+    slab = max(1, _SLAB_BYTES // row_bytes(c))  # rows per copy: memory stays bounded whatever the cache size
     # built in memory (at most the one-file limit): a full disk is then an OSError after HDF5 closed the file
     with _h5_create(tmp, in_memory=True) as out:
-        for k, v in c.attrs().items():
-            out.attrs[k] = v
-        feats = out.create_dataset(
-            "features",
-            shape=(n, t, *c.feature_shape),
-            dtype=c.dtype,
-            chunks=(1, t, *c.feature_shape) if n else None,
-            fletcher32=True,
-        )
+        feats = _start_cache_file(out, c, n)
         copied = np.flatnonzero(at >= 0)
         if len(copied):
             source = old["features"]
