@@ -54,6 +54,16 @@ class CacheLock:
             self._fh = None
 
 
+# ----------------------------------------------------------------------------- readers
+# A command reading a cache kept in part files (train --stream, evaluate, tune, info --verify) holds
+# the file it opened for as long as it reads, and that file's virtual dataset opens its part files by
+# name on every read. A writer that replaced the cache (extract, merge --force, --compact) must not
+# delete the part files the old file still names while such a reader runs: HDF5 would read NaN there.
+# So readers register with a shared flock on ``<cache>.readers`` (released by the OS if they die),
+# and part files the cache no longer references are deleted only under an exclusive, non-blocking
+# lock on it; while a reader holds it they stay, and the next write that finds no reader removes them.
+
+
 def _flock(fh, mode: str, block: bool = False) -> bool:
     """flock ``fh`` shared ("sh") or exclusive ("ex"); False where it is held elsewhere (or cannot be taken)."""
     try:

@@ -40,9 +40,6 @@ class _CacheFile(h5py.File):
                 reader.release()
 
 
-# ----------------------------------------------------------------------------- reading
-
-
 def read_config(path: Path) -> CacheConfig:
     """Open a finished cache just long enough to validate and return its config."""
     with open_h5(path) as f:
@@ -52,7 +49,7 @@ def read_config(path: Path) -> CacheConfig:
 def open_h5(path: Path):
     """Open a cache read-only, turning every way it can be wrong into one CacheError sentence.
 
-    A cache kept in part files is registered as read (see "readers" above) until the file is
+    A cache kept in part files is registered as read (see "readers" in featpipe.cache.lock) until the file is
     closed: part files it names are not deleted while it is open, whatever replaces the cache.
     """
     path = Path(path)

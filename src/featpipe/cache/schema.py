@@ -172,7 +172,7 @@ class ClipRecord:
         return self.error is None
 
 
-# ----------------------------------------------------------------------------- writing
+# ----------------------------------------------------------------------------- clip identity
 
 
 Identity = tuple  # (size in bytes, mtime in ns) of a clip file
@@ -208,7 +208,7 @@ def strings(f, name: str) -> list[str]:
     return list(f[name].asstr()[:]) if name in f else []
 
 
-# ----------------------------------------------------------------------------- journal
+# ----------------------------------------------------------------------------- files beside a cache
 
 
 def journal_path(cache: Path) -> Path:
@@ -219,22 +219,9 @@ def lock_path(cache: Path) -> Path:
     return cache.with_name(cache.name + ".lock")
 
 
-# ----------------------------------------------------------------------------- readers
-# A command reading a cache kept in part files (train --stream, evaluate, tune, info --verify) holds
-# the file it opened for as long as it reads, and that file's virtual dataset opens its part files by
-# name on every read. A writer that replaced the cache (extract, merge --force, --compact) must not
-# delete the part files the old file still names while such a reader runs: HDF5 would read NaN there.
-# So readers register with a shared flock on ``<cache>.readers`` (released by the OS if they die),
-# and part files the cache no longer references are deleted only under an exclusive, non-blocking
-# lock on it; while a reader holds it they stay, and the next write that finds no reader removes them.
-
-
 def readers_path(cache: Path) -> Path:
     cache = Path(cache)
     return cache.with_name(cache.name + ".readers")
-
-
-# ----------------------------------------------------------------------------- part files
 
 
 def parts_dir(cache: str | Path) -> Path:

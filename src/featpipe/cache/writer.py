@@ -233,16 +233,9 @@ class CacheWriter:
                 self._journal_entries[e.header["video"]] = e
         self._appended = {}
         assignments = assignments or {}
-        c = self.config
-        feat_bytes = row_bytes(c)
-        entries = self._journal_entries
-        plan = reconcile.plan(
-            self._existing,
-            [reconcile.Record(k, e.header.get("error"), header_identity(e.header)) for k, e in entries.items()],
-            current,
-            feat_bytes,
-            one_file_limit(),
-        )
+        records = self._journal_entries.items()
+        journal = [reconcile.Record(k, e.header.get("error"), header_identity(e.header)) for k, e in records]
+        plan = reconcile.plan(self._existing, journal, current, row_bytes(self.config), one_file_limit())
         self.n_dropped, self.n_changed = plan.n_dropped, plan.n_changed
         try:
             with replacing(self.path) as tmp:
