@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml $(LOCK)
 demo: venv
 	$(BIN)/featpipe sample-data data
 	$(BIN)/featpipe extract --backbone inceptionv3 --data data --weights none
-	$(BIN)/featpipe train --rnn gru --cache cache/inceptionv3.h5 --quiet
+	$(BIN)/featpipe train --head gru --cache cache/inceptionv3.h5 --quiet
 	$(BIN)/featpipe evaluate models/latest --split test
 	$(BIN)/featpipe predict data/test/grow/grow_test_000.mp4 --model models/latest
 

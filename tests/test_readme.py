@@ -1,4 +1,7 @@
-"""The README's option tables say exactly what `featpipe COMMAND --help` offers, and with the same defaults."""
+"""The option tables of the command reference (docs/cli.md) say exactly what `featpipe COMMAND --help` offers.
+
+With the same defaults, too. The README itself only links there; tests/test_docs.py checks those links.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +14,21 @@ from typer.main import get_command
 
 from featpipe.cli.commands import app
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+CLI_DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 FLAG = re.compile(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*(?:/--[a-z0-9-]+)?|-[a-z])(?![\w-])")
 ALL_COMMANDS = sorted(get_command(app).commands)
 
 
 def readme_rows(command: str) -> list[tuple[list[str], str]]:
-    """(flags, default cell) of each row of the option tables under ``### `featpipe COMMAND ...` ``."""
-    text = README.read_text()
-    start = re.search(rf"^### `featpipe {re.escape(command)}\b.*$", text, re.M)
+    """(flags, default cell) of each row of the option tables under ``## `featpipe COMMAND ...` `` in docs/cli.md.
+
+    The section runs to the next heading of its level (its ``###`` subsections belong to it).
+    """
+    text = CLI_DOC.read_text()
+    start = re.search(rf"^## `featpipe {re.escape(command)}\b.*$", text, re.M)
     if start is None:
         return []
-    end = re.search(r"^#{2,3} ", text[start.end() :], re.M)
+    end = re.search(r"^#{1,2} ", text[start.end() :], re.M)
     section = text[start.end() : start.end() + end.start() if end else len(text)]
     rows: list[tuple[list[str], str]] = []
     in_table = False
@@ -58,17 +64,16 @@ def cli_flags(command: str) -> set[str]:
     return {o for p in cli_options(command) for o in (*p.opts, *p.secondary_opts)}
 
 
-COMMANDS = [c for c in ALL_COMMANDS if readme_flags(c)] if README.is_file() else []
+COMMANDS = [c for c in ALL_COMMANDS if readme_flags(c)]
 
 
-@pytest.mark.skipif(not README.is_file(), reason="no README.md beside the tests")
 def test_every_command_has_an_option_table():
-    """A new command fails here until its README section (``### `featpipe NAME ...` ``) has an option table.
+    """A new command fails here until its docs/cli.md section (``## `featpipe NAME ...` ``) has an option table.
 
     Only a command without a visible option (none today) could have no table.
     """
     needed = {c for c in ALL_COMMANDS if cli_flags(c)}
-    assert needed <= set(COMMANDS), f"no README option table for {sorted(needed - set(COMMANDS))}"
+    assert needed <= set(COMMANDS), f"no option table in docs/cli.md for {sorted(needed - set(COMMANDS))}"
     assert {"extract", "train", "merge", "predict"} <= set(COMMANDS)  # the discovery itself still works
 
 
@@ -76,7 +81,7 @@ def test_every_command_has_an_option_table():
 def test_option_table_matches_help(command):
     documented, offered = readme_flags(command), cli_flags(command)
     assert documented == offered, (
-        f"README table for `featpipe {command}`: missing {sorted(offered - documented)}, "
+        f"docs/cli.md table for `featpipe {command}`: missing {sorted(offered - documented)}, "
         f"not offered {sorted(documented - offered)}"
     )
 
@@ -125,7 +130,7 @@ def test_documented_defaults_match_help(command):
     """Where a row gives its default as a literal (one per option: `16, 6, 6` for three options), the CLI has it.
 
     Prose defaults ("the cache's", "by size", "CPU cores (<= 32)") are not checked, nor any option
-    whose CLI default is None: the library computes that default, and the README describes it.
+    whose CLI default is None: the library computes that default, and docs/cli.md describes it.
     """
     by_flag = {o: p for p in cli_options(command) for o in (*p.opts, *p.secondary_opts)}
     checked, wrong = 0, []
@@ -140,7 +145,7 @@ def test_documented_defaults_match_help(command):
                 continue
             checked += 1
             if not _same_default(documented, param.default):
-                wrong.append(f"{param.opts[0]}: README {part}, --help {param.default!r}")
-    assert not wrong, f"README table for `featpipe {command}` states other defaults than the CLI: {wrong}"
+                wrong.append(f"{param.opts[0]}: docs/cli.md {part}, --help {param.default!r}")
+    assert not wrong, f"docs/cli.md table for `featpipe {command}` states other defaults than the CLI: {wrong}"
     if any(isinstance(p.default, (int, float)) and not isinstance(p.default, bool) for p in cli_options(command)):
         assert checked, f"no default of `featpipe {command}` could be read from its table"
