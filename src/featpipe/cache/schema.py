@@ -1,51 +1,18 @@
 """The HDF5 feature cache's format: schema, attribute keys, the config, clip records and identities.
 
-Schema (version 3), readable with plain h5py and pandas:
+The format (datasets, attributes, versions 1 to 3, part files, crash safety) is described once,
+in docs/cache-format.md. In short: one row per clip (``features``, ``mask``, ``mask_crc32``,
+``label``, ``split``, ``video``, ``n_frames``, and the clip's identity ``size`` / ``mtime_ns``),
+the clips that failed under ``failed/`` and those dropped under ``stale/``; a cache over
+``FEATPIPE_ONE_FILE_MB`` (64 MB) keeps its features in immutable part files in
+``<cache>.parts/`` (mapped by ``parts/``), stitched together as an HDF5 virtual dataset.
 
-  features        (N, T, *feature_shape)  float16 (default) or float32; one clip per chunk
-  mask            (N, T)  bool            True exactly for real (not padded) frames: always a prefix
-  mask_crc32      (N,)    uint32          zlib.crc32 of each row's mask bytes (absent in older caches:
-                                          their masks are checked by the prefix rule alone)
-  label           (N,)    int             index into attrs["class_names"]
-  split           (N,)    str             train / val / test
-  video           (N,)    str             clip path relative to the data root (the clip's key)
-  n_frames        (N,)    int             frames in the whole clip
-  size            (N,)    int             the clip file's size in bytes when it was extracted ...
-  mtime_ns        (N,)    int             ... and its modification time (ns): the clip's identity
-  failed/video    (F,)    str             clips that could not be used ...
-  failed/reason   (F,)    str             ... and why
-  failed/size, failed/mtime_ns (F,) int   their identity (a changed file is tried again)
-  stale/video     (S,)    str             rows dropped because their clip left the dataset ...
-  stale/reason    (S,)    str             ... and why (names only; their features are gone)
-  attrs: schema_version, backbone, weights, weights_fingerprint, input_size, frames, sampling,
-         class_names, dtype, feature_shape, featpipe_version, keras_version, keras_backend,
-         data_root, layout
-
-Version 1 caches (no identity columns, no stale/ group) are still read; their rows have an
-unknown identity (-1), which the next extraction trusts and replaces by the clip's current one.
-Version 2 caches are version 3 caches written as one file.
-
-Part files (version 3). A cache whose features exceed ``FEATPIPE_ONE_FILE_MB`` (64 MB by
-default) keeps them in immutable part files in the folder ``<cache>.parts/`` beside it, and
-``features`` is an HDF5 virtual dataset stitching them together (plain h5py reads it like any
-dataset). The cache file also holds
-
-  parts/file      (P,)    str             part files, relative to the cache's folder
-  parts/rows      (P,)    int             rows in each part file
-  parts/index     (N,)    int             the part file holding each row's features ...
-  parts/row       (N,)    int             ... and the row there
-
-A part file holds one ``features`` dataset (one clip per chunk, fletcher32 checksums); an old
-whole cache (or shard) can serve as a part as it is. Adding k clips writes one new part of k
-rows and rewrites only the small columns, so it costs O(k) in features; merging shards
-hard-links their parts (or whole files) into the merged cache's ``.parts/`` folder. Rows are
-then ordered by part (kept rows first, in their old order; new rows after, sorted by key), not
-globally by key; a cache written as one file (small caches, ``compact``) is sorted by key.
-Part files that the cache no longer references (rows dropped, a killed write) are removed by
-the next write under the cache's lock, once no reader holds a cache file that names them (see
-"readers" in featpipe.cache.lock). The cache is written by featpipe.cache.writer (crash safety
-is described there), read by featpipe.cache.reader, merged by featpipe.cache.shards and checked
-by featpipe.cache.verify.
+The package, one job per module: this module (what a cache is), ``journal`` (finished clips
+beside a cache being extracted), ``lock`` (one writer; readers keep their part files),
+``reader`` (opening, summaries, rows and features, damage named per clip), ``reconcile`` (what
+a finalized cache holds, without HDF5), ``writer`` (``CacheWriter``: journal, then finalize),
+``parts`` (writing cache and part files), ``shards`` (shard names, merge, compact) and
+``verify`` (every row read back).
 """
 
 from __future__ import annotations

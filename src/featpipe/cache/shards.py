@@ -6,6 +6,7 @@ records the full dataset's class names. ``merge_shards`` checks that a set is co
 finished and made with one set of settings, and writes the cache an unsharded run would have
 written, atomically: one file (rows sorted by clip key, copied one clip at a time) when small or
 asked to compact, else the shards' part files hard-linked under the output's ``.parts/``.
+The user-facing account is in docs/cache-format.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """The resumable cache writer: journal finished clips, then fold cache + journal into a new cache file.
 
-
 Crash safety. The HDF5 file is never modified in place. While extracting, every finished clip
 is appended to a journal beside the cache (``<cache>.journal``) as one checksummed record; a
-record torn by a kill fails its checksum and is dropped on the next open. At the end the new
-rows go into a new part file (or, for a one-file cache, old rows + journal rows are rewritten in
-key order), a new cache file is written beside the old one and atomically replaces it, and only
+record torn by a kill fails its checksum and is dropped on the next open. At the end
+(``finalize``) ``featpipe.cache.reconcile`` decides what the new cache holds, the new rows go
+into a new part file (or, for a one-file cache, old rows + journal rows are rewritten in key
+order), a new cache file is written beside the old one and atomically replaces it, and only
 then is the journal removed; part files a killed finalize left unreferenced are removed by the
-next writer. So a SIGKILL at any moment loses
-at most the clips in flight, and the next run resumes from cache + journal and ends with the
-same cache a clean run produces. An exclusive lock (``<cache>.lock``, released by the OS when
-the process dies) stops two extractions from writing one cache at once.
+next writer. So a SIGKILL at any moment loses at most the clips in flight, and the next run
+resumes from cache + journal and ends with the same cache a clean run produces. An exclusive
+lock (``<cache>.lock``, released by the OS when the process dies) stops two extractions from
+writing one cache at once. The user-facing account is in docs/cache-format.md.
 """
 
 from __future__ import annotations
