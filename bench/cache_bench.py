@@ -63,14 +63,28 @@ from pathlib import Path
 
 import numpy as np
 
-from featpipe.cache import store as fc
+from featpipe.cache.lock import CacheLock
+from featpipe.cache.parts import (
+    Columns,
+    Sources,
+    one_file_limit,
+    replacing,
+    sources_of,
+    write_part,
+    write_parted_temporary,
+    write_temporary,
+)
+from featpipe.cache.reader import Row, open_h5, read_config, summarize
+from featpipe.cache.schema import CacheConfig, ClipRecord, file_identity, parts_dir
+from featpipe.cache.shards import compact_cache, find_shards, merge_shards, shard_of, shard_path
+from featpipe.cache.writer import CacheWriter
 
 T, D = 20, 2048
 
 
-def config(shard: str | None = None) -> fc.CacheConfig:
+def config(shard: str | None = None) -> CacheConfig:
     extra = {"shard": shard} if shard else {}
-    return fc.CacheConfig(
+    return CacheConfig(
         backbone="inceptionv3",
         weights="imagenet",
         weights_fingerprint="bench",
@@ -88,10 +102,10 @@ def key(i: int) -> str:
     return f"{('train', 'val', 'test')[i % 3]}/class{i % 100:03d}/clip{i:07d}.mp4"
 
 
-def columns(keys: list[str]) -> fc._Columns:
+def columns(keys: list[str]) -> Columns:
     n = len(keys)
     label = np.array([int(k.split("/")[1][5:]) for k in keys], dtype=np.int64)
-    return fc._Columns(
+    return Columns(
         list(keys),
         np.ones((n, T), dtype=bool),
         label,
@@ -106,44 +120,46 @@ def synthesise(path: Path, n: int, shards: int) -> list[str]:
     """A cache of ``n`` clips in one part file, rows grouped by shard; return the keys in part order."""
     by_shard: dict[int, list[str]] = {}
     for i in range(n):
-        by_shard.setdefault(fc.shard_of(key(i), shards), []).append(key(i))
+        by_shard.setdefault(shard_of(key(i), shards), []).append(key(i))
     keys = [k for s in sorted(by_shard) for k in sorted(by_shard[s])]
     rng = np.random.default_rng(0)
     block = rng.standard_normal((64, T, D)).astype(np.float16)
-    part = fc._write_part(fc.parts_dir(path), config(), n, (block[i % 64] for i in range(n)))
-    src = fc._Sources([part], [n], np.zeros(n, dtype=np.int64), np.arange(n, dtype=np.int64))
-    fc._install(fc._write_parted_temporary(path, config(), columns(keys), src, {}, {}, {}), path)
+    part = write_part(parts_dir(path), config(), n, (block[i % 64] for i in range(n)))
+    src = Sources([part], [n], np.zeros(n, dtype=np.int64), np.arange(n, dtype=np.int64))
+    with replacing(path) as tmp:
+        write_parted_temporary(tmp, path, config(), columns(keys), src, {}, {}, {})
     return keys
 
 
 def make_shards(path: Path, keys: list[str], shards: int) -> None:
     """Shard files of ``path`` whose features are ranges of ``path``'s part file (hard links, no copies)."""
-    with fc.open_h5(path) as f:
-        part = fc._sources_of(f, path).files[0]
+    with open_h5(path) as f:
+        part = sources_of(f, path).files[0]
     start = 0
     for s in range(1, shards + 1):
-        mine = [k for k in keys if fc.shard_of(k, shards) == s]
-        src = fc._Sources(
+        mine = [k for k in keys if shard_of(k, shards) == s]
+        src = Sources(
             [part],
             [len(keys)],
             np.zeros(len(mine), dtype=np.int64),
             np.arange(start, start + len(mine), dtype=np.int64),
         )
-        target = fc.shard_path(path, s, shards)
-        fc._install(fc._write_parted_temporary(target, config(f"{s}/{shards}"), columns(mine), src, {}, {}, {}), target)
+        target = shard_path(path, s, shards)
+        with replacing(target) as tmp:
+            write_parted_temporary(tmp, target, config(f"{s}/{shards}"), columns(mine), src, {}, {}, {})
         start += len(mine)
 
 
 def add(path: Path, first: int, count: int) -> float:
     rng = np.random.default_rng(first)
     recs = [
-        fc.ClipRecord(key(first + i), 0, "train", 250, rng.standard_normal((T, D)).astype(np.float16), np.ones(T, bool))
+        ClipRecord(key(first + i), 0, "train", 250, rng.standard_normal((T, D)).astype(np.float16), np.ones(T, bool))
         for i in range(count)
     ]
     recs = [replace(r, label=int(r.video.split("/")[1][5:]), split=r.video.split("/")[0]) for r in recs]
     t0 = time.perf_counter()
-    with fc.CacheLock(path):
-        w = fc.CacheWriter(path, config())
+    with CacheLock(path):
+        w = CacheWriter(path, config())
         for r in recs:
             w.append(r)
         w.finalize()
@@ -159,16 +175,16 @@ def run(size: int, folder: Path, rewrite_max: int, shards: int) -> dict:
     out = {"clips": size, "gigabytes": round(size * T * D * 2 / 1e9, 2), "synthesise_s": time.perf_counter() - t0}
     make_shards(path, keys, shards)
     t0 = time.perf_counter()
-    fc.merge_shards(fc.find_shards(path), output=here / "merged.h5")
+    merge_shards(find_shards(path), output=here / "merged.h5")
     out[f"merge_{shards}_s"] = time.perf_counter() - t0
-    with fc.open_h5(here / "merged.h5") as f:
+    with open_h5(here / "merged.h5") as f:
         assert len(f["video"]) == size and f["features"].is_virtual
     out["add_1_s"] = add(path, size, 1)
     out["add_10_s"] = add(path, size + 1, 10)
-    assert fc.summarize(path).n_clips == size + 11 and fc.summarize(path).parts == 3
+    assert summarize(path).n_clips == size + 11 and summarize(path).parts == 3
     if size <= rewrite_max:
         t0 = time.perf_counter()
-        fc.compact_cache(path, here / "one.h5")
+        compact_cache(path, here / "one.h5")
         out["rewrite_s"] = time.perf_counter() - t0
     shutil.rmtree(here)
     return out
@@ -220,19 +236,19 @@ def _place(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
-def _command_config(folder: Path, real: list[Path]) -> fc.CacheConfig:
+def _command_config(folder: Path, real: list[Path]) -> CacheConfig:
     """The settings ``COMMAND`` writes for CLASSES classes: from a real extraction of one clip per class."""
     probe = folder / "probe"
     for c in range(CLASSES):
         (probe / f"class{c:02d}").mkdir(parents=True)
         _place(real[c % len(real)], probe / f"class{c:02d}" / f"real{c}{real[c % len(real)].suffix}")
     _extract(probe, folder / "probe.h5")
-    config = fc.read_config(folder / "probe.h5")
+    config = read_config(folder / "probe.h5")
     shutil.rmtree(probe)
     return config
 
 
-def _command_dataset(folder: Path, n: int, config: fc.CacheConfig) -> tuple[Path, Path, list[str]]:
+def _command_dataset(folder: Path, n: int, config: CacheConfig) -> tuple[Path, Path, list[str]]:
     """A folder of ``n`` clips (empty files) in CLASSES class folders and a cache holding every one of them."""
     from featpipe.video.datasets import index_dataset
 
@@ -243,9 +259,9 @@ def _command_dataset(folder: Path, n: int, config: fc.CacheConfig) -> tuple[Path
         (data / f"class{i % CLASSES:02d}" / f"clip{i:07d}.mp4").touch()
     ds = index_dataset(data)
     config = dataclasses.replace(config, extra={**config.extra, "data_root": str(ds.root)})
-    ident = [fc.file_identity(r.path) for r in ds.records]
+    ident = [file_identity(r.path) for r in ds.records]
     t = config.frames
-    cols = fc._Columns(
+    cols = Columns(
         [r.video for r in ds.records],
         np.ones((n, t), dtype=bool),
         np.array([ds.label_index(r.label) for r in ds.records], dtype=np.int64),
@@ -256,16 +272,18 @@ def _command_dataset(folder: Path, n: int, config: fc.CacheConfig) -> tuple[Path
     )
     cache = folder / "cache.h5"
     zeros = np.zeros((t, *config.feature_shape), dtype=config.dtype)
-    if n * zeros.nbytes <= fc._one_file_limit():  # one file, as extract writes a cache this small
+    if n * zeros.nbytes <= one_file_limit():  # one file, as extract writes a cache this small
         rows = {
-            k: fc._Row(zeros, cols.mask[i], int(cols.label[i]), cols.split[i], t, int(size), int(mtime))
+            k: Row(zeros, cols.mask[i], int(cols.label[i]), cols.split[i], t, int(size), int(mtime))
             for i, (k, size, mtime) in enumerate(zip(cols.keys, cols.size, cols.mtime_ns))
         }
-        fc._install(fc._write_temporary(cache, config, cols.keys, rows.__getitem__, {}), cache)
+        with replacing(cache) as tmp:
+            write_temporary(tmp, config, cols.keys, rows.__getitem__, {})
         return data, cache, [str(r.path) for r in ds.records]
-    part = fc._write_part(fc.parts_dir(cache), config, n, (zeros for _ in range(n)))
-    src = fc._Sources([part], [n], np.zeros(n, dtype=np.int64), np.arange(n, dtype=np.int64))
-    fc._install(fc._write_parted_temporary(cache, config, cols, src, {}, {}, {}), cache)
+    part = write_part(parts_dir(cache), config, n, (zeros for _ in range(n)))
+    src = Sources([part], [n], np.zeros(n, dtype=np.int64), np.arange(n, dtype=np.int64))
+    with replacing(cache) as tmp:
+        write_parted_temporary(tmp, cache, config, cols, src, {}, {}, {})
     return data, cache, [str(r.path) for r in ds.records]
 
 
@@ -293,7 +311,7 @@ def run_command(sizes: list[int], folder: Path, repeat: int, clips: Path) -> dic
             src = real[j % len(real)]
             _place(src, data / f"class{j % CLASSES:02d}" / f"new{j:02d}{src.suffix}")
         shutil.copyfile(cache, here / "before.h5")
-        parts = {p.name for p in fc.parts_dir(cache).iterdir()} if fc.parts_dir(cache).is_dir() else set()
+        parts = {p.name for p in parts_dir(cache).iterdir()} if parts_dir(cache).is_dir() else set()
         setups[n] = (data, cache, here / "before.h5", parts, paths)
     seconds: dict[int, list[float]] = {n: [] for n in sizes}
     cpu: dict[int, list[float]] = {n: [] for n in sizes}
@@ -301,13 +319,13 @@ def run_command(sizes: list[int], folder: Path, repeat: int, clips: Path) -> dic
         for n in sizes:
             data, cache, before, parts, _ = setups[n]
             shutil.copyfile(before, cache)  # the cache without the new clips again
-            for p in fc.parts_dir(cache).iterdir() if fc.parts_dir(cache).is_dir() else ():
+            for p in parts_dir(cache).iterdir() if parts_dir(cache).is_dir() else ():
                 if p.name not in parts:
                     p.unlink()
             wall, used = _extract(data, cache)
             seconds[n].append(wall)
             cpu[n].append(used)
-            summary = fc.summarize(cache)
+            summary = summarize(cache)
             assert summary.n_clips == n + NEW_CLIPS and not summary.failed, summary.lines()
     base = sizes[0]
     out = {

@@ -41,7 +41,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only R
 
 import numpy as np  # noqa: E402
 
-from featpipe.cache.store import CacheConfig, CacheWriter, ClipRecord  # noqa: E402
+from featpipe.cache.schema import (
+    CacheConfig,
+    ClipRecord,  # noqa: E402
+)
+from featpipe.cache.writer import CacheWriter
 from featpipe.extraction.engines.ray import (  # noqa: E402
     ClipEmbedder,
     Plan,

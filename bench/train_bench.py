@@ -36,7 +36,7 @@ def write_synthetic_cache(path: Path, clips: int, frames: int, dim: int, classes
     """A valid featpipe cache with random features, written directly (class signal in feature 0)."""
     import h5py
 
-    from featpipe.cache.store import CacheConfig
+    from featpipe.cache.schema import CacheConfig
 
     rng = np.random.default_rng(seed)
     names = tuple(f"class{i}" for i in range(classes))

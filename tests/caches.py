@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featpipe.cache.store import CacheConfig, CacheWriter, ClipRecord
+from featpipe.cache.schema import CacheConfig, ClipRecord
+from featpipe.cache.writer import CacheWriter
 
 
 def synthetic_cache(path: Path, splits=("train", "val", "test"), classes=("a", "b"), n=24, nan=False) -> Path:

@@ -23,3 +23,15 @@ def real_fixtures() -> Path:
     if not REAL_FIXTURES.is_dir():
         pytest.skip(f"real video fixtures not found at {REAL_FIXTURES}")
     return REAL_FIXTURES
+
+
+@pytest.fixture
+def parted(monkeypatch):
+    """Every cache with at least one clip is written in part files (as caches over 64 MB are)."""
+    monkeypatch.setenv("FEATPIPE_ONE_FILE_MB", "0")
+
+
+@pytest.fixture
+def default_threshold(monkeypatch):
+    """Tests see featpipe's default 64 MB threshold whatever the shell sets (the cache tests use it for every test)."""
+    monkeypatch.delenv("FEATPIPE_ONE_FILE_MB", raising=False)

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featpipe.cache.store import CacheConfig, CacheWriter, ClipRecord
+from featpipe.cache.schema import CacheConfig, ClipRecord
+from featpipe.cache.writer import CacheWriter
 from featpipe.errors import FeatpipeError
 from featpipe.training.baselines import linear_probe, segment_means
 from featpipe.training.heads.layers import SegmentMeans

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 
 from featpipe.backbones.frame_source import frame_source
-from featpipe.cache.store import ClipRecord
+from featpipe.cache.schema import ClipRecord
 from featpipe.extraction.engines import base
 from featpipe.extraction.extract import extract
 from featpipe.extraction.stages import Stats

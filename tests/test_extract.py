@@ -19,16 +19,12 @@ from cli_args import cli, extract_args, python_m
 from featpipe.backbones.frame_source import FeatureExtractor
 from featpipe.backbones.registry import REGISTRY, Backbone, register_backbone
 from featpipe.backbones.weights import build_model, fingerprint
-from featpipe.cache.store import (
-    CacheLock,
-    CacheWriter,
-    iter_journal,
-    journal_path,
-    merge_shards,
-    shard_of,
-    shard_path,
-    summarize,
-)
+from featpipe.cache.journal import iter_journal
+from featpipe.cache.lock import CacheLock
+from featpipe.cache.reader import summarize
+from featpipe.cache.schema import journal_path
+from featpipe.cache.shards import merge_shards, shard_of, shard_path
+from featpipe.cache.writer import CacheWriter
 from featpipe.cli import app
 from featpipe.errors import CacheError, ExtractionFailed, FeatpipeError
 from featpipe.extraction.extract import extract
@@ -518,7 +514,7 @@ def test_an_unknown_precision_is_refused_before_any_work(sample, tmp_path):
 
 # ----------------------------------------------------------------------------- a row is the clip as it is now
 
-from featpipe.cache.store import file_identity  # noqa: E402
+from featpipe.cache.schema import file_identity  # noqa: E402
 from featpipe.errors import OptionError  # noqa: E402
 from featpipe.extraction.options import ExtractOptions  # noqa: E402
 from mounts import fill, read_only, tmpfs  # noqa: E402
@@ -765,7 +761,7 @@ def test_sigterm_folds_the_journal_into_the_cache_and_exits_143_then_resume_fini
 def test_a_full_disk_while_journaling_is_one_sentence_exit_1_and_the_rerun_resumes(tmp_path, monkeypatch):
     import errno
 
-    from featpipe.cache.store import JournalWriter
+    from featpipe.cache.journal import JournalWriter
 
     data = tiny_dataset(tmp_path / "data")
     out = tmp_path / "c.h5"

@@ -8,8 +8,8 @@ import pytest
 
 import featpipe
 from cli_args import cli as run
-from featpipe.cache.store import DamagedCacheError, verify_cache
-from featpipe.errors import CacheError
+from featpipe.cache.verify import verify_cache
+from featpipe.errors import CacheError, DamagedCacheError
 from featpipe.training.inputs import feature_stats, load_rows, open_index
 from featpipe.training.streaming import H5Batches
 from test_inputs import make_cache  # a small cache written through the real writer
@@ -133,7 +133,9 @@ def test_verify_of_a_run_directory_is_refused_with_a_sentence(tmp_path):
 
 def test_adding_clips_to_a_damaged_cache_names_the_clip_and_keeps_the_file(damaged):
     """A resumed extraction folds old rows into the new cache: a damaged one stops it with a sentence."""
-    from featpipe.cache.store import CacheConfig, CacheWriter, ClipRecord, open_h5
+    from featpipe.cache.reader import open_h5
+    from featpipe.cache.schema import CacheConfig, ClipRecord
+    from featpipe.cache.writer import CacheWriter
 
     with open_h5(damaged) as f:
         config = CacheConfig.from_attrs(dict(f.attrs))
@@ -193,7 +195,9 @@ def test_a_cache_without_mask_checksums_is_read_and_its_masks_must_be_real_frame
 
 @pytest.mark.parametrize("how", ["truncated", "not hdf5"])
 def test_verify_reports_an_unreadable_part_file_as_the_clips_it_held(tmp_path, monkeypatch, how):
-    from featpipe.cache.store import CacheConfig, CacheWriter, ClipRecord, open_h5
+    from featpipe.cache.reader import open_h5
+    from featpipe.cache.schema import CacheConfig, ClipRecord
+    from featpipe.cache.writer import CacheWriter
 
     monkeypatch.setenv("FEATPIPE_ONE_FILE_MB", "0")  # every cache in part files
     path = make_cache(tmp_path / "c.h5", n=6)

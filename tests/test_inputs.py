@@ -8,7 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
-from featpipe.cache.store import CacheConfig, CacheWriter, ClipRecord
+from featpipe.cache.schema import CacheConfig, ClipRecord
+from featpipe.cache.writer import CacheWriter
 from featpipe.errors import CacheError
 from featpipe.training.inputs import (
     cache_fingerprint,

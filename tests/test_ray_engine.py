@@ -28,7 +28,9 @@ from cli_args import SMALL as CLI_SMALL
 from cli_args import extract_args, python_m
 from featpipe.backbones.frame_source import FeatureExtractor
 from featpipe.backbones.registry import get_backbone
-from featpipe.cache.store import iter_journal, journal_path, merge_shards, shard_path
+from featpipe.cache.journal import iter_journal
+from featpipe.cache.schema import journal_path
+from featpipe.cache.shards import merge_shards, shard_path
 from featpipe.cli import app
 from featpipe.errors import BackboneError, CacheError, ExtractionFailed, FeatpipeError
 from featpipe.extraction.engines.ray import DriverBackbone, check_worker, clips_per_call
@@ -267,7 +269,7 @@ def test_driver_sigkill_then_the_same_command_resumes_to_the_clean_cache(sample,
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
-        "import time\nimport featpipe.cache.store as c\n_append = c.CacheWriter.append\n\n\n"
+        "import time\nimport featpipe.cache.writer as c\n_append = c.CacheWriter.append\n\n\n"
         "def append(self, rec):\n    _append(self, rec)\n    time.sleep(0.5)\n\n\nc.CacheWriter.append = append\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), SRC, os.environ.get("PYTHONPATH", "")])}

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 import featpipe.training.heads.layers  # noqa: F401  registers custom layers for safe-mode loading
 from caches import synthetic_cache
-from featpipe.cache.store import SCHEMA_VERSION, CacheConfig, CacheWriter, ClipRecord
+from featpipe.cache.schema import SCHEMA_VERSION, CacheConfig, ClipRecord
+from featpipe.cache.writer import CacheWriter
 from featpipe.cli import app
 from featpipe.errors import FeatpipeError
 from featpipe.extraction.extract import extract
@@ -692,7 +693,8 @@ def test_a_signal_as_the_published_run_appears_exits_with_its_status_and_a_sente
 @pytest.mark.slow
 def test_train_stream_reads_the_cache_it_opened_while_the_cache_is_compacted(tmp_path, monkeypatch):
     """`featpipe merge --compact` (or an extraction) rewriting the cache mid-fit takes no part file from the reader."""
-    from featpipe.cache.store import compact_cache, parts_dir
+    from featpipe.cache.schema import parts_dir
+    from featpipe.cache.shards import compact_cache
     from featpipe.training.streaming import H5Batches
 
     monkeypatch.setenv("FEATPIPE_ONE_FILE_MB", "0")

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from caches import tiny_cache
-from featpipe.cache.store import CacheConfig, CacheWriter, ClipRecord
+from featpipe.cache.schema import CacheConfig, ClipRecord
+from featpipe.cache.writer import CacheWriter
 from featpipe.training.search import TuneOptions
 
 # ---------------------------------------------------------------- a search, resumed

@@ -18,7 +18,7 @@ Keras is imported only when a function needs it.
 # The public API: one name per command, from the stage package that does the work
 # (docs/python-api.md). Keras is not imported here.
 from featpipe._version import __version__
-from featpipe.cache.store import merge_shards as merge
+from featpipe.cache.shards import merge_shards as merge
 from featpipe.errors import FeatpipeError
 from featpipe.extraction.extract import ExtractResult, extract
 from featpipe.extraction.options import ExtractOptions

@@ -133,3 +133,13 @@ class RunWarning(UserWarning):
     """The data a run is judged on changed since training (the CLI prints it as one line on stderr).
 
     A warning category, not an error: kept here so that every class a user may meet is in one file."""
+
+
+class CannotWrite(CacheError):
+    """The cache's folder cannot be written (read-only media, no permission): the lock file cannot be made."""
+
+
+class DamagedCacheError(CacheError):
+    """Rows of a cache fail their checksum: the file was damaged after it was written."""
+
+    exit_code = 1

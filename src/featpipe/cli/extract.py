@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 import featpipe
-from featpipe.cache.store import find_shards, parse_shard_path, read_config, summarize
+from featpipe.cache.reader import read_config, summarize
+from featpipe.cache.shards import find_shards, parse_shard_path
 from featpipe.cli.params import (
     BACKBONE_HELP,
     BATCH_HELP,

@@ -21,18 +21,12 @@ import h5py
 
 from featpipe._version import __version__
 from featpipe.backbones.registry import check_size, get_backbone
-from featpipe.cache.store import (
-    CacheConfig,
-    CacheLock,
-    CacheWriter,
-    CannotWrite,
-    file_identity,
-    parse_shard,
-    shard_of,
-    shard_path,
-    summarize,
-)
-from featpipe.errors import CacheError, ExtractionFailed
+from featpipe.cache.lock import CacheLock
+from featpipe.cache.reader import summarize
+from featpipe.cache.schema import CacheConfig, file_identity
+from featpipe.cache.shards import parse_shard, shard_of, shard_path
+from featpipe.cache.writer import CacheWriter
+from featpipe.errors import CacheError, CannotWrite, ExtractionFailed
 from featpipe.extraction.engines.base import Work, get_engine
 from featpipe.extraction.options import ExtractOptions
 from featpipe.extraction.stages import Stats

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featpipe.backbones.registry import WEIGHTS_IMAGENET, get_backbone
-from featpipe.cache.store import parse_shard
+from featpipe.cache.shards import parse_shard
 from featpipe.errors import FeatpipeError, OptionError
 from featpipe.names import DTYPES, ENGINES, PRECISIONS, SAMPLING
 from featpipe.options import (

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featpipe.cache.store import APPEND_KEYS, CacheConfig
+from featpipe.cache.schema import APPEND_KEYS, CacheConfig
 from featpipe.errors import CacheError, FeatpipeError, RunWarning
 from featpipe.options import check_int
 from featpipe.runs.rundir import RunInfo, cache_change_warning, load_run, overlap_with_training

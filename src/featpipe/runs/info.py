@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featpipe.cache.store import DamagedCacheError, missing_parts, summarize, verify_cache
-from featpipe.errors import CacheError, FeatpipeError
+from featpipe.cache.reader import summarize
+from featpipe.cache.verify import missing_parts, verify_cache
+from featpipe.errors import CacheError, DamagedCacheError, FeatpipeError
 from featpipe.runs.rundir import check_model_file, read_run
 from featpipe.training.inputs import cache_fingerprint
 

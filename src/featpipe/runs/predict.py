@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -31,6 +30,7 @@ from featpipe.options import (
     split_list_options,
 )
 from featpipe.runs.rundir import load_run
+from featpipe.runtime.atomic import atomic_path
 from featpipe.runtime.devices import default_workers
 from featpipe.video.folders import VIDEO_EXTENSIONS, unreadable_note, walk_clips
 
@@ -272,10 +272,9 @@ def write_csv(predictions: Sequence[Prediction], path: str | Path, top_k: int) -
     check_csv_path(path, "path")
     path = Path(path)
     header = ["clip"] + [f"{name}_{i}" for i in range(1, top_k + 1) for name in ("label", "probability")] + ["error"]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", newline="") as fh:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(header)
             for p in predictions:
@@ -286,9 +285,7 @@ def write_csv(predictions: Sequence[Prediction], path: str | Path, top_k: int) -
                     else:
                         cells += ["", ""]
                 writer.writerow(cells + [p.error or ""])
-        os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise FeatpipeError(
             f"Could not write '{path}' ({exc.strerror or exc}); choose a file in a folder you can write to."
         ) from None

@@ -29,8 +29,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featpipe.cache.store import PREPROCESSING_KEYS
+from featpipe.cache.schema import PREPROCESSING_KEYS
 from featpipe.errors import AdvisedOptionError, OptionError, RunError, RunWriteError
+from featpipe.runtime import atomic
 from featpipe.runtime.keras_import import import_keras
 
 RUN_FILE = "run.json"
@@ -390,7 +391,7 @@ def publish_run(tmp: Path, dest: Path, force: bool = False) -> Path:
                 shutil.rmtree(old)
             os.replace(dest, old)
         try:
-            os.replace(tmp, dest)
+            atomic.replace(tmp, dest)  # and fsync the folder
         except OSError:
             if old is not None:
                 os.replace(old, dest)  # put the old run back
@@ -410,10 +411,7 @@ def update_latest(run_dir: Path) -> None:
     latest = run_dir.parent / LATEST
     if latest.is_dir():
         return
-    tmp = run_dir.parent / f".{LATEST}{_TMP_MARK}{_owner()}"
     try:
-        tmp.write_text(run_dir.name + "\n")
-        os.replace(tmp, latest)
+        atomic.write_text(latest, run_dir.name + "\n", tmp=run_dir.parent / f".{LATEST}{_TMP_MARK}{_owner()}")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise_write_error(exc, run_dir.parent)

@@ -8,7 +8,6 @@ SIGTERM lands; :func:`refit_run` trains a fresh model on train + val for the cho
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from featpipe.names import REFIT_BELOW
 from featpipe.options import check_float, check_int
 from featpipe.runs import rundir as runs
 from featpipe.runtime import signals
+from featpipe.runtime.atomic import install
 from featpipe.runtime.keras_import import import_keras
 from featpipe.training.inputs import (
     IN_MEMORY_FRACTION,
@@ -227,7 +227,7 @@ def fit_run(model, opts: TrainOptions, index: CacheIndex, splits: Splits, run_di
         # an epoch with a NaN or infinite loss is never the best (Keras takes any first epoch as the best)
         FiniteCheckpoint(staged, monitor="val_loss", save_best_only=True),
         keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda epoch, logs=None: os.replace(staged, model_path) if staged.exists() else None
+            on_epoch_end=lambda epoch, logs=None: install(staged, model_path) if staged.exists() else None
         ),
         keras.callbacks.CSVLogger(run_dir / "history.csv"),  # after the rename: a logged best epoch is in place
     ]
@@ -313,7 +313,7 @@ def refit_run(opts: TrainOptions, index: CacheIndex, splits: Splits, fit: FitRes
         return dataclasses.replace(fit, interrupted=exc)
     finally:
         _close(fit_data)
-    os.replace(path, run_dir / runs.MODEL_FILE)
+    install(path, run_dir / runs.MODEL_FILE)
     model = keras.saving.load_model(run_dir / runs.MODEL_FILE)
     return dataclasses.replace(fit, model=model, refit_rows=rows)
 

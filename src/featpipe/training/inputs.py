@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from featpipe.cache.finite import non_finite_rows
-from featpipe.cache.store import CacheConfig, check_masks, open_h5, parse_shard_path, read_features
+from featpipe.cache.reader import check_masks, open_h5, read_features
+from featpipe.cache.schema import CacheConfig
+from featpipe.cache.shards import parse_shard_path
 from featpipe.errors import CacheError, FeatpipeError
 from featpipe.runtime.devices import physical_memory
 
@@ -37,7 +39,7 @@ class CacheIndex:
     ``file`` is the cache as :func:`open_index` opened it, kept open until :meth:`close`: every
     read through this index (statistics, rows, streamed batches, the fingerprint) reads that one
     file, so an extraction or merge that replaces the cache meanwhile changes nothing for this
-    reader (its part files are kept while it is open, see featpipe.cache.store), and rows never shift.
+    reader (its part files are kept while it is open, see featpipe.cache.lock), and rows never shift.
     """
 
     path: Path

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featpipe.cache.store import open_h5, read_features
+from featpipe.cache.reader import open_h5, read_features
 from featpipe.runtime.keras_import import import_keras
 
 keras = import_keras()

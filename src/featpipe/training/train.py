@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from featpipe._version import __version__
-from featpipe.cache.store import APPEND_KEYS, PREPROCESSING_KEYS, parse_shard_path
+from featpipe.cache.schema import APPEND_KEYS, PREPROCESSING_KEYS
+from featpipe.cache.shards import parse_shard_path
 from featpipe.errors import AdvisedOptionError, FeatpipeError, Terminated
 from featpipe.names import SPLITS
 from featpipe.runs import rundir as runs

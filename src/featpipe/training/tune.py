@@ -36,6 +36,7 @@ import numpy as np
 from featpipe.errors import FeatpipeError, Terminated, TuneStorageError
 from featpipe.options import check_dir_option, check_writable_parent
 from featpipe.runtime import signals
+from featpipe.runtime.atomic import atomic_path, write_text
 from featpipe.training import workers
 from featpipe.training.inputs import load_rows, open_index, resolve_cache
 from featpipe.training.search import TuneOptions, plan_fits, score_config, suggest
@@ -176,8 +177,7 @@ def _write_outputs(rows: list[dict], out: Path, mode: str, extra: dict) -> dict:
     files["txt"] = out / "leaderboard.txt"
     _atomic_write(out / "leaderboard.json", json.dumps({**extra, "cv": mode, "trials": rows}, indent=2, default=str))
     files["json"] = out / "leaderboard.json"
-    tmp = out / "leaderboard.csv.tmp"
-    with tmp.open("w", newline="") as fh:
+    with atomic_path(out / "leaderboard.csv", tmp=out / "leaderboard.csv.tmp") as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(
             ["rank", "trial", "mean_val_accuracy", "std", "mean_val_loss", "seconds", "configuration", "params_json"]
@@ -195,7 +195,6 @@ def _write_outputs(rows: list[dict], out: Path, mode: str, extra: dict) -> dict:
                     json.dumps(r["params"]),
                 ]
             )
-    os.replace(tmp, out / "leaderboard.csv")
     files["csv"] = out / "leaderboard.csv"
     if rows:
         files["png"] = _plot(rows, out / "leaderboard.png", mode)
@@ -203,9 +202,7 @@ def _write_outputs(rows: list[dict], out: Path, mode: str, extra: dict) -> dict:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text, tmp=path.with_name(path.name + ".tmp"))
 
 
 def _plot(rows: list[dict], path: Path, mode: str, top: int = 15) -> Path:
@@ -224,10 +221,11 @@ def _plot(rows: list[dict], path: Path, mode: str, top: int = 15) -> Path:
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.subplots_adjust(left=0.42)  # the configuration labels are long
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, tmp=path.with_name(path.stem + ".tmp.png")) as tmp:  # the suffix names the format
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 

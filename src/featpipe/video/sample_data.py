@@ -26,7 +26,6 @@ Layout: ``root/{train,val,test}/<class>/<class>_<split>_<NNN>.mp4`` plus the mar
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -38,6 +37,7 @@ import numpy as np
 from featpipe.errors import DatasetError, FeatpipeError, NoSampleClips, OptionError, VideoError
 from featpipe.names import DIFFICULTIES, SPLITS
 from featpipe.options import check_int
+from featpipe.runtime.atomic import write_text
 from featpipe.video.decode import count_frames
 
 __all__ = [
@@ -330,9 +330,7 @@ def _write_marker(root: Path, params: dict, specs: list[ClipSpec], complete: boo
         "folders": folders,
         "clips": [asdict(spec) for spec in specs] if complete else [],
     }
-    tmp = root / (MARKER_NAME + ".tmp")
-    tmp.write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, root / MARKER_NAME)
+    write_text(root / MARKER_NAME, json.dumps(content, indent=1) + "\n", tmp=root / (MARKER_NAME + ".tmp"))
 
 
 def _is_complete(root: Path, marker: dict, params: dict) -> bool:

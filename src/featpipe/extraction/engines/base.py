@@ -8,7 +8,7 @@ engine, found by name in :data:`ENGINE_MODULES`, for three things only:
 * :meth:`Engine.source` -- the frame source the driver records the cache with (a
   :class:`~featpipe.backbones.frame_source.FrameSource`; the local engine's also computes);
 * :meth:`Engine.run` -- the clips still to do (a :class:`Work`) turned into finished clip
-  records handed to the writer (a :class:`~featpipe.cache.store.CacheWriter`, journal first),
+  records handed to the writer (a :class:`~featpipe.cache.writer.CacheWriter`, journal first),
   returning where the time went (:class:`~featpipe.extraction.stages.Stats`).
 
 An engine is looked up lazily (by module path), so that importing featpipe or extracting
@@ -24,7 +24,7 @@ from typing import Callable, Protocol
 
 from featpipe.backbones.frame_source import FrameSource
 from featpipe.backbones.registry import Backbone
-from featpipe.cache.store import CacheWriter
+from featpipe.cache.writer import CacheWriter
 from featpipe.extraction.options import ExtractOptions
 from featpipe.extraction.stages import Stats
 from featpipe.video.records import Dataset, Record

@@ -12,7 +12,8 @@ import numpy as np
 
 from featpipe.backbones.frame_source import FrameSource, frame_source
 from featpipe.backbones.registry import Backbone
-from featpipe.cache.store import CacheWriter, ClipRecord
+from featpipe.cache.schema import ClipRecord
+from featpipe.cache.writer import CacheWriter
 from featpipe.extraction.engines.base import Work
 from featpipe.extraction.options import ExtractOptions
 from featpipe.extraction.stages import Embedded, Stats, check_clip_finite, decode, embed, writing_with_progress

@@ -37,7 +37,8 @@ import numpy as np
 from featpipe.backbones.frame_source import FrameSource, auto_batch_size, frame_source
 from featpipe.backbones.registry import RAW_FINGERPRINT, WEIGHTS_NONE, Backbone, check_precision
 from featpipe.backbones.weights import build_model, fingerprint, weights_label
-from featpipe.cache.store import CacheWriter, ClipRecord
+from featpipe.cache.schema import ClipRecord
+from featpipe.cache.writer import CacheWriter
 from featpipe.errors import BackboneError, ExtractionFailed, FeatpipeError
 from featpipe.extraction.engines.base import Work
 from featpipe.extraction.options import ExtractOptions
