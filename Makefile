@@ -69,7 +69,7 @@ bench: venv
 	$(BIN)/python bench/extract_bench.py
 	$(BIN)/python bench/train_bench.py
 
-# Stage one on a GPU (set KERAS_BACKEND to a backend with a GPU build installed); see README "GPUs".
+# Stage one on a GPU (set KERAS_BACKEND to a backend with a GPU build installed); see docs/gpus.md.
 gpu-bench: venv
 	$(BIN)/python bench/gpu_bench.py --json gpu_bench.json
 

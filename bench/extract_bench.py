@@ -28,7 +28,7 @@ target >= 2.5). Diagnostics say where featpipe's time goes: model build, decode 
 (one thread) and forward time per frame.
 
     python bench/extract_bench.py --quick            # smoke run, well under 2 minutes
-    python bench/extract_bench.py --json out.json    # the README configuration (minutes on CPU)
+    python bench/extract_bench.py --json out.json    # the configuration in docs/results.md (minutes on CPU)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Train every head over several seeds at several train-set sizes of one cache; print the README's table.
+"""Train every head over several seeds at several train-set sizes of one cache; print docs/results.md's table.
 
     featpipe sample-data data-hard --difficulty hard --train 48 --val 8 --test 16
     featpipe extract --backbone vgg16 --size 64 --weights none --data data-hard --output cache/hard.h5

@@ -20,7 +20,7 @@ Two measurements, in ONE run:
     (the writer's own ceiling, CacheWriter.append alone, is measured too). Target: 4 actors >= 3.5x one.
 
     python bench/ray_bench.py --quick           # small (8 clips of 8 frames at 75 px), a few minutes on 2 cores
-    python bench/ray_bench.py --json out.json   # the README configuration
+    python bench/ray_bench.py --json out.json   # the configuration in docs/ray.md
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ each (all threads; on a loaded machine the CPU ratio is the steadier one), the l
 each process's peak resident memory against the size of the features (streaming must stay well
 under it).
 
-    python bench/train_bench.py                    # README configuration
+    python bench/train_bench.py                    # the configuration in docs/results.md
     python bench/train_bench.py --clips 500 --quick
 """
 

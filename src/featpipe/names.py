@@ -7,7 +7,7 @@ The CLI builds its choices from these at start-up, so this module must stay free
 from __future__ import annotations
 
 HEAD_NAMES = ("gru", "lstm", "bilstm", "attention", "transformer", "mean", "segments", "cnn-lstm")
-"""Classifier heads, in the order the CLI and the README list them (featpipe.training.heads.HEADS builds each)."""
+"""Classifier heads, in the order the CLI and docs/cli.md list them (featpipe.training.heads.HEADS builds each)."""
 
 RECURRENT_HEADS = ("gru", "lstm", "bilstm")
 """Feature heads built on a recurrent stack (they take --pooled-steps and --shortcut)."""

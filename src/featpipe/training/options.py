@@ -49,7 +49,7 @@ class TrainOptions:
     force: bool = False  # replace an existing run directory at `out`
     allow_shard: bool = False  # train on one shard of a sharded extraction (a fraction of the clips)
 
-    # --- regularisation for few clips (issue 10; defaults measured on the hard sample set, see README)
+    # --- regularisation for few clips (issue 10; defaults measured on the hard sample set, see docs/training.md)
     frames: int | None = None  # steps the head sees; None = the cache's. Fewer: a new jittered subset each epoch
     segments: int = 4  # segments head: temporal segments
     # None = the head's default (HEAD_DEFAULTS; 0 where it has none), resolved by resolve_defaults()
@@ -101,7 +101,7 @@ class TrainOptions:
 
 
 # What `train --head gru|lstm|bilstm` uses unless told otherwise: measured on the hard sample set with 16-20
-# train clips per class (README, "Defaults for few clips"): alone, the recurrent path overfits (0.81-0.84 test
+# train clips per class (docs/training.md, the few-clip defaults): alone, the recurrent path overfits (0.81-0.84 test
 # accuracy); the segment-mean shortcut, fitted as a logistic regression before training (heads.shortcut.fit_shortcut),
 # with the L2 penalty on the recurrent correction, brings gru and lstm within 0.02 of a logistic-regression
 # probe on the same segment means, on VGG16 and InceptionV3 features alike.

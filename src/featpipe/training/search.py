@@ -131,7 +131,7 @@ def suggest(trial, heads: tuple[str, ...], cache_frames: int) -> dict:
     if head == "segments":
         params["segments"] = trial.suggest_int("segments", 2, 6)
         params["layers"] = trial.suggest_int("segment_layers", 1, 2)
-    else:  # (PCA whitening is not searched: it cost 0.06-0.18 accuracy in every measurement, see README)
+    else:  # (PCA whitening is not searched: it cost 0.06-0.18 accuracy in every measurement, see docs/training.md)
         params["units"] = trial.suggest_categorical("units", [16, 32, 64])
         params["bottleneck"] = trial.suggest_categorical("bottleneck", [0, 32, 64])
         params["shortcut"] = trial.suggest_categorical("shortcut", [0, 4])

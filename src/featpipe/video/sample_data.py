@@ -465,7 +465,7 @@ def write_sample_data(
 # --------------------------------------------------------------------------------------------
 # The hard preset (`featpipe sample-data --difficulty hard`): the same four classes in the same
 # time-reversed pairs, made hard the way real footage is hard. Quality claims in the tests and
-# the README's head table are measured on it; the easy set above stays the demo's.
+# the head table in docs/results.md are measured on it; the easy set above stays the demo's.
 # --------------------------------------------------------------------------------------------
 
 # 6 to 150 frames: short clips (fewer real frames than the default 20) up to clips 7x longer.
