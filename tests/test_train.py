@@ -687,6 +687,7 @@ def test_a_signal_as_the_published_run_appears_exits_with_its_status_and_a_sente
         assert proc.returncode == status, f"attempt {attempt}: status {proc.returncode}\n{err[-1500:]}"
         assert err.strip(), "a sentence on stderr"  # which one depends on where the signal lands
         assert json.loads((run / "run.json").read_text())["interrupted"] is False  # the run itself is whole
+        break  # one conclusive attempt is the check; a second one only when the first ended too soon
     assert conclusive, "the process always ended before the signal could be sent"
 
 
