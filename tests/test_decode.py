@@ -287,7 +287,7 @@ def test_long_clip_retrieves_only_kept_frames(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cv2.VideoCapture, "grab", grab)
     monkeypatch.setattr(cv2.VideoCapture, "retrieve", retrieve)
-    clip = read_clip(path, 6, 32)
+    clip = read_clip(path, 6, 32, decoder="opencv")
     assert clip.n_frames == 240
     assert calls["retrieve"] == 6
     assert calls["grab"] == 241  # one pass: 240 frames and the failing grab at the end
@@ -332,7 +332,7 @@ def test_wrong_reported_frame_count_gives_the_true_count_result(clip50, monkeypa
     truth = read_clip(clip50, frames, 16, sampling)
     _fake_frame_count(monkeypatch, reported)
     assert cv2.VideoCapture(str(clip50)).get(cv2.CAP_PROP_FRAME_COUNT) == reported  # the fake is active
-    _assert_same_clip(read_clip(clip50, frames, 16, sampling), truth)
+    _assert_same_clip(read_clip(clip50, frames, 16, sampling, decoder="opencv"), truth)
 
 
 def _count_opens(monkeypatch) -> list[str]:
@@ -350,14 +350,14 @@ def _count_opens(monkeypatch) -> list[str]:
 
 def test_correct_frame_count_reads_the_clip_once(clip50, monkeypatch):
     opened = _count_opens(monkeypatch)
-    read_clip(clip50, 8, 16)
+    read_clip(clip50, 8, 16, decoder="opencv")
     assert len(opened) == 1
 
 
 def test_too_large_frame_count_rereads_with_the_true_count(clip50, monkeypatch):
     _fake_frame_count(monkeypatch, 80)
     opened = _count_opens(monkeypatch)
-    clip = read_clip(clip50, 8, 16)
+    clip = read_clip(clip50, 8, 16, decoder="opencv")
     assert len(opened) == 2
     assert clip.indices.tolist() == sample_indices(50, 8).tolist()
     assert _decoded_indices(clip) == clip.indices.tolist()
@@ -366,7 +366,7 @@ def test_too_large_frame_count_rereads_with_the_true_count(clip50, monkeypatch):
 def test_missing_frame_count_counts_first(clip50, monkeypatch):
     _fake_frame_count(monkeypatch, 0)
     opened = _count_opens(monkeypatch)
-    clip = read_clip(clip50, 8, 16)
+    clip = read_clip(clip50, 8, 16, decoder="opencv")
     assert len(opened) == 2
     assert _decoded_indices(clip) == sample_indices(50, 8).tolist()
 
@@ -374,7 +374,7 @@ def test_missing_frame_count_counts_first(clip50, monkeypatch):
 def test_wrong_count_that_does_not_change_the_kept_frames_needs_no_second_pass(clip50, monkeypatch):
     _fake_frame_count(monkeypatch, 30)  # 'first' keeps frames 0..7 whether the clip has 30 or 50
     opened = _count_opens(monkeypatch)
-    clip = read_clip(clip50, 8, 16, "first")
+    clip = read_clip(clip50, 8, 16, "first", decoder="opencv")
     assert len(opened) == 1
     assert clip.n_frames == 50
 
@@ -421,11 +421,11 @@ def test_a_decoder_repeating_the_previous_picture_on_a_damaged_packet_never_leak
     assert whole is not None and whole > 0
     first_bad = round(whole * 15)  # written at 15 fps
     _stale_after(monkeypatch, first_bad)
-    clip = read_clip(path, 60, 32, sampling)
+    clip = read_clip(path, 60, 32, sampling, decoder="opencv")
     assert clip.damaged_from == first_bad == clip.n_frames
     assert _decoded_indices(clip) == list(range(first_bad))  # every frame is the one asked for
     assert count_frames(path) == first_bad
-    windows = read_windows(path, 4, 32, sampling, windows=3)
+    windows = read_windows(path, 4, 32, sampling, windows=3, decoder="opencv")
     assert all(w.damaged_from == first_bad for w in windows)
     assert [_decoded_indices(w) for w in windows] == [w.indices.tolist() for w in windows]
 
@@ -440,7 +440,7 @@ def test_time_that_goes_backwards_cuts_the_clip_there(clip50, monkeypatch):
         return value
 
     monkeypatch.setattr(cv2.VideoCapture, "get", get)
-    clip = read_clip(clip50, 8, 16)
+    clip = read_clip(clip50, 8, 16, decoder="opencv")
     assert clip.damaged_from == 30 == clip.n_frames
     assert _decoded_indices(clip) == sample_indices(30, 8).tolist()
 
@@ -525,14 +525,14 @@ def test_opencv_errors_become_video_errors(clip50, monkeypatch):
 
     monkeypatch.setattr(cv2.VideoCapture, "retrieve", broken)
     with pytest.raises(VideoError, match="simulated decoder failure") as info:
-        read_clip(clip50, 4, 16)
+        read_clip(clip50, 4, 16, decoder="opencv")
     assert str(clip50) in str(info.value)
 
 
 def test_frame_that_grabs_but_cannot_be_retrieved_is_a_video_error(clip50, monkeypatch):
     monkeypatch.setattr(cv2.VideoCapture, "retrieve", lambda self, *args: (False, None))
     with pytest.raises(VideoError, match="could not be decoded") as info:
-        read_clip(clip50, 4, 16)
+        read_clip(clip50, 4, 16, decoder="opencv")
     assert str(clip50) in str(info.value)
 
 
@@ -631,9 +631,9 @@ def test_real_clips_cover_mpeg4_part2_and_h264(real_fixtures):
 def test_real_clip_count_frames_and_missing_count_fallback(real_fixtures, monkeypatch):
     path = real_fixtures / "v_Basketball_g01_c01.avi"
     assert count_frames(path) == 141
-    truth = read_clip(path, 8, 32, "first")
+    truth = read_clip(path, 8, 32, "first", decoder="opencv")
     _fake_frame_count(monkeypatch, 0)
-    _assert_same_clip(read_clip(path, 8, 32, "first"), truth)
+    _assert_same_clip(read_clip(path, 8, 32, "first", decoder="opencv"), truth)
 
 
 # ------------------------------------------------------------------------- permissions
@@ -654,7 +654,9 @@ def deny_reading(monkeypatch, denied: Path) -> None:
     monkeypatch.setattr(os, "open", fake_open)
 
 
-@pytest.mark.parametrize("read", [lambda p: read_clip(p, 8, 32), count_frames], ids=["read_clip", "count_frames"])
+@pytest.mark.parametrize(
+    "read", [lambda p: read_clip(p, 8, 32, decoder="opencv"), count_frames], ids=["read_clip", "count_frames"]
+)
 def test_a_file_without_read_permission_is_not_called_not_a_video(clip50, monkeypatch, read):
     deny_reading(monkeypatch, Path(clip50))
     with pytest.raises(VideoError) as info:
@@ -675,5 +677,5 @@ def test_a_file_in_a_folder_that_cannot_be_entered_is_a_clip_error_not_a_crash(c
 
     monkeypatch.setattr(Path, "stat", stat)
     with pytest.raises(VideoError) as info:
-        read_clip(clip50, 8, 32)
+        read_clip(clip50, 8, 32, decoder="opencv")
     assert str(clip50) in str(info.value) and "permission denied" in str(info.value)

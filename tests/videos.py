@@ -163,3 +163,54 @@ def write_gray(path: str | Path, n_frames: int = 6, width: int = 64, height: int
 def write_odd_size(path: str | Path, n_frames: int = 6) -> Path:
     """Asked for 97x61 (OpenCV's writer stores it as 96x60)."""
     return write_video(path, n_frames, 97, 61)
+
+
+def write_av(
+    path: str | Path,
+    codec: str,
+    n_frames: int,
+    width: int = 96,
+    height: int = 64,
+    fps: int = 15,
+    gop: int = 12,
+    times: list[float] | None = None,
+    options: dict[str, str] | None = None,
+) -> Path:
+    """Write :func:`index_frame` frames (index modulo 256) with PyAV's encoder ``codec`` (``libx264``,
+    ``mpeg4``, ``mjpeg``, ``libvpx-vp9``), the container from the suffix, a keyframe every ``gop`` frames.
+
+    ``times`` (seconds, increasing) gives each frame its own presentation time, for variable frame
+    rate clips (time base 1/1000); without it frame ``i`` is shown at ``i / fps``. ``options`` are
+    added to the encoder's (``{"bf": "2"}`` for B-frames with libx264).
+    """
+    import av
+
+    path = Path(path)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        opts = {"g": str(gop)}
+        if codec == "libx264":
+            opts.update({"keyint_min": str(gop), "sc_threshold": "0", "preset": "ultrafast"})
+        if codec == "libvpx-vp9":
+            opts.update({"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"})
+        opts.update(options or {})
+        stream.options = opts
+        if times is not None:
+            from fractions import Fraction
+
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for i in range(n_frames):
+            rgb = index_frame(i % 2**BITS, width, height)[:, :, ::-1].copy()
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            if times is not None:
+                frame.pts = round(times[i] * 1000)
+                from fractions import Fraction
+
+                frame.time_base = Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path

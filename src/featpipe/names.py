@@ -21,6 +21,10 @@ SPLITS = ("train", "val", "test")
 SAMPLING = ("uniform", "first")
 """How frames are picked from a clip: evenly over all of it, or the first N."""
 
+DECODERS = ("auto", "pyav", "opencv")
+"""Video decoders: ``auto`` (PyAV seeking, sequential where a clip cannot be sought reliably), ``pyav``
+(the same, and PyAV must be installed), ``opencv`` (OpenCV, every frame in order: the reference)."""
+
 DTYPES = ("float16", "float32")
 """Storage types of cached features."""
 

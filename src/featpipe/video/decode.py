@@ -46,9 +46,12 @@ import numpy as np
 from PIL import Image
 
 from featpipe.errors import VideoError
-from featpipe.names import SAMPLING
+from featpipe.names import DECODERS, SAMPLING
+from featpipe.video.crop import center_crop_resize, pad_frames
+from featpipe.video.plan import Plan, check_positive, clip_duration, sample_indices, window_indices
 
 __all__ = [
+    "DECODERS",
     "SAMPLING",
     "ClipFrames",
     "center_crop_resize",
@@ -56,6 +59,8 @@ __all__ = [
     "damage_time",
     "pad_frames",
     "read_clip",
+    "read_planned",
+    "read_timeline",
     "read_windows",
     "sample_indices",
     "window_indices",
@@ -81,6 +86,9 @@ class ClipFrames:
     ``damaged_from`` is None for a whole clip; for a damaged one (truncated, a packet the container
     could not read) it is the index of the first frame that could not be verified: ``n_frames``
     equals it, and only frames before it were sampled.
+    ``times`` is ``(mask.sum(),)`` float64: each kept frame's presentation time in seconds from the
+    clip's first frame. ``duration`` is the clip's length in seconds (:func:`~featpipe.video.plan.clip_duration`).
+    ``decoder`` says which reader decoded it: ``pyav`` (seeking) or ``opencv`` (sequential).
     """
 
     frames: np.ndarray
@@ -91,96 +99,9 @@ class ClipFrames:
     width: int
     height: int
     damaged_from: int | None = None  # first frame index that could not be verified (the clip is cut there)
-
-
-def _check_sampling(sampling: str) -> None:
-    if sampling not in SAMPLING:
-        raise ValueError(f"sampling must be one of {', '.join(map(repr, SAMPLING))}, got {sampling!r}")
-
-
-def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def sample_indices(n_total: int, frames: int, sampling: str = "uniform") -> np.ndarray:
-    """Which frame indices of an ``n_total``-frame clip to keep for a ``frames``-long sequence.
-
-    ``uniform``: ``frames`` indices evenly spaced over the whole clip, first and last frame
-    included (``linspace(0, n_total - 1, frames)`` rounded half up; strictly increasing).
-    ``first``: the first ``frames`` frames. A clip with at most ``frames`` frames keeps all of
-    them (``0 .. n_total - 1``) in both modes. Returns an int64 array, empty when
-    ``n_total == 0``.
-    """
-    _check_sampling(sampling)
-    _check_positive("frames", frames)
-    if isinstance(n_total, bool) or not isinstance(n_total, (int, np.integer)) or n_total < 0:
-        raise ValueError(f"n_total must be a non-negative integer, got {n_total!r}")
-    n_total = int(n_total)
-    frames = int(frames)
-    if n_total <= frames or sampling == "first":
-        return np.arange(min(n_total, frames), dtype=np.int64)
-    # n_total > frames >= 1 here. The step (n_total-1)/(frames-1) is > 1 by at least
-    # 1/(frames-1), so rounding half up keeps the indices strictly increasing.
-    positions = np.linspace(0.0, n_total - 1, frames)
-    return np.floor(positions + 0.5).astype(np.int64)
-
-
-def center_crop_resize(frame: np.ndarray, size: int) -> np.ndarray:
-    """Centre-crop ``frame`` to a square and resize it to ``(size, size, 3)`` uint8 RGB.
-
-    ``frame`` is an OpenCV image: ``HxW`` gray, ``HxWx1`` gray, ``HxWx3`` BGR or ``HxWx4``
-    BGRA, uint8. The square's side is ``min(H, W)``; shrinking uses ``INTER_AREA``,
-    enlarging ``INTER_LINEAR``.
-    """
-    _check_positive("size", size)
-    size = int(size)
-    frame = np.asarray(frame)
-    if frame.dtype != np.uint8:
-        raise ValueError(f"frame must be uint8, got {frame.dtype}")
-    if frame.ndim == 3 and frame.shape[2] == 1:
-        frame = frame[:, :, 0]
-    if frame.ndim not in (2, 3) or (frame.ndim == 3 and frame.shape[2] not in (3, 4)):
-        raise ValueError(f"frame must be HxW, HxWx1, HxWx3 or HxWx4, got shape {frame.shape}")
-    height, width = frame.shape[:2]
-    if height < 1 or width < 1:
-        raise ValueError(f"frame is empty (shape {frame.shape})")
-    side = min(height, width)
-    top = (height - side) // 2
-    left = (width - side) // 2
-    square = np.ascontiguousarray(frame[top : top + side, left : left + side])
-    if side != size:
-        interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
-        square = cv2.resize(square, (size, size), interpolation=interpolation)
-    if square.ndim == 2:
-        code = cv2.COLOR_GRAY2RGB
-    elif square.shape[2] == 4:
-        code = cv2.COLOR_BGRA2RGB
-    else:
-        code = cv2.COLOR_BGR2RGB
-    return cv2.cvtColor(square, code)
-
-
-def pad_frames(frames: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-pad ``frames`` (``(k, ...)``) along the first axis to ``length``.
-
-    Returns ``(padded, mask)``: ``padded`` is ``(length, ...)`` with the same dtype, real
-    frames first; ``mask`` is ``(length,)`` bool, True for the ``k`` real frames. ``k > length``
-    is a ValueError (padding never truncates).
-    """
-    frames = np.asarray(frames)
-    if frames.ndim < 1:
-        raise ValueError("frames must have at least one dimension (the frame axis)")
-    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
-        raise ValueError(f"length must be a non-negative integer, got {length!r}")
-    k = frames.shape[0]
-    if k > length:
-        raise ValueError(f"cannot pad {k} frames to length {length}: more frames than the length")
-    padded = np.zeros((int(length),) + frames.shape[1:], dtype=frames.dtype)
-    padded[:k] = frames
-    mask = np.zeros(int(length), dtype=bool)
-    mask[:k] = True
-    return padded, mask
+    times: np.ndarray | None = None
+    duration: float = 0.0
+    decoder: str = "opencv"
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,84 +327,165 @@ def _read_pass(
     return index, kept, shape, False
 
 
-def read_clip(path: str | Path, frames: int, size: int, sampling: str = "uniform") -> ClipFrames:
+def _check_decoder(decoder: str) -> None:
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {', '.join(map(repr, DECODERS))}, got {decoder!r}")
+
+
+def read_clip(
+    path: str | Path,
+    frames: int,
+    size: int,
+    sampling: str = "uniform",
+    *,
+    fps: float | None = None,
+    decoder: str = "auto",
+) -> ClipFrames:
     """Decode ``frames`` frames of the clip at ``path`` as ``(frames, size, size, 3)`` RGB.
 
-    See :func:`sample_indices` for which frames are kept. A clip shorter than ``frames`` keeps
-    every frame and is zero-padded (``mask`` False on padding). Raises :class:`VideoError`,
-    naming the file, when the clip cannot be read; ``ValueError`` on bad arguments.
+    See :func:`sample_indices` for which frames are kept, or :func:`~featpipe.video.plan.time_indices`
+    when ``fps`` is given (the frames on screen at 0, 1/fps, 2/fps, ...). A clip with fewer frames
+    to keep is zero-padded (``mask`` False on padding). ``decoder``: ``auto`` or ``pyav`` (seek to the
+    frames kept; clips that cannot be sought reliably are read sequentially) or ``opencv`` (read every
+    frame in order); all give the same frames. Raises :class:`VideoError`, naming the file, when the
+    clip cannot be read; ``ValueError`` on bad arguments.
     """
-    _check_sampling(sampling)
-    _check_positive("frames", frames)
-    _check_positive("size", size)
-    frames, size = int(frames), int(size)
-    path = Path(path)
-    _check_file(path)
-    try:
-        return _read_planned(path, frames, size, lambda n: [sample_indices(n, frames, sampling)])[0]
-    except cv2.error as exc:
-        raise VideoError(f"OpenCV failed while decoding {path}: {exc}") from exc
-
-
-def window_indices(n_total: int, frames: int, sampling: str = "uniform", windows: int = 1) -> list[np.ndarray]:
-    """Frame indices of ``windows`` evenly spaced windows, each sampled like a whole clip.
-
-    The clip is cut into ``windows`` equal consecutive segments and ``sample_indices`` is applied
-    inside each, so every window looks to a model like one clip of the training data. A clip
-    with fewer frames than windows gets one window per frame. Pure.
-    """
-    _check_sampling(sampling)
-    _check_positive("frames", frames)
-    _check_positive("windows", windows)
-    if n_total <= 0:
-        return []
-    k = min(int(windows), int(n_total))
-    bounds = np.floor(np.linspace(0, n_total, k + 1) + 0.5).astype(np.int64)
-    return [start + sample_indices(int(end - start), frames, sampling) for start, end in zip(bounds[:-1], bounds[1:])]
+    return read_planned(path, Plan(int(frames), sampling, fps), size, decoder)[0]
 
 
 def read_windows(
-    path: str | Path, frames: int, size: int, sampling: str = "uniform", windows: int = 1
+    path: str | Path,
+    frames: int,
+    size: int,
+    sampling: str = "uniform",
+    windows: int = 1,
+    *,
+    fps: float | None = None,
+    decoder: str = "auto",
 ) -> list[ClipFrames]:
-    """Decode ``windows`` evenly spaced windows of a (long) clip in one sequential pass.
+    """Decode ``windows`` evenly spaced windows of a (long) clip, each read the way a whole clip is.
 
-    Each window is a :class:`ClipFrames` of ``frames`` frames sampled with ``sampling`` inside
-    its segment (``n_frames`` is the whole clip's count). ``windows=1`` equals :func:`read_clip`.
+    Each window is a :class:`ClipFrames` of ``frames`` frames sampled inside its segment (``n_frames``
+    is the whole clip's count). ``windows=1`` equals :func:`read_clip`.
     """
-    _check_sampling(sampling)
-    _check_positive("frames", frames)
-    _check_positive("size", size)
-    _check_positive("windows", windows)
+    return read_planned(path, Plan(int(frames), sampling, fps, windows=windows), size, decoder)
+
+
+def read_timeline(
+    path: str | Path,
+    frames: int,
+    size: int,
+    seconds: float,
+    sampling: str = "uniform",
+    *,
+    fps: float | None = None,
+    decoder: str = "auto",
+) -> list[ClipFrames]:
+    """Decode consecutive windows ``[0, S), [S, 2S), ...`` (``S = seconds``) of a clip, each sampled the
+    way a whole clip is; window ``w`` starts at ``w * seconds``. Every frame needed is read once."""
+    return read_planned(path, Plan(int(frames), sampling, fps, seconds=seconds), size, decoder)
+
+
+def read_planned(path: str | Path, plan: Plan, size: int, decoder: str = "auto") -> list[ClipFrames]:
+    """The frame sequences ``plan`` asks for, decoded by ``decoder`` (see :func:`read_clip`)."""
+    check_positive("size", size)
+    _check_decoder(decoder)
     path = Path(path)
     _check_file(path)
+    if decoder != "opencv":
+        result = _read_seeking(path, plan, int(size), required=decoder == "pyav")
+        if result is not None:
+            return result
     try:
-        return _read_planned(path, int(frames), int(size), lambda n: window_indices(n, frames, sampling, windows))
+        return _read_planned(path, plan, int(size))
     except cv2.error as exc:
         raise VideoError(f"OpenCV failed while decoding {path}: {exc}") from exc
 
 
-def _read_planned(path: Path, frames: int, size: int, plan) -> list[ClipFrames]:
-    """Read the frames that ``plan(true_count)`` (a list of index arrays) asks for, in one pass when
-    the container's frame count is right, with a second pass when it is not."""
+def _read_seeking(path: Path, plan: Plan, size: int, required: bool) -> list[ClipFrames] | None:
+    """The seeking decoder's result, or None when the clip is to be read sequentially."""
+    try:
+        import av
+
+        from featpipe.video.seek import Unreliable, read_seeking
+    except ImportError:
+        if required:
+            raise VideoError("--decoder pyav needs PyAV: pip install av (or use --decoder opencv).") from None
+        return None
+    try:
+        final, kept, times, fps, shape = read_seeking(path, size, plan)
+    except (Unreliable, av.error.FFmpegError, OSError, ValueError, IndexError, MemoryError):
+        return None  # the sequential reader reads it, with its checks for damaged files
+    return _assemble(plan, final, kept, times, fps, shape, len(times), None, "pyav")
+
+
+def _assemble(plan, final, kept, times, fps, shape, count, damaged, decoder) -> list[ClipFrames]:
+    duration = clip_duration(times)
+    out = []
+    for idx in final:
+        real = np.stack([kept[int(i)] for i in idx])
+        padded, mask = pad_frames(real, plan.frames)
+        out.append(
+            ClipFrames(
+                frames=padded,
+                mask=mask,
+                n_frames=int(count),
+                indices=idx.astype(np.int64),
+                fps=fps,
+                width=shape[1],
+                height=shape[0],
+                damaged_from=int(count) if damaged else None,
+                times=times[idx].astype(np.float64),
+                duration=duration,
+                decoder=decoder,
+            )
+        )
+    return out
+
+
+def _frame_times(verifier: _Verifier, count: int, fps: float, plan: Plan, path: Path) -> np.ndarray:
+    """Seconds from the first frame, from the timestamps OpenCV reported for the first ``count`` frames.
+
+    A clip whose frames carry no usable timestamps (none, or not increasing) is timed by its container's
+    frame rate; sampling by time refuses it (its times would be a guess).
+    """
+    ms = np.asarray(verifier.times[:count], np.float64)
+    if ms.size and not np.any(ms < 0) and (ms.size == 1 or np.all(np.diff(ms) > 0)):
+        return (ms - ms[0]) / 1000.0
+    if plan.needs_times:
+        raise VideoError(
+            f"{path}'s frames have no usable timestamps, so it cannot be sampled by time; re-encode it "
+            "(e.g. to H.264 MP4), sample it by count (no --fps), or remove it from the dataset."
+        )
+    return np.arange(count, dtype=np.float64) / fps if fps > 0 else np.full(count, np.nan)
+
+
+def _read_planned(path: Path, plan: Plan, size: int) -> list[ClipFrames]:
+    """Read the frames that ``plan`` asks for sequentially, in one pass when the container's frame count
+    is right and the plan needs only the count, with a counting pass first when the plan needs the
+    frame times or the container has no count, and a second pass when the count was wrong."""
     cap = _open(path)
     try:
         fps = _fps(cap)
         reported = planned_count = _reported_count(cap)
         limit_ms: float | None = None  # the damage limit, learned (once) when a pass shows the clip may be damaged
-        if planned_count == 0:
-            # No usable count in the container: count first, then read with the true count.
+        planned_times = None
+        if planned_count == 0 or plan.needs_times:
+            # Count first (learning every frame's time), then read with the true count.
             verifier = _Verifier(cap, fps)
             planned_count, stopped = _count(cap, verifier)
             planned_count, _ = _verify_count(path, verifier, planned_count, stopped, reported)
             limit_ms = verifier.limit_ms
             if planned_count == 0:
                 raise _no_frames(path)
+            planned_times = _frame_times(verifier, planned_count, fps, plan, path)
             cap.release()
             cap = _open(path)
         kept: dict[int, np.ndarray] = {}
         shape: tuple[int, int] | None = None
         for _ in range(_MAX_PASSES):
-            wanted = np.concatenate(plan(planned_count))
+            wanted = plan(planned_times if planned_times is not None else np.arange(planned_count, dtype=np.float64))
+            wanted = np.concatenate(wanted)
             verifier = _Verifier(cap, fps)
             verifier.limit_ms = limit_ms
             true_count, kept, pass_shape, stopped = _read_pass(cap, path, wanted, size, verifier)
@@ -493,12 +495,13 @@ def _read_planned(path: Path, frames: int, size: int, plan) -> list[ClipFrames]:
             shape = shape or pass_shape
             if true_count == 0:
                 raise _damaged_at_start(path) if damaged else _no_frames(path)
-            final = plan(true_count)
+            times = _frame_times(verifier, true_count, fps, plan, path)
+            final = plan(times)
             if all(int(i) in kept for idx in final for i in idx):
                 break
             # The reported count was wrong and frames we did not retrieve are needed:
             # read again, planning with the count we now know.
-            planned_count = true_count
+            planned_count, planned_times = true_count, times
             cap.release()
             cap = _open(path)
         else:
@@ -511,23 +514,7 @@ def _read_planned(path: Path, frames: int, size: int, plan) -> list[ClipFrames]:
 
     if shape is None:  # frame 0 is kept by every sampling, so this means nothing was retrieved
         raise _no_frames(path)
-    out = []
-    for idx in final:
-        real = np.stack([kept[int(i)] for i in idx])
-        padded, mask = pad_frames(real, frames)
-        out.append(
-            ClipFrames(
-                frames=padded,
-                mask=mask,
-                n_frames=int(true_count),
-                indices=idx.astype(np.int64),
-                fps=fps,
-                width=shape[1],
-                height=shape[0],
-                damaged_from=int(true_count) if damaged else None,
-            )
-        )
-    return out
+    return _assemble(plan, final, kept, times, fps, shape, true_count, damaged, "opencv")
 
 
 def write_gif(frames: np.ndarray, path: str | Path, caption: str, fps: float = 4.0) -> Path:
