@@ -13,9 +13,11 @@ from featpipe.cache.shards import find_shards, parse_shard_path
 from featpipe.cli.params import (
     BACKBONE_HELP,
     BATCH_HELP,
+    DECODER_HELP,
     PRECISION_HELP,
     WORKERS_HELP,
     BackboneName,
+    Decoder,
     DType,
     Engine,
     Precision,
@@ -56,6 +58,14 @@ def extract_cmd(
     sampling: Annotated[
         Sampling, typer.Option(help="uniform: evenly over the whole clip; first: the first N frames.")
     ] = EXTRACT["sampling"],
+    fps: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Sample by time: the frames on screen at 0, 1/FPS, 2/FPS, ... seconds (up to --frames), "
+            "instead of --sampling."
+        ),
+    ] = EXTRACT["fps"],
+    decoder: Annotated[Decoder, typer.Option(help=DECODER_HELP)] = EXTRACT["decoder"],
     size: Annotated[
         Optional[int], typer.Option(help="Square input size in pixels [default: the backbone's native size].")
     ] = EXTRACT["size"],

@@ -15,7 +15,17 @@ import typer
 
 from featpipe.backbones.registry import REGISTRY
 from featpipe.errors import OptionError
-from featpipe.names import CLASS_WEIGHTS, CV_MODES, DIFFICULTIES, DTYPES, ENGINES, HEAD_NAMES, PRECISIONS, SAMPLING
+from featpipe.names import (
+    CLASS_WEIGHTS,
+    CV_MODES,
+    DECODERS,
+    DIFFICULTIES,
+    DTYPES,
+    ENGINES,
+    HEAD_NAMES,
+    PRECISIONS,
+    SAMPLING,
+)
 
 
 def choices(name: str, values) -> type[Enum]:
@@ -25,6 +35,7 @@ def choices(name: str, values) -> type[Enum]:
 
 BackboneName = Enum("BackboneName", {name: name for name in REGISTRY}, type=str)
 Sampling = choices("Sampling", SAMPLING)
+Decoder = choices("Decoder", DECODERS)
 Precision = choices("Precision", PRECISIONS)
 DType = choices("DType", DTYPES)
 Engine = choices("Engine", ENGINES)
@@ -37,6 +48,10 @@ CV = choices("CV", CV_MODES)
 BACKBONE_HELP = (
     f"Frozen ImageNet CNN: {', '.join(n for n, b in REGISTRY.items() if not b.raw)}; "
     f"or {', '.join(n for n, b in REGISTRY.items() if b.raw)} (the frames themselves, for cnn-lstm)."
+)
+DECODER_HELP = (
+    "auto/pyav: seek to the frames kept (clips that cannot be sought reliably are read in order); "
+    "opencv: read every frame in order. All give the same frames."
 )
 PRECISION_HELP = "Backbone compute precision; mixed_* are for GPUs/TPUs (features are stored as --dtype either way)."
 BATCH_HELP = "Frames per backbone forward pass [default: 32 on CPU; on a GPU, sized from its free memory]."

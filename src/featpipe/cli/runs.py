@@ -10,10 +10,21 @@ from typing import Annotated, Optional
 import typer
 
 import featpipe
-from featpipe.cli.params import BATCH_HELP, PRECISION_HELP, WORKERS_HELP, Precision, defaults, plain, renamed
+from featpipe.cli.params import (
+    BATCH_HELP,
+    DECODER_HELP,
+    PRECISION_HELP,
+    WORKERS_HELP,
+    Decoder,
+    Precision,
+    defaults,
+    plain,
+    renamed,
+)
 from featpipe.errors import RunWarning
 from featpipe.runs.evaluate import evaluate
 from featpipe.runs.predict import PredictOptions, check_csv_path, find_clips, format_table, to_json_lines, write_csv
+from featpipe.runs.timeline import format_timeline, timeline_json_lines, write_timeline_csv
 
 EVALUATE = defaults(evaluate)  # each option's default, written once: in evaluate() ...
 PREDICT = defaults(PredictOptions)  # ... and in PredictOptions
@@ -68,6 +79,18 @@ def predict_cmd(
     workers: Annotated[Optional[int], typer.Option(help=WORKERS_HELP)] = PREDICT["workers"],
     batch_size: Annotated[Optional[int], typer.Option(help=BATCH_HELP)] = PREDICT["batch_size"],
     precision: Annotated[Precision, typer.Option(help=PRECISION_HELP)] = PREDICT["precision"],
+    decoder: Annotated[Decoder, typer.Option(help=DECODER_HELP)] = PREDICT["decoder"],
+    timeline: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Classify consecutive windows of this many seconds ([0, S), [S, 2S), ...) each on its own, sampled "
+            "as the run's clips were: one row per window (--json: one object per window; --output: one CSV row)."
+        ),
+    ] = PREDICT["timeline"],
+    plot: Annotated[
+        Optional[Path],
+        typer.Option(help="With --timeline, one clip: draw each class's probability over time into this PNG."),
+    ] = PREDICT["plot"],
     old_clips: Annotated[Optional[int], typer.Option("--clips", hidden=True)] = None,
 ):
     """Classify clips with a trained run, reproducing the preprocessing recorded in it."""
@@ -77,16 +100,32 @@ def predict_cmd(
         {"old_clips": old_clips, "windows": windows}, "old_clips", "windows", "--clips", "--windows", "predict"
     )["windows"]
     options = dict(
-        model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size, gif=gif, precision=precision
+        model=model,
+        top_k=top_k,
+        windows=windows,
+        workers=workers,
+        batch_size=batch_size,
+        gif=gif,
+        precision=precision,
+        decoder=decoder,
+        timeline=timeline,
+        plot=plot,
     )
     PredictOptions(**plain(options))  # a bad option is refused before any folder is searched
     found = find_clips(clips)
     for folder, count in found.folders:  # on stderr: --json keeps stdout to one object per clip
         typer.echo(f"Found {count} clip{'' if count == 1 else 's'} in '{folder}'.", err=True)
     results = featpipe.predict(found, **plain(options))
-    typer.echo(to_json_lines(results) if as_json else format_table(results))
-    if output is not None:
-        write_csv(results, output, top_k)
+    if timeline is not None:
+        typer.echo(timeline_json_lines(results) if as_json else format_timeline(results))
+        if output is not None:
+            write_timeline_csv(results, output, top_k)
+    else:
+        typer.echo(to_json_lines(results) if as_json else format_table(results))
+        if output is not None:
+            write_csv(results, output, top_k)
+    if plot is not None and results and results[0].ok:
+        typer.echo(f"Timeline plot: {plot}", err=True)
     problems = []
     failed = sum(not p.ok for p in results) - len(found.unreadable)
     if failed:

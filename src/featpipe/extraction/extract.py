@@ -122,7 +122,7 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
             weights_fingerprint=extractor.fingerprint,
             input_size=size,
             frames=opts.frames,
-            sampling=opts.sampling,
+            sampling=opts.sampling_label,
             dtype=extractor.cache_dtype(opts.dtype),
             feature_shape=extractor.feature_shape,
             class_names=dataset.class_names,
@@ -133,6 +133,7 @@ def extract(opts: ExtractOptions | None = None, **kwargs) -> ExtractResult:
                 "data_root": str(dataset.root),
                 "layout": dataset.layout,
                 "weights_seed": opts.seed,
+                "decoder": opts.decoder,
                 "precision": extractor.precision,
                 **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
             },  # class_names: the WHOLE dataset's

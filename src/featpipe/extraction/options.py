@@ -8,7 +8,7 @@ from pathlib import Path
 from featpipe.backbones.registry import WEIGHTS_IMAGENET, get_backbone
 from featpipe.cache.shards import parse_shard
 from featpipe.errors import FeatpipeError, OptionError
-from featpipe.names import DTYPES, ENGINES, PRECISIONS, SAMPLING
+from featpipe.names import DECODERS, DTYPES, ENGINES, PRECISIONS, SAMPLING
 from featpipe.options import (
     check_choice,
     check_dir_option,
@@ -24,6 +24,7 @@ MAX_SIZE = 1024  # largest square input: ImageNet backbones are trained at 224-6
 MAX_FRAMES = 10_000  # frames per clip (sequence length)
 MAX_BATCH = 65_536  # frames per forward pass (a memory check below also applies)
 MAX_WORKERS = 256
+MAX_FPS = 1000.0  # frames per second sampled by time
 MEMORY_SHARE = 0.8  # of physical memory the clips in flight and the batches may take
 
 
@@ -42,6 +43,8 @@ class ExtractOptions:
     output: str | Path | None = None  # ... unless an explicit file is given
     frames: int = 20  # sequence length T (1..MAX_FRAMES)
     sampling: str = "uniform"  # "uniform" over the whole clip, or "first" N frames
+    fps: float | None = None  # sample by time instead: the frames on screen at 0, 1/fps, 2/fps, ... (up to `frames`)
+    decoder: str = "auto"  # "auto"/"pyav": seek to the frames kept; "opencv": read every frame (the same frames)
     size: int | None = None  # square input size (backbone minimum..MAX_SIZE); None = the backbone's native size
     weights: str = WEIGHTS_IMAGENET  # "imagenet", "none" (deterministic random) or a weights file
     seed: int = 0  # seed of the random network for weights="none"
@@ -71,6 +74,11 @@ class ExtractOptions:
         self.validate()
 
     @property
+    def sampling_label(self) -> str:
+        """The sampling as the cache records it: ``uniform``, ``first`` or ``fps=F``."""
+        return f"fps={float(self.fps):g}" if self.fps is not None else self.sampling
+
+    @property
     def data_folder(self) -> str | Path | None:
         """The dataset folder to index: ``data``, or "data" when neither it nor ``csv`` is given."""
         return self.data if self.data is not None or self.csv is not None else "data"
@@ -91,6 +99,14 @@ class ExtractOptions:
         check_file_option("output", self.output, optional=True)
         check_int("frames", self.frames, 1, MAX_FRAMES)
         check_choice("sampling", self.sampling, SAMPLING)
+        check_float("fps", self.fps, 0, MAX_FPS, low_open=True, optional=True)
+        if self.fps is not None and self.sampling != "uniform":
+            raise OptionError(
+                "fps",
+                f"samples by time and cannot be combined with --sampling {self.sampling}; leave --sampling "
+                "at its default (uniform) or drop --fps.",
+            )
+        check_choice("decoder", self.decoder, DECODERS)
         check_int(
             "size",
             self.size,

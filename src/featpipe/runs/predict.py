@@ -18,13 +18,14 @@ import numpy as np
 
 from featpipe.backbones.frame_source import frame_source
 from featpipe.backbones.registry import WEIGHTS_IMAGENET, WEIGHTS_NONE
-from featpipe.errors import BackboneError, FeatpipeError
+from featpipe.errors import BackboneError, FeatpipeError, OptionError
 from featpipe.extraction.stages import Decoded, decode, embed
-from featpipe.names import PRECISIONS
+from featpipe.names import DECODERS, PRECISIONS
 from featpipe.options import (
     as_paths,
     check_choice,
     check_file_option,
+    check_float,
     check_int,
     check_writable_parent,
     split_list_options,
@@ -38,6 +39,7 @@ MAX_TOP_K = 1000
 MAX_WINDOWS = 256  # windows per clip averaged (each is one frames-long pass through the backbone)
 MAX_WORKERS = 256
 MAX_BATCH = 4096  # frames per backbone forward pass
+MAX_TIMELINE = 86_400.0  # seconds per timeline window
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class PredictOptions:
     batch_size: int | None = None  # frames per backbone pass; None = sized for the device
     gif: str | Path | None = None  # single clip: write its sampled frames as a captioned GIF
     precision: str = "float32"  # backbone compute precision
+    decoder: str = "auto"  # see featpipe.video.decode.read_clip: every decoder gives the same frames
+    timeline: float | None = None  # classify consecutive windows of this many seconds, each on its own
+    plot: str | Path | None = None  # single clip with timeline: a PNG of each class's probability over time
 
     def __post_init__(self) -> None:
         split_list_options(self)
@@ -59,9 +64,22 @@ class PredictOptions:
         check_int("workers", self.workers, 1, MAX_WORKERS, optional=True)
         check_int("batch_size", self.batch_size, 1, MAX_BATCH, optional=True)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("decoder", self.decoder, DECODERS)
+        check_float("timeline", self.timeline, 0, MAX_TIMELINE, low_open=True, optional=True)
+        if self.timeline is not None and self.windows != 1:
+            raise OptionError(
+                "timeline",
+                "classifies each window of the clip on its own and cannot be combined with --windows "
+                "(which averages windows); give one of them.",
+            )
         check_file_option("gif", self.gif, optional=True)
         if self.gif is not None:
             check_writable_parent("gif", self.gif, "the GIF")
+        check_file_option("plot", self.plot, optional=True)
+        if self.plot is not None:
+            if self.timeline is None:
+                raise OptionError("plot", "draws a timeline: give --timeline SECONDS with it.")
+            check_writable_parent("plot", self.plot, "the plot")
 
 
 @dataclass
@@ -73,6 +91,8 @@ class Prediction:
     error: str | None = None
     probabilities: np.ndarray | None = None  # (n_classes,), averaged over windows
     windows: int = 0
+    timeline: list = field(default_factory=list)  # TimelineWindow per window, with predict(timeline=S)
+    duration: float | None = None  # the clip's length in seconds (None: not decoded)
 
     @property
     def ok(self) -> bool:
@@ -81,7 +101,10 @@ class Prediction:
     def to_dict(self) -> dict:
         if not self.ok:
             return {"clip": self.clip, "error": self.error}
-        return {"clip": self.clip, "top": [{"label": lab, "probability": round(float(p), 6)} for lab, p in self.top]}
+        out = {"clip": self.clip, "top": [{"label": lab, "probability": round(float(p), 6)} for lab, p in self.top]}
+        if self.duration is not None and np.isfinite(self.duration):
+            out["duration"] = round(float(self.duration), 6)
+        return out
 
 
 @dataclass(frozen=True)
@@ -194,6 +217,9 @@ def predict(
     gif: str | Path | None = None,
     predictor: Predictor | None = None,
     precision: str = "float32",
+    decoder: str = "auto",
+    timeline: float | None = None,
+    plot: str | Path | None = None,
 ) -> list[Prediction]:
     """Classify clips with a trained run. Returns one Prediction per clip, in order.
 
@@ -203,24 +229,43 @@ def predict(
     not indexed.
 
     ``windows`` > 1 averages the head's probabilities over that many evenly spaced windows of the
-    run's frame count (for long videos). A clip that cannot be decoded gets ``error`` set; the
-    others go on. ``gif`` (one clip only) writes its sampled frames captioned with the top label.
+    run's frame count (for long videos). ``timeline`` (seconds) instead classifies each consecutive
+    window ``[0, S), [S, 2S), ...`` on its own, sampled the way the run's clips were: the results are in
+    ``Prediction.timeline`` (``top`` is their mean); ``plot`` (one clip only) draws it as a PNG. A clip that
+    cannot be decoded gets ``error`` set; the others go on. ``gif`` (one clip only) writes its sampled
+    frames captioned with the top label. ``decoder`` picks the video decoder (the same frames either way).
     Options are checked by :class:`PredictOptions` (OptionError before anything is loaded).
     """
-    from featpipe.video.decode import read_windows, write_gif  # lazy: `import featpipe` does not load OpenCV
+    from featpipe.runs.timeline import plot_timeline, timeline_windows
+    from featpipe.video.decode import read_timeline, read_windows, write_gif  # lazy: no OpenCV on `import featpipe`
+    from featpipe.video.plan import parse_sampling
 
     PredictOptions(
-        model=model, top_k=top_k, windows=windows, workers=workers, batch_size=batch_size, gif=gif, precision=precision
+        model=model,
+        top_k=top_k,
+        windows=windows,
+        workers=workers,
+        batch_size=batch_size,
+        gif=gif,
+        precision=precision,
+        decoder=decoder,
+        timeline=timeline,
+        plot=plot,
     )
     found = find_clips(clips)
     paths = found.paths
     if gif is not None and len(paths) != 1:
         raise FeatpipeError(f"--gif makes an animation of one clip; {len(paths)} clips were given.")
+    if plot is not None and len(paths) != 1:
+        raise FeatpipeError(f"--plot draws the timeline of one clip; {len(paths)} clips were given.")
     pred = predictor or Predictor(model, batch_size, precision)
     k = min(top_k, len(pred.class_names))
+    sampling, fps = parse_sampling(pred.sampling)
 
     def read(item: tuple[int, Path]):
-        return read_windows(item[1], pred.frames, pred.size, pred.sampling, windows)
+        if timeline is not None:
+            return read_timeline(item[1], pred.frames, pred.size, timeline, sampling, fps=fps, decoder=decoder)
+        return read_windows(item[1], pred.frames, pred.size, sampling, windows, fps=fps, decoder=decoder)
 
     def classify(group: list) -> None:  # one head call for a group of embedded clips
         probs = pred.classify(
@@ -232,8 +277,18 @@ def predict(
             pos += len(e.windows)
             order = np.argsort(-p, kind="stable")[:k]
             results[e.item[0]] = Prediction(
-                str(e.item[1]), [(pred.class_names[i], float(p[i])) for i in order], None, p, len(e.windows)
+                str(e.item[1]),
+                [(pred.class_names[i], float(p[i])) for i in order],
+                None,
+                p,
+                len(e.windows),
+                timeline_windows(e.windows, probs[pos - len(e.windows) : pos], pred.class_names, k, timeline)
+                if timeline is not None
+                else [],
+                float(e.windows[0].duration),
             )
+            if plot is not None:
+                plot_timeline(results[e.item[0]], pred.class_names, plot)
             if gif is not None:
                 best = results[e.item[0]].top[0]
                 write_gif(e.windows[0].frames[e.windows[0].mask], gif, f"{best[0]} {best[1]:.0%}")

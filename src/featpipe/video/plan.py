@@ -15,6 +15,8 @@ import numpy as np
 from featpipe.names import SAMPLING
 
 __all__ = [
+    "parse_sampling",
+    "sampling_label",
     "Plan",
     "check_positive",
     "check_sampling",
@@ -111,6 +113,20 @@ def time_indices(
     targets = float(start) + np.arange(int(frames), dtype=np.float64) / float(fps)
     targets = targets[targets < stop - _EPS]
     return (np.searchsorted(times, targets + _EPS, side="right") - 1).clip(0).astype(np.int64)
+
+
+def sampling_label(sampling: str, fps: float | None = None) -> str:
+    """How a cache and a run record the sampling: ``uniform``, ``first``, or ``fps=F`` when sampling by time."""
+    return f"fps={float(fps):g}" if fps is not None else sampling
+
+
+def parse_sampling(label: str) -> tuple[str, float | None]:
+    """``(sampling, fps)`` from :func:`sampling_label`'s text (``fps=2`` -> ``("uniform", 2.0)``)."""
+    label = str(label)
+    if label.startswith("fps="):
+        return "uniform", float(label[4:])
+    check_sampling(label)
+    return label, None
 
 
 @dataclass(frozen=True)

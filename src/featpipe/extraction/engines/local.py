@@ -42,7 +42,11 @@ class LocalEngine:
         dtype = np.dtype(source.cache_dtype(opts.dtype))
         stats = Stats()
         workers = opts.workers or default_workers()
-        clips = decode(work.todo, lambda rec: read_clip(rec.path, opts.frames, source.size, opts.sampling), workers)
+
+        def read(rec):
+            return read_clip(rec.path, opts.frames, source.size, opts.sampling, fps=opts.fps, decoder=opts.decoder)
+
+        clips = decode(work.todo, read, workers)
         started = time.perf_counter()
         desc = f"extract {source.backbone.name}"
         with writing_with_progress(writer, len(work.todo), desc, opts.quiet) as (bar, sink):

@@ -182,7 +182,9 @@ class DriverBackbone:
         raise TypeError("the Ray driver's backbone runs no frames: its actors do")
 
 
-def decode_batch(batch: dict, frames: int, size: int, sampling: str) -> dict:
+def decode_batch(
+    batch: dict, frames: int, size: int, sampling: str, fps: float | None = None, decoder: str = "auto"
+) -> dict:
     """Ray Data UDF (a CPU task): decode each row's clip. Never raises: a bad clip is a row with ``error``."""
     from featpipe.video.decode import read_clip  # lazy: `import featpipe` does not load OpenCV
 
@@ -194,7 +196,7 @@ def decode_batch(batch: dict, frames: int, size: int, sampling: str) -> dict:
     error = np.full(n, "", dtype=object)
     for i, path in enumerate(batch["path"]):
         try:
-            clip = read_clip(str(path), frames, size, sampling)
+            clip = read_clip(str(path), frames, size, sampling, fps=fps, decoder=decoder)
         except Exception as exc:  # noqa: BLE001 -- a raising UDF aborts the Ray job: every clip error is a record
             error[i] = str(exc) or type(exc).__name__
             continue
@@ -427,7 +429,9 @@ class RayEngine:
             ds = build(
                 rows,
                 p,
-                decode_kwargs=dict(frames=opts.frames, size=source.size, sampling=opts.sampling),
+                decode_kwargs=dict(
+                    frames=opts.frames, size=source.size, sampling=opts.sampling, fps=opts.fps, decoder=opts.decoder
+                ),
                 embedder_kwargs=dict(
                     backbone=source.backbone,
                     size=source.size,
