@@ -107,7 +107,11 @@ def test_cli_json_lines_csv_and_exit_status(run, tmp_path):
     assert f"Found 2 clips in '{root / 'data' / 'test' / 'grow'}'." in result.stderr  # stdout: JSON only
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(lines) == 3
-    assert set(lines[0]) == {"clip", "top"} and len(lines[0]["top"]) == 2
+    assert set(lines[0]) == {"clip", "top", "duration"} and len(lines[0]["top"]) == 2
+    from featpipe.video.decode import read_clip
+
+    assert lines[0]["duration"] == pytest.approx(read_clip(lines[0]["clip"], 1, 8).duration, abs=1e-5)
+    assert 0 < lines[0]["duration"] < 10
     assert set(lines[0]["top"][0]) == {"label", "probability"}
     assert lines[2]["clip"].endswith("broken.mp4") and "error" in lines[2]
     rows = list(csv.DictReader(out_csv.open()))

@@ -175,9 +175,11 @@ def write_av(
     gop: int = 12,
     times: list[float] | None = None,
     options: dict[str, str] | None = None,
+    first: int = 0,
 ) -> Path:
-    """Write :func:`index_frame` frames (index modulo 256) with PyAV's encoder ``codec`` (``libx264``,
-    ``mpeg4``, ``mjpeg``, ``libvpx-vp9``), the container from the suffix, a keyframe every ``gop`` frames.
+    """Write :func:`index_frame` frames (frame ``i`` shows ``first + i`` modulo 256) with PyAV's encoder
+    ``codec`` (``libx264``, ``mpeg4``, ``mjpeg``, ``libvpx-vp9``, ``ffv1``), the container from the suffix,
+    a keyframe every ``gop`` frames.
 
     ``times`` (seconds, increasing) gives each frame its own presentation time, for variable frame
     rate clips (time base 1/1000); without it frame ``i`` is shown at ``i / fps``. ``options`` are
@@ -202,7 +204,7 @@ def write_av(
 
             stream.codec_context.time_base = Fraction(1, 1000)
         for i in range(n_frames):
-            rgb = index_frame(i % 2**BITS, width, height)[:, :, ::-1].copy()
+            rgb = index_frame((first + i) % 2**BITS, width, height)[:, :, ::-1].copy()
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             if times is not None:
                 frame.pts = round(times[i] * 1000)

@@ -192,6 +192,17 @@ class Predictor:
                 f"was trained with ({pre['weights_fingerprint']}); use the same weights file or Keras weights version."
             )
 
+    def read(self, path: str | Path, windows: int = 1, timeline: float | None = None, decoder: str = "auto") -> list:
+        """Decode a clip the way the run's clips were (frames, size, sampling): ``windows`` evenly spaced
+        windows, or consecutive ``timeline``-second ones. A list of ClipFrames."""
+        from featpipe.video.decode import read_timeline, read_windows  # lazy: no OpenCV on `import featpipe`
+        from featpipe.video.plan import parse_sampling
+
+        sampling, fps = parse_sampling(self.sampling)
+        if timeline is not None:
+            return read_timeline(path, self.frames, self.size, timeline, sampling, fps=fps, decoder=decoder)
+        return read_windows(path, self.frames, self.size, sampling, windows, fps=fps, decoder=decoder)
+
     def features(self, windows: Sequence) -> tuple[np.ndarray, np.ndarray]:
         """Backbone features for decoded windows (ClipFrames), real frames batched across windows."""
         t = self.frames
@@ -237,8 +248,7 @@ def predict(
     Options are checked by :class:`PredictOptions` (OptionError before anything is loaded).
     """
     from featpipe.runs.timeline import plot_timeline, timeline_windows
-    from featpipe.video.decode import read_timeline, read_windows, write_gif  # lazy: no OpenCV on `import featpipe`
-    from featpipe.video.plan import parse_sampling
+    from featpipe.video.decode import write_gif  # lazy: `import featpipe` does not load OpenCV
 
     PredictOptions(
         model=model,
@@ -260,12 +270,9 @@ def predict(
         raise FeatpipeError(f"--plot draws the timeline of one clip; {len(paths)} clips were given.")
     pred = predictor or Predictor(model, batch_size, precision)
     k = min(top_k, len(pred.class_names))
-    sampling, fps = parse_sampling(pred.sampling)
 
     def read(item: tuple[int, Path]):
-        if timeline is not None:
-            return read_timeline(item[1], pred.frames, pred.size, timeline, sampling, fps=fps, decoder=decoder)
-        return read_windows(item[1], pred.frames, pred.size, sampling, windows, fps=fps, decoder=decoder)
+        return pred.read(item[1], windows, timeline, decoder)
 
     def classify(group: list) -> None:  # one head call for a group of embedded clips
         probs = pred.classify(
