@@ -101,6 +101,10 @@ def fake_decode(batch: dict, frames: int, size: int) -> dict:
         "frames": np.zeros((n, frames, size, size, 3), np.uint8),
         "mask": np.ones((n, frames), bool),
         "n_frames": np.full(n, frames, np.int64),
+        "damaged_from": np.full(n, -1, np.int64),
+        "time": np.tile(np.arange(frames, dtype=np.float32) / 25, (n, 1)),
+        "duration": np.full(n, frames / 25, np.float32),
+        "fps": np.full(n, 25, np.float32),
         "error": np.full(n, "", dtype=object),
     }
 

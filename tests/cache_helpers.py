@@ -101,9 +101,20 @@ def identified(i: int, key: str | None = None) -> ClipRecord:
 
 def downgrade_to_version_1(path) -> None:
     with h5py.File(path, "a") as f:
-        for name in ("size", "mtime_ns", "failed/size", "failed/mtime_ns", "stale"):
+        for name in ("size", "mtime_ns", "failed/size", "failed/mtime_ns", "stale", *TIME_COLUMNS):
             del f[name]
         f.attrs["schema_version"] = 1
+
+
+TIME_COLUMNS = ("time", "duration", "fps")
+
+
+def downgrade_to_version_3(path) -> None:
+    """Make a cache what featpipe wrote before frame times: version 3, no time/duration/fps columns."""
+    with h5py.File(path, "a") as f:
+        for name in TIME_COLUMNS:
+            del f[name]
+        f.attrs["schema_version"] = 3
 
 
 def by_key(path) -> dict:

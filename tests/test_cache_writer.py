@@ -208,7 +208,7 @@ def test_rows_record_their_clip_identity_and_rows_whose_clip_left_the_dataset_ar
     w.append(replace(ClipRecord("train/b/bad.mp4", 1, "train", 0, error="zero-byte file"), size=0, mtime_ns=7))
     w.finalize()
     with h5py.File(path, "r") as f:
-        assert f.attrs["schema_version"] == SCHEMA_VERSION == 3
+        assert f.attrs["schema_version"] == SCHEMA_VERSION == 4
         assert [tuple(x) for x in zip(f["size"][:], f["mtime_ns"][:])] == [IDENT[k] for k in sorted(IDENT)]
         assert (f["failed/size"][0], f["failed/mtime_ns"][0]) == (0, 7)
     w = CacheWriter(path, CONFIG)

@@ -617,13 +617,13 @@ def test_a_version_1_cache_is_resumed_without_extracting_its_clips_again(tmp_pat
     out = tmp_path / "c.h5"
     extract(data=data, output=out, **TINY)
     with h5py.File(out, "a") as f:
-        for name in ("size", "mtime_ns", "failed/size", "failed/mtime_ns", "stale"):
+        for name in ("size", "mtime_ns", "failed/size", "failed/mtime_ns", "stale", "time", "duration", "fps"):
             del f[name]
         f.attrs["schema_version"] = 1
     again = extract(data=data, output=out, **TINY)
     assert (again.n_new, again.n_skipped) == (0, 6)
     with h5py.File(out, "r") as f:
-        assert f.attrs["schema_version"] == 3 and (f["size"][:] > 0).all()
+        assert f.attrs["schema_version"] == 4 and (f["size"][:] > 0).all()
 
 
 def test_broken_clips_that_held_a_class_s_val_share_do_not_leave_that_class_without_val(tmp_path):

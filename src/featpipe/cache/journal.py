@@ -1,7 +1,9 @@
 """The journal beside a cache being extracted: one checksummed record per finished clip.
 
 A record torn by a kill fails its checksum and ends the valid part of the journal; see
-featpipe.cache.writer for how the journal is folded into the cache.
+featpipe.cache.writer for how the journal is folded into the cache. A record's JSON header carries
+the clip's frame times (``times``: the kept frames' times; ``duration``, ``fps``) when they are
+known; records written by a featpipe from before frame times have none, and read as not recorded.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from featpipe.cache.schema import CacheConfig, ClipRecord
+from featpipe.cache.schema import CacheConfig, ClipRecord, padded_times
 from featpipe.runtime.atomic import write_bytes
 
 _JOURNAL_MAGIC = b"FEATPIPE-JOURNAL-1\n"
@@ -35,6 +37,7 @@ def _encode_record(rec: ClipRecord, config: CacheConfig) -> bytes:
         "mtime_ns": int(rec.mtime_ns),
     }
     if rec.ok:
+        header.update(_timing(rec))
         features = np.ascontiguousarray(rec.features, dtype=config.dtype)
         expected = (config.frames, *config.feature_shape)
         if features.shape != expected:
@@ -46,6 +49,31 @@ def _encode_record(rec: ClipRecord, config: CacheConfig) -> bytes:
     head = json.dumps(header, ensure_ascii=False).encode()
     body = head + payload
     return _RECORD_HEAD.pack(_RECORD_MAGIC, len(head), len(payload)) + body + _CRC.pack(zlib.crc32(body))
+
+
+def _timing(rec: ClipRecord) -> dict:
+    """The header fields of a clip's frame times: the kept frames' times, duration and fps, each when known
+    (plain JSON: a NaN is left out, never written)."""
+    out: dict = {}
+    if rec.times is not None:
+        times = np.asarray(rec.times, dtype=np.float32)[np.asarray(rec.mask, dtype=bool)]
+        if len(times) and not np.isnan(times).any():
+            out["times"] = [float(x) for x in times]  # a float32 as a float64: exact both ways
+    for name in ("duration", "fps"):
+        value = float(getattr(rec, name))
+        if np.isfinite(value):
+            out[name] = value
+    return out
+
+
+def header_times(header: dict, frames: int) -> tuple[np.ndarray, float, float]:
+    """(time (frames,) float32 with NaN padding, duration, fps) of a journal record; NaN where not recorded."""
+    times = header.get("times")
+    return (
+        padded_times(times, frames),
+        float(header.get("duration", float("nan"))),
+        float(header.get("fps", float("nan"))),
+    )
 
 
 @dataclass

@@ -26,6 +26,7 @@ from featpipe.cache.schema import (
     Identity,
     mask_crc32,
     parts_dir,
+    read_times,
 )
 from featpipe.runtime.atomic import atomic_path, fsync_dir, whole_or_nothing
 
@@ -59,6 +60,18 @@ class Columns:
     n_frames: np.ndarray
     size: np.ndarray
     mtime_ns: np.ndarray
+    time: np.ndarray | None = None  # (N, T) float32, NaN on padding and where not recorded (None: all NaN)
+    duration: np.ndarray | None = None  # (N,) float32 (None: all NaN)
+    fps: np.ndarray | None = None  # (N,) float32 (None: all NaN)
+
+    def __post_init__(self):
+        n, t = self.mask.shape
+        if self.time is None:
+            self.time = np.full((n, t), np.nan, dtype=np.float32)
+        if self.duration is None:
+            self.duration = np.full(n, np.nan, dtype=np.float32)
+        if self.fps is None:
+            self.fps = np.full(n, np.nan, dtype=np.float32)
 
     @classmethod
     def read(cls, f, rows: np.ndarray, keys: list | None = None, splits: list | None = None) -> "Columns":
@@ -71,6 +84,7 @@ class Columns:
             size = mtime = np.full(n, UNKNOWN, dtype=np.int64)
         mask = f["mask"][()]
         check_masks(f, f.filename, mask)
+        time, duration, fps = read_times(f, rows)
         return cls(
             list(keys) if keys is not None else list(f["video"].asstr()[:][rows]),
             mask[rows].astype(bool),
@@ -79,6 +93,9 @@ class Columns:
             f["n_frames"][:][rows],
             size[rows],
             mtime[rows],
+            time,
+            duration,
+            fps,
         )
 
     @classmethod
@@ -94,6 +111,9 @@ class Columns:
             np.concatenate([p.n_frames for p in parts]),
             np.concatenate([p.size for p in parts]),
             np.concatenate([p.mtime_ns for p in parts]),
+            np.concatenate([p.time for p in parts]),
+            np.concatenate([p.duration for p in parts]),
+            np.concatenate([p.fps for p in parts]),
         )
 
 
@@ -236,6 +256,8 @@ def write_temporary(
         splits, n_frames = [], np.zeros(n, dtype=np.int64)
         sizes, mtimes = np.full(n, UNKNOWN, dtype=np.int64), np.full(n, UNKNOWN, dtype=np.int64)
         mask_all = np.zeros((n, t), dtype=bool)
+        time = np.full((n, t), np.nan, dtype=np.float32)
+        duration, fps = np.full(n, np.nan, dtype=np.float32), np.full(n, np.nan, dtype=np.float32)
         for i, key in enumerate(keys):
             row = read_row(key)
             feats[i] = row.features
@@ -244,8 +266,10 @@ def write_temporary(
             splits.append(row.split)
             n_frames[i] = row.n_frames
             sizes[i], mtimes[i] = row.size, row.mtime_ns
+            time[i], duration[i], fps[i] = row.times, row.duration, row.fps
         _write_mask(out, mask_all)
         _write_columns(out, keys, labels, splits, n_frames, sizes, mtimes, failed, failed_identity, stale)
+        _write_times(out, time, duration, fps)
 
 
 def _start_cache_file(out, config: CacheConfig, n: int):
@@ -283,10 +307,12 @@ def write_one_file_temporary(
     failed: dict[str, str],
     failed_identity: dict[str, Identity] | None,
     stale: dict[str, str] | None,
+    timing: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> None:
     """``write_temporary``'s file from whole columns: row ``i``'s features are row ``at[i]`` of the open cache
     ``old`` (copied in slabs of consecutive rows) or, where ``at[i]`` < 0, ``fresh[i]``. A slab that fails to
-    read is read again row by row, so a damaged row is named as ``RowReader`` names it."""
+    read is read again row by row, so a damaged row is named as ``RowReader`` names it. ``timing``: the
+    rows' (time, duration, fps), NaN where not recorded (None: not recorded for any)."""
     c = config
     n, t = len(keys), c.frames
     slab = max(1, _SLAB_BYTES // row_bytes(c))  # rows per copy: memory stays bounded whatever the cache size
@@ -307,6 +333,9 @@ def write_one_file_temporary(
             feats[i] = features
         _write_mask(out, np.asarray(mask, dtype=bool).reshape(n, t))
         _write_columns(out, keys, labels, splits, n_frames, sizes, mtimes, failed, failed_identity, stale)
+        if timing is None:
+            timing = (np.full((n, t), np.nan), np.full(n, np.nan), np.full(n, np.nan))
+        _write_times(out, *timing)
 
 
 def _write_mask(out, mask: np.ndarray) -> None:
@@ -315,6 +344,13 @@ def _write_mask(out, mask: np.ndarray) -> None:
     mask = (mask.view(np.uint8) if mask.dtype == bool else mask) != 0
     out.create_dataset("mask", data=mask)
     out.create_dataset(MASK_CRC, data=mask_crc32(mask))
+
+
+def _write_times(out, time, duration, fps) -> None:
+    """The frame-time columns (version 4) of a cache being written: NaN where not recorded."""
+    out.create_dataset("time", data=np.asarray(time, dtype=np.float32))
+    out.create_dataset("duration", data=np.asarray(duration, dtype=np.float32))
+    out.create_dataset("fps", data=np.asarray(fps, dtype=np.float32))
 
 
 def _write_columns(
@@ -407,6 +443,7 @@ def write_parted_temporary(
             failed_identity,
             stale,
         )
+        _write_times(out, cols.time, cols.duration, cols.fps)
         grp = out.create_group("parts")
         grp.create_dataset("file", data=np.array(names, dtype=object), dtype=h5py.string_dtype())
         grp.create_dataset("rows", data=np.array(counts, dtype=np.int64))

@@ -20,6 +20,7 @@ from featpipe.cache.schema import (
     as_str,
     mask_damage,
     parts_dir,
+    read_times,
     strings,
 )
 from featpipe.errors import CacheError, DamagedCacheError
@@ -135,6 +136,36 @@ class CacheSummary:
     real_frames: int
     stale: list[tuple[str, str]] = field(default_factory=list)  # rows dropped because their clip left the dataset
     parts: int = 0  # part files holding the features (0: the cache is one file)
+    duration: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (N,) s, NaN: not recorded
+    fps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (N,), 0: none in the container
+
+    def timing_line(self) -> str | None:
+        """Clip durations, frame rates and whether frame times are recorded (None for a cache without rows)."""
+        if not self.n_clips:
+            return None
+        timed = ~np.isnan(self.duration)
+        n_timed = int(timed.sum())
+        if not n_timed:
+            return "  frame times: not recorded (written by an older featpipe)"
+        d = self.duration[timed]
+        rate = self.fps[timed]
+        known = rate[rate > 0]
+        if not len(known):
+            rates = "frame rate unknown"
+        else:
+            lo, hi = float(known.min()), float(known.max())
+            rates = f"{lo:.4g} fps" if lo == hi else f"{lo:.4g} to {hi:.4g} fps"
+            if len(known) < len(rate):
+                rates += f" ({len(rate) - len(known)} without a frame rate)"
+        recorded = (
+            "recorded"
+            if n_timed == self.n_clips
+            else f"recorded for {n_timed} of {self.n_clips} clips (the rest written by an older featpipe)"
+        )
+        return (
+            f"  clips {d.min():.1f} / {np.median(d):.1f} / {d.max():.1f} s long (min / median / max), {rates}; "
+            f"frame times: {recorded}"
+        )
 
     def lines(self) -> list[str]:
         c = self.config
@@ -150,6 +181,9 @@ class CacheSummary:
         ]
         if self.parts:
             out.append(f"  features in {self.parts} part file(s) in {parts_dir(self.path)}/ (copy it with the cache)")
+        timing = self.timing_line()
+        if timing:
+            out.append(timing)
         width = max(len(n) for n in c.class_names)
         splits = [s for s in SPLITS if s in self.counts] + sorted(s for s in self.counts if s not in SPLITS)
         out.append("  " + "class".ljust(width) + "".join(s.rjust(8) for s in splits))
@@ -174,8 +208,21 @@ def summarize(path: Path) -> CacheSummary:
         failed = list(zip(strings(f, "failed/video"), strings(f, "failed/reason")))
         stale = list(zip(strings(f, "stale/video"), strings(f, "stale/reason")))
         parts = len(f["parts/file"]) if "parts" in f else 0
+        nan = np.full(len(labels), np.nan, dtype=np.float32)
+        duration = f["duration"][()].astype(np.float32) if "duration" in f else nan
+        fps = f["fps"][()].astype(np.float32) if "fps" in f else nan
         return CacheSummary(
-            path, config, len(labels), len(failed), counts, failed, int(f["mask"][:].sum()), stale, parts
+            path,
+            config,
+            len(labels),
+            len(failed),
+            counts,
+            failed,
+            int(f["mask"][:].sum()),
+            stale,
+            parts,
+            duration,
+            fps,
         )
 
 
@@ -190,6 +237,37 @@ class Row:
     n_frames: int
     size: int = UNKNOWN  # the clip's identity (UNKNOWN in version 1 caches)
     mtime_ns: int = UNKNOWN
+    times: np.ndarray | None = None  # (T,) float32 seconds from the clip's first frame, NaN on padding
+    duration: float = float("nan")  # the clip's length in seconds
+    fps: float = float("nan")  # the container's frame rate, 0 when it reports none
+    # times, duration and fps are NaN in rows written before frame times were recorded (versions 1 to 3)
+
+    def __post_init__(self):
+        if self.times is None:
+            object.__setattr__(self, "times", np.full(len(self.mask), np.nan, dtype=np.float32))
+
+
+@dataclass(frozen=True)
+class ClipTimes:
+    """When a clip's kept frames are: what ``frame_times`` returns per clip."""
+
+    times: np.ndarray  # (real frames,) float32: each kept frame's time in seconds from the clip's first frame
+    duration: float  # the clip's length in seconds
+    fps: float  # the container's frame rate (0: it reports none)
+    # all NaN in a cache written before frame times were recorded (versions 1 to 3): "not recorded"
+
+    @property
+    def recorded(self) -> bool:
+        return not np.isnan(self.duration)
+
+
+def frame_times(path) -> dict[str, ClipTimes]:
+    """Clip key -> its :class:`ClipTimes` for every row of the cache ``path`` (NaN where not recorded)."""
+    with open_h5(Path(path)) as f:
+        mask = f["mask"][()].astype(bool)
+        time, duration, fps = read_times(f)
+        keys = f["video"].asstr()[()]
+    return {str(k): ClipTimes(time[i][mask[i]], float(duration[i]), float(fps[i])) for i, k in enumerate(keys)}
 
 
 class RowReader:
@@ -202,6 +280,7 @@ class RowReader:
         self.split = f["split"].asstr()
         self.ident = (f["size"], f["mtime_ns"]) if "size" in f and "mtime_ns" in f else None
         self.mask_crc = f[MASK_CRC][()] if MASK_CRC in f else None
+        self.timing = (f["time"], f["duration"], f["fps"]) if "time" in f and "duration" in f and "fps" in f else None
 
     def __call__(self, row: int) -> Row:
         size, mtime_ns = (int(self.ident[0][row]), int(self.ident[1][row])) if self.ident else (UNKNOWN, UNKNOWN)
@@ -214,7 +293,22 @@ class RowReader:
         if len(mask_damage(mask[None], None if self.mask_crc is None else self.mask_crc[row : row + 1])):
             video = self.file["video"].asstr()[row]
             raise DamagedCacheError(damaged_message(self.file.filename, [video], what="frame mask"))
-        return Row(features, mask, int(self.label[row]), self.split[row], int(self.n_frames[row]), size, mtime_ns)
+        times, duration, fps = None, float("nan"), float("nan")
+        if self.timing is not None:
+            times = np.asarray(self.timing[0][row], dtype=np.float32)
+            duration, fps = float(self.timing[1][row]), float(self.timing[2][row])
+        return Row(
+            features,
+            mask,
+            int(self.label[row]),
+            self.split[row],
+            int(self.n_frames[row]),
+            size,
+            mtime_ns,
+            times,
+            duration,
+            fps,
+        )
 
 
 def read_h5_row(f, row: int) -> Row:
@@ -241,12 +335,12 @@ def _clips(videos: Sequence[str]) -> str:
 
 
 def damaged_message(path, videos: Sequence[str], what: str = "features") -> str:
-    """One sentence naming the damaged clips of ``path`` and what to do; ``what``: "features" or "frame mask"."""
-    fails = (
-        "fail their checksum"
-        if what == "features"
-        else "fail their checksum or are not a valid mask (real frames first)"
-    )
+    """One sentence naming the damaged clips of ``path`` and what to do; ``what``: "features", "frame mask"
+    or "frame times"."""
+    fails = {
+        "features": "fail their checksum",
+        "frame times": "do not match their frame mask (one time per real frame, in order)",
+    }.get(what, "fail their checksum or are not a valid mask (real frames first)")
     return (
         f"The {what} of {_clips(videos)} in '{path}' {fails}, so the cache file is damaged "
         f"(disk or copy error); re-extract: move '{path}' away and run `featpipe extract` again with the "

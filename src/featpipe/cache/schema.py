@@ -1,8 +1,9 @@
 """The HDF5 feature cache's format: schema, attribute keys, the config, clip records and identities.
 
-The format (datasets, attributes, versions 1 to 3, part files, crash safety) is described once,
+The format (datasets, attributes, versions 1 to 4, part files, crash safety) is described once,
 in docs/cache-format.md. In short: one row per clip (``features``, ``mask``, ``mask_crc32``,
-``label``, ``split``, ``video``, ``n_frames``, and the clip's identity ``size`` / ``mtime_ns``),
+``label``, ``split``, ``video``, ``n_frames``, the kept frames' times ``time`` with the clip's
+``duration`` and ``fps``, and the clip's identity ``size`` / ``mtime_ns``),
 the clips that failed under ``failed/`` and those dropped under ``stale/``; a cache over
 ``FEATPIPE_ONE_FILE_MB`` (64 MB) keeps its features in immutable part files in
 ``<cache>.parts/`` (mapped by ``parts/``), stitched together as an HDF5 virtual dataset.
@@ -27,8 +28,9 @@ import numpy as np
 
 from featpipe.errors import CacheError
 
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # 1: no size/mtime_ns columns and no stale/ group; 2: always one file
+SCHEMA_VERSION = 4
+# 1: no size/mtime_ns columns and no stale/ group; 2: always one file; 1-3: no time/duration/fps columns
+READABLE_VERSIONS = (1, 2, 3, 4)
 UNKNOWN = -1  # size / mtime_ns of a row whose identity was never recorded (version 1 caches)
 
 # Attributes that define what the features ARE: everything downstream must agree on them.
@@ -133,10 +135,58 @@ class ClipRecord:
     error: str | None = None
     size: int = UNKNOWN  # the clip file's identity when it was read: size in bytes ...
     mtime_ns: int = UNKNOWN  # ... and modification time in ns (UNKNOWN: not recorded)
+    times: np.ndarray | None = None  # (T,) float32: each kept frame's time in s from the first frame, NaN padding
+    duration: float = float("nan")  # the clip's length in seconds (NaN: not recorded)
+    fps: float = float("nan")  # the container's frame rate (0: it reports none; NaN: not recorded)
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+# ----------------------------------------------------------------------------- frame times
+# Version 4 stores each kept frame's presentation time (``time``, (N, T) float32, NaN on padding) and
+# each clip's ``duration`` and ``fps`` ((N,) float32). Rows written before (caches of version 1 to 3,
+# journals of an older featpipe) read as NaN: "not recorded".
+
+
+def padded_times(times, frames: int) -> np.ndarray:
+    """``times`` of the kept frames (or None: not recorded) as a (frames,) float32 row, NaN after them."""
+    out = np.full(frames, np.nan, dtype=np.float32)
+    if times is not None:
+        times = np.asarray(times, dtype=np.float32).ravel()[:frames]
+        out[: len(times)] = times
+    return out
+
+
+def read_times(f, rows=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(time (N, T), duration (N,), fps (N,)) of an open cache, float32, rows ``rows`` (all by default);
+    NaN throughout in a cache written before frame times (versions 1 to 3)."""
+    n, t = int(f["label"].shape[0]), int(f["mask"].shape[1]) if f["mask"].ndim == 2 else 0
+    if "time" in f and "duration" in f and "fps" in f:
+        time, duration, fps = f["time"][()], f["duration"][()], f["fps"][()]
+    else:
+        time = np.full((n, t), np.nan, dtype=np.float32)
+        duration = np.full(n, np.nan, dtype=np.float32)
+        fps = np.full(n, np.nan, dtype=np.float32)
+    if rows is not None:
+        time, duration, fps = time[rows], duration[rows], fps[rows]
+    return time.astype(np.float32), duration.astype(np.float32), fps.astype(np.float32)
+
+
+def time_damage(time: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Rows of an (N, T) ``time`` whose times are recorded (not all NaN) but do not fit the (N, T) ``mask``:
+    a time missing on a real frame, one on padding, or times going backwards."""
+    time, mask = np.asarray(time, dtype=np.float64), np.asarray(mask).view(np.uint8) != 0
+    if time.ndim != 2 or time.shape != mask.shape:
+        return np.zeros(0, dtype=np.int64)
+    known = ~np.isnan(time)
+    recorded = known.any(axis=1)
+    bad = (known != mask).any(axis=1) | ~np.isfinite(np.where(known, time, 0.0)).all(axis=1)
+    with np.errstate(invalid="ignore"):
+        steps = np.diff(np.where(mask, time, np.inf), axis=1)
+    bad |= (np.nan_to_num(steps, nan=0.0, posinf=0.0) < 0).any(axis=1)
+    return np.flatnonzero(recorded & bad)
 
 
 # ----------------------------------------------------------------------------- clip identity

@@ -406,4 +406,6 @@ def _same_row(a: Row, b: Row) -> bool:
         np.array_equal(a.features, b.features)
         and np.array_equal(a.mask, b.mask)
         and (a.label, a.split, a.n_frames) == (b.label, b.split, b.n_frames)
+        and np.array_equal(a.times, b.times, equal_nan=True)
+        and np.array_equal([a.duration, a.fps], [b.duration, b.fps], equal_nan=True)
     )

@@ -1,4 +1,5 @@
-"""Verifying a cache: read every row back, checking each row's checksum, every mask and every part file."""
+"""Verifying a cache: read every row back, checking each row's checksum, every mask, every row's frame times
+(version 4) and every part file."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import h5py
 import numpy as np
 
 from featpipe.cache.reader import damaged_message, open_h5, part_clips, part_message, part_problems, row_reads
-from featpipe.cache.schema import MASK_CRC, mask_damage
+from featpipe.cache.schema import MASK_CRC, mask_damage, time_damage
 from featpipe.errors import CacheError
 
 # ----------------------------------------------------------------------------- checksums
@@ -52,6 +53,7 @@ class VerifyReport:
     bad_masks: list[str] = field(default_factory=list)  # ... whose mask fails its checksum or the prefix rule
     bad_parts: list[tuple[str, str, list[str]]] = field(default_factory=list)  # (part file, why, its clips)
     mask_checksummed: bool = True  # False for caches written before masks carried checksums (prefix rule only)
+    bad_times: list[str] = field(default_factory=list)  # ... whose frame times do not fit their mask
 
     def line(self) -> str:
         if self.damaged:
@@ -60,6 +62,8 @@ class VerifyReport:
                 out.append(damaged_message(self.path, self.bad_features))
             if self.bad_masks:
                 out.append(damaged_message(self.path, self.bad_masks, what="frame mask"))
+            if self.bad_times:
+                out.append(damaged_message(self.path, self.bad_times, what="frame times"))
             return " ".join(out)
         masks = (
             ""
@@ -102,7 +106,9 @@ def verify_cache(path) -> VerifyReport:
                 ]
         mask = f["mask"][()] if "mask" in f else np.zeros((n, 0), dtype=bool)
         bad_masks = [str(videos[r]) for r in mask_damage(mask, f[MASK_CRC][()] if MASK_CRC in f else None)]
-        damaged = list(dict.fromkeys([*in_bad_parts, *bad_features, *bad_masks]))
+        bad_times = [str(videos[r]) for r in time_damage(f["time"][()], mask)] if "time" in f else []
+        bad_times = [v for v in bad_times if v not in bad_masks]  # a damaged mask is named once, as such
+        damaged = list(dict.fromkeys([*in_bad_parts, *bad_features, *bad_masks, *bad_times]))
         return VerifyReport(
             path,
             n,
@@ -112,14 +118,14 @@ def verify_cache(path) -> VerifyReport:
             bad_masks,
             bad_parts,
             MASK_CRC in f,
+            bad_times,
         )
 
 
 def missing_parts(path) -> list[str]:
     """The datasets every finished cache has that ``path`` lacks (empty for a complete cache)."""
     with open_h5(Path(path)) as f:
-        return [
-            name
-            for name in ("features", "mask", "label", "split", "video", "n_frames", "failed/video", "failed/reason")
-            if name not in f
-        ]
+        names = ("features", "mask", "label", "split", "video", "n_frames", "failed/video", "failed/reason")
+        if int(f.attrs["schema_version"]) >= 4:
+            names += ("time", "duration", "fps")
+        return [name for name in names if name not in f]

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from featpipe.cache import reconcile
-from featpipe.cache.journal import JournalEntry, JournalWriter, read_journal
+from featpipe.cache.journal import JournalEntry, JournalWriter, header_times, read_journal
 from featpipe.cache.parts import (
     PART_BYTES,
     Columns,
@@ -280,6 +280,7 @@ class CacheWriter:
             int(entry.header["n_frames"]),
             size,
             mtime_ns,
+            *header_times(entry.header, c.frames),
         )
 
     def _write_one_file(self, tmp: Path, old, jf, plan: reconcile.Plan, assignments) -> None:
@@ -294,9 +295,12 @@ class CacheWriter:
         cols = Columns.read(old, at[mine], keys=[keys[i] for i in mine]) if len(mine) else None
         mask = np.zeros((n, c.frames), dtype=bool)
         labels, n_frames = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        time = np.full((n, c.frames), np.nan, dtype=np.float32)
+        duration, fps = np.full(n, np.nan, dtype=np.float32), np.full(n, np.nan, dtype=np.float32)
         splits: list = [""] * n
         if cols is not None:
             mask[mine], labels[mine], n_frames[mine] = cols.mask, cols.label, cols.n_frames
+            time[mine], duration[mine], fps[mine] = cols.time, cols.duration, cols.fps
             for i, sp in zip(mine.tolist(), cols.split):
                 splits[i] = sp
         fresh: dict[int, np.ndarray] = {}
@@ -304,6 +308,7 @@ class CacheWriter:
             row = self._journal_row(jf, keys[i], plan, assignments)
             fresh[i] = row.features
             mask[i], labels[i], n_frames[i], splits[i] = row.mask, row.label, row.n_frames, row.split
+            time[i], duration[i], fps[i] = row.times, row.duration, row.fps
         for i, key in enumerate(keys):
             if key in assignments:
                 labels[i], splits[i] = int(assignments[key][0]), assignments[key][1]
@@ -311,7 +316,8 @@ class CacheWriter:
         sizes = np.array([x[0] for x in idents], dtype=np.int64)
         mtimes = np.array([x[1] for x in idents], dtype=np.int64)
         columns = (mask, labels, splits, n_frames, sizes, mtimes)
-        write_one_file_temporary(tmp, c, keys, old, at, fresh, *columns, *_failures(plan))
+        timing = (time, duration, fps)
+        write_one_file_temporary(tmp, c, keys, old, at, fresh, *columns, *_failures(plan), timing=timing)
 
     def _write_parts(self, tmp: Path, old, jf, plan: reconcile.Plan, assignments) -> None:
         """The cache as the old rows the plan keeps (read where they are) + its new rows in one new part."""
@@ -357,6 +363,7 @@ class CacheWriter:
                     fresh.split.append(row.split)
                     fresh.mask[i], fresh.label[i], fresh.n_frames[i] = row.mask, row.label, row.n_frames
                     fresh.size[i], fresh.mtime_ns[i] = row.size, row.mtime_ns
+                    fresh.time[i], fresh.duration[i], fresh.fps[i] = row.times, row.duration, row.fps
                     yield row.features
 
             # parts of at most PART_BYTES, each built in memory (see _h5_create): HDF5 never meets a full disk

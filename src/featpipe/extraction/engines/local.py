@@ -12,7 +12,7 @@ import numpy as np
 
 from featpipe.backbones.frame_source import FrameSource, frame_source
 from featpipe.backbones.registry import Backbone
-from featpipe.cache.schema import ClipRecord
+from featpipe.cache.schema import ClipRecord, padded_times
 from featpipe.cache.writer import CacheWriter
 from featpipe.extraction.engines.base import Work
 from featpipe.extraction.options import ExtractOptions
@@ -68,7 +68,17 @@ def clip_record(done: Embedded, label: int, dtype: np.dtype) -> ClipRecord:
     clip = done.windows[0]
     feats = done.features[0].astype(dtype)  # raw frames: exact in float32 and back
     check_clip_finite(rec.video, feats, clip.mask, dtype)
-    return ClipRecord(rec.video, label, rec.split, clip.n_frames, feats, clip.mask)
+    return ClipRecord(
+        rec.video,
+        label,
+        rec.split,
+        clip.n_frames,
+        feats,
+        clip.mask,
+        times=padded_times(clip.times, len(clip.mask)),
+        duration=float(clip.duration),
+        fps=float(clip.fps),
+    )
 
 
 ENGINE = LocalEngine()

@@ -37,7 +37,7 @@ import numpy as np
 from featpipe.backbones.frame_source import FrameSource, auto_batch_size, frame_source
 from featpipe.backbones.registry import RAW_FINGERPRINT, WEIGHTS_NONE, Backbone, check_precision
 from featpipe.backbones.weights import build_model, fingerprint, weights_label
-from featpipe.cache.schema import ClipRecord
+from featpipe.cache.schema import ClipRecord, padded_times
 from featpipe.cache.writer import CacheWriter
 from featpipe.errors import BackboneError, ExtractionFailed, FeatpipeError
 from featpipe.extraction.engines.base import Work
@@ -193,6 +193,8 @@ def decode_batch(
     mask = np.zeros((n, frames), bool)
     n_frames = np.zeros(n, np.int64)
     damaged_from = np.full(n, -1, np.int64)  # -1: a whole clip (see ClipFrames.damaged_from)
+    time = np.full((n, frames), np.nan, np.float32)  # as ClipRecord.times: NaN on padding
+    duration, fps = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
     error = np.full(n, "", dtype=object)
     for i, path in enumerate(batch["path"]):
         try:
@@ -201,6 +203,7 @@ def decode_batch(
             error[i] = str(exc) or type(exc).__name__
             continue
         out_frames[i], mask[i], n_frames[i] = clip.frames, clip.mask, clip.n_frames
+        time[i], duration[i], fps[i] = padded_times(clip.times, frames), clip.duration, clip.fps
         if clip.damaged_from is not None:
             damaged_from[i] = clip.damaged_from
     return {
@@ -211,6 +214,9 @@ def decode_batch(
         "mask": mask,
         "n_frames": n_frames,
         "damaged_from": damaged_from,
+        "time": time,
+        "duration": duration,
+        "fps": fps,
         "error": error,
     }
 
@@ -277,6 +283,9 @@ class ClipEmbedder:
             "mask": batch["mask"],
             "n_frames": batch["n_frames"],
             "damaged_from": batch["damaged_from"],
+            "time": batch["time"],
+            "duration": batch["duration"],
+            "fps": batch["fps"],
             "error": batch["error"],
             "features": feats,
             "fatal": np.full(n, fatal, dtype=object),
@@ -380,7 +389,8 @@ def consume(ds, sink, dtype, fingerprint: str | Callable[[], str], keras_version
                 mask = np.asarray(row["mask"], bool)
                 feats = np.asarray(row["features"], dtype)
                 check_clip_finite(key, feats, mask, dtype)
-                sink.put(ClipRecord(key, label, split, int(row["n_frames"]), feats, mask))
+                timing = dict(times=np.asarray(row["time"], np.float32), duration=row["duration"], fps=row["fps"])
+                sink.put(ClipRecord(key, label, split, int(row["n_frames"]), feats, mask, **timing))
                 stats.clips += 1
                 stats.frames += int(mask.sum())
                 stats.infer_seconds += float(row["infer_seconds"])
