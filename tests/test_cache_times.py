@@ -95,6 +95,20 @@ def test_extract_stores_each_kept_frames_time_and_the_clips_duration_and_fps(tmp
     assert "clips 0.3 / 0.4 / 1.0 s long (min / median / max), 10 to 25 fps; frame times: recorded" in shown
 
 
+@pytest.mark.parametrize("decoder", ["auto", "opencv"])
+def test_extract_by_time_on_a_10_s_clip_stores_20_frame_times_half_a_second_apart(tmp_path, decoder):
+    data = tmp_path / "data"
+    write_video(data / "grow" / "ten seconds.mp4", 100, 32, 32, fps=10)
+    write_video(data / "shrink" / "one second.mp4", 10, 32, 32, fps=10)  # 2 frames at 2 fps, then padding
+    out = tmp_path / "c.h5"
+    extract(data=data, output=out, backbone="raw", size=16, frames=20, fps=2, decoder=decoder, quiet=True)
+    got = timing(out)
+    np.testing.assert_allclose(got["grow/ten seconds.mp4"][0], np.arange(20) * 0.5, atol=1e-5)
+    assert got["grow/ten seconds.mp4"][1:] == pytest.approx((10.0, 10.0))
+    np.testing.assert_allclose(got["shrink/one second.mp4"][0][:2], [0.0, 0.5], atol=1e-5)
+    assert np.isnan(got["shrink/one second.mp4"][0][2:]).all()
+
+
 def test_the_ray_engines_decode_embed_and_driver_steps_carry_the_frame_times(tmp_path):
     """The ray engine's UDFs and driver loop, run here without Ray (a batch handed from one to the next)."""
     from featpipe.extraction.engines.ray import ClipEmbedder, consume, decode_batch

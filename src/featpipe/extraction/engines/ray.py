@@ -194,7 +194,7 @@ def decode_batch(
     n_frames = np.zeros(n, np.int64)
     damaged_from = np.full(n, -1, np.int64)  # -1: a whole clip (see ClipFrames.damaged_from)
     time = np.full((n, frames), np.nan, np.float32)  # as ClipRecord.times: NaN on padding
-    duration, fps = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+    duration, rate = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)  # rate: the container's fps
     error = np.full(n, "", dtype=object)
     for i, path in enumerate(batch["path"]):
         try:
@@ -203,7 +203,7 @@ def decode_batch(
             error[i] = str(exc) or type(exc).__name__
             continue
         out_frames[i], mask[i], n_frames[i] = clip.frames, clip.mask, clip.n_frames
-        time[i], duration[i], fps[i] = padded_times(clip.times, frames), clip.duration, clip.fps
+        time[i], duration[i], rate[i] = padded_times(clip.times, frames), clip.duration, clip.fps
         if clip.damaged_from is not None:
             damaged_from[i] = clip.damaged_from
     return {
@@ -216,7 +216,7 @@ def decode_batch(
         "damaged_from": damaged_from,
         "time": time,
         "duration": duration,
-        "fps": fps,
+        "fps": rate,
         "error": error,
     }
 
