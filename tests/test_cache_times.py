@@ -21,7 +21,7 @@ from featpipe.cache.reader import RowReader, frame_times, open_h5, summarize
 from featpipe.cache.schema import SCHEMA_VERSION, journal_path
 from featpipe.cache.shards import compact_cache, merge_shards, shard_of, shard_path
 from featpipe.cache.writer import CacheWriter
-from featpipe.errors import DamagedCacheError
+from featpipe.errors import CacheError, DamagedCacheError
 from featpipe.extraction.extract import extract
 from featpipe.video.decode import read_clip
 from videos import write_video
@@ -254,3 +254,14 @@ def test_verify_names_a_clip_whose_frame_times_do_not_fit_its_mask(tmp_path):
         f["time"][1, T - 1] = 9.0  # a time on padding
     with pytest.raises(DamagedCacheError, match=r"frame times of clip 'train/a/clip1\.mp4'.*do not match"):
         featpipe.info(path, verify=True)
+
+
+def test_a_version_4_cache_that_lost_its_time_columns_is_refused_as_incomplete(tmp_path):
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, CONFIG)
+    w.append(timed(0))
+    w.finalize()
+    with h5py.File(path, "a") as f:
+        del f["time"], f["duration"], f["fps"]
+    with pytest.raises(CacheError, match="incomplete featpipe cache: it lacks time, duration, fps"):
+        featpipe.info(path)
