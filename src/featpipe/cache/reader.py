@@ -280,7 +280,8 @@ class RowReader:
         self.split = f["split"].asstr()
         self.ident = (f["size"], f["mtime_ns"]) if "size" in f and "mtime_ns" in f else None
         self.mask_crc = f[MASK_CRC][()] if MASK_CRC in f else None
-        self.timing = (f["time"], f["duration"], f["fps"]) if "time" in f and "duration" in f and "fps" in f else None
+        # small columns read whole (N x T float32): not three HDF5 reads per row; NaN in caches before version 4
+        self.time, self.duration, self.fps = read_times(f)
 
     def __call__(self, row: int) -> Row:
         size, mtime_ns = (int(self.ident[0][row]), int(self.ident[1][row])) if self.ident else (UNKNOWN, UNKNOWN)
@@ -293,10 +294,6 @@ class RowReader:
         if len(mask_damage(mask[None], None if self.mask_crc is None else self.mask_crc[row : row + 1])):
             video = self.file["video"].asstr()[row]
             raise DamagedCacheError(damaged_message(self.file.filename, [video], what="frame mask"))
-        times, duration, fps = None, float("nan"), float("nan")
-        if self.timing is not None:
-            times = np.asarray(self.timing[0][row], dtype=np.float32)
-            duration, fps = float(self.timing[1][row]), float(self.timing[2][row])
         return Row(
             features,
             mask,
@@ -305,9 +302,9 @@ class RowReader:
             int(self.n_frames[row]),
             size,
             mtime_ns,
-            times,
-            duration,
-            fps,
+            self.time[row],
+            float(self.duration[row]),
+            float(self.fps[row]),
         )
 
 
