@@ -58,6 +58,9 @@ def test_fps_sampling_is_recorded_and_predict_reproduces_it(fps_run):
     for t, p in zip(labels, preds):
         cm[t, names.index(p.top[0][0])] += 1
     assert cm.tolist() == metrics["confusion_matrix"]
+    durations = [read_clip(root / "data" / v, 1, 8).duration for v in videos]
+    assert metrics["video_seconds"] == pytest.approx(sum(durations), abs=1e-2)  # evaluate reports the cache's times
+    assert metrics["video_seconds_clips"] == len(videos)
     # the frames predict reads are the ones extract took, by time: the same features as in the cache
     pred = Predictor(tr.run_dir)
     with h5py.File(ex.cache, "r") as f:

@@ -56,6 +56,12 @@ def evaluate_cmd(
         typer.echo(json.dumps(metrics, allow_nan=False))
     else:
         typer.echo(f"{metrics['run']} on the {split} split of {metrics['cache']}")
+        if metrics.get("video_seconds") is not None:
+            known = metrics["video_seconds_clips"]
+            of = "" if known == metrics["n"] else f" (known for {known} of {metrics['n']} clips)"
+            seconds = metrics["video_seconds"]
+            length = f"{seconds:.0f} seconds" if seconds < 120 else f"{seconds / 60:.1f} minutes"
+            typer.echo(f"{metrics['n']} clips, {length} of video{of}")
         typer.echo(format_report(metrics))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featpipe.cache.schema import APPEND_KEYS, CacheConfig
+from featpipe.cache.schema import APPEND_KEYS, CacheConfig, read_times
 from featpipe.errors import CacheError, FeatpipeError, RunWarning
 from featpipe.options import check_int
 from featpipe.runs.rundir import RunInfo, cache_change_warning, load_run, overlap_with_training
@@ -82,4 +82,12 @@ def _evaluate(run_dir, info, model, index, cache_path: Path, split: str, batch_s
         )
     metrics = compute_metrics(index.labels[rows], probs, index.class_names)
     metrics.update(split=split, run=str(run_dir), cache=str(cache_path), warnings=notes)
+    with index.opened() as f:
+        durations = read_times(f, rows)[1]
+    recorded = np.isfinite(durations)
+    # seconds of video evaluated (None: the cache predates frame times), and over how many clips it is known
+    metrics.update(
+        video_seconds=round(float(durations[recorded].sum()), 3) if recorded.any() else None,
+        video_seconds_clips=int(recorded.sum()),
+    )
     return metrics
