@@ -240,3 +240,25 @@ def test_count_windows_are_unchanged(clips):
     assert [w.indices.tolist() for w in a] == [[0, 10, 19, 29], [30, 40, 49, 59], [60, 70, 79, 89]]
     for x, y in zip(a, b):
         _same(x, y)
+
+
+def test_a_rotated_stream_is_read_as_the_sequential_reader_rotates_it(tmp_path):
+    import av
+
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=15)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.set_display_rotation(90)  # as phones record portrait video
+        for i in range(30):
+            rgb = np.ascontiguousarray(
+                np.roll(np.arange(96, dtype=np.uint8) * 2, i)[None, :, None].repeat(64, 0).repeat(3, 2)
+            )
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    clip = read_clip(path, 8, 32)
+    reference = read_clip(path, 8, 32, decoder="opencv")
+    assert (reference.width, reference.height) == (64, 96)  # OpenCV applies the rotation
+    _same(clip, reference)
