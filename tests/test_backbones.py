@@ -141,6 +141,7 @@ def test_random_weights_are_the_same_for_the_same_seed_and_differ_for_another():
     assert a1 != other
 
 
+@pytest.mark.slow
 def test_random_weights_are_the_same_in_a_fresh_process():
     code = (
         "from featpipe.backbones.registry import get_backbone; "
@@ -152,6 +153,7 @@ def test_random_weights_are_the_same_in_a_fresh_process():
     assert out.splitlines()[-1] == here
 
 
+@pytest.mark.slow
 def test_random_weights_do_not_depend_on_the_blas_thread_count():
     """Ray starts its workers with OMP_NUM_THREADS=1: their network must be the driver's, whatever its cores."""
     code = (

@@ -1,10 +1,10 @@
 """End to end under every Keras backend, through the real command line in fresh processes.
 
 sample-data -> extract -> train -> evaluate -> predict at small sizes. The backends come from
-FEATPIPE_TEST_BACKENDS (comma-separated), else KERAS_BACKEND, else tensorflow: `make test` runs
-the flow under TensorFlow, `make test-backends` under tensorflow, torch and jax, and then also
+FEATPIPE_TEST_BACKENDS (comma-separated), else KERAS_BACKEND, else tensorflow. The tests are marked
+``backends``: `make test-backends` (and CI) runs them under tensorflow, torch and jax, and then also
 CROSSES them: a cache written under one backend is trained under the next, and that run
-evaluates and predicts under the one after.
+evaluates and predicts under the one after. `make test` and `make test-slow` leave them to it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 
 from featpipe.video.sample_data import write_sample_data
+
+pytestmark = pytest.mark.backends
 
 BACKENDS = [
     b.strip()

@@ -142,6 +142,7 @@ def test_sample_data_refuses_a_foreign_folder(tmp_path):
     assert (tmp_path / "mine" / "thesis.txt").exists()
 
 
+@pytest.mark.slow
 def test_shards_merge_into_a_cache_that_trains_and_evaluates(sample, tmp_path):
     cache = tmp_path / "cache"
     merged = cache / "vgg16.h5"
@@ -236,6 +237,7 @@ def featpipe_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_print_nothing_on_stderr(tiny_run, sample):
     """TensorFlow's absl / oneDNN / cuda-driver / cuInit / DT_BOOL lines are hidden by default."""
     evaluated = featpipe_cli("evaluate", str(tiny_run), "--split", "test")

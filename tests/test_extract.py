@@ -728,6 +728,7 @@ def test_the_old_cache_flag_still_names_the_folder_with_a_deprecation_note(tmp_p
 # ----------------------------------------------------------------------------- signals, full disks, read-only media
 
 
+@pytest.mark.slow
 def test_sigterm_folds_the_journal_into_the_cache_and_exits_143_then_resume_finishes(sample, tmp_path):
     out = tmp_path / "c.h5"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

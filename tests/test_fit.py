@@ -19,6 +19,7 @@ from featpipe.training.train import train
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_a_small_train_split_is_refit_on_train_and_val_for_the_chosen_epochs(tmp_path):
     cache = synthetic_cache(tmp_path / "c.h5", classes=("a", "b"), n=36)  # 6 train clips per class: refit by default
     result = train(cache=cache, rnn="gru", out=tmp_path / "r", epochs=6, patience=2, quiet=True)
@@ -44,6 +45,7 @@ def test_a_small_train_split_is_refit_on_train_and_val_for_the_chosen_epochs(tmp
     assert again.metrics["test"] == result.metrics["test"], "same seed, same refit model"
 
 
+@pytest.mark.slow
 def test_refit_is_off_from_50_train_clips_per_class_and_can_be_forced_either_way(tmp_path):
     from featpipe.training.fit import refit_wanted
     from featpipe.training.inputs import open_index

@@ -94,6 +94,7 @@ def test_standardisation_is_adapted_on_real_train_frames_only(small_cache, tmp_p
     )
 
 
+@pytest.mark.slow
 def test_same_seed_same_cache_gives_the_same_metrics(small_cache, tmp_path):
     a = train(cache=small_cache, rnn="lstm", out=tmp_path / "a", seed=5, **FAST)
     b = train(cache=small_cache, rnn="lstm", out=tmp_path / "b", seed=5, **FAST)
@@ -124,6 +125,7 @@ def test_balanced_class_weight_trains_on_imbalanced_data(tmp_path):
     assert json.loads((result.run_dir / "run.json").read_text())["config"]["class_weight"] == "balanced"
 
 
+@pytest.mark.slow
 def test_a_raw_frame_cache_is_told_by_its_backbone_and_trains_the_image_head_without_feature_statistics(tmp_path):
     """The raw entry's cache (uint8 frames, no network) is recognised by the registry's raw flag."""
     size, t = 8, 3
@@ -257,6 +259,7 @@ def test_ctrl_c_or_sigterm_keeps_the_best_checkpoint_and_writes_the_run_director
     assert _temp_dirs(run) == []
 
 
+@pytest.mark.slow
 def test_a_signal_before_the_first_epoch_writes_nothing_and_keeps_the_old_run(tmp_path):
     """Ctrl-C before an epoch ended once left a new run.json beside the old model.keras."""
     old = train(cache=synthetic_cache(tmp_path / "small.h5"), rnn="mean", out=tmp_path / "run", epochs=1, quiet=True)
@@ -457,12 +460,14 @@ def quality_cache(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["gru", "lstm"])
 def test_recurrent_heads_reach_095_test_accuracy_on_the_sample_data(quality_cache, tmp_path, head):
     result = train(cache=quality_cache, rnn=head, out=tmp_path / head, quiet=True)
     assert result.metrics["test"]["accuracy"] >= 0.95
 
 
+@pytest.mark.slow
 def test_the_order_blind_mean_head_stays_at_chance_on_order_only_pairs(quality_cache, tmp_path):
     """mean can tell the colour pair from the size pair, never the direction inside a pair."""
     result = train(cache=quality_cache, rnn="mean", out=tmp_path / "mean", quiet=True)

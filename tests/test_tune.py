@@ -38,6 +38,7 @@ def _finished(db: Path) -> list[int]:
     return sorted(int(n) for (n,) in rows)
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_finished_trials_and_the_same_command_resumes_then_retrains_the_best(tmp_path):
     cache = tiny_cache(tmp_path / "c.h5")
     out, models = tmp_path / "tune", tmp_path / "models"
@@ -123,6 +124,7 @@ def hard_results(hard_cache, tmp_path_factory):
     return {**results, "linear probe": linear_probe(hard_cache)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["gru", "lstm"])
 def test_default_recurrent_heads_learn_the_hard_set_from_20_clips_per_class_as_well_as_the_baselines(
     hard_results, head
@@ -133,6 +135,7 @@ def test_default_recurrent_heads_learn_the_hard_set_from_20_clips_per_class_as_w
     assert accuracy >= best - 0.03, {name: r["accuracy"] for name, r in hard_results.items()}
 
 
+@pytest.mark.slow
 def test_the_order_blind_mean_head_stays_at_chance_inside_the_reversed_pairs_of_the_hard_set(hard_results):
     metrics = hard_results["mean"]
     cm, names = np.array(metrics["confusion_matrix"]), metrics["class_names"]
@@ -142,6 +145,7 @@ def test_the_order_blind_mean_head_stays_at_chance_inside_the_reversed_pairs_of_
         assert 0.2 <= np.trace(within) / within.sum() <= 0.8, (a, b, within)
 
 
+@pytest.mark.slow
 def test_tunes_retrained_best_is_as_good_on_test_as_the_default_heads_it_searched_from(
     hard_cache, hard_results, tmp_path
 ):
