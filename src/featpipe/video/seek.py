@@ -28,6 +28,7 @@ colour-conversion rounding. Memory is the kept frames plus one integer per frame
 from __future__ import annotations
 
 import os
+from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
@@ -50,18 +51,18 @@ def _index_table(stream, path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     entries = stream.index_entries
     if len(entries) != count:
         return None
-    ts = np.fromiter((e.timestamp for e in entries), np.int64, count)
-    if any(e.is_discard for e in entries):
+    # one pass over the entries (each is a Python object: on a 10-minute clip this pass is most of the cost)
+    rows = np.array(list(map(attrgetter("timestamp", "is_keyframe", "is_discard", "pos", "size"), entries)), np.int64)
+    ts = rows[:, 0]
+    if rows[:, 2].any():
         return None
-    end = max(e.pos + e.size for e in entries)
-    if end > os.path.getsize(path):  # truncated: the index promises bytes the file does not have
+    if int((rows[:, 3] + rows[:, 4]).max()) > os.path.getsize(path):  # truncated: the index promises missing bytes
         raise Unreliable("the file is shorter than its index")
     steps = np.diff(np.sort(ts))
     if count > 1 and (steps[0] <= 0 or np.any(steps != steps[0])):
         return None  # variable frame rate (or duplicate times): learn the exact times by demuxing
     step = int(steps[0]) if count > 1 else 1
-    keys = np.fromiter((e.is_keyframe for e in entries), bool, count)
-    key_offsets = np.sort(ts[keys] - ts.min())
+    key_offsets = np.sort(ts[rows[:, 1].astype(bool)] - ts.min())
     return np.arange(count, dtype=np.int64) * step, key_offsets
 
 
@@ -100,6 +101,8 @@ class _Decoder:
         frame = self._next()
         if frame is None:
             raise Unreliable("no frame decoded")
+        if getattr(frame, "rotation", 0):  # a stream property, carried by every frame: checked once
+            raise Unreliable("a rotated stream")  # the sequential reader applies the rotation
         return frame
 
     def _next(self):
@@ -111,8 +114,6 @@ class _Decoder:
             raise Unreliable("a frame without a presentation time")
         if self.last is not None and frame.pts <= self.last:
             raise Unreliable("frames out of order")
-        if getattr(frame, "rotation", 0):
-            raise Unreliable("a rotated stream")  # the sequential reader applies the rotation
         self.last = frame.pts
         return frame
 
