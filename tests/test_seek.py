@@ -262,3 +262,9 @@ def test_a_rotated_stream_is_read_as_the_sequential_reader_rotates_it(tmp_path):
     reference = read_clip(path, 8, 32, decoder="opencv")
     assert (reference.width, reference.height) == (64, 96)  # OpenCV applies the rotation
     _same(clip, reference)
+
+
+@pytest.mark.parametrize("frames", [2.5, 0, -3, True])
+def test_a_frame_count_that_is_not_a_positive_integer_is_refused_not_rounded(clips, frames):
+    with pytest.raises(ValueError, match="frames must be a positive integer"):
+        read_clip(clips["h264.mp4"], frames, 32)

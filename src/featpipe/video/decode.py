@@ -350,7 +350,7 @@ def read_clip(
     frame in order); all give the same frames. Raises :class:`VideoError`, naming the file, when the
     clip cannot be read; ``ValueError`` on bad arguments.
     """
-    return read_planned(path, Plan(int(frames), sampling, fps), size, decoder)[0]
+    return read_planned(path, Plan(frames, sampling, fps), size, decoder)[0]
 
 
 def read_windows(
@@ -368,7 +368,7 @@ def read_windows(
     Each window is a :class:`ClipFrames` of ``frames`` frames sampled inside its segment (``n_frames``
     is the whole clip's count). ``windows=1`` equals :func:`read_clip`.
     """
-    return read_planned(path, Plan(int(frames), sampling, fps, windows=windows), size, decoder)
+    return read_planned(path, Plan(frames, sampling, fps, windows=windows), size, decoder)
 
 
 def read_timeline(
@@ -383,7 +383,7 @@ def read_timeline(
 ) -> list[ClipFrames]:
     """Decode consecutive windows ``[0, S), [S, 2S), ...`` (``S = seconds``) of a clip, each sampled the
     way a whole clip is; window ``w`` starts at ``w * seconds``. Every frame needed is read once."""
-    return read_planned(path, Plan(int(frames), sampling, fps, seconds=seconds), size, decoder)
+    return read_planned(path, Plan(frames, sampling, fps, seconds=seconds), size, decoder)
 
 
 def read_planned(path: str | Path, plan: Plan, size: int, decoder: str = "auto") -> list[ClipFrames]:
