@@ -28,6 +28,7 @@ from featpipe.backbones.registry import (
     get_backbone,
 )
 from featpipe.backbones.weights import build_model, fingerprint, weights_label
+from featpipe.errors import BackboneError
 from featpipe.runtime.devices import current_device
 from featpipe.runtime.keras_import import import_keras
 
@@ -108,7 +109,7 @@ def _inference_model(backbone: Backbone, size: int, model, precision: str, jit_c
     frames = keras.Input((size, size, 3), dtype="uint8", name="frames")
     x = backbone.preprocess_input(keras.ops.cast(frames, "float32"))
     features = keras.ops.cast(net(x, training=False), "float32")
-    wrapped = keras.Model(frames, features, name=f"{backbone.name}_features")
+    wrapped = keras.Model(frames, features, name=f"{backbone.file_stem}_features")
     wrapped.compile(jit_compile=jit_compile)
     return wrapped
 
@@ -150,13 +151,18 @@ class FeatureExtractor:
     ):
         self.backbone = _entry(backbone)
         self.size = check_size(self.backbone, size or self.backbone.default_size)
-        self.weights = weights_label(weights)
+        self.weights = weights_label(weights, self.backbone)
         self.seed = seed
         self.precision = check_precision(precision)
         self._auto_batch = batch_size is None
         model = build_model(self.backbone, self.size, self.weights, seed)
         self.fingerprint = fingerprint(model)
         self.feature_shape: tuple[int, ...] = (self.backbone.feature_dim,)
+        if self.backbone.load is not None and int(model.output.shape[-1]) != self.backbone.feature_dim:
+            raise BackboneError(
+                f"{self.backbone.name} gives {model.output.shape[-1]}-d features, not the {self.backbone.feature_dim} "
+                "its entry declares; check the weights or preset folder passed."
+            )
         device = current_device()
         self.batch_size = int(batch_size or auto_batch_size(model, device, self.precision))
         self.jit_compile = True if device.accelerator else "auto"

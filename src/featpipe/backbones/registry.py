@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from featpipe.backbones.hub import HUB_PREFIX, NAMED, folder_spec
 from featpipe.errors import BackboneError
 from featpipe.names import PRECISIONS
 from featpipe.runtime.keras_import import import_keras
@@ -81,10 +82,24 @@ class Backbone:
     feature_dim: int  # length of the pooled feature vector
     min_size: int = 32  # smallest input the network accepts
     raw: bool = False  # True for the "raw" entry: no network, the frames themselves are stored
+    # load(weights label, seed) -> the feature network with those weights, where the entry loads its weights
+    # itself (keras-hub presets: "none", "imagenet" = the preset's pretrained weights, or a preset folder);
+    # None: build() and featpipe's own weights handling (featpipe.backbones.weights.build_model)
+    load: Callable[[str, int], Any] | None = None
+    extra: str | None = None  # the optional extra the entry needs installed ("hub": keras-hub), None for none
+    default_weights: str | None = None  # what --weights imagenet (the default) means for it, if not that
 
     def __post_init__(self):
         if not self.raw and (self.build is None or self.preprocess_input is None):
             raise BackboneError(f"Backbone '{self.name}' needs a build function and a preprocess_input.")
+
+    @property
+    def file_stem(self) -> str:
+        """The name as a file name and Keras model name: ``hub:DIR`` entries are ``hub-<folder name>``."""
+        if self.name.startswith(HUB_PREFIX):
+            folder = self.name[len(HUB_PREFIX) :].rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+            return "hub-" + ("".join(c if c.isalnum() or c in "-_." else "_" for c in folder) or "preset")
+        return self.name
 
     def preprocess(self, frames: np.ndarray) -> np.ndarray:
         """uint8 RGB (B, H, W, 3) -> float32 input exactly as this backbone expects it."""
@@ -112,6 +127,29 @@ _EFFICIENTNET = {  # variant: (native size, feature dim), from keras.application
     7: (600, 2560),
 }
 
+
+def _hub(name: str) -> Backbone:
+    """A named keras-hub entry (featpipe.backbones.hub.NAMED): needs the hub extra."""
+    model, converter, dim = NAMED[name]
+    return Backbone(name, model.build, converter, converter.image_size[0], dim, load=model.load, extra="hub")
+
+
+def hub_folder_backbone(folder: str) -> Backbone:
+    """The entry for ``--backbone hub:DIR``: the keras-hub preset folder DIR (its weights are the default)."""
+    model, converter, dim = folder_spec(folder)
+    return Backbone(
+        HUB_PREFIX + model.folder,
+        model.build,
+        converter,
+        converter.image_size[0],
+        dim,
+        min_size=min(32, converter.image_size[0]),  # frames of any size: the converter resizes them
+        load=model.load,
+        extra="hub",
+        default_weights=model.folder,
+    )
+
+
 REGISTRY: dict[str, Backbone] = {
     "inceptionv3": _application("inceptionv3", "inception_v3", "InceptionV3", 299, 2048, min_size=75),
     **{
@@ -120,6 +158,9 @@ REGISTRY: dict[str, Backbone] = {
     },
     "vgg16": _application("vgg16", "vgg16", "VGG16", 224, 512),
     "resnet50": _application("resnet50", "resnet50", "ResNet50", 224, 2048),
+    # Foundation models from keras-hub (the hub extra): image embeddings in CLIP's and SigLIP's joint
+    # image-text spaces, DINOv2's CLS token (featpipe.backbones.hub)
+    **{name: _hub(name) for name in NAMED},
     # Not a CNN: stores the sampled uint8 frames (size x size x 3) for end-to-end models (cnn-lstm).
     "raw": Backbone("raw", None, None, 64, 0, min_size=8, raw=True),
 }
@@ -151,10 +192,15 @@ def is_raw(name: str) -> bool:
 
 
 def get_backbone(name: str) -> Backbone:
-    """Look up a backbone by name (case-insensitive)."""
+    """Look up a backbone by name (case-insensitive), or ``hub:DIR`` for a local keras-hub preset folder."""
+    if name.strip().lower().startswith(HUB_PREFIX):
+        return hub_folder_backbone(name.strip()[len(HUB_PREFIX) :])
     key = name.strip().lower()
     if key not in REGISTRY:
-        raise BackboneError(f"Unknown backbone '{name}'. Choose one of: {', '.join(REGISTRY)}.")
+        raise BackboneError(
+            f"Unknown backbone '{name}'. Choose one of: {', '.join(REGISTRY)}; "
+            "or hub:DIR for a keras-hub preset folder."
+        )
     return REGISTRY[key]
 
 

@@ -33,7 +33,6 @@ def choices(name: str, values) -> type[Enum]:
     return Enum(name, {value.replace("-", "_"): value for value in values}, type=str)
 
 
-BackboneName = Enum("BackboneName", {name: name for name in REGISTRY}, type=str)
 Sampling = choices("Sampling", SAMPLING)
 Decoder = choices("Decoder", DECODERS)
 Precision = choices("Precision", PRECISIONS)
@@ -46,7 +45,9 @@ CV = choices("CV", CV_MODES)
 
 
 BACKBONE_HELP = (
-    f"Frozen ImageNet CNN: {', '.join(n for n, b in REGISTRY.items() if not b.raw)}; "
+    f"Frozen ImageNet CNN: {', '.join(n for n, b in REGISTRY.items() if not b.raw and not b.extra)}; "
+    f'foundation model (needs pip install "featpipe[hub]"): {", ".join(n for n, b in REGISTRY.items() if b.extra)}, '
+    f"or hub:DIR (a local keras-hub preset folder); "
     f"or {', '.join(n for n, b in REGISTRY.items() if b.raw)} (the frames themselves, for cnn-lstm)."
 )
 DECODER_HELP = (

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from featpipe.backbones.hub import INSTALL as HUB_INSTALL
+from featpipe.backbones.hub import hub_installed
 from featpipe.backbones.registry import WEIGHTS_IMAGENET, get_backbone
 from featpipe.cache.shards import parse_shard
 from featpipe.errors import FeatpipeError, OptionError
@@ -94,6 +96,11 @@ class ExtractOptions:
         if not isinstance(self.backbone, str):
             raise OptionError("backbone", f"must be a backbone name, got {self.backbone!r}.")
         backbone = get_backbone(self.backbone)
+        if backbone.extra == "hub" and not hub_installed():
+            raise OptionError(
+                "backbone",
+                f"{backbone.name} needs keras-hub, which is not installed: run {HUB_INSTALL}.",
+            )
         if self.output is None:  # the cache goes into cache_dir (with output given, cache_dir is not used)
             check_dir_option("cache_dir", self.cache_dir)
         check_file_option("output", self.output, optional=True)

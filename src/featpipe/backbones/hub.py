@@ -1,0 +1,413 @@
+"""Foundation backbones from keras-hub (CLIP, SigLIP 2, DINOv2) and local keras-hub preset folders.
+
+Needs the ``hub`` extra (``pip install "featpipe[hub]"``: keras-hub and tensorflow-text). Importing this
+module imports neither Keras nor keras-hub: :class:`HubModel` and :class:`ImageConverterSpec` are plain
+frozen dataclasses (they pickle, like every registry entry) that import keras-hub when a network is built.
+
+What the feature of each family is (one vector per frame):
+
+* ``clip``: the image embedding in CLIP's joint image-text space (the class token after the vision
+  encoder's final layer norm, through ``vision_projection``): what CLIP compares with text embeddings;
+* ``siglip``: the vision encoder's pooled output (its attention-pooling head), SigLIP's joint space;
+* ``dinov2``: the CLS token after the final layer norm. Patch tokens are not concatenated: the CLS token
+  alone is what the DINOv2 paper's linear probes on video start from, and it keeps 768-d features.
+
+``--weights``: ``imagenet`` (the default; for these backbones it means the preset's pretrained weights,
+downloaded once by keras-hub), ``none`` (the same architecture from the hyper-parameters shipped here or
+read from the folder's ``config.json``, with a deterministic random init: no download, no keras-hub
+preset needed) or a local preset folder (``config.json``, ``model.weights.h5``, as keras-hub's
+``save_to_preset`` writes it and a downloaded preset is).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featpipe.errors import BackboneError
+
+INSTALL = 'pip install "featpipe[hub]"'
+HUB_PREFIX = "hub:"  # --backbone hub:DIR, a local keras-hub preset folder
+FAMILIES = {"CLIPBackbone": "clip", "SigLIPBackbone": "siglip", "DINOV2Backbone": "dinov2"}
+_RANDOM_STD = 0.02  # the ViT init keras-hub's and the papers' configs use (truncated normal, std 0.02)
+
+
+def import_keras_hub(what: str = "This backbone"):
+    """keras-hub, or a BackboneError saying in one sentence which install command is missing."""
+    from featpipe.runtime.keras_import import import_keras
+
+    import_keras()
+    try:
+        import keras_hub
+    except ImportError as exc:
+        raise BackboneError(f"{what} needs keras-hub, which is not installed: run {INSTALL}.") from exc
+    return keras_hub
+
+
+def hub_installed() -> bool:
+    """Whether keras-hub can be imported (without importing it; ``sys.modules["keras_hub"] = None`` says no)."""
+    import importlib.util
+    import sys
+
+    if "keras_hub" in sys.modules:
+        return sys.modules["keras_hub"] is not None
+    return importlib.util.find_spec("keras_hub") is not None
+
+
+@dataclass(frozen=True)
+class ImageConverterSpec:
+    """A preset's image converter (keras-hub's ``ImageConverter`` config): resize to ``image_size``
+    (``crop_to_aspect_ratio``: centre crop first; ``interpolation``, ``antialias``), then ``x * scale + offset``
+    per channel. Frames reach it as float32 RGB in [0, 255]; it runs on NumPy arrays and inside the graph."""
+
+    image_size: tuple[int, int]
+    scale: tuple[float, ...]
+    offset: tuple[float, ...]
+    interpolation: str = "bilinear"
+    antialias: bool = False
+    crop_to_aspect_ratio: bool = True
+
+    @classmethod
+    def from_config(cls, config: dict) -> ImageConverterSpec:
+        size = config.get("image_size")
+        if not size:
+            raise BackboneError("The preset's image converter has no image_size; featpipe needs a fixed input size.")
+
+        def per_channel(value, default):
+            value = default if value is None else value
+            return tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value] * 3))
+
+        return cls(
+            (int(size[0]), int(size[1])),
+            per_channel(config.get("scale"), 1.0),
+            per_channel(config.get("offset"), 0.0),
+            str(config.get("interpolation", "bilinear")),
+            bool(config.get("antialias", False)),
+            bool(config.get("crop_to_aspect_ratio", True)),
+        )
+
+    def __call__(self, x):
+        from keras import ops
+
+        if tuple(x.shape[1:3]) != self.image_size:
+            x = ops.image.resize(
+                x,
+                self.image_size,
+                interpolation=self.interpolation,
+                antialias=self.antialias,
+                crop_to_aspect_ratio=self.crop_to_aspect_ratio,
+            )
+        scale = np.asarray(self.scale, np.float32).reshape(1, 1, 1, -1)
+        offset = np.asarray(self.offset, np.float32).reshape(1, 1, 1, -1)
+        return ops.cast(x, "float32") * scale + offset
+
+
+def _clean(config: dict) -> dict:
+    """A layer config as keyword arguments: without the name, trainable flag and dtype policy."""
+    return {k: v for k, v in config.items() if k not in ("name", "trainable", "dtype")}
+
+
+def _tuples(config: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+
+
+@dataclass(frozen=True)
+class HubModel:
+    """How to build one keras-hub family's per-frame feature network.
+
+    ``family``: "clip", "siglip" or "dinov2"; ``preset``: the keras-hub preset name its pretrained weights
+    come from ("" for a folder entry); ``arch``: the architecture's hyper-parameters as JSON (CLIP: the
+    vision encoder's keyword arguments and ``projection_dim``; SigLIP: the vision encoder's; DINOv2: the
+    backbone's); ``folder``: the preset folder of a ``hub:DIR`` entry (its weights are the default).
+    """
+
+    family: str
+    preset: str
+    arch: str
+    folder: str | None = None
+
+    @property
+    def hyper(self) -> dict:
+        return json.loads(self.arch)
+
+    # ---------------------------------------------------------------- building
+    def _feature_model(self, keras_hub, parts: dict | None = None):
+        """The functional (images -> feature) model, from ``parts`` (layers of a loaded preset) or new layers."""
+        import keras
+
+        hyper = self.hyper
+        models = keras_hub.models
+        if self.family == "clip":
+            vision = _tuples(hyper["vision_encoder"])
+            encoder = parts["encoder"] if parts else models.CLIPVisionEncoder(**vision)
+            projection = (
+                parts["projection"]
+                if parts
+                else keras.layers.Dense(hyper["projection_dim"], use_bias=False, name="vision_projection")
+            )
+            images = keras.Input(tuple(vision["image_shape"]), name="images")
+            features = projection(encoder({"images": images})[:, 0, :])  # CLIPVisionPooler: the class token
+        elif self.family == "siglip":
+            vision = _tuples(hyper["vision_encoder"])
+            encoder = parts["encoder"] if parts else models.SigLIPVisionEncoder(**vision)
+            images = keras.Input(tuple(vision["image_shape"]), name="images")
+            features = encoder({"images": images})
+        elif self.family == "dinov2":
+            config = _tuples(hyper)
+            encoder = parts["encoder"] if parts else models.DINOV2Backbone(**config)
+            images = keras.Input(tuple(config["image_shape"]), name="images")
+            features = encoder({"images": images})[:, 0, :]  # the CLS token, after the final layer norm
+        else:
+            raise BackboneError(f"featpipe does not know the keras-hub family '{self.family}'.")
+        return keras.Model(images, features, name=f"{self.family}_frame_features")
+
+    def build(self, weights: str | None, input_shape: tuple[int, int, int]):
+        """The architecture with keras' own random init (``weights`` None); the input is the preset's size
+        (the entry's image converter resizes frames of any --size to it)."""
+        if weights is not None:
+            raise BackboneError(f"build() takes weights None here, got {weights!r}; use load().")
+        return self._feature_model(import_keras_hub())
+
+    def load(self, weights: str, seed: int):
+        """The feature network with ``weights``: "none" (deterministic random), "imagenet" (the preset's
+        pretrained weights, downloaded once by keras-hub) or a local preset folder."""
+        keras_hub = import_keras_hub()
+        if weights == "none":
+            import keras
+
+            keras.utils.set_random_seed(seed)
+            model = self._feature_model(keras_hub)
+            deterministic_hub_init(model, seed)
+            return model
+        source = self.preset if weights == "imagenet" else weights
+        if weights != "imagenet":
+            check_preset_folder(Path(weights))
+        elif not source:
+            raise BackboneError("This keras-hub folder backbone has no named preset; pass --weights none or a folder.")
+        try:
+            full = keras_hub.models.Backbone.from_preset(source)
+        except Exception as exc:  # keras-hub raises plain exceptions for a failed download or a bad folder
+            hint = (
+                f"Without internet, download the preset '{source}' elsewhere, copy its folder here and pass "
+                f"--weights FOLDER, or pass --weights none for a deterministic random network."
+                if weights == "imagenet"
+                else "Pass a folder that keras-hub's save_to_preset wrote (config.json and model.weights.h5)."
+            )
+            raise BackboneError(f"Could not load the keras-hub preset '{source}' ({exc}). {hint}") from exc
+        family = FAMILIES.get(type(full).__name__)
+        if family != self.family:
+            raise BackboneError(
+                f"The preset '{source}' is a {type(full).__name__}, not the {self.family} family this backbone needs."
+            )
+        parts = {"encoder": full if family == "dinov2" else full.vision_encoder}
+        if family == "clip":
+            parts["projection"] = full.vision_projection
+        if not _matches(self.hyper, _arch_from_config(family, full.get_config())):
+            raise BackboneError(
+                f"The preset '{source}' has another architecture than this backbone's "
+                f"({_arch_from_config(family, full.get_config())} is not {self.hyper}); use it as "
+                f"--backbone hub:{source} instead."
+            )
+        model = self._feature_model(keras_hub, parts)
+        return model
+
+
+def deterministic_hub_init(model, seed: int) -> None:
+    """Values that depend on ``seed`` alone, drawn by NumPy in weight order (the same bytes in every process).
+
+    Every float variable that the architecture does not initialise to one constant (layer-norm scales and
+    offsets, zero biases, layer scales and mask tokens keep theirs) is redrawn: kernels from N(0, 1/fan_in)
+    (LeCun), so attention is not uniform and each frame's feature depends on its content; embeddings, class
+    tokens and probes from N(0, 0.02), the ViT init. Integer buffers (position ids) stay.
+    """
+    from keras import ops
+
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        if not str(variable.dtype).startswith("float"):
+            continue
+        value = np.asarray(ops.convert_to_numpy(variable))
+        if value.size and np.all(value == value.flat[0]):
+            continue  # a constant init (ones, zeros, a layer scale): the architecture's own
+        std = _RANDOM_STD
+        if str(variable.path).endswith("kernel") and value.ndim >= 2:
+            std = 1.0 / np.sqrt(_fan_in(value.shape))
+        variable.assign(rng.normal(0.0, std, value.shape).astype(np.float32))
+
+
+def _fan_in(shape: tuple[int, ...]) -> int:
+    """Inputs per output of a kernel: a convolution's (kh, kw, cin, cout) and a dense (in, out) kernel, an
+    attention output projection (heads, head_dim, hidden), or a query/key/value one (hidden, heads, head_dim)."""
+    if len(shape) == 3 and shape[0] * shape[1] != shape[2]:
+        return int(shape[0])
+    return int(np.prod(shape[:-1]))
+
+
+def _arch_from_config(family: str, config: dict) -> dict:
+    """The hyper-parameters :class:`HubModel` builds from, out of a backbone's config (``config.json``'s
+    "config", or ``get_config()`` of a loaded backbone)."""
+    if family == "dinov2":
+        return _clean(config)
+    arch = {"vision_encoder": _clean(config["vision_encoder"]["config"])}
+    if family == "clip":
+        arch["projection_dim"] = int(config["projection_dim"])
+    return arch
+
+
+def _matches(expected, actual) -> bool:
+    """Whether ``actual`` has every value of ``expected`` (lists and tuples alike; extra keys allowed)."""
+    if isinstance(expected, dict):
+        return isinstance(actual, dict) and all(k in actual and _matches(v, actual[k]) for k, v in expected.items())
+    if isinstance(expected, (list, tuple)):
+        return isinstance(actual, (list, tuple)) and list(map(str, expected)) == list(map(str, actual))
+    return expected == actual
+
+
+# ------------------------------------------------------------------------ local preset folders
+
+
+def check_preset_folder(folder: Path) -> Path:
+    if not folder.is_dir():
+        raise BackboneError(
+            f"'{folder}' is not a folder: --weights (and --backbone hub:DIR) take a keras-hub preset folder here."
+        )
+    if not (folder / "config.json").is_file():
+        raise BackboneError(
+            f"'{folder}' has no config.json: it is not a keras-hub preset folder (save_to_preset writes config.json, "
+            "model.weights.h5 and the converter's JSON)."
+        )
+    return folder
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BackboneError(f"Cannot read '{path}' as JSON ({exc}); is this a keras-hub preset folder?") from exc
+
+
+def folder_spec(folder: str | Path) -> tuple[HubModel, ImageConverterSpec, int]:
+    """What a preset folder holds, from its JSON alone (no keras-hub import): the model, its image converter
+    and the feature size."""
+    folder = check_preset_folder(Path(folder).expanduser().resolve())
+    config = _read_json(folder / "config.json")
+    class_name = config.get("class_name", "")
+    family = FAMILIES.get(class_name)
+    if family is None:
+        raise BackboneError(
+            f"The preset in '{folder}' is a {class_name or 'model of unknown class'}; featpipe's hub:DIR takes "
+            f"{', '.join(FAMILIES)} presets for now."
+        )
+    arch = _arch_from_config(family, config.get("config", {}))
+    vision = arch if family == "dinov2" else arch["vision_encoder"]
+    dim = int(arch.get("projection_dim", vision["hidden_dim"]))
+    converter_file = folder / "image_converter.json"
+    if not converter_file.is_file():
+        raise BackboneError(
+            f"'{folder}' has no image_converter.json: featpipe needs the preset's own image converter "
+            "(save it into the folder with the converter's save_to_preset)."
+        )
+    converter = ImageConverterSpec.from_config(_read_json(converter_file).get("config", {}))
+    model = HubModel(family, "", json.dumps(arch, sort_keys=True), str(folder))
+    return model, converter, dim
+
+
+# ------------------------------------------------------------------------ the named presets
+# The architectures of the presets featpipe names, as keras-hub's conversion scripts build them from the
+# original configs (openai/clip-vit-base-patch16, facebook/dinov2-base, google/siglip2-base-patch16-224):
+# `--weights none` builds them with no download. The image converters likewise.
+
+_CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _normalisation(mean, std) -> dict[str, Any]:
+    return {"scale": tuple(1.0 / 255.0 / s for s in std), "offset": tuple(-m / s for m, s in zip(mean, std))}
+
+
+NAMED: dict[str, tuple[HubModel, ImageConverterSpec, int]] = {
+    "clip-b16": (
+        HubModel(
+            "clip",
+            "clip_vit_base_patch16",
+            json.dumps(
+                {
+                    "vision_encoder": {
+                        "patch_size": 16,
+                        "hidden_dim": 768,
+                        "num_layers": 12,
+                        "num_heads": 12,
+                        "intermediate_dim": 3072,
+                        "intermediate_activation": "quick_gelu",
+                        "image_shape": [224, 224, 3],
+                    },
+                    "projection_dim": 512,
+                },
+                sort_keys=True,
+            ),
+        ),
+        ImageConverterSpec((224, 224), **_normalisation(_CLIP_MEAN, _CLIP_STD), interpolation="bicubic"),
+        512,
+    ),
+    "siglip2-b16": (
+        HubModel(
+            "siglip",
+            "siglip2_base_patch16_224",
+            json.dumps(
+                {
+                    "vision_encoder": {
+                        "patch_size": 16,
+                        "hidden_dim": 768,
+                        "num_layers": 12,
+                        "num_heads": 12,
+                        "intermediate_dim": 3072,
+                        "intermediate_activation": "gelu_approximate",
+                        "layer_norm_epsilon": 1e-6,
+                        "image_shape": [224, 224, 3],
+                    }
+                },
+                sort_keys=True,
+            ),
+        ),
+        ImageConverterSpec(
+            (224, 224),
+            **_normalisation((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+            interpolation="bicubic",
+            antialias=True,
+            crop_to_aspect_ratio=False,
+        ),
+        768,
+    ),
+    "dinov2-b14": (
+        HubModel(
+            "dinov2",
+            "dinov2_base",
+            json.dumps(
+                {
+                    "patch_size": 14,
+                    "num_layers": 12,
+                    "hidden_dim": 768,
+                    "num_heads": 12,
+                    "intermediate_dim": 3072,
+                    "layer_scale_init_value": 1.0,
+                    "num_register_tokens": 0,
+                    "use_mask_token": True,
+                    "use_swiglu_ffn": False,
+                    "dropout_rate": 0.0,
+                    "drop_path_rate": 0.0,
+                    "image_shape": [518, 518, 3],
+                    "position_embedding_shape": [518, 518],
+                    "antialias_in_interpolation": False,
+                    "apply_layernorm": False,
+                },
+                sort_keys=True,
+            ),
+        ),
+        ImageConverterSpec((518, 518), **_normalisation(_IMAGENET_MEAN, _IMAGENET_STD), interpolation="bicubic"),
+        768,
+    ),
+}

@@ -1,0 +1,245 @@
+"""keras-hub foundation backbones: the hub extra, the named entries and local preset folders (hub:DIR).
+
+Tests marked ``hub`` need keras-hub (``make test-hub`` installs the extra and runs them); the others run
+in ``make test`` and must not: they check what a user without the extra sees, and what featpipe reads from
+a preset folder's JSON alone. Every keras-hub model here is a tiny random one written by keras-hub's own
+``save_to_preset``, except one full-size clip-b16 built offline with ``--weights none``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import featpipe
+from cli_args import cli
+from featpipe.backbones.frame_source import FeatureExtractor
+from featpipe.backbones.hub import INSTALL, ImageConverterSpec
+from featpipe.backbones.registry import REGISTRY, get_backbone
+from featpipe.cache.reader import open_h5, read_config
+from featpipe.errors import BackboneError, OptionError
+from videos import write_video
+
+HUB_NAMES = {"clip-b16": (224, 512), "siglip2-b16": (224, 768), "dinov2-b14": (518, 768)}
+
+
+@pytest.fixture
+def no_keras_hub(monkeypatch):
+    """As if the hub extra were not installed, whatever this venv has."""
+    monkeypatch.setitem(sys.modules, "keras_hub", None)
+
+
+@pytest.fixture(scope="module")
+def two_clips(tmp_path_factory) -> Path:
+    """The smallest dataset extract takes: two classes, one short clip each, all in train."""
+    root = tmp_path_factory.mktemp("hub") / "data"
+    for name in ("a", "b"):
+        write_video(root / name / f"{name}.mp4", 6, 48, 48)
+    return root
+
+
+def _clip_config(projection_dim: int = 12, image: int = 32) -> dict:
+    """A CLIPBackbone config.json as save_to_preset writes it (tiny sizes)."""
+
+    def layer(cls: str, **config) -> dict:
+        return {"module": f"keras_hub.src.models.clip.{cls}", "class_name": cls, "config": config}
+
+    vision = layer(
+        "CLIPVisionEncoder",
+        patch_size=8,
+        hidden_dim=16,
+        num_layers=1,
+        num_heads=2,
+        intermediate_dim=32,
+        intermediate_activation="quick_gelu",
+        intermediate_output_index=None,
+        image_shape=[image, image, 3],
+    )
+    text = layer("CLIPTextEncoder", vocabulary_size=50, embedding_dim=16, hidden_dim=16, num_layers=1, num_heads=2)
+    return {
+        "class_name": "CLIPBackbone",
+        "config": {"vision_encoder": vision, "text_encoder": text, "projection_dim": projection_dim},
+    }
+
+
+# ------------------------------------------------------------------ without keras-hub (make test)
+
+
+def test_a_hub_backbone_without_keras_hub_is_one_sentence_naming_the_install(no_keras_hub, two_clips, tmp_path):
+    result = cli("extract", "--data", two_clips, "--output", tmp_path / "c.h5", "--backbone", "clip-b16")
+    assert result.exit_code == 2
+    message = " ".join((result.output + (result.stderr or "")).split())
+    assert "clip-b16 needs keras-hub" in message and INSTALL in message
+    assert not (tmp_path / "c.h5").exists()
+    with pytest.raises(OptionError, match="needs keras-hub.*featpipe\\[hub\\]"):
+        featpipe.ExtractOptions(data=two_clips, backbone="dinov2-b14")
+    with pytest.raises(BackboneError, match="needs keras-hub.*featpipe\\[hub\\]"):  # predict builds it this way
+        FeatureExtractor("siglip2-b16", weights="none")
+
+
+@pytest.mark.parametrize("name", sorted(HUB_NAMES))
+def test_named_hub_entries_carry_their_preset_size_feature_and_converter(name):
+    entry = REGISTRY[name]
+    size, dim = HUB_NAMES[name]
+    assert (entry.default_size, entry.feature_dim, entry.extra) == (size, dim, "hub")
+    # the preset's own normalisation: frames at the native size are only scaled and offset, per channel
+    frames = np.random.default_rng(0).integers(0, 256, (2, size, size, 3)).astype(np.float32)
+    converter = entry.preprocess_input
+    expected = frames * np.float32(converter.scale) + np.float32(converter.offset)
+    np.testing.assert_allclose(entry.preprocess(frames.astype(np.uint8)), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_clip_and_dinov2_normalise_with_their_own_means_not_one_for_all():
+    clip, dino, siglip = (REGISTRY[n].preprocess_input for n in ("clip-b16", "dinov2-b14", "siglip2-b16"))
+    # a mid-grey pixel: CLIP's means (0.481, 0.458, 0.408), ImageNet's (0.485, 0.456, 0.406), SigLIP's 0.5
+    grey = np.full((1, 4, 4, 3), 127.5, np.float32)
+    for converter, mean, std in [
+        (clip, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+        (dino, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        (siglip, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    ]:
+        out = np.asarray(ImageConverterSpec(converter.image_size[:1] * 2, converter.scale, converter.offset)(grey))
+        np.testing.assert_allclose(out[0, 0, 0], (0.5 - np.array(mean)) / np.array(std), atol=1e-5)
+
+
+def test_a_preset_folder_is_read_from_its_json_without_keras_hub(no_keras_hub, tmp_path):
+    folder = tmp_path / "My Preset"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(_clip_config(projection_dim=12, image=32)))
+    with pytest.raises(BackboneError, match="no image_converter.json"):
+        get_backbone(f"hub:{folder}")
+    converter = {"config": {"image_size": [32, 32], "scale": 0.5, "offset": [-1, -2, -3], "interpolation": "bicubic"}}
+    (folder / "image_converter.json").write_text(json.dumps(converter))
+    entry = get_backbone(f"hub:{folder}")
+    assert entry.name == f"hub:{folder.resolve()}" and entry.file_stem == "hub-My_Preset"
+    assert (entry.default_size, entry.feature_dim, entry.default_weights) == (32, 12, str(folder.resolve()))
+    assert entry.preprocess_input.scale == (0.5, 0.5, 0.5) and entry.preprocess_input.offset == (-1, -2, -3)
+
+
+def test_hub_dir_that_is_not_a_preset_folder_is_one_sentence(tmp_path):
+    with pytest.raises(BackboneError, match="not a folder"):
+        get_backbone(f"hub:{tmp_path / 'missing'}")
+    with pytest.raises(BackboneError, match="no config.json: it is not a keras-hub preset folder"):
+        get_backbone(f"hub:{tmp_path}")
+    (tmp_path / "config.json").write_text(json.dumps({"class_name": "GemmaBackbone", "config": {}}))
+    with pytest.raises(BackboneError, match="GemmaBackbone.*CLIPBackbone"):
+        get_backbone(f"hub:{tmp_path}")
+    result = cli("extract", "--data", tmp_path, "--backbone", f"hub:{tmp_path / 'missing'}")
+    assert result.exit_code == 2 and "not a folder" in result.output + (result.stderr or "")
+
+
+# ------------------------------------------------------------------ with keras-hub (make test-hub)
+
+
+def _tiny_preset(folder: Path, family: str, seed: int = 0) -> Path:
+    """A tiny random preset of ``family`` written by keras-hub's save_to_preset (backbone and image converter)."""
+    import keras
+    import keras_hub
+
+    keras.utils.set_random_seed(seed)
+    models, layers = keras_hub.models, keras_hub.layers
+    vit = dict(patch_size=8, hidden_dim=16, num_layers=1, num_heads=2, intermediate_dim=32, image_shape=(32, 32, 3))
+    if family == "clip":
+        text = models.CLIPTextEncoder(50, 16, 16, 1, 2, 32, max_sequence_length=8)
+        backbone = models.CLIPBackbone(models.CLIPVisionEncoder(**vit), text, projection_dim=12)
+        scale, offset = 1 / 255 / 0.27, -0.45 / 0.27
+        converter = layers.CLIPImageConverter((32, 32), scale=scale, offset=offset, interpolation="bicubic")
+    elif family == "siglip":
+        text = models.SigLIPTextEncoder(50, 16, 16, 1, 2, 32, max_sequence_length=8)
+        backbone = models.SigLIPBackbone(models.SigLIPVisionEncoder(**vit), text)
+        converter = layers.SigLIPImageConverter((32, 32), scale=1 / 127.5, offset=-1.0, crop_to_aspect_ratio=False)
+    else:
+        dino = dict(vit, patch_size=7, image_shape=(28, 28, 3), position_embedding_shape=(28, 28))
+        backbone = models.DINOV2Backbone(**dino)
+        converter = layers.DINOV2ImageConverter((28, 28), scale=1 / 255 / 0.226, offset=-0.45 / 0.226)
+    backbone.save_to_preset(str(folder))
+    converter.save_to_preset(str(folder))
+    return folder
+
+
+def _reference_features(folder: Path, family: str, frames: np.ndarray) -> np.ndarray:
+    """What keras-hub itself gives for these frames: its converter, then the family's embedding."""
+    import keras_hub
+
+    backbone = keras_hub.models.Backbone.from_preset(str(folder))
+    images = keras_hub.layers.ImageConverter.from_preset(str(folder))(frames.astype(np.float32))
+    if family == "dinov2":
+        return np.asarray(backbone({"images": images}))[:, 0, :]
+    return np.asarray(backbone.get_vision_embeddings(images))
+
+
+@pytest.mark.hub
+@pytest.mark.parametrize("family, dim", [("clip", 12), ("siglip", 16), ("dinov2", 16)])
+def test_a_preset_folder_gives_the_familys_own_embedding(family, dim, tmp_path):
+    """CLIP: the joint-space image embedding; SigLIP: the pooled (joint-space) output; DINOv2: the CLS token."""
+    folder = _tiny_preset(tmp_path / family, family)
+    entry = get_backbone(f"hub:{folder}")
+    extractor = FeatureExtractor(entry, weights="imagenet", batch_size=4)
+    assert extractor.weights == str(folder.resolve()) and extractor.feature_shape == (dim,)
+    size = entry.default_size
+    frames = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    np.testing.assert_allclose(extractor(frames), _reference_features(folder, family, frames), atol=1e-4)
+    # --weights none: the folder's architecture, deterministic random values; another seed, another network
+    first, again = (FeatureExtractor(entry, weights="none", batch_size=4) for _ in range(2))
+    other = FeatureExtractor(entry, weights="none", seed=1, batch_size=4)
+    assert first.fingerprint == again.fingerprint != other.fingerprint != extractor.fingerprint
+    np.testing.assert_array_equal(first(frames), again(frames))
+    feats = first(frames)
+    assert np.abs(feats[0] - feats[1]).max() > 1e-2 * np.abs(feats).max(), "random features must depend on the frame"
+
+
+@pytest.mark.hub
+def test_hub_dir_through_extract_train_evaluate_predict_and_predict_refuses_another_preset(tmp_path):
+    from featpipe.video.sample_data import write_sample_data
+
+    folder = _tiny_preset(tmp_path / "tinyclip", "clip")
+    data = tmp_path / "data"
+    write_sample_data(data, train=2, val=1, test=1)
+    cache = tmp_path / "cache"
+    result = cli("extract", "--data", data, "--cache-dir", cache, "--backbone", f"hub:{folder}", "--frames", "4")
+    assert result.exit_code == 0, result.output
+    path = cache / "hub-tinyclip.h5"  # a file name, not the folder's path
+    config = read_config(path)  # the folder's path and a fingerprint of its weights
+    assert (config.backbone, config.weights) == (f"hub:{folder.resolve()}", str(folder.resolve()))
+    assert config.weights_fingerprint == FeatureExtractor(f"hub:{folder}").fingerprint
+    assert tuple(config.feature_shape) == (12,)
+    run_dir = featpipe.train(cache=path, rnn="gru", models_dir=tmp_path / "models", epochs=2, quiet=True).run_dir
+    assert cli("evaluate", run_dir, "--split", "test").exit_code == 0
+    clip = sorted((data / "test").rglob("*.mp4"))[0]
+    predicted = cli("predict", clip, "--model", run_dir)
+    assert predicted.exit_code == 0 and clip.name in predicted.output
+    # the same folder with other weights (re-saved by keras-hub): predict refuses with a sentence
+    _tiny_preset(folder, "clip", seed=7)
+    refused = cli("predict", clip, "--model", run_dir)
+    assert refused.exit_code == 2
+    assert "not the ones the run was trained with" in " ".join((refused.output + (refused.stderr or "")).split())
+
+
+@pytest.mark.hub
+def test_a_named_backbone_refuses_a_preset_folder_of_another_architecture(tmp_path):
+    folder = _tiny_preset(tmp_path / "tinyclip", "clip")
+    with pytest.raises(BackboneError, match="another architecture.*hub:"):
+        FeatureExtractor("clip-b16", weights=str(folder))
+    dino = _tiny_preset(tmp_path / "tinydino", "dinov2")
+    with pytest.raises(BackboneError, match="DINOV2Backbone, not the clip family"):
+        FeatureExtractor("clip-b16", weights=str(dino))
+
+
+@pytest.mark.hub
+def test_clip_b16_with_weights_none_writes_512_d_features_offline(two_clips, tmp_path):
+    """The one full-size model in the suite: ViT-B/16 at 224 px, built from featpipe's own hyper-parameters."""
+    out = tmp_path / "clip.h5"
+    result = cli(
+        "extract", "--data", two_clips, "--output", out, "--backbone", "clip-b16", "--weights", "none",
+        "--frames", "2", "--batch-size", "4", "--val-fraction", "0", "--test-fraction", "0", "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with open_h5(out) as f:
+        features = f["features"][...]
+    assert features.shape == (2, 2, 512) and np.isfinite(features).all()
+    config = read_config(out)
+    assert (config.backbone, config.weights, tuple(config.feature_shape)) == ("clip-b16", "none", (512,))
