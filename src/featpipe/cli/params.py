@@ -46,9 +46,9 @@ CV = choices("CV", CV_MODES)
 
 BACKBONE_HELP = (
     f"Frozen ImageNet CNN: {', '.join(n for n, b in REGISTRY.items() if not b.raw and not b.extra)}; "
-    f'foundation model (needs pip install "featpipe[hub]"): {", ".join(n for n, b in REGISTRY.items() if b.extra)}, '
-    f"or hub:DIR (a local keras-hub preset folder); "
-    f"or {', '.join(n for n, b in REGISTRY.items() if b.raw)} (the frames themselves, for cnn-lstm)."
+    f"or {', '.join(n for n, b in REGISTRY.items() if b.raw)} (the frames themselves, for cnn-lstm); "
+    f'or a foundation model (needs pip install "featpipe[hub]"): '
+    f"{', '.join(n for n, b in REGISTRY.items() if b.extra)}, or hub:DIR (a local keras-hub preset folder)."
 )
 DECODER_HELP = (
     "auto/pyav: seek to the frames kept (clips that cannot be sought reliably are read in order); "

@@ -134,7 +134,7 @@ class DriverBackbone:
             import_keras()  # here: the import filters fd 2 for the whole process, not something for two threads
         self.backbone, self.size, self.seed = backbone, size, seed
         self.precision = check_precision(precision)
-        self.weights = WEIGHTS_NONE if backbone.raw else weights_label(weights)
+        self.weights = WEIGHTS_NONE if backbone.raw else weights_label(weights, backbone)
         self.feature_shape: tuple[int, ...] = (size, size, 3) if backbone.raw else (backbone.feature_dim,)
         self.fingerprint: str | None = RAW_FINGERPRINT if backbone.raw else None
         device = None if backbone.raw or batch_size else current_device()
