@@ -208,6 +208,7 @@ def test_hub_dir_through_extract_train_evaluate_predict_and_predict_refuses_anot
     assert config.weights_fingerprint == FeatureExtractor(f"hub:{folder}").fingerprint
     assert tuple(config.feature_shape) == (12,)
     run_dir = featpipe.train(cache=path, rnn="gru", models_dir=tmp_path / "models", epochs=2, quiet=True).run_dir
+    assert run_dir.parent == tmp_path / "models" and run_dir.name.startswith("hub-tinyclip-gru-")
     assert cli("evaluate", run_dir, "--split", "test").exit_code == 0
     clip = sorted((data / "test").rglob("*.mp4"))[0]
     predicted = cli("predict", clip, "--model", run_dir)

@@ -95,11 +95,8 @@ class Backbone:
 
     @property
     def file_stem(self) -> str:
-        """The name as a file name and Keras model name: ``hub:DIR`` entries are ``hub-<folder name>``."""
-        if self.name.startswith(HUB_PREFIX):
-            folder = self.name[len(HUB_PREFIX) :].rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
-            return "hub-" + ("".join(c if c.isalnum() or c in "-_." else "_" for c in folder) or "preset")
-        return self.name
+        """The name as a file name and Keras model name (see :func:`file_stem`)."""
+        return file_stem(self.name)
 
     def preprocess(self, frames: np.ndarray) -> np.ndarray:
         """uint8 RGB (B, H, W, 3) -> float32 input exactly as this backbone expects it."""
@@ -107,6 +104,15 @@ class Backbone:
         if self.raw:
             return x
         return np.asarray(self.preprocess_input(x), dtype=np.float32)
+
+
+def file_stem(name: str) -> str:
+    """A backbone name as a file or folder name: itself, or ``hub-<folder name>`` for a ``hub:DIR`` entry
+    (whose name holds the folder's path)."""
+    if not name.startswith(HUB_PREFIX):
+        return name
+    folder = name[len(HUB_PREFIX) :].rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    return "hub-" + ("".join(c if c.isalnum() or c in "-_." else "_" for c in folder) or "preset")
 
 
 def _application(
