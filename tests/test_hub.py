@@ -9,6 +9,7 @@ a preset folder's JSON alone. Every keras-hub model here is a tiny random one wr
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -218,6 +219,9 @@ def test_hub_dir_through_extract_train_evaluate_predict_and_predict_refuses_anot
     refused = cli("predict", clip, "--model", run_dir)
     assert refused.exit_code == 2
     assert "not the ones the run was trained with" in " ".join((refused.output + (refused.stderr or "")).split())
+    shutil.rmtree(folder)  # and a folder that is gone: a sentence naming it, not a traceback
+    gone = cli("predict", clip, "--model", run_dir)
+    assert gone.exit_code == 2 and "not on this machine" in " ".join((gone.output + (gone.stderr or "")).split())
 
 
 @pytest.mark.hub
