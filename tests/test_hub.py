@@ -25,7 +25,7 @@ from featpipe.cache.reader import open_h5, read_config
 from featpipe.errors import BackboneError, OptionError
 from videos import write_video
 
-HUB_NAMES = {"clip-b16": (224, 512), "siglip2-b16": (224, 768), "dinov2-b14": (518, 768)}
+HUB_NAMES = {"clip-b16": (224, 512), "clip-l14": (224, 768), "siglip2-b16": (224, 768), "dinov2-b14": (518, 768)}
 
 
 @pytest.fixture
@@ -126,8 +126,8 @@ def test_hub_dir_that_is_not_a_preset_folder_is_one_sentence(tmp_path):
         get_backbone(f"hub:{tmp_path / 'missing'}")
     with pytest.raises(BackboneError, match="no config.json: it is not a keras-hub preset folder"):
         get_backbone(f"hub:{tmp_path}")
-    (tmp_path / "config.json").write_text(json.dumps({"class_name": "GemmaBackbone", "config": {}}))
-    with pytest.raises(BackboneError, match="GemmaBackbone.*CLIPBackbone"):
+    (tmp_path / "config.json").write_text(json.dumps({"class_name": "GemmaTokenizer", "config": {}}))
+    with pytest.raises(BackboneError, match="is a GemmaTokenizer, not a keras-hub backbone"):
         get_backbone(f"hub:{tmp_path}")
     result = cli("extract", "--data", tmp_path, "--backbone", f"hub:{tmp_path / 'missing'}")
     assert result.exit_code == 2 and "not a folder" in result.output + (result.stderr or "")
@@ -248,3 +248,77 @@ def test_clip_b16_with_weights_none_writes_512_d_features_offline(two_clips, tmp
     assert features.shape == (2, 2, 512) and np.isfinite(features).all()
     config = read_config(out)
     assert (config.backbone, config.weights, tuple(config.feature_shape)) == ("clip-b16", "none", (512,))
+
+
+def test_hub_preset_names_and_folders_are_told_apart_and_named_for_files(tmp_path):
+    from featpipe.backbones.hub import is_preset_name
+    from featpipe.backbones.registry import file_stem
+
+    assert is_preset_name("clip_vit_base_patch16") and is_preset_name("kaggle://keras/clip/keras/clip_b/2")
+    assert not is_preset_name(str(tmp_path)) and not is_preset_name("./tiny") and not is_preset_name("~/presets/x")
+    assert file_stem("hub:clip_vit_base_patch16") == "hub-clip_vit_base_patch16"
+    assert file_stem("hub:kaggle://keras/clip/keras/clip_b/2") == "hub-keras-clip-keras-clip_b-2"
+
+
+def test_hub_preset_name_without_keras_hub_names_the_install_command(no_keras_hub):
+    with pytest.raises(BackboneError, match="needs keras-hub.*featpipe\\[hub\\]"):
+        get_backbone("hub:clip_vit_base_patch16")
+
+
+@pytest.mark.hub
+def test_hub_preset_name_that_cannot_be_fetched_is_one_sentence():
+    with pytest.raises(BackboneError, match="Could not fetch the keras-hub preset 'no_such_preset'.*hub:FOLDER"):
+        get_backbone("hub:no_such_preset")
+
+
+@pytest.mark.hub
+def test_hub_preset_name_is_fetched_by_keras_hub_and_recorded_by_name(tmp_path, monkeypatch):
+    """hub:NAME: keras-hub fetches the preset's files (here from a tiny folder standing in for its download
+    cache, as there is no internet); the cache records the name and the weights' fingerprint."""
+    from keras_hub.src.utils import preset_utils
+
+    folder = _tiny_preset(tmp_path / "download", "clip")
+    fetched, keras_hubs_own = [], preset_utils.get_file
+
+    def get_file(preset, path):
+        if preset != "tiny_clip_preset":  # a local folder: keras-hub's own
+            return keras_hubs_own(preset, path)
+        fetched.append(path)
+        return str(folder / path)
+
+    monkeypatch.setattr(preset_utils, "get_file", get_file)
+    entry = get_backbone("hub:tiny_clip_preset")
+    assert (entry.name, entry.file_stem, entry.feature_dim, entry.default_weights) == (
+        "hub:tiny_clip_preset", "hub-tiny_clip_preset", 12, None,
+    )  # fmt: skip
+    extractor = FeatureExtractor(entry, batch_size=4)  # --weights imagenet: the preset's pretrained weights
+    assert extractor.weights == "imagenet" and "model.weights.h5" in fetched
+    assert extractor.fingerprint == FeatureExtractor(f"hub:{folder}", batch_size=4).fingerprint
+    frames = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(extractor(frames), _reference_features(folder, "clip", frames), atol=1e-4)
+
+
+@pytest.mark.hub
+def test_another_keras_hub_image_backbone_gives_its_pooled_output(tmp_path):
+    """hub:DIR of a family featpipe has no rule for (a tiny ResNet): its feature map averaged over space."""
+    import keras
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    folder = tmp_path / "tinyresnet"
+    backbone = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64, 6],
+        stackwise_num_blocks=[1, 1], stackwise_num_strides=[1, 2], block_type="basic_block", use_pre_activation=False,
+        image_shape=(None, None, 3),
+    )  # fmt: skip
+    backbone.save_to_preset(str(folder))
+    keras_hub.layers.ResNetImageConverter((40, 40), scale=1 / 255, offset=-0.5).save_to_preset(str(folder))
+    entry = get_backbone(f"hub:{folder}")
+    assert (entry.default_size, entry.feature_dim) == (40, 6)
+    extractor = FeatureExtractor(entry, batch_size=2)
+    frames = np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
+    maps = np.asarray(backbone(frames.astype(np.float32) / 255 - 0.5))
+    assert maps.ndim == 4  # (B, H, W, C): the pooled feature is its spatial mean
+    np.testing.assert_allclose(extractor(frames), maps.mean(axis=(1, 2)), atol=1e-4)
+    again = FeatureExtractor(entry, weights="none", batch_size=2)
+    assert again.fingerprint != extractor.fingerprint and again(frames).shape == (2, 6)

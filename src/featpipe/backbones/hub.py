@@ -21,6 +21,7 @@ preset needed) or a local preset folder (``config.json``, ``model.weights.h5``, 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from featpipe.errors import BackboneError
 INSTALL = 'pip install "featpipe[hub]"'
 HUB_PREFIX = "hub:"  # --backbone hub:DIR, a local keras-hub preset folder
 FAMILIES = {"CLIPBackbone": "clip", "SigLIPBackbone": "siglip", "DINOV2Backbone": "dinov2"}
+POOLED = "pooled"  # any other keras-hub image backbone (hub:PRESET): its output, averaged to one vector
 _RANDOM_STD = 0.02  # the ViT init keras-hub's and the papers' configs use (truncated normal, std 0.02)
 
 
@@ -161,6 +163,10 @@ class HubModel:
             encoder = parts["encoder"] if parts else models.DINOV2Backbone(**config)
             images = keras.Input(tuple(config["image_shape"]), name="images")
             features = encoder({"images": images})[:, 0, :]  # the CLS token, after the final layer norm
+        elif self.family == POOLED:  # any other keras-hub image backbone: its output, pooled to one vector
+            encoder = parts["encoder"] if parts else keras.saving.deserialize_keras_object(hyper)
+            images = keras.Input(tuple(hyper["image_shape"]), name="images")
+            features = _pool(encoder(images), keras)
         else:
             raise BackboneError(f"featpipe does not know the keras-hub family '{self.family}'.")
         return keras.Model(images, features, name=f"{self.family}_frame_features")
@@ -198,15 +204,15 @@ class HubModel:
                 else "Pass a folder that keras-hub's save_to_preset wrote (config.json and model.weights.h5)."
             )
             raise BackboneError(f"Could not load the keras-hub preset '{source}' ({exc}). {hint}") from exc
-        family = FAMILIES.get(type(full).__name__)
+        family = FAMILIES.get(type(full).__name__, POOLED)
         if family != self.family:
             raise BackboneError(
                 f"The preset '{source}' is a {type(full).__name__}, not the {self.family} family this backbone needs."
             )
-        parts = {"encoder": full if family == "dinov2" else full.vision_encoder}
+        parts = {"encoder": full if family in ("dinov2", POOLED) else full.vision_encoder}
         if family == "clip":
             parts["projection"] = full.vision_projection
-        if not _matches(self.hyper, _arch_from_config(family, full.get_config())):
+        if family != POOLED and not _matches(self.hyper, _arch_from_config(family, full.get_config())):
             raise BackboneError(
                 f"The preset '{source}' has another architecture than this backbone's "
                 f"({_arch_from_config(family, full.get_config())} is not {self.hyper}); use it as "
@@ -267,6 +273,35 @@ def _matches(expected, actual) -> bool:
     return expected == actual
 
 
+# ------------------------------------------------------------------------ hub:PRESET and hub:DIR
+
+
+def is_preset_name(ref: str) -> bool:
+    """Whether ``hub:REF`` names a keras-hub preset (a built-in name such as ``clip_vit_base_patch16``, or a
+    ``kaggle://``, ``hf://`` handle) rather than a local folder (a path: it exists, or has a separator)."""
+    if "://" in ref:
+        return True
+    return not (ref.startswith(("~", ".")) or "/" in ref or "\\" in ref or Path(ref).expanduser().exists())
+
+
+def preset_spec(name: str) -> tuple[HubModel, ImageConverterSpec, int]:
+    """What the keras-hub preset ``name`` holds: its config and image converter, fetched by keras-hub (downloaded
+    once into its cache, like the pretrained weights, which :meth:`HubModel.load` fetches as "imagenet")."""
+    import_keras_hub(f"--backbone hub:{name}")
+    from keras_hub.src.utils.preset_utils import get_file
+
+    try:
+        files = [Path(get_file(name, file)) for file in ("config.json", "image_converter.json")]
+    except Exception as exc:  # keras-hub raises ValueError for an unknown name, network errors for a failed download
+        raise BackboneError(
+            f"Could not fetch the keras-hub preset '{name}' ({str(exc).splitlines()[0]}). Check the name "
+            "(keras_hub.models.Backbone.presets lists the built-in ones); without internet, download the preset "
+            "elsewhere, copy its folder here and pass --backbone hub:FOLDER."
+        ) from exc
+    model, converter, dim = folder_spec(files[0].parent, files[1])
+    return HubModel(model.family, name, model.arch), converter, dim
+
+
 # ------------------------------------------------------------------------ local preset folders
 
 
@@ -290,35 +325,71 @@ def _read_json(path: Path) -> dict:
         raise BackboneError(f"Cannot read '{path}' as JSON ({exc}); is this a keras-hub preset folder?") from exc
 
 
-def folder_spec(folder: str | Path) -> tuple[HubModel, ImageConverterSpec, int]:
-    """What a preset folder holds, from its JSON alone (no keras-hub import): the model, its image converter
-    and the feature size."""
+def folder_spec(folder: str | Path, converter_file: Path | None = None) -> tuple[HubModel, ImageConverterSpec, int]:
+    """What a preset folder holds: the model, its image converter (``converter_file``, default the folder's
+    image_converter.json) and the feature size. From its JSON alone (no keras-hub import) for the families
+    featpipe knows; another image backbone is built once to learn its pooled output's size."""
     folder = check_preset_folder(Path(folder).expanduser().resolve())
     config = _read_json(folder / "config.json")
     class_name = config.get("class_name", "")
     family = FAMILIES.get(class_name)
+    converter_file = converter_file or folder / "image_converter.json"
     if family is None:
-        raise BackboneError(
-            f"The preset in '{folder}' is a {class_name or 'model of unknown class'}; featpipe's hub:DIR takes "
-            f"{', '.join(FAMILIES)} presets for now."
-        )
+        return _pooled_spec(folder, config, converter_file)
     arch = _arch_from_config(family, config.get("config", {}))
     vision = arch if family == "dinov2" else arch["vision_encoder"]
     dim = int(arch.get("projection_dim", vision["hidden_dim"]))
-    converter_file = folder / "image_converter.json"
+    converter = _converter(folder, converter_file)
+    model = HubModel(family, "", json.dumps(arch, sort_keys=True), str(folder))
+    return model, converter, dim
+
+
+def _converter(folder: Path, converter_file: Path) -> ImageConverterSpec:
     if not converter_file.is_file():
         raise BackboneError(
             f"'{folder}' has no image_converter.json: featpipe needs the preset's own image converter "
             "(save it into the folder with the converter's save_to_preset)."
         )
-    converter = ImageConverterSpec.from_config(_read_json(converter_file).get("config", {}))
-    model = HubModel(family, "", json.dumps(arch, sort_keys=True), str(folder))
-    return model, converter, dim
+    return ImageConverterSpec.from_config(_read_json(converter_file).get("config", {}))
+
+
+def _pool(output, keras):
+    """One vector per image from a backbone's output: a feature map (B, H, W, C) averaged over space, tokens
+    (B, N, C) averaged over tokens, a vector (B, C) as it is."""
+    if isinstance(output, dict):
+        raise BackboneError(
+            f"This keras-hub backbone returns several outputs ({', '.join(output)}); featpipe needs one image "
+            "feature: use a preset of an image backbone."
+        )
+    return keras.ops.mean(output, axis=tuple(range(1, len(output.shape) - 1))) if len(output.shape) > 2 else output
+
+
+def _pooled_spec(folder: Path, config: dict, converter_file: Path) -> tuple[HubModel, ImageConverterSpec, int]:
+    """Another keras-hub image backbone: its serialized config (built by keras-hub) and the pooled output's size
+    (learned by building the architecture once: it is not in the JSON)."""
+    class_name = config.get("class_name", "")
+    if not class_name.endswith("Backbone") or "config" not in config:
+        raise BackboneError(
+            f"The preset in '{folder}' is a {class_name or 'model of unknown class'}, not a keras-hub backbone; "
+            "hub:PRESET takes a backbone's preset (config.json of a ...Backbone)."
+        )
+    converter = _converter(folder, converter_file)
+    arch = dict(config)
+    arch["image_shape"] = [*converter.image_size, 3]
+    model = HubModel(POOLED, "", json.dumps(arch, sort_keys=True), str(folder))
+    return model, converter, _pooled_dim(model.arch)
+
+
+@functools.lru_cache(maxsize=16)
+def _pooled_dim(arch: str) -> int:
+    model = HubModel(POOLED, "", arch)._feature_model(import_keras_hub("--backbone hub:PRESET"))
+    return int(model.output.shape[-1])
 
 
 # ------------------------------------------------------------------------ the named presets
 # The architectures of the presets featpipe names, as keras-hub's conversion scripts build them from the
-# original configs (openai/clip-vit-base-patch16, facebook/dinov2-base, google/siglip2-base-patch16-224):
+# original configs (openai/clip-vit-base-patch16, openai/clip-vit-large-patch14, facebook/dinov2-base,
+# google/siglip2-base-patch16-224):
 # `--weights none` builds them with no download. The image converters likewise.
 
 _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -352,6 +423,29 @@ NAMED: dict[str, tuple[HubModel, ImageConverterSpec, int]] = {
         ),
         ImageConverterSpec((224, 224), **_normalisation(_CLIP_MEAN, _CLIP_STD), interpolation="bicubic"),
         512,
+    ),
+    "clip-l14": (
+        HubModel(
+            "clip",
+            "clip_vit_large_patch14",
+            json.dumps(
+                {
+                    "vision_encoder": {
+                        "patch_size": 14,
+                        "hidden_dim": 1024,
+                        "num_layers": 24,
+                        "num_heads": 16,
+                        "intermediate_dim": 4096,
+                        "intermediate_activation": "quick_gelu",
+                        "image_shape": [224, 224, 3],
+                    },
+                    "projection_dim": 768,
+                },
+                sort_keys=True,
+            ),
+        ),
+        ImageConverterSpec((224, 224), **_normalisation(_CLIP_MEAN, _CLIP_STD), interpolation="bicubic"),
+        768,
     ),
     "siglip2-b16": (
         HubModel(

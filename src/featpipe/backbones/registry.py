@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from featpipe.backbones.hub import HUB_PREFIX, NAMED, folder_spec
+from featpipe.backbones.hub import HUB_PREFIX, NAMED, folder_spec, is_preset_name, preset_spec
 from featpipe.errors import BackboneError
 from featpipe.names import PRECISIONS
 from featpipe.runtime.keras_import import import_keras
@@ -116,7 +116,11 @@ def file_stem(name: str) -> str:
     (whose name holds the folder's path)."""
     if not name.startswith(HUB_PREFIX):
         return name
-    folder = name[len(HUB_PREFIX) :].rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    ref = name[len(HUB_PREFIX) :]
+    if "://" in ref:  # a kaggle:// or hf:// handle: every part after the scheme
+        folder = ref.split("://", 1)[1].strip("/").replace("/", "-")
+    else:
+        folder = ref.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
     return "hub-" + ("".join(c if c.isalnum() or c in "-_." else "_" for c in folder) or "preset")
 
 
@@ -145,11 +149,15 @@ def _hub(name: str) -> Backbone:
     return Backbone(name, model.build, converter, converter.image_size[0], dim, load=model.load, extra="hub")
 
 
-def hub_folder_backbone(folder: str) -> Backbone:
-    """The entry for ``--backbone hub:DIR``: the keras-hub preset folder DIR (its weights are the default)."""
-    model, converter, dim = folder_spec(folder)
+def hub_backbone(ref: str) -> Backbone:
+    """The entry for ``--backbone hub:PRESET``: a keras-hub preset name (its pretrained weights are the default,
+    fetched by keras-hub) or a local preset folder (its own weights are the default)."""
+    if is_preset_name(ref):
+        model, converter, dim = preset_spec(ref)
+    else:
+        model, converter, dim = folder_spec(ref)
     return Backbone(
-        HUB_PREFIX + model.folder,
+        HUB_PREFIX + (model.folder or model.preset),
         model.build,
         converter,
         converter.image_size[0],
@@ -203,14 +211,15 @@ def is_raw(name: str) -> bool:
 
 
 def get_backbone(name: str) -> Backbone:
-    """Look up a backbone by name (case-insensitive), or ``hub:DIR`` for a local keras-hub preset folder."""
+    """Look up a backbone by name (case-insensitive), or ``hub:PRESET`` for a keras-hub preset (a name or a local
+    preset folder)."""
     if name.strip().lower().startswith(HUB_PREFIX):
-        return hub_folder_backbone(name.strip()[len(HUB_PREFIX) :])
+        return hub_backbone(name.strip()[len(HUB_PREFIX) :])
     key = name.strip().lower()
     if key not in REGISTRY:
         raise BackboneError(
             f"Unknown backbone '{name}'. Choose one of: {', '.join(REGISTRY)}; "
-            "or hub:DIR for a keras-hub preset folder."
+            "or hub:PRESET for a keras-hub preset name or preset folder."
         )
     return REGISTRY[key]
 
