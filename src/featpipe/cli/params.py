@@ -48,7 +48,7 @@ BACKBONE_HELP = (
     f"Frozen ImageNet CNN: {', '.join(n for n, b in REGISTRY.items() if not b.raw and not b.extra)}; "
     f"or {', '.join(n for n, b in REGISTRY.items() if b.raw)} (the frames themselves, for cnn-lstm); "
     f'or a foundation model (needs pip install "featpipe[hub]"): '
-    f"{', '.join(n for n, b in REGISTRY.items() if b.extra)}, or hub:DIR (a local keras-hub preset folder)."
+    f"{', '.join(n for n, b in REGISTRY.items() if b.extra)}, or hub:PRESET (a keras-hub preset or folder)."
 )
 DECODER_HELP = (
     "auto/pyav: seek to the frames kept (clips that cannot be sought reliably are read in order); "
