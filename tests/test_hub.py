@@ -322,3 +322,28 @@ def test_another_keras_hub_image_backbone_gives_its_pooled_output(tmp_path):
     np.testing.assert_allclose(extractor(frames), maps.mean(axis=(1, 2)), atol=1e-4)
     again = FeatureExtractor(entry, weights="none", batch_size=2)
     assert again.fingerprint != extractor.fingerprint and again(frames).shape == (2, 6)
+
+
+@pytest.mark.hub
+@pytest.mark.parametrize("family", ["clip", "resnet"])
+def test_mixed_precision_runs_hub_backbones_in_bfloat16_with_the_same_weights(family, tmp_path):
+    import keras_hub
+
+    if family == "clip":
+        folder = _tiny_preset(tmp_path / family, "clip")
+    else:
+        folder = tmp_path / family
+        keras_hub.models.ResNetBackbone(
+            input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64],
+            stackwise_num_blocks=[1], stackwise_num_strides=[1], block_type="basic_block", use_pre_activation=False,
+            image_shape=(None, None, 3),
+        ).save_to_preset(str(folder))  # fmt: skip
+        keras_hub.layers.ResNetImageConverter((32, 32), scale=1 / 255).save_to_preset(str(folder))
+    full = FeatureExtractor(f"hub:{folder}", batch_size=2)
+    mixed = FeatureExtractor(f"hub:{folder}", batch_size=2, precision="mixed_bfloat16")
+    assert mixed.fingerprint == full.fingerprint  # the same weights, computed in bfloat16
+    policies = {layer.dtype_policy.name for layer in mixed.model._flatten_layers() if layer.weights}
+    assert "mixed_bfloat16" in policies
+    frames = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    a, b = full(frames), mixed(frames)
+    assert not np.array_equal(a, b) and np.abs(a - b).max() < 0.05 * np.abs(a).max() + 1e-3

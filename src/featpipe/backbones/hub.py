@@ -164,7 +164,10 @@ class HubModel:
             images = keras.Input(tuple(config["image_shape"]), name="images")
             features = encoder({"images": images})[:, 0, :]  # the CLS token, after the final layer norm
         elif self.family == POOLED:  # any other keras-hub image backbone: its output, pooled to one vector
-            encoder = parts["encoder"] if parts else keras.saving.deserialize_keras_object(hyper)
+            # the config without its dtype policy: built under the current one (--precision)
+            config = {k: v for k, v in hyper.items() if k != "image_shape"}
+            config["config"] = {k: v for k, v in hyper["config"].items() if k != "dtype"}
+            encoder = parts["encoder"] if parts else keras.saving.deserialize_keras_object(config)
             images = keras.Input(tuple(hyper["image_shape"]), name="images")
             features = _pool(encoder(images), keras)
         else:
