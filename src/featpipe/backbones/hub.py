@@ -1,4 +1,4 @@
-"""Foundation backbones from keras-hub (CLIP, SigLIP 2, DINOv2) and local keras-hub preset folders.
+"""Foundation backbones from keras-hub (CLIP, SigLIP 2, DINOv2, VideoPrism) and local keras-hub preset folders.
 
 Needs the ``hub`` extra (``pip install "featpipe[hub]"``: keras-hub and tensorflow-text). Importing this
 module imports neither Keras nor keras-hub: :class:`HubModel` and :class:`ImageConverterSpec` are plain
@@ -10,7 +10,11 @@ What the feature of each family is (one vector per frame):
   encoder's final layer norm, through ``vision_projection``): what CLIP compares with text embeddings;
 * ``siglip``: the vision encoder's pooled output (its attention-pooling head), SigLIP's joint space;
 * ``dinov2``: the CLS token after the final layer norm. Patch tokens are not concatenated: the CLS token
-  alone is what the DINOv2 paper's linear probes on video start from, and it keeps 768-d features.
+  alone is what the DINOv2 paper's linear probes on video start from, and it keeps 768-d features;
+* ``videoprism``: a video-native encoder (video-only mode, ``num_text_layers=0``): it takes ``num_frames``
+  consecutive frames at once (a chunk) and returns spatio-temporal tokens (chunk, frames, patches, hidden);
+  the feature of each frame is the mean over that frame's patch tokens. Its network maps a chunk
+  ``(K, H, W, 3)`` to ``(K, hidden)``; :attr:`HubModel.clip_frames` is K (1 for every image family).
 
 ``--weights``: ``imagenet`` (the default; for these backbones it means the preset's pretrained weights,
 downloaded once by keras-hub), ``none`` (the same architecture from the hyper-parameters shipped here or
@@ -33,7 +37,12 @@ from featpipe.errors import BackboneError
 
 INSTALL = 'pip install "featpipe[hub]"'
 HUB_PREFIX = "hub:"  # --backbone hub:DIR, a local keras-hub preset folder
-FAMILIES = {"CLIPBackbone": "clip", "SigLIPBackbone": "siglip", "DINOV2Backbone": "dinov2"}
+FAMILIES = {
+    "CLIPBackbone": "clip",
+    "SigLIPBackbone": "siglip",
+    "DINOV2Backbone": "dinov2",
+    "VideoPrismBackbone": "videoprism",
+}
 POOLED = "pooled"  # any other keras-hub image backbone (hub:PRESET): its output, averaged to one vector
 _RANDOM_STD = 0.02  # the ViT init keras-hub's and the papers' configs use (truncated normal, std 0.02)
 
@@ -121,10 +130,11 @@ def _tuples(config: dict) -> dict:
 class HubModel:
     """How to build one keras-hub family's per-frame feature network.
 
-    ``family``: "clip", "siglip" or "dinov2"; ``preset``: the keras-hub preset name its pretrained weights
-    come from ("" for a folder entry); ``arch``: the architecture's hyper-parameters as JSON (CLIP: the
-    vision encoder's keyword arguments and ``projection_dim``; SigLIP: the vision encoder's; DINOv2: the
-    backbone's); ``folder``: the preset folder of a ``hub:DIR`` entry (its weights are the default).
+    ``family``: "clip", "siglip", "dinov2" or "videoprism"; ``preset``: the keras-hub preset name its
+    pretrained weights come from ("" for a folder entry); ``arch``: the architecture's hyper-parameters as
+    JSON (CLIP: the vision encoder's keyword arguments and ``projection_dim``; SigLIP: the vision encoder's;
+    DINOv2 and VideoPrism: the backbone's); ``folder``: the preset folder of a ``hub:DIR`` entry (its
+    weights are the default).
     """
 
     family: str
@@ -135,6 +145,11 @@ class HubModel:
     @property
     def hyper(self) -> dict:
         return json.loads(self.arch)
+
+    @property
+    def clip_frames(self) -> int:
+        """Consecutive frames the network embeds at once: VideoPrism's ``num_frames``, 1 for image families."""
+        return int(self.hyper["num_frames"]) if self.family == "videoprism" else 1
 
     # ---------------------------------------------------------------- building
     def _feature_model(self, keras_hub, parts: dict | None = None):
@@ -163,6 +178,12 @@ class HubModel:
             encoder = parts["encoder"] if parts else models.DINOV2Backbone(**config)
             images = keras.Input(tuple(config["image_shape"]), name="images")
             features = encoder({"images": images})[:, 0, :]  # the CLS token, after the final layer norm
+        elif self.family == "videoprism":
+            config = _tuples(hyper)
+            encoder = parts["encoder"] if parts else models.VideoPrismBackbone(**config)
+            images = keras.Input((int(config["num_frames"]), *config["image_shape"]), name="images")
+            # (chunk, frames, patches, hidden) -> each frame's mean over its patches: (chunk, frames, hidden)
+            features = keras.ops.mean(encoder(images), axis=2)
         elif self.family == POOLED:  # any other keras-hub image backbone: its output, pooled to one vector
             # the config without its dtype policy: built under the current one (--precision)
             config = {k: v for k, v in hyper.items() if k != "image_shape"}
@@ -212,7 +233,7 @@ class HubModel:
             raise BackboneError(
                 f"The preset '{source}' is a {type(full).__name__}, not the {self.family} family this backbone needs."
             )
-        parts = {"encoder": full if family in ("dinov2", POOLED) else full.vision_encoder}
+        parts = {"encoder": full if family in ("dinov2", "videoprism", POOLED) else full.vision_encoder}
         if family == "clip":
             parts["projection"] = full.vision_projection
         if family != POOLED and not _matches(self.hyper, _arch_from_config(family, full.get_config())):
@@ -259,7 +280,7 @@ def _fan_in(shape: tuple[int, ...]) -> int:
 def _arch_from_config(family: str, config: dict) -> dict:
     """The hyper-parameters :class:`HubModel` builds from, out of a backbone's config (``config.json``'s
     "config", or ``get_config()`` of a loaded backbone)."""
-    if family == "dinov2":
+    if family in ("dinov2", "videoprism"):
         return _clean(config)
     arch = {"vision_encoder": _clean(config["vision_encoder"]["config"])}
     if family == "clip":
@@ -340,7 +361,12 @@ def folder_spec(folder: str | Path, converter_file: Path | None = None) -> tuple
     if family is None:
         return _pooled_spec(folder, config, converter_file)
     arch = _arch_from_config(family, config.get("config", {}))
-    vision = arch if family == "dinov2" else arch["vision_encoder"]
+    if family == "videoprism" and int(arch.get("num_text_layers") or 0) > 0:
+        raise BackboneError(
+            f"The VideoPrism preset in '{folder}' has a text encoder (a video-text 'lvt' preset); featpipe takes "
+            "a video-only VideoPrism preset (num_text_layers 0), such as videoprism_public_v1_base."
+        )
+    vision = arch if family in ("dinov2", "videoprism") else arch["vision_encoder"]
     dim = int(arch.get("projection_dim", vision["hidden_dim"]))
     converter = _converter(folder, converter_file)
     model = HubModel(family, "", json.dumps(arch, sort_keys=True), str(folder))
@@ -392,8 +418,9 @@ def _pooled_dim(arch: str) -> int:
 # ------------------------------------------------------------------------ the named presets
 # The architectures of the presets featpipe names, as keras-hub's conversion scripts build them from the
 # original configs (openai/clip-vit-base-patch16, openai/clip-vit-large-patch14, facebook/dinov2-base,
-# google/siglip2-base-patch16-224):
-# `--weights none` builds them with no download. The image converters likewise.
+# google/siglip2-base-patch16-224, and google-research/videoprism's videoprism_v1_base at 16 frames of 288 px):
+# `--weights none` builds them with no download. The image converters likewise (VideoPrism's: 288 px bilinear
+# with antialiasing, x / 255, no offset).
 
 _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -505,6 +532,32 @@ NAMED: dict[str, tuple[HubModel, ImageConverterSpec, int]] = {
             ),
         ),
         ImageConverterSpec((518, 518), **_normalisation(_IMAGENET_MEAN, _IMAGENET_STD), interpolation="bicubic"),
+        768,
+    ),
+    "videoprism-b": (
+        HubModel(
+            "videoprism",
+            "videoprism_public_v1_base",
+            json.dumps(
+                {
+                    "num_frames": 16,
+                    "patch_size": 18,
+                    "hidden_dim": 768,
+                    "intermediate_dim": 3072,
+                    "num_heads": 12,
+                    "num_spatial_layers": 12,
+                    "num_temporal_layers": 4,
+                    "num_auxiliary_layers": 0,
+                    "vocabulary_size": 0,
+                    "num_text_layers": 0,
+                    "attention_logit_soft_cap": 50.0,
+                    "layer_norm_epsilon": 1e-6,
+                    "image_shape": [288, 288, 3],
+                },
+                sort_keys=True,
+            ),
+        ),
+        ImageConverterSpec((288, 288), (1 / 255.0,) * 3, (0.0,) * 3, interpolation="bilinear", antialias=True),
         768,
     ),
 }

@@ -26,8 +26,8 @@ Weights:
 A fingerprint of the weight values is recorded in the cache so that mismatches are detected
 (:mod:`featpipe.backbones.weights`).
 
-The keras-hub entries (``clip-b16``, ``siglip2-b16``, ``dinov2-b14``, and ``hub:DIR`` for a local preset
-folder, :func:`get_backbone`) need the ``hub`` extra; they load their own weights (``load``: "none",
+The keras-hub entries (``clip-b16``, ``siglip2-b16``, ``dinov2-b14``, ``videoprism-b``, and ``hub:DIR`` for a
+local preset folder, :func:`get_backbone`) need the ``hub`` extra; they load their own weights (``load``: "none",
 "imagenet" = the preset's pretrained weights, or a preset folder) and preprocess with their preset's image
 converter (:mod:`featpipe.backbones.hub`). Networks are built and run by :mod:`featpipe.backbones.weights`
 and :mod:`featpipe.backbones.frame_source`; this module imports no Keras.
@@ -93,6 +93,10 @@ class Backbone:
     load: Callable[[str, int], Any] | None = None
     extra: str | None = None  # the optional extra the entry needs installed ("hub": keras-hub), None for none
     default_weights: str | None = None  # what --weights imagenet (the default) means for it, if not that
+    # consecutive frames of one clip the network embeds at once (a chunk): 1 for image networks, K for a
+    # video-native one (videoprism-b: 16), whose network maps (chunk, K, H, W, 3) to (chunk, K, feature_dim);
+    # --frames must then be a multiple of K (featpipe.extraction.stages.embed feeds whole chunks)
+    clip_frames: int = 1
 
     def __post_init__(self):
         if not self.raw and (self.build is None or self.preprocess_input is None):
@@ -146,7 +150,16 @@ _EFFICIENTNET = {  # variant: (native size, feature dim), from keras.application
 def _hub(name: str) -> Backbone:
     """A named keras-hub entry (featpipe.backbones.hub.NAMED): needs the hub extra."""
     model, converter, dim = NAMED[name]
-    return Backbone(name, model.build, converter, converter.image_size[0], dim, load=model.load, extra="hub")
+    return Backbone(
+        name,
+        model.build,
+        converter,
+        converter.image_size[0],
+        dim,
+        load=model.load,
+        extra="hub",
+        clip_frames=model.clip_frames,
+    )
 
 
 def hub_backbone(ref: str) -> Backbone:
@@ -166,6 +179,7 @@ def hub_backbone(ref: str) -> Backbone:
         load=model.load,
         extra="hub",
         default_weights=model.folder,
+        clip_frames=model.clip_frames,
     )
 
 
@@ -178,7 +192,7 @@ REGISTRY: dict[str, Backbone] = {
     "vgg16": _application("vgg16", "vgg16", "VGG16", 224, 512),
     "resnet50": _application("resnet50", "resnet50", "ResNet50", 224, 2048),
     # Foundation models from keras-hub (the hub extra): image embeddings in CLIP's and SigLIP's joint
-    # image-text spaces, DINOv2's CLS token (featpipe.backbones.hub)
+    # image-text spaces, DINOv2's CLS token, VideoPrism's per-frame patch mean (featpipe.backbones.hub)
     **{name: _hub(name) for name in NAMED},
     # Not a CNN: stores the sampled uint8 frames (size x size x 3) for end-to-end models (cnn-lstm).
     "raw": Backbone("raw", None, None, 64, 0, min_size=8, raw=True),
