@@ -52,7 +52,11 @@ def extract_cmd(
         Optional[Path], typer.Option(help="Cache file to write instead of <cache-dir>/<backbone>.h5.")
     ] = EXTRACT["output"],
     frames: Annotated[
-        int, typer.Option(help="Frames per clip (sequence length); shorter clips are zero-padded and masked.")
+        int,
+        typer.Option(
+            help="Frames per clip (sequence length); shorter clips are zero-padded and masked. A multiple of "
+            "the chunk for a video-native backbone (16 for videoprism-b)."
+        ),
     ] = EXTRACT["frames"],
     sampling: Annotated[
         Sampling, typer.Option(help="uniform: evenly over the whole clip; first: the first N frames.")
