@@ -182,6 +182,12 @@ def test_a_videoprism_folder_gives_each_frames_patch_mean_of_keras_hubs_own_outp
     images = keras_hub.layers.ImageConverter.from_preset(str(tiny_videoprism))(frames.astype(np.float32))
     tokens = np.asarray(backbone(np.reshape(np.asarray(images), (2, K, 32, 32, 3))))  # (chunks, K, patches, 16)
     np.testing.assert_allclose(extractor(frames), tokens.mean(axis=2).reshape(2 * K, 16), atol=1e-4)
+    # --weights none: the folder's architecture, deterministic random values, features that depend on the frame
+    first, again = (FeatureExtractor(f"hub:{tiny_videoprism}", weights="none", batch_size=K) for _ in range(2))
+    assert first.fingerprint == again.fingerprint != extractor.fingerprint
+    feats = first(frames[:K])
+    np.testing.assert_array_equal(feats, again(frames[:K]))
+    assert np.abs(feats[0] - feats[1]).max() > 1e-2 * np.abs(feats).max()
 
 
 @pytest.mark.hub
@@ -199,6 +205,33 @@ def test_padding_does_not_leak_into_real_frames_features(tiny_videoprism):
     zero_padded = extractor(short.frames[:K])[:2]
     assert np.abs(done["short"][:2] - zero_padded).max() > 1e-3
     assert not done["short"][2:].any() and not done["longer"][K + 2 :].any()  # masked positions: zeros
+
+
+@pytest.mark.hub
+def test_the_ray_engines_actor_and_driver_feed_the_same_chunks_as_the_local_engine(tiny_videoprism):
+    """The Ray engine's embedding UDF, run here without Ray: it goes through embed() like the local engine."""
+    from featpipe.backbones.frame_source import FeatureExtractor
+    from featpipe.extraction.engines.ray import ClipEmbedder, DriverBackbone
+
+    entry = get_backbone(f"hub:{tiny_videoprism}")
+    windows = [_window(2, 2 * K, seed=1), _window(K + 2, 2 * K, seed=2)]
+    n = len(windows)
+    batch = {
+        "key": np.array(["a", "b"]), "label": np.array([0, 1]), "split": np.array(["train", "train"]),
+        "frames": np.stack([w.frames for w in windows]), "mask": np.stack([w.mask for w in windows]),
+        "n_frames": np.array([2, K + 2]), "damaged_from": np.full(n, -1), "time": np.zeros((n, 2 * K), np.float32),
+        "duration": np.ones(n, np.float32), "fps": np.ones(n, np.float32), "error": np.array(["", ""], dtype=object),
+    }  # fmt: skip
+    rows = ClipEmbedder(entry, 32, str(tiny_videoprism), 0, 6, "float32", "float32")(batch)
+    assert not rows["fatal"][0], rows["fatal"][0]
+    local = FeatureExtractor(entry, batch_size=2 * K)
+    expected = [
+        e.features[0]
+        for e in sorted(embed([Decoded(i, [w]) for i, w in enumerate(windows)], local), key=lambda e: e.item)
+    ]
+    np.testing.assert_allclose(rows["features"], np.stack(expected), atol=1e-5)
+    driver = DriverBackbone(entry, 32, "imagenet", 0, 6, "float32")
+    assert (driver.clip_frames, driver.batch_size, driver.wait()) == (K, 2 * K, local.fingerprint)
 
 
 @pytest.mark.hub
