@@ -107,9 +107,9 @@ def zero_shot_cmd(
         given = [name for name in CLIP_ONLY if clip_options[name] not in (None, ZERO_SHOT.get(name))]
         if given:
             raise OptionError(given[0], "is for clips; a cache's backbone, weights and sampling are recorded in it.")
-        if labels is None:
-            typer.echo("Labels: the cache's class names.", err=True)
         result = zero_shot_cache(cache, split=split, labels=labels, template=template)
+        if labels is None:  # on stderr: --json keeps stdout to the metrics
+            typer.echo(f"Labels: the cache's class names ({', '.join(result.labels)}).", err=True)
         _report_cache(result, as_json)
         return
     if not clips:
