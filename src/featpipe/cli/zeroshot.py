@@ -9,7 +9,6 @@ from typing import Annotated, Optional
 import typer
 
 from featpipe.cli.params import (
-    BACKBONE_HELP,
     BATCH_HELP,
     DECODER_HELP,
     PRECISION_HELP,
@@ -24,9 +23,11 @@ from featpipe.errors import OptionError
 from featpipe.extraction.options import ExtractOptions
 from featpipe.runs.predict import find_clips
 from featpipe.runs.zeroshot import (
+    TEXT_FAMILIES,
     check_template,
     format_table,
     parse_labels,
+    text_backbones,
     to_json_lines,
     zero_shot,
     zero_shot_cache,
@@ -34,6 +35,10 @@ from featpipe.runs.zeroshot import (
 
 EXTRACT = defaults(ExtractOptions)  # clips are decoded and embedded with extract's defaults
 ZERO_SHOT = {**defaults(zero_shot), **defaults(zero_shot_cache)}  # each default written once, in the library
+TEXT_BACKBONE_HELP = (
+    f"Clips: a backbone with a text tower: {', '.join(text_backbones())}, or hub:DIR holding a "
+    f'{" or ".join(TEXT_FAMILIES.values())} preset (needs pip install "featpipe[hub]").'
+)
 # options for clips only: a cache records its backbone, weights and sampling
 CLIP_ONLY = (
     "backbone",
@@ -69,7 +74,7 @@ def zero_shot_cmd(
     as_json: Annotated[
         bool, typer.Option("--json", help="JSON Lines, one object per clip (with --cache: one object of metrics).")
     ] = False,
-    backbone: Annotated[Optional[str], typer.Option(metavar="<name>", help=BACKBONE_HELP)] = None,
+    backbone: Annotated[Optional[str], typer.Option(metavar="<name>", help=TEXT_BACKBONE_HELP)] = None,
     weights: Annotated[
         str,
         typer.Option(

@@ -89,13 +89,25 @@ def prompts(labels: Sequence[str], template: str = DEFAULT_TEMPLATE) -> list[str
 def text_family(backbone: Backbone | str) -> HubModel:
     """The keras-hub model of a backbone with a text tower (CLIP, SigLIP), or a BackboneError saying it has none."""
     entry = get_backbone(backbone) if isinstance(backbone, str) else backbone
-    model = getattr(entry.load, "__self__", None)
-    if not isinstance(model, HubModel) or model.family not in TEXT_FAMILIES:
+    model = _text_model(entry)
+    if model is None:
         raise BackboneError(
             f"{entry.name} has no text tower, so it cannot classify from label names; zero-shot needs a CLIP or "
-            "SigLIP backbone (clip-b16, clip-l14, siglip2-b16, or hub:DIR holding a CLIPBackbone or SigLIPBackbone)."
+            f"SigLIP backbone ({', '.join(text_backbones())}, or hub:DIR holding a CLIPBackbone or SigLIPBackbone)."
         )
     return model
+
+
+def text_backbones() -> list[str]:
+    """The registry's named backbones with a text tower."""
+    from featpipe.backbones.registry import REGISTRY
+
+    return [name for name, entry in REGISTRY.items() if _text_model(entry) is not None]
+
+
+def _text_model(entry: Backbone) -> HubModel | None:
+    model = getattr(entry.load, "__self__", None)
+    return model if isinstance(model, HubModel) and model.family in TEXT_FAMILIES else None
 
 
 def check_weights(weights: str, entry: Backbone) -> str:
