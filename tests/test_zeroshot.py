@@ -267,7 +267,9 @@ def test_a_label_whose_text_embedding_is_the_clips_direction_wins_by_the_cosine_
 
 
 @pytest.mark.hub
-def test_a_bad_clip_among_good_ones_is_a_failed_row_and_the_others_are_scored(tiny_clip, clips, tmp_path):
+def test_a_bad_clip_among_good_ones_is_a_failed_row_and_the_others_are_scored(tiny_clip, clips, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cache").write_text("a file named like extract's default cache folder: zero-shot writes nothing")
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"not a video at all")
     result = cli(

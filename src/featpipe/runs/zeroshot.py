@@ -287,8 +287,8 @@ def zero_shot(
     text_family(entry)  # these two refusals need no keras-hub
     check_weights(weights, entry)
     given = dict(frames=frames, sampling=sampling, fps=fps, decoder=decoder, size=size, precision=precision)
-    opts = ExtractOptions(
-        backbone=backbone, weights=weights, batch_size=batch_size, workers=workers,
+    opts = ExtractOptions(  # cache_dir ".": nothing is written, so a file named "cache" here is no concern
+        backbone=backbone, weights=weights, batch_size=batch_size, workers=workers, cache_dir=".",
         **{k: v for k, v in given.items() if v is not None},
     )  # fmt: skip
     found = find_clips(clips)
