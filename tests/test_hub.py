@@ -347,3 +347,16 @@ def test_mixed_precision_runs_hub_backbones_in_bfloat16_with_the_same_weights(fa
     frames = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     a, b = full(frames), mixed(frames)
     assert not np.array_equal(a, b) and np.abs(a - b).max() < 0.05 * np.abs(a).max() + 1e-3
+
+
+@pytest.mark.hub
+@pytest.mark.parametrize("name", ["clip-l14", "siglip2-b16", "dinov2-b14"])
+def test_the_other_named_architectures_build_offline_with_their_feature_size(name):
+    """Built from featpipe's shipped hyper-parameters with --weights none (no forward pass: too slow here at
+    full size; clip-b16 and videoprism-b run one)."""
+    from featpipe.backbones.weights import build_model
+
+    entry = REGISTRY[name]
+    model = build_model(entry, entry.default_size, "none", 0)
+    assert tuple(model.input.shape[1:]) == (entry.default_size, entry.default_size, 3)
+    assert int(model.output.shape[-1]) == entry.feature_dim == HUB_NAMES[name][1]

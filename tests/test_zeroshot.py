@@ -70,7 +70,7 @@ def test_a_backbone_without_a_text_tower_is_refused(clips):
     assert "vgg16 has no text tower, so it cannot classify from label names" in _said(result)
     result = cli("zero-shot", clips, "--backbone", "dinov2-b14", "--labels", "cat,dog")
     assert result.exit_code == 2 and "dinov2-b14 has no text tower" in _said(result)
-    assert "zero-shot needs a CLIP or SigLIP backbone (clip-b16, siglip2-b16, or hub:DIR" in _said(result)
+    assert "zero-shot needs a CLIP or SigLIP backbone (clip-b16, clip-l14, siglip2-b16, or hub:PRESET" in _said(result)
 
 
 def test_weights_none_cannot_zero_shot_and_says_to_pass_a_preset_folder(clips):

@@ -36,7 +36,7 @@ import numpy as np
 from featpipe.errors import BackboneError
 
 INSTALL = 'pip install "featpipe[hub]"'
-HUB_PREFIX = "hub:"  # --backbone hub:DIR, a local keras-hub preset folder
+HUB_PREFIX = "hub:"  # --backbone hub:PRESET, a keras-hub preset name or local preset folder
 FAMILIES = {
     "CLIPBackbone": "clip",
     "SigLIPBackbone": "siglip",

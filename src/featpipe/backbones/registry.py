@@ -26,11 +26,12 @@ Weights:
 A fingerprint of the weight values is recorded in the cache so that mismatches are detected
 (:mod:`featpipe.backbones.weights`).
 
-The keras-hub entries (``clip-b16``, ``siglip2-b16``, ``dinov2-b14``, ``videoprism-b``, and ``hub:DIR`` for a
-local preset folder, :func:`get_backbone`) need the ``hub`` extra; they load their own weights (``load``: "none",
-"imagenet" = the preset's pretrained weights, or a preset folder) and preprocess with their preset's image
-converter (:mod:`featpipe.backbones.hub`). Networks are built and run by :mod:`featpipe.backbones.weights`
-and :mod:`featpipe.backbones.frame_source`; this module imports no Keras.
+The keras-hub entries (``clip-b16``, ``clip-l14``, ``siglip2-b16``, ``dinov2-b14``, ``videoprism-b``, and
+``hub:PRESET`` for a keras-hub preset name or local preset folder, :func:`get_backbone`) need the ``hub``
+extra; they load their own weights (``load``: "none", "imagenet" = the preset's pretrained weights, or a preset
+folder) and preprocess with their preset's image converter (:mod:`featpipe.backbones.hub`). Networks are built
+and run by :mod:`featpipe.backbones.weights` and :mod:`featpipe.backbones.frame_source`; this module imports no
+Keras.
 """
 
 from __future__ import annotations

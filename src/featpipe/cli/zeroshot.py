@@ -36,7 +36,7 @@ from featpipe.runs.zeroshot import (
 EXTRACT = defaults(ExtractOptions)  # clips are decoded and embedded with extract's defaults
 ZERO_SHOT = {**defaults(zero_shot), **defaults(zero_shot_cache)}  # each default written once, in the library
 TEXT_BACKBONE_HELP = (
-    f"Clips: a backbone with a text tower: {', '.join(text_backbones())}, or hub:DIR holding a "
+    f"Clips: a backbone with a text tower: {', '.join(text_backbones())}, or hub:PRESET of a "
     f'{" or ".join(TEXT_FAMILIES.values())} preset (needs pip install "featpipe[hub]").'
 )
 # options for clips only: a cache records its backbone, weights and sampling

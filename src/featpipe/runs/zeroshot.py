@@ -93,7 +93,7 @@ def text_family(backbone: Backbone | str) -> HubModel:
     if model is None:
         raise BackboneError(
             f"{entry.name} has no text tower, so it cannot classify from label names; zero-shot needs a CLIP or "
-            f"SigLIP backbone ({', '.join(text_backbones())}, or hub:DIR holding a CLIPBackbone or SigLIPBackbone)."
+            f"SigLIP backbone ({', '.join(text_backbones())}, or hub:PRESET of a CLIPBackbone or SigLIPBackbone)."
         )
     return model
 
