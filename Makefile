@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip install -c $(LOCK)
 
 BACKENDS_STAMP := $(VENV)/.backends
 
-.PHONY: venv demo test test-slow test-ray lint format test-backends bench gpu-bench clean lock
+.PHONY: venv demo test test-slow test-ray test-hub lint format test-backends bench gpu-bench clean lock
 
 venv: $(STAMP)
 
@@ -30,15 +30,15 @@ demo: venv
 	$(BIN)/featpipe predict data/test/grow/grow_test_000.mp4 --model models/latest
 
 # The suite a change must pass (about 12 minutes on 2 CPU cores): every test but those marked slow,
-# ray or backends, which have targets of their own. CI (.ci/run) runs all four targets.
+# ray, backends or hub, which have targets of their own. CI (.ci/run) runs all five targets.
 test: venv
-	$(BIN)/python -m pytest -m "not slow and not ray and not backends"
+	$(BIN)/python -m pytest -m "not slow and not ray and not backends and not hub"
 
 # The tests marked slow (about 25 minutes on 2 CPU cores): quality bars (accuracy on the sample and
 # hard sets, tune's retrained best), subprocess kill and signal tests, cross-process determinism,
 # the notebook run and the all-backbones sweep.
 test-slow: venv
-	$(BIN)/python -m pytest -m "slow and not ray and not backends"
+	$(BIN)/python -m pytest -m "slow and not ray and not backends and not hub"
 
 # `featpipe extract --engine ray` on a real local two-node Ray cluster (loopback only): installs
 # the ray extra into the venv, then runs the tests marked ray (a few minutes).
@@ -50,6 +50,19 @@ $(RAY_STAMP): $(STAMP)
 
 test-ray: $(RAY_STAMP)
 	$(BIN)/python -m pytest -m ray tests/test_ray_engine.py
+
+# The keras-hub foundation backbones (clip-b16, clip-l14, siglip2-b16, dinov2-b14, videoprism-b,
+# --backbone hub:PRESET) and zero-shot: installs the hub extra (keras-hub, tensorflow-text) into the venv, then
+# runs the tests marked hub (tiny random presets written by keras-hub, one full-size clip-b16 and one
+# full-size videoprism-b chunk with --weights none; offline, about 4 minutes on 2 cores).
+HUB_STAMP := $(VENV)/.hub
+
+$(HUB_STAMP): $(STAMP)
+	$(PIP) -e ".[dev,hub]"
+	touch $(HUB_STAMP)
+
+test-hub: $(HUB_STAMP)
+	$(BIN)/python -m pytest -m hub
 
 # ruff's lint rules and formatter from pyproject.toml [tool.ruff]: `make format` rewrites, `make lint` only checks.
 lint: venv
@@ -77,7 +90,7 @@ gpu-bench: venv
 	$(BIN)/python bench/gpu_bench.py --json gpu_bench.json
 
 # Refresh the lock: resolve the newest versions pyproject.toml allows (every extra and the backends'
-# pins included) in a scratch venv, run lint and the whole suite (make test, test-ray, test-backends)
+# pins included) in a scratch venv, run lint and the whole suite (make test, test-ray, test-hub, test-backends)
 # on exactly those versions, and only then replace constraints.txt. A failure leaves the old lock in
 # place and the new candidate in constraints.new.txt to look at; exclude a bad version in pyproject.toml.
 LOCK_VENV := .venv-lock
@@ -85,12 +98,12 @@ lock:
 	rm -rf $(LOCK_VENV) constraints.new.txt
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install --upgrade pip
-	$(LOCK_VENV)/bin/python -m pip install -e ".[dev,ray]" torch==2.13.0 jax==0.10.2 jaxlib==0.10.2
+	$(LOCK_VENV)/bin/python -m pip install -e ".[dev,ray,hub]" torch==2.13.0 jax==0.10.2 jaxlib==0.10.2
 	{ echo "# Tested versions for make venv and CI (Linux x86_64, CPython 3.11). Refresh with: make lock"; \
 	  echo "# Generated $$(date -u +%Y-%m-%d) by pip freeze; pyproject.toml keeps the compatible ranges."; \
 	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v -i '^featpipe\b' | LC_ALL=C sort -f; \
 	} > constraints.new.txt
-	$(MAKE) VENV=$(LOCK_VENV) LOCK=constraints.new.txt lint test test-slow test-ray test-backends
+	$(MAKE) VENV=$(LOCK_VENV) LOCK=constraints.new.txt lint test test-slow test-ray test-hub test-backends
 	mv constraints.new.txt $(LOCK)
 	rm -rf $(LOCK_VENV) $(VENV)
 	@echo "constraints.txt refreshed and tested; commit it. The next make builds .venv from it."

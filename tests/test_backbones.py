@@ -15,7 +15,7 @@ from featpipe.backbones.weights import build_model, fingerprint, weights_label
 from featpipe.errors import BackboneError
 
 SMALL = {name: (64 if name.startswith("efficientnet") else max(b.min_size, 32)) for name, b in REGISTRY.items()}
-CNNS = sorted(name for name, b in REGISTRY.items() if not b.raw)
+CNNS = sorted(name for name, b in REGISTRY.items() if not b.raw and not b.extra)  # keras-hub ones: test_hub.py
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from featpipe.cli import app
 from featpipe.extraction.extract import ExtractOptions
 from featpipe.runs.evaluate import evaluate
 from featpipe.runs.predict import PredictOptions
+from featpipe.runs.zeroshot import zero_shot, zero_shot_cache
 from featpipe.training.train import TrainOptions
 from featpipe.training.tune import TuneOptions
 
@@ -44,6 +45,7 @@ LIBRARY = {
     "predict": lambda: _dataclass_defaults(PredictOptions),
     "merge": lambda: {},  # merge() and the CLI have no defaulted setting in common to compare
     "info": lambda: {},
+    "zero-shot": lambda: {**_function_defaults(zero_shot), **_function_defaults(zero_shot_cache)},
 }
 
 

@@ -9,6 +9,8 @@ The Python API mirrors the command line, with the same defaults:
     featpipe.train(head="gru")                                 # -> TrainResult (run directory, metrics)
     featpipe.evaluate("models/latest", split="test")           # -> dict of metrics
     featpipe.predict("clip.mp4", model="models/latest")        # a file, a folder or a list -> [Prediction]
+    featpipe.zero_shot("clip.mp4", backbone="clip-b16", labels="cat,dog")  # no training -> [ZeroShotPrediction]
+    featpipe.zero_shot_cache("cache/clip-b16.h5", split="test")  # its class names as labels -> accuracy
     featpipe.info("cache/inceptionv3.h5")                      # -> lines describing a cache or a run
     featpipe.linear_probe("cache/inceptionv3.h5")              # -> test metrics of the baseline heads must match
 
@@ -25,6 +27,7 @@ from featpipe.extraction.options import ExtractOptions
 from featpipe.runs.evaluate import evaluate
 from featpipe.runs.info import info
 from featpipe.runs.predict import Prediction, predict
+from featpipe.runs.zeroshot import ZeroShotCacheResult, ZeroShotPrediction, zero_shot, zero_shot_cache
 from featpipe.training.baselines import linear_probe
 from featpipe.training.options import TrainOptions
 from featpipe.training.search import TuneOptions
@@ -44,6 +47,10 @@ __all__ = [
     "evaluate",
     "predict",
     "Prediction",
+    "zero_shot",
+    "zero_shot_cache",
+    "ZeroShotPrediction",
+    "ZeroShotCacheResult",
     "info",
     "tune",
     "TuneOptions",

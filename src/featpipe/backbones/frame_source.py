@@ -28,6 +28,7 @@ from featpipe.backbones.registry import (
     get_backbone,
 )
 from featpipe.backbones.weights import build_model, fingerprint, weights_label
+from featpipe.errors import BackboneError
 from featpipe.runtime.devices import current_device
 from featpipe.runtime.keras_import import import_keras
 
@@ -40,6 +41,9 @@ class FrameSource(Protocol):
     ``weights`` (the label: "imagenet", "none" or an absolute path), ``precision`` (compute dtype
     policy), ``fingerprint`` (of the weight values; None while still being computed, see
     :meth:`wait`) and ``feature_shape`` (per frame). ``batch_size`` is the frames of one call.
+    ``clip_frames`` (K) is how many consecutive frames of one clip the network embeds at once: 1 for an image
+    network; for a video-native one every call takes whole chunks of K frames and ``batch_size`` is a multiple
+    of K.
     """
 
     backbone: Backbone
@@ -48,6 +52,7 @@ class FrameSource(Protocol):
     precision: str
     fingerprint: str | None
     feature_shape: tuple[int, ...]
+    clip_frames: int
 
     @property
     def batch_size(self) -> int: ...
@@ -62,7 +67,7 @@ class FrameSource(Protocol):
         """Compile now, as set-up, where that is worth it; a no-op otherwise."""
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
-        """(n, size, size, 3) uint8, n <= batch_size -> (n, *feature_shape) features."""
+        """(n, size, size, 3) uint8, n <= batch_size (a multiple of clip_frames) -> (n, *feature_shape) features."""
 
 
 def frame_source(
@@ -90,6 +95,8 @@ def _inference_model(backbone: Backbone, size: int, model, precision: str, jit_c
 
     The backbone's own ``preprocess_input`` runs INSIDE the graph (on the device, after a
     uint8 transfer that is 4x smaller than float32), so the host thread only stacks frames.
+    A video-native backbone (``clip_frames`` K > 1) takes chunks ``(B, K, size, size, 3)``: its frames are
+    preprocessed one by one, the network maps the chunks to ``(B, K, feature_dim)``.
     With a mixed precision the same architecture is rebuilt under that dtype policy and given
     the float32 network's weights, so the weights fingerprint never depends on the precision.
     """
@@ -105,10 +112,16 @@ def _inference_model(backbone: Backbone, size: int, model, precision: str, jit_c
             keras.config.set_dtype_policy(previous)
         net.set_weights(model.get_weights())
         net.trainable = False
-    frames = keras.Input((size, size, 3), dtype="uint8", name="frames")
-    x = backbone.preprocess_input(keras.ops.cast(frames, "float32"))
+    k = backbone.clip_frames
+    frames = keras.Input((k, size, size, 3) if k > 1 else (size, size, 3), dtype="uint8", name="frames")
+    x = keras.ops.cast(frames, "float32")
+    if k > 1:
+        x = backbone.preprocess_input(keras.ops.reshape(x, (-1, size, size, 3)))
+        x = keras.ops.reshape(x, (-1, k, *x.shape[1:]))
+    else:
+        x = backbone.preprocess_input(x)
     features = keras.ops.cast(net(x, training=False), "float32")
-    wrapped = keras.Model(frames, features, name=f"{backbone.name}_features")
+    wrapped = keras.Model(frames, features, name=f"{backbone.file_stem}_features")
     wrapped.compile(jit_compile=jit_compile)
     return wrapped
 
@@ -126,6 +139,10 @@ class FeatureExtractor:
     (features come back as float32 either way). Inference is compiled (XLA, jax.jit or
     torch.compile) on an accelerator, Keras' own choice on a CPU. If the device runs out of
     memory on a batch size that was not given explicitly, the batch is split in halves.
+
+    A video-native backbone (``clip_frames`` K > 1) embeds chunks of K consecutive frames: ``batch_size`` is
+    rounded up to a multiple of K, a call takes whole chunks (``(n*K, size, size, 3)``, each K frames of one
+    clip in order) and returns one feature per frame (``(n*K, feature_dim)``).
     """
 
     storage_dtype: str | None = None  # the dtype the cache must use whatever --dtype says (RawFrames: uint8)
@@ -150,18 +167,25 @@ class FeatureExtractor:
     ):
         self.backbone = _entry(backbone)
         self.size = check_size(self.backbone, size or self.backbone.default_size)
-        self.weights = weights_label(weights)
+        self.weights = weights_label(weights, self.backbone)
         self.seed = seed
         self.precision = check_precision(precision)
         self._auto_batch = batch_size is None
         model = build_model(self.backbone, self.size, self.weights, seed)
         self.fingerprint = fingerprint(model)
         self.feature_shape: tuple[int, ...] = (self.backbone.feature_dim,)
+        self.clip_frames = k = int(self.backbone.clip_frames)
+        if self.backbone.load is not None and int(model.output.shape[-1]) != self.backbone.feature_dim:
+            raise BackboneError(
+                f"{self.backbone.name} gives {model.output.shape[-1]}-d features, not the {self.backbone.feature_dim} "
+                "its entry declares; check the weights or preset folder passed."
+            )
         device = current_device()
-        self.batch_size = int(batch_size or auto_batch_size(model, device, self.precision))
+        self.batch_size = int(batch_size or auto_batch_size(model, device, self.precision, k))
+        self.batch_size = -(-self.batch_size // k) * k  # whole chunks
         self.jit_compile = True if device.accelerator else "auto"
         self.model = _inference_model(self.backbone, self.size, model, self.precision, self.jit_compile)
-        self._micro = self.batch_size  # frames per device call; halved on out-of-memory
+        self._micro = self.batch_size // k  # network inputs (frames, or chunks) per device call; halved on OOM
 
     def cache_dtype(self, requested: str) -> str:
         """The dtype features are stored in: ``requested`` (--dtype) for a network."""
@@ -177,13 +201,17 @@ class FeatureExtractor:
         On a CPU the first real batch traces it instead: a warm-up batch there costs a whole forward pass.
         """
         if self.jit_compile is True:
-            self(np.zeros((1, self.size, self.size, 3), np.uint8))
+            self(np.zeros((self.clip_frames, self.size, self.size, 3), np.uint8))
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
-        """(n, size, size, 3) uint8, n <= batch_size -> (n, *feature_shape) float32 features."""
-        n = len(frames)
+        """(n, size, size, 3) uint8, n <= batch_size -> (n, *feature_shape) float32 features.
+
+        With ``clip_frames`` K > 1, n is a multiple of K: frames ``[i*K, (i+1)*K)`` are one chunk."""
+        n, k = len(frames), self.clip_frames
         if n > self.batch_size:
             raise ValueError(f"got {n} frames for a batch of {self.batch_size}")
+        if n % k:
+            raise ValueError(f"got {n} frames for chunks of {k}")
         if n == 0:
             return np.zeros((0, *self.feature_shape), np.float32)
         if n == self.batch_size:  # the usual full batch: no padding copy on the hot path
@@ -191,9 +219,11 @@ class FeatureExtractor:
         else:
             batch = np.zeros((self.batch_size, self.size, self.size, 3), dtype=np.uint8)
             batch[:n] = frames
+        inputs = batch.reshape(-1, k, *batch.shape[1:]) if k > 1 else batch  # (chunks, K, size, size, 3)
+        used = n // k  # network inputs that hold real frames
         while True:
             try:  # every call has the same shape (_micro divides batch_size), so one compiled trace
-                parts = [self.model.predict_on_batch(batch[i : i + self._micro]) for i in range(0, n, self._micro)]
+                parts = [self.model.predict_on_batch(inputs[i : i + self._micro]) for i in range(0, used, self._micro)]
                 break
             except Exception as exc:
                 if self._auto_batch and self._micro > 1 and _is_out_of_memory(exc):
@@ -209,7 +239,8 @@ class FeatureExtractor:
                     self.model.compile(jit_compile=False)
                 else:
                     raise
-        return np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])[:n]
+        out = np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])
+        return out.reshape(-1, *self.feature_shape)[:n] if k > 1 else out[:n]
 
 
 class RawFrames:
@@ -237,6 +268,7 @@ class RawFrames:
         self.jit_compile = False
         self.fingerprint = RAW_FINGERPRINT
         self.feature_shape = (self.size, self.size, 3)
+        self.clip_frames = 1
         self.batch_size = int(batch_size or 32)
 
     def cache_dtype(self, requested: str) -> str:
@@ -267,18 +299,20 @@ def activation_bytes_per_frame(model) -> int:
 _MAX_AUTO_BATCH = 256
 
 
-def auto_batch_size(model, device=None, precision: str = "float32") -> int:
+def auto_batch_size(model, device=None, precision: str = "float32", clip_frames: int = 1) -> int:
     """Frames per forward pass when --batch-size is not given.
 
     CPU: 32. Accelerator: the largest power of two whose activations fit in half the free
     device memory, taking half the sum of all layer outputs per frame (frameworks reuse
-    buffers; mixed precision halves them again), between 8 and 256.
+    buffers; mixed precision halves them again), between 8 and 256. For a video-native network
+    (``clip_frames`` K > 1, whose input is a chunk of K frames) the estimate counts chunks, and the
+    frames are that many chunks of K (on a CPU: 32 rounded up to whole chunks).
     """
     device = device or current_device()
     if not device.accelerator:
-        return 32
+        return -(-32 // clip_frames) * clip_frames
     if not device.free_bytes:
-        return 128
+        return 128 * clip_frames
     per_frame = activation_bytes_per_frame(model) / 2
     if precision != "float32":
         per_frame /= 2
@@ -286,4 +320,4 @@ def auto_batch_size(model, device=None, precision: str = "float32") -> int:
     size = 8
     while size * 2 <= min(fits, _MAX_AUTO_BATCH):
         size *= 2
-    return size
+    return size * clip_frames

@@ -24,8 +24,14 @@ Weights:
     (so a resumed extraction never mixes two networks);
   * a path to a local weights file (for machines without internet).
 A fingerprint of the weight values is recorded in the cache so that mismatches are detected
-(:mod:`featpipe.backbones.weights`). Networks are built and run by :mod:`featpipe.backbones.weights`
-and :mod:`featpipe.backbones.frame_source`; this module imports no Keras.
+(:mod:`featpipe.backbones.weights`).
+
+The keras-hub entries (``clip-b16``, ``clip-l14``, ``siglip2-b16``, ``dinov2-b14``, ``videoprism-b``, and
+``hub:PRESET`` for a keras-hub preset name or local preset folder, :func:`get_backbone`) need the ``hub``
+extra; they load their own weights (``load``: "none", "imagenet" = the preset's pretrained weights, or a preset
+folder) and preprocess with their preset's image converter (:mod:`featpipe.backbones.hub`). Networks are built
+and run by :mod:`featpipe.backbones.weights` and :mod:`featpipe.backbones.frame_source`; this module imports no
+Keras.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from featpipe.backbones.hub import HUB_PREFIX, NAMED, folder_spec, is_preset_name, preset_spec
 from featpipe.errors import BackboneError
 from featpipe.names import PRECISIONS
 from featpipe.runtime.keras_import import import_keras
@@ -81,10 +88,25 @@ class Backbone:
     feature_dim: int  # length of the pooled feature vector
     min_size: int = 32  # smallest input the network accepts
     raw: bool = False  # True for the "raw" entry: no network, the frames themselves are stored
+    # load(weights label, seed) -> the feature network with those weights, where the entry loads its weights
+    # itself (keras-hub presets: "none", "imagenet" = the preset's pretrained weights, or a preset folder);
+    # None: build() and featpipe's own weights handling (featpipe.backbones.weights.build_model)
+    load: Callable[[str, int], Any] | None = None
+    extra: str | None = None  # the optional extra the entry needs installed ("hub": keras-hub), None for none
+    default_weights: str | None = None  # what --weights imagenet (the default) means for it, if not that
+    # consecutive frames of one clip the network embeds at once (a chunk): 1 for image networks, K for a
+    # video-native one (videoprism-b: 16), whose network maps (chunk, K, H, W, 3) to (chunk, K, feature_dim);
+    # --frames must then be a multiple of K (featpipe.extraction.stages.embed feeds whole chunks)
+    clip_frames: int = 1
 
     def __post_init__(self):
         if not self.raw and (self.build is None or self.preprocess_input is None):
             raise BackboneError(f"Backbone '{self.name}' needs a build function and a preprocess_input.")
+
+    @property
+    def file_stem(self) -> str:
+        """The name as a file name and Keras model name (see :func:`file_stem`)."""
+        return file_stem(self.name)
 
     def preprocess(self, frames: np.ndarray) -> np.ndarray:
         """uint8 RGB (B, H, W, 3) -> float32 input exactly as this backbone expects it."""
@@ -92,6 +114,19 @@ class Backbone:
         if self.raw:
             return x
         return np.asarray(self.preprocess_input(x), dtype=np.float32)
+
+
+def file_stem(name: str) -> str:
+    """A backbone name as a file or folder name: itself, or ``hub-<folder name>`` for a ``hub:DIR`` entry
+    (whose name holds the folder's path)."""
+    if not name.startswith(HUB_PREFIX):
+        return name
+    ref = name[len(HUB_PREFIX) :]
+    if "://" in ref:  # a kaggle:// or hf:// handle: every part after the scheme
+        folder = ref.split("://", 1)[1].strip("/").replace("/", "-")
+    else:
+        folder = ref.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    return "hub-" + ("".join(c if c.isalnum() or c in "-_." else "_" for c in folder) or "preset")
 
 
 def _application(
@@ -112,6 +147,43 @@ _EFFICIENTNET = {  # variant: (native size, feature dim), from keras.application
     7: (600, 2560),
 }
 
+
+def _hub(name: str) -> Backbone:
+    """A named keras-hub entry (featpipe.backbones.hub.NAMED): needs the hub extra."""
+    model, converter, dim = NAMED[name]
+    return Backbone(
+        name,
+        model.build,
+        converter,
+        converter.image_size[0],
+        dim,
+        load=model.load,
+        extra="hub",
+        clip_frames=model.clip_frames,
+    )
+
+
+def hub_backbone(ref: str) -> Backbone:
+    """The entry for ``--backbone hub:PRESET``: a keras-hub preset name (its pretrained weights are the default,
+    fetched by keras-hub) or a local preset folder (its own weights are the default)."""
+    if is_preset_name(ref):
+        model, converter, dim = preset_spec(ref)
+    else:
+        model, converter, dim = folder_spec(ref)
+    return Backbone(
+        HUB_PREFIX + (model.folder or model.preset),
+        model.build,
+        converter,
+        converter.image_size[0],
+        dim,
+        min_size=min(32, converter.image_size[0]),  # frames of any size: the converter resizes them
+        load=model.load,
+        extra="hub",
+        default_weights=model.folder,
+        clip_frames=model.clip_frames,
+    )
+
+
 REGISTRY: dict[str, Backbone] = {
     "inceptionv3": _application("inceptionv3", "inception_v3", "InceptionV3", 299, 2048, min_size=75),
     **{
@@ -120,6 +192,9 @@ REGISTRY: dict[str, Backbone] = {
     },
     "vgg16": _application("vgg16", "vgg16", "VGG16", 224, 512),
     "resnet50": _application("resnet50", "resnet50", "ResNet50", 224, 2048),
+    # Foundation models from keras-hub (the hub extra): image embeddings in CLIP's and SigLIP's joint
+    # image-text spaces, DINOv2's CLS token, VideoPrism's per-frame patch mean (featpipe.backbones.hub)
+    **{name: _hub(name) for name in NAMED},
     # Not a CNN: stores the sampled uint8 frames (size x size x 3) for end-to-end models (cnn-lstm).
     "raw": Backbone("raw", None, None, 64, 0, min_size=8, raw=True),
 }
@@ -151,10 +226,16 @@ def is_raw(name: str) -> bool:
 
 
 def get_backbone(name: str) -> Backbone:
-    """Look up a backbone by name (case-insensitive)."""
+    """Look up a backbone by name (case-insensitive), or ``hub:PRESET`` for a keras-hub preset (a name or a local
+    preset folder)."""
+    if name.strip().lower().startswith(HUB_PREFIX):
+        return hub_backbone(name.strip()[len(HUB_PREFIX) :])
     key = name.strip().lower()
     if key not in REGISTRY:
-        raise BackboneError(f"Unknown backbone '{name}'. Choose one of: {', '.join(REGISTRY)}.")
+        raise BackboneError(
+            f"Unknown backbone '{name}'. Choose one of: {', '.join(REGISTRY)}; "
+            "or hub:PRESET for a keras-hub preset name or preset folder."
+        )
     return REGISTRY[key]
 
 

@@ -22,9 +22,14 @@ from featpipe.errors import BackboneError
 from featpipe.runtime.keras_import import import_keras
 
 
-def weights_label(weights: str | os.PathLike) -> str:
-    """Normalise the --weights value to what the cache records: 'imagenet', 'none' or an absolute path."""
+def weights_label(weights: str | os.PathLike, backbone: Backbone | None = None) -> str:
+    """Normalise the --weights value to what the cache records: 'imagenet', 'none' or an absolute path.
+
+    For a ``hub:DIR`` entry, 'imagenet' (the default) means the folder's own weights: its path is recorded.
+    """
     text = str(weights)
+    if text.lower() == WEIGHTS_IMAGENET and backbone is not None and backbone.default_weights:
+        return backbone.default_weights
     if text.lower() in (WEIGHTS_IMAGENET, WEIGHTS_NONE):
         return text.lower()
     return str(Path(text).expanduser().resolve())
@@ -56,7 +61,11 @@ def build_model(backbone: Backbone, size: int, weights: str = WEIGHTS_IMAGENET, 
 
     check_size(backbone, size)
     input_shape = (size, size, 3)
-    label = weights_label(weights)
+    label = weights_label(weights, backbone)
+    if backbone.load is not None:  # a keras-hub entry: it loads "none", its preset's weights or a preset folder
+        model = backbone.load(label, seed)
+        model.trainable = False
+        return model
     if label == WEIGHTS_NONE:
         keras.utils.set_random_seed(seed)
         model = backbone.build(None, input_shape)

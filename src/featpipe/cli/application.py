@@ -22,6 +22,7 @@ from featpipe.cli.data import sample_data_cmd
 from featpipe.cli.extract import extract_cmd, info_cmd, merge_cmd
 from featpipe.cli.runs import evaluate_cmd, predict_cmd
 from featpipe.cli.train import train_cmd, tune_cmd
+from featpipe.cli.zeroshot import zero_shot_cmd
 from featpipe.errors import FeatpipeError, OptionError, Terminated
 from featpipe.runtime import signals
 from featpipe.runtime.keras_import import set_verbose
@@ -102,6 +103,7 @@ COMMANDS = (
     ("tune", tune_cmd, TUNE_INTERRUPTED),
     ("evaluate", evaluate_cmd, READ_INTERRUPTED),
     ("predict", predict_cmd, READ_INTERRUPTED),
+    ("zero-shot", zero_shot_cmd, READ_INTERRUPTED),
     ("merge", merge_cmd, INTERRUPTED),
     ("info", info_cmd, INTERRUPTED),
 )

@@ -16,7 +16,6 @@ from featpipe.cli.params import (
     DECODER_HELP,
     PRECISION_HELP,
     WORKERS_HELP,
-    BackboneName,
     Decoder,
     DType,
     Engine,
@@ -34,7 +33,7 @@ EXTRACT = defaults(ExtractOptions)  # each option's default, written once: in Ex
 
 
 def extract_cmd(
-    backbone: Annotated[BackboneName, typer.Option(metavar="<name>", help=BACKBONE_HELP)] = EXTRACT["backbone"],
+    backbone: Annotated[str, typer.Option(metavar="<name>", help=BACKBONE_HELP)] = EXTRACT["backbone"],
     data: Annotated[
         Optional[Path],
         typer.Option(
@@ -53,7 +52,11 @@ def extract_cmd(
         Optional[Path], typer.Option(help="Cache file to write instead of <cache-dir>/<backbone>.h5.")
     ] = EXTRACT["output"],
     frames: Annotated[
-        int, typer.Option(help="Frames per clip (sequence length); shorter clips are zero-padded and masked.")
+        int,
+        typer.Option(
+            help="Frames per clip (sequence length); shorter clips are zero-padded and masked. A multiple of "
+            "the chunk for a video-native backbone (16 for videoprism-b)."
+        ),
     ] = EXTRACT["frames"],
     sampling: Annotated[
         Sampling, typer.Option(help="uniform: evenly over the whole clip; first: the first N frames.")
@@ -71,7 +74,10 @@ def extract_cmd(
     ] = EXTRACT["size"],
     weights: Annotated[
         str,
-        typer.Option(help="imagenet (downloaded once), none (deterministic random network) or a local weights file."),
+        typer.Option(
+            help="imagenet (downloaded once; for keras-hub backbones the preset's pretrained weights), none "
+            "(deterministic random network) or a local weights file (keras-hub backbones: a preset folder)."
+        ),
     ] = EXTRACT["weights"],
     seed: Annotated[int, typer.Option(help="Seed of the random network with --weights none.")] = EXTRACT["seed"],
     dtype: Annotated[DType, typer.Option(help="Storage type of the features.")] = EXTRACT["dtype"],

@@ -33,7 +33,6 @@ def choices(name: str, values) -> type[Enum]:
     return Enum(name, {value.replace("-", "_"): value for value in values}, type=str)
 
 
-BackboneName = Enum("BackboneName", {name: name for name in REGISTRY}, type=str)
 Sampling = choices("Sampling", SAMPLING)
 Decoder = choices("Decoder", DECODERS)
 Precision = choices("Precision", PRECISIONS)
@@ -46,8 +45,10 @@ CV = choices("CV", CV_MODES)
 
 
 BACKBONE_HELP = (
-    f"Frozen ImageNet CNN: {', '.join(n for n, b in REGISTRY.items() if not b.raw)}; "
-    f"or {', '.join(n for n, b in REGISTRY.items() if b.raw)} (the frames themselves, for cnn-lstm)."
+    f"Frozen ImageNet CNN: {', '.join(n for n, b in REGISTRY.items() if not b.raw and not b.extra)}; "
+    f"or {', '.join(n for n, b in REGISTRY.items() if b.raw)} (the frames themselves, for cnn-lstm); "
+    f'or a foundation model (needs pip install "featpipe[hub]"): '
+    f"{', '.join(n for n, b in REGISTRY.items() if b.extra)}, or hub:PRESET (a keras-hub preset or folder)."
 )
 DECODER_HELP = (
     "auto/pyav: seek to the frames kept (clips that cannot be sought reliably are read in order); "

@@ -69,7 +69,7 @@ class ExtractResult:
 
 def cache_path(opts: ExtractOptions) -> Path:
     """The file this extraction writes: the cache, or with ``shard`` its shard file beside it."""
-    path = Path(opts.output) if opts.output else Path(opts.cache_dir) / f"{get_backbone(opts.backbone).name}.h5"
+    path = Path(opts.output) if opts.output else Path(opts.cache_dir) / f"{get_backbone(opts.backbone).file_stem}.h5"
     return shard_path(path, *parse_shard(opts.shard)) if opts.shard else path
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from featpipe.backbones.hub import INSTALL as HUB_INSTALL
+from featpipe.backbones.hub import hub_installed
 from featpipe.backbones.registry import WEIGHTS_IMAGENET, get_backbone
 from featpipe.cache.shards import parse_shard
 from featpipe.errors import FeatpipeError, OptionError
@@ -98,6 +100,12 @@ class ExtractOptions:
             check_dir_option("cache_dir", self.cache_dir)
         check_file_option("output", self.output, optional=True)
         check_int("frames", self.frames, 1, MAX_FRAMES)
+        check_chunk_frames(backbone, self.frames)
+        if backbone.extra == "hub" and not hub_installed():
+            raise OptionError(
+                "backbone",
+                f"{backbone.name} needs keras-hub, which is not installed: run {HUB_INSTALL}.",
+            )
         check_choice("sampling", self.sampling, SAMPLING)
         check_float("fps", self.fps, 0, MAX_FPS, low_open=True, optional=True)
         if self.fps is not None and self.sampling != "uniform":
@@ -167,6 +175,21 @@ class ExtractOptions:
             "batch_size",
             f"of {batch} frames at {size} px needs {need} this machine can spare; at most {max(fit, 0)} fit.",
         )
+
+
+def check_chunk_frames(backbone, frames: int) -> None:
+    """A video-native backbone embeds chunks of ``clip_frames`` (K) frames: --frames must be a multiple of K."""
+    k = backbone.clip_frames
+    if k <= 1 or frames % k == 0:
+        return
+    below, above = frames // k * k, (frames // k + 1) * k
+    nearest = f"{below} or {above}" if below else f"{above}"
+    raise OptionError(
+        "frames",
+        f"must be a multiple of {k} for {backbone.name}, which embeds {k} consecutive frames at once; got "
+        f"{frames}: use {nearest} (a clip with fewer frames is still fine: its last frame is repeated to fill "
+        "the chunk and masked).",
+    )
 
 
 MAX_RAY_WORKERS = 10_000

@@ -10,11 +10,13 @@ stages; none of them re-implements batching across clips or scattering features 
   ``source.batch_size`` frames, one frame-source call per batch on its own thread (so the next
   batch is assembled while the device computes), features scattered back to their clips. Yields
   an :class:`Embedded` per clip as soon as its last frame is through (errors pass straight on).
+  For a video-native source (``clip_frames`` K > 1) it feeds whole chunks of K consecutive frames of
+  one window, never mixing clips (see :func:`embed`).
 * :class:`BackgroundWriter` -- finished clips appended to the cache's journal on a thread.
 
 A *frame source* (:class:`featpipe.backbones.frame_source.FrameSource`) is what turns uint8 frames
 into per-frame features: a network or the ``raw`` entry's frames themselves. The stages only use
-its ``batch_size``, ``feature_shape`` and ``__call__``. :func:`check_clip_finite` is the check every
+its ``batch_size``, ``feature_shape``, ``clip_frames`` and ``__call__``. :func:`check_clip_finite` is the check every
 engine applies to a clip's features before they are written.
 """
 
@@ -128,9 +130,18 @@ def embed(decoded: Iterable[Decoded], source, stats: Stats | None = None) -> Ite
     idles while a batch is stacked. Clips come out when their last frame is through, errors at
     once: the order is not the input order. Closing the iterator (Ctrl-C, an error downstream)
     lets the batch in the source finish and drops the queued ones.
+
+    A video-native source (``source.clip_frames`` K > 1) embeds chunks of K consecutive frames of one
+    window: each window's real frames (a prefix of its mask) are queued rounded UP to a multiple of K, the
+    tail of the last chunk filled by repeating the last real frame (never the zero frames a window is padded
+    with, which the model would attend to), and only whole chunks are sent. The filler positions' features
+    are dropped: masked positions keep zero features, real frames never see a padding frame.
     """
     stats = stats if stats is not None else Stats()
     batch_size = source.batch_size
+    k = int(getattr(source, "clip_frames", 1))
+    if batch_size % k:
+        raise ValueError(f"a batch of {batch_size} frames is not whole chunks of {k}")
     infer_q: queue.Queue = queue.Queue(maxsize=2)
     done_q: queue.Queue = queue.Queue()  # finished clips, drained by this generator
     errors: list[BaseException] = []  # from the source's thread, re-raised here
@@ -151,7 +162,10 @@ def embed(decoded: Iterable[Decoded], source, stats: Stats | None = None) -> Ite
                 t0 = time.perf_counter()
                 feats = source(batch)
                 stats.infer_seconds += time.perf_counter() - t0
-                for (slot, w, pos), f in zip(owners, feats):
+                for owner, f in zip(owners, feats):
+                    if owner is None:  # a chunk's filler (the last real frame repeated): dropped
+                        continue
+                    slot, w, pos = owner
                     slot.features[w, pos] = f
                     slot.remaining -= 1
                     if slot.remaining == 0:
@@ -160,12 +174,13 @@ def embed(decoded: Iterable[Decoded], source, stats: Stats | None = None) -> Ite
                 errors.append(exc)
                 stop.set()
                 return
-            stats.frames += len(owners)
+            stats.frames += sum(owner is not None for owner in owners)
 
     thread = threading.Thread(target=infer_loop, name="featpipe-backbone", daemon=True)
     thread.start()
     pending_frames: list[np.ndarray] = []  # frames waiting for a batch
-    pending_owner: list[tuple[_Slot, int, int]] = []  # (slot, window, frame position) per pending frame
+    # (slot, window, frame position) per pending frame; None for the filler that completes a chunk
+    pending_owner: list[tuple[_Slot, int, int] | None] = []
 
     def flush(n: int) -> Iterator[Embedded]:
         nonlocal pending_frames, pending_owner
@@ -197,14 +212,18 @@ def embed(decoded: Iterable[Decoded], source, stats: Stats | None = None) -> Ite
             t = len(clip.windows[0].mask) if clip.windows else 0
             slot = _Slot(clip, np.zeros((len(clip.windows), t, *source.feature_shape), np.float32), 0)
             for w, window in enumerate(clip.windows):
-                for pos in range(int(window.mask.sum())):  # real frames are a prefix
+                real = int(window.mask.sum())  # real frames are a prefix
+                for pos in range(real):
                     pending_frames.append(window.frames[pos])
                     pending_owner.append((slot, w, pos))
                     slot.remaining += 1
+                if real % k:  # complete the window's last chunk with its last real frame
+                    pending_frames.extend([window.frames[real - 1]] * (k - real % k))
+                    pending_owner.extend([None] * (k - real % k))
             if slot.remaining == 0:
                 yield slot.result()
                 continue
-            while len(pending_frames) >= batch_size:
+            while len(pending_frames) >= batch_size:  # batch_size is whole chunks, and so is what is pending
                 yield from flush(batch_size)
         if pending_frames:
             yield from flush(len(pending_frames))

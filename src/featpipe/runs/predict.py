@@ -177,10 +177,10 @@ class Predictor:
         self.class_names: list[str] = list(self.info.class_names)
         self.frames, self.size, self.sampling = int(pre["frames"]), int(pre["input_size"]), str(pre["sampling"])
         weights = str(pre["weights"])
-        if weights not in (WEIGHTS_IMAGENET, WEIGHTS_NONE) and not Path(weights).is_file():
+        if weights not in (WEIGHTS_IMAGENET, WEIGHTS_NONE) and not Path(weights).exists():
             raise BackboneError(
-                f"The run was trained on features from the weights file '{weights}', which is not on this machine; "
-                f"copy it to that path (the run checks it by fingerprint)."
+                f"The run was trained on features from the weights file or preset folder '{weights}', which is not "
+                f"on this machine; copy it to that path (the run checks it by fingerprint)."
             )
         self.extractor = frame_source(
             pre["backbone"], self.size, weights, int(pre.get("weights_seed", 0)), batch_size, precision

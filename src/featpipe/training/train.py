@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from featpipe._version import __version__
+from featpipe.backbones.registry import file_stem
 from featpipe.cache.schema import APPEND_KEYS, PREPROCESSING_KEYS
 from featpipe.cache.shards import parse_shard_path
 from featpipe.errors import AdvisedOptionError, FeatpipeError, Terminated
@@ -118,7 +119,7 @@ def check_cache(index: CacheIndex) -> None:
 
 
 def _run_name(index: CacheIndex, head: str) -> str:
-    return f"{index.config.backbone}-{head}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return f"{file_stem(index.config.backbone)}-{head}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def _unique(path: Path) -> Path:

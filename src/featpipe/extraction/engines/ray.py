@@ -134,11 +134,14 @@ class DriverBackbone:
             import_keras()  # here: the import filters fd 2 for the whole process, not something for two threads
         self.backbone, self.size, self.seed = backbone, size, seed
         self.precision = check_precision(precision)
-        self.weights = WEIGHTS_NONE if backbone.raw else weights_label(weights)
+        self.weights = WEIGHTS_NONE if backbone.raw else weights_label(weights, backbone)
         self.feature_shape: tuple[int, ...] = (size, size, 3) if backbone.raw else (backbone.feature_dim,)
         self.fingerprint: str | None = RAW_FINGERPRINT if backbone.raw else None
+        self.clip_frames = k = int(backbone.clip_frames)
         device = None if backbone.raw or batch_size else current_device()
         self._batch_size = batch_size or (32 if device is None or not device.accelerator else None)
+        if self._batch_size is not None:  # whole chunks, as FeatureExtractor rounds it
+            self._batch_size = -(-self._batch_size // k) * k
         self._error: BaseException | None = None
         self._done = threading.Event()
         if self.fingerprint is not None:
@@ -149,7 +152,7 @@ class DriverBackbone:
             try:
                 model = build_model(backbone, size, self.weights, seed)
                 if self._batch_size is None:  # an accelerator here: the local engine's estimate, for the call sizes
-                    self._batch_size = auto_batch_size(model, device, self.precision)
+                    self._batch_size = auto_batch_size(model, device, self.precision, self.clip_frames)
                 self.fingerprint = fingerprint(model)
             except BaseException as exc:  # noqa: BLE001 -- re-raised by wait(), on the driver's thread
                 self._error = exc
