@@ -35,3 +35,22 @@ def parted(monkeypatch):
 def default_threshold(monkeypatch):
     """Tests see featpipe's default 64 MB threshold whatever the shell sets (the cache tests use it for every test)."""
     monkeypatch.delenv("FEATPIPE_ONE_FILE_MB", raising=False)
+
+
+@pytest.fixture
+def no_keras_hub(monkeypatch):
+    """As if the hub extra were not installed, whatever this venv has."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "keras_hub", None)
+
+
+@pytest.fixture(scope="module")
+def two_clips(tmp_path_factory) -> Path:
+    """The smallest dataset extract takes: two classes, one short clip each (6 frames, 48 px), all in train."""
+    from videos import write_video
+
+    root = tmp_path_factory.mktemp("two") / "data"
+    for name in ("a", "b"):
+        write_video(root / name / f"{name}.mp4", 6, 48, 48)
+    return root

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,24 +22,8 @@ from featpipe.backbones.hub import INSTALL, ImageConverterSpec
 from featpipe.backbones.registry import REGISTRY, get_backbone
 from featpipe.cache.reader import open_h5, read_config
 from featpipe.errors import BackboneError, OptionError
-from videos import write_video
 
 HUB_NAMES = {"clip-b16": (224, 512), "clip-l14": (224, 768), "siglip2-b16": (224, 768), "dinov2-b14": (518, 768)}
-
-
-@pytest.fixture
-def no_keras_hub(monkeypatch):
-    """As if the hub extra were not installed, whatever this venv has."""
-    monkeypatch.setitem(sys.modules, "keras_hub", None)
-
-
-@pytest.fixture(scope="module")
-def two_clips(tmp_path_factory) -> Path:
-    """The smallest dataset extract takes: two classes, one short clip each, all in train."""
-    root = tmp_path_factory.mktemp("hub") / "data"
-    for name in ("a", "b"):
-        write_video(root / name / f"{name}.mp4", 6, 48, 48)
-    return root
 
 
 def _clip_config(projection_dim: int = 12, image: int = 32) -> dict:

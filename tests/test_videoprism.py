@@ -125,16 +125,6 @@ def test_a_videoprism_folder_is_read_from_its_json_with_its_chunk_size(tmp_path,
         get_backbone(f"hub:{tmp_path}")
 
 
-@pytest.fixture(scope="module")
-def two_clips(tmp_path_factory) -> Path:
-    from videos import write_video
-
-    root = tmp_path_factory.mktemp("vp") / "data"
-    for name in ("a", "b"):
-        write_video(root / name / f"{name}.mp4", 6, 48, 48)
-    return root
-
-
 # ------------------------------------------------------------------ with keras-hub (make test-hub)
 
 _TINY = dict(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import h5py
@@ -28,12 +27,6 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 def _said(result) -> str:
     return " ".join((result.output + (result.stderr or "")).split())
-
-
-@pytest.fixture
-def no_keras_hub(monkeypatch):
-    """As if the hub extra were not installed, whatever this venv has."""
-    monkeypatch.setitem(sys.modules, "keras_hub", None)
 
 
 @pytest.fixture(scope="module")

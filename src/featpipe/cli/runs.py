@@ -119,8 +119,7 @@ def predict_cmd(
     )
     PredictOptions(**plain(options))  # a bad option is refused before any folder is searched
     found = find_clips(clips)
-    for folder, count in found.folders:  # on stderr: --json keeps stdout to one object per clip
-        typer.echo(f"Found {count} clip{'' if count == 1 else 's'} in '{folder}'.", err=True)
+    say_found(found)
     results = featpipe.predict(found, **plain(options))
     if timeline is not None:
         typer.echo(timeline_json_lines(results) if as_json else format_timeline(results))
@@ -132,6 +131,17 @@ def predict_cmd(
             write_csv(results, output, top_k)
     if plot is not None and results and results[0].ok:
         typer.echo(f"Timeline plot: {plot}", err=True)
+    exit_if_clips_failed(results, found)
+
+
+def say_found(found) -> None:
+    """How many clips each folder given held, on stderr (--json keeps stdout to one object per clip)."""
+    for folder, count in found.folders:
+        typer.echo(f"Found {count} clip{'' if count == 1 else 's'} in '{folder}'.", err=True)
+
+
+def exit_if_clips_failed(results, found) -> None:
+    """predict's and zero-shot's ending: exit status 1, with one sentence, when a clip or folder could not be used."""
     problems = []
     failed = sum(not p.ok for p in results) - len(found.unreadable)
     if failed:

@@ -19,6 +19,7 @@ from featpipe.cli.params import (
     defaults,
     plain,
 )
+from featpipe.cli.runs import exit_if_clips_failed, say_found
 from featpipe.errors import OptionError
 from featpipe.extraction.options import ExtractOptions
 from featpipe.runs.predict import find_clips
@@ -124,26 +125,13 @@ def zero_shot_cmd(
     if labels is None:
         raise OptionError("labels", 'is needed to classify clips: give the label names, e.g. --labels "cat,dog".')
     found = find_clips(clips)
-    for folder, count in found.folders:  # on stderr: --json keeps stdout to one object per clip
-        typer.echo(f"Found {count} clip{'' if count == 1 else 's'} in '{folder}'.", err=True)
+    say_found(found)
     options = plain({k: v for k, v in clip_options.items() if v is not None})
     results = zero_shot(found, labels=labels, template=template, **options)
     typer.echo(to_json_lines(results) if as_json else format_table(results))
     if results and any(r.ok for r in results) and results[[r.ok for r in results].index(True)].scoring == "sigmoid":
         typer.echo("Scores are SigLIP's sigmoid per label: independent, they do not sum to 1.", err=True)
-    problems = []
-    failed = sum(not p.ok for p in results) - len(found.unreadable)
-    if failed:
-        problems.append(f"{failed} of {len(found.paths)} clips could not be classified.")
-    if found.unreadable:
-        n = len(found.unreadable)
-        problems.append(
-            f"{n} folder{'' if n == 1 else 's'} could not be read; {'its' if n == 1 else 'their'} clips "
-            "were not indexed."
-        )
-    if problems:
-        typer.secho(" ".join(problems), err=True)
-        raise typer.Exit(1)
+    exit_if_clips_failed(results, found)
 
 
 def _report_cache(result, as_json: bool) -> None:
