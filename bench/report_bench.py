@@ -33,7 +33,7 @@ def write_clip(path: Path, n_frames: int, label: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 15.0, (160, 120))
     for i in range(n_frames):
-        frame = np.full((120, 160, 3), 40 + 50 * label, np.uint8)
+        frame = np.full((120, 160, 3), 40 + (50 * label) % 200, np.uint8)
         cv2.circle(frame, (80, 60), 5 + (2 * i) % 50, (0, 200, 255), -1)
         writer.write(frame)
     writer.release()
