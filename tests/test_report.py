@@ -233,3 +233,17 @@ def test_a_report_that_cannot_be_written_is_a_warning_and_the_run_is_kept(run, t
     assert result.report is None and (result.run_dir / "model.keras").is_file()
     assert not (result.run_dir / "report.html").exists()
     assert any("report.html was not written (disk on fire)" in str(w.message) for w in caught)
+
+
+def test_a_refit_run_without_a_test_split_shows_trains_own_val_scores_and_says_why(tmp_path):
+    """val was trained on by the refit, so it cannot be scored again: the page keeps train's val scores."""
+    from caches import synthetic_cache
+
+    # 6 train clips a class: refit on train + val by default
+    cache = synthetic_cache(tmp_path / "c.h5", splits=("train", "val"), classes=("a", "b", "c"), n=36)
+    result = train(cache=cache, head="gru", units=8, models_dir=tmp_path / "models", epochs=1, quiet=True)
+    assert result.refit_epochs == 1 and result.report == result.run_dir / "report.html"
+    doc = page(result.run_dir)
+    assert headline(doc, "accuracy") == ("Validation accuracy", f"{result.metrics['val']['accuracy']:.4f}")
+    assert any("Per-clip results are not shown" in n.text for n in doc.by_class("note"))
+    assert not doc.all(lambda n: n.attrs.get("id") == "misclassified")
