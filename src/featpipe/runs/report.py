@@ -78,6 +78,9 @@ def report_from_index(
             metrics, rows, probs = saved, None, None
             notes.append(f"Per-clip results are not shown: {exc}")
     notes[:0] = [str(w.message) for w in caught if issubclass(w.category, RunWarning)]
+    for w in caught:  # anything else is passed on as it came
+        if not issubclass(w.category, RunWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     clips = [] if rows is None else _misclassified(index, rows, probs, worst, info)
     n_wrong = 0 if rows is None else int((probs.argmax(axis=1) != index.labels[rows]).sum())
     page = _page(run_dir, info, index, cache_path, chosen, metrics, notes, clips, n_wrong, rows is not None)
