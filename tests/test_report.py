@@ -129,7 +129,7 @@ def run(tmp_path_factory):
     _append(cache, data, "train", 18, 0, 1.5)
     _append(cache, data, "val", 9, 1, 1.5)
     models = root / "models"
-    result = train(cache=cache, head="gru", units=8, models_dir=models, epochs=2, patience=2, quiet=True, refit=False)
+    result = train(cache=cache, head="mean", models_dir=models, epochs=2, patience=2, quiet=True, refit=False)
     trained_page = (result.run_dir / "report.html").read_text(encoding="utf-8")
     val = evaluate(result.run_dir, split="val")
     _append(cache, data, "test", 24, 2, 0.0)  # noise: most test clips are misclassified
@@ -229,7 +229,7 @@ def test_a_report_that_cannot_be_written_is_a_warning_and_the_run_is_kept(run, t
     monkeypatch.setattr(report, "report_from_index", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RunWarning)
-        result = train(cache=run[1], head="gru", units=8, models_dir=tmp_path, epochs=1, quiet=True, refit=False)
+        result = train(cache=run[1], head="mean", models_dir=tmp_path, epochs=1, quiet=True, refit=False)
     assert result.report is None and (result.run_dir / "model.keras").is_file()
     assert not (result.run_dir / "report.html").exists()
     assert any("report.html was not written (disk on fire)" in str(w.message) for w in caught)
@@ -241,7 +241,7 @@ def test_a_refit_run_without_a_test_split_shows_trains_own_val_scores_and_says_w
 
     # 6 train clips a class: refit on train + val by default
     cache = synthetic_cache(tmp_path / "c.h5", splits=("train", "val"), classes=("a", "b", "c"), n=36)
-    result = train(cache=cache, head="gru", units=8, models_dir=tmp_path / "models", epochs=1, quiet=True)
+    result = train(cache=cache, head="mean", models_dir=tmp_path / "models", epochs=1, quiet=True)
     assert result.refit_epochs == 1 and result.report == result.run_dir / "report.html"
     doc = page(result.run_dir)
     assert headline(doc, "accuracy") == ("Validation accuracy", f"{result.metrics['val']['accuracy']:.4f}")
