@@ -14,6 +14,7 @@ from featpipe.cli import app
 from featpipe.extraction.extract import ExtractOptions
 from featpipe.runs.evaluate import evaluate
 from featpipe.runs.predict import PredictOptions
+from featpipe.runs.report import write_report
 from featpipe.runs.zeroshot import zero_shot, zero_shot_cache
 from featpipe.training.train import TrainOptions
 from featpipe.training.tune import TuneOptions
@@ -42,6 +43,7 @@ LIBRARY = {
     "train": lambda: _dataclass_defaults(TrainOptions),
     "tune": lambda: _dataclass_defaults(TuneOptions),
     "evaluate": lambda: _function_defaults(evaluate),
+    "report": lambda: _function_defaults(write_report),
     "predict": lambda: _dataclass_defaults(PredictOptions),
     "merge": lambda: {},  # merge() and the CLI have no defaulted setting in common to compare
     "info": lambda: {},

@@ -34,6 +34,7 @@ def test_a_small_train_split_is_refit_on_train_and_val_for_the_chosen_epochs(tmp
     assert file_sha256(result.run_dir / "model.keras") == info["model_sha256"]
     assert sorted(p.name for p in result.run_dir.iterdir()) == sorted(
         ["model.keras", "run.json", "history.csv", "curves.png", "confusion_matrix.png", "report.json", "report.txt"]
+        + ["report.html"]
     )
     # the refit model is what evaluate scores, and a val split it was trained on is refused with the reason
     from featpipe.runs.evaluate import evaluate
@@ -99,6 +100,7 @@ def test_ctrl_c_during_the_refit_keeps_the_selected_model(tmp_path, monkeypatch)
     assert info["refit_epochs"] == 0 and info["interrupted"] and not set(info["train_clips"]) & set(info["val_clips"])
     assert sorted(p.name for p in result.run_dir.iterdir()) == sorted(
         ["model.keras", "run.json", "history.csv", "curves.png", "confusion_matrix.png", "report.json", "report.txt"]
+        + ["report.html"]
     )
 
 

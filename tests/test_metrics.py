@@ -337,6 +337,17 @@ def test_plot_confusion_matrix_accepts_string_path_and_absent_class(tmp_path):
     assert is_png(out)
 
 
+def test_the_normalised_confusion_matrix_is_another_picture_of_the_same_matrix(tmp_path):
+    """report.html shows shares of each true class: the cells then read 0.67, not 2."""
+    from featpipe.runs.metrics import confusion_matrix_png
+
+    m = compute_metrics(np.array([0, 0, 0, 1, 1]), one_hot_probs([0, 0, 1, 1, 1], 2), ["a", "b"])
+    counts, shares = confusion_matrix_png(m), confusion_matrix_png(m, normalized=True)
+    assert counts == plot_confusion_matrix(m, tmp_path / "cm.png").read_bytes()
+    assert shares != counts and shares.startswith(b"\x89PNG")
+    assert plot_confusion_matrix(m, tmp_path / "n.png", normalized=True).read_bytes() == shares
+
+
 def _history(n_epochs: int, val: bool = True) -> dict[str, list[float]]:
     h = {
         "loss": list(np.linspace(1.2, 0.3, n_epochs)),
@@ -385,3 +396,12 @@ def test_plot_curves_rejects_empty_or_unusable_history(tmp_path):
     with pytest.raises(ValueError, match="neither loss nor accuracy"):
         plot_curves({"lr": [0.1, 0.01]}, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_curves_mark_the_best_epoch_given_else_the_lowest_val_loss(tmp_path):
+    """A run's own best epoch (run.json) is what report.html marks; by default it is the lowest val_loss (3)."""
+    from featpipe.runs.metrics import curves_png
+
+    h = _history(6)
+    assert curves_png(h) == curves_png(h, best_epoch=3) == plot_curves(h, tmp_path / "c.png").read_bytes()
+    assert curves_png(h, best_epoch=5) != curves_png(h)

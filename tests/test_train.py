@@ -50,6 +50,7 @@ def test_training_writes_a_complete_self_describing_run_directory(small_cache, t
         "confusion_matrix.png",
         "report.json",
         "report.txt",
+        "report.html",
     ):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     info = json.loads((run / "run.json").read_text())

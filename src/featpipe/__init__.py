@@ -8,6 +8,7 @@ The Python API mirrors the command line, with the same defaults:
     featpipe.merge(output="cache/inceptionv3.h5")              # the 4 shards -> one cache (Path)
     featpipe.train(head="gru")                                 # -> TrainResult (run directory, metrics)
     featpipe.evaluate("models/latest", split="test")           # -> dict of metrics
+    featpipe.report("models/latest")                            # -> Path of the run's report.html (rebuilt)
     featpipe.predict("clip.mp4", model="models/latest")        # a file, a folder or a list -> [Prediction]
     featpipe.zero_shot("clip.mp4", backbone="clip-b16", labels="cat,dog")  # no training -> [ZeroShotPrediction]
     featpipe.zero_shot_cache("cache/clip-b16.h5", split="test")  # its class names as labels -> accuracy
@@ -27,6 +28,7 @@ from featpipe.extraction.options import ExtractOptions
 from featpipe.runs.evaluate import evaluate
 from featpipe.runs.info import info
 from featpipe.runs.predict import Prediction, predict
+from featpipe.runs.report import write_report as report
 from featpipe.runs.zeroshot import ZeroShotCacheResult, ZeroShotPrediction, zero_shot, zero_shot_cache
 from featpipe.training.baselines import linear_probe
 from featpipe.training.options import TrainOptions
@@ -45,6 +47,7 @@ __all__ = [
     "TrainOptions",
     "TrainResult",
     "evaluate",
+    "report",
     "predict",
     "Prediction",
     "zero_shot",

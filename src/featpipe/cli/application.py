@@ -20,7 +20,7 @@ import typer
 from featpipe import __version__
 from featpipe.cli.data import sample_data_cmd
 from featpipe.cli.extract import extract_cmd, info_cmd, merge_cmd
-from featpipe.cli.runs import evaluate_cmd, predict_cmd
+from featpipe.cli.runs import evaluate_cmd, predict_cmd, report_cmd
 from featpipe.cli.train import train_cmd, tune_cmd
 from featpipe.cli.zeroshot import zero_shot_cmd
 from featpipe.errors import FeatpipeError, OptionError, Terminated
@@ -102,6 +102,7 @@ COMMANDS = (
     ("train", train_cmd, TRAIN_INTERRUPTED),
     ("tune", tune_cmd, TUNE_INTERRUPTED),
     ("evaluate", evaluate_cmd, READ_INTERRUPTED),
+    ("report", report_cmd, READ_INTERRUPTED),
     ("predict", predict_cmd, READ_INTERRUPTED),
     ("zero-shot", zero_shot_cmd, READ_INTERRUPTED),
     ("merge", merge_cmd, INTERRUPTED),

@@ -1,4 +1,4 @@
-"""`featpipe evaluate` and `predict`: read a trained run directory back."""
+"""`featpipe evaluate`, `report` and `predict`: read a trained run directory back."""
 
 from __future__ import annotations
 
@@ -24,10 +24,12 @@ from featpipe.cli.params import (
 from featpipe.errors import RunWarning
 from featpipe.runs.evaluate import evaluate
 from featpipe.runs.predict import PredictOptions, check_csv_path, find_clips, format_table, to_json_lines, write_csv
+from featpipe.runs.report import write_report
 from featpipe.runs.timeline import format_timeline, timeline_json_lines, write_timeline_csv
 
 EVALUATE = defaults(evaluate)  # each option's default, written once: in evaluate() ...
 PREDICT = defaults(PredictOptions)  # ... and in PredictOptions
+REPORT = defaults(write_report)
 
 
 def evaluate_cmd(
@@ -63,6 +65,30 @@ def evaluate_cmd(
             length = f"{seconds:.0f} seconds" if seconds < 120 else f"{seconds / 60:.1f} minutes"
             typer.echo(f"{metrics['n']} clips, {length} of video{of}")
         typer.echo(format_report(metrics))
+
+
+def report_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory, or models/latest.")] = REPORT["run"],
+    split: Annotated[
+        Optional[str],
+        typer.Option(help="Split the page is about [default: test when the cache has test clips, else val]."),
+    ] = None,
+    cache: Annotated[
+        Optional[Path],
+        typer.Option(help="Cache to score [default: the run's own cache]; its preprocessing must match the run's."),
+    ] = None,
+    worst: Annotated[int, typer.Option(help="Misclassified clips to show, worst first.")] = REPORT["worst"],
+):
+    """Write (or rebuild) the run's report.html: one self-contained page to open in any browser."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RunWarning)
+        path = featpipe.report(run, split=split, cache=cache, worst=worst)
+    for w in caught:  # shown on the page too; here as one line on stderr
+        if issubclass(w.category, RunWarning):
+            typer.secho(str(w.message), err=True, fg=typer.colors.YELLOW)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    typer.echo(f"Report: {path}")
 
 
 def predict_cmd(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,6 +10,7 @@ import typer
 
 import featpipe
 from featpipe.cli.params import CACHE_HELP, CV, ClassWeight, Head, defaults, one_cache, plain, renamed
+from featpipe.errors import RunWarning
 from featpipe.names import REFIT_BELOW
 from featpipe.runtime import signals
 from featpipe.training.train import TrainOptions
@@ -163,7 +165,14 @@ def train_cmd(
     # train raises a signal while it prepares, then only records it: from fit on it is acted on at safe points
     # (the run is saved as interrupted), and one arriving after run.json is written is reported below
     with signals.recording():
-        result = featpipe.train(featpipe.TrainOptions(**params))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RunWarning)
+            result = featpipe.train(featpipe.TrainOptions(**params))
+        for w in caught:  # report.html not written: one line on stderr, not a Python warning with its source line
+            if issubclass(w.category, RunWarning):
+                typer.secho(str(w.message), err=True, fg=typer.colors.YELLOW)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         split = "test" if "test" in result.metrics else "val"
         if not quiet:
             typer.echo(format_report(result.metrics[split]))
@@ -174,6 +183,8 @@ def train_cmd(
             + (f"refit on train + val for {result.refit_epochs} epochs; " if result.refit_epochs else "")
             + ", ".join(f"{s} accuracy {m['accuracy']:.3f}" for s, m in result.metrics.items())
         )
+        if result.report is not None:
+            typer.echo(f"Report: {result.report}")
         if result.interrupted:
             typer.secho("interrupted: the run directory was written from the best checkpoint so far.", err=True)
             raise typer.Exit(143 if result.interrupted_by == "SIGTERM" else 130)

@@ -52,6 +52,14 @@ def evaluate(
 
 
 def _evaluate(run_dir, info, model, index, cache_path: Path, split: str, batch_size: int) -> dict:
+    return evaluate_rows(run_dir, info, model, index, cache_path, split, batch_size, stacklevel=4)[0]
+
+
+def evaluate_rows(
+    run_dir, info, model, index, cache_path: Path, split: str, batch_size: int = 64, stacklevel: int = 2
+) -> tuple[dict, np.ndarray, np.ndarray]:
+    """What :func:`evaluate` computes, with its per-clip inputs: (metrics, the split's cache rows, their
+    probabilities (n, C)). ``featpipe report`` shows the clips behind the metrics from these."""
     from featpipe.runs.metrics import compute_metrics  # lazy: scikit-learn
 
     check_cache_matches(info, index.config, cache_path)
@@ -73,7 +81,7 @@ def _evaluate(run_dir, info, model, index, cache_path: Path, split: str, batch_s
     if change:
         notes.append(change)
     for note in notes:
-        warnings.warn(note, RunWarning, stacklevel=3)
+        warnings.warn(note, RunWarning, stacklevel=stacklevel)
     check_finite(index, rows)
     probs = predict_rows(model, index, rows, batch_size)
     if not np.isfinite(probs).all():
@@ -90,4 +98,4 @@ def _evaluate(run_dir, info, model, index, cache_path: Path, split: str, batch_s
         video_seconds=round(float(durations[recorded].sum()), 3) if recorded.any() else None,
         video_seconds_clips=int(recorded.sum()),
     )
-    return metrics
+    return metrics, rows, probs

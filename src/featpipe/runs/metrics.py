@@ -42,7 +42,14 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-__all__ = ["compute_metrics", "format_report", "plot_confusion_matrix", "plot_curves"]
+__all__ = [
+    "compute_metrics",
+    "confusion_matrix_png",
+    "curves_png",
+    "format_report",
+    "plot_confusion_matrix",
+    "plot_curves",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,13 +314,30 @@ def _tick_labels(names: Sequence[str], width: int = 32) -> list[str]:
     return short
 
 
-def plot_confusion_matrix(metrics: Mapping[str, Any], path: str | Path) -> Path:
+def plot_confusion_matrix(metrics: Mapping[str, Any], path: str | Path, normalized: bool = False) -> Path:
     """Write the confusion matrix of a :func:`compute_metrics` dict as a PNG heatmap.
 
     Cell colour is the row-normalised fraction (share of the true class), the text in each cell
-    the raw count; class names on both axes, the title gives accuracy and n. Returns ``path``.
+    the raw count (``normalized``: that fraction, two decimals); class names on both axes, the title
+    gives accuracy and n. Returns ``path``.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(confusion_matrix_png(metrics, normalized))
+    return path
+
+
+def _png(fig, **kwargs) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **kwargs)
+    fig.clear()
+    return buffer.getvalue()
+
+
+def confusion_matrix_png(metrics: Mapping[str, Any], normalized: bool = False) -> bytes:
+    """:func:`plot_confusion_matrix`'s PNG as bytes (the HTML report inlines it)."""
     names = _tick_labels([str(n) for n in metrics["class_names"]])
     cm = np.asarray(metrics["confusion_matrix"], dtype=np.int64)
     c = len(names)
@@ -335,7 +359,7 @@ def plot_confusion_matrix(metrics: Mapping[str, Any], path: str | Path) -> Path:
             ax.text(
                 j,
                 i,
-                str(cm[i, j]),
+                f"{frac[i, j]:.2f}" if normalized else str(cm[i, j]),
                 ha="center",
                 va="center",
                 fontsize=fontsize,
@@ -349,11 +373,9 @@ def plot_confusion_matrix(metrics: Mapping[str, Any], path: str | Path) -> Path:
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     acc = metrics.get("accuracy")
-    ax.set_title(f"Confusion matrix  (accuracy {_num(acc, 3)}, n={metrics.get('n', int(cm.sum()))})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", bbox_inches="tight")
-    fig.clear()
-    return path
+    what = "Confusion matrix, normalised by true class" if normalized else "Confusion matrix"
+    ax.set_title(f"{what}  (accuracy {_num(acc, 3)}, n={metrics.get('n', int(cm.sum()))})")
+    return _png(fig, bbox_inches="tight")
 
 
 _ACC_KEYS = ("accuracy", "acc", "sparse_categorical_accuracy", "categorical_accuracy", "binary_accuracy")
@@ -394,17 +416,27 @@ def _curve_data(history: Any) -> tuple["pd.DataFrame", np.ndarray, str | None, f
     return df, x, acc_key, best_epoch
 
 
-def plot_curves(history: "pd.DataFrame | Mapping[str, Sequence[float]]", path: str | Path) -> Path:
+def plot_curves(
+    history: "pd.DataFrame | Mapping[str, Sequence[float]]", path: str | Path, best_epoch: float | None = None
+) -> Path:
     """Write training curves (Keras-style history) as a PNG: loss and accuracy side by side.
 
     ``history`` is a DataFrame (e.g. a CSVLogger file) or a ``History.history`` dict with
     ``loss`` / ``accuracy`` and optionally ``val_loss`` / ``val_accuracy`` and ``epoch``.
     x is the 1-based epoch (an ``epoch`` column starting at 0, as CSVLogger writes, is shifted
-    by one). The best epoch (minimum ``val_loss``) is marked with a dashed vertical line.
-    Returns ``path``.
+    by one). The best epoch (``best_epoch``, 1-based, e.g. the run's own; by default the minimum ``val_loss``)
+    is marked with a dashed vertical line. Returns ``path``.
     """
     path = Path(path)
-    df, x, acc_key, best_epoch = _curve_data(history)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(curves_png(history, best_epoch))
+    return path
+
+
+def curves_png(history: "pd.DataFrame | Mapping[str, Sequence[float]]", best_epoch: float | None = None) -> bytes:
+    """:func:`plot_curves`'s PNG as bytes (the HTML report inlines it)."""
+    df, x, acc_key, lowest_val_loss = _curve_data(history)
+    best_epoch = lowest_val_loss if best_epoch is None else best_epoch
 
     def col(name: str | None) -> np.ndarray | None:
         if name is None or name not in df.columns:
@@ -435,7 +467,4 @@ def plot_curves(history: "pd.DataFrame | Mapping[str, Sequence[float]]", path: s
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    fig.clear()
-    return path
+    return _png(fig)

@@ -10,6 +10,7 @@ re-specified by hand:
   history.csv, curves.png  loss and accuracy per epoch, train and val
   report.json, report.txt  metrics on val and test
   confusion_matrix.png     on test (or val when there is no test split)
+  report.html              all of it on one self-contained page (featpipe.runs.report), written last
 
 The directory is written to a hidden folder beside its destination and renamed into place when
 complete (featpipe.runs.rundir.publish_run); ``models/latest`` is a one-line text file naming the newest
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,7 +34,7 @@ from featpipe._version import __version__
 from featpipe.backbones.registry import file_stem
 from featpipe.cache.schema import APPEND_KEYS, PREPROCESSING_KEYS
 from featpipe.cache.shards import parse_shard_path
-from featpipe.errors import AdvisedOptionError, FeatpipeError, Terminated
+from featpipe.errors import AdvisedOptionError, FeatpipeError, RunWarning, Terminated
 from featpipe.names import SPLITS
 from featpipe.runs import rundir as runs
 from featpipe.runtime import signals
@@ -64,6 +66,7 @@ class TrainResult:
     interrupted_by: str | None = None  # "SIGINT" (Ctrl-C) or "SIGTERM" when interrupted
     refit_epochs: int = 0  # the final model was trained on train + val for this many epochs (0 = no refit)
     diverged: str | None = None  # training stopped on a NaN or infinite loss (in words); the run holds the best before
+    report: Path | None = None  # the run's report.html (None: it could not be written, a RunWarning said why)
 
 
 def _holdout(index: CacheIndex, train_rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -272,6 +275,7 @@ def _write_run(
     )
     runs.write_run_file(run_dir, run_info)  # last: a folder with run.json is complete
     runs.publish_run(run_dir, dest, opts.force)  # rename into place, then point models/latest at it
+    report = _write_report(dest, run_info, fit.model, index, opts)
     signal_name = None if interrupted is None else ("SIGTERM" if isinstance(interrupted, Terminated) else "SIGINT")
     return TrainResult(
         dest,
@@ -285,4 +289,21 @@ def _write_run(
         signal_name,
         refit_epochs=fit.best_epoch if refit else 0,
         diverged=fit.diverged,
+        report=report,
     )
+
+
+def _write_report(run_dir: Path, info: runs.RunInfo, model, index: CacheIndex, opts: TrainOptions) -> Path | None:
+    """report.html into the published run; a failure is a RunWarning, never a lost run."""
+    from featpipe.runs.report import REPORT_FILE, WORST, report_from_index
+
+    try:
+        return report_from_index(run_dir, info, model, index, index.path, None, WORST, opts.batch_size)
+    except Exception as exc:  # noqa: BLE001  the run is complete and kept whatever goes wrong here
+        warnings.warn(
+            f"warning: {run_dir / REPORT_FILE} was not written ({exc}); the run is complete. "
+            f"Write it with `featpipe report {run_dir}`.",
+            RunWarning,
+            stacklevel=5,
+        )
+        return None
