@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip install -c $(LOCK)
 
 BACKENDS_STAMP := $(VENV)/.backends
 
-.PHONY: venv demo test test-slow test-ray test-hub lint format test-backends bench gpu-bench clean lock
+.PHONY: venv demo test test-slow test-ray test-hub test-browser lint format test-backends bench gpu-bench clean lock
 
 venv: $(STAMP)
 
@@ -32,13 +32,13 @@ demo: venv
 # The suite a change must pass (about 12 minutes on 2 CPU cores): every test but those marked slow,
 # ray, backends or hub, which have targets of their own. CI (.ci/run) runs all five targets.
 test: venv
-	$(BIN)/python -m pytest -m "not slow and not ray and not backends and not hub"
+	$(BIN)/python -m pytest -m "not slow and not ray and not backends and not hub and not browser"
 
 # The tests marked slow (about 25 minutes on 2 CPU cores): quality bars (accuracy on the sample and
 # hard sets, tune's retrained best), subprocess kill and signal tests, cross-process determinism,
 # the notebook run and the all-backbones sweep.
 test-slow: venv
-	$(BIN)/python -m pytest -m "slow and not ray and not backends and not hub"
+	$(BIN)/python -m pytest -m "slow and not ray and not backends and not hub and not browser"
 
 # `featpipe extract --engine ray` on a real local two-node Ray cluster (loopback only): installs
 # the ray extra into the venv, then runs the tests marked ray (a few minutes).
@@ -63,6 +63,16 @@ $(HUB_STAMP): $(STAMP)
 
 test-hub: $(HUB_STAMP)
 	$(BIN)/python -m pytest -m hub
+
+# report.html opened in a real headless Chromium: what is on the screen at laptop and phone width, every
+# image decoded, no network request, sorting by a click (under a minute). Installs Debian's chromium when
+# no Chromium is found (apt, as root or through sudo, as on CI); FEATPIPE_CHROMIUM names another binary.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-browser: venv
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || [ -n "$$FEATPIPE_CHROMIUM" ] || \
+	  { echo "Installing Debian's chromium for the browser tests"; \
+	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+	$(BIN)/python -m pytest -m browser
 
 # ruff's lint rules and formatter from pyproject.toml [tool.ruff]: `make format` rewrites, `make lint` only checks.
 lint: venv
