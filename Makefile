@@ -21,13 +21,15 @@ $(STAMP): pyproject.toml $(LOCK)
 	touch $(STAMP)
 
 # The main job on the built-in sample data: write clips, extract features (offline: a
-# deterministic random InceptionV3), train a GRU, evaluate it on the test split, and predict one clip.
+# deterministic random InceptionV3), train a GRU, evaluate it on the test split, predict one clip, and
+# end with the path of the run's report.html (one page to open in a browser).
 demo: venv
 	$(BIN)/featpipe sample-data data
 	$(BIN)/featpipe extract --backbone inceptionv3 --data data --weights none
 	$(BIN)/featpipe train --head gru --cache cache/inceptionv3.h5 --quiet
 	$(BIN)/featpipe evaluate models/latest --split test
 	$(BIN)/featpipe predict data/test/grow/grow_test_000.mp4 --model models/latest
+	$(BIN)/featpipe report models/latest
 
 # The suite a change must pass (about 12 minutes on 2 CPU cores): every test but those marked slow,
 # ray, backends or hub, which have targets of their own. CI (.ci/run) runs all five targets.
