@@ -4,8 +4,8 @@ Built with the run report's page machinery (:mod:`featpipe.runs.page`): inline C
 sortable table, the settings in a collapsed section, nothing fetched from the network. It shows the best
 score (mean +/- std over the folds or seeds each trial was scored on), the trials finished, failed and
 pruned, the cache and its backbone, how long the search took, and a link to the retrained best run's own
-report.html; the best configuration; every finished trial best first (failed ones after); and the score
-against the settings that mattered most.
+report.html; the best configuration; the score against the settings that mattered most; every finished
+trial best first (failed ones after); and tune's options.
 
 Which settings mattered most: ``optuna.importance.get_param_importances`` with Optuna's default evaluator
 (PED-ANOVA in Optuna 4.x/5.x: fast, offline, and it rates the settings only some heads have), on the mean
@@ -59,8 +59,8 @@ def write_tune_report(
     parts = [f"<h1>Search: {esc(out.name)}</h1>"]
     parts.append(_headline(out, rows, len(failed), len(pruned), mode, about, run_dir, test_accuracy))
     parts.append(_best(rows))
+    parts.append(_plot_section(trials, rows, mode))  # before the trials: their table can be long
     parts.append(_trials(rows, failed + pruned, mode))
-    parts.append(_plot_section(trials, rows, mode))
     parts.append("<h2>Settings</h2>" + details("tune's options (and the study they searched)", options))
     page = document(f"{out.name}: featpipe tune report", parts)
     path = out / REPORT_FILE
