@@ -74,6 +74,7 @@ def test_ctrl_c_keeps_finished_trials_and_the_same_command_resumes_then_retrains
     assert len(kept) >= 2
     board = json.loads((out / "leaderboard.json").read_text())
     assert len(board["trials"]) == len(kept) and board["cv"] == "folds"
+    assert "trials finished / failed / pruned" in (out / "report.html").read_text(), "a stopped search has its page"
     assert not (models / "latest").exists(), "an interrupted search retrains nothing"
 
     target = len(kept) + 1
@@ -81,9 +82,11 @@ def test_ctrl_c_keeps_finished_trials_and_the_same_command_resumes_then_retrains
     assert done.returncode == 0, done.stderr
     after = _finished(db)
     assert set(kept) <= set(after) and len(after) >= target, "earlier trials are kept, not redone"
-    for name in ("leaderboard.txt", "leaderboard.csv", "leaderboard.json", "leaderboard.png", "best.json"):
+    outputs = ("leaderboard.txt", "leaderboard.csv", "leaderboard.json", "leaderboard.png", "best.json", "report.html")
+    for name in outputs:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert "val acc (folds)" in done.stdout and "+-" in done.stdout
+    assert f"Report: {out / 'report.html'}" in done.stdout
     rows = (out / "leaderboard.csv").read_text().splitlines()
     assert rows[0].startswith("rank,trial,mean_val_accuracy,std") and len(rows) == 1 + len(after)
     board = json.loads((out / "leaderboard.json").read_text())["trials"]

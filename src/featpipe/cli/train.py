@@ -168,11 +168,7 @@ def train_cmd(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RunWarning)
             result = featpipe.train(featpipe.TrainOptions(**params))
-        for w in caught:  # report.html not written: one line on stderr, not a Python warning with its source line
-            if issubclass(w.category, RunWarning):
-                typer.secho(str(w.message), err=True, fg=typer.colors.YELLOW)
-            else:
-                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        _echo_run_warnings(caught)
         split = "test" if "test" in result.metrics else "val"
         if not quiet:
             typer.echo(format_report(result.metrics[split]))
@@ -247,9 +243,25 @@ def tune_cmd(
     """Search heads and settings with Optuna (resumable), print a leaderboard, retrain the best as models/latest."""
     params = plain(locals())  # heads "gru,lstm" is split by TuneOptions, for the CLI and the API alike
     params["cache"] = one_cache(params["cache"], params.pop("cache_option"))
-    result = featpipe.tune(featpipe.TuneOptions(**params))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RunWarning)
+        try:
+            result = featpipe.tune(featpipe.TuneOptions(**params))
+        finally:  # (also when stopped: the report.html warning of the kept search)
+            _echo_run_warnings(caught)
     typer.echo(format_leaderboard(result.leaderboard, result.cv))
     typer.echo(f"Leaderboard: {', '.join(str(p) for p in result.files.values())}")
     if result.run_dir is not None:
         acc = "n/a" if result.test_accuracy is None else f"{result.test_accuracy:.3f}"
         typer.echo(f"Best configuration retrained as {result.run_dir} (models/latest); test accuracy {acc}.")
+    if result.report is not None:
+        typer.echo(f"Report: {result.report}")
+
+
+def _echo_run_warnings(caught) -> None:
+    """report.html not written: one line on stderr, not a Python warning with its source line."""
+    for w in caught:
+        if issubclass(w.category, RunWarning):
+            typer.secho(str(w.message), err=True, fg=typer.colors.YELLOW)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)

@@ -13,8 +13,6 @@ code ``featpipe evaluate`` runs, so the headline equals ``evaluate``'s for the s
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +23,7 @@ import numpy as np
 from featpipe.errors import FeatpipeError, RunWarning
 from featpipe.options import check_int
 from featpipe.runs.evaluate import evaluate_rows
+from featpipe.runs.page import cards, details, document, duration, esc, facts, img, num, table
 from featpipe.runs.rundir import RunInfo, load_run
 from featpipe.runtime import atomic
 from featpipe.training.inputs import open_index
@@ -156,65 +155,18 @@ def _thumbnails(path: Path, pre: dict) -> tuple[bytes | None, str | None]:
 
 # ----------------------------------------------------------------------------- the page
 
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1d1d1f;
-margin:0 auto;max-width:72rem;padding:1rem;line-height:1.45}
-h1{font-size:1.4rem;margin:.2rem 0 .8rem;word-break:break-word}h2{font-size:1.15rem;margin-top:2rem}
-img{max-width:100%;height:auto}.scroll{overflow-x:auto}
-.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(11rem,1fr));gap:.6rem}
-.card{border:1px solid #d8d8de;border-radius:6px;padding:.5rem .7rem}.card .k{color:#666;font-size:.85rem}
-.card .v{font-size:1.5rem;font-weight:600}.facts td:first-child{color:#666;white-space:nowrap}
-table{border-collapse:collapse;font-size:.92rem}th,td{padding:.3rem .6rem;border-bottom:1px solid #e3e3e8;
-text-align:left;vertical-align:top}td.n{text-align:right;font-variant-numeric:tabular-nums}
-table.sortable th{cursor:pointer;user-select:none}table.sortable th:after{content:" \\2195";color:#999}
-.clip{border-top:1px solid #e3e3e8;padding:.6rem 0}.clip img{image-rendering:auto;display:block}
-code{word-break:break-all;font-size:.85rem}.note{color:#8a5a00}pre{overflow-x:auto;font-size:.8rem}
-"""
-
-_JS = """document.querySelectorAll("table.sortable th").forEach(function(th,i){th.addEventListener("click",function(){
-var b=th.closest("table").tBodies[0],r=Array.from(b.rows),up=th.dataset.dir!=="up";th.dataset.dir=up?"up":"down";
-r.sort(function(p,q){var x=p.cells[i].textContent,y=q.cells[i].textContent,m=parseFloat(x),n=parseFloat(y);
-var c=isNaN(m)||isNaN(n)?x.localeCompare(y):m-n;return up?c:-c;});r.forEach(function(e){b.appendChild(e);});});});"""
-
 _SPLIT_WORDS = {"test": "Test", "val": "Validation", "train": "Training"}
-
-
-def _e(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _num(x, digits: int = 4) -> str:
-    return "n/a" if x is None else f"{float(x):.{digits}f}"
-
-
-def _img(data: bytes, mime: str, alt: str) -> str:
-    return f'<img src="data:{mime};base64,{base64.b64encode(data).decode("ascii")}" alt="{_e(alt)}">'
-
-
-def _duration(seconds: float) -> str:
-    seconds = float(seconds or 0)
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _page(run_dir, info, index, cache_path, split, metrics, notes, clips, n_wrong, per_clip) -> str:
     word = _SPLIT_WORDS.get(split, split.capitalize())
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(run_dir.name)}: featpipe report</title><style>{_CSS}</style></head><body>",
-        f"<h1>{_e(run_dir.name)}</h1>",
-        _headline(run_dir, info, index, cache_path, split, word, metrics),
-    ]
-    parts += [f'<p class="note">{_e(n)}</p>' for n in notes]
+    parts = [f"<h1>{esc(run_dir.name)}</h1>", _headline(run_dir, info, index, cache_path, split, word, metrics)]
+    parts += [f'<p class="note">{esc(n)}</p>' for n in notes]
     parts += [_curves(run_dir, info), _confusion(metrics, word), _per_class(metrics, word)]
     if per_clip:
         parts.append(_clips_section(clips, n_wrong, word, split))
     parts.append(_settings(info))
-    parts.append(f"<script>{_JS}</script></body></html>")
-    return "\n".join(parts) + "\n"
+    return document(f"{run_dir.name}: featpipe report", parts)
 
 
 def _headline(run_dir, info, index, cache_path, split, word, metrics) -> str:
@@ -222,19 +174,15 @@ def _headline(run_dir, info, index, cache_path, split, word, metrics) -> str:
     head = info.head.get("head", "?")
     if split != "test":
         said = f"{word} split: this cache has no test clips" if split == "val" else f"the {split} split"
-        scope = f'<p id="split-note">Scores on the {_e(said)}.</p>'
+        scope = f'<p id="split-note">Scores on the {esc(said)}.</p>'
     else:
         scope = '<p id="split-note">Scores on the test split (clips never used in training).</p>'
-    cards = [
-        ("accuracy", f"{word} accuracy", _num(metrics.get("accuracy"))),
-        ("macro-f1", f"{word} macro F1", _num(metrics.get("macro_f1"))),
+    headline = [
+        ("accuracy", f"{word} accuracy", num(metrics.get("accuracy"))),
+        ("macro-f1", f"{word} macro F1", num(metrics.get("macro_f1"))),
         ("clips", f"{word} clips", str(metrics.get("n", "?"))),
         ("classes", "classes", str(len(info.class_names))),
     ]
-    card_html = "".join(
-        f'<div class="card" id="{k}"><div class="k">{_e(label)}</div><div class="v">{_e(v)}</div></div>'
-        for k, label, v in cards
-    )
     epochs = f"{info.epochs_run} epochs, best epoch {info.best_epoch}"
     if info.refit_epochs:
         epochs += f", then refit on train + val for {info.refit_epochs} epochs"
@@ -243,19 +191,18 @@ def _headline(run_dir, info, index, cache_path, split, word, metrics) -> str:
     if info.diverged:
         epochs += f" (stopped: {info.diverged})"
     weights = pre.get("weights", "?")
-    facts = [
+    rows = [
         ("head", head),
         ("backbone", f"{pre.get('backbone', '?')} (weights: {weights})"),
         ("frames and size", f"{pre.get('frames')} frames of {pre.get('input_size')} px, {pre.get('sampling')}"),
         ("classes", ", ".join(info.class_names)),
         ("dataset", index.config.extra.get("data_root", "not recorded in the cache")),
         ("cache", str(cache_path)),
-        ("trained", f"{info.created or 'unknown time'}, took {_duration(info.seconds)}; {epochs}"),
+        ("trained", f"{info.created or 'unknown time'}, took {duration(info.seconds)}; {epochs}"),
         ("validation", info.validation or "not recorded"),
         ("run directory", str(run_dir)),
     ]
-    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in facts)
-    return f'{scope}<div class="cards">{card_html}</div><div class="scroll"><table class="facts">{rows}</table></div>'
+    return scope + cards(headline) + facts(rows)
 
 
 def _curves(run_dir: Path, info: RunInfo) -> str:
@@ -268,9 +215,9 @@ def _curves(run_dir: Path, info: RunInfo) -> str:
         history = pd.read_csv(run_dir / "history.csv")
         png = curves_png(history, best_epoch=info.best_epoch or None)
     except (OSError, ValueError) as exc:  # no history.csv (or an empty one): the rest of the page still stands
-        return out + f'<p class="note">No learning curves: {_e(exc)}</p>'
+        return out + f'<p class="note">No learning curves: {esc(exc)}</p>'
     best = f" The dashed line marks the best epoch ({info.best_epoch})." if info.best_epoch else ""
-    return out + f"<p>Loss and accuracy per epoch, train and validation.{best}</p>" + _img(png, "image/png", "curves")
+    return out + f"<p>Loss and accuracy per epoch, train and validation.{best}</p>" + img(png, "image/png", "curves")
 
 
 def _confusion(metrics: dict, word: str) -> str:
@@ -278,29 +225,27 @@ def _confusion(metrics: dict, word: str) -> str:
 
     png = confusion_matrix_png(metrics, normalized=True)
     return (
-        f"<h2>Confusion matrix ({_e(word.lower())})</h2><p>Each row is a true class; each cell is the share of its "
-        f"clips predicted as the column's class.</p>" + _img(png, "image/png", "normalised confusion matrix")
+        f"<h2>Confusion matrix ({esc(word.lower())})</h2><p>Each row is a true class; each cell is the share of its "
+        f"clips predicted as the column's class.</p>" + img(png, "image/png", "normalised confusion matrix")
     )
 
 
 def _per_class(metrics: dict, word: str) -> str:
-    head = "".join(f"<th>{h}</th>" for h in ("class", "precision", "recall", "F1", "support"))
     rows = []
     for name in metrics["class_names"]:
         pc = metrics["per_class"][name]
-        cells = [_num(pc["precision"]), _num(pc["recall"]), _num(pc["f1"]), str(pc["support"])]
-        rows.append(f"<tr><td>{_e(name)}</td>" + "".join(f'<td class="n">{c}</td>' for c in cells) + "</tr>")
-    return (
-        f"<h2>Per class ({_e(word.lower())})</h2><p>Click a column header to sort.</p>"
-        f'<div class="scroll"><table class="sortable" id="per-class"><thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table></div>"
+        cells = [num(pc["precision"]), num(pc["recall"]), num(pc["f1"]), str(pc["support"])]
+        rows.append([(name, False)] + [(c, True) for c in cells])
+    header = ["class", "precision", "recall", "F1", "support"]
+    return f"<h2>Per class ({esc(word.lower())})</h2><p>Click a column header to sort.</p>" + table(
+        "per-class", header, rows
     )
 
 
 def _clips_section(clips: list[dict], n_wrong: int, word: str, split: str) -> str:
-    out = f'<h2>Misclassified clips ({_e(word.lower())})</h2><section id="misclassified">'
+    out = f'<h2>Misclassified clips ({esc(word.lower())})</h2><section id="misclassified">'
     if not n_wrong:
-        return out + f'<p id="clips-note">No clip of the {_e(split)} split is misclassified.</p></section>'
+        return out + f'<p id="clips-note">No clip of the {esc(split)} split is misclassified.</p></section>'
     s = "" if n_wrong == 1 else "s"
     if len(clips) < n_wrong:
         sentence = f"The worst {len(clips)} of {n_wrong} misclassified clips"
@@ -311,15 +256,15 @@ def _clips_section(clips: list[dict], n_wrong: int, word: str, split: str) -> st
         f"frames the model saw, decoded as the cache recorded them.</p>"
     )
     for clip in clips:
-        top = ", ".join(f'{_e(name)} <span class="prob">{p:.3f}</span>' for name, p in clip["top"])
+        top = ", ".join(f'{esc(name)} <span class="prob">{p:.3f}</span>' for name, p in clip["top"])
         thumbs = (
-            _img(clip["jpeg"], "image/jpeg", f"frames of {clip['video']}")
+            img(clip["jpeg"], "image/jpeg", f"frames of {clip['video']}")
             if clip["jpeg"]
-            else f'<p class="note">No thumbnails: {_e(clip["problem"])}.</p>'
+            else f'<p class="note">No thumbnails: {esc(clip["problem"])}.</p>'
         )
         out += (
-            f'<div class="clip">{thumbs}<div>true: <b class="true">{_e(clip["true"])}</b>; predicted: {top}</div>'
-            f"<div><code>{_e(clip['path'])}</code></div></div>"
+            f'<div class="clip">{thumbs}<div>true: <b class="true">{esc(clip["true"])}</b>; predicted: {top}</div>'
+            f"<div><code>{esc(clip['path'])}</code></div></div>"
         )
     return out + "</section>"
 
@@ -329,6 +274,4 @@ def _settings(info: RunInfo) -> str:
     for key in ("train_clips", "val_clips"):  # thousands of names: their count says enough here
         if data.get(key) is not None:
             data[key] = f"{len(data[key])} clips (listed in run.json)"
-    text = json.dumps(data, indent=2, default=str)
-    summary = "<summary>The run's settings (run.json)</summary>"
-    return f"<h2>Settings</h2><details>{summary}<pre>{html.escape(text, quote=False)}</pre></details>"
+    return "<h2>Settings</h2>" + details("The run's settings (run.json)", data)

@@ -141,6 +141,21 @@ def suggest(trial, heads: tuple[str, ...], cache_frames: int) -> dict:
     return {k: v for k, v in params.items() if v is not None}
 
 
+# the settings of a configuration in the order people read them (describe(), tune's report.html)
+SETTING_ORDER = ("rnn", "lr", "dropout", "weight_decay", "input_dropout", "l2", "units", "bottleneck", "shortcut")
+SETTING_ORDER += ("segments", "layers", "frames")
+
+
+def describe(params: dict) -> str:
+    """A short label of a configuration: the head, then its settings."""
+    parts = [params["rnn"]]
+    for key in SETTING_ORDER[1:]:
+        if key in params:
+            value = params[key]
+            parts.append(f"{key}={value:.2g}" if isinstance(value, float) else f"{key}={value}")
+    return " ".join(parts)
+
+
 def defaults_as_trial(head: str, cache_frames: int) -> dict:
     """Optuna params that reproduce `featpipe train --rnn head` defaults (enqueued first)."""
     d = resolve_defaults(TrainOptions(head=head))

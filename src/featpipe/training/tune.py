@@ -16,8 +16,10 @@ leaderboard shows mean +/- std over the fits. The test split is never looked at 
 
 Outputs, in ``out`` (default ``models/tune-<cache stem>``): ``study.db`` (the Optuna study),
 ``leaderboard.txt``, ``leaderboard.csv``, ``leaderboard.json`` and ``leaderboard.png`` (mean +/- std
-per configuration); then the best configuration is retrained with :func:`featpipe.training.train.train` as
-a normal run directory in ``models_dir``, which ``models/latest`` names.
+per configuration) and ``report.html`` (:mod:`featpipe.training.tune_report`: the trials, the best
+configuration, score against the most important settings, on one page); then the best configuration is
+retrained with :func:`featpipe.training.train.train` as a normal run directory in ``models_dir``, which
+``models/latest`` names.
 """
 
 from __future__ import annotations
@@ -28,18 +30,19 @@ import json
 import multiprocessing
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from featpipe.errors import FeatpipeError, Terminated, TuneStorageError
+from featpipe.errors import FeatpipeError, RunWarning, Terminated, TuneStorageError
 from featpipe.options import check_dir_option, check_writable_parent
 from featpipe.runtime import signals
 from featpipe.runtime.atomic import atomic_path, write_text
 from featpipe.training import workers
 from featpipe.training.inputs import load_rows, open_index, resolve_cache
-from featpipe.training.search import TuneOptions, plan_fits, score_config, suggest
+from featpipe.training.search import TuneOptions, describe, plan_fits, score_config, suggest
 from featpipe.training.study import (
     complete_trials,
     leaderboard,
@@ -51,6 +54,7 @@ from featpipe.training.study import (
     waiting_trials,
 )
 from featpipe.training.train import check_cache, train
+from featpipe.training.tune_report import REPORT_FILE, write_tune_report
 
 
 @dataclass
@@ -64,6 +68,10 @@ class TuneResult:
     interrupted: bool = False
     files: dict = field(default_factory=dict)
     cv: str = ""  # "folds" or "seeds": what the leaderboard's mean +/- std is over
+    report: Path | None = None  # out/report.html (None: it could not be written, a RunWarning said why)
+    trials: list = field(default_factory=list, repr=False)  # every trial of the study (Optuna FrozenTrials)
+    about: dict = field(default_factory=dict, repr=False)  # what report.html's headline names
+    options: dict = field(default_factory=dict, repr=False)  # tune's options, as report.html shows them
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,28 +145,6 @@ def _stop_workers(procs) -> None:
         if p.is_alive():
             p.kill()
             p.join()
-
-
-def describe(params: dict) -> str:
-    """A short label of a configuration: the head, then its settings."""
-    parts = [params["rnn"]]
-    for key in (
-        "lr",
-        "dropout",
-        "weight_decay",
-        "input_dropout",
-        "l2",
-        "units",
-        "bottleneck",
-        "shortcut",
-        "segments",
-        "layers",
-        "frames",
-    ):
-        if key in params:
-            value = params[key]
-            parts.append(f"{key}={value:.2g}" if isinstance(value, float) else f"{key}={value}")
-    return " ".join(parts)
 
 
 def format_leaderboard(rows: list[dict], mode: str, top: int = 10) -> str:
@@ -269,6 +255,7 @@ def tune(opts: TuneOptions | None = None, **kwargs) -> TuneResult:
 
 def _search(opts: TuneOptions, cache: Path, index, mode: str, fits, out: Path) -> TuneResult:
     """The search itself, with ``out``'s lock held."""
+    started = time.perf_counter()
     db = out / "study.db"
     name = study_name(index, opts, mode)
     study = load_study(db, name, opts.seed)
@@ -320,6 +307,16 @@ def _search(opts: TuneOptions, cache: Path, index, mode: str, fits, out: Path) -
     rows = leaderboard(study)
     files = _write_outputs(rows, out, mode, {"cache": str(cache.resolve()), "study": name})
     result = TuneResult(out, rows, rows[0] if rows else None, None, None, len(rows) - before, False, files, mode)
+    c = index.config
+    result.trials = study.get_trials(deepcopy=False)
+    result.about = {
+        "cache": str(cache.resolve()),
+        "backbone": f"{c.backbone} (weights: {c.weights}), {c.frames} frames of {c.input_size} px, {c.sampling}",
+        "study": name,
+        "seconds": time.perf_counter() - started,
+    }
+    result.options = {**dataclasses.asdict(opts), "study": name, "cv_used": mode}
+    _write_report(result)  # also when the search was stopped: the page shows the trials kept
     if stopped is not None:
         raise stopped
     if reported:
@@ -345,3 +342,30 @@ def _retrain(opts: TuneOptions, cache: Path, result: TuneResult) -> None:
     with storage_errors(result.out):
         _atomic_write(result.out / "best.json", json.dumps(summary, indent=2, default=str))
     result.files["best"] = result.out / "best.json"
+    result.about["retrain_seconds"] = run.seconds
+    _write_report(result)  # again, now with the retrained run's link and test accuracy
+
+
+def _write_report(result: TuneResult) -> None:
+    """report.html into ``out`` (and into ``result.files``); a failure is a RunWarning, never a lost search."""
+    path = result.out / REPORT_FILE
+    try:
+        result.report = write_tune_report(
+            result.out,
+            result.trials,
+            result.leaderboard,
+            result.cv,
+            result.about,
+            result.options,
+            result.run_dir,
+            result.test_accuracy,
+        )
+        result.files["report"] = result.report
+    except Exception as exc:  # noqa: BLE001  the search is kept whatever goes wrong here
+        result.report = None
+        result.files.pop("report", None)
+        warnings.warn(
+            f"warning: {path} was not written ({exc}); the search is kept in study.db and the leaderboard files.",
+            RunWarning,
+            stacklevel=2,
+        )
