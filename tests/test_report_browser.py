@@ -97,7 +97,7 @@ def test_on_a_phone_nothing_overflows_the_screen(browser, scored_run):
         scripts={
             "page_width": "document.documentElement.scrollWidth",
             "viewport": "window.innerWidth",
-            "widest_image": "Math.max.apply(null, Array.from(document.images).map(i => i.getBoundingClientRect().right))",
+            "widest_image": "Math.max(...Array.from(document.images).map(i => i.getBoundingClientRect().right))",
             "accuracy": 'document.querySelector("#accuracy .v").innerText',
         },
     )
@@ -110,8 +110,13 @@ def test_on_a_phone_nothing_overflows_the_screen(browser, scored_run):
 
 def test_clicking_a_column_header_sorts_the_per_class_table(browser, scored_run):
     run_dir, metrics = scored_run
-    rows = 'Array.from(document.querySelectorAll("#per-class tbody tr")).map(r => [r.cells[0].innerText, r.cells[3].innerText])'
-    click_f1 = 'Array.from(document.querySelectorAll("#per-class th")).find(t => t.innerText.trim().startsWith("F1")).click()'
+    rows = (
+        'Array.from(document.querySelectorAll("#per-class tbody tr"))'
+        ".map(r => [r.cells[0].innerText, r.cells[3].innerText])"
+    )
+    click_f1 = (
+        'Array.from(document.querySelectorAll("#per-class th")).find(t => t.innerText.trim().startsWith("F1")).click()'
+    )
     visit = browser.visit(
         file_url(run_dir / "report.html"),
         scripts={"before": rows, "up": f"{click_f1}; {rows}", "down": f"{click_f1}; {rows}"},

@@ -248,3 +248,32 @@ def test_the_cli_says_a_report_warning_in_one_line_on_stderr(tmp_path, monkeypat
     assert result.exit_code == 0, result.output + result.stderr
     assert result.stderr == "warning: x/report.html was not written (disk on fire); the search is kept.\n"
     assert "Report:" not in result.stdout
+
+
+@pytest.mark.browser
+def test_in_a_browser_the_search_page_shows_its_best_score_and_plot_and_fetches_nothing(report):
+    """tune's page in a real headless Chromium (`make test-browser`), at laptop and phone width."""
+    from browser import Browser, file_url
+    from test_report_browser import IMAGES, blank
+
+    result, _ = report
+    page = file_url(result.out / "report.html")
+    scripts = {
+        "score": 'document.querySelector("#best-score .v").innerText',
+        "images": IMAGES,
+        "page_width": "document.documentElement.scrollWidth",
+        "link": 'document.querySelector("#best-run").href',
+    }
+    browser = Browser()
+    try:
+        wide = browser.visit(page, width=1280, height=900, scripts=scripts)
+        phone = browser.visit(page, width=390, height=844, mobile=True, scripts=scripts)
+    finally:
+        browser.close()
+    for visit, width in ((wide, 1280), (phone, 390)):
+        assert visit.values["score"] == "0.7500 +/- 0.1021"
+        assert visit.values["images"] and all(w > 0 and h > 0 and shown > 0 for w, h, shown in visit.values["images"])
+        assert visit.values["page_width"] <= width
+        assert visit.requests[0] == page and not [u for u in visit.requests[1:] if not u.startswith("data:")]
+        assert not blank(visit.screenshot)
+    assert wide.values["link"] == file_url(result.run_dir / "report.html")  # the retrained run's own page
