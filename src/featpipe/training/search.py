@@ -16,6 +16,7 @@ import numpy as np
 from featpipe.errors import FeatpipeError, OptionError
 from featpipe.names import CV_MODES, HEAD_NAMES, IMAGE_HEADS
 from featpipe.options import check_choice, check_float, check_int, split_list_options
+from featpipe.runs.tracking import require_mlflow
 from featpipe.runtime import signals
 from featpipe.runtime.keras_import import import_keras
 from featpipe.training.fit import compile_model, interrupt_check
@@ -50,9 +51,14 @@ class TuneOptions:
     epochs: int = TRIAL_EPOCHS  # per fit of a trial (the retrained best uses train()'s defaults)
     patience: int = TRIAL_PATIENCE
     quiet: bool = False
+    mlflow: str | None = None  # MLflow tracking URI: a parent run; each finished trial and the retrained best: children
+    mlflow_experiment: str = "featpipe"
 
     def __post_init__(self) -> None:
         split_list_options(self)  # heads="gru,lstm" as --heads gru,lstm
+        require_mlflow(self.mlflow)  # before any work: the missing install in one sentence
+        if not isinstance(self.mlflow_experiment, str) or not self.mlflow_experiment.strip():
+            raise OptionError("mlflow_experiment", f"must be a non-empty name; got {self.mlflow_experiment!r}.")
         check_int("trials", self.trials, 1, 100_000, optional=True)
         check_float("time_budget", self.time_budget, 0.0, 30 * 86400.0, low_open=True, optional=True)
         if self.trials is None and self.time_budget is None:
