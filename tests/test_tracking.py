@@ -15,8 +15,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+import featpipe.training.tune as tune_module
 from caches import synthetic_cache, tiny_cache
 from featpipe.cli import app
+from featpipe.training.train import train
 
 runner = CliRunner()
 FAST = ["--head", "mean", "--epochs", "2", "--patience", "2", "--no-refit", "--quiet"]
@@ -144,6 +146,8 @@ def test_a_failing_tracking_store_is_one_warning_and_the_run_is_complete(tmp_pat
 @pytest.mark.mlflow
 def test_tune_mlflow_logs_a_parent_run_with_each_trial_and_the_retrained_best_as_children(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    # the retrained best with train's defaults runs 150 epochs (patience 20): 2 are enough to see where it is logged
+    monkeypatch.setattr(tune_module, "train", lambda **kwargs: train(**{**kwargs, "epochs": 2, "patience": 1}))
     cache = tiny_cache(tmp_path / "c.h5")
     db = tmp_path / "mlflow.db"
     args = ["tune", str(cache), "--heads", "segments,mean", "--trials", "2", "--epochs", "2", "--patience", "1"]
