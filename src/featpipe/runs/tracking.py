@@ -87,14 +87,19 @@ class MlflowRun:
         self.uri = uri
         self.run_id: str | None = None
         self._client = None
-        self._guard("starting the run", self._start, experiment, name, params, parent, tags or {})
+        try:
+            self._start(experiment, name, params, parent, tags or {})
+        except Exception as exc:  # noqa: BLE001  any tracking failure: a warning, never a lost run
+            _warn(uri, "starting the run", exc)
+            self._client = None
 
     @property
     def active(self) -> bool:
         return self._client is not None and self.run_id is not None
 
     def _guard(self, what: str, fn, *args) -> None:
-        if fn != self._start and not self.active:
+        """``fn(*args)`` while the run is tracked; its failure is the one warning, and tracking stops."""
+        if not self.active:
             return
         try:
             fn(*args)
