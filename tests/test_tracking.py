@@ -144,7 +144,8 @@ def test_a_failing_tracking_store_is_one_warning_and_the_run_is_complete(tmp_pat
 
 
 @pytest.mark.mlflow
-def test_tune_mlflow_logs_a_parent_run_with_each_trial_and_the_retrained_best_as_children(tmp_path, monkeypatch):
+def test_tune_mlflow_and_tensorboard_log_each_trial_and_the_retrained_best(tmp_path, monkeypatch):
+    """--mlflow: a parent run with the trials and the retrained best as children; --tensorboard: every fit's events."""
     monkeypatch.chdir(tmp_path)
     # the retrained best with train's defaults runs 150 epochs (patience 20): 2 are enough to see where it is logged
     monkeypatch.setattr(tune_module, "train", lambda **kwargs: train(**{**kwargs, "epochs": 2, "patience": 1}))
@@ -152,6 +153,7 @@ def test_tune_mlflow_logs_a_parent_run_with_each_trial_and_the_retrained_best_as
     db = tmp_path / "mlflow.db"
     args = ["tune", str(cache), "--heads", "segments,mean", "--trials", "2", "--epochs", "2", "--patience", "1"]
     args += ["--out", str(tmp_path / "tune"), "--models-dir", str(tmp_path / "models"), "--mlflow", f"sqlite:///{db}"]
+    args += ["--tensorboard", str(tmp_path / "tb")]  # tune's TensorBoard events are checked here too: one search
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output + result.stderr
     board = json.loads((tmp_path / "tune" / "leaderboard.json").read_text())["trials"]
@@ -169,3 +171,11 @@ def test_tune_mlflow_logs_a_parent_run_with_each_trial_and_the_retrained_best_as
     (retrained,) = [r for r in children if r.info.run_name == best_run.name]
     assert retrained.info.status == "FINISHED" and "final_test_accuracy" in retrained.data.metrics
     assert parent.data.metrics["best_mean_val_accuracy"] == pytest.approx(board[0]["mean"])
+    # --tensorboard: each fit of each trial in DIR/trial-N/fit-K, the retrained best in DIR/<run name>
+    fits = len(board[0]["scores"])
+    expected = {f"trial-{row['number']}/fit-{k}" for row in board for k in range(fits)}
+    written = {f"{p.parent.name}/{p.name}" for p in (tmp_path / "tb").glob("trial-*/fit-*")}
+    assert written == expected
+    for trial_fit in expected:
+        assert len(_scalars(tmp_path / "tb" / trial_fit / "validation", "epoch_accuracy")) >= 1
+    assert len(_scalars(tmp_path / "tb" / best_run.name / "train", "epoch_loss")) == len(_history(best_run))

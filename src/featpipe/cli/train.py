@@ -263,6 +263,14 @@ def tune_cmd(
         ),
     ] = TUNE["mlflow"],
     mlflow_experiment: Annotated[str, typer.Option(help="MLflow experiment of the runs.")] = TUNE["mlflow_experiment"],
+    tensorboard: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Write TensorBoard event files of each trial's fits into DIR/trial-N/fit-K and of the retrained "
+            "best into DIR/<run name>.",
+            metavar="DIR",
+        ),
+    ] = TUNE["tensorboard"],
 ):
     """Search heads and settings with Optuna (resumable), print a leaderboard, retrain the best as models/latest."""
     params = plain(locals())  # heads "gru,lstm" is split by TuneOptions, for the CLI and the API alike

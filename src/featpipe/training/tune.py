@@ -103,7 +103,8 @@ def _worker(cache: str, db: str, name: str, opts: TuneOptions, deadline: float |
     def objective(trial):
         params = suggest(trial, opts.heads, index.config.frames)
         started = time.perf_counter()
-        accs, losses = score_config(params, data, fits, opts)
+        log_dir = None if opts.tensorboard is None else Path(opts.tensorboard) / f"trial-{trial.number}"
+        accs, losses = score_config(params, data, fits, opts, log_dir)
         trial.set_user_attr("params", params)
         trial.set_user_attr("scores", accs)
         trial.set_user_attr("losses", losses)
@@ -347,9 +348,9 @@ def _retrain(opts: TuneOptions, cache: Path, result: TuneResult, mlflow_parent: 
     """Retrain the best configuration as a run directory; an interrupt is re-raised (the search is kept).
     ``mlflow_parent``: the search's MLflow run, which the retrained run is logged under as a child."""
     best = dict(result.leaderboard[0]["params"])
-    tracking = {}
+    tracking = {"tensorboard": opts.tensorboard}
     if mlflow_parent is not None:
-        tracking = dict(mlflow=opts.mlflow, mlflow_experiment=opts.mlflow_experiment, mlflow_parent=mlflow_parent)
+        tracking |= dict(mlflow=opts.mlflow, mlflow_experiment=opts.mlflow_experiment, mlflow_parent=mlflow_parent)
     run = train(cache=cache, models_dir=opts.models_dir, seed=opts.seed, quiet=True, **best, **tracking)
     if run.interrupted:  # train wrote its run from the best checkpoint; rerunning the command retrains
         raise Terminated() if run.interrupted_by == "SIGTERM" else KeyboardInterrupt()
