@@ -67,6 +67,27 @@ def test_train_tensorboard_writes_one_loss_and_accuracy_per_epoch_equal_to_histo
             assert [v for _, v in scalars] == pytest.approx(list(history[prefix + metric]), rel=1e-6)
 
 
+def test_a_tensorboard_folder_that_cannot_be_made_is_one_warning_and_the_run_is_complete(tmp_path):
+    cache = synthetic_cache(tmp_path / "c.h5")
+    (tmp_path / "a-file").write_text("not a folder\n")
+    result = _train(cache, tmp_path / "models", "--tensorboard", str(tmp_path / "a-file" / "tb"))
+    assert result.exit_code == 0, result.output + result.stderr
+    warned = [line for line in result.stderr.splitlines() if "TensorBoard" in line]
+    assert len(warned) == 1 and "the run itself is not affected" in warned[0]
+    run_dir = _run_dir(tmp_path / "models")
+    assert all((run_dir / name).is_file() for name in ("run.json", "model.keras", "report.json", "report.html"))
+
+
+def test_tune_refuses_a_tensorboard_folder_that_cannot_be_made_before_the_search(tmp_path):
+    cache = synthetic_cache(tmp_path / "c.h5")
+    (tmp_path / "a-file").write_text("not a folder\n")
+    args = ["tune", str(cache), "--trials", "1", "--out", str(tmp_path / "tune"), "--models-dir", str(tmp_path)]
+    result = runner.invoke(app, [*args, "--tensorboard", str(tmp_path / "a-file" / "tb")])
+    assert result.exit_code == 2, result.output + result.stderr
+    assert "--tensorboard" in result.stderr and "Traceback" not in result.output + result.stderr
+    assert not (tmp_path / "tune" / "study.db").exists()
+
+
 # ----------------------------------------------------------------------------- MLflow not installed
 
 

@@ -209,7 +209,18 @@ class TrainTracking:
         self._callbacks = []
         self.mlflow: MlflowRun | None = None
         if opts.tensorboard is not None:
-            self._callbacks.append(tensorboard_callback(opts.tensorboard, run_name))
+            log_dir = Path(opts.tensorboard) / run_name
+            try:  # here, not in the callback's first epoch, where the failure would stop the fit
+                log_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                warnings.warn(
+                    f"warning: TensorBoard event files cannot be written into {log_dir} ({exc.strerror or exc}); "
+                    "the run is not tracked there, the run itself is not affected.",
+                    RunWarning,
+                    stacklevel=4,
+                )
+            else:
+                self._callbacks.append(tensorboard_callback(opts.tensorboard, run_name))
         if opts.mlflow is not None:
             self.mlflow = MlflowRun(
                 opts.mlflow, opts.mlflow_experiment, run_name, train_params(opts, index), opts.mlflow_parent

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featpipe.errors import FeatpipeError, RunWarning, Terminated, TuneStorageError
+from featpipe.errors import FeatpipeError, OptionError, RunWarning, Terminated, TuneStorageError
 from featpipe.options import check_dir_option, check_writable_parent
 from featpipe.runs.tracking import tune_parent
 from featpipe.runtime import signals
@@ -244,6 +244,15 @@ def tune(opts: TuneOptions | None = None, **kwargs) -> TuneResult:
     check_writable_parent("out", out, "the folder")
     if opts.retrain:  # refused now, not after the search
         check_writable_parent("models_dir", opts.models_dir, "the folder")
+    if opts.tensorboard is not None:  # made now: a worker's first fit would fail on it
+        try:
+            Path(opts.tensorboard).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OptionError(
+                "tensorboard",
+                f"names the folder '{opts.tensorboard}', which cannot be made ({exc.strerror or exc}); "
+                "choose a folder you can write to.",
+            ) from None
     with storage_errors(out):
         out.mkdir(parents=True, exist_ok=True)
         lock = workers.FolderLock(out, "study", "`featpipe tune`")
