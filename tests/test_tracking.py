@@ -192,6 +192,8 @@ def test_tune_mlflow_and_tensorboard_log_each_trial_and_the_retrained_best(tmp_p
     (retrained,) = [r for r in children if r.info.run_name == best_run.name]
     assert retrained.info.status == "FINISHED" and "final_test_accuracy" in retrained.data.metrics
     assert parent.data.metrics["best_mean_val_accuracy"] == pytest.approx(board[0]["mean"])
+    parent_files = {a.path for a in _client(db).list_artifacts(parent.info.run_id)}
+    assert {"leaderboard.csv", "report.html", "best.json"} <= parent_files
     # --tensorboard: each fit of each trial in DIR/trial-N/fit-K, the retrained best in DIR/<run name>
     fits = len(board[0]["scores"])
     expected = {f"trial-{row['number']}/fit-{k}" for row in board for k in range(fits)}

@@ -272,7 +272,8 @@ def train_params(opts, index) -> dict:
 
 def tune_parent(opts, cache: Path, result) -> MlflowRun:
     """The search's parent run, with each finished trial of the leaderboard as a child run (its parameters
-    and score); the caller retrains the best as a child of ``parent.run_id`` and then ends it."""
+    and score); the caller retrains the best as a child of ``parent.run_id``, logs the search's files
+    (``parent.log_files``) and ends it."""
     params = {k: v for k, v in dataclasses.asdict(opts).items() if k not in (*TRACKING_FIELDS, "quiet")}
     params = {**params, "cache": str(Path(cache).resolve()), "cv": result.cv}
     parent = MlflowRun(opts.mlflow, opts.mlflow_experiment, f"tune-{Path(cache).stem}", params)
@@ -298,5 +299,4 @@ def tune_parent(opts, cache: Path, result) -> MlflowRun:
         child.end()
     if result.best is not None:
         parent.log_metrics({"best_mean_val_accuracy": result.best["mean"], "trials": len(result.leaderboard)})
-    parent.log_files(result.files.values())  # the leaderboard files (not study.db and its locks)
     return parent

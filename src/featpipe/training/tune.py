@@ -271,6 +271,7 @@ def tune(opts: TuneOptions | None = None, **kwargs) -> TuneResult:
         if parent is not None:
             if result.test_accuracy is not None:
                 parent.log_metrics({"best_test_accuracy": result.test_accuracy}, what="logging the retrained best")
+            parent.log_files(result.files.values())  # leaderboard files, report.html, best.json (not study.db)
             parent.end()
     return result
 
