@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip install -c $(LOCK)
 
 BACKENDS_STAMP := $(VENV)/.backends
 
-.PHONY: venv demo test test-slow test-ray test-hub test-browser lint format test-backends bench gpu-bench clean lock
+.PHONY: venv demo test test-slow test-ray test-hub test-browser test-mlflow lint format test-backends bench gpu-bench clean lock
 
 venv: $(STAMP)
 
@@ -32,15 +32,15 @@ demo: venv
 	$(BIN)/featpipe report models/latest
 
 # The suite a change must pass (about 12 minutes on 2 CPU cores): every test but those marked slow,
-# ray, backends or hub, which have targets of their own. CI (.ci/run) runs all five targets.
+# ray, backends, hub, browser or mlflow, which have targets of their own. CI (.ci/run) runs them all.
 test: venv
-	$(BIN)/python -m pytest -m "not slow and not ray and not backends and not hub and not browser"
+	$(BIN)/python -m pytest -m "not slow and not ray and not backends and not hub and not browser and not mlflow"
 
 # The tests marked slow (about 25 minutes on 2 CPU cores): quality bars (accuracy on the sample and
 # hard sets, tune's retrained best), subprocess kill and signal tests, cross-process determinism,
 # the notebook run and the all-backbones sweep.
 test-slow: venv
-	$(BIN)/python -m pytest -m "slow and not ray and not backends and not hub and not browser"
+	$(BIN)/python -m pytest -m "slow and not ray and not backends and not hub and not browser and not mlflow"
 
 # `featpipe extract --engine ray` on a real local two-node Ray cluster (loopback only): installs
 # the ray extra into the venv, then runs the tests marked ray (a few minutes).
@@ -76,6 +76,17 @@ test-browser: venv
 	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 	$(BIN)/python -m pytest -m browser
 
+# train --mlflow and tune --mlflow logged to a sqlite store and read back with MLflow's client, and a failing store:
+# installs the mlflow extra into the venv, then runs the tests marked mlflow (offline, a few minutes on 2 cores).
+MLFLOW_STAMP := $(VENV)/.mlflow
+
+$(MLFLOW_STAMP): $(STAMP)
+	$(PIP) -e ".[dev,mlflow]"
+	touch $(MLFLOW_STAMP)
+
+test-mlflow: $(MLFLOW_STAMP)
+	$(BIN)/python -m pytest -m mlflow
+
 # ruff's lint rules and formatter from pyproject.toml [tool.ruff]: `make format` rewrites, `make lint` only checks.
 lint: venv
 	$(BIN)/ruff check src tests bench
@@ -102,7 +113,7 @@ gpu-bench: venv
 	$(BIN)/python bench/gpu_bench.py --json gpu_bench.json
 
 # Refresh the lock: resolve the newest versions pyproject.toml allows (every extra and the backends'
-# pins included) in a scratch venv, run lint and the whole suite (make test, test-ray, test-hub, test-backends)
+# pins included) in a scratch venv, run lint and the whole suite (make test, test-ray, test-hub, test-mlflow, test-backends)
 # on exactly those versions, and only then replace constraints.txt. A failure leaves the old lock in
 # place and the new candidate in constraints.new.txt to look at; exclude a bad version in pyproject.toml.
 LOCK_VENV := .venv-lock
@@ -110,12 +121,12 @@ lock:
 	rm -rf $(LOCK_VENV) constraints.new.txt
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install --upgrade pip
-	$(LOCK_VENV)/bin/python -m pip install -e ".[dev,ray,hub]" torch==2.13.0 jax==0.10.2 jaxlib==0.10.2
+	$(LOCK_VENV)/bin/python -m pip install -e ".[dev,ray,hub,mlflow]" torch==2.13.0 jax==0.10.2 jaxlib==0.10.2
 	{ echo "# Tested versions for make venv and CI (Linux x86_64, CPython 3.11). Refresh with: make lock"; \
 	  echo "# Generated $$(date -u +%Y-%m-%d) by pip freeze; pyproject.toml keeps the compatible ranges."; \
 	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v -i '^featpipe\b' | LC_ALL=C sort -f; \
 	} > constraints.new.txt
-	$(MAKE) VENV=$(LOCK_VENV) LOCK=constraints.new.txt lint test test-slow test-ray test-hub test-backends
+	$(MAKE) VENV=$(LOCK_VENV) LOCK=constraints.new.txt lint test test-slow test-ray test-hub test-mlflow test-backends
 	mv constraints.new.txt $(LOCK)
 	rm -rf $(LOCK_VENV) $(VENV)
 	@echo "constraints.txt refreshed and tested; commit it. The next make builds .venv from it."

@@ -18,6 +18,11 @@ from featpipe.training.tune import TuneOptions, format_leaderboard
 
 TRAIN = defaults(TrainOptions)  # each option's default, written once: in TrainOptions
 TUNE = defaults(TuneOptions)  # ... and in TuneOptions (SEARCH_HEADS, TRIAL_EPOCHS, ...)
+MLFLOW_HELP = (
+    'Log the run to MLflow (needs pip install "featpipe[mlflow]"): a tracking URI such as sqlite:///mlflow.db '
+    "or http://host:5000; parameters, per-epoch and final metrics, the run directory as artifacts. A tracking "
+    "failure is a warning."
+)
 
 
 def train_cmd(
@@ -156,6 +161,16 @@ def train_cmd(
             "clips].",
         ),
     ] = TRAIN["refit"],
+    tensorboard: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Write TensorBoard event files (loss and accuracy per epoch) into DIR/<run name>; "
+            "view them with `tensorboard --logdir DIR`.",
+            metavar="DIR",
+        ),
+    ] = TRAIN["tensorboard"],
+    mlflow: Annotated[Optional[str], typer.Option(help=MLFLOW_HELP, metavar="URI")] = TRAIN["mlflow"],
+    mlflow_experiment: Annotated[str, typer.Option(help="MLflow experiment of the run.")] = TRAIN["mlflow_experiment"],
 ):
     """Train a mask-aware sequence model on a feature cache; writes a self-describing run directory."""
     params = renamed(plain(locals()), "rnn", "head", "--rnn", "--head", "train", note=False)  # --rnn stays
@@ -239,6 +254,23 @@ def tune_cmd(
         ),
     ] = TUNE["retrain"],
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = TUNE["quiet"],
+    mlflow: Annotated[
+        Optional[str],
+        typer.Option(
+            help=MLFLOW_HELP + " tune logs a parent run for the search, each finished trial and the retrained "
+            "best as child runs.",
+            metavar="URI",
+        ),
+    ] = TUNE["mlflow"],
+    mlflow_experiment: Annotated[str, typer.Option(help="MLflow experiment of the runs.")] = TUNE["mlflow_experiment"],
+    tensorboard: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Write TensorBoard event files of each trial's fits into DIR/trial-N/fit-K and of the retrained "
+            "best into DIR/<run name>.",
+            metavar="DIR",
+        ),
+    ] = TUNE["tensorboard"],
 ):
     """Search heads and settings with Optuna (resumable), print a leaderboard, retrain the best as models/latest."""
     params = plain(locals())  # heads "gru,lstm" is split by TuneOptions, for the CLI and the API alike
@@ -259,7 +291,7 @@ def tune_cmd(
 
 
 def _echo_run_warnings(caught) -> None:
-    """report.html not written: one line on stderr, not a Python warning with its source line."""
+    """report.html not written, tracking failed: one line on stderr each, not a Python warning with its source."""
     for w in caught:
         if issubclass(w.category, RunWarning):
             typer.secho(str(w.message), err=True, fg=typer.colors.YELLOW)

@@ -209,8 +209,11 @@ def interrupt_check(keras):
     )
 
 
-def fit_run(model, opts: TrainOptions, index: CacheIndex, splits: Splits, run_dir: Path) -> FitResult:
-    """Fit, checkpointing the best epoch into ``run_dir``; Ctrl-C or SIGTERM keeps what was reached."""
+def fit_run(
+    model, opts: TrainOptions, index: CacheIndex, splits: Splits, run_dir: Path, tracking: list | tuple = ()
+) -> FitResult:
+    """Fit, checkpointing the best epoch into ``run_dir``; Ctrl-C or SIGTERM keeps what was reached.
+    ``tracking``: more callbacks (TensorBoard, MLflow: featpipe.runs.tracking), run after history.csv's row."""
     keras = import_keras()
 
     from featpipe.training.nonfinite import FiniteCheckpoint, StopOnNonFinite, best_epoch  # lazy: imports Keras
@@ -230,6 +233,7 @@ def fit_run(model, opts: TrainOptions, index: CacheIndex, splits: Splits, run_di
             on_epoch_end=lambda epoch, logs=None: install(staged, model_path) if staged.exists() else None
         ),
         keras.callbacks.CSVLogger(run_dir / "history.csv"),  # after the rename: a logged best epoch is in place
+        *tracking,
     ]
     with signals.raising():  # loading rows: nothing to save yet
         fit_data = _fit_data(index, opts, splits.train, splits.val, streamed)

@@ -13,6 +13,7 @@ from pathlib import Path
 from featpipe.errors import OptionError
 from featpipe.names import CLASS_WEIGHTS, HEAD_NAMES, RECURRENT_HEADS
 from featpipe.options import check_choice, check_dir_option, check_float, check_int, split_list_options
+from featpipe.runs.tracking import require_mlflow
 from featpipe.training.heads.config import HeadConfig
 
 # upper bounds: far beyond any useful value, low enough to fail with a sentence instead of MemoryError
@@ -66,6 +67,12 @@ class TrainOptions:
     refit: bool | None = None
     rnn: str | None = None  # the older name of ``head``, still accepted (it wins when given); None after construction
 
+    # --- tracking (featpipe.runs.tracking): where the run is reported, never how it is trained
+    tensorboard: str | Path | None = None  # TensorBoard event files into <tensorboard>/<run name>
+    mlflow: str | None = None  # MLflow tracking URI (sqlite:///mlflow.db, http://host:5000); needs the mlflow extra
+    mlflow_experiment: str = "featpipe"  # the MLflow experiment the run is logged in
+    mlflow_parent: str | None = None  # the MLflow run id this run is a child of (tune's retrained best)
+
     def __post_init__(self) -> None:
         split_list_options(self)  # no list-valued option yet; a future one takes "a,b" like the CLI
         if self.rnn is not None:  # train(rnn="lstm") keeps working: the older spelling of head
@@ -96,6 +103,10 @@ class TrainOptions:
         check_int("pooled_steps", self.pooled_steps, 0, 10_000)
         check_int("shortcut", self.shortcut, 0, 10_000, optional=True)
         check_float("l2", self.l2, 0.0, MAX_L2, optional=True)
+        check_dir_option("tensorboard", self.tensorboard, optional=True)
+        require_mlflow(self.mlflow)  # before any work: the missing install in one sentence
+        if not isinstance(self.mlflow_experiment, str) or not self.mlflow_experiment.strip():
+            raise OptionError("mlflow_experiment", f"must be a non-empty name; got {self.mlflow_experiment!r}.")
         if self.cache is not None and Path(self.cache).is_dir():
             raise OptionError("cache", f"must be a cache file, but '{self.cache}' is a folder.")
 

@@ -15,7 +15,8 @@ import numpy as np
 
 from featpipe.errors import FeatpipeError, OptionError
 from featpipe.names import CV_MODES, HEAD_NAMES, IMAGE_HEADS
-from featpipe.options import check_choice, check_float, check_int, split_list_options
+from featpipe.options import check_choice, check_dir_option, check_float, check_int, split_list_options
+from featpipe.runs.tracking import require_mlflow, tensorboard_callback
 from featpipe.runtime import signals
 from featpipe.runtime.keras_import import import_keras
 from featpipe.training.fit import compile_model, interrupt_check
@@ -50,9 +51,16 @@ class TuneOptions:
     epochs: int = TRIAL_EPOCHS  # per fit of a trial (the retrained best uses train()'s defaults)
     patience: int = TRIAL_PATIENCE
     quiet: bool = False
+    mlflow: str | None = None  # MLflow tracking URI: a parent run; each finished trial and the retrained best: children
+    mlflow_experiment: str = "featpipe"
+    tensorboard: str | Path | None = None  # TensorBoard events: <tensorboard>/trial-N/fit-K, the retrained best's run
 
     def __post_init__(self) -> None:
         split_list_options(self)  # heads="gru,lstm" as --heads gru,lstm
+        check_dir_option("tensorboard", self.tensorboard, optional=True)
+        require_mlflow(self.mlflow)  # before any work: the missing install in one sentence
+        if not isinstance(self.mlflow_experiment, str) or not self.mlflow_experiment.strip():
+            raise OptionError("mlflow_experiment", f"must be a non-empty name; got {self.mlflow_experiment!r}.")
         check_int("trials", self.trials, 1, 100_000, optional=True)
         check_float("time_budget", self.time_budget, 0.0, 30 * 86400.0, low_open=True, optional=True)
         if self.trials is None and self.time_budget is None:
@@ -187,8 +195,11 @@ def _frame_stats(x: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), np.maximum(real.var(axis=0), 0.0).astype(np.float32)
 
 
-def score_config(params: dict, data: dict, fits, opts: TuneOptions) -> tuple[list[float], list[float]]:
-    """Validation accuracy and loss of ``params`` on each fit (same model, optimiser and early stopping as train())."""
+def score_config(
+    params: dict, data: dict, fits, opts: TuneOptions, log_dir: Path | None = None
+) -> tuple[list[float], list[float]]:
+    """Validation accuracy and loss of ``params`` on each fit (same model, optimiser and early stopping as train()).
+    ``log_dir``: TensorBoard event files of fit K into ``log_dir/fit-K``."""
     keras = import_keras()
 
     from featpipe.training.heads.registry import build_head  # lazy: the heads import Keras
@@ -197,7 +208,7 @@ def score_config(params: dict, data: dict, fits, opts: TuneOptions) -> tuple[lis
     topts = resolve_defaults(TrainOptions(**params))
     x, m, y, where = data["features"], data["mask"], data["labels"], data["where"]
     accs, losses = [], []
-    for train_rows, val_rows, seed in fits:
+    for k, (train_rows, val_rows, seed) in enumerate(fits):
         tr, va = where[train_rows], where[val_rows]
         mean, var = _frame_stats(x[tr], m[tr])
         projection = None
@@ -211,6 +222,7 @@ def score_config(params: dict, data: dict, fits, opts: TuneOptions) -> tuple[lis
         fit_shortcut(model, [(x[tr], m[tr])], y[tr])
         compile_model(model, topts)
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=opts.patience, restore_best_weights=True)
+        tracking = [] if log_dir is None else [tensorboard_callback(log_dir, f"fit-{k}")]
         with signals.deferred():  # a Ctrl-C is raised after the next batch, not inside TensorFlow
             model.fit(
                 {"features": x[tr], "mask": m[tr]},
@@ -218,7 +230,7 @@ def score_config(params: dict, data: dict, fits, opts: TuneOptions) -> tuple[lis
                 batch_size=topts.batch_size,
                 epochs=opts.epochs,
                 validation_data=({"features": x[va], "mask": m[va]}, y[va]),
-                callbacks=[stop, interrupt_check(keras)],
+                callbacks=[stop, *tracking, interrupt_check(keras)],
                 verbose=0,
                 shuffle=True,
             )

@@ -12,6 +12,9 @@ re-specified by hand:
   confusion_matrix.png     on test (or val when there is no test split)
   report.html              all of it on one self-contained page (featpipe.runs.report), written last
 
+With ``tensorboard`` or ``mlflow`` set, the run is also tracked there (featpipe.runs.tracking): TensorBoard
+event files per epoch; an MLflow run with the config, per-epoch and final metrics, and the run directory.
+
 The directory is written to a hidden folder beside its destination and renamed into place when
 complete (featpipe.runs.rundir.publish_run); ``models/latest`` is a one-line text file naming the newest
 run (works where symlinks don't), updated after the rename.
@@ -37,6 +40,7 @@ from featpipe.cache.shards import parse_shard_path
 from featpipe.errors import AdvisedOptionError, FeatpipeError, RunWarning, Terminated
 from featpipe.names import SPLITS
 from featpipe.runs import rundir as runs
+from featpipe.runs.tracking import TrainTracking
 from featpipe.runtime import signals
 from featpipe.runtime.keras_import import import_keras
 from featpipe.training.fit import (
@@ -174,7 +178,9 @@ def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
             fingerprint = cache_fingerprint(index)  # of the cache as trained on
             run_dir = runs.make_temp_dir(dest)  # written here, renamed to dest when complete
             temp_dirs.append(run_dir)
-        fit = fit_run(model, opts, index, splits, run_dir)
+            # TensorBoard and MLflow (--tensorboard, --mlflow): a failure there is a RunWarning, never the run's
+            tracking = stack.enter_context(TrainTracking(opts, index, dest.name))
+        fit = fit_run(model, opts, index, splits, run_dir, tracking.callbacks())
         # From here a signal is only recorded: one that lands before run.json is written marks the run interrupted
         # (and skips the refit); one that lands later is left pending for the caller (the CLI exits 130/143).
         with signals.recording():
@@ -182,7 +188,9 @@ def _train(opts: TrainOptions, temp_dirs: list[Path]) -> TrainResult:
             if not stopped and fit.best_epoch and refit_wanted(opts, index, splits.train):
                 if signals.pending() is None:
                     fit = refit_run(opts, index, splits, fit, run_dir)
-            return _write_run(opts, index, splits, head, fit, run_dir, dest, fingerprint, started)
+            result = _write_run(opts, index, splits, head, fit, run_dir, dest, fingerprint, started)
+            tracking.finish(result)  # final metrics and the published run directory as artifacts
+            return result
 
 
 def _choose_splits(opts: TrainOptions, index: CacheIndex) -> Splits:

@@ -36,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from featpipe.errors import FeatpipeError, RunWarning, Terminated, TuneStorageError
+from featpipe.errors import FeatpipeError, OptionError, RunWarning, Terminated, TuneStorageError
 from featpipe.options import check_dir_option, check_writable_parent
+from featpipe.runs.tracking import tune_parent
 from featpipe.runtime import signals
 from featpipe.runtime.atomic import atomic_path, write_text
 from featpipe.training import workers
@@ -102,7 +103,8 @@ def _worker(cache: str, db: str, name: str, opts: TuneOptions, deadline: float |
     def objective(trial):
         params = suggest(trial, opts.heads, index.config.frames)
         started = time.perf_counter()
-        accs, losses = score_config(params, data, fits, opts)
+        log_dir = None if opts.tensorboard is None else Path(opts.tensorboard) / f"trial-{trial.number}"
+        accs, losses = score_config(params, data, fits, opts, log_dir)
         trial.set_user_attr("params", params)
         trial.set_user_attr("scores", accs)
         trial.set_user_attr("losses", losses)
@@ -242,14 +244,35 @@ def tune(opts: TuneOptions | None = None, **kwargs) -> TuneResult:
     check_writable_parent("out", out, "the folder")
     if opts.retrain:  # refused now, not after the search
         check_writable_parent("models_dir", opts.models_dir, "the folder")
+    if opts.tensorboard is not None:  # made now: a worker's first fit would fail on it
+        try:
+            Path(opts.tensorboard).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OptionError(
+                "tensorboard",
+                f"names the folder '{opts.tensorboard}', which cannot be made ({exc.strerror or exc}); "
+                "choose a folder you can write to.",
+            ) from None
     with storage_errors(out):
         out.mkdir(parents=True, exist_ok=True)
         lock = workers.FolderLock(out, "study", "`featpipe tune`")
     with lock:
         with storage_errors(out):
             result = _search(opts, cache, index, mode, fits, out)
-        if opts.retrain:
-            _retrain(opts, cache, result)
+        # --mlflow: a parent run for the search, the finished trials as children (a failure is a RunWarning)
+        parent = tune_parent(opts, cache, result) if opts.mlflow is not None else None
+        try:
+            if opts.retrain:
+                _retrain(opts, cache, result, parent.run_id if parent is not None and parent.active else None)
+        except BaseException as exc:
+            if parent is not None:
+                parent.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        if parent is not None:
+            if result.test_accuracy is not None:
+                parent.log_metrics({"best_test_accuracy": result.test_accuracy}, what="logging the retrained best")
+            parent.log_files(result.files.values())  # leaderboard files, report.html, best.json (not study.db)
+            parent.end()
     return result
 
 
@@ -331,10 +354,14 @@ def _search(opts: TuneOptions, cache: Path, index, mode: str, fits, out: Path) -
     return result
 
 
-def _retrain(opts: TuneOptions, cache: Path, result: TuneResult) -> None:
-    """Retrain the best configuration as a run directory; an interrupt is re-raised (the search is kept)."""
+def _retrain(opts: TuneOptions, cache: Path, result: TuneResult, mlflow_parent: str | None = None) -> None:
+    """Retrain the best configuration as a run directory; an interrupt is re-raised (the search is kept).
+    ``mlflow_parent``: the search's MLflow run, which the retrained run is logged under as a child."""
     best = dict(result.leaderboard[0]["params"])
-    run = train(cache=cache, models_dir=opts.models_dir, seed=opts.seed, quiet=True, **best)
+    tracking = {"tensorboard": opts.tensorboard}
+    if mlflow_parent is not None:
+        tracking |= dict(mlflow=opts.mlflow, mlflow_experiment=opts.mlflow_experiment, mlflow_parent=mlflow_parent)
+    run = train(cache=cache, models_dir=opts.models_dir, seed=opts.seed, quiet=True, **best, **tracking)
     if run.interrupted:  # train wrote its run from the best checkpoint; rerunning the command retrains
         raise Terminated() if run.interrupted_by == "SIGTERM" else KeyboardInterrupt()
     result.run_dir, result.test_accuracy = run.run_dir, run.metrics.get("test", {}).get("accuracy")
