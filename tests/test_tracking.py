@@ -154,14 +154,18 @@ def test_a_failing_tracking_store_is_one_warning_and_the_run_is_complete(tmp_pat
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once instead of retrying for minutes
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     (tmp_path / "mlflow.db").write_text("a damaged file, not an SQLite database\n")
-    uri = "http://127.0.0.1:9" if store == "server down" else f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # the server's URI carries a password: run.json and the warning show it as ***
+    uri = "http://me:s3cret@127.0.0.1:9" if store == "server down" else f"sqlite:///{tmp_path / 'mlflow.db'}"
+    shown = uri.replace("s3cret", "***")
     cache = synthetic_cache(tmp_path / "c.h5")
     result = _train(cache, tmp_path / "models", "--mlflow", uri)
     assert result.exit_code == 0, result.output + result.stderr
     warned = [line for line in result.stderr.splitlines() if "MLflow tracking" in line]
-    assert len(warned) == 1 and uri in warned[0] and "the run itself is not affected" in warned[0]
+    assert len(warned) == 1 and shown in warned[0] and "the run itself is not affected" in warned[0]
     run_dir = _run_dir(tmp_path / "models")
     assert all((run_dir / name).is_file() for name in ("run.json", "model.keras", "report.json", "report.html"))
+    assert json.loads((run_dir / "run.json").read_text())["config"]["mlflow"] == shown
+    assert "s3cret" not in result.stderr + (run_dir / "run.json").read_text()
 
 
 @pytest.mark.mlflow
@@ -202,3 +206,12 @@ def test_tune_mlflow_and_tensorboard_log_each_trial_and_the_retrained_best(tmp_p
     for trial_fit in expected:
         assert len(_scalars(tmp_path / "tb" / trial_fit / "validation", "epoch_accuracy")) >= 1
     assert len(_scalars(tmp_path / "tb" / best_run.name / "train", "epoch_loss")) == len(_history(best_run))
+
+
+def test_a_password_in_a_tracking_uri_is_never_shown():
+    from featpipe.runs.tracking import redact_uri
+
+    assert redact_uri("https://me:s3cret@mlflow.example.org:5000/x") == "https://me:***@mlflow.example.org:5000/x"
+    assert redact_uri("https://me@mlflow.example.org") == "https://me@mlflow.example.org"
+    assert redact_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+    assert redact_uri(None) is None

@@ -39,6 +39,26 @@ TRACKING_FIELDS = ("tensorboard", "mlflow", "mlflow_experiment", "mlflow_parent"
 _NOT_PARAMS = (*TRACKING_FIELDS, "quiet", "force", "rnn")
 
 
+def redact_uri(uri: str | None) -> str | None:
+    """``uri`` with the password of ``scheme://user:password@host`` replaced by ``***``: what run.json, tune's
+    report and warnings show (MLflow itself gets the URI as given; its own environment variables
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD keep credentials out of the command line)."""
+    if not isinstance(uri, str):
+        return uri
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+        password = parts.password
+    except ValueError:
+        return uri
+    if not password:
+        return uri
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
+
+
 def mlflow_installed() -> bool:
     """Whether MLflow can be imported (without importing it; ``sys.modules["mlflow"] = None`` says no)."""
     if "mlflow" in sys.modules:
@@ -66,10 +86,12 @@ def tensorboard_callback(log_root: str | Path, run_name: str):
 
 def _warn(uri: str, what: str, exc: BaseException) -> None:
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if redact_uri(uri) != uri:  # the client's own message may quote the URI, password and all
+        reason = reason.replace(uri, redact_uri(uri))
     if len(reason) > 200:
         reason = reason[:197] + "..."
     warnings.warn(
-        f"warning: MLflow tracking at {uri} failed while {what} ({type(exc).__name__}: {reason}); "
+        f"warning: MLflow tracking at {redact_uri(uri)} failed while {what} ({type(exc).__name__}: {reason}); "
         f"tracking stopped, the run itself is not affected.",
         RunWarning,
         stacklevel=4,

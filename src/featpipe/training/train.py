@@ -40,7 +40,7 @@ from featpipe.cache.shards import parse_shard_path
 from featpipe.errors import AdvisedOptionError, FeatpipeError, RunWarning, Terminated
 from featpipe.names import SPLITS
 from featpipe.runs import rundir as runs
-from featpipe.runs.tracking import TrainTracking
+from featpipe.runs.tracking import TrainTracking, redact_uri
 from featpipe.runtime import signals
 from featpipe.runtime.keras_import import import_keras
 from featpipe.training.fit import (
@@ -259,6 +259,7 @@ def _write_run(
         # "rnn" mirrors "head": the older key, which run.json readers and scripts written before --head still read
         config={
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
+            "mlflow": redact_uri(opts.mlflow),  # never a password in run.json
             "rnn": opts.head,
         },
         head=head.to_dict(),

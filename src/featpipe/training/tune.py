@@ -38,7 +38,7 @@ import numpy as np
 
 from featpipe.errors import FeatpipeError, OptionError, RunWarning, Terminated, TuneStorageError
 from featpipe.options import check_dir_option, check_writable_parent
-from featpipe.runs.tracking import tune_parent
+from featpipe.runs.tracking import redact_uri, tune_parent
 from featpipe.runtime import signals
 from featpipe.runtime.atomic import atomic_path, write_text
 from featpipe.training import workers
@@ -338,7 +338,7 @@ def _search(opts: TuneOptions, cache: Path, index, mode: str, fits, out: Path) -
         "study": name,
         "seconds": time.perf_counter() - started,
     }
-    result.options = {**dataclasses.asdict(opts), "study": name, "cv_used": mode}
+    result.options = {**dataclasses.asdict(opts), "mlflow": redact_uri(opts.mlflow), "study": name, "cv_used": mode}
     _write_report(result)  # also when the search was stopped: the page shows the trials kept
     if stopped is not None:
         raise stopped
