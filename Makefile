@@ -31,7 +31,7 @@ demo: venv
 	$(BIN)/featpipe predict data/test/grow/grow_test_000.mp4 --model models/latest
 	$(BIN)/featpipe report models/latest
 
-# The suite a change must pass (about 12 minutes on 2 CPU cores): every test but those marked slow,
+# The suite a change must pass (about 13 minutes on 2 CPU cores): every test but those marked slow,
 # ray, backends, hub, browser or mlflow, which have targets of their own. CI (.ci/run) runs them all.
 test: venv
 	$(BIN)/python -m pytest -m "not slow and not ray and not backends and not hub and not browser and not mlflow"
@@ -113,7 +113,7 @@ gpu-bench: venv
 	$(BIN)/python bench/gpu_bench.py --json gpu_bench.json
 
 # Refresh the lock: resolve the newest versions pyproject.toml allows (every extra and the backends'
-# pins included) in a scratch venv, run lint and the whole suite (make test, test-ray, test-hub, test-mlflow, test-backends)
+# pins included) in a scratch venv, run lint and the whole suite (make test, test-ray, test-hub, test-browser, test-mlflow, test-backends)
 # on exactly those versions, and only then replace constraints.txt. A failure leaves the old lock in
 # place and the new candidate in constraints.new.txt to look at; exclude a bad version in pyproject.toml.
 LOCK_VENV := .venv-lock
@@ -126,7 +126,7 @@ lock:
 	  echo "# Generated $$(date -u +%Y-%m-%d) by pip freeze; pyproject.toml keeps the compatible ranges."; \
 	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v -i '^featpipe\b' | LC_ALL=C sort -f; \
 	} > constraints.new.txt
-	$(MAKE) VENV=$(LOCK_VENV) LOCK=constraints.new.txt lint test test-slow test-ray test-hub test-mlflow test-backends
+	$(MAKE) VENV=$(LOCK_VENV) LOCK=constraints.new.txt lint test test-slow test-ray test-hub test-browser test-mlflow test-backends
 	mv constraints.new.txt $(LOCK)
 	rm -rf $(LOCK_VENV) $(VENV)
 	@echo "constraints.txt refreshed and tested; commit it. The next make builds .venv from it."
