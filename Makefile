@@ -73,7 +73,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 test-browser: venv
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || [ -n "$$FEATPIPE_CHROMIUM" ] || \
 	  { echo "Installing Debian's chromium for the browser tests"; \
-	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+	    $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 	$(BIN)/python -m pytest -m browser
 
 # train --mlflow and tune --mlflow logged to a sqlite store and read back with MLflow's client, and a failing store:
