@@ -122,9 +122,9 @@ def _append(cache: Path, data: Path, split: str, n: int, seed: int, signal: floa
     writer.finalize()
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("report")
+def make_run(root: Path):
+    """A run trained on a cache without test clips (its page is about val), then test clips added: (run_dir,
+    cache, data, the page train wrote, evaluate's val metrics). tests/test_report_browser.py uses it too."""
     data, cache = root / "data", root / "cache" / "vgg16.h5"
     _append(cache, data, "train", 18, 0, 1.5)
     _append(cache, data, "val", 9, 1, 1.5)
@@ -134,6 +134,11 @@ def run(tmp_path_factory):
     val = evaluate(result.run_dir, split="val")
     _append(cache, data, "test", 24, 2, 0.0)  # noise: most test clips are misclassified
     return result.run_dir, cache, data, trained_page, val
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("report"))
 
 
 def test_train_writes_the_page_about_validation_when_the_cache_has_no_test_split(run, tmp_path):

@@ -17,8 +17,7 @@ from typer.testing import CliRunner
 import featpipe
 from browser import Browser, file_url
 from featpipe.cli import app
-from featpipe.training.train import train
-from test_report import _append
+from test_report import make_run
 
 pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore::featpipe.errors.RunWarning")]
 runner = CliRunner()
@@ -47,16 +46,11 @@ def browser():
 @pytest.fixture(scope="module")
 def scored_run(tmp_path_factory):
     """A trained run, evaluated on its test split through the CLI, and its report rebuilt."""
-    root = tmp_path_factory.mktemp("browser")
-    data, cache = root / "data", root / "cache" / "vgg16.h5"
-    _append(cache, data, "train", 18, 0, 1.5)
-    _append(cache, data, "val", 9, 1, 1.5)
-    _append(cache, data, "test", 12, 2, 0.4)
-    result = train(cache=cache, head="mean", models_dir=root / "models", epochs=2, patience=2, quiet=True, refit=False)
-    out = runner.invoke(app, ["evaluate", str(result.run_dir), "--split", "test", "--json"])
+    run_dir = make_run(tmp_path_factory.mktemp("browser"))[0]
+    out = runner.invoke(app, ["evaluate", str(run_dir), "--split", "test", "--json"])
     assert out.exit_code == 0, out.output
-    featpipe.report(result.run_dir)
-    return result.run_dir, json.loads(out.stdout)
+    featpipe.report(run_dir)
+    return run_dir, json.loads(out.stdout)
 
 
 def test_at_laptop_width_the_page_shows_evaluates_accuracy_every_image_and_fetches_nothing(browser, scored_run):
